@@ -1,0 +1,109 @@
+//! Mesh time: `ticks`, 100 ns intervals since 0001-01-01T00:00:00 UTC (PROTOCOL.md §2).
+#![forbid(unsafe_code)]
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Ticks at the Unix epoch.
+pub const UNIX_EPOCH_TICKS: u64 = 621_355_968_000_000_000;
+/// Ticks per second.
+pub const TICKS_PER_SECOND: u64 = 10_000_000;
+
+/// A point in Mesh time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Ticks(pub u64);
+
+impl Ticks {
+    /// Converts a wall-clock instant. Times before 1970 clamp to the Unix epoch.
+    pub fn from_system_time(t: SystemTime) -> Ticks {
+        let since = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+        Ticks(UNIX_EPOCH_TICKS.saturating_add(duration_ticks(since)))
+    }
+
+    /// The wall clock now. Only I/O drivers call this; the core takes `now` as an argument.
+    pub fn wall_clock() -> Ticks {
+        Ticks::from_system_time(SystemTime::now())
+    }
+
+    pub fn saturating_add(self, d: Duration) -> Ticks {
+        Ticks(self.0.saturating_add(duration_ticks(d)))
+    }
+
+    pub fn saturating_sub(self, d: Duration) -> Ticks {
+        Ticks(self.0.saturating_sub(duration_ticks(d)))
+    }
+
+    /// Absolute distance between two times.
+    pub fn abs_diff(self, other: Ticks) -> u64 {
+        self.0.abs_diff(other.0)
+    }
+
+    /// Time elapsed since `earlier`, zero if `earlier` is later.
+    pub fn since(self, earlier: Ticks) -> Duration {
+        let t = self.0.saturating_sub(earlier.0);
+        Duration::new(t / TICKS_PER_SECOND, ((t % TICKS_PER_SECOND) * 100) as u32)
+    }
+}
+
+/// A duration in ticks, saturating.
+pub fn duration_ticks(d: Duration) -> u64 {
+    d.as_secs()
+        .saturating_mul(TICKS_PER_SECOND)
+        .saturating_add(u64::from(d.subsec_nanos() / 100))
+}
+
+/// Issues gateway times that never run backwards (PROTOCOL.md §6): the maximum of the wall
+/// clock and the last issued time, so a clock step back cannot lock a connection out behind
+/// its own `L`.
+#[derive(Debug, Default, Clone)]
+pub struct MonotoneTicks {
+    last: u64,
+}
+
+impl MonotoneTicks {
+    /// Starts at `floor`, e.g. the largest `L` persisted before a restart.
+    pub fn with_floor(floor: Ticks) -> Self {
+        MonotoneTicks { last: floor.0 }
+    }
+
+    /// Returns `max(wall, last issued)` and remembers it.
+    pub fn issue(&mut self, wall: Ticks) -> Ticks {
+        self.last = self.last.max(wall.0);
+        Ticks(self.last)
+    }
+
+    pub fn last(&self) -> Ticks {
+        Ticks(self.last)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unix_epoch_and_2026() {
+        assert_eq!(Ticks::from_system_time(UNIX_EPOCH).0, UNIX_EPOCH_TICKS);
+        // 2026-01-01T00:00:00Z = 1767225600 unix seconds; the vectors file states the ticks.
+        let t = UNIX_EPOCH + Duration::from_secs(1_767_225_600);
+        assert_eq!(Ticks::from_system_time(t).0, 639_028_224_000_000_000);
+    }
+
+    #[test]
+    fn monotone_never_runs_backwards() {
+        let mut m = MonotoneTicks::default();
+        assert_eq!(m.issue(Ticks(100)), Ticks(100));
+        assert_eq!(m.issue(Ticks(50)), Ticks(100));
+        assert_eq!(m.issue(Ticks(150)), Ticks(150));
+        let mut f = MonotoneTicks::with_floor(Ticks(1_000));
+        assert_eq!(f.issue(Ticks(10)), Ticks(1_000));
+    }
+
+    #[test]
+    fn since_and_durations() {
+        let a = Ticks(1_000);
+        let b = a.saturating_add(Duration::from_millis(1500));
+        assert_eq!(b.0 - a.0, 15_000_000);
+        assert_eq!(b.since(a), Duration::from_millis(1500));
+        assert_eq!(a.since(b), Duration::ZERO);
+    }
+}
