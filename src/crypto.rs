@@ -8,7 +8,9 @@ use aes_gcm::Aes128Gcm;
 use aes_gcm::aead::AeadInOut;
 use hkdf::Hkdf;
 use sha2::Sha256;
+use sha2::block_api::compress256;
 use subtle::ConstantTimeEq;
+use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
 /// GCM tag length.
 pub const TAG_LEN: usize = 16;
@@ -81,6 +83,76 @@ pub fn hkdf(salt: &[u8], ikm: &[u8], info: &[&[u8]], okm: &mut [u8]) {
         .expect("HKDF output length within limits");
 }
 
+/// HMAC-SHA256 keyed once: the SHA-256 states after the `key ^ ipad` and `key ^ opad` blocks
+/// (64 bytes in all). Each MAC then skips those two compressions. The `hmac` crate keeps a
+/// 150-byte buffered state instead; the gateway holds one of these per connection.
+#[derive(Clone, Zeroize, ZeroizeOnDrop)]
+pub struct HmacSha256Midstate {
+    inner: [u32; 8],
+    outer: [u32; 8],
+}
+
+const SHA256_IV: [u32; 8] = [
+    0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19,
+];
+
+impl HmacSha256Midstate {
+    /// Keys with a key of at most 64 bytes (ours are 32).
+    pub fn new(key: &[u8]) -> Self {
+        assert!(key.len() <= 64, "HMAC key longer than the SHA-256 block");
+        let mut block = Zeroizing::new([[0u8; 64]]);
+        block[0][..key.len()].copy_from_slice(key);
+        block[0].iter_mut().for_each(|b| *b ^= 0x36);
+        let mut inner = SHA256_IV;
+        compress256(&mut inner, &*block);
+        block[0].iter_mut().for_each(|b| *b ^= 0x36 ^ 0x5c);
+        let mut outer = SHA256_IV;
+        compress256(&mut outer, &*block);
+        HmacSha256Midstate { inner, outer }
+    }
+
+    /// HMAC over the concatenation of `parts`.
+    pub fn mac(&self, parts: &[&[u8]]) -> Zeroizing<[u8; 32]> {
+        let inner = sha256_from(self.inner, 64, parts);
+        Zeroizing::new(*sha256_from(self.outer, 64, &[&inner[..]]))
+    }
+}
+
+/// SHA-256 continued from `state` after `done` bytes (a multiple of 64) over `parts`.
+fn sha256_from(mut state: [u32; 8], done: u64, parts: &[&[u8]]) -> Zeroizing<[u8; 32]> {
+    let mut buf = Zeroizing::new([[0u8; 64]]);
+    let mut fill = 0usize;
+    let mut total = done;
+    for part in parts {
+        let mut p = *part;
+        total += p.len() as u64;
+        while !p.is_empty() {
+            let n = (64 - fill).min(p.len());
+            buf[0][fill..fill + n].copy_from_slice(&p[..n]);
+            fill += n;
+            p = &p[n..];
+            if fill == 64 {
+                compress256(&mut state, &*buf);
+                fill = 0;
+            }
+        }
+    }
+    buf[0][fill] = 0x80;
+    buf[0][fill + 1..].fill(0);
+    if fill + 1 > 56 {
+        compress256(&mut state, &*buf);
+        buf[0] = [0; 64];
+    }
+    buf[0][56..].copy_from_slice(&(total * 8).to_be_bytes());
+    compress256(&mut state, &*buf);
+    let mut out = Zeroizing::new([0u8; 32]);
+    for (chunk, word) in out.chunks_exact_mut(4).zip(state) {
+        chunk.copy_from_slice(&word.to_be_bytes());
+    }
+    state.zeroize();
+    out
+}
+
 /// Constant-time equality of two byte strings of equal length.
 pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && bool::from(a.ct_eq(b))
@@ -132,6 +204,23 @@ mod tests {
         buf[3] ^= 1;
         assert_eq!(open_to(&c, &ZERO_NONCE, b"aad", &buf, &mut out), Err(AuthError));
         assert_eq!(open_to(&c, &ZERO_NONCE, b"aad", &buf[..5], &mut out), Err(AuthError));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn midstate_hmac_matches_hmac_crate(
+            key in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..=64),
+            a in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200),
+            b in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..70),
+        ) {
+            use hmac::{Hmac, KeyInit, Mac};
+            let mut m = <Hmac<Sha256> as KeyInit>::new_from_slice(&key).unwrap();
+            m.update(&a);
+            m.update(&b);
+            let want = m.finalize().into_bytes();
+            let got = HmacSha256Midstate::new(&key).mac(&[&a, &b]);
+            proptest::prop_assert_eq!(&want[..], &got[..]);
+        }
     }
 
     #[test]

@@ -15,3 +15,4 @@ pub mod verify;
 pub mod wire;
 pub mod rebind;
 pub mod conformance;
+pub mod hostlink;

@@ -9,11 +9,9 @@
 use std::fmt;
 
 use aes_gcm::Aes128Gcm;
-use hmac::{Hmac, KeyInit, Mac};
-use sha2::Sha256;
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
-use crate::crypto::{self, ZERO_NONCE};
+use crate::crypto::{self, HmacSha256Midstate, ZERO_NONCE};
 use crate::time::Ticks;
 use crate::wire::{MAX_SLOTS, MsgType, rebind_len};
 
@@ -33,11 +31,11 @@ impl fmt::Debug for RebindSecret {
     }
 }
 
-/// `Extract(R, ·)` keyed once: HMAC-SHA256 with the ipad/opad blocks of `R` already hashed,
-/// so each verify skips two SHA-256 compressions.
+/// `Extract(R, ·)` keyed once, as HMAC-SHA256 midstates (64 bytes): each verify skips the
+/// two compressions that key the HMAC, and the gateway keeps 64 bytes per connection.
 #[derive(Clone)]
 pub struct RebindKdf {
-    keyed: Hmac<Sha256>,
+    keyed: HmacSha256Midstate,
 }
 
 impl fmt::Debug for RebindKdf {
@@ -49,27 +47,21 @@ impl fmt::Debug for RebindKdf {
 impl RebindKdf {
     pub fn new(secret: &RebindSecret) -> Self {
         RebindKdf {
-            keyed: <Hmac<Sha256> as KeyInit>::new_from_slice(&secret.0)
-                .expect("HMAC takes any key length"),
+            keyed: HmacSha256Midstate::new(&secret.0),
         }
     }
 
     /// The session key `k` for nonces `n_0..n_{S-1}` and time `t`.
     pub fn session_key(&self, nonces: &[[u8; 8]], t: Ticks) -> Zeroizing<[u8; 16]> {
-        let mut extract = self.keyed.clone();
-        for n in nonces {
-            extract.update(n);
+        let mut ikm = Zeroizing::new([0u8; 8 * MAX_SLOTS]);
+        for (dst, n) in ikm.chunks_exact_mut(8).zip(nonces) {
+            dst.copy_from_slice(n);
         }
-        let mut prk = Zeroizing::new([0u8; 32]);
-        prk.copy_from_slice(&extract.finalize().into_bytes());
+        let prk = self.keyed.mac(&[&ikm[..8 * nonces.len()]]);
         // Expand with L = 16 is one HMAC block: T(1) = HMAC(PRK, info || 0x01).
-        let mut expand = <Hmac<Sha256> as KeyInit>::new_from_slice(&prk[..])
-            .expect("HMAC takes any key length");
-        expand.update(b"rebind");
-        expand.update(&t.0.to_be_bytes());
-        expand.update(&[1]);
+        let t1 = HmacSha256Midstate::new(&prk[..]).mac(&[b"rebind", &t.0.to_be_bytes(), &[1]]);
         let mut k = Zeroizing::new([0u8; 16]);
-        k.copy_from_slice(&expand.finalize().into_bytes()[..16]);
+        k.copy_from_slice(&t1[..16]);
         k
     }
 }
