@@ -16,3 +16,7 @@ pub mod wire;
 pub mod rebind;
 pub mod conformance;
 pub mod hostlink;
+pub mod table;
+pub mod client;
+pub mod gateway;
+pub mod secrets;

@@ -185,7 +185,7 @@ pub fn open_handshake_reply(
     check_type(buf, MsgType::HandshakeReply)?;
     let min = handshake_reply_len(MIN_SLOTS);
     let max = handshake_reply_len(MAX_SLOTS);
-    if buf.len() < min || buf.len() > max || (buf.len() - min) % 16 != 0 {
+    if buf.len() < min || buf.len() > max || !(buf.len() - min).is_multiple_of(16) {
         return Err(WireError::BadLength {
             what: "HANDSHAKE_REPLY",
             expected: min,

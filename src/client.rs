@@ -1,0 +1,1614 @@
+//! The client library's sans-IO state machine (PROTOCOL.md §5–7), in the quinn-proto style:
+//! it never touches a socket or a clock. The driver feeds received datagrams to
+//! [`Client::handle`], sends whatever [`Client::poll_transmit`] writes, sleeps until
+//! [`Client::poll_timeout`] and then calls [`Client::handle_timeout`], and reads
+//! [`Client::poll_event`] and [`Client::poll_received`].
+//!
+//! Design notes:
+//! - **Time.** Timers use the `now: Instant` of each call. The HANDSHAKE carries client ticks
+//!   (§7): they are the wall clock given to [`Client::new`] plus the `Instant` time elapsed
+//!   since then, so the core never reads a clock.
+//! - **UNRECOGNIZED is only a hint** (§5). It never tears the connection down: it starts (or
+//!   feeds) a rebind, DATA keeps flowing in both directions meanwhile, and a rebind that
+//!   times out while authenticated packets were still arriving is abandoned (back to
+//!   `Connected`, [`ClientEvent::RebindAbandoned`]) instead of failing the connection. Only a
+//!   rebind that times out with the path silent fails it.
+//! - **REBIND** (§6) uses the newest UNRECOGNIZED received, with fresh nonces on every try. The
+//!   session keys of the last [`MAX_REBIND_ATTEMPTS`] tries are kept; a REBIND_ACK must open
+//!   under one of them, carry that try's `t` and name our conn_id.
+//! - **Silent paths** (§6, cookie request): after `probe_after_unanswered` consecutive DATA
+//!   sent with no authenticated packet received, and at least `probe_quiet` since the last one,
+//!   the client sends a cookie request; [`Client::network_changed`] does so at once.
+//! - **Keepalive** (§7) is DATA with 24 zero bytes. A received payload of exactly 24 zero bytes
+//!   (the echo host's reply to a keepalive) is counted as a keepalive and not surfaced; an
+//!   application should not send that payload itself.
+//! - **Handshake retries** use a fresh client nonce each; the nonces of the last
+//!   [`MAX_HANDSHAKE_ATTEMPTS`] tries are kept, so a late reply to any of them completes the
+//!   handshake. (Each attempt that reaches the host registers a connection there; the host
+//!   reaps the unused ones.)
+//! - Anything that fails to parse or authenticate is dropped and counted in [`ClientStats`];
+//!   nothing received can panic.
+#![forbid(unsafe_code)]
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use aes_gcm::Aes128Gcm;
+use zeroize::Zeroizing;
+
+use crate::crypto;
+use crate::rebind::{self, RebindCredentials, RebindSecret};
+use crate::replay::ReplayWindow;
+use crate::time::Ticks;
+use crate::wire::{
+    self, ClientCredentials, DATA_OVERHEAD, DataView, MsgType, RebindAckView, Unrecognized,
+};
+
+/// Largest application payload that [`Client::send`] accepts.
+pub const MAX_PAYLOAD: usize = 1200;
+/// Largest datagram the client writes: a DATA with a full payload. Give
+/// [`Client::poll_transmit`] a buffer at least this long.
+pub const MAX_DATAGRAM_LEN: usize = MAX_PAYLOAD + DATA_OVERHEAD;
+/// Keepalive payload length (§7): a 49-byte DATA.
+pub const KEEPALIVE_PAYLOAD_LEN: usize = 24;
+/// Handshake attempts whose nonces are remembered.
+pub const MAX_HANDSHAKE_ATTEMPTS: usize = 8;
+/// REBIND attempts whose session keys are remembered.
+pub const MAX_REBIND_ATTEMPTS: usize = 8;
+/// Application payloads queued for sending before [`SendError::QueueFull`].
+pub const SEND_QUEUE_LIMIT: usize = 1024;
+/// Received payloads held for [`Client::poll_received`]; newer ones are dropped beyond this.
+pub const RECV_QUEUE_LIMIT: usize = 1024;
+
+/// Client timers and thresholds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientConfig {
+    /// Send a keepalive when nothing was sent for this long.
+    pub keepalive: Duration,
+    /// First HANDSHAKE retry delay; doubles up to `handshake_backoff_max`.
+    pub handshake_backoff: Duration,
+    pub handshake_backoff_max: Duration,
+    /// Give up the handshake this long after it started.
+    pub handshake_deadline: Duration,
+    /// First REBIND (or cookie request) retry delay; doubles up to `rebind_backoff_max`.
+    pub rebind_backoff: Duration,
+    pub rebind_backoff_max: Duration,
+    /// Give up a rebind this long after it started.
+    pub rebind_deadline: Duration,
+    /// Consecutive DATA sent without an authenticated answer before a cookie request.
+    pub probe_after_unanswered: u32,
+    /// ... and at least this long since the last authenticated packet.
+    pub probe_quiet: Duration,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig {
+            keepalive: Duration::from_secs(10),
+            handshake_backoff: Duration::from_millis(250),
+            handshake_backoff_max: Duration::from_secs(4),
+            handshake_deadline: Duration::from_secs(20),
+            rebind_backoff: Duration::from_millis(200),
+            rebind_backoff_max: Duration::from_secs(2),
+            rebind_deadline: Duration::from_secs(30),
+            probe_after_unanswered: 3,
+            probe_quiet: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Where the connection stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClientState {
+    Handshaking,
+    Connected,
+    /// Connected, and a rebind is in progress; DATA still flows.
+    Rebinding,
+    Failed(ClientError),
+}
+
+/// Why the connection failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ClientError {
+    #[error("no valid HANDSHAKE_REPLY within the handshake deadline")]
+    HandshakeTimeout,
+    #[error("no REBIND_ACK within the rebind deadline, and the path stayed silent")]
+    RebindTimeout,
+}
+
+/// Why [`Client::send`] refused a payload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SendError {
+    #[error("not connected (handshake pending or connection failed)")]
+    NotConnected,
+    #[error("payload of {len} bytes exceeds the maximum of {max}")]
+    TooLarge { len: usize, max: usize },
+    #[error("send queue full ({0} payloads); poll_transmit to drain it")]
+    QueueFull(usize),
+}
+
+/// What started a rebind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RebindReason {
+    /// The gateway answered UNRECOGNIZED.
+    Unrecognized,
+    /// Sent packets went unanswered; a cookie request went out.
+    Unanswered,
+    /// The application reported a network change; a cookie request went out.
+    NetworkChanged,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ClientEvent {
+    Connected {
+        conn_id: u64,
+    },
+    Rebinding {
+        reason: RebindReason,
+    },
+    /// A REBIND_ACK arrived. `old_tuple` is the public tuple of the previous completed rebind
+    /// (`None` before the first: the handshake does not reveal it); `new_tuple` is the tuple
+    /// the gateway observed in the UNRECOGNIZED that the acknowledged REBIND answered.
+    Rebound {
+        conn_id: u64,
+        old_tuple: Option<SocketAddr>,
+        new_tuple: SocketAddr,
+        took: Duration,
+    },
+    /// The rebind deadline passed without an ACK, but authenticated packets kept arriving,
+    /// so the path works: the connection stays up.
+    RebindAbandoned {
+        took: Duration,
+    },
+    Failed(ClientError),
+}
+
+/// Counters; every dropped datagram lands in exactly one `dropped_*` counter.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ClientStats {
+    pub datagrams_sent: u64,
+    pub datagrams_received: u64,
+    pub handshakes_sent: u64,
+    pub data_sent: u64,
+    pub keepalives_sent: u64,
+    pub data_received: u64,
+    pub keepalives_received: u64,
+    pub rebinds_sent: u64,
+    pub cookie_requests_sent: u64,
+    pub unrecognized_received: u64,
+    pub rebinds_started: u64,
+    pub rebinds_completed: u64,
+    pub rebinds_abandoned: u64,
+    /// Wrong type byte, bad length or bad layout.
+    pub dropped_malformed: u64,
+    /// AEAD failures and REBIND_ACKs that match no outstanding try.
+    pub dropped_auth: u64,
+    /// Authenticated DATA refused by the replay window.
+    pub dropped_replay: u64,
+    /// Valid but not expected now (a reply after connecting, an ACK with no rebind running,
+    /// anything after failure, a type the gateway never sends to clients).
+    pub dropped_unexpected: u64,
+    /// UNRECOGNIZED naming another epoch byte than ours, or older than our last rebind.
+    pub dropped_unrecognized: u64,
+    /// Received payloads dropped because the receive queue was full.
+    pub dropped_recv_queue_full: u64,
+    /// Datagrams dropped because the `poll_transmit` buffer was too small.
+    pub dropped_small_buffer: u64,
+}
+
+struct Handshake {
+    /// Nonces of recent attempts, oldest first.
+    nonces: VecDeque<[u8; 16]>,
+    deadline: Instant,
+    next_retry: Instant,
+    backoff: Duration,
+}
+
+struct Session {
+    conn_id: u64,
+    epoch_byte: u8,
+    index: u32,
+    secret: RebindSecret,
+    slot_keys: Zeroizing<Vec<[u8; 16]>>,
+    c2s: Aes128Gcm,
+    s2c: Aes128Gcm,
+    send_seq: u64,
+    window: ReplayWindow,
+}
+
+struct RebindAttempt {
+    t: Ticks,
+    session: Aes128Gcm,
+    observed: SocketAddr,
+}
+
+struct Rebind {
+    started: Instant,
+    deadline: Instant,
+    next_retry: Instant,
+    backoff: Duration,
+    newest: Option<Unrecognized>,
+    attempts: VecDeque<RebindAttempt>,
+    /// An authenticated packet arrived since the rebind started.
+    path_alive: bool,
+}
+
+enum Phase {
+    Handshaking(Handshake),
+    Connected {
+        session: Box<Session>,
+        rebind: Option<Rebind>,
+    },
+    Failed(ClientError),
+}
+
+/// The client state machine. See the module docs.
+pub struct Client {
+    config: ClientConfig,
+    creds: ClientCredentials,
+    /// `(Instant, wall ticks)` at creation, for the HANDSHAKE's client ticks.
+    epoch_now: Instant,
+    epoch_wall: Ticks,
+    phase: Phase,
+    /// Control datagrams (HANDSHAKE, REBIND, cookie request), sent before DATA.
+    control: VecDeque<Vec<u8>>,
+    send_queue: VecDeque<Vec<u8>>,
+    keepalive_due: bool,
+    recv_queue: VecDeque<Vec<u8>>,
+    events: VecDeque<ClientEvent>,
+    last_sent: Instant,
+    last_recv: Instant,
+    /// DATA sent since the last authenticated packet received.
+    unanswered: u32,
+    public_tuple: Option<SocketAddr>,
+    /// `t` of the last acknowledged rebind.
+    last_acked_t: Option<Ticks>,
+    stats: ClientStats,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("state", &self.state())
+            .field("conn_id", &self.conn_id())
+            .field("public_tuple", &self.public_tuple)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Client {
+    /// A client that starts its handshake at `now`; `wall` is the wall clock at `now`.
+    pub fn new(
+        config: ClientConfig,
+        creds: ClientCredentials,
+        now: Instant,
+        wall: Ticks,
+    ) -> Client {
+        let hs = Handshake {
+            nonces: VecDeque::with_capacity(MAX_HANDSHAKE_ATTEMPTS),
+            deadline: now + config.handshake_deadline,
+            next_retry: now,
+            backoff: config.handshake_backoff,
+        };
+        let mut c = Client {
+            config,
+            creds,
+            epoch_now: now,
+            epoch_wall: wall,
+            phase: Phase::Handshaking(hs),
+            control: VecDeque::new(),
+            send_queue: VecDeque::new(),
+            keepalive_due: false,
+            recv_queue: VecDeque::new(),
+            events: VecDeque::new(),
+            last_sent: now,
+            last_recv: now,
+            unanswered: 0,
+            public_tuple: None,
+            last_acked_t: None,
+            stats: ClientStats::default(),
+        };
+        c.queue_handshake(now);
+        c
+    }
+
+    pub fn state(&self) -> ClientState {
+        match &self.phase {
+            Phase::Handshaking(_) => ClientState::Handshaking,
+            Phase::Connected { rebind: None, .. } => ClientState::Connected,
+            Phase::Connected {
+                rebind: Some(_), ..
+            } => ClientState::Rebinding,
+            Phase::Failed(e) => ClientState::Failed(*e),
+        }
+    }
+
+    pub fn conn_id(&self) -> Option<u64> {
+        self.session().map(|s| s.conn_id)
+    }
+
+    /// The connection index `x` issued by the gateway.
+    pub fn index(&self) -> Option<u32> {
+        self.session().map(|s| s.index)
+    }
+
+    /// S, the number of slot keys we hold.
+    pub fn slots(&self) -> Option<usize> {
+        self.session().map(|s| s.slot_keys.len())
+    }
+
+    /// Our public tuple as of the last completed rebind.
+    pub fn public_tuple(&self) -> Option<SocketAddr> {
+        self.public_tuple
+    }
+
+    pub fn stats(&self) -> &ClientStats {
+        &self.stats
+    }
+
+    /// Completed rebinds.
+    pub fn rebinds(&self) -> u64 {
+        self.stats.rebinds_completed
+    }
+
+    pub fn poll_event(&mut self) -> Option<ClientEvent> {
+        self.events.pop_front()
+    }
+
+    /// The next application payload received (authenticated, not replayed), in arrival order.
+    pub fn poll_received(&mut self) -> Option<Vec<u8>> {
+        self.recv_queue.pop_front()
+    }
+
+    /// Queues `payload` as DATA. Allowed while connected, rebinding included: the gateway
+    /// forwards it if it still knows our tuple, and answers UNRECOGNIZED otherwise, which
+    /// feeds the rebind.
+    pub fn send(&mut self, payload: &[u8]) -> Result<(), SendError> {
+        if self.session().is_none() {
+            return Err(SendError::NotConnected);
+        }
+        if payload.len() > MAX_PAYLOAD {
+            return Err(SendError::TooLarge {
+                len: payload.len(),
+                max: MAX_PAYLOAD,
+            });
+        }
+        if self.send_queue.len() >= SEND_QUEUE_LIMIT {
+            return Err(SendError::QueueFull(SEND_QUEUE_LIMIT));
+        }
+        self.send_queue.push_back(payload.to_vec());
+        Ok(())
+    }
+
+    /// The application knows its network changed: send a cookie request now (§6).
+    pub fn network_changed(&mut self, now: Instant) {
+        if self.session().is_some() {
+            self.start_rebind(now, RebindReason::NetworkChanged, None);
+        }
+    }
+
+    /// Feeds one datagram received from the gateway.
+    pub fn handle(&mut self, now: Instant, datagram: &[u8]) {
+        self.stats.datagrams_received += 1;
+        if matches!(self.phase, Phase::Failed(_)) {
+            self.stats.dropped_unexpected += 1;
+            return;
+        }
+        match MsgType::of(datagram) {
+            Ok(MsgType::HandshakeReply) => self.on_handshake_reply(now, datagram),
+            Ok(MsgType::Data) => self.on_data(now, datagram),
+            Ok(MsgType::Unrecognized) => self.on_unrecognized(now, datagram),
+            Ok(MsgType::RebindAck) => self.on_rebind_ack(now, datagram),
+            Ok(MsgType::Handshake | MsgType::Rebind) => self.stats.dropped_unexpected += 1,
+            Err(_) => self.stats.dropped_malformed += 1,
+        }
+    }
+
+    /// Writes the next datagram to send into `buf` (at least [`MAX_DATAGRAM_LEN`] bytes) and
+    /// returns its length. Control datagrams go first, then queued DATA, then a keepalive.
+    pub fn poll_transmit(&mut self, now: Instant, buf: &mut [u8]) -> Option<usize> {
+        loop {
+            if let Some(d) = self.control.pop_front() {
+                let Some(out) = buf.get_mut(..d.len()) else {
+                    self.stats.dropped_small_buffer += 1;
+                    continue;
+                };
+                out.copy_from_slice(&d);
+                self.sent(now);
+                return Some(d.len());
+            }
+            let Phase::Connected { session, .. } = &mut self.phase else {
+                return None;
+            };
+            let (payload, keepalive) = if let Some(p) = self.send_queue.pop_front() {
+                (p, false)
+            } else if self.keepalive_due {
+                self.keepalive_due = false;
+                (vec![0u8; KEEPALIVE_PAYLOAD_LEN], true)
+            } else {
+                return None;
+            };
+            if buf.len() < payload.len() + DATA_OVERHEAD {
+                self.stats.dropped_small_buffer += 1;
+                continue;
+            }
+            let n = wire::seal_data(&session.c2s, session.send_seq, &payload, buf);
+            session.send_seq += 1;
+            if keepalive {
+                self.stats.keepalives_sent += 1;
+            } else {
+                self.stats.data_sent += 1;
+            }
+            self.unanswered = self.unanswered.saturating_add(1);
+            self.sent(now);
+            self.maybe_probe(now);
+            return Some(n);
+        }
+    }
+
+    /// The next instant at which [`Client::handle_timeout`] must run.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        match &self.phase {
+            Phase::Failed(_) => None,
+            Phase::Handshaking(hs) => Some(hs.next_retry.min(hs.deadline)),
+            Phase::Connected { rebind, .. } => {
+                let mut t = self.last_sent + self.config.keepalive;
+                if let Some(r) = rebind {
+                    t = t.min(r.next_retry).min(r.deadline);
+                } else if self.unanswered >= self.config.probe_after_unanswered {
+                    t = t.min(self.last_recv + self.config.probe_quiet);
+                }
+                Some(t)
+            }
+        }
+    }
+
+    /// Runs the timers that expired at `now`.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        match &mut self.phase {
+            Phase::Failed(_) => {}
+            Phase::Handshaking(hs) => {
+                if now >= hs.deadline {
+                    self.fail(ClientError::HandshakeTimeout);
+                } else if now >= hs.next_retry {
+                    self.queue_handshake(now);
+                }
+            }
+            Phase::Connected { rebind, .. } => {
+                if let Some(r) = rebind {
+                    if now >= r.deadline {
+                        if r.path_alive {
+                            let took = now.saturating_duration_since(r.started);
+                            *rebind = None;
+                            self.stats.rebinds_abandoned += 1;
+                            self.events.push_back(ClientEvent::RebindAbandoned { took });
+                        } else {
+                            self.fail(ClientError::RebindTimeout);
+                            return;
+                        }
+                    } else if now >= r.next_retry {
+                        r.next_retry = now + r.backoff;
+                        r.backoff = (r.backoff * 2).min(self.config.rebind_backoff_max);
+                        self.queue_rebind_try();
+                    }
+                }
+                if now >= self.last_sent + self.config.keepalive
+                    && self.send_queue.is_empty()
+                    && self.control.is_empty()
+                {
+                    self.keepalive_due = true;
+                }
+                self.maybe_probe(now);
+            }
+        }
+    }
+
+    // ---- internals ----
+
+    fn session(&self) -> Option<&Session> {
+        match &self.phase {
+            Phase::Connected { session, .. } => Some(session),
+            _ => None,
+        }
+    }
+
+    fn sent(&mut self, now: Instant) {
+        self.stats.datagrams_sent += 1;
+        self.last_sent = now;
+    }
+
+    /// An authenticated packet arrived: the path works.
+    fn answered(&mut self, now: Instant) {
+        self.unanswered = 0;
+        self.last_recv = now;
+        if let Phase::Connected {
+            rebind: Some(r), ..
+        } = &mut self.phase
+        {
+            r.path_alive = true;
+        }
+    }
+
+    fn fail(&mut self, e: ClientError) {
+        self.phase = Phase::Failed(e);
+        self.control.clear();
+        self.send_queue.clear();
+        self.keepalive_due = false;
+        self.events.push_back(ClientEvent::Failed(e));
+    }
+
+    fn wall_at(&self, now: Instant) -> Ticks {
+        self.epoch_wall
+            .saturating_add(now.saturating_duration_since(self.epoch_now))
+    }
+
+    fn queue_handshake(&mut self, now: Instant) {
+        let ticks = self.wall_at(now);
+        let Phase::Handshaking(hs) = &mut self.phase else {
+            return;
+        };
+        let nonce: [u8; 16] = crypto::random_array();
+        if hs.nonces.len() == MAX_HANDSHAKE_ATTEMPTS {
+            hs.nonces.pop_front();
+        }
+        hs.nonces.push_back(nonce);
+        hs.next_retry = now + hs.backoff;
+        hs.backoff = (hs.backoff * 2).min(self.config.handshake_backoff_max);
+        let d = wire::build_handshake(&self.creds, &nonce, ticks);
+        self.control.push_back(d.to_vec());
+        self.stats.handshakes_sent += 1;
+    }
+
+    fn on_handshake_reply(&mut self, now: Instant, datagram: &[u8]) {
+        let Phase::Handshaking(hs) = &self.phase else {
+            self.stats.dropped_unexpected += 1;
+            return;
+        };
+        // The nonce is compared before any crypto, so trying every kept nonce is cheap.
+        let reply = hs
+            .nonces
+            .iter()
+            .rev()
+            .map(|n| wire::open_handshake_reply(datagram, &self.creds.psk, n))
+            .find(|r| !matches!(r, Err(wire::ReplyError::OtherNonce)));
+        let reply = match reply {
+            Some(Ok(r)) => r,
+            Some(Err(wire::ReplyError::Auth)) | None => {
+                self.stats.dropped_auth += 1;
+                return;
+            }
+            Some(Err(_)) => {
+                self.stats.dropped_malformed += 1;
+                return;
+            }
+        };
+        let session = Session {
+            conn_id: reply.conn_id,
+            epoch_byte: reply.epoch_byte,
+            index: reply.index,
+            secret: RebindSecret(reply.rebind_secret),
+            slot_keys: Zeroizing::new(reply.slot_keys.clone()),
+            c2s: crypto::gcm(&reply.kd_c2s),
+            s2c: crypto::gcm(&reply.kd_s2c),
+            send_seq: 0,
+            window: ReplayWindow::new(),
+        };
+        // Stale handshake retries must not go out after the reply.
+        self.control.clear();
+        self.phase = Phase::Connected {
+            session: Box::new(session),
+            rebind: None,
+        };
+        self.answered(now);
+        self.events.push_back(ClientEvent::Connected {
+            conn_id: reply.conn_id,
+        });
+    }
+
+    fn on_data(&mut self, now: Instant, datagram: &[u8]) {
+        let Phase::Connected { session, .. } = &mut self.phase else {
+            self.stats.dropped_unexpected += 1;
+            return;
+        };
+        let Ok(view) = DataView::new_checked(datagram) else {
+            self.stats.dropped_malformed += 1;
+            return;
+        };
+        let mut payload = vec![0u8; view.payload_len()];
+        if view.open(&session.s2c, &mut payload).is_err() {
+            self.stats.dropped_auth += 1;
+            return;
+        }
+        // Only after the AEAD: a forged seq must not move the window.
+        if !session.window.accept(view.seq()) {
+            self.stats.dropped_replay += 1;
+            return;
+        }
+        self.answered(now);
+        if payload.len() == KEEPALIVE_PAYLOAD_LEN && payload.iter().all(|b| *b == 0) {
+            self.stats.keepalives_received += 1;
+            return;
+        }
+        self.stats.data_received += 1;
+        if self.recv_queue.len() >= RECV_QUEUE_LIMIT {
+            self.stats.dropped_recv_queue_full += 1;
+        } else {
+            self.recv_queue.push_back(payload);
+        }
+    }
+
+    fn on_unrecognized(&mut self, now: Instant, datagram: &[u8]) {
+        let Ok(u) = Unrecognized::parse(datagram) else {
+            self.stats.dropped_malformed += 1;
+            return;
+        };
+        self.stats.unrecognized_received += 1;
+        let Some(epoch_byte) = self.session().map(|s| s.epoch_byte) else {
+            // The gateway forwards handshakes whatever the tuple; nothing to do.
+            self.stats.dropped_unexpected += 1;
+            return;
+        };
+        // Our slot keys belong to our epoch: a REBIND under another epoch byte cannot verify.
+        // An UNRECOGNIZED older than our last acknowledged rebind predates our binding.
+        if u.epoch_byte != epoch_byte || self.last_acked_t.is_some_and(|l| u.t <= l) {
+            self.stats.dropped_unrecognized += 1;
+            return;
+        }
+        self.start_rebind(now, RebindReason::Unrecognized, Some(u));
+    }
+
+    /// Starts a rebind, or feeds the one in progress. With an UNRECOGNIZED it sends a REBIND
+    /// at once if none went out yet in this rebind, or if the observed tuple moved since the
+    /// last try; otherwise the retry timer uses it. Without one it sends a cookie request.
+    fn start_rebind(&mut self, now: Instant, reason: RebindReason, unrec: Option<Unrecognized>) {
+        let Phase::Connected { rebind, .. } = &mut self.phase else {
+            return;
+        };
+        let fresh = Rebind {
+            started: now,
+            deadline: now + self.config.rebind_deadline,
+            next_retry: now + self.config.rebind_backoff,
+            backoff: (self.config.rebind_backoff * 2).min(self.config.rebind_backoff_max),
+            newest: None,
+            attempts: VecDeque::with_capacity(MAX_REBIND_ATTEMPTS),
+            path_alive: false,
+        };
+        let send_now = match (rebind.as_mut(), reason) {
+            (Some(r), RebindReason::Unrecognized) => {
+                let moved = r.attempts.back().map(|a| a.observed) != unrec.map(|u| u.observed);
+                r.newest = unrec;
+                r.attempts.is_empty() || moved
+            }
+            (Some(_), RebindReason::Unanswered) => false,
+            _ => {
+                // A new rebind, or a network change that makes earlier UNRECOGNIZEDs stale.
+                let mut fresh = fresh;
+                fresh.newest = unrec;
+                *rebind = Some(fresh);
+                self.stats.rebinds_started += 1;
+                self.events.push_back(ClientEvent::Rebinding { reason });
+                true
+            }
+        };
+        if send_now {
+            self.queue_rebind_try();
+        }
+    }
+
+    /// Queues a REBIND from the newest UNRECOGNIZED with fresh nonces, or a cookie request if
+    /// none has arrived yet.
+    fn queue_rebind_try(&mut self) {
+        let Phase::Connected {
+            session,
+            rebind: Some(r),
+        } = &mut self.phase
+        else {
+            return;
+        };
+        let slots = session.slot_keys.len();
+        let Some(u) = r.newest else {
+            self.control.push_back(rebind::cookie_request(slots));
+            self.stats.cookie_requests_sent += 1;
+            return;
+        };
+        let creds = RebindCredentials {
+            conn_id: session.conn_id,
+            secret: &session.secret,
+            slot_keys: &session.slot_keys,
+        };
+        let nonces = Zeroizing::new(rebind::fresh_nonces(slots));
+        let (datagram, key) = rebind::build_rebind(&creds, u.epoch_byte, u.t, &u.cookie, &nonces);
+        if r.attempts.len() == MAX_REBIND_ATTEMPTS {
+            r.attempts.pop_front();
+        }
+        r.attempts.push_back(RebindAttempt {
+            t: u.t,
+            session: key,
+            observed: u.observed,
+        });
+        self.control.push_back(datagram);
+        self.stats.rebinds_sent += 1;
+    }
+
+    fn on_rebind_ack(&mut self, now: Instant, datagram: &[u8]) {
+        let Ok(view) = RebindAckView::new_checked(datagram) else {
+            self.stats.dropped_malformed += 1;
+            return;
+        };
+        let Phase::Connected { session, rebind } = &mut self.phase else {
+            self.stats.dropped_unexpected += 1;
+            return;
+        };
+        let Some(r) = rebind.as_ref() else {
+            // A duplicate ACK after the rebind completed, or one nobody asked for.
+            self.stats.dropped_unexpected += 1;
+            return;
+        };
+        let t = view.t();
+        let conn_id = session.conn_id;
+        let hit = r
+            .attempts
+            .iter()
+            .rev()
+            .filter(|a| a.t == t)
+            .find(|a| view.open(&a.session) == Ok(conn_id));
+        let Some(a) = hit else {
+            self.stats.dropped_auth += 1;
+            return;
+        };
+        let new_tuple = a.observed;
+        let took = now.saturating_duration_since(r.started);
+        *rebind = None;
+        let old_tuple = self.public_tuple.replace(new_tuple);
+        self.last_acked_t = Some(t);
+        self.stats.rebinds_completed += 1;
+        // Pending retries of this rebind are moot.
+        self.control
+            .retain(|d| d.first() != Some(&(MsgType::Rebind as u8)));
+        self.answered(now);
+        self.events.push_back(ClientEvent::Rebound {
+            conn_id,
+            old_tuple,
+            new_tuple,
+            took,
+        });
+    }
+
+    /// Sends a cookie request when enough DATA went unanswered for long enough (§6).
+    fn maybe_probe(&mut self, now: Instant) {
+        let Phase::Connected { rebind: None, .. } = self.phase else {
+            return;
+        };
+        if self.unanswered >= self.config.probe_after_unanswered
+            && now.saturating_duration_since(self.last_recv) >= self.config.probe_quiet
+        {
+            self.start_rebind(now, RebindReason::Unanswered, None);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! A simulated gateway + echo host built from the protocol core, and a quinn-proto style
+    //! `World` that runs client and gateway over a simulated clock and network.
+
+    use super::*;
+    use crate::engine::{Backend, TrialKeys};
+    use crate::keys::{EpochKeys, MasterSecret};
+    use crate::registry::Freshness;
+    use crate::verify::{EpochState, RejectReason, verify_one};
+    use crate::wire::HandshakeReply;
+    use proptest::prelude::*;
+    use std::collections::HashMap;
+
+    const SLOTS: usize = 16;
+    /// Epoch 0x107: epoch byte 7.
+    const EPOCH: u32 = 0x107;
+    const WINDOW_TICKS: u64 = 300_000_000;
+    const BASE_TICKS: Ticks = Ticks(639_028_224_000_000_000);
+    const LATENCY: Duration = Duration::from_millis(10);
+    const CLIENT_ID: [u8; 16] = [0xc1; 16];
+    const PSK: [u8; 32] = [0x5a; 32];
+
+    fn creds() -> ClientCredentials {
+        ClientCredentials {
+            client_id: CLIENT_ID,
+            psk: PSK,
+        }
+    }
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    /// The echo host's side of one connection.
+    struct HostConn {
+        c2s: Aes128Gcm,
+        s2c: Aes128Gcm,
+        seq: u64,
+        window: ReplayWindow,
+    }
+
+    /// Gateway + reference echo host, one epoch.
+    struct Gateway {
+        epoch: EpochState,
+        start: Instant,
+        hosts: HashMap<u32, HostConn>,
+        tuples: HashMap<SocketAddr, u32>,
+        next_conn_id: u64,
+        /// Answer checks 1–3 rejections with UNRECOGNIZED (off = rate-limited).
+        answer_unrecognized: bool,
+        rejects: Vec<RejectReason>,
+        unrecognized_sent: usize,
+        acks_sent: usize,
+    }
+
+    impl Gateway {
+        fn new(start: Instant) -> Gateway {
+            let keys =
+                EpochKeys::derive(&MasterSecret::from_bytes([0x33; 32]), EPOCH, SLOTS).unwrap();
+            let trial = TrialKeys::new(Backend::Portable, keys.slot_key_pairs()).unwrap();
+            Gateway {
+                epoch: EpochState::new(keys, trial),
+                start,
+                hosts: HashMap::new(),
+                tuples: HashMap::new(),
+                next_conn_id: 0xC0_0000,
+                answer_unrecognized: true,
+                rejects: Vec::new(),
+                unrecognized_sent: 0,
+                acks_sent: 0,
+            }
+        }
+
+        fn ticks(&self, now: Instant) -> Ticks {
+            BASE_TICKS.saturating_add(now.saturating_duration_since(self.start))
+        }
+
+        /// Binds `tuple` to `index`, taking it from any other connection (§6).
+        fn bind(&mut self, tuple: SocketAddr, index: u32) {
+            if let Some(other) = self.tuples.insert(tuple, index)
+                && other != index
+            {
+                self.epoch.registry.unbind_tuple(other);
+            }
+        }
+
+        /// Registers a connection that the client does not know (another device).
+        fn register_other(&mut self, tuple: SocketAddr) -> u32 {
+            self.next_conn_id += 1;
+            let reg = self
+                .epoch
+                .registry
+                .register(self.next_conn_id, 0, Some(tuple))
+                .unwrap();
+            self.hosts.insert(
+                reg.index,
+                HostConn {
+                    c2s: crypto::gcm(&[0xee; 16]),
+                    s2c: crypto::gcm(&[0xef; 16]),
+                    seq: 0,
+                    window: ReplayWindow::new(),
+                },
+            );
+            self.bind(tuple, reg.index);
+            reg.index
+        }
+
+        fn unrecognized(&mut self, now: Instant, from: SocketAddr) -> Vec<u8> {
+            let t = self.ticks(now);
+            let u = Unrecognized {
+                epoch_byte: self.epoch.keys.epoch_byte(),
+                t,
+                observed: from,
+                cookie: self.epoch.keys.cookie(&from, t),
+            };
+            let mut out = vec![0u8; u.len()];
+            u.emit(&mut out);
+            self.unrecognized_sent += 1;
+            out
+        }
+
+        /// DATA from the host of connection `index`, with an explicit seq.
+        fn host_data(&self, index: u32, seq: u64, payload: &[u8]) -> Vec<u8> {
+            let mut out = vec![0u8; payload.len() + DATA_OVERHEAD];
+            wire::seal_data(&self.hosts[&index].s2c, seq, payload, &mut out);
+            out
+        }
+
+        /// One datagram from `from`; returns `(destination, datagram)` pairs.
+        fn handle(
+            &mut self,
+            now: Instant,
+            from: SocketAddr,
+            d: &[u8],
+        ) -> Vec<(SocketAddr, Vec<u8>)> {
+            let mut out = Vec::new();
+            match MsgType::of(d) {
+                Ok(MsgType::Handshake) => {
+                    let Ok(view) = wire::HandshakeView::new_checked(d) else {
+                        return out;
+                    };
+                    if view.client_id() != CLIENT_ID {
+                        return out;
+                    }
+                    let Ok((ticks, k_s)) = wire::open_handshake(&view, &PSK) else {
+                        return out;
+                    };
+                    assert!(ticks.abs_diff(self.ticks(now)) < 600 * 10_000_000);
+                    self.next_conn_id += 1;
+                    let conn_id = self.next_conn_id;
+                    let reg = self
+                        .epoch
+                        .registry
+                        .register(conn_id, 0, Some(from))
+                        .unwrap();
+                    let (kd_c2s, kd_s2c) = (crypto::random_array(), crypto::random_array());
+                    self.hosts.insert(
+                        reg.index,
+                        HostConn {
+                            c2s: crypto::gcm(&kd_c2s),
+                            s2c: crypto::gcm(&kd_s2c),
+                            seq: 0,
+                            window: ReplayWindow::new(),
+                        },
+                    );
+                    self.bind(from, reg.index);
+                    let reply = HandshakeReply {
+                        conn_id,
+                        epoch_byte: self.epoch.keys.epoch_byte(),
+                        index: reg.index,
+                        rebind_secret: reg.secret.0,
+                        kd_c2s,
+                        kd_s2c,
+                        slot_keys: self.epoch.keys.client_keys(reg.index).to_vec(),
+                    };
+                    let nonce = view.client_nonce();
+                    out.push((from, wire::build_handshake_reply(&k_s, &nonce, &reply)));
+                }
+                Ok(MsgType::Data) => match self.tuples.get(&from).copied() {
+                    Some(index) => {
+                        // Forward to the host, which echoes to the connection's tuple.
+                        let host = self.hosts.get_mut(&index).unwrap();
+                        let Ok(view) = DataView::new_checked(d) else {
+                            return out;
+                        };
+                        let mut p = vec![0u8; view.payload_len()];
+                        if view.open(&host.c2s, &mut p).is_err() || !host.window.accept(view.seq())
+                        {
+                            return out;
+                        }
+                        let seq = host.seq;
+                        host.seq += 1;
+                        let echo = self.host_data(index, seq, &p);
+                        if let Some(to) = self.epoch.registry.get(index).and_then(|c| c.tuple) {
+                            out.push((to, echo));
+                        }
+                    }
+                    None => {
+                        if d.len() >= wire::unrecognized_len(&from) {
+                            out.push((from, self.unrecognized(now, from)));
+                        }
+                    }
+                },
+                Ok(MsgType::Rebind) => {
+                    let ticks = self.ticks(now);
+                    match verify_one(d, &from, ticks, WINDOW_TICKS, SLOTS, &[&self.epoch]) {
+                        Ok((_, v)) => {
+                            if v.freshness == Freshness::Accept {
+                                let old = self.epoch.registry.commit_rebind(v.index, v.t, from);
+                                if let Some(old) = old
+                                    && self.tuples.get(&old) == Some(&v.index)
+                                {
+                                    self.tuples.remove(&old);
+                                }
+                                self.bind(from, v.index);
+                            }
+                            self.acks_sent += 1;
+                            out.push((from, v.ack.to_vec()));
+                        }
+                        Err(r) => {
+                            self.rejects.push(r);
+                            if r.draws_unrecognized() && self.answer_unrecognized {
+                                out.push((from, self.unrecognized(now, from)));
+                            }
+                        }
+                    }
+                }
+                _ => {}
+            }
+            out
+        }
+    }
+
+    type DropFn = Box<dyn FnMut(&[u8]) -> bool>;
+
+    struct World {
+        client: Client,
+        gw: Gateway,
+        now: Instant,
+        client_tuple: SocketAddr,
+        /// `(arrival, source tuple, datagram)`.
+        to_gw: Vec<(Instant, SocketAddr, Vec<u8>)>,
+        /// `(arrival, destination tuple, datagram)`.
+        to_client: Vec<(Instant, SocketAddr, Vec<u8>)>,
+        /// Drops client -> gateway datagrams for which it returns true.
+        drop_to_gw: DropFn,
+        sent: Vec<Vec<u8>>,
+        delivered: Vec<Vec<u8>>,
+        events: Vec<ClientEvent>,
+        received: Vec<Vec<u8>>,
+    }
+
+    impl World {
+        fn new() -> World {
+            Self::with_config(ClientConfig::default())
+        }
+
+        fn with_config(config: ClientConfig) -> World {
+            let now = Instant::now();
+            World {
+                client: Client::new(config, creds(), now, BASE_TICKS),
+                gw: Gateway::new(now),
+                now,
+                client_tuple: addr("198.51.100.7:40001"),
+                to_gw: Vec::new(),
+                to_client: Vec::new(),
+                drop_to_gw: Box::new(|_| false),
+                sent: Vec::new(),
+                delivered: Vec::new(),
+                events: Vec::new(),
+                received: Vec::new(),
+            }
+        }
+
+        fn connected() -> World {
+            let mut w = World::new();
+            w.drive(ms(100));
+            assert_eq!(w.client.state(), ClientState::Connected);
+            w.events.clear();
+            w
+        }
+
+        /// Does everything due at `self.now`; returns whether anything happened.
+        fn step(&mut self) -> bool {
+            let mut progress = false;
+            let now = self.now;
+            if self.client.poll_timeout().is_some_and(|t| t <= now) {
+                self.client.handle_timeout(now);
+                progress = true;
+            }
+            let mut buf = [0u8; MAX_DATAGRAM_LEN];
+            while let Some(n) = self.client.poll_transmit(now, &mut buf) {
+                let d = buf[..n].to_vec();
+                self.sent.push(d.clone());
+                if !(self.drop_to_gw)(&d) {
+                    self.to_gw.push((now + LATENCY, self.client_tuple, d));
+                }
+                progress = true;
+            }
+            let (due, later): (Vec<_>, Vec<_>) =
+                self.to_gw.drain(..).partition(|(t, _, _)| *t <= now);
+            self.to_gw = later;
+            for (_, from, d) in due {
+                for (to, reply) in self.gw.handle(now, from, &d) {
+                    self.to_client.push((now + LATENCY, to, reply));
+                }
+                progress = true;
+            }
+            let (due, later): (Vec<_>, Vec<_>) =
+                self.to_client.drain(..).partition(|(t, _, _)| *t <= now);
+            self.to_client = later;
+            for (_, to, d) in due {
+                // Only what is addressed to the client's current tuple reaches it.
+                if to == self.client_tuple {
+                    self.client.handle(now, &d);
+                    self.delivered.push(d);
+                }
+                progress = true;
+            }
+            self.collect();
+            progress
+        }
+
+        fn collect(&mut self) {
+            while let Some(e) = self.client.poll_event() {
+                self.events.push(e);
+            }
+            while let Some(p) = self.client.poll_received() {
+                self.received.push(p);
+            }
+        }
+
+        /// Runs the world for `d` of simulated time.
+        fn drive(&mut self, d: Duration) {
+            let end = self.now + d;
+            loop {
+                while self.step() {}
+                let next = [
+                    self.client.poll_timeout(),
+                    self.to_gw.iter().map(|x| x.0).min(),
+                    self.to_client.iter().map(|x| x.0).min(),
+                ]
+                .into_iter()
+                .flatten()
+                .min();
+                match next {
+                    Some(t) if t <= end => self.now = self.now.max(t),
+                    _ => {
+                        self.now = end;
+                        while self.step() {}
+                        return;
+                    }
+                }
+            }
+        }
+
+        fn inject(&mut self, d: &[u8]) {
+            self.client.handle(self.now, d);
+            self.collect();
+        }
+
+        fn index(&self) -> u32 {
+            self.client.index().unwrap()
+        }
+
+        fn sent_of(&self, ty: MsgType) -> Vec<&Vec<u8>> {
+            self.sent.iter().filter(|d| d[0] == ty as u8).collect()
+        }
+
+        fn echo_roundtrip(&mut self, payload: &[u8]) {
+            self.received.clear();
+            self.client.send(payload).unwrap();
+            self.drive(ms(100));
+            assert_eq!(self.received, vec![payload.to_vec()]);
+        }
+
+        fn rebound(&self) -> Vec<(Option<SocketAddr>, SocketAddr)> {
+            self.events
+                .iter()
+                .filter_map(|e| match e {
+                    ClientEvent::Rebound {
+                        old_tuple,
+                        new_tuple,
+                        conn_id,
+                        ..
+                    } => {
+                        assert_eq!(Some(*conn_id), self.client.conn_id());
+                        Some((*old_tuple, *new_tuple))
+                    }
+                    _ => None,
+                })
+                .collect()
+        }
+    }
+
+    // ---- 1. handshake ----
+
+    #[test]
+    fn handshake_completes() {
+        let mut w = World::new();
+        assert_eq!(w.client.state(), ClientState::Handshaking);
+        assert_eq!(w.client.send(b"early"), Err(SendError::NotConnected));
+        w.drive(ms(100));
+        assert_eq!(w.client.state(), ClientState::Connected);
+        let conn_id = w.client.conn_id().unwrap();
+        assert_eq!(w.events, vec![ClientEvent::Connected { conn_id }]);
+        assert_eq!(w.client.slots(), Some(SLOTS));
+        let hs = w.sent_of(MsgType::Handshake);
+        assert_eq!(hs.len(), 1);
+        assert_eq!(hs[0].len(), wire::HANDSHAKE_LEN);
+        assert_eq!(w.gw.epoch.registry.get(w.index()).unwrap().conn_id, conn_id);
+    }
+
+    #[test]
+    fn handshake_retries_when_first_is_lost() {
+        let mut w = World::new();
+        let mut dropped = false;
+        w.drop_to_gw = Box::new(move |d| {
+            let drop = d[0] == b'H' && !dropped;
+            dropped |= drop;
+            drop
+        });
+        w.drive(ms(200));
+        assert_eq!(w.client.state(), ClientState::Handshaking);
+        w.drive(ms(200));
+        assert_eq!(w.client.state(), ClientState::Connected);
+        let hs = w.sent_of(MsgType::Handshake);
+        assert_eq!(hs.len(), 2);
+        assert_ne!(
+            hs[0][17..33],
+            hs[1][17..33],
+            "fresh client nonce per attempt"
+        );
+    }
+
+    #[test]
+    fn late_reply_to_an_earlier_attempt_is_accepted() {
+        let t0 = Instant::now();
+        let mut c = Client::new(ClientConfig::default(), creds(), t0, BASE_TICKS);
+        let mut gw = Gateway::new(t0);
+        let mut buf = [0u8; MAX_DATAGRAM_LEN];
+        let n = c.poll_transmit(t0, &mut buf).unwrap();
+        let first = buf[..n].to_vec();
+        let t1 = t0 + ms(250);
+        assert_eq!(c.poll_timeout(), Some(t1));
+        c.handle_timeout(t1);
+        let n = c.poll_transmit(t1, &mut buf).unwrap();
+        assert_ne!(first, buf[..n]);
+        let from = addr("203.0.113.1:5000");
+        let replies = gw.handle(t1, from, &first);
+        c.handle(t1, &replies[0].1);
+        assert_eq!(c.state(), ClientState::Connected);
+        // A second reply (to the other attempt) is dropped, not fatal.
+        let again = gw.handle(t1, from, &buf[..n]);
+        c.handle(t1, &again[0].1);
+        assert_eq!(c.stats().dropped_unexpected, 1);
+        assert_eq!(c.state(), ClientState::Connected);
+    }
+
+    #[test]
+    fn handshake_gives_up_after_deadline() {
+        let mut w = World::new();
+        w.drop_to_gw = Box::new(|d| d[0] == b'H');
+        w.drive(Duration::from_secs(19));
+        assert_eq!(w.client.state(), ClientState::Handshaking);
+        w.drive(Duration::from_secs(2));
+        let e = ClientError::HandshakeTimeout;
+        assert_eq!(w.client.state(), ClientState::Failed(e));
+        assert_eq!(w.events, vec![ClientEvent::Failed(e)]);
+        // Sent at 0, .25, .75, 1.75, 3.75, then every 4 s: 7.75, 11.75, 15.75, 19.75.
+        assert_eq!(w.sent_of(MsgType::Handshake).len(), 9);
+        assert_eq!(w.client.poll_timeout(), None);
+        assert_eq!(w.client.send(b"x"), Err(SendError::NotConnected));
+        let mut buf = [0u8; MAX_DATAGRAM_LEN];
+        assert_eq!(w.client.poll_transmit(w.now, &mut buf), None);
+    }
+
+    // ---- 2. DATA ----
+
+    #[test]
+    fn data_roundtrip_and_keepalive() {
+        let mut w = World::connected();
+        w.echo_roundtrip(b"hello, mesh");
+        w.echo_roundtrip(b"");
+        let d = w.sent_of(MsgType::Data);
+        assert_eq!(d.len(), 2);
+        assert_eq!(d[0][1..9], 0u64.to_be_bytes(), "seq starts at 0");
+        assert_eq!(d[1][1..9], 1u64.to_be_bytes());
+        assert_eq!(
+            w.client.send(&[0; MAX_PAYLOAD + 1]),
+            Err(SendError::TooLarge {
+                len: MAX_PAYLOAD + 1,
+                max: MAX_PAYLOAD
+            })
+        );
+        w.client.send(&[7; MAX_PAYLOAD]).unwrap();
+        w.drive(ms(100));
+        assert_eq!(w.received.last().unwrap().len(), MAX_PAYLOAD);
+
+        // Idle: a 49-byte keepalive after 10 s; its echo is counted, not surfaced.
+        let before = w.received.len();
+        w.drive(Duration::from_secs(11));
+        let ka: Vec<_> = w.sent.iter().filter(|d| d.len() == 49).collect();
+        assert_eq!(ka.len(), 1);
+        assert_eq!(w.client.stats().keepalives_sent, 1);
+        assert_eq!(w.client.stats().keepalives_received, 1);
+        assert_eq!(w.received.len(), before);
+        assert_eq!(w.client.state(), ClientState::Connected);
+        assert!(w.events.is_empty());
+    }
+
+    #[test]
+    fn replayed_data_dropped_reordered_accepted() {
+        let mut w = World::connected();
+        w.echo_roundtrip(b"first payload");
+        let echo = w.delivered.last().unwrap().clone();
+        w.inject(&echo);
+        assert_eq!(w.client.stats().dropped_replay, 1);
+        assert_eq!(w.received.len(), 1);
+
+        let x = w.index();
+        let (d5, d3, d4) = (
+            w.gw.host_data(x, 5, b"five"),
+            w.gw.host_data(x, 3, b"three"),
+            w.gw.host_data(x, 4, b"four"),
+        );
+        w.received.clear();
+        for d in [&d5, &d3, &d4] {
+            w.inject(d);
+        }
+        assert_eq!(
+            w.received,
+            vec![b"five".to_vec(), b"three".to_vec(), b"four".to_vec()]
+        );
+        w.inject(&d3);
+        assert_eq!(w.client.stats().dropped_replay, 2);
+        // Far behind the window.
+        w.inject(&w.gw.host_data(x, 5000, b"jump"));
+        w.inject(&w.gw.host_data(x, 6, b"stale"));
+        assert_eq!(w.client.stats().dropped_replay, 3);
+        // Tampered: dropped as an auth failure, and the window does not move.
+        let mut bad = w.gw.host_data(x, 9000, b"forged");
+        bad[12] ^= 1;
+        w.inject(&bad);
+        assert_eq!(w.client.stats().dropped_auth, 1);
+        w.inject(&w.gw.host_data(x, 5001, b"ok"));
+        assert_eq!(w.received.last().unwrap(), b"ok");
+    }
+
+    // ---- 3. rebind after a tuple change ----
+
+    #[test]
+    fn tuple_change_rebinds_and_traffic_resumes() {
+        let mut w = World::connected();
+        w.echo_roundtrip(b"before the move");
+        let x = w.index();
+
+        let t1 = addr("198.51.100.99:50000");
+        w.client_tuple = t1;
+        w.client.send(b"lost: draws UNRECOGNIZED").unwrap();
+        w.drive(ms(200));
+        assert!(matches!(
+            w.events[0],
+            ClientEvent::Rebinding {
+                reason: RebindReason::Unrecognized
+            }
+        ));
+        assert_eq!(w.rebound(), vec![(None, t1)]);
+        assert_eq!(w.client.state(), ClientState::Connected);
+        assert_eq!(w.client.public_tuple(), Some(t1));
+        assert_eq!(w.gw.epoch.registry.get(x).unwrap().tuple, Some(t1));
+        let r = w.sent_of(MsgType::Rebind);
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0].len(), wire::rebind_len(SLOTS));
+        assert_eq!(r[0][1], 7, "epoch byte");
+        w.echo_roundtrip(b"after the move");
+
+        // A second move reports the first as the old tuple.
+        let t2 = addr("[2001:db8::5]:6000");
+        w.client_tuple = t2;
+        w.events.clear();
+        // At least 20 bytes: a v6 UNRECOGNIZED is 45 bytes and the gateway never amplifies.
+        w.client.send(b"lost again, from IPv6").unwrap();
+        w.drive(ms(200));
+        assert_eq!(w.rebound(), vec![(Some(t1), t2)]);
+        assert_eq!(w.client.rebinds(), 2);
+        w.echo_roundtrip(b"over v6");
+        if let Some(ClientEvent::Rebound { took, .. }) = w.events.last() {
+            assert!(*took >= 2 * LATENCY && *took < ms(200), "took {took:?}");
+        }
+    }
+
+    // ---- 4. lost REBIND ----
+
+    #[test]
+    fn lost_rebind_is_retried_with_fresh_nonces() {
+        let mut w = World::connected();
+        let mut dropped = false;
+        w.drop_to_gw = Box::new(move |d| {
+            let drop = d[0] == b'R' && !dropped;
+            dropped |= drop;
+            drop
+        });
+        let t1 = addr("198.51.100.99:50000");
+        w.client_tuple = t1;
+        w.client.send(b"draws UNRECOGNIZED").unwrap();
+        w.drive(ms(100));
+        assert_eq!(w.client.state(), ClientState::Rebinding);
+        w.drive(ms(300));
+        assert_eq!(w.client.state(), ClientState::Connected);
+        let r = w.sent_of(MsgType::Rebind);
+        assert_eq!(r.len(), 2);
+        // Same UNRECOGNIZED (epoch, t, cookie), fresh slots and seal.
+        assert_eq!(r[0][..26], r[1][..26]);
+        assert_ne!(r[0][26..], r[1][26..]);
+        assert_eq!(w.rebound(), vec![(None, t1)]);
+        w.echo_roundtrip(b"recovered");
+    }
+
+    // ---- 5. forged UNRECOGNIZED ----
+
+    fn forged_unrecognized(w: &World, observed: SocketAddr) -> Vec<u8> {
+        let u = Unrecognized {
+            epoch_byte: 7,
+            t: w.gw.ticks(w.now),
+            observed,
+            cookie: crypto::random_array(),
+        };
+        let mut out = vec![0u8; u.len()];
+        u.emit(&mut out);
+        out
+    }
+
+    #[test]
+    fn forged_unrecognized_does_not_tear_down() {
+        let mut w = World::connected();
+        let conn_id = w.client.conn_id();
+        let forged = forged_unrecognized(&w, addr("192.0.2.66:666"));
+        w.inject(&forged);
+        assert_eq!(w.client.state(), ClientState::Rebinding);
+        // DATA still flows while rebinding.
+        w.client.send(b"still here").unwrap();
+        w.drive(ms(100));
+        assert_eq!(w.received, vec![b"still here".to_vec()]);
+        // The forged cookie fails check 3; the gateway's fresh UNRECOGNIZED drives a rebind
+        // to the tuple we actually have.
+        w.drive(ms(500));
+        assert_eq!(w.gw.rejects, vec![RejectReason::Cookie]);
+        assert_eq!(w.rebound(), vec![(None, w.client_tuple)]);
+        assert_eq!(w.client.state(), ClientState::Connected);
+        assert_eq!(w.client.conn_id(), conn_id);
+        w.echo_roundtrip(b"and after");
+
+        // Wrong epoch byte: ignored outright.
+        let mut other = forged_unrecognized(&w, w.client_tuple);
+        other[1] = 8;
+        w.inject(&other);
+        assert_eq!(w.client.state(), ClientState::Connected);
+        assert_eq!(w.client.stats().dropped_unrecognized, 1);
+    }
+
+    #[test]
+    fn unanswerable_rebind_is_abandoned_while_data_flows() {
+        let mut w = World::connected();
+        w.gw.answer_unrecognized = false;
+        let forged = forged_unrecognized(&w, w.client_tuple);
+        w.inject(&forged);
+        for _ in 0..31 {
+            w.client.send(b"periodic traffic").unwrap();
+            w.drive(Duration::from_secs(1));
+            assert_ne!(
+                w.client.state(),
+                ClientState::Failed(ClientError::RebindTimeout)
+            );
+        }
+        assert_eq!(w.client.state(), ClientState::Connected);
+        assert!(matches!(
+            w.events.last(),
+            Some(ClientEvent::RebindAbandoned { .. })
+        ));
+        assert_eq!(w.received.len(), 31);
+        assert!(
+            w.sent_of(MsgType::Rebind).len() > 10,
+            "retried with backoff"
+        );
+        w.echo_roundtrip(b"still usable");
+    }
+
+    #[test]
+    fn rebind_fails_when_path_stays_silent() {
+        let mut w = World::connected();
+        w.drop_to_gw = Box::new(|_| true);
+        for _ in 0..3 {
+            w.client.send(b"into the void").unwrap();
+            w.drive(ms(500));
+        }
+        assert_eq!(w.client.state(), ClientState::Rebinding);
+        w.drive(Duration::from_secs(31));
+        let e = ClientError::RebindTimeout;
+        assert_eq!(w.client.state(), ClientState::Failed(e));
+        assert_eq!(w.events.last(), Some(&ClientEvent::Failed(e)));
+        assert_eq!(w.client.poll_timeout(), None);
+        // Cookie requests at 200 ms doubling to 2 s over 30 s: about 17.
+        let n = w.client.stats().cookie_requests_sent;
+        assert!((14..=20).contains(&n), "{n} cookie requests");
+    }
+
+    // ---- 6. silent path: the NAT handed our new tuple down from another connection ----
+
+    #[test]
+    fn silent_path_sends_cookie_request_and_recovers() {
+        let mut w = World::connected();
+        let t2 = addr("198.51.100.200:40404");
+        let other = w.gw.register_other(t2);
+        w.client_tuple = t2;
+        // Our DATA now goes to the other connection's host, which cannot open it.
+        for i in 0..3 {
+            w.client.send(format!("unanswered {i}").as_bytes()).unwrap();
+            w.drive(ms(400));
+        }
+        assert_eq!(
+            w.events[0],
+            ClientEvent::Rebinding {
+                reason: RebindReason::Unanswered
+            }
+        );
+        let req = w.sent_of(MsgType::Rebind)[0];
+        assert_eq!(req.len(), 50 + 16 * SLOTS);
+        assert_eq!(req[0], 0x52);
+        assert!(req[1..].iter().all(|b| *b == 0));
+        w.drive(ms(300));
+        assert_eq!(w.rebound(), vec![(None, t2)]);
+        assert_eq!(w.gw.epoch.registry.get(w.index()).unwrap().tuple, Some(t2));
+        assert_eq!(w.gw.epoch.registry.get(other).unwrap().tuple, None);
+        w.echo_roundtrip(b"back on track");
+    }
+
+    #[test]
+    fn network_changed_requests_a_cookie_at_once() {
+        let mut w = World::connected();
+        let t3 = addr("203.0.113.3:3333");
+        w.client_tuple = t3;
+        w.client.network_changed(w.now);
+        let mut buf = [0u8; MAX_DATAGRAM_LEN];
+        let n = w.client.poll_transmit(w.now, &mut buf).unwrap();
+        assert_eq!(n, wire::rebind_len(SLOTS));
+        assert!(buf[1..n].iter().all(|b| *b == 0));
+        w.to_gw.push((w.now + LATENCY, t3, buf[..n].to_vec()));
+        w.drive(ms(100));
+        assert_eq!(
+            w.events[0],
+            ClientEvent::Rebinding {
+                reason: RebindReason::NetworkChanged
+            }
+        );
+        assert_eq!(w.rebound(), vec![(None, t3)]);
+        w.echo_roundtrip(b"new network");
+    }
+
+    // ---- 7. arbitrary input never panics ----
+
+    fn interesting() -> impl Strategy<Value = Vec<u8>> {
+        let ty = prop::sample::select(vec![0x48u8, 0x68, 0x44, 0x55, 0x52, 0x72, 0x00, 0xff]);
+        let len = prop_oneof![
+            0usize..64,
+            prop::sample::select(vec![17, 25, 33, 45, 49, 127, 306, 367, 623, 1225]),
+            0usize..1500,
+        ];
+        (ty, len, any::<u64>()).prop_map(|(ty, len, seed)| {
+            let mut v: Vec<u8> = (0..len)
+                .map(|i| (seed.rotate_left(i as u32 % 64) >> (i % 8)) as u8)
+                .collect();
+            if let Some(b) = v.first_mut() {
+                *b = ty;
+            }
+            // Plausible tuples inside UNRECOGNIZED-looking bytes.
+            if ty == 0x55 && v.len() > 10 {
+                v[10] = if len == 45 { 6 } else { 4 };
+            }
+            v
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+        #[test]
+        fn handle_never_panics(
+            phase in 0u8..3,
+            inputs in prop::collection::vec(interesting(), 1..24),
+            flips in prop::collection::vec((any::<usize>(), any::<u8>()), 0..8),
+        ) {
+            let mut w = World::new();
+            if phase >= 1 {
+                w.drive(ms(100));
+                prop_assert_eq!(w.client.state(), ClientState::Connected);
+            }
+            if phase == 2 {
+                w.client_tuple = addr("198.51.100.1:1");
+                w.client.send(b"drawing an UNRECOGNIZED").unwrap();
+                w.drive(ms(15));
+            }
+            // Mutations of real datagrams, then arbitrary bytes.
+            let real = w.delivered.clone();
+            for (i, x) in flips {
+                if real.is_empty() { break; }
+                let mut d = real[i % real.len()].clone();
+                let at = i % d.len().max(1);
+                if let Some(b) = d.get_mut(at) { *b ^= x.max(1); }
+                w.inject(&d);
+            }
+            for d in &inputs {
+                w.inject(d);
+                w.drive(ms(7));
+            }
+            w.drive(Duration::from_secs(1));
+            prop_assert!(!matches!(w.client.state(), ClientState::Failed(_)) || phase == 0);
+        }
+    }
+}

@@ -1,0 +1,318 @@
+//! AES-NI backend: hand-written AES-128 decryption, 8 blocks in flight.
+//!
+//! A job is one slot of one packet, decrypted under both of the slot's keys (2 blocks);
+//! 4 jobs are interleaved, so 8 independent `aesdec` chains hide the instruction latency.
+//! Every function here needs the `aes` CPU feature (plus SSE2, baseline on x86_64); the
+//! backend is only constructed after runtime detection ([`super::Backend::is_supported`]).
+#![allow(unsafe_code)]
+
+use core::arch::x86_64::*;
+
+use zeroize::{Zeroize, ZeroizeOnDrop};
+
+use super::{
+    EMPTY_OUTPUT, Kernel, Slot0, TrialInput, TrialOutput, index_from_bits, first_block, t_le,
+};
+
+/// The 11 decryption round keys of one AES-128 key (equivalent inverse cipher order:
+/// `dk[0]` is applied first). 16-aligned so that SSE `aesdec` can take them from memory.
+#[derive(Clone, Copy, Zeroize)]
+#[repr(C, align(16))]
+pub(super) struct RoundKeys(pub(super) [[u8; 16]; 11]);
+
+impl RoundKeys {
+    /// Round key `r` (< 11).
+    #[inline(always)]
+    fn get(&self, r: usize) -> __m128i {
+        let k: &[u8; 16] = &self.0[r];
+        // SAFETY: `k` is valid for a 16-byte read, and 16-aligned: `RoundKeys` is
+        // `align(16)` and each element is 16 bytes long. SSE2 is baseline on x86_64.
+        unsafe { _mm_load_si128(k.as_ptr().cast()) }
+    }
+}
+
+/// Expanded keys of an epoch: `dk[i][b]` for `K[i][b]`. Zeroized on drop.
+#[derive(Zeroize, ZeroizeOnDrop)]
+pub(super) struct Keys {
+    dk: Vec<[RoundKeys; 2]>,
+}
+
+impl Keys {
+    /// Expands every key. Must only be called when the CPU has AES-NI.
+    pub(super) fn new(keys: &[[[u8; 16]; 2]]) -> Keys {
+        let dk = keys
+            .iter()
+            .map(|[k0, k1]| {
+                // SAFETY: `Keys` is only built by `TrialKeys::new` after it checked
+                // `Backend::AesNi.is_supported()` (or `Vaes`, which implies `aes`).
+                unsafe { [expand_dec(k0), expand_dec(k1)] }
+            })
+            .collect();
+        Keys { dk }
+    }
+
+    pub(super) fn decrypt_raw(&self, slot: usize, blocks: &mut [[u8; 16]]) {
+        let (lo, hi) = blocks.split_at_mut(blocks.len() / 2);
+        let [k0, k1] = &self.dk[slot];
+        // SAFETY: these keys exist, so AES-NI was detected (see `Keys::new`).
+        unsafe {
+            decrypt_blocks(k0, lo);
+            decrypt_blocks(k1, hi);
+        }
+    }
+}
+
+impl Kernel for Keys {
+    fn filter(&self, inputs: &[TrialInput<'_>], alive: &mut [u8], _: &mut Slot0) -> usize {
+        // SAFETY: these keys exist, so AES-NI was detected (see `Keys::new`).
+        unsafe { filter(self, inputs, alive) }
+    }
+
+    /// Redoes slot 0: groups of 4 slots cost the same with or without it for S = 16.
+    fn verify(
+        &self,
+        inputs: &[TrialInput<'_>],
+        alive: &[u8],
+        _: &Slot0,
+        out: &mut [Option<TrialOutput>],
+    ) {
+        // SAFETY: these keys exist, so AES-NI was detected (see `Keys::new`).
+        unsafe { verify(self, inputs, alive, out) }
+    }
+}
+
+/// Loads a 16-byte block.
+#[inline(always)]
+fn load(b: &[u8; 16]) -> __m128i {
+    // SAFETY: `b` is valid for a 16-byte read; `loadu` has no alignment requirement.
+    // SSE2 is baseline on x86_64.
+    unsafe { _mm_loadu_si128(b.as_ptr().cast()) }
+}
+
+/// Stores a 16-byte block.
+#[inline(always)]
+fn store(v: __m128i) -> [u8; 16] {
+    let mut b = [0u8; 16];
+    // SAFETY: `b` is valid for a 16-byte write; `storeu` has no alignment requirement.
+    unsafe { _mm_storeu_si128(b.as_mut_ptr().cast(), v) };
+    b
+}
+
+/// One step of the AES-128 key schedule (FIPS 197 §5.2), the `aes` crate's formulation.
+#[inline]
+#[target_feature(enable = "aes,sse2")]
+fn expand_step<const RCON: i32>(prev: __m128i) -> __m128i {
+    let mut t1 = prev;
+    let t2 = _mm_shuffle_epi32::<0xff>(_mm_aeskeygenassist_si128::<RCON>(prev));
+    let mut t3 = _mm_slli_si128::<4>(t1);
+    t1 = _mm_xor_si128(t1, t3);
+    t3 = _mm_slli_si128::<4>(t3);
+    t1 = _mm_xor_si128(t1, t3);
+    t3 = _mm_slli_si128::<4>(t3);
+    t1 = _mm_xor_si128(t1, t3);
+    _mm_xor_si128(t1, t2)
+}
+
+/// Encryption round keys of an AES-128 key.
+#[target_feature(enable = "aes,sse2")]
+pub(super) fn expand_enc(key: &[u8; 16]) -> [__m128i; 11] {
+    let mut ek = [_mm_setzero_si128(); 11];
+    ek[0] = load(key);
+    ek[1] = expand_step::<0x01>(ek[0]);
+    ek[2] = expand_step::<0x02>(ek[1]);
+    ek[3] = expand_step::<0x04>(ek[2]);
+    ek[4] = expand_step::<0x08>(ek[3]);
+    ek[5] = expand_step::<0x10>(ek[4]);
+    ek[6] = expand_step::<0x20>(ek[5]);
+    ek[7] = expand_step::<0x40>(ek[6]);
+    ek[8] = expand_step::<0x80>(ek[7]);
+    ek[9] = expand_step::<0x1b>(ek[8]);
+    ek[10] = expand_step::<0x36>(ek[9]);
+    ek
+}
+
+/// Decryption round keys (equivalent inverse cipher, FIPS 197 §5.3.5) of an AES-128 key.
+#[target_feature(enable = "aes,sse2")]
+pub(super) fn expand_dec(key: &[u8; 16]) -> RoundKeys {
+    let mut ek = expand_enc(key);
+    let mut dk = RoundKeys([[0; 16]; 11]);
+    dk.0[0] = store(ek[10]);
+    for r in 1..10 {
+        dk.0[r] = store(_mm_aesimc_si128(ek[10 - r]));
+    }
+    dk.0[10] = store(ek[0]);
+    // Best effort: clear the stack copy of the encryption schedule.
+    for k in ek.iter_mut() {
+        *k = _mm_setzero_si128();
+    }
+    core::hint::black_box(&mut ek);
+    dk
+}
+
+/// Decrypts one block.
+#[inline]
+#[target_feature(enable = "aes,sse2")]
+fn decrypt1(k: &RoundKeys, b: __m128i) -> __m128i {
+    let mut x = _mm_xor_si128(b, k.get(0));
+    x = _mm_aesdec_si128(x, k.get(1));
+    x = _mm_aesdec_si128(x, k.get(2));
+    x = _mm_aesdec_si128(x, k.get(3));
+    x = _mm_aesdec_si128(x, k.get(4));
+    x = _mm_aesdec_si128(x, k.get(5));
+    x = _mm_aesdec_si128(x, k.get(6));
+    x = _mm_aesdec_si128(x, k.get(7));
+    x = _mm_aesdec_si128(x, k.get(8));
+    x = _mm_aesdec_si128(x, k.get(9));
+    _mm_aesdeclast_si128(x, k.get(10))
+}
+
+/// Applies `$op` with round key `$r` to each of 8 blocks, `$x[j]` with `$k[j]`.
+macro_rules! round8 {
+    ($op:ident, $x:ident, $k:ident, $r:expr) => {
+        [
+            $op($x[0], $k[0].get($r)),
+            $op($x[1], $k[1].get($r)),
+            $op($x[2], $k[2].get($r)),
+            $op($x[3], $k[3].get($r)),
+            $op($x[4], $k[4].get($r)),
+            $op($x[5], $k[5].get($r)),
+            $op($x[6], $k[6].get($r)),
+            $op($x[7], $k[7].get($r)),
+        ]
+    };
+}
+
+/// Decrypts 8 blocks in flight, `$x[j]` under `$k[j]` (`&[&RoundKeys; 8]`), as a value.
+///
+/// A macro rather than a function so that it is always inlined into its
+/// `#[target_feature]` caller (`#[inline(always)]` is not allowed there) and the blocks
+/// never leave the registers. Rounds are unrolled by hand.
+macro_rules! decrypt8 {
+    ($k:expr, $x:expr) => {{
+        let k = $k;
+        let x: [__m128i; 8] = $x;
+        let x = round8!(_mm_xor_si128, x, k, 0);
+        let x = round8!(_mm_aesdec_si128, x, k, 1);
+        let x = round8!(_mm_aesdec_si128, x, k, 2);
+        let x = round8!(_mm_aesdec_si128, x, k, 3);
+        let x = round8!(_mm_aesdec_si128, x, k, 4);
+        let x = round8!(_mm_aesdec_si128, x, k, 5);
+        let x = round8!(_mm_aesdec_si128, x, k, 6);
+        let x = round8!(_mm_aesdec_si128, x, k, 7);
+        let x = round8!(_mm_aesdec_si128, x, k, 8);
+        let x = round8!(_mm_aesdec_si128, x, k, 9);
+        round8!(_mm_aesdeclast_si128, x, k, 10)
+    }};
+}
+
+/// Raw decryption of `blocks` under one key, 8 at a time.
+#[target_feature(enable = "aes,sse2")]
+fn decrypt_blocks(k: &RoundKeys, blocks: &mut [[u8; 16]]) {
+    let keys = [k; 8];
+    let (chunks, tail) = blocks.as_chunks_mut::<8>();
+    for c in chunks {
+        let mut x = [_mm_setzero_si128(); 8];
+        for j in 0..8 {
+            x[j] = load(&c[j]);
+        }
+        let x = decrypt8!(&keys, x);
+        for j in 0..8 {
+            c[j] = store(x[j]);
+        }
+    }
+    for b in tail {
+        *b = store(decrypt1(k, load(b)));
+    }
+}
+
+/// `(good0, good1)` of two candidates of one slot: bytes 8..16 equal u64(t).
+#[inline]
+#[target_feature(enable = "sse2")]
+fn good2(x0: __m128i, x1: __m128i, t: __m128i) -> (bool, bool) {
+    let m0 = _mm_movemask_ps(_mm_castsi128_ps(_mm_cmpeq_epi32(x0, t)));
+    let m1 = _mm_movemask_ps(_mm_castsi128_ps(_mm_cmpeq_epi32(x1, t)));
+    (m0 & 0b1100 == 0b1100, m1 & 0b1100 == 0b1100)
+}
+
+/// Phase 1: slot 0 of 4 packets at a time, each under both keys (8 blocks).
+#[target_feature(enable = "aes,sse2")]
+fn filter(keys: &Keys, inputs: &[TrialInput<'_>], alive: &mut [u8]) -> usize {
+    let [k0, k1] = &keys.dk[0];
+    let k = [k0, k1, k0, k1, k0, k1, k0, k1];
+    let total = alive.len();
+    let mut kept = 0;
+    let mut i = 0;
+    while i < total {
+        let n = (total - i).min(4);
+        // Pad a short group with its last packet; the padding is not read back.
+        let mut ps = [0u8; 4];
+        for (j, q) in ps.iter_mut().enumerate() {
+            *q = alive[i + j.min(n - 1)];
+        }
+        let mut inp = [inputs[usize::from(ps[0])]; 4];
+        let mut b = [_mm_setzero_si128(); 4];
+        for j in 0..4 {
+            inp[j] = inputs[usize::from(ps[j])];
+            b[j] = load(first_block(&inp[j]));
+        }
+        let x = decrypt8!(&k, [b[0], b[0], b[1], b[1], b[2], b[2], b[3], b[3]]);
+        for j in 0..n {
+            let t = _mm_set1_epi64x(t_le(inp[j].t) as i64);
+            let (g0, g1) = good2(x[2 * j], x[2 * j + 1], t);
+            alive[kept] = ps[j];
+            kept += usize::from(g0 != g1);
+        }
+        i += n;
+    }
+    kept
+}
+
+/// Phase 2: every slot of each packet, 4 slots (8 blocks) at a time.
+#[target_feature(enable = "aes,sse2")]
+fn verify(keys: &Keys, inputs: &[TrialInput<'_>], alive: &[u8], out: &mut [Option<TrialOutput>]) {
+    let slots = keys.dk.len();
+    for &p in alive {
+        let p = usize::from(p);
+        let input = inputs[p];
+        let blocks = input.slots.as_chunks::<16>().0;
+        if blocks.len() != slots {
+            out[p] = None;
+            continue;
+        }
+        let t = _mm_set1_epi64x(t_le(input.t) as i64);
+        let res = out[p].insert(EMPTY_OUTPUT);
+        let mut ok = true;
+        let mut bits = 0u32;
+        let mut s0 = 0;
+        while s0 < slots {
+            let n = (slots - s0).min(4);
+            // A short last group is padded with its last slot, and not read back.
+            let mut k = [&keys.dk[s0][0]; 8];
+            let mut b = [_mm_setzero_si128(); 8];
+            for j in 0..4 {
+                let i = s0 + j.min(n - 1);
+                k[2 * j] = &keys.dk[i][0];
+                k[2 * j + 1] = &keys.dk[i][1];
+                b[2 * j] = load(&blocks[i]);
+                b[2 * j + 1] = b[2 * j];
+            }
+            let x = decrypt8!(&k, b);
+            for j in 0..n {
+                let (g0, g1) = good2(x[2 * j], x[2 * j + 1], t);
+                //= PROTOCOL.md §6 check 4
+                //# Exactly one candidate per slot must be good.
+                ok &= g0 != g1;
+                bits |= u32::from(g1) << (s0 + j);
+                let (n0, n1) = (_mm_cvtsi128_si64(x[2 * j]), _mm_cvtsi128_si64(x[2 * j + 1]));
+                let nonce = if g1 { n1 } else { n0 };
+                res.nonces[s0 + j] = nonce.to_le_bytes();
+            }
+            s0 += 4;
+        }
+        if ok {
+            res.index = index_from_bits(bits, slots);
+        } else {
+            out[p] = None;
+        }
+    }
+}

@@ -1,0 +1,1316 @@
+//! The gateway's sans-IO core: what a worker does with each datagram (PROTOCOL.md §4–6 and
+//! the host link). It takes `now`, the source tuple and the bytes, and writes replies into a
+//! [`TxQueue`]; it never touches a socket or the clock.
+//!
+//! State is split by how often it changes:
+//! - the fast-path tables ([`TupleTable`], [`ConnTable`]) are read lock-free by every worker;
+//! - the epoch keys are read through a per-worker `Arc` snapshot, refreshed when a generation
+//!   counter moves;
+//! - the registries and the tables' writers sit in [`Control`] behind one mutex, taken only on
+//!   the slow path (a batch of REBINDs, a registration, a close).
+#![forbid(unsafe_code)]
+
+use std::collections::HashMap;
+use std::hash::Hasher;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::Duration;
+
+use aes_gcm::Aes128Gcm;
+use crossbeam::channel::Sender;
+use siphasher::sip::SipHasher13;
+
+use super::metrics::{C, WorkerMetrics};
+use super::ratelimit::{Limited, Limiter, Rate};
+use super::store::{StoreOp, StoredConn};
+use super::tx::{MAX_CLIENT_DATAGRAM, Rx, TxQueue, Via};
+use crate::engine::{TrialKeys, TrialOutput};
+use crate::hostlink::{self, Control as LinkMsg, LinkError, LinkType, RegisterFailure};
+use crate::keys::EpochKeys;
+use crate::registry::{Freshness, HostId, Registry, RegistryError};
+use crate::table::{ConnRef, ConnRoute, ConnTable, ConnWriter, TupleTable, TupleWriter};
+use crate::time::{Ticks, duration_ticks};
+use crate::verify::{Prechecked, finish, precheck};
+use crate::wire::{HANDSHAKE_LEN, MsgType, Unrecognized, emit_tuple, unrecognized_len};
+
+/// Settings the core needs.
+#[derive(Clone, Debug)]
+pub struct CoreConfig {
+    pub slots: usize,
+    pub window: Duration,
+    pub max_connections: usize,
+    pub workers: usize,
+    /// UNRECOGNIZED replies, per source prefix and for the whole gateway.
+    pub unrecognized_prefix: Rate,
+    pub unrecognized_global: Rate,
+    /// HANDSHAKE forwarding, per source prefix and for the whole gateway.
+    pub handshake_prefix: Rate,
+    pub handshake_global: Rate,
+    /// Prefix buckets per limiter per worker.
+    pub limiter_slots: usize,
+}
+
+impl CoreConfig {
+    pub fn new(slots: usize) -> Self {
+        CoreConfig {
+            slots,
+            window: Duration::from_secs(30),
+            max_connections: (1usize << slots.min(20)).max(16),
+            workers: 1,
+            unrecognized_prefix: Rate::new(2_000.0, 4_000.0),
+            unrecognized_global: Rate::new(200_000.0, 100_000.0),
+            handshake_prefix: Rate::new(200.0, 400.0),
+            handshake_global: Rate::new(20_000.0, 20_000.0),
+            limiter_slots: 4096,
+        }
+    }
+}
+
+/// One host on the link: its address and link key.
+pub struct HostPeer {
+    pub addr: SocketAddr,
+    pub key: Aes128Gcm,
+}
+
+/// The keys of one accepted epoch, as the engine and cookie checks use them.
+pub struct EpochCrypto {
+    pub keys: EpochKeys,
+    pub trial: TrialKeys,
+}
+
+/// The current epoch and, during a rotation's grace period, the previous one.
+pub struct Epochs {
+    pub current: Arc<EpochCrypto>,
+    pub previous: Option<Arc<EpochCrypto>>,
+}
+
+impl Epochs {
+    fn all(&self) -> impl Iterator<Item = &Arc<EpochCrypto>> {
+        std::iter::once(&self.current).chain(self.previous.iter())
+    }
+}
+
+/// A sealed REGISTERED kept for retransmitted REGISTERs.
+struct RecentRegister {
+    reply: Vec<u8>,
+    at: Ticks,
+}
+
+/// Slow-path state, behind one mutex.
+pub struct Control {
+    /// One registry per accepted epoch, keyed by epoch number.
+    registries: Vec<(u32, Registry)>,
+    tuples: TupleWriter,
+    conns: ConnWriter,
+    by_conn_id: HashMap<u64, (u32, u32)>,
+    recent_registers: HashMap<(HostId, u64), RecentRegister>,
+}
+
+impl Control {
+    fn registry_mut(&mut self, epoch: u32) -> Option<&mut Registry> {
+        self.registries
+            .iter_mut()
+            .find(|(e, _)| *e == epoch)
+            .map(|(_, r)| r)
+    }
+
+    fn registry_by_byte(&mut self, epoch_byte: u8) -> Option<(u32, &mut Registry)> {
+        self.registries
+            .iter_mut()
+            .find(|(e, _)| *e as u8 == epoch_byte)
+            .map(|(e, r)| (*e, r))
+    }
+
+    /// Live connections over every epoch.
+    pub fn connections(&self) -> usize {
+        self.registries.iter().map(|(_, r)| r.len()).sum()
+    }
+
+    /// Expires cached REGISTERED replies older than 30 s.
+    pub fn expire(&mut self, now: Ticks) {
+        let horizon = duration_ticks(Duration::from_secs(30));
+        self.recent_registers
+            .retain(|_, r| now.0.saturating_sub(r.at.0) < horizon);
+    }
+}
+
+/// What every worker shares.
+pub struct Shared {
+    pub cfg: CoreConfig,
+    window_ticks: u64,
+    pub tuples: TupleTable,
+    pub conns: ConnTable,
+    pub hosts: Vec<HostPeer>,
+    epochs: RwLock<Arc<Epochs>>,
+    epochs_generation: AtomicU64,
+    control: Mutex<Control>,
+    store: Option<Sender<StoreOp>>,
+    last_issued: AtomicU64,
+    /// No time above this may be issued: it is the last reservation committed to the store.
+    issue_cap: AtomicU64,
+    handshake_hash: SipHasher13,
+    pub metrics: Vec<Arc<WorkerMetrics>>,
+}
+
+impl Shared {
+    /// A gateway with no connections. `store` receives every registry change; without it the
+    /// registry lives in memory only (tests).
+    pub fn new(
+        cfg: CoreConfig,
+        current: EpochCrypto,
+        hosts: Vec<HostPeer>,
+        store: Option<Sender<StoreOp>>,
+    ) -> Arc<Shared> {
+        let tuples = TupleWriter::new(cfg.max_connections);
+        let conns = ConnWriter::new(cfg.max_connections);
+        let epoch = current.keys.epoch();
+        let workers = cfg.workers.max(1);
+        Arc::new(Shared {
+            window_ticks: duration_ticks(cfg.window),
+            tuples: tuples.reader(),
+            conns: conns.reader(),
+            hosts,
+            epochs: RwLock::new(Arc::new(Epochs {
+                current: Arc::new(current),
+                previous: None,
+            })),
+            epochs_generation: AtomicU64::new(0),
+            control: Mutex::new(Control {
+                registries: vec![(epoch, Registry::new(cfg.slots))],
+                tuples,
+                conns,
+                by_conn_id: HashMap::new(),
+                recent_registers: HashMap::new(),
+            }),
+            store,
+            last_issued: AtomicU64::new(0),
+            issue_cap: AtomicU64::new(u64::MAX),
+            handshake_hash: SipHasher13::new_with_key(&crate::crypto::random_array()),
+            metrics: (0..workers).map(|_| Arc::new(WorkerMetrics::default())).collect(),
+            cfg,
+        })
+    }
+
+    /// The gateway's time for a batch: never runs backwards (the maximum of the wall clock and
+    /// the last issued time) and never passes the reservation committed to the store.
+    pub fn issue_ticks(&self, wall: Ticks) -> Ticks {
+        let want = wall.0.min(self.issue_cap.load(Ordering::Acquire));
+        let prev = self.last_issued.fetch_max(want, Ordering::AcqRel);
+        Ticks(prev.max(want))
+    }
+
+    pub fn last_issued(&self) -> Ticks {
+        Ticks(self.last_issued.load(Ordering::Acquire))
+    }
+
+    /// Allows times up to `cap`. With a store, the gateway sets this before serving and
+    /// raises it each time a new reservation is durable; without one there is no cap.
+    pub fn set_issue_cap(&self, cap: Ticks) {
+        self.issue_cap.store(cap.0, Ordering::Release);
+    }
+
+    pub fn issue_cap(&self) -> Ticks {
+        Ticks(self.issue_cap.load(Ordering::Acquire))
+    }
+
+    /// Starts the clock at `floor`: nothing at or below it is issued again.
+    pub fn set_floor(&self, floor: Ticks) {
+        self.last_issued.fetch_max(floor.0, Ordering::AcqRel);
+    }
+
+    pub fn epochs(&self) -> Arc<Epochs> {
+        self.epochs.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Makes `next` the current epoch; the old one is accepted until [`Shared::end_grace`].
+    pub fn rotate(&self, next: EpochCrypto) {
+        let epoch = next.keys.epoch();
+        {
+            let mut ctl = self.control();
+            if ctl.registry_mut(epoch).is_none() {
+                ctl.registries.insert(0, (epoch, Registry::new(self.cfg.slots)));
+            }
+            ctl.registries.truncate(2);
+        }
+        let mut guard = self.epochs.write().unwrap_or_else(|e| e.into_inner());
+        let previous = Some(guard.current.clone());
+        *guard = Arc::new(Epochs {
+            current: Arc::new(next),
+            previous,
+        });
+        drop(guard);
+        self.epochs_generation.fetch_add(1, Ordering::AcqRel);
+        self.persist(StoreOp::SetEpoch { epoch });
+    }
+
+    pub fn control(&self) -> MutexGuard<'_, Control> {
+        // A worker that panicked mid-update cannot leave the registry half-written in a way
+        // that matters more than stopping the gateway would; keep serving.
+        self.control.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn connections(&self) -> usize {
+        self.control().connections()
+    }
+
+    fn persist(&self, op: StoreOp) {
+        if let Some(s) = &self.store {
+            // The writer thread outlives the workers; a send only fails during shutdown.
+            let _ = s.send(op);
+        }
+    }
+
+    pub fn store_queue_len(&self) -> usize {
+        self.store.as_ref().map_or(0, |s| s.len())
+    }
+
+    /// Puts back a connection loaded from the store, with `L` raised to `floor` so no REBIND
+    /// issued before the restart can be replayed (docs/persistence.md).
+    pub fn restore(&self, c: &StoredConn, floor: Ticks) -> Result<(), RegistryError> {
+        let mut ctl = self.control();
+        let last = c.last_rebind.max(floor);
+        let epoch_byte = c.epoch as u8;
+        let Some(reg) = ctl.registry_mut(c.epoch) else {
+            return Err(RegistryError::OutOfRange {
+                index: c.index,
+                slots: 0,
+            });
+        };
+        reg.restore(c.index, c.conn_id, &c.secret, last, c.tuple, c.host)?;
+        ctl.by_conn_id.insert(c.conn_id, (c.epoch, c.index));
+        if let Some(tuple) = c.tuple {
+            let cref = ConnRef {
+                conn_id: c.conn_id,
+                index: c.index,
+                host: c.host,
+                owner: 0,
+                epoch_byte,
+            };
+            if ctl.tuples.insert(tuple, cref).is_ok() {
+                let _ = ctl.conns.insert(c.conn_id, ConnRoute { tuple, owner: 0 });
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds a restored registry for a non-current epoch (kept during grace).
+    pub fn add_epoch_registry(&self, epoch: u32) {
+        let mut ctl = self.control();
+        if ctl.registry_mut(epoch).is_none() {
+            ctl.registries.push((epoch, Registry::new(self.cfg.slots)));
+        }
+    }
+
+    pub fn window_ticks(&self) -> u64 {
+        self.window_ticks
+    }
+}
+
+/// One worker's handler.
+pub struct WorkerCore {
+    id: u8,
+    shared: Arc<Shared>,
+    metrics: Arc<WorkerMetrics>,
+    epochs: Arc<Epochs>,
+    epochs_generation: u64,
+    unrecognized_limit: Limiter,
+    handshake_limit: Limiter,
+    /// `Via::Client` index of the socket for IPv4 and for IPv6 clients.
+    client_via: [Option<u8>; 2],
+    rebinds: Vec<usize>,
+    trial_out: Vec<Option<TrialOutput>>,
+}
+
+impl WorkerCore {
+    /// `client_families[i]` says whether `Via::Client(i)` is an IPv6 socket.
+    pub fn new(id: u8, shared: Arc<Shared>, client_is_v6: &[bool]) -> WorkerCore {
+        let cfg = &shared.cfg;
+        let n = cfg.workers.max(1);
+        let mut client_via = [None, None];
+        for (i, v6) in client_is_v6.iter().enumerate() {
+            let slot = &mut client_via[usize::from(*v6)];
+            if slot.is_none() {
+                *slot = Some(i as u8);
+            }
+        }
+        WorkerCore {
+            id,
+            metrics: shared.metrics[usize::from(id) % shared.metrics.len()].clone(),
+            epochs: shared.epochs(),
+            epochs_generation: shared.epochs_generation.load(Ordering::Acquire),
+            unrecognized_limit: Limiter::new(
+                cfg.unrecognized_prefix.share(n),
+                cfg.unrecognized_global.share(n),
+                cfg.limiter_slots,
+            ),
+            handshake_limit: Limiter::new(
+                cfg.handshake_prefix.share(n),
+                cfg.handshake_global.share(n),
+                cfg.limiter_slots,
+            ),
+            client_via,
+            rebinds: Vec::with_capacity(64),
+            trial_out: Vec::with_capacity(64),
+            shared,
+        }
+    }
+
+    pub fn id(&self) -> u8 {
+        self.id
+    }
+
+    pub fn metrics(&self) -> &WorkerMetrics {
+        &self.metrics
+    }
+
+    /// Handles one receive batch at gateway time `now`.
+    pub fn handle_batch(&mut self, now: Ticks, rx: &[Rx<'_>], tx: &mut TxQueue) {
+        if rx.is_empty() {
+            return;
+        }
+        self.metrics.inc(C::batch(rx.len()));
+        let generation = self.shared.epochs_generation.load(Ordering::Acquire);
+        if generation != self.epochs_generation {
+            self.epochs = self.shared.epochs();
+            self.epochs_generation = generation;
+        }
+        self.rebinds.clear();
+        for (i, d) in rx.iter().enumerate() {
+            match d.via {
+                Via::Client(_) => {
+                    if d.data.first() == Some(&(MsgType::Rebind as u8)) {
+                        self.metrics.inc(C::RxRebind);
+                        self.metrics.add(C::RxRebindBytes, d.data.len() as u64);
+                        self.rebinds.push(i);
+                    } else {
+                        self.client_datagram(now, d, tx);
+                    }
+                }
+                Via::Host => self.host_datagram(now, d, tx),
+            }
+        }
+        if !self.rebinds.is_empty() {
+            self.verify_rebinds(now, rx, tx);
+        }
+        if tx.overflowed > 0 {
+            self.metrics.add(C::DropTxFull, tx.overflowed);
+            tx.overflowed = 0;
+        }
+    }
+
+    fn client_datagram(&mut self, now: Ticks, d: &Rx<'_>, tx: &mut TxQueue) {
+        let len = d.data.len() as u64;
+        if d.data.len() > MAX_CLIENT_DATAGRAM {
+            self.metrics.inc(C::DropOversize);
+            return;
+        }
+        match d.data.first().copied().and_then(MsgType::from_byte) {
+            Some(MsgType::Data) => {
+                self.metrics.inc(C::RxData);
+                self.metrics.add(C::RxDataBytes, len);
+                match self.shared.tuples.get(&d.from) {
+                    Some(conn) => self.forward_to_host(conn, d.data, tx),
+                    None => {
+                        self.metrics.inc(C::UnknownTuple);
+                        self.unrecognized(now, d.via, d.from, d.data.len(), tx);
+                    }
+                }
+            }
+            Some(MsgType::Handshake) => {
+                self.metrics.inc(C::RxHandshake);
+                self.metrics.add(C::RxHandshakeBytes, len);
+                self.forward_handshake(now, d, tx);
+            }
+            Some(MsgType::Rebind) => unreachable!("REBINDs are batched"),
+            Some(_) => {
+                self.metrics.inc(C::RxWrongDirection);
+                self.metrics.add(C::RxOtherBytes, len);
+            }
+            None => {
+                self.metrics.inc(C::RxUnknownType);
+                self.metrics.add(C::RxOtherBytes, len);
+            }
+        }
+    }
+
+    fn forward_to_host(&mut self, conn: ConnRef, datagram: &[u8], tx: &mut TxQueue) {
+        let Some(host) = self.shared.hosts.get(usize::from(conn.host)) else {
+            self.metrics.inc(C::DropNoRoute);
+            return;
+        };
+        let sent = tx.push(Via::Host, host.addr, |slot| {
+            hostlink::emit_conn_data(LinkType::ToHostData, conn.conn_id, datagram, slot)
+        });
+        if sent {
+            self.metrics.inc(C::TxHostData);
+            self.metrics
+                .add(C::TxHostBytes, (datagram.len() + hostlink::DATA_HEADER_LEN) as u64);
+        }
+    }
+
+    fn forward_handshake(&mut self, now: Ticks, d: &Rx<'_>, tx: &mut TxQueue) {
+        //= PROTOCOL.md §4: HANDSHAKE of at least 256 bytes: forward it, with its source tuple,
+        //# to a host (rate-limited per source). A shorter one is dropped.
+        if d.data.len() < HANDSHAKE_LEN {
+            self.metrics.inc(C::HandshakeShort);
+            return;
+        }
+        if self.handshake_limit.check(&d.from, now).is_err() {
+            self.metrics.inc(C::HandshakeRate);
+            return;
+        }
+        if self.shared.hosts.is_empty() {
+            self.metrics.inc(C::DropNoRoute);
+            return;
+        }
+        // The same tuple always reaches the same host, so a retransmitted HANDSHAKE meets the
+        // host's nonce cache instead of registering twice.
+        let mut h = self.shared.handshake_hash;
+        let mut t = [0u8; crate::wire::MAX_TUPLE_LEN];
+        let n = emit_tuple(&d.from, &mut t);
+        h.write(&t[..n]);
+        let host = &self.shared.hosts[(h.finish() % self.shared.hosts.len() as u64) as usize];
+        let sent = tx.push(Via::Host, host.addr, |slot| {
+            hostlink::emit_tuple_data(LinkType::ToHostHandshake, &d.from, d.data, slot)
+        });
+        if sent {
+            self.metrics.inc(C::HandshakeForwarded);
+            self.metrics.inc(C::TxHostHandshake);
+            self.metrics.add(C::TxHostBytes, (d.data.len() + 1 + n) as u64);
+        }
+    }
+
+    /// Answers an unknown source with UNRECOGNIZED, never larger than the trigger and under
+    /// the rate limits (§5).
+    fn unrecognized(&mut self, now: Ticks, via: Via, from: SocketAddr, trigger: usize, tx: &mut TxQueue) {
+        if trigger < unrecognized_len(&from) {
+            self.metrics.inc(C::UnrecognizedSmall);
+            return;
+        }
+        match self.unrecognized_limit.check(&from, now) {
+            Err(Limited::Prefix) => return self.metrics.inc(C::UnrecognizedPrefixRate),
+            Err(Limited::Global) => return self.metrics.inc(C::UnrecognizedGlobalRate),
+            Ok(()) => {}
+        }
+        let keys = &self.epochs.current.keys;
+        let u = Unrecognized {
+            epoch_byte: keys.epoch_byte(),
+            t: now,
+            observed: from,
+            cookie: keys.cookie(&from, now),
+        };
+        if tx.push(via, from, |slot| u.emit(slot)) {
+            self.metrics.inc(C::UnrecognizedSent);
+            self.metrics.inc(C::TxClientUnrecognized);
+            self.metrics.add(C::TxClientBytes, u.len() as u64);
+        }
+    }
+
+    fn verify_rebinds(&mut self, now: Ticks, rx: &[Rx<'_>], tx: &mut TxQueue) {
+        let epochs = self.epochs.clone();
+        let keys: Vec<&EpochKeys> = epochs.all().map(|e| &e.keys).collect();
+        let window = self.shared.window_ticks;
+        let slots = self.shared.cfg.slots;
+
+        // Checks 1–3 per packet.
+        let mut passed: Vec<(usize, Prechecked<'_>)> = Vec::with_capacity(self.rebinds.len());
+        let rebinds = std::mem::take(&mut self.rebinds);
+        for &i in &rebinds {
+            let d = &rx[i];
+            match precheck(d.data, &d.from, now, window, slots, &keys) {
+                Ok(p) => passed.push((i, p)),
+                Err(r) => {
+                    self.metrics.inc(C::reject(r));
+                    if r.draws_unrecognized() {
+                        self.unrecognized(now, d.via, d.from, d.data.len(), tx);
+                    }
+                }
+            }
+        }
+        self.rebinds = rebinds;
+        if passed.is_empty() {
+            return;
+        }
+
+        // Check 4: one engine call per epoch for the whole batch.
+        self.trial_out.clear();
+        self.trial_out.resize(passed.len(), None);
+        for (e, crypto) in epochs.all().enumerate() {
+            let picked: Vec<usize> = (0..passed.len()).filter(|&j| passed[j].1.epoch == e).collect();
+            if picked.is_empty() {
+                continue;
+            }
+            let inputs: Vec<_> = picked.iter().map(|&j| passed[j].1.trial_input()).collect();
+            let mut out = vec![None; inputs.len()];
+            crypto.trial.trial_batch(&inputs, &mut out);
+            for (&j, o) in picked.iter().zip(out) {
+                self.trial_out[j] = o;
+            }
+        }
+
+        // Checks 5–7 and the commit, under the control lock once for the batch.
+        let shared = self.shared.clone();
+        let mut ctl = shared.control();
+        for (j, (i, pre)) in passed.iter().enumerate() {
+            let d = &rx[*i];
+            let epoch = keys[pre.epoch].epoch();
+            let Some(registry) = ctl.registry_mut(epoch) else {
+                self.metrics.inc(C::RejectEpoch);
+                continue;
+            };
+            match finish(pre, self.trial_out[j].as_ref(), registry, &d.from) {
+                Err(r) => self.metrics.inc(C::reject(r)),
+                Ok(v) => {
+                    if v.freshness == Freshness::Accept {
+                        self.commit_rebind(&mut ctl, epoch, v.index, v.t, d.from, tx);
+                        self.metrics.inc(C::RebindAccepted);
+                    } else {
+                        self.metrics.inc(C::RebindDuplicate);
+                    }
+                    if tx.push_bytes(d.via, d.from, &v.ack) {
+                        self.metrics.inc(C::TxClientAck);
+                        self.metrics.add(C::TxClientBytes, v.ack.len() as u64);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Binds connection `index` of `epoch` to `to` (§6, check 7, `t > L`).
+    fn commit_rebind(
+        &mut self,
+        ctl: &mut Control,
+        epoch: u32,
+        index: u32,
+        t: Ticks,
+        to: SocketAddr,
+        tx: &mut TxQueue,
+    ) {
+        let Some(registry) = ctl.registry_mut(epoch) else {
+            return;
+        };
+        let Some(conn) = registry.get(index) else {
+            return;
+        };
+        let (conn_id, host) = (conn.conn_id, conn.host);
+        let old = registry.commit_rebind(index, t, to);
+        self.bind_tuple(ctl, epoch, index, conn_id, host, old, to);
+        self.shared.persist(StoreOp::Rebind {
+            epoch,
+            index,
+            last_rebind: t,
+            tuple: to,
+        });
+        // Sent from this worker's host socket, so the host's replies now come here.
+        if let Some(peer) = self.shared.hosts.get(usize::from(host)) {
+            let msg = LinkMsg::Rebound {
+                conn_id,
+                t,
+                old,
+                new: to,
+            };
+            if tx.push_bytes(Via::Host, peer.addr, &msg.seal(&peer.key)) {
+                self.metrics.inc(C::TxHostControl);
+            }
+        }
+    }
+
+    /// Points the tables at `to` for a connection. A tuple belongs to at most one connection:
+    /// if a NAT handed `to` on from another connection, that connection loses it.
+    #[allow(clippy::too_many_arguments)]
+    fn bind_tuple(
+        &mut self,
+        ctl: &mut Control,
+        epoch: u32,
+        index: u32,
+        conn_id: u64,
+        host: HostId,
+        old: Option<SocketAddr>,
+        to: SocketAddr,
+    ) {
+        if let Some(old) = old.filter(|o| *o != to)
+            && ctl.tuples.get(&old).is_some_and(|r| r.conn_id == conn_id)
+        {
+            ctl.tuples.remove(&old);
+        }
+        if let Some(prev) = ctl.tuples.get(&to).filter(|p| p.conn_id != conn_id) {
+            self.metrics.inc(C::TupleTakenOver);
+            if let Some((prev_epoch, reg)) = ctl.registry_by_byte(prev.epoch_byte) {
+                reg.unbind_tuple(prev.index);
+                self.shared.persist(StoreOp::Unbind {
+                    epoch: prev_epoch,
+                    index: prev.index,
+                });
+            }
+            ctl.conns.remove(prev.conn_id);
+        }
+        let cref = ConnRef {
+            conn_id,
+            index,
+            host,
+            owner: self.id,
+            epoch_byte: epoch as u8,
+        };
+        // Neither insert can overflow: each connection holds at most one tuple and one route.
+        if ctl.tuples.insert(to, cref).is_ok() {
+            let _ = ctl.conns.insert(
+                conn_id,
+                ConnRoute {
+                    tuple: to,
+                    owner: self.id,
+                },
+            );
+        }
+    }
+
+    fn host_datagram(&mut self, now: Ticks, d: &Rx<'_>, tx: &mut TxQueue) {
+        self.metrics.add(C::HostRxBytes, d.data.len() as u64);
+        let Some(host) = self.shared.hosts.iter().position(|h| h.addr == d.from) else {
+            self.metrics.inc(C::DropHostBadSource);
+            return;
+        };
+        match hostlink::link_type(d.data) {
+            Ok(LinkType::ToClientData) => {
+                self.metrics.inc(C::HostRxData);
+                let Ok((conn_id, inner)) = hostlink::parse_conn_data(d.data) else {
+                    return self.metrics.inc(C::DropHostMalformed);
+                };
+                match self.shared.conns.get(conn_id) {
+                    Some(route) => self.send_to_client(route.tuple, inner, C::TxClientData, tx),
+                    None => self.metrics.inc(C::DropNoRoute),
+                }
+            }
+            Ok(LinkType::ToClientReply) => {
+                self.metrics.inc(C::HostRxReply);
+                match hostlink::parse_tuple_data(d.data) {
+                    Ok((client, inner)) if inner[0] == MsgType::HandshakeReply as u8 => {
+                        self.send_to_client(client, inner, C::TxClientReply, tx)
+                    }
+                    _ => self.metrics.inc(C::DropHostMalformed),
+                }
+            }
+            Ok(t) if t.is_control() => {
+                self.metrics.inc(C::HostRxControl);
+                let peer = &self.shared.hosts[host];
+                match LinkMsg::open(d.data, &peer.key, now) {
+                    Ok(msg) => self.control_message(now, host as HostId, d.from, msg, tx),
+                    Err(LinkError::BadTag) => self.metrics.inc(C::DropHostBadTag),
+                    Err(_) => self.metrics.inc(C::DropHostMalformed),
+                }
+            }
+            _ => self.metrics.inc(C::DropHostMalformed),
+        }
+    }
+
+    fn send_to_client(&mut self, to: SocketAddr, datagram: &[u8], c: C, tx: &mut TxQueue) {
+        let Some(via) = self.client_via[usize::from(to.is_ipv6())] else {
+            return self.metrics.inc(C::DropNoRoute);
+        };
+        if tx.push_bytes(Via::Client(via), to, datagram) {
+            self.metrics.inc(c);
+            self.metrics.add(C::TxClientBytes, datagram.len() as u64);
+        }
+    }
+
+    fn control_message(&mut self, now: Ticks, host: HostId, from: SocketAddr, msg: LinkMsg, tx: &mut TxQueue) {
+        let reply = match msg {
+            LinkMsg::Register {
+                request,
+                conn_id,
+                client,
+                ..
+            } => self.register(now, host, request, conn_id, client),
+            LinkMsg::Close { request, conn_id, .. } => {
+                let found = self.close(conn_id);
+                let peer = &self.shared.hosts[usize::from(host)];
+                LinkMsg::Closed {
+                    request,
+                    conn_id,
+                    found,
+                }
+                .seal(&peer.key)
+            }
+            _ => return self.metrics.inc(C::DropHostMalformed),
+        };
+        if tx.push_bytes(Via::Host, from, &reply) {
+            self.metrics.inc(C::TxHostControl);
+            self.metrics.add(C::TxHostBytes, reply.len() as u64);
+        }
+    }
+
+    /// Registers a connection for a host and returns the sealed answer.
+    fn register(&mut self, now: Ticks, host: HostId, request: u64, conn_id: u64, client: SocketAddr) -> Vec<u8> {
+        let shared = self.shared.clone();
+        let peer = &shared.hosts[usize::from(host)];
+        let epochs = self.epochs.clone();
+        let keys = &epochs.current.keys;
+        let mut ctl = shared.control();
+        if let Some(r) = ctl.recent_registers.get(&(host, request)) {
+            self.metrics.inc(C::RegisterRepeat);
+            return r.reply.clone();
+        }
+        let fail = |reason: RegisterFailure| {
+            LinkMsg::RegisterFailed {
+                request,
+                conn_id,
+                reason: reason as u8,
+            }
+            .seal(&peer.key)
+        };
+        if ctl.by_conn_id.contains_key(&conn_id) {
+            self.metrics.inc(C::RegisterDuplicate);
+            return fail(RegisterFailure::DuplicateConnId);
+        }
+        let epoch = keys.epoch();
+        let at_capacity = ctl.connections() >= shared.cfg.max_connections;
+        let registered = match ctl.registry_mut(epoch) {
+            Some(reg) if !at_capacity => reg.register(conn_id, host, Some(client)),
+            _ => Err(RegistryError::Full(shared.cfg.max_connections as u64)),
+        };
+        let Ok(reg) = registered else {
+            self.metrics.inc(C::RegisterFull);
+            return fail(RegisterFailure::Full);
+        };
+        ctl.by_conn_id.insert(conn_id, (epoch, reg.index));
+        self.bind_tuple(&mut ctl, epoch, reg.index, conn_id, host, None, client);
+        shared.persist(StoreOp::Register(StoredConn {
+            epoch,
+            index: reg.index,
+            conn_id,
+            secret: reg.secret.clone(),
+            last_rebind: Ticks(0),
+            tuple: Some(client),
+            host,
+        }));
+        self.metrics.inc(C::Registered);
+        let reply = LinkMsg::Registered {
+            request,
+            conn_id,
+            epoch,
+            index: reg.index,
+            rebind_secret: reg.secret.0,
+            slot_keys: keys.client_keys(reg.index).to_vec(),
+        }
+        .seal(&peer.key);
+        ctl.recent_registers.insert(
+            (host, request),
+            RecentRegister {
+                reply: reply.clone(),
+                at: now,
+            },
+        );
+        reply
+    }
+
+    fn close(&mut self, conn_id: u64) -> bool {
+        let shared = self.shared.clone();
+        let mut ctl = shared.control();
+        let Some((epoch, index)) = ctl.by_conn_id.remove(&conn_id) else {
+            return false;
+        };
+        let tuple = ctl
+            .registry_mut(epoch)
+            .and_then(|r| r.remove(index))
+            .and_then(|c| c.tuple);
+        if let Some(t) = tuple
+            && ctl.tuples.get(&t).is_some_and(|r| r.conn_id == conn_id)
+        {
+            ctl.tuples.remove(&t);
+        }
+        ctl.conns.remove(conn_id);
+        shared.persist(StoreOp::Remove { epoch, index });
+        self.metrics.inc(C::Closed);
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::Backend;
+    use crate::hostlink::LinkKey;
+    use crate::keys::MasterSecret;
+    use crate::rebind::{RebindCredentials, RebindSecret, build_rebind, cookie_request, fresh_nonces};
+    use crate::time::TICKS_PER_SECOND;
+    use crate::wire::{RebindAckView, rebind_len};
+    use proptest::prelude::*;
+
+    const S: usize = 8;
+    const T0: u64 = 639_028_224_000_000_000;
+
+    struct Harness {
+        shared: Arc<Shared>,
+        worker: WorkerCore,
+        host_addr: SocketAddr,
+        link: Aes128Gcm,
+        now: Ticks,
+        tx: TxQueue,
+    }
+
+    /// What a client learned from REGISTERED.
+    struct Issued {
+        conn_id: u64,
+        secret: RebindSecret,
+        keys: Vec<[u8; 16]>,
+    }
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    impl Harness {
+        fn new(cfg: CoreConfig) -> Harness {
+            let keys = EpochKeys::derive(&MasterSecret::from_bytes([5; 32]), 3, cfg.slots).unwrap();
+            let trial = TrialKeys::new(Backend::Portable, keys.slot_key_pairs()).unwrap();
+            let host_addr = addr("127.0.0.1:7000");
+            let key = LinkKey([9; 16]);
+            let shared = Shared::new(
+                cfg,
+                EpochCrypto { keys, trial },
+                vec![HostPeer {
+                    addr: host_addr,
+                    key: key.cipher(),
+                }],
+                None,
+            );
+            let worker = WorkerCore::new(0, shared.clone(), &[false, true]);
+            Harness {
+                shared,
+                worker,
+                host_addr,
+                link: key.cipher(),
+                now: Ticks(T0),
+                tx: TxQueue::new(256),
+            }
+        }
+
+        fn default() -> Harness {
+            Harness::new(CoreConfig::new(S))
+        }
+
+        /// Feeds datagrams and returns what the core queued.
+        fn feed(&mut self, batch: &[(Via, SocketAddr, &[u8])]) -> Vec<(Via, SocketAddr, Vec<u8>)> {
+            let rx: Vec<Rx<'_>> = batch
+                .iter()
+                .map(|(via, from, data)| Rx {
+                    via: *via,
+                    from: *from,
+                    data,
+                })
+                .collect();
+            self.worker.handle_batch(self.now, &rx, &mut self.tx);
+            let out = self.tx.iter().map(|(m, b)| (m.via, m.to, b.to_vec())).collect();
+            self.tx.clear();
+            out
+        }
+
+        fn client(&mut self, from: SocketAddr, data: &[u8]) -> Vec<(Via, SocketAddr, Vec<u8>)> {
+            let via = Via::Client(u8::from(from.is_ipv6()));
+            self.feed(&[(via, from, data)])
+        }
+
+        fn register(&mut self, conn_id: u64, client: SocketAddr) -> Issued {
+            let msg = LinkMsg::Register {
+                request: conn_id,
+                ticks: self.now,
+                conn_id,
+                client,
+            }
+            .seal(&self.link);
+            let out = self.feed(&[(Via::Host, self.host_addr, &msg)]);
+            assert_eq!(out.len(), 1);
+            assert_eq!((out[0].0, out[0].1), (Via::Host, self.host_addr));
+            match &LinkMsg::open(&out[0].2, &self.link, self.now).unwrap() {
+                LinkMsg::Registered {
+                    conn_id: c,
+                    rebind_secret,
+                    slot_keys,
+                    ..
+                } => {
+                    assert_eq!(*c, conn_id);
+                    Issued {
+                        conn_id,
+                        secret: RebindSecret(*rebind_secret),
+                        keys: slot_keys.clone(),
+                    }
+                }
+                other => panic!("expected REGISTERED, got {other:?}"),
+            }
+        }
+
+        fn count(&self, c: C) -> u64 {
+            self.worker.metrics().get(c)
+        }
+    }
+
+    fn data(n: usize) -> Vec<u8> {
+        let mut d = vec![0xAB; n];
+        d[0] = b'D';
+        d
+    }
+
+    /// Builds a REBIND from an UNRECOGNIZED the core sent.
+    fn rebind_from(issued: &Issued, unrecognized: &[u8]) -> (Vec<u8>, Aes128Gcm) {
+        let u = Unrecognized::parse(unrecognized).unwrap();
+        let creds = RebindCredentials {
+            conn_id: issued.conn_id,
+            secret: &issued.secret,
+            slot_keys: &issued.keys,
+        };
+        build_rebind(&creds, u.epoch_byte, u.t, &u.cookie, &fresh_nonces(S))
+    }
+
+    #[test]
+    fn fast_path_both_directions() {
+        let mut h = Harness::default();
+        let a = addr("10.0.0.1:4000");
+        h.register(77, a);
+        let out = h.client(a, &data(60));
+        assert_eq!(out.len(), 1);
+        assert_eq!((out[0].0, out[0].1), (Via::Host, h.host_addr));
+        assert_eq!(hostlink::parse_conn_data(&out[0].2).unwrap(), (77, &data(60)[..]));
+
+        let mut back = [0u8; 100];
+        let n = hostlink::emit_conn_data(LinkType::ToClientData, 77, &data(40), &mut back);
+        let host = h.host_addr;
+        let out = h.feed(&[(Via::Host, host, &back[..n])]);
+        assert_eq!(out, vec![(Via::Client(0), a, data(40))]);
+
+        // Unknown conn_id from the host: no route.
+        let n = hostlink::emit_conn_data(LinkType::ToClientData, 78, &data(40), &mut back);
+        assert!(h.feed(&[(Via::Host, host, &back[..n])]).is_empty());
+        assert_eq!(h.count(C::DropNoRoute), 1);
+    }
+
+    #[test]
+    fn unknown_tuple_gets_unrecognized_never_larger_than_trigger() {
+        let mut h = Harness::default();
+        let v4 = addr("10.0.0.1:4000");
+        let v6 = addr("[2001:db8::1]:4000");
+        assert!(h.client(v4, &data(32)).is_empty(), "32 < 33 bytes");
+        let out = h.client(v4, &data(33));
+        assert_eq!(out.len(), 1);
+        let u = Unrecognized::parse(&out[0].2).unwrap();
+        assert_eq!((u.observed, u.t, u.epoch_byte), (v4, h.now, 3));
+        assert!(h.client(v6, &data(44)).is_empty(), "44 < 45 bytes");
+        let out = h.client(v6, &data(45));
+        assert_eq!(out[0].2.len(), 45);
+        assert_eq!(out[0].0, Via::Client(1));
+        assert_eq!(h.count(C::UnrecognizedSmall), 2);
+        for (_, _, reply) in h.client(v4, &data(49)) {
+            assert!(reply.len() <= 49);
+        }
+    }
+
+    #[test]
+    fn tuple_change_then_rebind_then_replay_and_duplicate() {
+        let mut h = Harness::default();
+        let old = addr("10.0.0.1:4000");
+        let new = addr("10.0.0.9:5555");
+        let issued = h.register(42, old);
+        h.now = Ticks(h.now.0 + TICKS_PER_SECOND);
+        let u = h.client(new, &data(49));
+        let (rebind, session) = rebind_from(&issued, &u[0].2);
+        let out = h.client(new, &rebind);
+        // REBIND_ACK to the client and REBOUND to the host.
+        let ack = out.iter().find(|(v, _, _)| *v == Via::Client(0)).unwrap();
+        assert_eq!(ack.1, new);
+        assert_eq!(RebindAckView::new_checked(&ack.2).unwrap().open(&session), Ok(42));
+        let rebound = out.iter().find(|(v, _, _)| *v == Via::Host).unwrap();
+        match LinkMsg::open(&rebound.2, &h.link, h.now).unwrap() {
+            LinkMsg::Rebound { conn_id, old: o, new: n, .. } => {
+                assert_eq!((conn_id, o, n), (42, Some(old), new));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(h.shared.tuples.get(&new).unwrap().conn_id, 42);
+        assert!(h.shared.tuples.get(&old).is_none());
+        assert_eq!(h.shared.conns.get(42).unwrap().tuple, new);
+
+        // The same REBIND again from the same tuple: a duplicate, the same ACK.
+        let again = h.client(new, &rebind);
+        assert_eq!(again.len(), 1);
+        assert_eq!(again[0].2, ack.2);
+        assert_eq!(h.count(C::RebindDuplicate), 1);
+
+        // Replayed from another tuple: the cookie binds the tuple.
+        let thief = addr("10.6.6.6:6666");
+        let out = h.client(thief, &rebind);
+        assert!(out.iter().all(|(_, _, b)| b[0] == MsgType::Unrecognized as u8));
+        assert_eq!(h.count(C::RejectCookie), 1);
+        assert!(h.shared.tuples.get(&thief).is_none());
+
+        // Replayed from the old tuple after moving back is stale by L.
+        h.now = Ticks(h.now.0 + TICKS_PER_SECOND);
+        let u = h.client(old, &data(49));
+        let (back, _) = rebind_from(&issued, &u[0].2);
+        assert!(h.client(old, &back).iter().any(|(v, _, _)| *v == Via::Client(0)));
+        assert!(h.client(new, &rebind).is_empty(), "t == L from another tuple");
+        assert_eq!(h.count(C::RejectReplay), 1);
+        assert_eq!(h.count(C::RebindAccepted), 2);
+    }
+
+    #[test]
+    fn tuple_handed_on_by_nat_moves_to_rebinding_connection() {
+        let mut h = Harness::default();
+        let a = addr("10.0.0.1:4000");
+        let b = addr("10.0.0.2:4000");
+        let first = h.register(1, a);
+        h.register(2, b);
+        // The NAT gives connection 1's client the tuple b; its DATA would reach host as conn 2,
+        // so it sends a cookie request.
+        let u = h.client(b, &cookie_request(S));
+        assert_eq!(u.len(), 1, "cookie request draws an UNRECOGNIZED");
+        let (rebind, _) = rebind_from(&first, &u[0].2);
+        assert!(!h.client(b, &rebind).is_empty());
+        assert_eq!(h.shared.tuples.get(&b).unwrap().conn_id, 1);
+        assert!(h.shared.tuples.get(&a).is_none());
+        assert!(h.shared.conns.get(2).is_none(), "connection 2 lost its tuple");
+        assert_eq!(h.count(C::TupleTakenOver), 1);
+    }
+
+    #[test]
+    fn batch_of_rebinds_with_garbage_and_forgeries() {
+        let mut h = Harness::default();
+        let mut issued = Vec::new();
+        for i in 0..20u64 {
+            issued.push(h.register(100 + i, SocketAddr::from(([10, 0, 1, i as u8], 1000))));
+        }
+        h.now = Ticks(h.now.0 + TICKS_PER_SECOND);
+        let mut good = Vec::new();
+        let mut batch_bytes = Vec::new();
+        for (i, iss) in issued.iter().enumerate() {
+            let from = SocketAddr::from(([10, 0, 2, i as u8], 2000));
+            let u = h.client(from, &data(49));
+            let (mut r, _) = rebind_from(iss, &u[0].2);
+            if i % 3 == 1 {
+                let last = r.len() - 1;
+                r[last] ^= 1; // AEAD fails
+            } else if i % 3 == 2 {
+                r[40] ^= 0x80; // a slot breaks
+            } else {
+                good.push(from);
+            }
+            batch_bytes.push((from, r));
+        }
+        let mut garbage = vec![0x5Au8; rebind_len(S)];
+        garbage[0] = b'R';
+        let gfrom = addr("10.9.9.9:9");
+        let mut feed: Vec<(Via, SocketAddr, &[u8])> = batch_bytes
+            .iter()
+            .map(|(f, r)| (Via::Client(0), *f, &r[..]))
+            .collect();
+        feed.push((Via::Client(0), gfrom, &garbage));
+        let out = h.feed(&feed);
+        let acks = out.iter().filter(|(_, _, b)| b[0] == MsgType::RebindAck as u8).count();
+        assert_eq!(acks, good.len());
+        assert_eq!(h.count(C::RebindAccepted), good.len() as u64);
+        assert_eq!(h.count(C::RejectAead), 7);
+        assert_eq!(h.count(C::RejectTrial), 6);
+        assert_eq!(h.count(C::RejectEpoch) + h.count(C::RejectStale) + h.count(C::RejectCookie), 1);
+        for g in good {
+            assert!(h.shared.tuples.get(&g).is_some());
+        }
+    }
+
+    #[test]
+    fn unrecognized_rate_limits_hold() {
+        let mut cfg = CoreConfig::new(S);
+        cfg.unrecognized_prefix = Rate::new(1.0, 10.0);
+        cfg.unrecognized_global = Rate::new(1.0, 25.0);
+        let mut h = Harness::new(cfg);
+        let sent = (0..50u16)
+            .filter(|p| !h.client(SocketAddr::from(([10, 0, 0, 1], *p)), &data(49)).is_empty())
+            .count();
+        assert_eq!(sent, 10, "per-/24 burst");
+        let sent = (0..50u8)
+            .filter(|i| !h.client(SocketAddr::from(([10, *i, 7, 1], 1)), &data(49)).is_empty())
+            .count();
+        assert_eq!(sent, 15, "the global bucket had 15 tokens left");
+        assert_eq!(h.count(C::UnrecognizedPrefixRate), 40);
+        assert_eq!(h.count(C::UnrecognizedGlobalRate), 35);
+    }
+
+    #[test]
+    fn handshakes_forwarded_when_padded_and_rate_limited() {
+        let mut cfg = CoreConfig::new(S);
+        cfg.handshake_prefix = Rate::new(1.0, 3.0);
+        let mut h = Harness::new(cfg);
+        let a = addr("10.0.0.1:4000");
+        let mut hs = vec![0u8; 256];
+        hs[0] = b'H';
+        assert!(h.client(a, &hs[..255]).is_empty());
+        let out = h.client(a, &hs);
+        assert_eq!(hostlink::parse_tuple_data(&out[0].2).unwrap(), (a, &hs[..]));
+        h.client(a, &hs);
+        h.client(a, &hs);
+        assert!(h.client(a, &hs).is_empty());
+        assert_eq!(h.count(C::HandshakeForwarded), 3);
+        assert_eq!((h.count(C::HandshakeShort), h.count(C::HandshakeRate)), (1, 1));
+        // The host's reply is relayed to the tuple, but only if it is a HANDSHAKE_REPLY.
+        let mut buf = [0u8; 400];
+        let n = hostlink::emit_tuple_data(LinkType::ToClientReply, &a, b"hreply", &mut buf);
+        let host = h.host_addr;
+        assert_eq!(h.feed(&[(Via::Host, host, &buf[..n])]), vec![(Via::Client(0), a, b"hreply".to_vec())]);
+        let n = hostlink::emit_tuple_data(LinkType::ToClientReply, &a, b"Dsneaky", &mut buf);
+        assert!(h.feed(&[(Via::Host, host, &buf[..n])]).is_empty());
+    }
+
+    #[test]
+    fn host_link_checks_source_tag_and_duplicates() {
+        let mut h = Harness::default();
+        let a = addr("10.0.0.1:4000");
+        let msg = LinkMsg::Register {
+            request: 1,
+            ticks: h.now,
+            conn_id: 5,
+            client: a,
+        };
+        let good = msg.seal(&h.link);
+        let forged = msg.seal(&LinkKey([1; 16]).cipher());
+        assert!(h.feed(&[(Via::Host, addr("127.0.0.1:7001"), &good)]).is_empty());
+        assert_eq!(h.count(C::DropHostBadSource), 1);
+        let host = h.host_addr;
+        assert!(h.feed(&[(Via::Host, host, &forged)]).is_empty());
+        assert_eq!(h.count(C::DropHostBadTag), 1);
+        let first = h.feed(&[(Via::Host, host, &good)]);
+        let retransmit = h.feed(&[(Via::Host, host, &good)]);
+        assert_eq!(first, retransmit, "a retransmitted REGISTER gets the same answer");
+        assert_eq!(h.shared.connections(), 1);
+        let dup = LinkMsg::Register {
+            request: 2,
+            ticks: h.now,
+            conn_id: 5,
+            client: a,
+        }
+        .seal(&h.link);
+        let out = h.feed(&[(Via::Host, host, &dup)]);
+        assert!(matches!(
+            LinkMsg::open(&out[0].2, &h.link, h.now).unwrap(),
+            LinkMsg::RegisterFailed { reason: 2, .. }
+        ));
+        // Close frees the tuple and the route.
+        let close = LinkMsg::Close {
+            request: 3,
+            ticks: h.now,
+            conn_id: 5,
+        }
+        .seal(&h.link);
+        let out = h.feed(&[(Via::Host, host, &close)]);
+        assert!(matches!(
+            LinkMsg::open(&out[0].2, &h.link, h.now).unwrap(),
+            LinkMsg::Closed { found: true, .. }
+        ));
+        assert!(h.shared.tuples.get(&a).is_none());
+        assert!(h.shared.conns.get(5).is_none());
+        assert_eq!(h.shared.connections(), 0);
+    }
+
+    #[test]
+    fn registry_full_is_reported() {
+        let mut cfg = CoreConfig::new(2);
+        cfg.max_connections = 4;
+        let mut h = Harness::new(cfg);
+        for i in 0..4u64 {
+            let msg = LinkMsg::Register {
+                request: i,
+                ticks: h.now,
+                conn_id: i,
+                client: SocketAddr::from(([10, 0, 0, i as u8], 1)),
+            }
+            .seal(&h.link);
+            let host = h.host_addr;
+            h.feed(&[(Via::Host, host, &msg)]);
+        }
+        let msg = LinkMsg::Register {
+            request: 9,
+            ticks: h.now,
+            conn_id: 9,
+            client: addr("10.0.0.9:1"),
+        }
+        .seal(&h.link);
+        let host = h.host_addr;
+        let out = h.feed(&[(Via::Host, host, &msg)]);
+        assert!(matches!(
+            LinkMsg::open(&out[0].2, &h.link, h.now).unwrap(),
+            LinkMsg::RegisterFailed { reason: 1, .. }
+        ));
+    }
+
+    #[test]
+    fn ticks_never_run_backwards_and_respect_the_cap() {
+        let h = Harness::default();
+        assert_eq!(h.shared.issue_ticks(Ticks(100)), Ticks(100));
+        assert_eq!(h.shared.issue_ticks(Ticks(50)), Ticks(100));
+        h.shared.set_issue_cap(Ticks(150));
+        assert_eq!(h.shared.issue_ticks(Ticks(200)), Ticks(150));
+        h.shared.set_issue_cap(Ticks(300));
+        assert_eq!(h.shared.issue_ticks(Ticks(200)), Ticks(200));
+    }
+
+    #[test]
+    fn restored_connections_refuse_pre_restart_rebinds() {
+        let mut h = Harness::default();
+        let old = addr("10.0.0.1:4000");
+        let new = addr("10.0.0.2:4000");
+        let issued = h.register(42, old);
+        h.now = Ticks(h.now.0 + TICKS_PER_SECOND);
+        let u = h.client(new, &data(49));
+        let (rebind, _) = rebind_from(&issued, &u[0].2);
+        // The gateway "crashes" before this REBIND is seen; a new one restores connection 42
+        // with the floor at the last time it could have issued.
+        let mut fresh = Harness::default();
+        fresh.now = h.now;
+        let stored = StoredConn {
+            epoch: 3,
+            index: 0,
+            conn_id: 42,
+            secret: issued.secret.clone(),
+            last_rebind: Ticks(0),
+            tuple: Some(old),
+            host: 0,
+        };
+        fresh.shared.restore(&stored, h.now).unwrap();
+        assert!(fresh.client(new, &rebind).is_empty());
+        assert_eq!(fresh.count(C::RejectReplay), 1);
+        // DATA from the restored tuple still flows at once.
+        assert_eq!(fresh.client(old, &data(60))[0].0, Via::Host);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+        #[test]
+        fn handler_never_panics(
+            datagrams in proptest::collection::vec(
+                (any::<bool>(), 0u8..4, proptest::collection::vec(any::<u8>(), 0..400)),
+                1..20,
+            ),
+            first_bytes in proptest::collection::vec(
+                proptest::sample::select(vec![b'D', b'H', b'R', b'h', b'U', b'r', 1, 2, 3, 4, 0x10, 0x13, 0]),
+                20,
+            ),
+        ) {
+            let mut h = Harness::default();
+            h.register(1, addr("10.0.0.1:1"));
+            let host = h.host_addr;
+            let owned: Vec<(Via, SocketAddr, Vec<u8>)> = datagrams
+                .into_iter()
+                .zip(first_bytes)
+                .map(|((from_host, src, mut bytes), first)| {
+                    if let Some(b) = bytes.first_mut() { *b = first; }
+                    if from_host {
+                        (Via::Host, host, bytes)
+                    } else {
+                        (Via::Client(0), SocketAddr::from(([10, 0, 0, src], 1)), bytes)
+                    }
+                })
+                .collect();
+            let feed: Vec<(Via, SocketAddr, &[u8])> =
+                owned.iter().map(|(v, a, b)| (*v, *a, &b[..])).collect();
+            for (_, _, reply) in h.feed(&feed) {
+                prop_assert!(reply.len() <= crate::gateway::tx::SLOT_LEN);
+            }
+        }
+    }
+}
