@@ -3,7 +3,12 @@
 //! Groups: `aes_raw` (ns/block per backend), `trial_step` (per REBIND, S=16, batch 1/8/64),
 //! `naive_baseline` (one `aes` crate call per slot and key, one packet at a time, in the
 //! same run), `garbage_reject` (random bytes, batch 64).
-//! Run: `cargo bench --bench engine`; pick a backend set with the usual criterion filter.
+//! Run: `cargo bench --bench engine` (filter with the usual criterion arguments).
+//!
+//! Note: where the CPU has AVX-512 (this machine: Zen 4), the `aes` crate picks its
+//! VAES-512 backend, which re-broadcasts the round keys on every call: one
+//! `decrypt_block` costs ~40 ns, so `naive_baseline` is much slower than its bulk
+//! `aes_raw/aes_crate` rate suggests.
 
 use std::hint::black_box;
 use std::time::Duration;
@@ -110,7 +115,10 @@ fn bench_trial_step(c: &mut Criterion, keys: &[[[u8; 16]; 2]], rng: &mut Rng) {
             let input = &all[..batch];
             let mut out: Vec<Option<TrialOutput>> = vec![None; batch];
             tk.trial_batch(input, &mut out);
-            assert!(out.iter().all(Option::is_some), "{backend} rejected a valid REBIND");
+            assert!(
+                out.iter().all(Option::is_some),
+                "{backend} rejected a valid REBIND"
+            );
             g.throughput(Throughput::Elements(batch as u64));
             g.bench_with_input(BenchmarkId::new(backend.name(), batch), &batch, |b, _| {
                 b.iter(|| tk.trial_batch(black_box(input), &mut out))

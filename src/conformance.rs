@@ -163,7 +163,9 @@ fn hex_list<const N: usize>(path: &str, list: &[Value]) -> Res<Vec<[u8; N]>> {
         .enumerate()
         .map(|(i, v)| {
             let p = format!("{path}[{i}]");
-            let s = v.as_str().ok_or_else(|| field_err(&p, "expected a string"))?;
+            let s = v
+                .as_str()
+                .ok_or_else(|| field_err(&p, "expected a string"))?;
             hex_array(&p, s)
         })
         .collect()
@@ -246,22 +248,25 @@ pub fn check_json(text: &str, backend: Backend) -> Res<Report> {
             expected.push([k0, k1]);
         }
         let cookie_key: [u8; 16] = e.array("cookie_key")?;
-        report.record(path.clone(), (|| {
-            let keys = EpochKeys::derive(&master, epoch, slots).map_err(|e| e.to_string())?;
-            if expected.len() != slots {
-                return Err(format!("{} slot key pairs for S = {slots}", expected.len()));
-            }
-            for (i, (want, got)) in expected.iter().zip(keys.slot_key_pairs()).enumerate() {
-                for b in 0..2 {
-                    expect_eq(&format!("K[{epoch}][{i}][{b}]"), &want[b], &got[b])?;
+        report.record(
+            path.clone(),
+            (|| {
+                let keys = EpochKeys::derive(&master, epoch, slots).map_err(|e| e.to_string())?;
+                if expected.len() != slots {
+                    return Err(format!("{} slot key pairs for S = {slots}", expected.len()));
                 }
-            }
-            expect_eq(
-                "cookie key",
-                &cookie_key,
-                &*EpochKeys::cookie_key_bytes(&master, epoch),
-            )
-        })());
+                for (i, (want, got)) in expected.iter().zip(keys.slot_key_pairs()).enumerate() {
+                    for b in 0..2 {
+                        expect_eq(&format!("K[{epoch}][{i}][{b}]"), &want[b], &got[b])?;
+                    }
+                }
+                expect_eq(
+                    "cookie key",
+                    &cookie_key,
+                    &*EpochKeys::cookie_key_bytes(&master, epoch),
+                )
+            })(),
+        );
     }
 
     for (path, v) in entries(&root, "client_keys") {
@@ -270,13 +275,20 @@ pub fn check_json(text: &str, backend: Backend) -> Res<Report> {
         let index = e.u32("index")?;
         let (kp, list) = e.list("keys")?;
         let want = hex_list::<16>(&kp, list)?;
-        report.record(path.clone(), (|| {
-            let keys = EpochKeys::derive(&master, epoch, slots).map_err(|e| e.to_string())?;
-            if u64::from(index) >= keys.index_space() {
-                return Err(format!("index {index} outside 2^{slots}"));
-            }
-            expect_eq("issued keys", &want.concat(), &keys.client_keys(index).concat())
-        })());
+        report.record(
+            path.clone(),
+            (|| {
+                let keys = EpochKeys::derive(&master, epoch, slots).map_err(|e| e.to_string())?;
+                if u64::from(index) >= keys.index_space() {
+                    return Err(format!("index {index} outside 2^{slots}"));
+                }
+                expect_eq(
+                    "issued keys",
+                    &want.concat(),
+                    &keys.client_keys(index).concat(),
+                )
+            })(),
+        );
     }
 
     for (path, v) in entries(&root, "unrecognized") {
@@ -286,24 +298,27 @@ pub fn check_json(text: &str, backend: Backend) -> Res<Report> {
         let t = Ticks(e.u64("t")?);
         let cookie: [u8; 16] = e.array("cookie")?;
         let datagram = e.bytes("datagram")?;
-        report.record(path.clone(), (|| {
-            let keys = EpochKeys::derive(&master, epoch, slots).map_err(|e| e.to_string())?;
-            let got = keys.cookie(&observed, t);
-            expect_eq("cookie", &cookie, &got)?;
-            let u = Unrecognized {
-                epoch_byte: keys.epoch_byte(),
-                t,
-                observed,
-                cookie: got,
-            };
-            let mut buf = [0u8; 64];
-            let n = u.emit(&mut buf);
-            expect_eq("datagram", &datagram, &buf[..n])?;
-            match Unrecognized::parse(&datagram) {
-                Ok(parsed) if parsed == u => Ok(()),
-                other => Err(format!("datagram does not parse back: {other:?}")),
-            }
-        })());
+        report.record(
+            path.clone(),
+            (|| {
+                let keys = EpochKeys::derive(&master, epoch, slots).map_err(|e| e.to_string())?;
+                let got = keys.cookie(&observed, t);
+                expect_eq("cookie", &cookie, &got)?;
+                let u = Unrecognized {
+                    epoch_byte: keys.epoch_byte(),
+                    t,
+                    observed,
+                    cookie: got,
+                };
+                let mut buf = [0u8; 64];
+                let n = u.emit(&mut buf);
+                expect_eq("datagram", &datagram, &buf[..n])?;
+                match Unrecognized::parse(&datagram) {
+                    Ok(parsed) if parsed == u => Ok(()),
+                    other => Err(format!("datagram does not parse back: {other:?}")),
+                }
+            })(),
+        );
     }
 
     for (path, v) in entries(&root, "rebind") {
@@ -322,41 +337,44 @@ pub fn check_json(text: &str, backend: Backend) -> Res<Report> {
         let ack = e.bytes("rebind_ack")?;
         let now = Ticks(e.u64("gateway_now")?);
         let window = e.u64("window_ticks")?;
-        report.record(path.clone(), (|| {
-            let keys = EpochKeys::derive(&master, epoch, slots).map_err(|e| e.to_string())?;
-            if nonces.len() != slots {
-                return Err(format!("{} nonces for S = {slots}", nonces.len()));
-            }
-            if u64::from(index) >= keys.index_space() {
-                return Err(format!("index {index} outside 2^{slots}"));
-            }
-            let got_cookie = keys.cookie(&from, t);
-            expect_eq("cookie", &cookie, &got_cookie)?;
-            let k = RebindKdf::new(&secret).session_key(&nonces, t);
-            expect_eq("session key", &session_key, &*k)?;
-            let issued = keys.client_keys(index);
-            let creds = RebindCredentials {
-                conn_id,
-                secret: &secret,
-                slot_keys: &issued,
-            };
-            let (built, _) = build_rebind(&creds, keys.epoch_byte(), t, &got_cookie, &nonces);
-            expect_eq("rebind datagram", &rebind, &built)?;
-            let mut state = gateway_state(keys, backend)?;
-            state
-                .registry
-                .restore(index, conn_id, &secret, Ticks(0), None, 0)
-                .map_err(|e| e.to_string())?;
-            let (_, verified) = verify_one(&rebind, &from, now, window, slots, &[&state])
-                .map_err(|r| format!("gateway rejected the rebind at check `{r}`"))?;
-            if verified.index != index || verified.conn_id != conn_id {
-                return Err(format!(
-                    "gateway recovered index {} conn_id {}",
-                    verified.index, verified.conn_id
-                ));
-            }
-            expect_eq("rebind_ack", &ack, &verified.ack)
-        })());
+        report.record(
+            path.clone(),
+            (|| {
+                let keys = EpochKeys::derive(&master, epoch, slots).map_err(|e| e.to_string())?;
+                if nonces.len() != slots {
+                    return Err(format!("{} nonces for S = {slots}", nonces.len()));
+                }
+                if u64::from(index) >= keys.index_space() {
+                    return Err(format!("index {index} outside 2^{slots}"));
+                }
+                let got_cookie = keys.cookie(&from, t);
+                expect_eq("cookie", &cookie, &got_cookie)?;
+                let k = RebindKdf::new(&secret).session_key(&nonces, t);
+                expect_eq("session key", &session_key, &*k)?;
+                let issued = keys.client_keys(index);
+                let creds = RebindCredentials {
+                    conn_id,
+                    secret: &secret,
+                    slot_keys: &issued,
+                };
+                let (built, _) = build_rebind(&creds, keys.epoch_byte(), t, &got_cookie, &nonces);
+                expect_eq("rebind datagram", &rebind, &built)?;
+                let mut state = gateway_state(keys, backend)?;
+                state
+                    .registry
+                    .restore(index, conn_id, &secret, Ticks(0), None, 0)
+                    .map_err(|e| e.to_string())?;
+                let (_, verified) = verify_one(&rebind, &from, now, window, slots, &[&state])
+                    .map_err(|r| format!("gateway rejected the rebind at check `{r}`"))?;
+                if verified.index != index || verified.conn_id != conn_id {
+                    return Err(format!(
+                        "gateway recovered index {} conn_id {}",
+                        verified.index, verified.conn_id
+                    ));
+                }
+                expect_eq("rebind_ack", &ack, &verified.ack)
+            })(),
+        );
     }
 
     for (path, v) in entries(&root, "rebind_rejects") {
@@ -378,23 +396,31 @@ pub fn check_json(text: &str, backend: Backend) -> Res<Report> {
                 Some(_) => Ticks(c.u64("last_rebind")?),
                 None => Ticks(0),
             };
-            conns.push((c.u32("index")?, c.u64("conn_id")?, RebindSecret(c.array("R")?), last));
+            conns.push((
+                c.u32("index")?,
+                c.u64("conn_id")?,
+                RebindSecret(c.array("R")?),
+                last,
+            ));
         }
-        report.record(path.clone(), (|| {
-            let keys = EpochKeys::derive(&master, epoch, slots).map_err(|e| e.to_string())?;
-            let mut state = gateway_state(keys, backend)?;
-            for (index, conn_id, secret, last) in &conns {
-                state
-                    .registry
-                    .restore(*index, *conn_id, secret, *last, None, 0)
-                    .map_err(|e| e.to_string())?;
-            }
-            match verify_one(&rebind, &from, now, window, slots, &[&state]) {
-                Ok(_) => Err(format!("accepted; expected rejection at `{expected}`")),
-                Err(r) if r == expected => Ok(()),
-                Err(r) => Err(format!("rejected at `{r}`, expected `{expected}`")),
-            }
-        })());
+        report.record(
+            path.clone(),
+            (|| {
+                let keys = EpochKeys::derive(&master, epoch, slots).map_err(|e| e.to_string())?;
+                let mut state = gateway_state(keys, backend)?;
+                for (index, conn_id, secret, last) in &conns {
+                    state
+                        .registry
+                        .restore(*index, *conn_id, secret, *last, None, 0)
+                        .map_err(|e| e.to_string())?;
+                }
+                match verify_one(&rebind, &from, now, window, slots, &[&state]) {
+                    Ok(_) => Err(format!("accepted; expected rejection at `{expected}`")),
+                    Err(r) if r == expected => Ok(()),
+                    Err(r) => Err(format!("rejected at `{r}`, expected `{expected}`")),
+                }
+            })(),
+        );
     }
 
     for (path, v) in entries(&root, "handshake") {
@@ -421,26 +447,32 @@ pub fn check_json(text: &str, backend: Backend) -> Res<Report> {
             slot_keys: hex_list::<16>(&kp, list)?,
         };
         let slots = r.slots("slots")?;
-        report.record(path.clone(), (|| {
-            if fields.slot_keys.len() != slots {
-                return Err(format!("{} slot keys for S = {slots}", fields.slot_keys.len()));
-            }
-            let hs = build_handshake(&creds, &nonce, ticks);
-            expect_eq("handshake", &want_hs, &hs)?;
-            let view = HandshakeView::new_checked(&want_hs).map_err(|e| e.to_string())?;
-            let (got_ticks, k_s) = open_handshake(&view, &creds.psk)
-                .map_err(|_| "host cannot open the handshake".to_string())?;
-            if got_ticks != ticks {
-                return Err(format!("handshake opened to ticks {}", got_ticks.0));
-            }
-            let reply = build_handshake_reply(&k_s, &nonce, &fields);
-            expect_eq("handshake_reply", &want_reply, &reply)?;
-            match open_handshake_reply(&want_reply, &creds.psk, &nonce) {
-                Ok(opened) if opened == fields => Ok(()),
-                Ok(_) => Err("handshake_reply opens to other fields".into()),
-                Err(e) => Err(format!("client cannot open handshake_reply: {e}")),
-            }
-        })());
+        report.record(
+            path.clone(),
+            (|| {
+                if fields.slot_keys.len() != slots {
+                    return Err(format!(
+                        "{} slot keys for S = {slots}",
+                        fields.slot_keys.len()
+                    ));
+                }
+                let hs = build_handshake(&creds, &nonce, ticks);
+                expect_eq("handshake", &want_hs, &hs)?;
+                let view = HandshakeView::new_checked(&want_hs).map_err(|e| e.to_string())?;
+                let (got_ticks, k_s) = open_handshake(&view, &creds.psk)
+                    .map_err(|_| "host cannot open the handshake".to_string())?;
+                if got_ticks != ticks {
+                    return Err(format!("handshake opened to ticks {}", got_ticks.0));
+                }
+                let reply = build_handshake_reply(&k_s, &nonce, &fields);
+                expect_eq("handshake_reply", &want_reply, &reply)?;
+                match open_handshake_reply(&want_reply, &creds.psk, &nonce) {
+                    Ok(opened) if opened == fields => Ok(()),
+                    Ok(_) => Err("handshake_reply opens to other fields".into()),
+                    Err(e) => Err(format!("client cannot open handshake_reply: {e}")),
+                }
+            })(),
+        );
     }
 
     for (path, v) in entries(&root, "data") {
@@ -449,18 +481,21 @@ pub fn check_json(text: &str, backend: Backend) -> Res<Report> {
         let seq = e.u64("seq")?;
         let payload = e.bytes("payload")?;
         let want = e.bytes("datagram")?;
-        report.record(path.clone(), (|| {
-            let cipher = crate::crypto::gcm(&key);
-            let mut buf = vec![0u8; payload.len() + crate::wire::DATA_OVERHEAD];
-            let n = seal_data(&cipher, seq, &payload, &mut buf);
-            expect_eq("datagram", &want, &buf[..n])?;
-            let view = DataView::new_checked(&want).map_err(|e| e.to_string())?;
-            let mut out = vec![0u8; want.len()];
-            let m = view
-                .open(&cipher, &mut out)
-                .map_err(|_| "datagram does not open".to_string())?;
-            expect_eq("opened payload", &payload, &out[..m])
-        })());
+        report.record(
+            path.clone(),
+            (|| {
+                let cipher = crate::crypto::gcm(&key);
+                let mut buf = vec![0u8; payload.len() + crate::wire::DATA_OVERHEAD];
+                let n = seal_data(&cipher, seq, &payload, &mut buf);
+                expect_eq("datagram", &want, &buf[..n])?;
+                let view = DataView::new_checked(&want).map_err(|e| e.to_string())?;
+                let mut out = vec![0u8; want.len()];
+                let m = view
+                    .open(&cipher, &mut out)
+                    .map_err(|_| "datagram does not open".to_string())?;
+                expect_eq("opened payload", &payload, &out[..m])
+            })(),
+        );
     }
 
     Ok(report)
@@ -490,7 +525,11 @@ mod tests {
     fn a_changed_byte_is_a_failure_line() {
         let mut v: Value = serde_json::from_str(V1).unwrap();
         let s = v["rebind"][0]["rebind_ack"].as_str().unwrap().to_string();
-        let flipped = format!("{}{}", &s[..s.len() - 1], if s.ends_with('0') { '1' } else { '0' });
+        let flipped = format!(
+            "{}{}",
+            &s[..s.len() - 1],
+            if s.ends_with('0') { '1' } else { '0' }
+        );
         v["rebind"][0]["rebind_ack"] = Value::String(flipped);
         v["rebind_rejects"][3]["expect_reject_at"] = Value::String("aead".into());
         let r = check_json(&v.to_string(), Backend::Portable).unwrap();
@@ -504,7 +543,11 @@ mod tests {
         let mut v: Value = serde_json::from_str(V1).unwrap();
         v["rebind"][1]["nonces"][3] = Value::String("zz".into());
         let err = check_json(&v.to_string(), Backend::Portable).unwrap_err();
-        assert!(err.to_string().starts_with("rebind[1].nonces[3]: invalid hex"), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with("rebind[1].nonces[3]: invalid hex"),
+            "{err}"
+        );
 
         let mut v: Value = serde_json::from_str(V1).unwrap();
         v["data"][0].as_object_mut().unwrap().remove("seq");

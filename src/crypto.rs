@@ -199,11 +199,23 @@ mod tests {
         let mut out = [0u8; 8];
         open_to(&c, &ZERO_NONCE, b"aad", &buf, &mut out).unwrap();
         assert_eq!(u64::from_be_bytes(out), 42);
-        assert_eq!(open_to(&c, &ACK_NONCE, b"aad", &buf, &mut out), Err(AuthError));
-        assert_eq!(open_to(&c, &ZERO_NONCE, b"aae", &buf, &mut out), Err(AuthError));
+        assert_eq!(
+            open_to(&c, &ACK_NONCE, b"aad", &buf, &mut out),
+            Err(AuthError)
+        );
+        assert_eq!(
+            open_to(&c, &ZERO_NONCE, b"aae", &buf, &mut out),
+            Err(AuthError)
+        );
         buf[3] ^= 1;
-        assert_eq!(open_to(&c, &ZERO_NONCE, b"aad", &buf, &mut out), Err(AuthError));
-        assert_eq!(open_to(&c, &ZERO_NONCE, b"aad", &buf[..5], &mut out), Err(AuthError));
+        assert_eq!(
+            open_to(&c, &ZERO_NONCE, b"aad", &buf, &mut out),
+            Err(AuthError)
+        );
+        assert_eq!(
+            open_to(&c, &ZERO_NONCE, b"aad", &buf[..5], &mut out),
+            Err(AuthError)
+        );
     }
 
     proptest::proptest! {

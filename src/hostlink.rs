@@ -188,12 +188,18 @@ impl std::fmt::Debug for Control {
                 conn_id,
                 client,
                 ..
-            } => write!(f, "Register {{ request: {request}, conn_id: {conn_id}, client: {client} }}"),
+            } => write!(
+                f,
+                "Register {{ request: {request}, conn_id: {conn_id}, client: {client} }}"
+            ),
             Control::RegisterFailed {
                 request,
                 conn_id,
                 reason,
-            } => write!(f, "RegisterFailed {{ request: {request}, conn_id: {conn_id}, reason: {reason} }}"),
+            } => write!(
+                f,
+                "RegisterFailed {{ request: {request}, conn_id: {conn_id}, reason: {reason} }}"
+            ),
             Control::Close {
                 request, conn_id, ..
             } => write!(f, "Close {{ request: {request}, conn_id: {conn_id} }}"),
@@ -201,10 +207,20 @@ impl std::fmt::Debug for Control {
                 request,
                 conn_id,
                 found,
-            } => write!(f, "Closed {{ request: {request}, conn_id: {conn_id}, found: {found} }}"),
+            } => write!(
+                f,
+                "Closed {{ request: {request}, conn_id: {conn_id}, found: {found} }}"
+            ),
             Control::Rebound {
-                conn_id, t, old, new,
-            } => write!(f, "Rebound {{ conn_id: {conn_id}, t: {}, old: {old:?}, new: {new} }}", t.0),
+                conn_id,
+                t,
+                old,
+                new,
+            } => write!(
+                f,
+                "Rebound {{ conn_id: {conn_id}, t: {}, old: {old:?}, new: {new} }}",
+                t.0
+            ),
         }
     }
 }
@@ -285,7 +301,12 @@ impl Control {
                 b.extend_from_slice(&conn_id.to_be_bytes());
                 b.push(u8::from(*found));
             }
-            Control::Rebound { conn_id, t, old, new } => {
+            Control::Rebound {
+                conn_id,
+                t,
+                old,
+                new,
+            } => {
                 b.extend_from_slice(&conn_id.to_be_bytes());
                 b.extend_from_slice(&t.0.to_be_bytes());
                 b.push(u8::from(old.is_some()));
@@ -456,12 +477,21 @@ pub fn parse_conn_data(datagram: &[u8]) -> Result<(u64, &[u8]), LinkError> {
     {
         return Err(LinkError::Malformed(ty));
     }
-    let id = u64::from_be_bytes(datagram[1..9].try_into().map_err(|_| LinkError::Malformed(ty))?);
+    let id = u64::from_be_bytes(
+        datagram[1..9]
+            .try_into()
+            .map_err(|_| LinkError::Malformed(ty))?,
+    );
     Ok((id, &datagram[DATA_HEADER_LEN..]))
 }
 
 /// Writes `type || Tuple(client) || datagram`; `out` must hold `1 + 19 + datagram.len()`.
-pub fn emit_tuple_data(ty: LinkType, client: &SocketAddr, datagram: &[u8], out: &mut [u8]) -> usize {
+pub fn emit_tuple_data(
+    ty: LinkType,
+    client: &SocketAddr,
+    datagram: &[u8],
+    out: &mut [u8],
+) -> usize {
     out[0] = ty as u8;
     let n = emit_tuple(client, &mut out[1..]);
     out[1 + n..1 + n + datagram.len()].copy_from_slice(datagram);
@@ -542,10 +572,16 @@ mod tests {
         for m in samples() {
             let sealed = m.seal(&key);
             assert_eq!(Control::open(&sealed, &key, Ticks(1000)).unwrap(), m);
-            assert_eq!(Control::open(&sealed, &other, Ticks(1000)), Err(LinkError::BadTag));
+            assert_eq!(
+                Control::open(&sealed, &other, Ticks(1000)),
+                Err(LinkError::BadTag)
+            );
             let mut bad = sealed.clone();
             *bad.last_mut().unwrap() ^= 1;
-            assert_eq!(Control::open(&bad, &key, Ticks(1000)), Err(LinkError::BadTag));
+            assert_eq!(
+                Control::open(&bad, &key, Ticks(1000)),
+                Err(LinkError::BadTag)
+            );
             for cut in 0..sealed.len() {
                 assert!(Control::open(&sealed[..cut], &key, Ticks(1000)).is_err());
             }
@@ -558,7 +594,10 @@ mod tests {
         let m = &samples()[0];
         let sealed = m.seal(&key);
         let late = Ticks(1000 + CONTROL_WINDOW + TICKS_PER_SECOND);
-        assert_eq!(Control::open(&sealed, &key, late), Err(LinkError::Stale(61)));
+        assert_eq!(
+            Control::open(&sealed, &key, late),
+            Err(LinkError::Stale(61))
+        );
     }
 
     #[test]

@@ -5,18 +5,21 @@
 //! every other module carries `#![forbid(unsafe_code)]`.
 #![deny(unsafe_code)]
 
+pub mod client;
+pub mod clients;
+pub mod conformance;
 pub mod crypto;
 pub mod engine;
+pub mod gateway;
+pub mod host;
+pub mod hostlink;
+pub mod io;
 pub mod keys;
+pub mod rebind;
 pub mod registry;
 pub mod replay;
+pub mod secrets;
+pub mod table;
 pub mod time;
 pub mod verify;
 pub mod wire;
-pub mod rebind;
-pub mod conformance;
-pub mod hostlink;
-pub mod table;
-pub mod client;
-pub mod gateway;
-pub mod secrets;

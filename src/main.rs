@@ -11,7 +11,11 @@ use clap::{Parser, Subcommand};
 use rebindgw::{conformance, engine, gateway, secrets};
 
 #[derive(Parser)]
-#[command(name = "rebindgw", version, about = "Mesh rebind gateway: one-packet, ID-free UDP connection rebinding")]
+#[command(
+    name = "rebindgw",
+    version,
+    about = "Mesh rebind gateway: one-packet, ID-free UDP connection rebinding"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -20,9 +24,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Check every known-answer vector in FILE (the format of tests/data/v1.json).
-    Conformance {
-        file: PathBuf,
-    },
+    Conformance { file: PathBuf },
     /// Write a new 32-byte master secret (mode 0600).
     Keygen {
         #[arg(long)]

@@ -226,7 +226,11 @@ mod tests {
         assert_eq!((a, b), (0, 1));
         assert_eq!(r.remove(a).unwrap().conn_id, 10);
         assert!(r.remove(a).is_none());
-        assert_eq!(r.register(12, 0, None).unwrap().index, 0, "freed index reused");
+        assert_eq!(
+            r.register(12, 0, None).unwrap().index,
+            0,
+            "freed index reused"
+        );
         r.register(13, 0, None).unwrap();
         r.register(14, 0, None).unwrap();
         assert_eq!(r.register(15, 0, None).unwrap_err(), RegistryError::Full(4));
@@ -247,7 +251,10 @@ mod tests {
         let x = r.register(1, 0, Some(addr(1))).unwrap().index;
         assert_eq!(r.freshness(x, Ticks(5), &addr(2)), Some(Freshness::Accept));
         assert_eq!(r.commit_rebind(x, Ticks(5), addr(2)), Some(addr(1)));
-        assert_eq!(r.freshness(x, Ticks(5), &addr(2)), Some(Freshness::Duplicate));
+        assert_eq!(
+            r.freshness(x, Ticks(5), &addr(2)),
+            Some(Freshness::Duplicate)
+        );
         assert_eq!(r.freshness(x, Ticks(5), &addr(3)), Some(Freshness::Replay));
         assert_eq!(r.freshness(x, Ticks(4), &addr(2)), Some(Freshness::Replay));
         assert_eq!(r.freshness(x, Ticks(6), &addr(3)), Some(Freshness::Accept));
@@ -259,10 +266,18 @@ mod tests {
         let mut r = Registry::new(4);
         let s = RebindSecret([1; 32]);
         r.restore(3, 33, &s, Ticks(100), Some(addr(1)), 2).unwrap();
-        assert_eq!(r.restore(3, 33, &s, Ticks(100), None, 2), Err(RegistryError::Taken(3)));
+        assert_eq!(
+            r.restore(3, 33, &s, Ticks(100), None, 2),
+            Err(RegistryError::Taken(3))
+        );
         assert!(r.restore(16, 1, &s, Ticks(0), None, 0).is_err());
-        assert_eq!(r.freshness(3, Ticks(100), &addr(9)), Some(Freshness::Replay));
-        let fresh: Vec<u32> = (0..3).map(|i| r.register(i, 0, None).unwrap().index).collect();
+        assert_eq!(
+            r.freshness(3, Ticks(100), &addr(9)),
+            Some(Freshness::Replay)
+        );
+        let fresh: Vec<u32> = (0..3)
+            .map(|i| r.register(i, 0, None).unwrap().index)
+            .collect();
         let mut sorted = fresh.clone();
         sorted.sort();
         assert_eq!(sorted, vec![0, 1, 2]);

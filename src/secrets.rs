@@ -42,7 +42,11 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SecretFileError + '_ {
 
 /// Refuses files that group or others may read or write.
 pub fn check_private(path: &Path) -> Result<(), SecretFileError> {
-    let mode = fs::metadata(path).map_err(io_err(path))?.permissions().mode() & 0o777;
+    let mode = fs::metadata(path)
+        .map_err(io_err(path))?
+        .permissions()
+        .mode()
+        & 0o777;
     if mode & 0o077 != 0 {
         return Err(SecretFileError::TooOpen {
             path: path.to_path_buf(),
@@ -82,7 +86,10 @@ pub fn generate_master(path: &Path) -> Result<(), SecretFileError> {
     write_private(path, text.as_bytes())
 }
 
-fn read_hex<const N: usize>(path: &Path, what: &'static str) -> Result<Zeroizing<[u8; N]>, SecretFileError> {
+fn read_hex<const N: usize>(
+    path: &Path,
+    what: &'static str,
+) -> Result<Zeroizing<[u8; N]>, SecretFileError> {
     check_private(path)?;
     let text = Zeroizing::new(fs::read_to_string(path).map_err(io_err(path))?);
     let mut out = Zeroizing::new([0u8; N]);
@@ -132,12 +139,21 @@ mod tests {
         let d = dir();
         let p = d.join("sub/master.key");
         generate_master(&p).unwrap();
-        assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         load_master(&p).unwrap();
-        assert!(matches!(generate_master(&p), Err(SecretFileError::Exists { .. })));
+        assert!(matches!(
+            generate_master(&p),
+            Err(SecretFileError::Exists { .. })
+        ));
         fs::set_permissions(&p, fs::Permissions::from_mode(0o640)).unwrap();
         let err = load_master(&p).unwrap_err().to_string();
-        assert!(err.contains("chmod 600") && err.contains("master.key"), "{err}");
+        assert!(
+            err.contains("chmod 600") && err.contains("master.key"),
+            "{err}"
+        );
         fs::remove_dir_all(d).ok();
     }
 
@@ -147,7 +163,10 @@ mod tests {
         let p = d.join("link.key");
         write_private(&p, b"abcd\n").unwrap();
         let err = load_link_key(&p).unwrap_err().to_string();
-        assert!(err.contains("32 hex digits") && err.contains("link.key"), "{err}");
+        assert!(
+            err.contains("32 hex digits") && err.contains("link.key"),
+            "{err}"
+        );
         let q = d.join("link2.key");
         let k = generate_link_key(&q).unwrap();
         assert_eq!(load_link_key(&q).unwrap().0, k.0);

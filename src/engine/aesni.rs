@@ -1,7 +1,9 @@
 //! AES-NI backend: hand-written AES-128 decryption, 8 blocks in flight.
 //!
-//! A job is one slot of one packet, decrypted under both of the slot's keys (2 blocks);
-//! 4 jobs are interleaved, so 8 independent `aesdec` chains hide the instruction latency.
+//! Each slot is decrypted under both of its keys (2 blocks); 4 slots are interleaved, so 8
+//! independent `aesdec` chains hide the instruction latency. Phase 2 takes 4 packets at a
+//! time, slot by slot ([`decrypt4x2`]: each round key is loaded once for 4 blocks), and
+//! leftover packets 4 slots at a time.
 //! Every function here needs the `aes` CPU feature (plus SSE2, baseline on x86_64); the
 //! backend is only constructed after runtime detection ([`super::Backend::is_supported`]).
 #![allow(unsafe_code)]
@@ -11,7 +13,7 @@ use core::arch::x86_64::*;
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
 use super::{
-    EMPTY_OUTPUT, Kernel, Slot0, TrialInput, TrialOutput, index_from_bits, first_block, t_le,
+    EMPTY_OUTPUT, Kernel, Slot0, TrialInput, TrialOutput, first_block, index_from_bits, t_le,
 };
 
 /// The 11 decryption round keys of one AES-128 key (equivalent inverse cipher order:
@@ -208,14 +210,13 @@ macro_rules! decrypt8 {
 /// Raw decryption of `blocks` under one key, 8 at a time.
 #[target_feature(enable = "aes,sse2")]
 fn decrypt_blocks(k: &RoundKeys, blocks: &mut [[u8; 16]]) {
-    let keys = [k; 8];
     let (chunks, tail) = blocks.as_chunks_mut::<8>();
     for c in chunks {
         let mut x = [_mm_setzero_si128(); 8];
         for j in 0..8 {
             x[j] = load(&c[j]);
         }
-        let x = decrypt8!(&keys, x);
+        let x = decrypt4x2(k, k, x);
         for j in 0..8 {
             c[j] = store(x[j]);
         }
@@ -238,7 +239,6 @@ fn good2(x0: __m128i, x1: __m128i, t: __m128i) -> (bool, bool) {
 #[target_feature(enable = "aes,sse2")]
 fn filter(keys: &Keys, inputs: &[TrialInput<'_>], alive: &mut [u8]) -> usize {
     let [k0, k1] = &keys.dk[0];
-    let k = [k0, k1, k0, k1, k0, k1, k0, k1];
     let total = alive.len();
     let mut kept = 0;
     let mut i = 0;
@@ -255,7 +255,7 @@ fn filter(keys: &Keys, inputs: &[TrialInput<'_>], alive: &mut [u8]) -> usize {
             inp[j] = inputs[usize::from(ps[j])];
             b[j] = load(first_block(&inp[j]));
         }
-        let x = decrypt8!(&k, [b[0], b[0], b[1], b[1], b[2], b[2], b[3], b[3]]);
+        let x = decrypt4x2(k0, k1, [b[0], b[0], b[1], b[1], b[2], b[2], b[3], b[3]]);
         for j in 0..n {
             let t = _mm_set1_epi64x(t_le(inp[j].t) as i64);
             let (g0, g1) = good2(x[2 * j], x[2 * j + 1], t);
@@ -267,9 +267,156 @@ fn filter(keys: &Keys, inputs: &[TrialInput<'_>], alive: &mut [u8]) -> usize {
     kept
 }
 
-/// Phase 2: every slot of each packet, 4 slots (8 blocks) at a time.
+/// One round of [`decrypt4x2`]'s template: load round key `$r` of both keys, apply `$op`.
+macro_rules! pair_round {
+    ($op:literal, $r:literal) => {
+        concat!(
+            "movdqa {t0}, xmmword ptr [{k0} + 16*",
+            $r,
+            "]\n",
+            "movdqa {t1}, xmmword ptr [{k1} + 16*",
+            $r,
+            "]\n",
+            $op,
+            " {x0}, {t0}\n",
+            $op,
+            " {x1}, {t1}\n",
+            $op,
+            " {x2}, {t0}\n",
+            $op,
+            " {x3}, {t1}\n",
+            $op,
+            " {x4}, {t0}\n",
+            $op,
+            " {x5}, {t1}\n",
+            $op,
+            " {x6}, {t0}\n",
+            $op,
+            " {x7}, {t1}\n",
+        )
+    };
+}
+
+/// Decrypts 8 blocks in flight: even ones under `k0`, odd ones under `k1`.
+///
+/// Inline assembly pins the round-by-round order and loads each round key once (with
+/// the intrinsics LLVM hoists the 22 shared round keys and, short of registers,
+/// serializes the chains).
+#[inline]
+#[target_feature(enable = "aes,sse2")]
+fn decrypt4x2(k0: &RoundKeys, k1: &RoundKeys, x: [__m128i; 8]) -> [__m128i; 8] {
+    let [
+        mut x0,
+        mut x1,
+        mut x2,
+        mut x3,
+        mut x4,
+        mut x5,
+        mut x6,
+        mut x7,
+    ] = x;
+    // SAFETY: the template reads 11 16-byte round keys at `k0 + 16*r` and `k1 + 16*r`
+    // for r < 11, which is exactly `*k0` and `*k1` (valid, 16-aligned `RoundKeys`, so
+    // `movdqa` is fine); it writes only the declared registers, touches neither memory
+    // nor the stack nor the flags, and needs AES-NI/SSE2, which this function's target
+    // features guarantee.
+    unsafe {
+        core::arch::asm!(
+            pair_round!("pxor", 0),
+            pair_round!("aesdec", 1),
+            pair_round!("aesdec", 2),
+            pair_round!("aesdec", 3),
+            pair_round!("aesdec", 4),
+            pair_round!("aesdec", 5),
+            pair_round!("aesdec", 6),
+            pair_round!("aesdec", 7),
+            pair_round!("aesdec", 8),
+            pair_round!("aesdec", 9),
+            pair_round!("aesdeclast", 10),
+            k0 = in(reg) k0.0.as_ptr(),
+            k1 = in(reg) k1.0.as_ptr(),
+            t0 = out(xmm_reg) _,
+            t1 = out(xmm_reg) _,
+            x0 = inout(xmm_reg) x0,
+            x1 = inout(xmm_reg) x1,
+            x2 = inout(xmm_reg) x2,
+            x3 = inout(xmm_reg) x3,
+            x4 = inout(xmm_reg) x4,
+            x5 = inout(xmm_reg) x5,
+            x6 = inout(xmm_reg) x6,
+            x7 = inout(xmm_reg) x7,
+            options(pure, readonly, nostack, preserves_flags),
+        );
+    }
+    [x0, x1, x2, x3, x4, x5, x6, x7]
+}
+
+/// Phase 2: groups of 4 packets slot by slot ([`verify4`]), the rest packet by packet.
 #[target_feature(enable = "aes,sse2")]
 fn verify(keys: &Keys, inputs: &[TrialInput<'_>], alive: &[u8], out: &mut [Option<TrialOutput>]) {
+    let (groups, rest) = alive.as_chunks::<4>();
+    for ps in groups {
+        verify4(keys, inputs, ps, out);
+    }
+    verify_each(keys, inputs, rest, out);
+}
+
+/// Phase 2 for 4 packets, slot by slot: blocks 2j and 2j+1 hold slot s of packet `ps[j]`
+/// under `K[s][0]` and `K[s][1]`, so each round key is loaded once for 4 blocks.
+#[target_feature(enable = "aes,sse2")]
+fn verify4(keys: &Keys, inputs: &[TrialInput<'_>], ps: &[u8; 4], out: &mut [Option<TrialOutput>]) {
+    let slots = keys.dk.len();
+    let mut blocks: [&[[u8; 16]]; 4] = [&[]; 4];
+    let mut t = [_mm_setzero_si128(); 4];
+    for j in 0..4 {
+        let input = inputs[usize::from(ps[j])];
+        blocks[j] = input.slots.as_chunks::<16>().0;
+        t[j] = _mm_set1_epi64x(t_le(input.t) as i64);
+    }
+    let opts = match out.get_disjoint_mut(ps.map(usize::from)) {
+        Ok(opts) if blocks.iter().all(|b| b.len() == slots) => opts,
+        // The caller checked lengths and passes distinct packets; stay panic-free anyway.
+        _ => return verify_each(keys, inputs, ps, out),
+    };
+    let mut res = opts.map(|o| o.insert(EMPTY_OUTPUT));
+    let mut ok = [true; 4];
+    let mut bits = [0u32; 4];
+    for (s, [k0, k1]) in keys.dk.iter().enumerate() {
+        let b = [
+            load(&blocks[0][s]),
+            load(&blocks[1][s]),
+            load(&blocks[2][s]),
+            load(&blocks[3][s]),
+        ];
+        let x = decrypt4x2(k0, k1, [b[0], b[0], b[1], b[1], b[2], b[2], b[3], b[3]]);
+        for j in 0..4 {
+            let (g0, g1) = good2(x[2 * j], x[2 * j + 1], t[j]);
+            //= PROTOCOL.md §6 check 4
+            //# Exactly one candidate per slot must be good.
+            ok[j] &= g0 != g1;
+            bits[j] |= u32::from(g1) << s;
+            let (n0, n1) = (_mm_cvtsi128_si64(x[2 * j]), _mm_cvtsi128_si64(x[2 * j + 1]));
+            res[j].nonces[s] = (if g1 { n1 } else { n0 }).to_le_bytes();
+        }
+    }
+    for (r, b) in res.iter_mut().zip(bits) {
+        r.index = index_from_bits(b, slots);
+    }
+    for (&p, ok) in ps.iter().zip(ok) {
+        if !ok {
+            out[usize::from(p)] = None;
+        }
+    }
+}
+
+/// Phase 2 packet by packet (fewer than 4 left): 4 slots (8 blocks) at a time.
+#[target_feature(enable = "aes,sse2")]
+fn verify_each(
+    keys: &Keys,
+    inputs: &[TrialInput<'_>],
+    alive: &[u8],
+    out: &mut [Option<TrialOutput>],
+) {
     let slots = keys.dk.len();
     for &p in alive {
         let p = usize::from(p);

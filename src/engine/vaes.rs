@@ -2,8 +2,10 @@
 //!
 //! A job is one slot of one packet. Its ciphertext block is broadcast into both 128-bit
 //! lanes of a ymm register; lane 0 is decrypted with the round keys of `K[i][0]` and lane 1
-//! with those of `K[i][1]`, so one `vaesdec` tests both candidates. 8 jobs (8 registers,
-//! 16 blocks) are in flight. Every function here needs `vaes`, `avx2` and `aes`; the
+//! with those of `K[i][1]`, so one `vaesdec` tests both candidates. 8 registers (16
+//! blocks) are in flight: in phase 1 and phase 2 the same slot of 8 packets
+//! ([`decrypt8_shared`], one round-key load per round), for leftover packets 8 slots of one
+//! packet (`decrypt8!`). Every function here needs `vaes`, `avx2` and `aes`; the
 //! backend is only constructed after runtime detection ([`super::Backend::is_supported`]).
 #![allow(unsafe_code)]
 
@@ -13,7 +15,7 @@ use zeroize::{Zeroize, ZeroizeOnDrop};
 
 use super::aesni;
 use super::{
-    EMPTY_OUTPUT, Kernel, MAX_SLOTS, Slot0, TrialInput, TrialOutput, index_from_bits, first_block,
+    EMPTY_OUTPUT, Kernel, MAX_SLOTS, Slot0, TrialInput, TrialOutput, first_block, index_from_bits,
     t_le,
 };
 
@@ -136,15 +138,25 @@ macro_rules! decrypt8 {
 macro_rules! shared_round {
     ($op:literal, $r:literal) => {
         concat!(
-            "vmovdqa {t}, ymmword ptr [{k} + 32*", $r, "]\n",
-            $op, " {x0}, {x0}, {t}\n",
-            $op, " {x1}, {x1}, {t}\n",
-            $op, " {x2}, {x2}, {t}\n",
-            $op, " {x3}, {x3}, {t}\n",
-            $op, " {x4}, {x4}, {t}\n",
-            $op, " {x5}, {x5}, {t}\n",
-            $op, " {x6}, {x6}, {t}\n",
-            $op, " {x7}, {x7}, {t}\n",
+            "vmovdqa {t}, ymmword ptr [{k} + 32*",
+            $r,
+            "]\n",
+            $op,
+            " {x0}, {x0}, {t}\n",
+            $op,
+            " {x1}, {x1}, {t}\n",
+            $op,
+            " {x2}, {x2}, {t}\n",
+            $op,
+            " {x3}, {x3}, {t}\n",
+            $op,
+            " {x4}, {x4}, {t}\n",
+            $op,
+            " {x5}, {x5}, {t}\n",
+            $op,
+            " {x6}, {x6}, {t}\n",
+            $op,
+            " {x7}, {x7}, {t}\n",
         )
     };
 }
@@ -157,7 +169,16 @@ macro_rules! shared_round {
 #[inline]
 #[target_feature(enable = "vaes,avx2,aes")]
 fn decrypt8_shared(k: &PairKeys, x: [__m256i; 8]) -> [__m256i; 8] {
-    let [mut x0, mut x1, mut x2, mut x3, mut x4, mut x5, mut x6, mut x7] = x;
+    let [
+        mut x0,
+        mut x1,
+        mut x2,
+        mut x3,
+        mut x4,
+        mut x5,
+        mut x6,
+        mut x7,
+    ] = x;
     // SAFETY: the template reads 11 32-byte round keys at `k + 32*r` for r < 11, which
     // is exactly `*k` (a valid, 32-aligned `PairKeys`, so `vmovdqa` is fine); it writes
     // only the declared registers, touches neither memory nor the stack nor the flags,
@@ -219,18 +240,19 @@ fn filter(keys: &Keys, inputs: &[TrialInput<'_>], alive: &mut [u8], slot0: &mut 
                 broadcast(first_block(&inp[5])),
                 broadcast(first_block(&inp[6])),
                 broadcast(first_block(&inp[7])),
-            ]
+            ],
         );
         for j in 0..n {
             let t = _mm256_set1_epi64x(t_le(inp[j].t) as i64);
             let m = _mm256_movemask_pd(_mm256_castsi256_pd(_mm256_cmpeq_epi64(x[j], t)));
             // Bit 1: lane 0 (`K0`) bytes 8..16 equal u64(t); bit 3: lane 1 (`K1`).
             let (g0, g1) = ((m >> 1) & 1 != 0, (m >> 3) & 1 != 0);
-            let nonce = if g1 {
-                _mm256_extract_epi64::<2>(x[j])
-            } else {
-                _mm256_extract_epi64::<0>(x[j])
-            };
+            // Branch-free: `b` is as random as the index bits.
+            let (n0, n1) = (
+                _mm256_extract_epi64::<0>(x[j]),
+                _mm256_extract_epi64::<2>(x[j]),
+            );
+            let nonce = n0 ^ ((n0 ^ n1) & -i64::from(g1));
             slot0.set(ps[j], g1, nonce.to_le_bytes());
             alive[kept] = ps[j];
             kept += usize::from(g0 != g1);
@@ -332,12 +354,10 @@ fn verify8(
         t[j] = _mm256_set1_epi64x(t_le(input.t) as i64);
     }
     let idx = ps.map(usize::from);
-    if blocks.iter().any(|b| b.len() != slots) || out.get_disjoint_mut(idx).is_err() {
+    let opts = match out.get_disjoint_mut(idx) {
+        Ok(opts) if blocks.iter().all(|b| b.len() == slots) => opts,
         // The caller checked lengths and passes distinct packets; stay panic-free anyway.
-        return verify_each(keys, inputs, ps, out);
-    }
-    let Ok(opts) = out.get_disjoint_mut(idx) else {
-        return;
+        _ => return verify_each(keys, inputs, ps, out),
     };
     let mut res = opts.map(|o| o.insert(EMPTY_OUTPUT));
     // `hist[s]` bit j: slot s of packet j is good under `K1`.
@@ -412,7 +432,12 @@ fn transpose8(hist: &[u8; MAX_SLOTS]) -> [u32; 8] {
 
 /// Phase 2 packet by packet (fewer than 8 left): 8 slots (8 registers) at a time.
 #[target_feature(enable = "vaes,avx2,aes")]
-fn verify_each(keys: &Keys, inputs: &[TrialInput<'_>], alive: &[u8], out: &mut [Option<TrialOutput>]) {
+fn verify_each(
+    keys: &Keys,
+    inputs: &[TrialInput<'_>],
+    alive: &[u8],
+    out: &mut [Option<TrialOutput>],
+) {
     let slots = keys.pk.len();
     for &p in alive {
         let p = usize::from(p);
@@ -429,7 +454,10 @@ fn verify_each(keys: &Keys, inputs: &[TrialInput<'_>], alive: &[u8], out: &mut [
         let mut s0 = 0;
         while s0 < slots {
             let n = (slots - s0).min(8);
-            let x = match (blocks[s0..].first_chunk::<8>(), keys.pk[s0..].first_chunk::<8>()) {
+            let x = match (
+                blocks[s0..].first_chunk::<8>(),
+                keys.pk[s0..].first_chunk::<8>(),
+            ) {
                 (Some(b), Some(k)) => decrypt8!(
                     k,
                     [

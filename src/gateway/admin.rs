@@ -83,7 +83,11 @@ pub fn summarize(text: &str) -> String {
             .iter()
             .filter_map(|(k, v)| {
                 let rest = k.strip_prefix(name)?.strip_prefix('{')?;
-                let label = rest.trim_end_matches('}').split_once('=')?.1.trim_matches('"');
+                let label = rest
+                    .trim_end_matches('}')
+                    .split_once('=')?
+                    .1
+                    .trim_matches('"');
                 Some((label.to_string(), *v))
             })
             .filter(|(_, v)| *v > 0.0)
@@ -145,7 +149,10 @@ pub fn summarize(text: &str) -> String {
         labelled("rebindgw_registrations_total"),
         sum("rebindgw_closes_total")
     ));
-    line(format!("dropped          {:?}", labelled("rebindgw_dropped_total")));
+    line(format!(
+        "dropped          {:?}",
+        labelled("rebindgw_dropped_total")
+    ));
     line(format!(
         "store            {} commits, {} errors, queue {}, commit latency p50/p99 {}/{} us",
         sum("rebindgw_store_commits_total"),
@@ -182,7 +189,10 @@ mod tests {
         let text = fetch_metrics(addr, Duration::from_secs(2)).unwrap();
         assert!(text.contains("rebindgw_rebinds_accepted_total 5"));
         let summary = summarize(&text);
-        assert!(summary.contains("connections                 7"), "{summary}");
+        assert!(
+            summary.contains("connections                 7"),
+            "{summary}"
+        );
         assert!(summary.contains("(\"replay\", 2.0)"), "{summary}");
         shutdown.store(true, Ordering::Relaxed);
         handle.join().unwrap();

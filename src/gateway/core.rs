@@ -187,7 +187,9 @@ impl Shared {
             last_issued: AtomicU64::new(0),
             issue_cap: AtomicU64::new(u64::MAX),
             handshake_hash: SipHasher13::new_with_key(&crate::crypto::random_array()),
-            metrics: (0..workers).map(|_| Arc::new(WorkerMetrics::default())).collect(),
+            metrics: (0..workers)
+                .map(|_| Arc::new(WorkerMetrics::default()))
+                .collect(),
             cfg,
         })
     }
@@ -220,7 +222,10 @@ impl Shared {
     }
 
     pub fn epochs(&self) -> Arc<Epochs> {
-        self.epochs.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.epochs
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Makes `next` the current epoch; the old one is accepted until [`Shared::end_grace`].
@@ -229,7 +234,8 @@ impl Shared {
         {
             let mut ctl = self.control();
             if ctl.registry_mut(epoch).is_none() {
-                ctl.registries.insert(0, (epoch, Registry::new(self.cfg.slots)));
+                ctl.registries
+                    .insert(0, (epoch, Registry::new(self.cfg.slots)));
             }
             ctl.registries.truncate(2);
         }
@@ -444,8 +450,10 @@ impl WorkerCore {
         });
         if sent {
             self.metrics.inc(C::TxHostData);
-            self.metrics
-                .add(C::TxHostBytes, (datagram.len() + hostlink::DATA_HEADER_LEN) as u64);
+            self.metrics.add(
+                C::TxHostBytes,
+                (datagram.len() + hostlink::DATA_HEADER_LEN) as u64,
+            );
         }
     }
 
@@ -477,13 +485,21 @@ impl WorkerCore {
         if sent {
             self.metrics.inc(C::HandshakeForwarded);
             self.metrics.inc(C::TxHostHandshake);
-            self.metrics.add(C::TxHostBytes, (d.data.len() + 1 + n) as u64);
+            self.metrics
+                .add(C::TxHostBytes, (d.data.len() + 1 + n) as u64);
         }
     }
 
     /// Answers an unknown source with UNRECOGNIZED, never larger than the trigger and under
     /// the rate limits (§5).
-    fn unrecognized(&mut self, now: Ticks, via: Via, from: SocketAddr, trigger: usize, tx: &mut TxQueue) {
+    fn unrecognized(
+        &mut self,
+        now: Ticks,
+        via: Via,
+        from: SocketAddr,
+        trigger: usize,
+        tx: &mut TxQueue,
+    ) {
         if trigger < unrecognized_len(&from) {
             self.metrics.inc(C::UnrecognizedSmall);
             return;
@@ -537,7 +553,9 @@ impl WorkerCore {
         self.trial_out.clear();
         self.trial_out.resize(passed.len(), None);
         for (e, crypto) in epochs.all().enumerate() {
-            let picked: Vec<usize> = (0..passed.len()).filter(|&j| passed[j].1.epoch == e).collect();
+            let picked: Vec<usize> = (0..passed.len())
+                .filter(|&j| passed[j].1.epoch == e)
+                .collect();
             if picked.is_empty() {
                 continue;
             }
@@ -713,7 +731,14 @@ impl WorkerCore {
         }
     }
 
-    fn control_message(&mut self, now: Ticks, host: HostId, from: SocketAddr, msg: LinkMsg, tx: &mut TxQueue) {
+    fn control_message(
+        &mut self,
+        now: Ticks,
+        host: HostId,
+        from: SocketAddr,
+        msg: LinkMsg,
+        tx: &mut TxQueue,
+    ) {
         let reply = match msg {
             LinkMsg::Register {
                 request,
@@ -721,7 +746,9 @@ impl WorkerCore {
                 client,
                 ..
             } => self.register(now, host, request, conn_id, client),
-            LinkMsg::Close { request, conn_id, .. } => {
+            LinkMsg::Close {
+                request, conn_id, ..
+            } => {
                 let found = self.close(conn_id);
                 let peer = &self.shared.hosts[usize::from(host)];
                 LinkMsg::Closed {
@@ -740,7 +767,14 @@ impl WorkerCore {
     }
 
     /// Registers a connection for a host and returns the sealed answer.
-    fn register(&mut self, now: Ticks, host: HostId, request: u64, conn_id: u64, client: SocketAddr) -> Vec<u8> {
+    fn register(
+        &mut self,
+        now: Ticks,
+        host: HostId,
+        request: u64,
+        conn_id: u64,
+        client: SocketAddr,
+    ) -> Vec<u8> {
         let shared = self.shared.clone();
         let peer = &shared.hosts[usize::from(host)];
         let epochs = self.epochs.clone();
@@ -831,7 +865,9 @@ mod tests {
     use crate::engine::Backend;
     use crate::hostlink::LinkKey;
     use crate::keys::MasterSecret;
-    use crate::rebind::{RebindCredentials, RebindSecret, build_rebind, cookie_request, fresh_nonces};
+    use crate::rebind::{
+        RebindCredentials, RebindSecret, build_rebind, cookie_request, fresh_nonces,
+    };
     use crate::time::TICKS_PER_SECOND;
     use crate::wire::{RebindAckView, rebind_len};
     use proptest::prelude::*;
@@ -900,7 +936,11 @@ mod tests {
                 })
                 .collect();
             self.worker.handle_batch(self.now, &rx, &mut self.tx);
-            let out = self.tx.iter().map(|(m, b)| (m.via, m.to, b.to_vec())).collect();
+            let out = self
+                .tx
+                .iter()
+                .map(|(m, b)| (m.via, m.to, b.to_vec()))
+                .collect();
             self.tx.clear();
             out
         }
@@ -969,7 +1009,10 @@ mod tests {
         let out = h.client(a, &data(60));
         assert_eq!(out.len(), 1);
         assert_eq!((out[0].0, out[0].1), (Via::Host, h.host_addr));
-        assert_eq!(hostlink::parse_conn_data(&out[0].2).unwrap(), (77, &data(60)[..]));
+        assert_eq!(
+            hostlink::parse_conn_data(&out[0].2).unwrap(),
+            (77, &data(60)[..])
+        );
 
         let mut back = [0u8; 100];
         let n = hostlink::emit_conn_data(LinkType::ToClientData, 77, &data(40), &mut back);
@@ -1016,10 +1059,18 @@ mod tests {
         // REBIND_ACK to the client and REBOUND to the host.
         let ack = out.iter().find(|(v, _, _)| *v == Via::Client(0)).unwrap();
         assert_eq!(ack.1, new);
-        assert_eq!(RebindAckView::new_checked(&ack.2).unwrap().open(&session), Ok(42));
+        assert_eq!(
+            RebindAckView::new_checked(&ack.2).unwrap().open(&session),
+            Ok(42)
+        );
         let rebound = out.iter().find(|(v, _, _)| *v == Via::Host).unwrap();
         match LinkMsg::open(&rebound.2, &h.link, h.now).unwrap() {
-            LinkMsg::Rebound { conn_id, old: o, new: n, .. } => {
+            LinkMsg::Rebound {
+                conn_id,
+                old: o,
+                new: n,
+                ..
+            } => {
                 assert_eq!((conn_id, o, n), (42, Some(old), new));
             }
             other => panic!("{other:?}"),
@@ -1037,7 +1088,10 @@ mod tests {
         // Replayed from another tuple: the cookie binds the tuple.
         let thief = addr("10.6.6.6:6666");
         let out = h.client(thief, &rebind);
-        assert!(out.iter().all(|(_, _, b)| b[0] == MsgType::Unrecognized as u8));
+        assert!(
+            out.iter()
+                .all(|(_, _, b)| b[0] == MsgType::Unrecognized as u8)
+        );
         assert_eq!(h.count(C::RejectCookie), 1);
         assert!(h.shared.tuples.get(&thief).is_none());
 
@@ -1045,8 +1099,15 @@ mod tests {
         h.now = Ticks(h.now.0 + TICKS_PER_SECOND);
         let u = h.client(old, &data(49));
         let (back, _) = rebind_from(&issued, &u[0].2);
-        assert!(h.client(old, &back).iter().any(|(v, _, _)| *v == Via::Client(0)));
-        assert!(h.client(new, &rebind).is_empty(), "t == L from another tuple");
+        assert!(
+            h.client(old, &back)
+                .iter()
+                .any(|(v, _, _)| *v == Via::Client(0))
+        );
+        assert!(
+            h.client(new, &rebind).is_empty(),
+            "t == L from another tuple"
+        );
         assert_eq!(h.count(C::RejectReplay), 1);
         assert_eq!(h.count(C::RebindAccepted), 2);
     }
@@ -1066,7 +1127,10 @@ mod tests {
         assert!(!h.client(b, &rebind).is_empty());
         assert_eq!(h.shared.tuples.get(&b).unwrap().conn_id, 1);
         assert!(h.shared.tuples.get(&a).is_none());
-        assert!(h.shared.conns.get(2).is_none(), "connection 2 lost its tuple");
+        assert!(
+            h.shared.conns.get(2).is_none(),
+            "connection 2 lost its tuple"
+        );
         assert_eq!(h.count(C::TupleTakenOver), 1);
     }
 
@@ -1103,12 +1167,18 @@ mod tests {
             .collect();
         feed.push((Via::Client(0), gfrom, &garbage));
         let out = h.feed(&feed);
-        let acks = out.iter().filter(|(_, _, b)| b[0] == MsgType::RebindAck as u8).count();
+        let acks = out
+            .iter()
+            .filter(|(_, _, b)| b[0] == MsgType::RebindAck as u8)
+            .count();
         assert_eq!(acks, good.len());
         assert_eq!(h.count(C::RebindAccepted), good.len() as u64);
         assert_eq!(h.count(C::RejectAead), 7);
         assert_eq!(h.count(C::RejectTrial), 6);
-        assert_eq!(h.count(C::RejectEpoch) + h.count(C::RejectStale) + h.count(C::RejectCookie), 1);
+        assert_eq!(
+            h.count(C::RejectEpoch) + h.count(C::RejectStale) + h.count(C::RejectCookie),
+            1
+        );
         for g in good {
             assert!(h.shared.tuples.get(&g).is_some());
         }
@@ -1121,11 +1191,17 @@ mod tests {
         cfg.unrecognized_global = Rate::new(1.0, 25.0);
         let mut h = Harness::new(cfg);
         let sent = (0..50u16)
-            .filter(|p| !h.client(SocketAddr::from(([10, 0, 0, 1], *p)), &data(49)).is_empty())
+            .filter(|p| {
+                !h.client(SocketAddr::from(([10, 0, 0, 1], *p)), &data(49))
+                    .is_empty()
+            })
             .count();
         assert_eq!(sent, 10, "per-/24 burst");
         let sent = (0..50u8)
-            .filter(|i| !h.client(SocketAddr::from(([10, *i, 7, 1], 1)), &data(49)).is_empty())
+            .filter(|i| {
+                !h.client(SocketAddr::from(([10, *i, 7, 1], 1)), &data(49))
+                    .is_empty()
+            })
             .count();
         assert_eq!(sent, 15, "the global bucket had 15 tokens left");
         assert_eq!(h.count(C::UnrecognizedPrefixRate), 40);
@@ -1147,12 +1223,18 @@ mod tests {
         h.client(a, &hs);
         assert!(h.client(a, &hs).is_empty());
         assert_eq!(h.count(C::HandshakeForwarded), 3);
-        assert_eq!((h.count(C::HandshakeShort), h.count(C::HandshakeRate)), (1, 1));
+        assert_eq!(
+            (h.count(C::HandshakeShort), h.count(C::HandshakeRate)),
+            (1, 1)
+        );
         // The host's reply is relayed to the tuple, but only if it is a HANDSHAKE_REPLY.
         let mut buf = [0u8; 400];
         let n = hostlink::emit_tuple_data(LinkType::ToClientReply, &a, b"hreply", &mut buf);
         let host = h.host_addr;
-        assert_eq!(h.feed(&[(Via::Host, host, &buf[..n])]), vec![(Via::Client(0), a, b"hreply".to_vec())]);
+        assert_eq!(
+            h.feed(&[(Via::Host, host, &buf[..n])]),
+            vec![(Via::Client(0), a, b"hreply".to_vec())]
+        );
         let n = hostlink::emit_tuple_data(LinkType::ToClientReply, &a, b"Dsneaky", &mut buf);
         assert!(h.feed(&[(Via::Host, host, &buf[..n])]).is_empty());
     }
@@ -1169,14 +1251,20 @@ mod tests {
         };
         let good = msg.seal(&h.link);
         let forged = msg.seal(&LinkKey([1; 16]).cipher());
-        assert!(h.feed(&[(Via::Host, addr("127.0.0.1:7001"), &good)]).is_empty());
+        assert!(
+            h.feed(&[(Via::Host, addr("127.0.0.1:7001"), &good)])
+                .is_empty()
+        );
         assert_eq!(h.count(C::DropHostBadSource), 1);
         let host = h.host_addr;
         assert!(h.feed(&[(Via::Host, host, &forged)]).is_empty());
         assert_eq!(h.count(C::DropHostBadTag), 1);
         let first = h.feed(&[(Via::Host, host, &good)]);
         let retransmit = h.feed(&[(Via::Host, host, &good)]);
-        assert_eq!(first, retransmit, "a retransmitted REGISTER gets the same answer");
+        assert_eq!(
+            first, retransmit,
+            "a retransmitted REGISTER gets the same answer"
+        );
         assert_eq!(h.shared.connections(), 1);
         let dup = LinkMsg::Register {
             request: 2,

@@ -186,7 +186,9 @@ pub fn render(workers: &[std::sync::Arc<WorkerMetrics>], facts: &GatewayFacts) -
     }
     for (i, w) in workers.iter().enumerate() {
         if i == 0 {
-            out.push_str("# HELP rebindgw_worker_rx_packets_total Client datagrams received, per worker.\n");
+            out.push_str(
+                "# HELP rebindgw_worker_rx_packets_total Client datagrams received, per worker.\n",
+            );
             out.push_str("# TYPE rebindgw_worker_rx_packets_total counter\n");
         }
         let rx = w.get(C::RxData)
@@ -194,15 +196,42 @@ pub fn render(workers: &[std::sync::Arc<WorkerMetrics>], facts: &GatewayFacts) -
             + w.get(C::RxRebind)
             + w.get(C::RxWrongDirection)
             + w.get(C::RxUnknownType);
-        let _ = writeln!(out, "rebindgw_worker_rx_packets_total{{worker=\"{i}\"}} {rx}");
+        let _ = writeln!(
+            out,
+            "rebindgw_worker_rx_packets_total{{worker=\"{i}\"}} {rx}"
+        );
     }
     let gauges: [(&str, &str, u64); 6] = [
-        ("rebindgw_connections", "Live registered connections.", facts.connections),
-        ("rebindgw_connections_max", "Connection capacity.", facts.max_connections),
-        ("rebindgw_epoch", "Current key epoch.", u64::from(facts.epoch)),
-        ("rebindgw_slots", "Slots per key set (S).", facts.slots as u64),
-        ("rebindgw_workers", "Data-plane workers.", facts.workers as u64),
-        ("rebindgw_table_bytes", "Bytes held by the fast-path tables.", facts.table_bytes),
+        (
+            "rebindgw_connections",
+            "Live registered connections.",
+            facts.connections,
+        ),
+        (
+            "rebindgw_connections_max",
+            "Connection capacity.",
+            facts.max_connections,
+        ),
+        (
+            "rebindgw_epoch",
+            "Current key epoch.",
+            u64::from(facts.epoch),
+        ),
+        (
+            "rebindgw_slots",
+            "Slots per key set (S).",
+            facts.slots as u64,
+        ),
+        (
+            "rebindgw_workers",
+            "Data-plane workers.",
+            facts.workers as u64,
+        ),
+        (
+            "rebindgw_table_bytes",
+            "Bytes held by the fast-path tables.",
+            facts.table_bytes,
+        ),
     ];
     for (name, help, v) in gauges {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
@@ -253,16 +282,29 @@ mod tests {
 
     #[test]
     fn render_sums_workers_and_parses_back() {
-        let w = vec![Arc::new(WorkerMetrics::default()), Arc::new(WorkerMetrics::default())];
+        let w = vec![
+            Arc::new(WorkerMetrics::default()),
+            Arc::new(WorkerMetrics::default()),
+        ];
         w[0].add(C::RejectTrial, 3);
         w[1].inc(C::RejectTrial);
         w[1].inc(C::RxData);
         let text = render(&w, &GatewayFacts::default());
         let parsed = parse_text(&text);
         let get = |s: &str| parsed.iter().find(|(k, _)| k == s).map(|(_, v)| *v);
-        assert_eq!(get("rebindgw_rebinds_rejected_total{reason=\"trial\"}"), Some(4.0));
-        assert_eq!(get("rebindgw_worker_rx_packets_total{worker=\"1\"}"), Some(1.0));
-        assert_eq!(text.matches("# TYPE rebindgw_rebinds_rejected_total").count(), 1);
+        assert_eq!(
+            get("rebindgw_rebinds_rejected_total{reason=\"trial\"}"),
+            Some(4.0)
+        );
+        assert_eq!(
+            get("rebindgw_worker_rx_packets_total{worker=\"1\"}"),
+            Some(1.0)
+        );
+        assert_eq!(
+            text.matches("# TYPE rebindgw_rebinds_rejected_total")
+                .count(),
+            1
+        );
         for r in RejectReason::ALL {
             assert!(text.contains(&format!("reason=\"{}\"", r.name())), "{r}");
         }

@@ -1,10 +1,11 @@
 //! `rebindgw gateway`: the data plane in front of the Mesh hosts.
 //!
-//! `core` is the sans-IO packet handler; `store` persists the registry; `ratelimit` and
-//! `metrics` serve it; `tx` is the outgoing-datagram queue the I/O loops drain.
+//! `core` is the sans-IO packet handler; `run` wires it to sockets, threads, the store and
+//! the admin endpoint; `store` persists the registry; `ratelimit` and `metrics` serve the
+//! core; `tx` is the outgoing-datagram queue the I/O loops drain.
 
 pub mod admin;
-
+pub mod config;
 pub mod core;
 pub mod metrics;
 pub mod ratelimit;

@@ -128,8 +128,14 @@ mod tests {
 
     #[test]
     fn prefixes() {
-        assert_eq!(source_prefix(&a("10.1.2.3:1")), source_prefix(&a("10.1.2.200:9")));
-        assert_ne!(source_prefix(&a("10.1.2.3:1")), source_prefix(&a("10.1.3.3:1")));
+        assert_eq!(
+            source_prefix(&a("10.1.2.3:1")),
+            source_prefix(&a("10.1.2.200:9"))
+        );
+        assert_ne!(
+            source_prefix(&a("10.1.2.3:1")),
+            source_prefix(&a("10.1.3.3:1"))
+        );
         assert_eq!(
             source_prefix(&a("[2001:db8:0:ab::1]:1")),
             source_prefix(&a("[2001:db8:0:aa::2]:1")),

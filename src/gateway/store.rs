@@ -48,11 +48,21 @@ pub enum StoreOp {
         tuple: SocketAddr,
     },
     /// The connection lost its tuple to another one.
-    Unbind { epoch: u32, index: u32 },
-    Remove { epoch: u32, index: u32 },
+    Unbind {
+        epoch: u32,
+        index: u32,
+    },
+    Remove {
+        epoch: u32,
+        index: u32,
+    },
     /// No gateway time at or below `ticks` was issued before this is committed.
-    Reserve { ticks: Ticks },
-    SetEpoch { epoch: u32 },
+    Reserve {
+        ticks: Ticks,
+    },
+    SetEpoch {
+        epoch: u32,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -136,7 +146,9 @@ fn decode(epoch: u32, index: u32, b: &[u8]) -> Result<StoredConn, StoreError> {
         index,
         conn_id: u64::from_be_bytes(b[0..8].try_into().map_err(|_| corrupt())?),
         secret: RebindSecret(b[8..40].try_into().map_err(|_| corrupt())?),
-        last_rebind: Ticks(u64::from_be_bytes(b[40..48].try_into().map_err(|_| corrupt())?)),
+        last_rebind: Ticks(u64::from_be_bytes(
+            b[40..48].try_into().map_err(|_| corrupt())?,
+        )),
         host: u16::from_be_bytes([b[48], b[49]]),
         tuple,
     })
@@ -367,7 +379,8 @@ mod tests {
         let s = Store::open(&dir).unwrap();
         let (tx, rx) = crossbeam::channel::unbounded();
         for i in 0..500 {
-            tx.send(StoreOp::Register(conn(i, Some("10.0.0.1:5")))).unwrap();
+            tx.send(StoreOp::Register(conn(i, Some("10.0.0.1:5"))))
+                .unwrap();
         }
         drop(tx);
         let mut commits = 0;
@@ -396,7 +409,10 @@ mod tests {
         let d = std::env::temp_dir().join(format!(
             "rebindgw-store-{}-{}",
             std::process::id(),
-            crate::crypto::random_array::<8>().iter().map(|b| format!("{b:02x}")).collect::<String>()
+            crate::crypto::random_array::<8>()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
         ));
         std::fs::create_dir_all(&d).unwrap();
         d

@@ -64,7 +64,12 @@ impl TxQueue {
 
     /// Writes one datagram with `fill`, which gets a `SLOT_LEN` slot and returns the length
     /// it wrote. Returns false (and counts an overflow) when the queue is full.
-    pub fn push(&mut self, via: Via, to: SocketAddr, fill: impl FnOnce(&mut [u8]) -> usize) -> bool {
+    pub fn push(
+        &mut self,
+        via: Via,
+        to: SocketAddr,
+        fill: impl FnOnce(&mut [u8]) -> usize,
+    ) -> bool {
         let i = self.meta.len();
         if i == self.capacity {
             self.overflowed += 1;

@@ -66,7 +66,10 @@ impl std::fmt::Debug for HandshakeReply {
 }
 
 /// `(k_c, k_s)` for a handshake.
-fn handshake_keys(psk: &[u8; 32], client_nonce: &[u8; 16]) -> (Zeroizing<[u8; 16]>, Zeroizing<[u8; 16]>) {
+fn handshake_keys(
+    psk: &[u8; 32],
+    client_nonce: &[u8; 16],
+) -> (Zeroizing<[u8; 16]>, Zeroizing<[u8; 16]>) {
     let mut k_c = Zeroizing::new([0u8; 16]);
     let mut k_s = Zeroizing::new([0u8; 16]);
     crypto::hkdf(client_nonce, psk, &[b"hs c2s"], &mut *k_c);
@@ -87,7 +90,12 @@ pub fn build_handshake(
     out[17..33].copy_from_slice(client_nonce);
     out[33..41].copy_from_slice(&client_ticks.0.to_be_bytes());
     let (aad, rest) = out.split_at_mut(HS_AAD_LEN);
-    crypto::seal_in_place(&crypto::gcm(&k_c), &ZERO_NONCE, aad, &mut rest[..HS_SEALED_LEN]);
+    crypto::seal_in_place(
+        &crypto::gcm(&k_c),
+        &ZERO_NONCE,
+        aad,
+        &mut rest[..HS_SEALED_LEN],
+    );
     out
 }
 
@@ -268,7 +276,10 @@ mod tests {
         );
         let mut bad = buf.clone();
         bad[40] ^= 1;
-        assert_eq!(open_handshake_reply(&bad, &c.psk, &nonce), Err(ReplyError::Auth));
+        assert_eq!(
+            open_handshake_reply(&bad, &c.psk, &nonce),
+            Err(ReplyError::Auth)
+        );
         for cut in 0..buf.len() {
             assert!(open_handshake_reply(&buf[..cut], &c.psk, &nonce).is_err());
         }

@@ -10,14 +10,17 @@ mod unrecognized;
 
 pub use data::{DATA_HEADER_LEN, DATA_OVERHEAD, DataView, data_nonce, seal_data};
 pub use handshake::{
-    ClientCredentials, HANDSHAKE_LEN, HandshakeReply, HandshakeView, build_handshake,
-    build_handshake_reply, handshake_reply_len, open_handshake, open_handshake_reply, ReplyError,
+    ClientCredentials, HANDSHAKE_LEN, HandshakeReply, HandshakeView, ReplyError, build_handshake,
+    build_handshake_reply, handshake_reply_len, open_handshake, open_handshake_reply,
 };
 pub use rebind::{
     REBIND_ACK_LEN, REBIND_FIXED_LEN, RebindAckView, RebindView, build_rebind_ack, rebind_len,
     slots_for_rebind_len,
 };
-pub use tuple::{MAX_TUPLE_LEN, TUPLE_V4_LEN, TUPLE_V6_LEN, addr16, canonical, emit_tuple, parse_tuple, tuple_len};
+pub use tuple::{
+    MAX_TUPLE_LEN, TUPLE_V4_LEN, TUPLE_V6_LEN, addr16, canonical, emit_tuple, parse_tuple,
+    tuple_len,
+};
 pub use unrecognized::{UNRECOGNIZED_V4_LEN, UNRECOGNIZED_V6_LEN, Unrecognized, unrecognized_len};
 
 /// Smallest and largest slot counts `S` (§2).

@@ -96,7 +96,13 @@ impl<'a> RebindAckView<'a> {
     /// Opens the ACK under the rebind's session key and returns the conn_id it names.
     pub fn open(&self, session: &Aes128Gcm) -> Result<u64, AuthError> {
         let mut out = [0u8; 8];
-        crypto::open_to(session, &ACK_NONCE, &self.buf[..9], &self.buf[9..], &mut out)?;
+        crypto::open_to(
+            session,
+            &ACK_NONCE,
+            &self.buf[..9],
+            &self.buf[9..],
+            &mut out,
+        )?;
         Ok(u64::from_be_bytes(out))
     }
 }

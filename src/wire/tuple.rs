@@ -92,10 +92,7 @@ mod tests {
         let n = emit_tuple(&a, &mut b);
         assert_eq!(hex::encode(&b[..n]), "049c41c6336407");
         assert_eq!(parse_tuple(&b[..n]), Ok((a, 7)));
-        assert_eq!(
-            hex::encode(addr16(&a)),
-            "00000000000000000000ffffc6336407"
-        );
+        assert_eq!(hex::encode(addr16(&a)), "00000000000000000000ffffc6336407");
     }
 
     #[test]

@@ -1,0 +1,330 @@
+//! Gateway configuration: a TOML file, every key also a command-line flag, flags win.
+//! Errors name the key and the problem.
+#![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::core::CoreConfig;
+use super::ratelimit::Rate;
+use crate::io::IoBackend;
+
+/// One host on the host link.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostEntry {
+    /// The host's host-link address.
+    pub addr: SocketAddr,
+    /// File holding the 16-byte link key as 32 hex digits (mode 0600).
+    pub link_key_file: PathBuf,
+}
+
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimits {
+    pub unrecognized_per_prefix: Rate,
+    pub unrecognized_global: Rate,
+    pub handshake_per_prefix: Rate,
+    pub handshake_global: Rate,
+}
+
+impl Default for RateLimits {
+    fn default() -> Self {
+        let c = CoreConfig::new(16);
+        RateLimits {
+            unrecognized_per_prefix: c.unrecognized_prefix,
+            unrecognized_global: c.unrecognized_global,
+            handshake_per_prefix: c.handshake_prefix,
+            handshake_global: c.handshake_global,
+        }
+    }
+}
+
+/// Everything `rebindgw gateway` reads.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewayConfig {
+    /// Client-facing addresses (IPv4 and/or IPv6). Every worker binds each with SO_REUSEPORT.
+    pub listen: Vec<SocketAddr>,
+    /// Local address of the workers' host-link sockets (port 0: one ephemeral port each).
+    pub host_link: SocketAddr,
+    pub hosts: Vec<HostEntry>,
+    /// Prometheus `/metrics`; none disables it.
+    pub admin: Option<SocketAddr>,
+    pub state_dir: PathBuf,
+    /// The master secret; default `STATE_DIR/master.key`, created on first start.
+    pub master_key: Option<PathBuf>,
+    /// S, slots per key set.
+    pub slots: usize,
+    /// W, the freshness window in seconds.
+    pub window_secs: u64,
+    /// Data-plane workers; 0 means one per core.
+    pub workers: usize,
+    /// Connection capacity; 0 means min(2^S, 2^20).
+    pub max_connections: usize,
+    pub io: IoBackend,
+    pub rate_limits: RateLimits,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            listen: vec![
+                SocketAddr::from(([0, 0, 0, 0], 7400)),
+                SocketAddr::from(([0u16; 8], 7400)),
+            ],
+            host_link: SocketAddr::from(([127, 0, 0, 1], 0)),
+            hosts: Vec::new(),
+            admin: Some(SocketAddr::from(([127, 0, 0, 1], 7480))),
+            state_dir: PathBuf::from("rebindgw-state"),
+            master_key: None,
+            slots: 16,
+            window_secs: 30,
+            workers: 0,
+            max_connections: 0,
+            io: IoBackend::Uring,
+            rate_limits: RateLimits::default(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config key `{key}`: {problem}")]
+    Invalid { key: &'static str, problem: String },
+}
+
+fn invalid(key: &'static str, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        problem: problem.into(),
+    }
+}
+
+impl GatewayConfig {
+    pub fn from_file(path: &Path) -> Result<GatewayConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_toml(&text).map_err(|message| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message,
+        })
+    }
+
+    pub fn from_toml(text: &str) -> Result<GatewayConfig, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// Checks every setting; the error names the key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.listen.is_empty() {
+            return Err(invalid("listen", "needs at least one address"));
+        }
+        if self.listen.len() > 8 {
+            return Err(invalid("listen", "at most 8 addresses"));
+        }
+        if !(1..=32).contains(&self.slots) {
+            return Err(invalid(
+                "slots",
+                format!("must be in 1..=32, got {}", self.slots),
+            ));
+        }
+        if self.window_secs == 0 || self.window_secs > 3600 {
+            return Err(invalid(
+                "window_secs",
+                format!("must be in 1..=3600, got {}", self.window_secs),
+            ));
+        }
+        if self.workers > 64 {
+            return Err(invalid(
+                "workers",
+                format!("at most 64, got {}", self.workers),
+            ));
+        }
+        if self.hosts.is_empty() {
+            return Err(invalid(
+                "hosts",
+                "needs at least one host (addr and link_key_file)",
+            ));
+        }
+        if self.hosts.len() > usize::from(u16::MAX) {
+            return Err(invalid("hosts", "too many hosts"));
+        }
+        if self.max_connections as u64 > 1u64 << self.slots {
+            return Err(invalid(
+                "max_connections",
+                format!(
+                    "{} exceeds the index space 2^{}",
+                    self.max_connections, self.slots
+                ),
+            ));
+        }
+        let r = &self.rate_limits;
+        for (key, rate) in [
+            (
+                "rate_limits.unrecognized_per_prefix",
+                r.unrecognized_per_prefix,
+            ),
+            ("rate_limits.unrecognized_global", r.unrecognized_global),
+            ("rate_limits.handshake_per_prefix", r.handshake_per_prefix),
+            ("rate_limits.handshake_global", r.handshake_global),
+        ] {
+            if !(rate.per_second >= 0.0 && rate.burst >= 1.0 && rate.per_second.is_finite()) {
+                return Err(invalid(key, "per_second must be >= 0 and burst >= 1"));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn worker_count(&self) -> usize {
+        if self.workers == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            self.workers
+        }
+    }
+
+    pub fn connection_capacity(&self) -> usize {
+        if self.max_connections == 0 {
+            1usize << self.slots.min(20)
+        } else {
+            self.max_connections
+        }
+    }
+
+    pub fn master_key_path(&self) -> PathBuf {
+        self.master_key
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("master.key"))
+    }
+
+    /// The core's view of these settings.
+    pub fn core(&self) -> CoreConfig {
+        let r = &self.rate_limits;
+        CoreConfig {
+            slots: self.slots,
+            window: Duration::from_secs(self.window_secs),
+            max_connections: self.connection_capacity(),
+            workers: self.worker_count(),
+            unrecognized_prefix: r.unrecognized_per_prefix,
+            unrecognized_global: r.unrecognized_global,
+            handshake_prefix: r.handshake_per_prefix,
+            handshake_global: r.handshake_global,
+            limiter_slots: 4096,
+        }
+    }
+}
+
+/// Parses `RATE/BURST` (e.g. `2000/4000`) for rate flags.
+pub fn parse_rate(s: &str) -> Result<Rate, String> {
+    let (rate, burst) = s
+        .split_once('/')
+        .ok_or_else(|| format!("expected PER_SECOND/BURST, got {s:?}"))?;
+    let per_second = rate
+        .trim()
+        .parse()
+        .map_err(|_| format!("bad rate {rate:?}"))?;
+    let burst = burst
+        .trim()
+        .parse()
+        .map_err(|_| format!("bad burst {burst:?}"))?;
+    Ok(Rate::new(per_second, burst))
+}
+
+/// Parses `ADDR=KEYFILE` for `--host`.
+pub fn parse_host(s: &str) -> Result<HostEntry, String> {
+    let (addr, file) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected ADDR=LINK_KEY_FILE, got {s:?}"))?;
+    Ok(HostEntry {
+        addr: addr
+            .parse()
+            .map_err(|_| format!("{addr:?} is not a socket address"))?,
+        link_key_file: PathBuf::from(file),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_host(mut c: GatewayConfig) -> GatewayConfig {
+        c.hosts.push(HostEntry {
+            addr: "127.0.0.1:7500".parse().unwrap(),
+            link_key_file: "k".into(),
+        });
+        c
+    }
+
+    #[test]
+    fn defaults_are_valid_once_a_host_is_named() {
+        let c = GatewayConfig::default();
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::Invalid { key: "hosts", .. })
+        ));
+        with_host(c).validate().unwrap();
+    }
+
+    #[test]
+    fn toml_roundtrip_and_errors_name_keys() {
+        let text = r#"
+            listen = ["127.0.0.1:9000"]
+            slots = 12
+            window_secs = 10
+            io = "mmsg"
+            [[hosts]]
+            addr = "127.0.0.1:7500"
+            link_key_file = "/etc/rebindgw/host1.key"
+            [rate_limits]
+            handshake_per_prefix = { per_second = 5.0, burst = 10.0 }
+        "#;
+        let c = GatewayConfig::from_toml(text).unwrap();
+        assert_eq!(c.slots, 12);
+        assert_eq!(c.io, IoBackend::Mmsg);
+        assert_eq!(c.rate_limits.handshake_per_prefix, Rate::new(5.0, 10.0));
+        assert_eq!(c.connection_capacity(), 4096);
+        c.validate().unwrap();
+
+        let err = GatewayConfig::from_toml("slotz = 3").unwrap_err();
+        assert!(err.contains("slotz"), "{err}");
+        let err = GatewayConfig::from_toml("slots = \"many\"").unwrap_err();
+        assert!(err.contains("slots"), "{err}");
+        let mut bad = with_host(GatewayConfig::default());
+        bad.slots = 40;
+        assert_eq!(
+            bad.validate().unwrap_err().to_string(),
+            "config key `slots`: must be in 1..=32, got 40"
+        );
+        let mut bad = with_host(GatewayConfig::default());
+        bad.slots = 4;
+        bad.max_connections = 17;
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("max_connections")
+        );
+    }
+
+    #[test]
+    fn flag_parsers() {
+        assert_eq!(parse_rate("10/20").unwrap(), Rate::new(10.0, 20.0));
+        assert!(parse_rate("10").is_err());
+        let h = parse_host("127.0.0.1:1=/x/y.key").unwrap();
+        assert_eq!(h.link_key_file, PathBuf::from("/x/y.key"));
+        assert!(parse_host("nope").is_err());
+    }
+}

@@ -1,0 +1,663 @@
+//! The sans-IO reference host: no sockets, no clock. Every entry point takes `now` and, for
+//! datagrams, the source address (a gateway worker's host-link socket).
+#![forbid(unsafe_code)]
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use aes_gcm::Aes128Gcm;
+use serde::Serialize;
+use zeroize::Zeroizing;
+
+use crate::clients::ClientsFile;
+use crate::crypto;
+use crate::hostlink::{
+    self, Control, DATA_HEADER_LEN as LINK_DATA_HEADER, LinkError, LinkKey, LinkType,
+};
+use crate::replay::ReplayWindow;
+use crate::time::{Ticks, duration_ticks};
+use crate::wire::{
+    DATA_OVERHEAD, DataView, HandshakeReply, HandshakeView, MAX_TUPLE_LEN, build_handshake_reply,
+    open_handshake, seal_data,
+};
+
+/// Largest datagram the host handles: the UDP maximum.
+pub const MAX_DATAGRAM: usize = 65_536;
+
+/// Tunables of the core. `Default` follows PROTOCOL.md §7 and the host-link rules.
+#[derive(Clone, Debug)]
+pub struct HostConfig {
+    /// Client ticks further than this from `now` are rejected, and a nonce seen within it
+    /// is a replay (§7: 10 minutes).
+    pub handshake_window: Duration,
+    /// Resend REGISTER after this long without an answer.
+    pub register_retry: Duration,
+    /// REGISTER is sent at most this many times; then the handshake is given up.
+    pub register_tries: u32,
+    /// How long a built HANDSHAKE_REPLY is kept to answer a retransmitted HANDSHAKE.
+    pub reply_keep: Duration,
+    /// Hard cap on remembered client nonces. When full, new handshakes are refused (never
+    /// evicted early: that would reopen the replay window).
+    pub max_nonces: usize,
+    /// Hard cap on handshakes waiting for REGISTERED.
+    pub max_pending: usize,
+}
+
+impl Default for HostConfig {
+    fn default() -> Self {
+        HostConfig {
+            handshake_window: Duration::from_secs(600),
+            register_retry: Duration::from_millis(500),
+            register_tries: 5,
+            reply_keep: Duration::from_secs(30),
+            max_nonces: 1 << 20,
+            max_pending: 1 << 16,
+        }
+    }
+}
+
+/// What the host has done, by outcome. Serializes as a flat JSON object.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct HostCounters {
+    /// Handshakes accepted (REGISTER sent for them).
+    pub handshakes_ok: u64,
+    pub handshake_malformed: u64,
+    pub handshake_unknown_client: u64,
+    pub handshake_bad_aead: u64,
+    pub handshake_stale_ticks: u64,
+    pub handshake_replayed_nonce: u64,
+    /// Nonce cache or pending table at its cap.
+    pub handshake_busy: u64,
+    /// Retransmitted HANDSHAKE answered with the kept reply.
+    pub handshake_reply_resent: u64,
+    /// Retransmitted HANDSHAKE while REGISTER is still outstanding.
+    pub handshake_dup_pending: u64,
+
+    pub register_sent: u64,
+    pub register_retransmits: u64,
+    pub register_timeouts: u64,
+    pub register_failed: u64,
+    /// REGISTERED accepted: connection live, HANDSHAKE_REPLY sent.
+    pub registrations: u64,
+    /// REGISTERED / REGISTER_FAILED / CLOSED for no outstanding request (e.g. late duplicates).
+    pub control_unknown_request: u64,
+
+    pub echoes: u64,
+    pub echo_bytes: u64,
+    pub data_malformed: u64,
+    pub data_unknown_conn: u64,
+    pub data_bad_aead: u64,
+    pub data_replay: u64,
+
+    pub rebounds: u64,
+    pub rebound_unknown_conn: u64,
+    pub closes_sent: u64,
+    pub closed_acks: u64,
+
+    pub control_bad_tag: u64,
+    pub control_stale: u64,
+    pub control_malformed: u64,
+    /// A host-bound control type (REGISTER, CLOSE) sent to the host.
+    pub control_unexpected: u64,
+    /// Empty datagram, unknown type, or a gateway-bound type (TO_CLIENT_*).
+    pub link_malformed: u64,
+    /// The caller's output buffer could not hold the answer.
+    pub out_too_small: u64,
+}
+
+/// A datagram the core wrote into the caller's buffer: `out[..len]` goes to `to`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Outgoing {
+    pub to: SocketAddr,
+    pub len: usize,
+}
+
+/// An owned datagram (handshake and timer paths only).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Transmit {
+    pub to: SocketAddr,
+    pub payload: Vec<u8>,
+}
+
+struct Conn {
+    rx: Aes128Gcm,
+    tx: Aes128Gcm,
+    window: ReplayWindow,
+    next_seq: u64,
+    gateway: SocketAddr,
+}
+
+struct Pending {
+    nonce: [u8; 16],
+    k_s: Zeroizing<[u8; 16]>,
+    client: SocketAddr,
+    gateway: SocketAddr,
+    conn_id: u64,
+    sent: u32,
+    retry_at: Ticks,
+}
+
+enum NonceState {
+    /// REGISTER outstanding under this request id.
+    Pending,
+    /// Reply built; kept until `keep_until` for retransmitted handshakes from `client`.
+    Replied {
+        client: SocketAddr,
+        framed: Vec<u8>,
+        keep_until: Ticks,
+    },
+    /// Registration failed, timed out, or the kept reply expired.
+    Spent,
+}
+
+struct NonceEntry {
+    expires: Ticks,
+    state: NonceState,
+}
+
+/// The reference echo host (PROTOCOL.md §7 over the host link of `hostlink`).
+pub struct HostCore {
+    cfg: HostConfig,
+    link: Aes128Gcm,
+    clients: ClientsFile,
+    conns: HashMap<u64, Conn>,
+    /// Outstanding REGISTERs by request id.
+    pending: HashMap<u64, Pending>,
+    /// conn_ids of `pending`, so a new conn_id is unique among live and pending ones.
+    pending_ids: HashSet<u64>,
+    nonces: HashMap<[u8; 16], NonceEntry>,
+    /// `(expires, nonce)` in insertion order; `expires` grows with `now`.
+    nonce_queue: VecDeque<(Ticks, [u8; 16])>,
+    /// `(keep_until, nonce)` of kept replies, in insertion order.
+    reply_queue: VecDeque<(Ticks, [u8; 16])>,
+    next_request: u64,
+    counters: HostCounters,
+    /// Plaintext of the DATA being echoed; allocated once.
+    scratch: Vec<u8>,
+}
+
+impl std::fmt::Debug for HostCore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostCore")
+            .field("clients", &self.clients.len())
+            .field("connections", &self.conns.len())
+            .field("pending", &self.pending.len())
+            .field("nonces", &self.nonces.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl HostCore {
+    pub fn new(link_key: &LinkKey, clients: ClientsFile) -> Self {
+        Self::with_config(link_key, clients, HostConfig::default())
+    }
+
+    pub fn with_config(link_key: &LinkKey, clients: ClientsFile, cfg: HostConfig) -> Self {
+        HostCore {
+            cfg,
+            link: link_key.cipher(),
+            clients,
+            conns: HashMap::new(),
+            pending: HashMap::new(),
+            pending_ids: HashSet::new(),
+            nonces: HashMap::new(),
+            nonce_queue: VecDeque::new(),
+            reply_queue: VecDeque::new(),
+            next_request: u64::from_be_bytes(crypto::random_array()),
+            counters: HostCounters::default(),
+            scratch: vec![0u8; MAX_DATAGRAM],
+        }
+    }
+
+    /// Swaps in a reloaded clients file. Live connections and handshakes in progress are kept;
+    /// only new handshakes see the change.
+    pub fn replace_clients(&mut self, clients: ClientsFile) {
+        self.clients = clients;
+    }
+
+    pub fn clients(&self) -> &ClientsFile {
+        &self.clients
+    }
+
+    pub fn counters(&self) -> &HostCounters {
+        &self.counters
+    }
+
+    /// Live connections.
+    pub fn connections(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// Handshakes waiting for REGISTERED.
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// The gateway address a connection's traffic goes to.
+    pub fn gateway_of(&self, conn_id: u64) -> Option<SocketAddr> {
+        self.conns.get(&conn_id).map(|c| c.gateway)
+    }
+
+    /// Handles one host-link datagram from `from`. An answer, if any, is written to `out`
+    /// (which should hold [`MAX_DATAGRAM`] bytes; an echo needs `datagram.len()`, a handshake
+    /// answer under 700). The DATA echo path does not allocate.
+    pub fn handle(
+        &mut self,
+        now: Ticks,
+        from: SocketAddr,
+        datagram: &[u8],
+        out: &mut [u8],
+    ) -> Option<Outgoing> {
+        let ty = match hostlink::link_type(datagram) {
+            Ok(t) => t,
+            Err(_) => {
+                self.counters.link_malformed += 1;
+                return None;
+            }
+        };
+        match ty {
+            LinkType::ToHostData => self.on_data(from, datagram, out),
+            LinkType::ToHostHandshake => {
+                let t = self.on_handshake(now, from, datagram)?;
+                self.write_out(t, out)
+            }
+            LinkType::ToClientData | LinkType::ToClientReply => {
+                self.counters.link_malformed += 1;
+                None
+            }
+            _ => {
+                let t = self.on_control(now, from, datagram)?;
+                self.write_out(t, out)
+            }
+        }
+    }
+
+    fn write_out(&mut self, t: Transmit, out: &mut [u8]) -> Option<Outgoing> {
+        let Some(dst) = out.get_mut(..t.payload.len()) else {
+            self.counters.out_too_small += 1;
+            return None;
+        };
+        dst.copy_from_slice(&t.payload);
+        Some(Outgoing {
+            to: t.to,
+            len: t.payload.len(),
+        })
+    }
+
+    // --- DATA (§7) -------------------------------------------------------------------------
+
+    fn on_data(&mut self, from: SocketAddr, datagram: &[u8], out: &mut [u8]) -> Option<Outgoing> {
+        let Ok((conn_id, inner)) = hostlink::parse_conn_data(datagram) else {
+            self.counters.data_malformed += 1;
+            return None;
+        };
+        let Ok(view) = DataView::new_checked(inner) else {
+            self.counters.data_malformed += 1;
+            return None;
+        };
+        let Some(conn) = self.conns.get_mut(&conn_id) else {
+            self.counters.data_unknown_conn += 1;
+            return None;
+        };
+        let n = view.payload_len();
+        let len = LINK_DATA_HEADER + n + DATA_OVERHEAD;
+        if out.len() < len || self.scratch.len() < n {
+            self.counters.out_too_small += 1;
+            return None;
+        }
+        //= PROTOCOL.md §7: "The receiver keeps a replay window"; the window moves only after
+        //= the AEAD has verified the packet.
+        if view.open(&conn.rx, &mut self.scratch).is_err() {
+            self.counters.data_bad_aead += 1;
+            return None;
+        }
+        if !conn.window.accept(view.seq()) {
+            self.counters.data_replay += 1;
+            return None;
+        }
+        // The worker that last forwarded this connection's traffic answers for it.
+        conn.gateway = from;
+        let seq = conn.next_seq;
+        conn.next_seq += 1;
+        out[0] = LinkType::ToClientData as u8;
+        out[1..LINK_DATA_HEADER].copy_from_slice(&conn_id.to_be_bytes());
+        seal_data(
+            &conn.tx,
+            seq,
+            &self.scratch[..n],
+            &mut out[LINK_DATA_HEADER..len],
+        );
+        self.counters.echoes += 1;
+        self.counters.echo_bytes += n as u64;
+        Some(Outgoing {
+            to: conn.gateway,
+            len,
+        })
+    }
+
+    // --- HANDSHAKE (§7) --------------------------------------------------------------------
+
+    fn on_handshake(&mut self, now: Ticks, from: SocketAddr, datagram: &[u8]) -> Option<Transmit> {
+        let Ok((client, inner)) = hostlink::parse_tuple_data(datagram) else {
+            self.counters.handshake_malformed += 1;
+            return None;
+        };
+        let Ok(view) = HandshakeView::new_checked(inner) else {
+            self.counters.handshake_malformed += 1;
+            return None;
+        };
+        let Some(entry) = self.clients.get(&view.client_id()) else {
+            self.counters.handshake_unknown_client += 1;
+            return None;
+        };
+        let Ok((client_ticks, k_s)) = open_handshake(&view, &entry.creds.psk) else {
+            self.counters.handshake_bad_aead += 1;
+            return None;
+        };
+        let window = duration_ticks(self.cfg.handshake_window);
+        if client_ticks.abs_diff(now) > window {
+            self.counters.handshake_stale_ticks += 1;
+            return None;
+        }
+        self.expire(now);
+        let nonce = view.client_nonce();
+        if let Some(e) = self.nonces.get(&nonce) {
+            return match &e.state {
+                NonceState::Replied {
+                    client: c,
+                    framed,
+                    keep_until,
+                } if *c == client && now <= *keep_until => {
+                    // A retransmission: same answer, no second registration. Only to the same
+                    // client tuple, so a replay from elsewhere cannot aim the reply at a victim.
+                    self.counters.handshake_reply_resent += 1;
+                    Some(Transmit {
+                        to: from,
+                        payload: framed.clone(),
+                    })
+                }
+                NonceState::Pending => {
+                    self.counters.handshake_dup_pending += 1;
+                    None
+                }
+                _ => {
+                    self.counters.handshake_replayed_nonce += 1;
+                    None
+                }
+            };
+        }
+        if self.nonces.len() >= self.cfg.max_nonces || self.pending.len() >= self.cfg.max_pending {
+            self.counters.handshake_busy += 1;
+            return None;
+        }
+        // Keep the nonce until no copy of this handshake can pass the ticks check any more:
+        // client ticks may lead `now` by up to the window, so that is up to two windows away.
+        let expires = Ticks(now.0.max(client_ticks.0).saturating_add(window));
+        self.nonces.insert(
+            nonce,
+            NonceEntry {
+                expires,
+                state: NonceState::Pending,
+            },
+        );
+        self.nonce_queue
+            .push_back((Ticks(now.0.saturating_add(2 * window)), nonce));
+
+        let conn_id = self.fresh_conn_id();
+        let request = self.next_request;
+        self.next_request = self.next_request.wrapping_add(1);
+        self.pending_ids.insert(conn_id);
+        self.pending.insert(
+            request,
+            Pending {
+                nonce,
+                k_s,
+                client,
+                gateway: from,
+                conn_id,
+                sent: 1,
+                retry_at: now.saturating_add(self.cfg.register_retry),
+            },
+        );
+        self.counters.handshakes_ok += 1;
+        self.counters.register_sent += 1;
+        Some(self.register_msg(now, request))
+    }
+
+    fn fresh_conn_id(&self) -> u64 {
+        loop {
+            let id = u64::from_be_bytes(crypto::random_array());
+            if !self.conns.contains_key(&id) && !self.pending_ids.contains(&id) {
+                return id;
+            }
+        }
+    }
+
+    fn register_msg(&self, now: Ticks, request: u64) -> Transmit {
+        let p = &self.pending[&request];
+        Transmit {
+            to: p.gateway,
+            payload: Control::Register {
+                request,
+                ticks: now,
+                conn_id: p.conn_id,
+                client: p.client,
+            }
+            .seal(&self.link),
+        }
+    }
+
+    // --- Control plane ---------------------------------------------------------------------
+
+    fn on_control(&mut self, now: Ticks, from: SocketAddr, datagram: &[u8]) -> Option<Transmit> {
+        let msg = match Control::open(datagram, &self.link, now) {
+            Ok(m) => m,
+            Err(LinkError::BadTag) => {
+                self.counters.control_bad_tag += 1;
+                return None;
+            }
+            Err(LinkError::Stale(_)) => {
+                self.counters.control_stale += 1;
+                return None;
+            }
+            Err(_) => {
+                self.counters.control_malformed += 1;
+                return None;
+            }
+        };
+        match msg {
+            Control::Registered {
+                request,
+                conn_id,
+                epoch,
+                index,
+                rebind_secret,
+                ref slot_keys,
+            } => {
+                if !self.is_pending(request, conn_id) {
+                    self.counters.control_unknown_request += 1;
+                    return None;
+                }
+                let p = self.pending.remove(&request)?;
+                self.pending_ids.remove(&p.conn_id);
+                let kd_c2s = Zeroizing::new(crypto::random_array::<16>());
+                let kd_s2c = Zeroizing::new(crypto::random_array::<16>());
+                let reply = HandshakeReply {
+                    conn_id,
+                    epoch_byte: epoch as u8,
+                    index,
+                    rebind_secret,
+                    kd_c2s: *kd_c2s,
+                    kd_s2c: *kd_s2c,
+                    slot_keys: slot_keys.clone(),
+                };
+                let inner = Zeroizing::new(build_handshake_reply(&p.k_s, &p.nonce, &reply));
+                let mut framed = vec![0u8; 1 + MAX_TUPLE_LEN + inner.len()];
+                let n = hostlink::emit_tuple_data(
+                    LinkType::ToClientReply,
+                    &p.client,
+                    &inner,
+                    &mut framed,
+                );
+                framed.truncate(n);
+                self.conns.insert(
+                    conn_id,
+                    Conn {
+                        rx: crypto::gcm(&kd_c2s),
+                        tx: crypto::gcm(&kd_s2c),
+                        window: ReplayWindow::new(),
+                        next_seq: 0,
+                        gateway: p.gateway,
+                    },
+                );
+                let keep_until = now.saturating_add(self.cfg.reply_keep);
+                if let Some(e) = self.nonces.get_mut(&p.nonce) {
+                    e.state = NonceState::Replied {
+                        client: p.client,
+                        framed: framed.clone(),
+                        keep_until,
+                    };
+                    self.reply_queue.push_back((keep_until, p.nonce));
+                }
+                self.counters.registrations += 1;
+                Some(Transmit {
+                    to: p.gateway,
+                    payload: framed,
+                })
+            }
+            Control::RegisterFailed {
+                request, conn_id, ..
+            } => {
+                if !self.is_pending(request, conn_id) {
+                    self.counters.control_unknown_request += 1;
+                    return None;
+                }
+                self.give_up(request);
+                self.counters.register_failed += 1;
+                None
+            }
+            Control::Rebound { conn_id, .. } => {
+                match self.conns.get_mut(&conn_id) {
+                    Some(c) => {
+                        c.gateway = from;
+                        self.counters.rebounds += 1;
+                    }
+                    None => self.counters.rebound_unknown_conn += 1,
+                }
+                None
+            }
+            Control::Closed { .. } => {
+                self.counters.closed_acks += 1;
+                None
+            }
+            Control::Register { .. } | Control::Close { .. } => {
+                self.counters.control_unexpected += 1;
+                None
+            }
+        }
+    }
+
+    /// Is `request` outstanding, for this `conn_id`?
+    fn is_pending(&self, request: u64, conn_id: u64) -> bool {
+        self.pending
+            .get(&request)
+            .is_some_and(|p| p.conn_id == conn_id)
+    }
+
+    fn give_up(&mut self, request: u64) {
+        if let Some(p) = self.pending.remove(&request) {
+            self.pending_ids.remove(&p.conn_id);
+            if let Some(e) = self.nonces.get_mut(&p.nonce) {
+                e.state = NonceState::Spent;
+            }
+        }
+    }
+
+    /// Forgets a connection and tells its gateway (CLOSE). `None` if it is unknown.
+    pub fn close(&mut self, now: Ticks, conn_id: u64) -> Option<Transmit> {
+        let conn = self.conns.remove(&conn_id)?;
+        let request = self.next_request;
+        self.next_request = self.next_request.wrapping_add(1);
+        self.counters.closes_sent += 1;
+        Some(Transmit {
+            to: conn.gateway,
+            payload: Control::Close {
+                request,
+                ticks: now,
+                conn_id,
+            }
+            .seal(&self.link),
+        })
+    }
+
+    // --- Timers ----------------------------------------------------------------------------
+
+    /// The earliest time [`HostCore::handle_timeout`] has work (a REGISTER retry or give-up).
+    pub fn poll_timeout(&self) -> Option<Ticks> {
+        self.pending.values().map(|p| p.retry_at).min()
+    }
+
+    /// Resends overdue REGISTERs, gives up on those sent `register_tries` times, and expires
+    /// old nonces and kept replies. Call at [`HostCore::poll_timeout`] or periodically.
+    pub fn handle_timeout(&mut self, now: Ticks) -> Vec<Transmit> {
+        self.expire(now);
+        let due: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.retry_at <= now)
+            .map(|(r, _)| *r)
+            .collect();
+        let mut out = Vec::new();
+        for request in due {
+            let p = self.pending.get_mut(&request).expect("due request");
+            if p.sent >= self.cfg.register_tries {
+                self.give_up(request);
+                self.counters.register_timeouts += 1;
+                continue;
+            }
+            p.sent += 1;
+            p.retry_at = now.saturating_add(self.cfg.register_retry);
+            self.counters.register_retransmits += 1;
+            out.push(self.register_msg(now, request));
+        }
+        out
+    }
+
+    fn expire(&mut self, now: Ticks) {
+        while let Some(&(until, nonce)) = self.reply_queue.front() {
+            if until > now {
+                break;
+            }
+            self.reply_queue.pop_front();
+            if let Some(e) = self.nonces.get_mut(&nonce)
+                && matches!(&e.state, NonceState::Replied { keep_until, .. } if *keep_until <= now)
+            {
+                e.state = NonceState::Spent;
+            }
+        }
+        while let Some(&(until, nonce)) = self.nonce_queue.front() {
+            if until > now {
+                break;
+            }
+            self.nonce_queue.pop_front();
+            let done = self
+                .nonces
+                .get(&nonce)
+                .is_some_and(|e| e.expires <= now && !matches!(e.state, NonceState::Pending));
+            if done {
+                self.nonces.remove(&nonce);
+            } else if self.nonces.contains_key(&nonce) {
+                // Still pending or not yet expired (clock moved back): look again later.
+                self.nonce_queue.push_back((
+                    Ticks(
+                        now.0
+                            .saturating_add(duration_ticks(self.cfg.handshake_window)),
+                    ),
+                    nonce,
+                ));
+                break;
+            }
+        }
+    }
+}

@@ -1,0 +1,634 @@
+//! HostCore against a simulated gateway and clock, and the driver over real sockets.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::time::{Duration, Instant};
+
+use aes_gcm::Aes128Gcm;
+use proptest::prelude::*;
+
+use super::*;
+use crate::clients::{ClientEntry, ClientsFile, enroll};
+use crate::crypto;
+use crate::hostlink::{self, Control, LinkKey, LinkType, RegisterFailure};
+use crate::keys::{EpochKeys, MasterSecret};
+use crate::registry::Registry;
+use crate::time::Ticks;
+use crate::wire::{
+    ClientCredentials, DataView, HandshakeReply, build_handshake, open_handshake_reply, seal_data,
+};
+
+const T0: Ticks = Ticks(639_028_224_000_000_000); // 2026-01-01
+const EPOCH: u32 = 300;
+const SLOTS: usize = 16;
+
+fn gw() -> SocketAddr {
+    "10.0.0.1:7000".parse().unwrap()
+}
+fn gw2() -> SocketAddr {
+    "10.0.0.2:7001".parse().unwrap()
+}
+fn client_tuple() -> SocketAddr {
+    "198.51.100.7:40000".parse().unwrap()
+}
+
+fn creds(n: u8) -> ClientCredentials {
+    ClientCredentials {
+        client_id: [n; 16],
+        psk: [n.wrapping_add(100); 32],
+    }
+}
+
+fn clients(ns: &[u8]) -> ClientsFile {
+    ClientsFile::from_entries(
+        ns.iter()
+            .map(|&n| ClientEntry {
+                name: format!("c{n}"),
+                creds: creds(n),
+            })
+            .collect(),
+    )
+}
+
+/// A gateway made from the real key schedule and registry, answering REGISTER.
+struct FakeGateway {
+    keys: EpochKeys,
+    reg: Registry,
+    link: Aes128Gcm,
+}
+
+impl FakeGateway {
+    fn new(link: &LinkKey) -> Self {
+        FakeGateway {
+            keys: EpochKeys::derive(&MasterSecret::from_bytes([5; 32]), EPOCH, SLOTS).unwrap(),
+            reg: Registry::new(SLOTS),
+            link: link.cipher(),
+        }
+    }
+
+    /// Opens a REGISTER and returns `(request, conn_id, client)`.
+    fn open_register(&self, now: Ticks, d: &[u8]) -> (u64, u64, SocketAddr) {
+        match Control::open(d, &self.link, now).unwrap() {
+            Control::Register {
+                request,
+                conn_id,
+                client,
+                ..
+            } => (request, conn_id, client),
+            other => panic!("expected REGISTER, got {other:?}"),
+        }
+    }
+
+    /// Registers and returns the sealed REGISTERED plus what it issued `(index, R)`.
+    fn answer(&mut self, now: Ticks, d: &[u8]) -> (Vec<u8>, u32, [u8; 32]) {
+        let (request, conn_id, client) = self.open_register(now, d);
+        let r = self.reg.register(conn_id, 0, Some(client)).unwrap();
+        let msg = Control::Registered {
+            request,
+            conn_id,
+            epoch: EPOCH,
+            index: r.index,
+            rebind_secret: r.secret.0,
+            slot_keys: self.keys.client_keys(r.index).to_vec(),
+        };
+        (msg.seal(&self.link), r.index, r.secret.0)
+    }
+}
+
+struct Sim {
+    core: HostCore,
+    gw: FakeGateway,
+    link: LinkKey,
+    out: Vec<u8>,
+}
+
+fn sim() -> Sim {
+    let link = LinkKey([9; 16]);
+    Sim {
+        core: HostCore::new(&link, clients(&[1, 2])),
+        gw: FakeGateway::new(&link),
+        link,
+        out: vec![0u8; MAX_DATAGRAM],
+    }
+}
+
+fn to_host_handshake(c: &ClientCredentials, nonce: [u8; 16], ticks: Ticks) -> Vec<u8> {
+    let hs = build_handshake(c, &nonce, ticks);
+    let mut buf = vec![0u8; 300];
+    let n = hostlink::emit_tuple_data(LinkType::ToHostHandshake, &client_tuple(), &hs, &mut buf);
+    buf.truncate(n);
+    buf
+}
+
+impl Sim {
+    fn feed(&mut self, now: Ticks, from: SocketAddr, d: &[u8]) -> Option<(SocketAddr, Vec<u8>)> {
+        let s = self.core.handle(now, from, d, &mut self.out)?;
+        Some((s.to, self.out[..s.len].to_vec()))
+    }
+
+    /// A whole handshake for client `n`; returns the reply and what the gateway issued.
+    fn handshake(&mut self, now: Ticks, n: u8, nonce: [u8; 16]) -> (HandshakeReply, u32, [u8; 32]) {
+        let (to, reg) = self
+            .feed(now, gw(), &to_host_handshake(&creds(n), nonce, now))
+            .expect("REGISTER");
+        assert_eq!(to, gw());
+        let (registered, index, r) = self.gw.answer(now, &reg);
+        let (to, framed) = self.feed(now, gw(), &registered).expect("TO_CLIENT_REPLY");
+        assert_eq!(to, gw());
+        let (tuple, inner) = hostlink::parse_tuple_data(&framed).unwrap();
+        assert_eq!(framed[0], LinkType::ToClientReply as u8);
+        assert_eq!(tuple, client_tuple());
+        let reply = open_handshake_reply(inner, &creds(n).psk, &nonce).unwrap();
+        (reply, index, r)
+    }
+
+    /// Sends DATA `seq` with `payload` under `key` from `from`; returns the echo, if any.
+    fn data(
+        &mut self,
+        now: Ticks,
+        from: SocketAddr,
+        conn_id: u64,
+        key: &[u8; 16],
+        seq: u64,
+        payload: &[u8],
+    ) -> Option<(SocketAddr, Vec<u8>)> {
+        let mut d = vec![0u8; payload.len() + 25];
+        seal_data(&crypto::gcm(key), seq, payload, &mut d);
+        let mut framed = vec![0u8; d.len() + 9];
+        hostlink::emit_conn_data(LinkType::ToHostData, conn_id, &d, &mut framed);
+        self.feed(now, from, &framed)
+    }
+}
+
+/// Opens an echoed TO_CLIENT_DATA: `(conn_id, seq, payload)`.
+fn open_echo(framed: &[u8], kd_s2c: &[u8; 16]) -> (u64, u64, Vec<u8>) {
+    assert_eq!(framed[0], LinkType::ToClientData as u8);
+    let (conn_id, inner) = hostlink::parse_conn_data(framed).unwrap();
+    let v = DataView::new_checked(inner).unwrap();
+    let mut p = vec![0u8; v.payload_len()];
+    v.open(&crypto::gcm(kd_s2c), &mut p).unwrap();
+    (conn_id, v.seq(), p)
+}
+
+#[test]
+fn full_handshake_matches_registration() {
+    let mut s = sim();
+    let (reply, index, r) = s.handshake(T0, 1, [7; 16]);
+    assert_eq!(reply.index, index);
+    assert_eq!(reply.epoch_byte, EPOCH as u8);
+    assert_eq!(reply.rebind_secret, r);
+    assert_eq!(reply.slot_keys, s.gw.keys.client_keys(index).to_vec());
+    assert_eq!(reply.slot_keys.len(), SLOTS);
+    assert_eq!(s.gw.reg.get(index).unwrap().conn_id, reply.conn_id);
+    assert_ne!(reply.kd_c2s, reply.kd_s2c);
+    assert_eq!(s.core.connections(), 1);
+    assert_eq!(s.core.pending(), 0);
+    assert_eq!(s.core.gateway_of(reply.conn_id), Some(gw()));
+    let c = s.core.counters();
+    assert_eq!(
+        (c.handshakes_ok, c.registrations, c.register_sent),
+        (1, 1, 1)
+    );
+    // A second client gets a different conn_id.
+    let (r2, _, _) = s.handshake(T0, 2, [8; 16]);
+    assert_ne!(r2.conn_id, reply.conn_id);
+}
+
+#[test]
+fn unknown_client_and_bad_aead_dropped() {
+    let mut s = sim();
+    assert!(
+        s.feed(T0, gw(), &to_host_handshake(&creds(3), [1; 16], T0))
+            .is_none()
+    );
+    assert_eq!(s.core.counters().handshake_unknown_client, 1);
+    let mut hs = to_host_handshake(&creds(1), [1; 16], T0);
+    hs[8 + 40] ^= 1; // inside the sealed ticks (after the 8-byte link header + tuple)
+    assert!(s.feed(T0, gw(), &hs).is_none());
+    // A wrong psk under a known id.
+    let wrong = ClientCredentials {
+        client_id: [1; 16],
+        psk: [0; 32],
+    };
+    assert!(
+        s.feed(T0, gw(), &to_host_handshake(&wrong, [2; 16], T0))
+            .is_none()
+    );
+    assert_eq!(s.core.counters().handshake_bad_aead, 2);
+    // Forged handshakes do not burn the nonce: the real one still works.
+    s.handshake(T0, 1, [1; 16]);
+    // Too short (the gateway never forwards < 256) and junk.
+    let short = &to_host_handshake(&creds(1), [3; 16], T0)[..200];
+    assert!(s.feed(T0, gw(), short).is_none());
+    assert_eq!(s.core.counters().handshake_malformed, 1);
+}
+
+#[test]
+fn stale_ticks_rejected() {
+    let mut s = sim();
+    let eleven = Duration::from_secs(11 * 60);
+    for t in [T0.saturating_sub(eleven), T0.saturating_add(eleven)] {
+        assert!(
+            s.feed(T0, gw(), &to_host_handshake(&creds(1), [4; 16], t))
+                .is_none()
+        );
+    }
+    assert_eq!(s.core.counters().handshake_stale_ticks, 2);
+    // Nine minutes off is fine.
+    let t = T0.saturating_sub(Duration::from_secs(9 * 60));
+    assert!(
+        s.feed(T0, gw(), &to_host_handshake(&creds(1), [4; 16], t))
+            .is_some()
+    );
+}
+
+#[test]
+fn replayed_nonce_rejected() {
+    let mut s = sim();
+    s.handshake(T0, 1, [5; 16]);
+    // After the kept reply expires (30 s), the same handshake is a replay.
+    let later = T0.saturating_add(Duration::from_secs(31));
+    let hs = to_host_handshake(&creds(1), [5; 16], T0);
+    assert!(s.feed(later, gw(), &hs).is_none());
+    assert_eq!(s.core.counters().handshake_replayed_nonce, 1);
+    // Within 30 s but from another client tuple: also a replay, no reply aimed elsewhere.
+    let mut s = sim();
+    s.handshake(T0, 1, [5; 16]);
+    let other: SocketAddr = "203.0.113.9:1".parse().unwrap();
+    let raw = build_handshake(&creds(1), &[5; 16], T0);
+    let mut buf = vec![0u8; 300];
+    let n = hostlink::emit_tuple_data(LinkType::ToHostHandshake, &other, &raw, &mut buf);
+    assert!(s.feed(T0, gw(), &buf[..n]).is_none());
+    assert_eq!(s.core.counters().handshake_replayed_nonce, 1);
+    // Nonces are forgotten only once no copy could pass the ticks check.
+    let nine = T0.saturating_add(Duration::from_secs(9 * 60));
+    s.core.handle_timeout(nine);
+    assert!(s.feed(nine, gw(), &hs).is_none());
+    assert_eq!(s.core.counters().handshake_replayed_nonce, 2);
+    let much_later = T0.saturating_add(Duration::from_secs(25 * 60));
+    s.core.handle_timeout(much_later);
+    assert!(s.feed(much_later, gw(), &hs).is_none());
+    assert_eq!(s.core.counters().handshake_stale_ticks, 1);
+}
+
+#[test]
+fn register_retransmitted_then_given_up() {
+    let mut s = sim();
+    let (_, reg) = s
+        .feed(T0, gw(), &to_host_handshake(&creds(1), [6; 16], T0))
+        .unwrap();
+    let (req, conn_id, _) = s.gw.open_register(T0, &reg);
+    let step = Duration::from_millis(500);
+    assert_eq!(s.core.poll_timeout(), Some(T0.saturating_add(step)));
+    assert!(
+        s.core
+            .handle_timeout(T0.saturating_add(Duration::from_millis(499)))
+            .is_empty()
+    );
+    let mut now = T0;
+    for _ in 0..4 {
+        now = now.saturating_add(step);
+        let t = s.core.handle_timeout(now);
+        assert_eq!(t.len(), 1);
+        assert_eq!(t[0].to, gw());
+        let (r2, c2, _) = s.gw.open_register(now, &t[0].payload);
+        assert_eq!((r2, c2), (req, conn_id));
+    }
+    now = now.saturating_add(step);
+    assert!(s.core.handle_timeout(now).is_empty());
+    let c = s.core.counters();
+    assert_eq!(
+        (c.register_sent, c.register_retransmits, c.register_timeouts),
+        (1, 4, 1)
+    );
+    assert_eq!(s.core.pending(), 0);
+    assert_eq!(s.core.poll_timeout(), None);
+    // A late REGISTERED is ignored; the handshake must be redone with a new nonce.
+    let (late, _, _) = s.gw.answer(now, &reg);
+    assert!(s.feed(now, gw(), &late).is_none());
+    assert_eq!(s.core.counters().control_unknown_request, 1);
+    assert_eq!(s.core.connections(), 0);
+    assert!(
+        s.feed(now, gw(), &to_host_handshake(&creds(1), [6; 16], T0))
+            .is_none()
+    );
+    assert_eq!(s.core.counters().handshake_replayed_nonce, 1);
+}
+
+#[test]
+fn register_failed_drops_pending() {
+    let mut s = sim();
+    let (_, reg) = s
+        .feed(T0, gw(), &to_host_handshake(&creds(1), [6; 16], T0))
+        .unwrap();
+    let (request, conn_id, _) = s.gw.open_register(T0, &reg);
+    let failed = Control::RegisterFailed {
+        request,
+        conn_id,
+        reason: RegisterFailure::Full as u8,
+    }
+    .seal(&s.link.cipher());
+    assert!(s.feed(T0, gw(), &failed).is_none());
+    assert_eq!(s.core.counters().register_failed, 1);
+    assert_eq!(s.core.pending(), 0);
+    assert!(
+        s.core
+            .handle_timeout(T0.saturating_add(Duration::from_secs(1)))
+            .is_empty()
+    );
+}
+
+#[test]
+fn duplicate_handshake_gets_same_reply_without_second_register() {
+    let mut s = sim();
+    let hs = to_host_handshake(&creds(1), [9; 16], T0);
+    let (_, reg) = s.feed(T0, gw(), &hs).unwrap();
+    // While REGISTER is outstanding: ignored.
+    assert!(s.feed(T0, gw(), &hs).is_none());
+    assert_eq!(s.core.counters().handshake_dup_pending, 1);
+    let (registered, _, _) = s.gw.answer(T0, &reg);
+    let (_, first) = s.feed(T0, gw(), &registered).unwrap();
+    // After: the very same reply, from whichever worker forwarded the retransmission.
+    let t = T0.saturating_add(Duration::from_secs(2));
+    let (to, again) = s.feed(t, gw2(), &hs).unwrap();
+    assert_eq!(to, gw2());
+    assert_eq!(again, first);
+    let c = s.core.counters();
+    assert_eq!(
+        (c.register_sent, c.handshake_reply_resent, c.registrations),
+        (1, 1, 1)
+    );
+    assert_eq!(s.core.connections(), 1);
+}
+
+#[test]
+fn data_echo_roundtrip_replay_and_wrong_key() {
+    let mut s = sim();
+    let (reply, _, _) = s.handshake(T0, 1, [3; 16]);
+    let id = reply.conn_id;
+    let (to, e) = s.data(T0, gw(), id, &reply.kd_c2s, 0, b"hello").unwrap();
+    assert_eq!(to, gw());
+    assert_eq!(open_echo(&e, &reply.kd_s2c), (id, 0, b"hello".to_vec()));
+    // Empty payload, echoed with the next send seq.
+    let (_, e) = s.data(T0, gw(), id, &reply.kd_c2s, 1, b"").unwrap();
+    assert_eq!(open_echo(&e, &reply.kd_s2c), (id, 1, vec![]));
+    // Out of order is fine; replays are not.
+    let (_, e) = s.data(T0, gw(), id, &reply.kd_c2s, 5, &[0; 24]).unwrap();
+    assert_eq!(open_echo(&e, &reply.kd_s2c), (id, 2, vec![0; 24]));
+    assert!(s.data(T0, gw(), id, &reply.kd_c2s, 0, b"hello").is_none());
+    assert_eq!(s.core.counters().data_replay, 1);
+    // Wrong key (the s2c one), unknown conn_id, garbage.
+    assert!(s.data(T0, gw(), id, &reply.kd_s2c, 9, b"x").is_none());
+    assert_eq!(s.core.counters().data_bad_aead, 1);
+    assert!(s.data(T0, gw(), id ^ 1, &reply.kd_c2s, 9, b"x").is_none());
+    assert_eq!(s.core.counters().data_unknown_conn, 1);
+    assert!(
+        s.feed(T0, gw(), &[1, 0, 0, 0, 0, 0, 0, 0, 0, 0x44])
+            .is_none()
+    );
+    assert_eq!(s.core.counters().data_malformed, 1);
+    // The window still accepts seq 9 after the failed attempts (failures never move it).
+    assert!(s.data(T0, gw(), id, &reply.kd_c2s, 9, b"x").is_some());
+    let c = s.core.counters();
+    assert_eq!((c.echoes, c.echo_bytes), (4, 5 + 24 + 1));
+    // Output too small: counted, nothing written.
+    let mut d = vec![0u8; 30];
+    seal_data(&crypto::gcm(&reply.kd_c2s), 10, b"hello", &mut d);
+    let mut framed = vec![0u8; 39];
+    hostlink::emit_conn_data(LinkType::ToHostData, id, &d, &mut framed);
+    assert!(s.core.handle(T0, gw(), &framed, &mut [0u8; 20]).is_none());
+    assert_eq!(s.core.counters().out_too_small, 1);
+}
+
+#[test]
+fn rebound_moves_gateway_and_bad_key_control_dropped() {
+    let mut s = sim();
+    let (reply, _, _) = s.handshake(T0, 1, [3; 16]);
+    let id = reply.conn_id;
+    let rebound = Control::Rebound {
+        conn_id: id,
+        t: T0,
+        old: Some(client_tuple()),
+        new: "198.51.100.7:40001".parse().unwrap(),
+    };
+    // Under another key: dropped.
+    let forged = rebound.seal(&LinkKey([1; 16]).cipher());
+    assert!(s.feed(T0, gw2(), &forged).is_none());
+    assert_eq!(s.core.counters().control_bad_tag, 1);
+    assert_eq!(s.core.gateway_of(id), Some(gw()));
+    // Under the link key: the connection now answers via the worker that sent it.
+    assert!(s.feed(T0, gw2(), &rebound.seal(&s.link.cipher())).is_none());
+    assert_eq!(s.core.counters().rebounds, 1);
+    assert_eq!(s.core.gateway_of(id), Some(gw2()));
+    let (to, _) = s.data(T0, gw2(), id, &reply.kd_c2s, 0, b"hi").unwrap();
+    assert_eq!(to, gw2());
+    // DATA forwarded by yet another worker moves it again.
+    let (to, _) = s.data(T0, gw(), id, &reply.kd_c2s, 1, b"hi").unwrap();
+    assert_eq!(to, gw());
+    // Unknown conn_id in REBOUND is counted.
+    let stray = Control::Rebound {
+        conn_id: id ^ 1,
+        t: T0,
+        old: None,
+        new: client_tuple(),
+    };
+    assert!(s.feed(T0, gw(), &stray.seal(&s.link.cipher())).is_none());
+    assert_eq!(s.core.counters().rebound_unknown_conn, 1);
+}
+
+#[test]
+fn close_sends_close_and_forgets() {
+    let mut s = sim();
+    let (reply, _, _) = s.handshake(T0, 1, [3; 16]);
+    let t = s.core.close(T0, reply.conn_id).unwrap();
+    assert_eq!(t.to, gw());
+    match Control::open(&t.payload, &s.link.cipher(), T0).unwrap() {
+        Control::Close { conn_id, .. } => assert_eq!(conn_id, reply.conn_id),
+        other => panic!("{other:?}"),
+    }
+    assert!(s.core.close(T0, reply.conn_id).is_none());
+    assert_eq!(s.core.connections(), 0);
+    assert!(
+        s.data(T0, gw(), reply.conn_id, &reply.kd_c2s, 0, b"x")
+            .is_none()
+    );
+    let closed = Control::Closed {
+        request: 1,
+        conn_id: reply.conn_id,
+        found: true,
+    };
+    s.feed(T0, gw(), &closed.seal(&s.link.cipher()));
+    let c = s.core.counters();
+    assert_eq!((c.closes_sent, c.closed_acks), (1, 1));
+}
+
+#[test]
+fn replace_clients_takes_effect_for_new_handshakes() {
+    let mut s = sim();
+    assert!(
+        s.feed(T0, gw(), &to_host_handshake(&creds(7), [1; 16], T0))
+            .is_none()
+    );
+    s.core.replace_clients(clients(&[7]));
+    s.handshake(T0, 7, [2; 16]);
+    assert!(
+        s.feed(T0, gw(), &to_host_handshake(&creds(1), [3; 16], T0))
+            .is_none()
+    );
+    assert_eq!(s.core.counters().handshake_unknown_client, 2);
+}
+
+#[test]
+fn caps_refuse_instead_of_evicting() {
+    let link = LinkKey([9; 16]);
+    let cfg = HostConfig {
+        max_nonces: 2,
+        ..HostConfig::default()
+    };
+    let mut core = HostCore::with_config(&link, clients(&[1]), cfg);
+    let mut out = vec![0u8; 2048];
+    for i in 0..3u8 {
+        let r = core.handle(
+            T0,
+            gw(),
+            &to_host_handshake(&creds(1), [i; 16], T0),
+            &mut out,
+        );
+        assert_eq!(r.is_some(), i < 2);
+    }
+    assert_eq!(core.counters().handshake_busy, 1);
+}
+
+fn link_type_byte() -> impl Strategy<Value = u8> {
+    prop_oneof![
+        Just(0x01u8),
+        Just(0x02),
+        Just(0x03),
+        Just(0x04),
+        0x10u8..=0x15,
+        any::<u8>()
+    ]
+}
+
+proptest! {
+    #[test]
+    fn core_never_panics(
+        msgs in proptest::collection::vec(
+            (link_type_byte(), proptest::collection::vec(any::<u8>(), 0..400), any::<bool>(),
+             any::<u16>(), 0u64..2_000_000_000),
+            1..24),
+    ) {
+        let mut s = sim();
+        let (reply, _, _) = s.handshake(T0, 1, [3; 16]);
+        let id = reply.conn_id.to_be_bytes();
+        let mut now = T0;
+        for (ty, mut body, v6, port, dt) in msgs {
+            now = Ticks(now.0 + dt);
+            // Half the time, aim at the live connection so the DATA path is exercised.
+            if ty == 0x01 && body.len() >= 8 && port % 2 == 0 {
+                body[..8].copy_from_slice(&id);
+            }
+            let mut d = vec![ty];
+            d.extend_from_slice(&body);
+            let from: SocketAddr = if v6 {
+                SocketAddr::new("2001:db8::1".parse().unwrap(), port)
+            } else {
+                SocketAddr::new([10, 0, 0, (port % 256) as u8].into(), port)
+            };
+            let _ = s.core.handle(now, from, &d, &mut s.out);
+            let _ = s.core.handle(now, from, &d, &mut [0u8; 16]);
+            let _ = s.core.handle_timeout(now);
+        }
+    }
+}
+
+// --- The driver over real sockets ----------------------------------------------------------
+
+#[test]
+fn spawned_host_over_udp() {
+    let start = Instant::now();
+    let dir = crate::clients::tests::TempDir::new("host");
+    let path = dir.0.join("clients.toml");
+    let alice = enroll(&path, "alice").unwrap();
+    let link = LinkKey::generate();
+    let mut opts = HostOptions::new("127.0.0.1:0".parse().unwrap(), path.clone(), link.clone());
+    opts.reload_on_sighup = false;
+    opts.reload_check = Duration::from_millis(100);
+    let host = spawn_host(opts).unwrap();
+    let to = host.local_addr();
+
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+    let mut gw = FakeGateway::new(&link);
+    let mut buf = vec![0u8; 4096];
+    let mut recv = |sock: &UdpSocket| {
+        let (n, from) = sock.recv_from(&mut buf).expect("answer from host");
+        assert_eq!(from, to);
+        buf[..n].to_vec()
+    };
+
+    let handshake = |sock: &UdpSocket,
+                     gw: &mut FakeGateway,
+                     recv: &mut dyn FnMut(&UdpSocket) -> Vec<u8>,
+                     c: &ClientCredentials,
+                     nonce: [u8; 16]| {
+        let now = Ticks::wall_clock();
+        sock.send_to(&to_host_handshake(c, nonce, now), to).unwrap();
+        let reg = recv(sock);
+        let (registered, index, _) = gw.answer(Ticks::wall_clock(), &reg);
+        sock.send_to(&registered, to).unwrap();
+        let framed = recv(sock);
+        let (tuple, inner) = hostlink::parse_tuple_data(&framed).unwrap();
+        assert_eq!(tuple, client_tuple());
+        let reply = open_handshake_reply(inner, &c.psk, &nonce).unwrap();
+        assert_eq!(reply.index, index);
+        reply
+    };
+
+    let reply = handshake(&sock, &mut gw, &mut recv, &alice.creds, [1; 16]);
+    for seq in 0..3u64 {
+        let payload = vec![seq as u8; seq as usize * 10];
+        let mut d = vec![0u8; payload.len() + 25];
+        seal_data(&crypto::gcm(&reply.kd_c2s), seq, &payload, &mut d);
+        let mut framed = vec![0u8; d.len() + 9];
+        hostlink::emit_conn_data(LinkType::ToHostData, reply.conn_id, &d, &mut framed);
+        sock.send_to(&framed, to).unwrap();
+        let e = recv(&sock);
+        assert_eq!(open_echo(&e, &reply.kd_s2c), (reply.conn_id, seq, payload));
+    }
+
+    // The clients file is re-read when it changes.
+    let bob = enroll(&path, "bob").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while host.stats().reloads == 0 {
+        assert!(Instant::now() < deadline, "no reload");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    handshake(&sock, &mut gw, &mut recv, &bob.creds, [2; 16]);
+
+    let stats = host.stop().unwrap();
+    assert_eq!(stats.counters.echoes, 3);
+    assert_eq!(stats.counters.registrations, 2);
+    assert_eq!(stats.connections, 2);
+    assert_eq!(stats.clients, 2);
+    assert_eq!(stats.send_errors, 0);
+    let json = serde_json::to_value(&stats).unwrap();
+    assert_eq!(json["echoes"], 3);
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        start.elapsed()
+    );
+}
+
+#[test]
+fn spawn_refuses_exposed_clients_file() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = crate::clients::tests::TempDir::new("host-perm");
+    let path = dir.0.join("clients.toml");
+    enroll(&path, "alice").unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let mut opts = HostOptions::new("127.0.0.1:0".parse().unwrap(), path, LinkKey([1; 16]));
+    opts.reload_on_sighup = false;
+    let e = spawn_host(opts).unwrap_err().to_string();
+    assert!(e.contains("chmod 600"), "{e}");
+}
