@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-use rebindgw::{conformance, engine, gateway, secrets};
+use rebindgw::{conformance, engine, gateway, host, secrets};
 
 #[derive(Parser)]
 #[command(
@@ -30,6 +30,23 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Run the gateway (every config key is also a flag; flags win).
+    Gateway(Box<GatewayArgs>),
+    /// Run the reference echo host.
+    Host(HostArgs),
+    /// Add a client to a host's clients file and print its credentials as JSON.
+    Enroll {
+        /// The host's clients file (created with mode 0600 if missing).
+        #[arg(long)]
+        clients: PathBuf,
+        #[arg(long)]
+        name: String,
+    },
+    /// Write a new 16-byte host link key (mode 0600) for `[[hosts]] link_key_file`.
+    LinkKeygen {
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Print a readable summary of a running gateway's metrics.
     Stats {
         /// The gateway's admin address.
@@ -38,12 +55,119 @@ enum Command {
     },
 }
 
+#[derive(clap::Args)]
+struct GatewayArgs {
+    /// TOML config file; see README "Configuration".
+    #[arg(long, env = "REBINDGW_CONFIG")]
+    config: Option<PathBuf>,
+    /// Client-facing address (repeatable; replaces `listen`).
+    #[arg(long)]
+    listen: Vec<SocketAddr>,
+    /// Host as ADDR=LINK_KEY_FILE (repeatable; replaces `hosts`).
+    #[arg(long = "host", value_parser = gateway::config::parse_host)]
+    hosts: Vec<gateway::config::HostEntry>,
+    /// Local address of the workers' host-link sockets.
+    #[arg(long)]
+    host_link: Option<SocketAddr>,
+    /// Admin (metrics) address.
+    #[arg(long)]
+    admin: Option<SocketAddr>,
+    /// Disable the admin endpoint.
+    #[arg(long, conflicts_with = "admin")]
+    no_admin: bool,
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    #[arg(long)]
+    master_key: Option<PathBuf>,
+    /// S, slots per key set (1..=32).
+    #[arg(long)]
+    slots: Option<usize>,
+    /// W, the freshness window in seconds.
+    #[arg(long)]
+    window_secs: Option<u64>,
+    /// Workers (0: one per core).
+    #[arg(long)]
+    workers: Option<usize>,
+    #[arg(long)]
+    max_connections: Option<usize>,
+    /// I/O backend: uring or mmsg.
+    #[arg(long)]
+    io: Option<rebindgw::io::IoBackend>,
+    /// UNRECOGNIZED per source prefix, PER_SECOND/BURST.
+    #[arg(long, value_parser = gateway::config::parse_rate)]
+    unrecognized_per_prefix: Option<gateway::ratelimit::Rate>,
+    #[arg(long, value_parser = gateway::config::parse_rate)]
+    unrecognized_global: Option<gateway::ratelimit::Rate>,
+    #[arg(long, value_parser = gateway::config::parse_rate)]
+    handshake_per_prefix: Option<gateway::ratelimit::Rate>,
+    #[arg(long, value_parser = gateway::config::parse_rate)]
+    handshake_global: Option<gateway::ratelimit::Rate>,
+}
+
+impl GatewayArgs {
+    fn into_config(self) -> anyhow::Result<gateway::config::GatewayConfig> {
+        let mut c = match &self.config {
+            Some(path) => gateway::config::GatewayConfig::from_file(path)?,
+            None => gateway::config::GatewayConfig::default(),
+        };
+        if !self.listen.is_empty() {
+            c.listen = self.listen;
+        }
+        if !self.hosts.is_empty() {
+            c.hosts = self.hosts;
+        }
+        if self.no_admin {
+            c.admin = None;
+        }
+        macro_rules! set {
+            ($($field:ident => $target:expr),* $(,)?) => {
+                $(if let Some(v) = self.$field { $target = v; })*
+            };
+        }
+        set! {
+            host_link => c.host_link,
+            state_dir => c.state_dir,
+            slots => c.slots,
+            window_secs => c.window_secs,
+            workers => c.workers,
+            max_connections => c.max_connections,
+            io => c.io,
+            unrecognized_per_prefix => c.rate_limits.unrecognized_per_prefix,
+            unrecognized_global => c.rate_limits.unrecognized_global,
+            handshake_per_prefix => c.rate_limits.handshake_per_prefix,
+            handshake_global => c.rate_limits.handshake_global,
+        }
+        if let Some(a) = self.admin {
+            c.admin = Some(a);
+        }
+        if let Some(k) = self.master_key {
+            c.master_key = Some(k);
+        }
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+#[derive(clap::Args)]
+struct HostArgs {
+    /// Host-link address the gateway sends to.
+    #[arg(long, default_value = "127.0.0.1:7500")]
+    listen: SocketAddr,
+    /// The enrolled-clients file (`rebindgw enroll`).
+    #[arg(long)]
+    clients: PathBuf,
+    /// This host's link key file (`rebindgw link-keygen`), shared with the gateway.
+    #[arg(long)]
+    link_key: PathBuf,
+}
+
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,rebindgw=info"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 }
 
@@ -77,6 +201,31 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Keygen { out } => {
             secrets::generate_master(&out)?;
             println!("wrote a new master secret to {} (mode 0600)", out.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Gateway(args) => {
+            gateway::run::run_gateway(args.into_config()?)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Host(args) => {
+            let key = secrets::load_link_key(&args.link_key)?;
+            let opts = host::HostOptions::new(args.listen, args.clients, key);
+            let shutdown = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+                signal_hook::flag::register(sig, shutdown.clone())?;
+            }
+            let stats = host::run_host(opts, shutdown)?;
+            eprintln!("{}", serde_json::to_string(&stats)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Enroll { clients, name } => {
+            let enrolled = rebindgw::clients::enroll(&clients, &name)?;
+            println!("{}", serde_json::to_string(&enrolled)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::LinkKeygen { out } => {
+            secrets::generate_link_key(&out)?;
+            println!("wrote a new host link key to {} (mode 0600)", out.display());
             Ok(ExitCode::SUCCESS)
         }
         Command::Stats { admin } => {

@@ -76,7 +76,7 @@ pub fn summarize(text: &str) -> String {
             .iter()
             .filter(|(k, _)| k == prefix || k.starts_with(&format!("{prefix}{{")))
             .map(|(_, v)| v)
-            .sum()
+            .fold(0.0, |a, b| a + b)
     };
     let labelled = |name: &str| -> Vec<(String, f64)> {
         series

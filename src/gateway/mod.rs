@@ -9,5 +9,6 @@ pub mod config;
 pub mod core;
 pub mod metrics;
 pub mod ratelimit;
+pub mod run;
 pub mod store;
 pub mod tx;

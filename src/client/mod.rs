@@ -30,6 +30,8 @@
 //!   nothing received can panic.
 #![forbid(unsafe_code)]
 
+pub mod socket;
+
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};

@@ -1,0 +1,409 @@
+//! End-to-end tests on real loopback sockets: a reference host, a gateway and clients, in
+//! one process. Each test starts its own host and gateway on ephemeral ports.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use rebindgw::client::socket::UdpClient;
+use rebindgw::client::{ClientConfig, ClientEvent};
+use rebindgw::clients::enroll;
+use rebindgw::crypto;
+use rebindgw::gateway::config::{GatewayConfig, HostEntry};
+use rebindgw::gateway::metrics::{C, total};
+use rebindgw::gateway::ratelimit::Rate;
+use rebindgw::gateway::run::{GatewayHandle, spawn_gateway};
+use rebindgw::host::{HostHandle, HostOptions, spawn_host};
+use rebindgw::rebind::{RebindCredentials, RebindSecret, build_rebind, fresh_nonces};
+use rebindgw::secrets::generate_link_key;
+use rebindgw::time::Ticks;
+use rebindgw::wire::{
+    ClientCredentials, DataView, HandshakeReply, MsgType, RebindAckView, Unrecognized,
+    build_handshake, open_handshake_reply, seal_data,
+};
+
+struct World {
+    dir: PathBuf,
+    host: Option<HostHandle>,
+    gateway: Option<GatewayHandle>,
+    key_file: PathBuf,
+    clients_file: PathBuf,
+}
+
+fn tempdir() -> PathBuf {
+    let d = std::env::temp_dir().join(format!(
+        "rebindgw-e2e-{}-{}",
+        std::process::id(),
+        hex::encode(crypto::random_array::<6>())
+    ));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+impl World {
+    fn new(listen: &str, tweak: impl FnOnce(&mut GatewayConfig)) -> World {
+        let dir = tempdir();
+        let key_file = dir.join("host.key");
+        let key = generate_link_key(&key_file).unwrap();
+        let clients_file = dir.join("clients.toml");
+        enroll(&clients_file, "seed").unwrap();
+        let host = spawn_host(HostOptions::new(
+            "127.0.0.1:0".parse().unwrap(),
+            clients_file.clone(),
+            key,
+        ))
+        .unwrap();
+        let mut w = World {
+            dir,
+            host: Some(host),
+            gateway: None,
+            key_file,
+            clients_file,
+        };
+        w.start_gateway(listen, tweak);
+        w
+    }
+
+    fn config(&self, listen: &str) -> GatewayConfig {
+        GatewayConfig {
+            listen: vec![listen.parse().unwrap()],
+            hosts: vec![HostEntry {
+                addr: self.host.as_ref().unwrap().local_addr(),
+                link_key_file: self.key_file.clone(),
+            }],
+            admin: None,
+            state_dir: self.dir.join("state"),
+            slots: 12,
+            workers: 2,
+            ..GatewayConfig::default()
+        }
+    }
+
+    fn start_gateway(&mut self, listen: &str, tweak: impl FnOnce(&mut GatewayConfig)) {
+        let mut cfg = self.config(listen);
+        tweak(&mut cfg);
+        self.gateway = Some(spawn_gateway(cfg).unwrap());
+    }
+
+    fn gw(&self) -> &GatewayHandle {
+        self.gateway.as_ref().unwrap()
+    }
+
+    fn addr(&self) -> SocketAddr {
+        self.gw().client_addrs()[0]
+    }
+
+    fn count(&self, c: C) -> u64 {
+        total(&self.gw().shared().metrics, c)
+    }
+
+    fn enroll(&self, name: &str) -> ClientCredentials {
+        enroll(&self.clients_file, name).unwrap().creds.clone()
+    }
+
+    fn stop_gateway(&mut self) {
+        self.gateway.take().unwrap().stop().unwrap();
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        if let Some(g) = self.gateway.take() {
+            let _ = g.stop();
+        }
+        if let Some(h) = self.host.take() {
+            let _ = h.stop();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn local(ip: &str) -> SocketAddr {
+    format!("{ip}:0").parse().unwrap()
+}
+
+fn connect(w: &World, creds: ClientCredentials, ip: &str) -> UdpClient {
+    let cfg = ClientConfig {
+        keepalive: Duration::from_millis(200),
+        ..ClientConfig::default()
+    };
+    // The host reloads its clients file within a second of an enrollment.
+    UdpClient::connect(w.addr(), local(ip), creds, cfg, Duration::from_secs(8)).expect("connects")
+}
+
+fn echo(c: &mut UdpClient, payload: &[u8]) -> Vec<u8> {
+    c.send(payload).unwrap();
+    c.recv(Duration::from_secs(3)).unwrap().expect("echo")
+}
+
+/// A client written with the wire functions alone, to capture and replay raw datagrams.
+struct RawClient {
+    sock: UdpSocket,
+    gw: SocketAddr,
+    reply: HandshakeReply,
+    seq: u64,
+}
+
+impl RawClient {
+    fn connect(w: &World, creds: &ClientCredentials) -> RawClient {
+        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(8);
+        let nonce: [u8; 16] = crypto::random_array();
+        let hs = build_handshake(creds, &nonce, Ticks::wall_clock());
+        let mut buf = [0u8; 2048];
+        while Instant::now() < deadline {
+            sock.send_to(&hs, w.addr()).unwrap();
+            if let Ok((n, _)) = sock.recv_from(&mut buf)
+                && let Ok(reply) = open_handshake_reply(&buf[..n], &creds.psk, &nonce)
+            {
+                return RawClient {
+                    sock,
+                    gw: w.addr(),
+                    reply,
+                    seq: 0,
+                };
+            }
+        }
+        panic!("raw handshake timed out");
+    }
+
+    fn data(&mut self, payload: &[u8]) -> Vec<u8> {
+        let mut out = vec![0u8; payload.len() + 25];
+        seal_data(
+            &crypto::gcm(&self.reply.kd_c2s),
+            self.seq,
+            payload,
+            &mut out,
+        );
+        self.seq += 1;
+        out
+    }
+
+    fn exchange(&self, datagram: &[u8]) -> Option<Vec<u8>> {
+        self.sock.send_to(datagram, self.gw).unwrap();
+        let mut buf = [0u8; 2048];
+        let (n, _) = self.sock.recv_from(&mut buf).ok()?;
+        Some(buf[..n].to_vec())
+    }
+
+    fn echo_ok(&mut self, payload: &[u8]) -> bool {
+        let d = self.data(payload);
+        let Some(back) = self.exchange(&d) else {
+            return false;
+        };
+        let Ok(v) = DataView::new_checked(&back) else {
+            return false;
+        };
+        let mut out = vec![0u8; back.len()];
+        v.open(&crypto::gcm(&self.reply.kd_s2c), &mut out)
+            .is_ok_and(|n| &out[..n] == payload)
+    }
+
+    /// Moves to a new socket, draws an UNRECOGNIZED and builds a REBIND from it.
+    fn move_and_build_rebind(&mut self) -> (Vec<u8>, aes_gcm::Aes128Gcm) {
+        self.sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        self.sock
+            .set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        let probe = self.data(&[0u8; 24]);
+        let u = self.exchange(&probe).expect("UNRECOGNIZED");
+        let u = Unrecognized::parse(&u).expect("an UNRECOGNIZED");
+        assert_eq!(u.observed, self.sock.local_addr().unwrap());
+        let secret = RebindSecret(self.reply.rebind_secret);
+        let creds = RebindCredentials {
+            conn_id: self.reply.conn_id,
+            secret: &secret,
+            slot_keys: &self.reply.slot_keys,
+        };
+        build_rebind(
+            &creds,
+            u.epoch_byte,
+            u.t,
+            &u.cookie,
+            &fresh_nonces(self.reply.slot_keys.len()),
+        )
+    }
+}
+
+#[test]
+fn fast_path_both_directions_and_rebind_after_tuple_change() {
+    let w = World::new("127.0.0.1:0", |_| {});
+    let mut c = connect(&w, w.enroll("alice"), "127.0.0.1");
+    for i in 0..50u8 {
+        let p = vec![i; 100];
+        assert_eq!(echo(&mut c, &p), p);
+    }
+    assert!(w.count(C::TxHostData) >= 50 && w.count(C::TxClientData) >= 50);
+
+    // The NAT moves the client; the application is not told.
+    let old = c.local_addr().unwrap();
+    c.move_socket(local("127.0.0.2")).unwrap();
+    let new = c.local_addr().unwrap();
+    c.send(b"after the move").unwrap();
+    let ev = c
+        .wait_event(Duration::from_secs(5), |e| {
+            matches!(e, ClientEvent::Rebound { .. })
+        })
+        .unwrap()
+        .expect("rebound");
+    let ClientEvent::Rebound { new_tuple, .. } = ev else {
+        unreachable!()
+    };
+    assert_eq!(new_tuple, new);
+    assert_ne!(old, new);
+    assert_eq!(echo(&mut c, b"hello again"), b"hello again");
+    assert_eq!(w.count(C::RebindAccepted), 1);
+    assert!(w.gw().shared().tuples.get(&old).is_none());
+}
+
+#[test]
+fn replay_from_another_tuple_refused_and_duplicate_gets_same_ack() {
+    let w = World::new("127.0.0.1:0", |_| {});
+    let creds = w.enroll("bob");
+    let mut c = RawClient::connect(&w, &creds);
+    assert!(c.echo_ok(b"first"));
+    let (rebind, session) = c.move_and_build_rebind();
+    let ack1 = c.exchange(&rebind).expect("REBIND_ACK");
+    assert_eq!(
+        RebindAckView::new_checked(&ack1).unwrap().open(&session),
+        Ok(c.reply.conn_id)
+    );
+    // Duplicate from the bound tuple: the same ACK again.
+    let ack2 = c.exchange(&rebind).expect("second REBIND_ACK");
+    assert_eq!(ack1, ack2);
+    assert_eq!(w.count(C::RebindDuplicate), 1);
+
+    // Replay from an attacker's tuple: refused (the cookie binds the tuple); it gets at most a
+    // fresh UNRECOGNIZED, and the connection stays where it is.
+    let thief = UdpSocket::bind("127.0.0.3:0").unwrap();
+    thief
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    thief.send_to(&rebind, w.addr()).unwrap();
+    let mut buf = [0u8; 2048];
+    if let Ok((n, _)) = thief.recv_from(&mut buf) {
+        assert_eq!(
+            buf[0],
+            MsgType::Unrecognized as u8,
+            "only a fresh UNRECOGNIZED"
+        );
+        assert!(n <= rebind.len());
+    }
+    assert_eq!(w.count(C::RejectCookie), 1);
+    assert_eq!(w.count(C::RebindAccepted), 1);
+    assert!(c.echo_ok(b"still mine"));
+}
+
+#[test]
+fn unrecognized_is_never_larger_than_its_trigger() {
+    let w = World::new("127.0.0.1:0", |_| {});
+    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(150)))
+        .unwrap();
+    let mut buf = [0u8; 2048];
+    for len in [1usize, 10, 32, 33, 34, 49, 300] {
+        let mut d = vec![0u8; len];
+        d[0] = MsgType::Data as u8;
+        s.send_to(&d, w.addr()).unwrap();
+        match s.recv_from(&mut buf) {
+            Ok((n, _)) => {
+                assert!(n <= len, "{n}-byte reply to a {len}-byte trigger");
+                assert_eq!(n, 33);
+            }
+            Err(_) => assert!(len < 33, "no reply to a {len}-byte trigger"),
+        }
+    }
+    assert_eq!(w.count(C::UnrecognizedSmall), 3);
+    assert_eq!(w.count(C::UnrecognizedSent), 4);
+}
+
+#[test]
+fn unrecognized_rate_limit_holds_on_real_sockets() {
+    let w = World::new("127.0.0.1:0", |c| {
+        c.rate_limits.unrecognized_per_prefix = Rate::new(10.0, 20.0);
+    });
+    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let start = Instant::now();
+    let mut d = vec![0u8; 49];
+    d[0] = MsgType::Data as u8;
+    for _ in 0..300 {
+        s.send_to(&d, w.addr()).unwrap();
+    }
+    let mut replies = 0;
+    let mut buf = [0u8; 2048];
+    while s.recv_from(&mut buf).is_ok() {
+        replies += 1;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    // Two workers share the limit; each gets half the burst and rate.
+    let bound = 20.0 + 10.0 * elapsed + 2.0;
+    assert!(
+        f64::from(replies) <= bound,
+        "{replies} replies, bound {bound}"
+    );
+    assert!(replies >= 10, "some replies ({replies})");
+    assert!(w.count(C::UnrecognizedPrefixRate) >= 250);
+}
+
+#[test]
+fn restart_keeps_connections_and_refuses_pre_restart_rebinds() {
+    // A fixed port, so clients keep talking to the same address across the restart.
+    let port = UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut w = World::new(&listen, |_| {});
+    let creds = w.enroll("carol");
+    let mut c = RawClient::connect(&w, &creds);
+    assert!(c.echo_ok(b"before"));
+    let (captured, _) = c.move_and_build_rebind();
+    assert!(
+        c.exchange(&captured).is_some(),
+        "accepted before the restart"
+    );
+    assert!(c.echo_ok(b"moved"));
+    w.stop_gateway();
+    w.start_gateway(&listen, |_| {});
+    assert_eq!(w.gw().shared().connections(), 1, "registry restored");
+    // The restored tuple works at once.
+    assert!(c.echo_ok(b"after restart"));
+    // The REBIND captured before the restart is refused, even from its own tuple.
+    assert!(
+        c.exchange(&captured)
+            .is_none_or(|r| r[0] != MsgType::RebindAck as u8),
+        "replayed REBIND accepted after restart"
+    );
+    assert_eq!(w.count(C::RejectReplay), 1);
+    // A fresh rebind still works.
+    let (rebind, _) = c.move_and_build_rebind();
+    assert_eq!(c.exchange(&rebind).unwrap()[0], MsgType::RebindAck as u8);
+    assert!(c.echo_ok(b"rebound after restart"));
+}
+
+#[test]
+fn ipv6_clients() {
+    if UdpSocket::bind("[::1]:0").is_err() {
+        eprintln!("skipping ipv6_clients: no IPv6 loopback on this machine");
+        return;
+    }
+    let w = World::new("[::1]:0", |_| {});
+    let mut c = connect(&w, w.enroll("dave"), "[::1]");
+    assert_eq!(echo(&mut c, b"over v6"), b"over v6");
+    c.move_socket(local("[::1]")).unwrap();
+    c.send(&[7u8; 40]).unwrap();
+    assert!(
+        c.wait_event(Duration::from_secs(5), |e| matches!(
+            e,
+            ClientEvent::Rebound { .. }
+        ))
+        .unwrap()
+        .is_some()
+    );
+    assert_eq!(echo(&mut c, b"v6 again"), b"v6 again");
+}
