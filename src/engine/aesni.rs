@@ -18,7 +18,7 @@ use super::{
 
 /// The 11 decryption round keys of one AES-128 key (equivalent inverse cipher order:
 /// `dk[0]` is applied first). 16-aligned so that SSE `aesdec` can take them from memory.
-#[derive(Clone, Copy, Zeroize)]
+#[derive(Zeroize)]
 #[repr(C, align(16))]
 pub(super) struct RoundKeys(pub(super) [[u8; 16]; 11]);
 

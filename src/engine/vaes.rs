@@ -21,7 +21,7 @@ use super::{
 
 /// Lane-paired decryption round keys of one slot: round r = `dk(K0)[r] || dk(K1)[r]`
 /// (lane 0 first). 32-aligned so `vaesdec` takes them straight from memory.
-#[derive(Clone, Copy, Zeroize)]
+#[derive(Zeroize)]
 #[repr(C, align(32))]
 struct PairKeys([[u8; 32]; 11]);
 
@@ -31,8 +31,8 @@ impl PairKeys {
     fn get(&self, r: usize) -> __m256i {
         let k: &[u8; 32] = &self.0[r];
         // SAFETY: `k` is valid for a 32-byte read, and 32-aligned: `PairKeys` is
-        // `align(32)` and each element is 32 bytes long. Only called from functions
-        // with the `avx` feature (implied by `avx2`).
+        // `align(32)` and each element is 32 bytes long. The CPU has AVX: `PairKeys`
+        // exist only after VAES/AVX2 detection (see `Keys::new`).
         unsafe { _mm256_load_si256(k.as_ptr().cast()) }
     }
 }
