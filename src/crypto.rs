@@ -2,9 +2,10 @@
 //! protocol's fixed nonces, HKDF-SHA256, constant-time comparison and the OS RNG.
 #![forbid(unsafe_code)]
 
-use aes::Aes128;
+pub use crate::engine::block::FastAes128;
+use aes::cipher::consts::U12;
 use aes::cipher::{BlockCipherEncrypt, KeyInit};
-use aes_gcm::Aes128Gcm;
+use aes_gcm::AesGcm;
 use aes_gcm::aead::AeadInOut;
 use hkdf::Hkdf;
 use sha2::Sha256;
@@ -25,24 +26,27 @@ pub const ACK_NONCE: [u8; 12] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
 #[error("authentication failed")]
 pub struct AuthError;
 
+/// AES-128-GCM (the `aes-gcm` crate) over [`FastAes128`]. Zeroized on drop.
+pub type Gcm = AesGcm<FastAes128, U12>;
+
 /// `AES(K, B)` for one block.
-pub fn aes_encrypt_block(cipher: &Aes128, block: &mut [u8; 16]) {
+pub fn aes_encrypt_block(cipher: &FastAes128, block: &mut [u8; 16]) {
     cipher.encrypt_block(block.into());
 }
 
-/// A new AES-128 cipher; the `aes` crate zeroizes its round keys on drop.
-pub fn aes128(key: &[u8; 16]) -> Aes128 {
-    Aes128::new(key.into())
+/// A new AES-128 encryptor (AES-NI when present); round keys are zeroized on drop.
+pub fn aes128(key: &[u8; 16]) -> FastAes128 {
+    FastAes128::new(key.into())
 }
 
 /// AES-128-GCM under `key`; zeroized on drop.
-pub fn gcm(key: &[u8; 16]) -> Aes128Gcm {
-    Aes128Gcm::new(key.into())
+pub fn gcm(key: &[u8; 16]) -> Gcm {
+    Gcm::new(key.into())
 }
 
 /// Seals `buf[..len-16]` in place and writes the tag into the last 16 bytes of `buf`.
 /// `buf.len()` must be at least `TAG_LEN` (callers size it from the wire layout).
-pub fn seal_in_place(cipher: &Aes128Gcm, nonce: &[u8; 12], aad: &[u8], buf: &mut [u8]) {
+pub fn seal_in_place(cipher: &Gcm, nonce: &[u8; 12], aad: &[u8], buf: &mut [u8]) {
     let split = buf.len() - TAG_LEN;
     let (msg, tag_out) = buf.split_at_mut(split);
     let tag = cipher
@@ -55,7 +59,7 @@ pub fn seal_in_place(cipher: &Aes128Gcm, nonce: &[u8; 12], aad: &[u8], buf: &mut
 /// Opens `sealed` (ciphertext || tag) into `out`, which must be `sealed.len() - 16` long.
 /// The tag comparison is constant time (done by `aes-gcm`).
 pub fn open_to(
-    cipher: &Aes128Gcm,
+    cipher: &Gcm,
     nonce: &[u8; 12],
     aad: &[u8],
     sealed: &[u8],

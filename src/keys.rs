@@ -10,7 +10,6 @@
 use std::fmt;
 use std::net::SocketAddr;
 
-use aes::Aes128;
 use hkdf::Hkdf;
 use sha2::Sha256;
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
@@ -78,7 +77,7 @@ pub struct EpochKeys {
     /// `slot_keys[i][b] = K[e][i][b]`.
     slot_keys: Zeroizing<Vec<[[u8; 16]; 2]>>,
     /// `Kc[e]`, expanded once; the `aes` crate zeroizes it on drop.
-    cookie: Aes128,
+    cookie: crypto::FastAes128,
 }
 
 impl fmt::Debug for EpochKeys {

@@ -5,6 +5,7 @@
 //! every other module carries `#![forbid(unsafe_code)]`.
 #![deny(unsafe_code)]
 
+pub mod bench;
 pub mod client;
 pub mod clients;
 pub mod conformance;

@@ -47,11 +47,45 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// System benchmarks (see perf/RESULTS.md).
+    #[command(subcommand)]
+    Bench(BenchCommand),
     /// Print a readable summary of a running gateway's metrics.
     Stats {
         /// The gateway's admin address.
         #[arg(long, default_value = "127.0.0.1:7480")]
         admin: SocketAddr,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Gateway fast path against a bare recvmmsg/sendmmsg relay, alternating, plus the RTT
+    /// each adds at half load.
+    Fastpath {
+        #[arg(long, default_value_t = 32)]
+        clients: usize,
+        #[arg(long, default_value_t = 8)]
+        window: usize,
+        #[arg(long, default_value_t = 100)]
+        payload: usize,
+        /// Seconds per run.
+        #[arg(long, default_value_t = 3)]
+        duration: u64,
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        #[arg(long, default_value = "uring")]
+        io: rebindgw::io::IoBackend,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Resident memory per connection.
+    Memory {
+        #[arg(long, default_value_t = 65_536)]
+        connections: usize,
+        #[arg(long, default_value_t = 16)]
+        slots: usize,
     },
 }
 
@@ -226,6 +260,43 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::LinkKeygen { out } => {
             secrets::generate_link_key(&out)?;
             println!("wrote a new host link key to {} (mode 0600)", out.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench(BenchCommand::Fastpath {
+            clients,
+            window,
+            payload,
+            duration,
+            rounds,
+            io,
+            json,
+        }) => {
+            let opts = rebindgw::bench::fastpath::FastpathOptions {
+                clients,
+                window,
+                payload,
+                duration: Duration::from_secs(duration),
+                rounds,
+                io,
+            };
+            let r = rebindgw::bench::fastpath::run_fastpath(&opts)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!(
+                    "saturating echo rate, medians of {rounds}: bare relay {:.0}/s, gateway {:.0}/s, ratio {:.3}",
+                    r.relay_median_eps, r.gateway_median_eps, r.ratio
+                );
+                println!(
+                    "at half load ({}/s): p99 added over direct: gateway {} us, bare relay {} us",
+                    r.half_load_rate, r.gateway_added_p99_us, r.relay_added_p99_us
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench(BenchCommand::Memory { connections, slots }) => {
+            let r = rebindgw::bench::memory::measure(connections, slots)?;
+            println!("{}", serde_json::to_string_pretty(&r)?);
             Ok(ExitCode::SUCCESS)
         }
         Command::Stats { admin } => {

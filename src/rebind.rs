@@ -8,7 +8,7 @@
 
 use std::fmt;
 
-use aes_gcm::Aes128Gcm;
+use crate::crypto::Gcm;
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
 use crate::crypto::{self, HmacSha256Midstate, ZERO_NONCE};
@@ -53,11 +53,11 @@ impl RebindKdf {
 
     /// The session key `k` for nonces `n_0..n_{S-1}` and time `t`.
     pub fn session_key(&self, nonces: &[[u8; 8]], t: Ticks) -> Zeroizing<[u8; 16]> {
-        let mut ikm = Zeroizing::new([0u8; 8 * MAX_SLOTS]);
-        for (dst, n) in ikm.chunks_exact_mut(8).zip(nonces) {
-            dst.copy_from_slice(n);
+        let mut parts: [&[u8]; MAX_SLOTS] = [&[]; MAX_SLOTS];
+        for (p, n) in parts.iter_mut().zip(nonces) {
+            *p = n;
         }
-        let prk = self.keyed.mac(&[&ikm[..8 * nonces.len()]]);
+        let prk = self.keyed.mac(&parts[..nonces.len()]);
         // Expand with L = 16 is one HMAC block: T(1) = HMAC(PRK, info || 0x01).
         let t1 = HmacSha256Midstate::new(&prk[..]).mac(&[b"rebind", &t.0.to_be_bytes(), &[1]]);
         let mut k = Zeroizing::new([0u8; 16]);
@@ -83,7 +83,7 @@ pub fn build_rebind(
     t: Ticks,
     cookie: &[u8; 16],
     nonces: &[[u8; 8]],
-) -> (Vec<u8>, Aes128Gcm) {
+) -> (Vec<u8>, Gcm) {
     let s = creds.slot_keys.len();
     assert!(
         (1..=MAX_SLOTS).contains(&s) && nonces.len() == s,

@@ -36,7 +36,7 @@ use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use aes_gcm::Aes128Gcm;
+use crate::crypto::Gcm;
 use zeroize::Zeroizing;
 
 use crate::crypto;
@@ -213,15 +213,15 @@ struct Session {
     index: u32,
     secret: RebindSecret,
     slot_keys: Zeroizing<Vec<[u8; 16]>>,
-    c2s: Aes128Gcm,
-    s2c: Aes128Gcm,
+    c2s: Gcm,
+    s2c: Gcm,
     send_seq: u64,
     window: ReplayWindow,
 }
 
 struct RebindAttempt {
     t: Ticks,
-    session: Aes128Gcm,
+    session: Gcm,
     observed: SocketAddr,
 }
 
@@ -830,8 +830,8 @@ mod tests {
 
     /// The echo host's side of one connection.
     struct HostConn {
-        c2s: Aes128Gcm,
-        s2c: Aes128Gcm,
+        c2s: Gcm,
+        s2c: Gcm,
         seq: u64,
         window: ReplayWindow,
     }

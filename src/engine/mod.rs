@@ -34,6 +34,7 @@ use std::sync::OnceLock;
 
 #[cfg(target_arch = "x86_64")]
 mod aesni;
+pub mod block;
 mod portable;
 #[cfg(target_arch = "x86_64")]
 mod vaes;

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
-use aes_gcm::Aes128Gcm;
+use crate::crypto::Gcm;
 use crossbeam::channel::Sender;
 use siphasher::sip::SipHasher13;
 
@@ -70,7 +70,7 @@ impl CoreConfig {
 /// One host on the link: its address and link key.
 pub struct HostPeer {
     pub addr: SocketAddr,
-    pub key: Aes128Gcm,
+    pub key: Gcm,
 }
 
 /// The keys of one accepted epoch, as the engine and cookie checks use them.
@@ -879,7 +879,7 @@ mod tests {
         shared: Arc<Shared>,
         worker: WorkerCore,
         host_addr: SocketAddr,
-        link: Aes128Gcm,
+        link: Gcm,
         now: Ticks,
         tx: TxQueue,
     }
@@ -991,7 +991,7 @@ mod tests {
     }
 
     /// Builds a REBIND from an UNRECOGNIZED the core sent.
-    fn rebind_from(issued: &Issued, unrecognized: &[u8]) -> (Vec<u8>, Aes128Gcm) {
+    fn rebind_from(issued: &Issued, unrecognized: &[u8]) -> (Vec<u8>, Gcm) {
         let u = Unrecognized::parse(unrecognized).unwrap();
         let creds = RebindCredentials {
             conn_id: issued.conn_id,

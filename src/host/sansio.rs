@@ -6,7 +6,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use aes_gcm::Aes128Gcm;
+use crate::crypto::Gcm;
 use serde::Serialize;
 use zeroize::Zeroizing;
 
@@ -121,8 +121,8 @@ pub struct Transmit {
 }
 
 struct Conn {
-    rx: Aes128Gcm,
-    tx: Aes128Gcm,
+    rx: Gcm,
+    tx: Gcm,
     window: ReplayWindow,
     next_seq: u64,
     gateway: SocketAddr,
@@ -159,7 +159,7 @@ struct NonceEntry {
 /// The reference echo host (PROTOCOL.md §7 over the host link of `hostlink`).
 pub struct HostCore {
     cfg: HostConfig,
-    link: Aes128Gcm,
+    link: Gcm,
     clients: ClientsFile,
     conns: HashMap<u64, Conn>,
     /// Outstanding REGISTERs by request id.

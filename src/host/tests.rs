@@ -3,7 +3,7 @@
 use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
-use aes_gcm::Aes128Gcm;
+use crate::crypto::Gcm;
 use proptest::prelude::*;
 
 use super::*;
@@ -53,7 +53,7 @@ fn clients(ns: &[u8]) -> ClientsFile {
 struct FakeGateway {
     keys: EpochKeys,
     reg: Registry,
-    link: Aes128Gcm,
+    link: Gcm,
 }
 
 impl FakeGateway {

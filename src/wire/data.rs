@@ -1,6 +1,6 @@
 //! DATA (§7): `0x44 || u64(seq) || GCM-Seal(kd_dir, u32(0) || u64(seq), 0x44 || u64(seq), payload)`.
 
-use aes_gcm::Aes128Gcm;
+use crate::crypto::Gcm;
 
 use super::{MsgType, WireError, be_u64, check_type};
 use crate::crypto::{self, AuthError, TAG_LEN};
@@ -18,7 +18,7 @@ pub fn data_nonce(seq: u64) -> [u8; 12] {
 
 /// Seals `payload` as DATA number `seq` into `out`, which must hold `payload.len() + 25`
 /// bytes; returns the datagram length.
-pub fn seal_data(key: &Aes128Gcm, seq: u64, payload: &[u8], out: &mut [u8]) -> usize {
+pub fn seal_data(key: &Gcm, seq: u64, payload: &[u8], out: &mut [u8]) -> usize {
     let len = payload.len() + DATA_OVERHEAD;
     let out = &mut out[..len];
     out[0] = MsgType::Data as u8;
@@ -55,7 +55,7 @@ impl<'a> DataView<'a> {
     }
     /// Opens the payload into `out[..payload_len()]`. Check the replay window after this
     /// succeeds, never before (an unauthenticated seq must not move it).
-    pub fn open(&self, key: &Aes128Gcm, out: &mut [u8]) -> Result<usize, AuthError> {
+    pub fn open(&self, key: &Gcm, out: &mut [u8]) -> Result<usize, AuthError> {
         let n = self.payload_len();
         let out = out.get_mut(..n).ok_or(AuthError)?;
         crypto::open_to(

@@ -7,9 +7,9 @@
 //! ```
 
 use super::{MAX_SLOTS, MIN_SLOTS, MsgType, WireError, array, be_u64, check_exact};
+use crate::crypto::Gcm;
 use crate::crypto::{self, ACK_NONCE, AuthError, TAG_LEN};
 use crate::time::Ticks;
-use aes_gcm::Aes128Gcm;
 
 /// Bytes of a REBIND that do not depend on S: type, epoch, t, cookie, sealed conn_id.
 pub const REBIND_FIXED_LEN: usize = 1 + 1 + 8 + 16 + 8 + TAG_LEN;
@@ -94,7 +94,7 @@ impl<'a> RebindAckView<'a> {
         Ticks(be_u64(self.buf, 1))
     }
     /// Opens the ACK under the rebind's session key and returns the conn_id it names.
-    pub fn open(&self, session: &Aes128Gcm) -> Result<u64, AuthError> {
+    pub fn open(&self, session: &Gcm) -> Result<u64, AuthError> {
         let mut out = [0u8; 8];
         crypto::open_to(
             session,
@@ -108,7 +108,7 @@ impl<'a> RebindAckView<'a> {
 }
 
 /// Writes a REBIND_ACK for `t` and `conn_id` under the session key.
-pub fn build_rebind_ack(session: &Aes128Gcm, t: Ticks, conn_id: u64) -> [u8; REBIND_ACK_LEN] {
+pub fn build_rebind_ack(session: &Gcm, t: Ticks, conn_id: u64) -> [u8; REBIND_ACK_LEN] {
     let mut out = [0u8; REBIND_ACK_LEN];
     out[0] = MsgType::RebindAck as u8;
     out[1..9].copy_from_slice(&t.0.to_be_bytes());
