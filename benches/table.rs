@@ -83,8 +83,10 @@ fn bench_conn(c: &mut Criterion) {
     let mut map = HashMap::with_capacity(N);
     for (id, a) in ids.iter().zip(&addrs) {
         let v = ConnRoute {
-            tuple: *a,
+            tuple: Some(*a),
             owner: 1,
+            index: *id as u32,
+            epoch_byte: 1,
         };
         w.insert(*id, v).unwrap();
         map.insert(*id, v);

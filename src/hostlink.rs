@@ -22,7 +22,7 @@
 
 use std::net::SocketAddr;
 
-use aes_gcm::Aes128Gcm;
+use crate::crypto::Gcm;
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
 use crate::crypto::{self, TAG_LEN};
@@ -105,7 +105,7 @@ impl LinkKey {
         LinkKey(crypto::random_array())
     }
 
-    pub fn cipher(&self) -> Aes128Gcm {
+    pub fn cipher(&self) -> Gcm {
         crypto::gcm(&self.0)
     }
 }
@@ -387,7 +387,7 @@ impl Control {
     }
 
     /// Seals the message under `key` with a fresh random nonce.
-    pub fn seal(&self, key: &Aes128Gcm) -> Vec<u8> {
+    pub fn seal(&self, key: &Gcm) -> Vec<u8> {
         let body = self.encode_body();
         let mut out = vec![0u8; SEAL_OVERHEAD + body.len()];
         out[0] = self.link_type() as u8;
@@ -401,7 +401,7 @@ impl Control {
 
     /// Opens a sealed control message. Requests (REGISTER, CLOSE) whose ticks are more than
     /// [`CONTROL_WINDOW`] from `now` are refused.
-    pub fn open(datagram: &[u8], key: &Aes128Gcm, now: Ticks) -> Result<Control, LinkError> {
+    pub fn open(datagram: &[u8], key: &Gcm, now: Ticks) -> Result<Control, LinkError> {
         let ty = link_type(datagram)?;
         if !ty.is_control() || datagram.len() < SEAL_OVERHEAD {
             return Err(LinkError::Malformed(ty));

@@ -47,6 +47,10 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Gateway, echo host and load generator on loopback with embedded defaults.
+    Demo(rebindgw::demo::DemoArgs),
+    /// Load-test a gateway with many clients, NAT churn and attacks.
+    Loadgen(Box<rebindgw::loadgen::LoadgenArgs>),
     /// System benchmarks (see perf/RESULTS.md).
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -262,6 +266,20 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             println!("wrote a new host link key to {} (mode 0600)", out.display());
             Ok(ExitCode::SUCCESS)
         }
+        Command::Demo(args) => {
+            let report = rebindgw::demo::run_demo(&args)?;
+            println!("{}", report.to_human());
+            Ok(if report.passed() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Command::Loadgen(args) => Ok(if rebindgw::loadgen::run_cli(*args)? {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        }),
         Command::Bench(BenchCommand::Fastpath {
             clients,
             window,

@@ -11,7 +11,7 @@ use crate::time::Ticks;
 /// Which host owns a connection; an index into the gateway's host list.
 pub type HostId = u16;
 
-/// One live connection.
+/// One live connection (104 bytes: the registry holds one per index in use).
 #[derive(Clone, Debug)]
 pub struct Conn {
     pub conn_id: u64,
@@ -19,8 +19,42 @@ pub struct Conn {
     /// `L`: the `t` of the last accepted rebind (0 before the first).
     pub last_rebind: Ticks,
     /// The tuple the connection is bound to, if any (a NAT may have handed it on).
-    pub tuple: Option<SocketAddr>,
+    tuple: Option<PackedTuple>,
     pub host: HostId,
+}
+
+impl Conn {
+    pub fn tuple(&self) -> Option<SocketAddr> {
+        self.tuple.map(SocketAddr::from)
+    }
+}
+
+/// A tuple in 19 bytes (`SocketAddr` takes 32); flow info and scope are not kept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct PackedTuple {
+    addr: [u8; 16],
+    port: u16,
+    v6: bool,
+}
+
+impl From<SocketAddr> for PackedTuple {
+    fn from(a: SocketAddr) -> Self {
+        PackedTuple {
+            addr: crate::wire::addr16(&a),
+            port: a.port(),
+            v6: a.is_ipv6(),
+        }
+    }
+}
+
+impl From<PackedTuple> for SocketAddr {
+    fn from(p: PackedTuple) -> Self {
+        let ip = std::net::Ipv6Addr::from(p.addr);
+        match (p.v6, ip.to_ipv4_mapped()) {
+            (false, Some(v4)) => SocketAddr::from((v4, p.port)),
+            _ => SocketAddr::from((ip, p.port)),
+        }
+    }
 }
 
 /// The outcome of the freshness rule.
@@ -64,9 +98,15 @@ pub struct Registry {
 impl Registry {
     /// An empty registry for S = `slots` (1..=32, checked by the key schedule).
     pub fn new(slots: usize) -> Self {
+        Self::with_capacity(slots, 0)
+    }
+
+    /// An empty registry with room for `capacity` connections reserved up front, so growth
+    /// never doubles the allocation.
+    pub fn with_capacity(slots: usize, capacity: usize) -> Self {
         Registry {
             slots,
-            conns: Vec::new(),
+            conns: Vec::with_capacity(capacity),
             free: Vec::new(),
             live: 0,
         }
@@ -157,7 +197,7 @@ impl Registry {
             conn_id,
             kdf: RebindKdf::new(secret),
             last_rebind,
-            tuple,
+            tuple: tuple.map(PackedTuple::from),
             host,
         });
         self.live += 1;
@@ -187,7 +227,7 @@ impl Registry {
         let c = self.get(index)?;
         Some(if t > c.last_rebind {
             Freshness::Accept
-        } else if t == c.last_rebind && c.tuple.as_ref() == Some(from) {
+        } else if t == c.last_rebind && c.tuple == Some(PackedTuple::from(*from)) {
             Freshness::Duplicate
         } else {
             Freshness::Replay
@@ -198,7 +238,7 @@ impl Registry {
     pub fn commit_rebind(&mut self, index: u32, t: Ticks, to: SocketAddr) -> Option<SocketAddr> {
         let c = self.conns.get_mut(index as usize)?.as_mut()?;
         c.last_rebind = t;
-        c.tuple.replace(to)
+        c.tuple.replace(to.into()).map(SocketAddr::from)
     }
 
     /// Live connections with their indexes.
@@ -235,6 +275,20 @@ mod tests {
         r.register(14, 0, None).unwrap();
         assert_eq!(r.register(15, 0, None).unwrap_err(), RegistryError::Full(4));
         assert_eq!(r.len(), 4);
+    }
+
+    #[test]
+    fn packed_tuples_roundtrip() {
+        for a in [
+            "10.0.0.1:5",
+            "[2001:db8::1]:443",
+            "[::ffff:10.0.0.1]:5",
+            "0.0.0.0:0",
+        ] {
+            let a: SocketAddr = a.parse().unwrap();
+            assert_eq!(SocketAddr::from(PackedTuple::from(a)), a);
+        }
+        assert!(std::mem::size_of::<Option<Conn>>() <= 104);
     }
 
     #[test]

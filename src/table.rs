@@ -14,21 +14,21 @@
 //!
 //! # Layout
 //!
-//! Fixed capacity, chosen at construction: the smallest power of two `≥ 2 × max_entries`, so the
-//! load factor never exceeds ½ and every probe sequence ends at an empty bucket. Inserting a
-//! new key when `max_entries` are present returns [`TableFull`] instead of degrading.
-//! Open addressing with linear probing and backward-shift deletion (no tombstones, so probe
-//! lengths do not grow with churn). Each bucket is an array of `AtomicU64`; an all-zero bucket
-//! is empty, and one designated word (the "tag") is non-zero in every occupied bucket.
+//! Fixed capacity, chosen at construction: `⌈5/3 × max_entries⌉` buckets, so the load factor
+//! never exceeds 0.6 and every probe sequence ends at an empty bucket. A multiply-shift maps
+//! hashes onto the (not power-of-two) bucket count. Inserting a new key when `max_entries` are
+//! present returns [`TableFull`] instead of degrading. Open addressing with linear probing and
+//! backward-shift deletion (no tombstones, so probe lengths do not grow with churn). Each bucket
+//! is an array of `AtomicU64`; an all-zero bucket is empty, and one designated word (the "tag")
+//! is non-zero in every occupied bucket.
 //!
 //! | table         | bucket words                                                         | bytes |
 //! |---------------|----------------------------------------------------------------------|-------|
 //! | `TupleTable`  | addr16 hi, addr16 lo, port‖family‖occupied (key) · conn_id, index‖host‖owner‖epoch (value) | 40 |
-//! | `ConnTable`   | conn_id (key) · addr16 hi, addr16 lo, port‖family‖owner‖occupied (value) | 32 |
+//! | `ConnTable`   | conn_id (key) · addr16 hi, addr16 lo, port‖family‖no-tuple‖owner‖occupied, index‖epoch (value) | 40 |
 //!
-//! Memory per entry at full load = bucket bytes × capacity / max_entries; with a power-of-two
-//! `max_entries` that is exactly 2 buckets: **80 B** (`TupleTable`) and **64 B** (`ConnTable`).
-//! At 65,536 entries: 131,072 buckets, 5 MiB and 4 MiB of bucket storage.
+//! Memory per entry at full load = bucket bytes × capacity / max_entries ≈ 40 × 5/3 = **67 B**
+//! per table. At 65,536 entries: 109,227 buckets, 4.2 MiB per table.
 //!
 //! Keys are attacker-chosen (source tuples; `conn_id`s echoed by hosts), so the bucket index is
 //! SipHash-1-3 of the key words under a 128-bit key drawn from `getrandom` per table.
@@ -100,10 +100,20 @@ pub struct TableFull {
 // iff the bucket is occupied.
 // ---------------------------------------------------------------------------------------------
 
+/// Buckets for `max_entries`: a load factor of at most 0.6, and always one empty bucket.
+fn capacity_for(max_entries: usize) -> usize {
+    max_entries
+        .checked_mul(5)
+        .map(|n| n.div_ceil(3))
+        .expect("table max_entries too large")
+        .max(max_entries + 1)
+        .max(2)
+}
+
 struct Raw<const KW: usize, const W: usize, const TAG: usize> {
     seq: CachePadded<AtomicU64>,
     buckets: Box<[[AtomicU64; W]]>,
-    mask: usize,
+    cap: usize,
     max_entries: usize,
     len: AtomicUsize,
     sip_k0: u64,
@@ -125,17 +135,14 @@ impl<const KW: usize, const W: usize, const TAG: usize> Raw<KW, W, TAG> {
 
     fn with_keys(max_entries: usize, sip_k0: u64, sip_k1: u64) -> Self {
         let () = Self::CHECK;
-        let capacity = max_entries
-            .checked_mul(2)
-            .and_then(|n| n.max(2).checked_next_power_of_two())
-            .expect("table max_entries too large");
+        let capacity = capacity_for(max_entries);
         let buckets = (0..capacity)
             .map(|_| std::array::from_fn(|_| AtomicU64::new(0)))
             .collect();
         Raw {
             seq: CachePadded::new(AtomicU64::new(0)),
             buckets,
-            mask: capacity - 1,
+            cap: capacity,
             max_entries,
             len: AtomicUsize::new(0),
             sip_k0,
@@ -160,8 +167,8 @@ impl<const KW: usize, const W: usize, const TAG: usize> Raw<KW, W, TAG> {
 
     #[inline]
     fn home(&self, key: &[u64; KW]) -> usize {
-        // Truncation to usize is intended: only the low bits select the bucket.
-        (self.hash(key) as usize) & self.mask
+        // Lemire's multiply-shift maps the hash onto [0, cap) without a power-of-two size.
+        ((u128::from(self.hash(key)) * self.cap as u128) >> 64) as usize
     }
 
     #[inline]
@@ -178,7 +185,7 @@ impl<const KW: usize, const W: usize, const TAG: usize> Raw<KW, W, TAG> {
     #[inline]
     fn probe(&self, key: &[u64; KW], home: usize) -> Option<[u64; W]> {
         let mut i = home;
-        for _ in 0..=self.mask {
+        for _ in 0..self.cap {
             let b = &self.buckets[i];
             if b[TAG].load(Ordering::Relaxed) == 0 {
                 return None;
@@ -190,7 +197,7 @@ impl<const KW: usize, const W: usize, const TAG: usize> Raw<KW, W, TAG> {
             {
                 return Some(Self::image_of(b));
             }
-            i = (i + 1) & self.mask;
+            i = self.next(i);
         }
         None
     }
@@ -230,8 +237,8 @@ impl<const KW: usize, const W: usize, const TAG: usize> Raw<KW, W, TAG> {
             if Self::key_of(b) == *key {
                 return Ok(i);
             }
-            // Terminates: load factor ≤ ½ keeps at least one bucket empty.
-            i = (i + 1) & self.mask;
+            // Terminates: `cap > max_entries` keeps at least one bucket empty.
+            i = self.next(i);
         }
     }
 
@@ -295,7 +302,7 @@ impl<const KW: usize, const W: usize, const TAG: usize> Raw<KW, W, TAG> {
         let old = Self::image_of(&self.buckets[i]);
         let s = self.begin_write();
         let mut hole = i;
-        let mut j = (i + 1) & self.mask;
+        let mut j = self.next(i);
         loop {
             let b = &self.buckets[j];
             if b[TAG].load(Ordering::Relaxed) == 0 {
@@ -304,11 +311,11 @@ impl<const KW: usize, const W: usize, const TAG: usize> Raw<KW, W, TAG> {
             let home = self.home(&Self::key_of(b));
             // Entry at j may move to `hole` iff it is at least as far from home as the hole is
             // from j, i.e. the hole lies on its probe path.
-            if (j.wrapping_sub(home) & self.mask) >= (j.wrapping_sub(hole) & self.mask) {
+            if self.dist(home, j) >= self.dist(hole, j) {
                 Self::store(&self.buckets[hole], &Self::image_of(b));
                 hole = j;
             }
-            j = (j + 1) & self.mask;
+            j = self.next(j);
         }
         Self::store(&self.buckets[hole], &[0; W]);
         self.end_write(s);
@@ -322,7 +329,23 @@ impl<const KW: usize, const W: usize, const TAG: usize> Raw<KW, W, TAG> {
     }
 
     fn capacity(&self) -> usize {
-        self.mask + 1
+        self.cap
+    }
+
+    /// The bucket after `i`, wrapping.
+    #[inline]
+    fn next(&self, i: usize) -> usize {
+        if i + 1 == self.cap { 0 } else { i + 1 }
+    }
+
+    /// Cyclic distance from `from` forward to `to`.
+    #[inline]
+    fn dist(&self, from: usize, to: usize) -> usize {
+        if to >= from {
+            to - from
+        } else {
+            to + self.cap - from
+        }
     }
 
     fn memory_bytes(&self) -> usize {
@@ -351,7 +374,7 @@ impl<const KW: usize, const W: usize, const TAG: usize> Raw<KW, W, TAG> {
                     0,
                     "gap before {i}"
                 );
-                k = (k + 1) & self.mask;
+                k = self.next(k);
             }
         }
         assert_eq!(count, self.len());
@@ -530,28 +553,45 @@ impl TupleWriter {
 // ConnTable: conn_id -> (SocketAddr, owner)
 // ---------------------------------------------------------------------------------------------
 
-/// Where a host reply for a connection goes: the client's current tuple and the worker that
-/// owns the connection.
+/// Where a host reply for a connection goes, and where the connection sits in the registry:
+/// the client's current tuple (none after a NAT handed it to another connection), the worker
+/// that owns the connection, and its epoch byte and index.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ConnRoute {
-    pub tuple: SocketAddr,
+    pub tuple: Option<SocketAddr>,
     pub owner: u8,
+    pub index: u32,
+    pub epoch_byte: u8,
 }
 
 /// Key word 0 = conn_id (every u64 is valid), so the occupied tag lives in value word 3.
-type ConnRaw = Raw<1, 4, 3>;
+type ConnRaw = Raw<1, 5, 3>;
+
+/// Set in value word 3 when the connection has no tuple.
+const NO_TUPLE: u64 = 1 << 17;
 
 #[inline]
-fn conn_image(conn_id: u64, v: &ConnRoute) -> [u64; 4] {
-    let (hi, lo, pf) = pack_addr(&v.tuple);
-    [conn_id, hi, lo, pf | u64::from(v.owner) << 24 | OCCUPIED]
+fn conn_image(conn_id: u64, v: &ConnRoute) -> [u64; 5] {
+    let (hi, lo, pf) = match &v.tuple {
+        Some(t) => pack_addr(t),
+        None => (0, 0, NO_TUPLE),
+    };
+    [
+        conn_id,
+        hi,
+        lo,
+        pf | u64::from(v.owner) << 24 | OCCUPIED,
+        u64::from(v.index) | u64::from(v.epoch_byte) << 32,
+    ]
 }
 
 #[inline]
-fn conn_value(img: &[u64; 4]) -> ConnRoute {
+fn conn_value(img: &[u64; 5]) -> ConnRoute {
     ConnRoute {
-        tuple: unpack_addr(img[1], img[2], img[3]),
+        tuple: (img[3] & NO_TUPLE == 0).then(|| unpack_addr(img[1], img[2], img[3])),
         owner: (img[3] >> 24) as u8,
+        index: img[4] as u32,
+        epoch_byte: (img[4] >> 32) as u8,
     }
 }
 
@@ -584,7 +624,7 @@ impl ConnTable {
     pub fn max_entries(&self) -> usize {
         self.raw.max_entries
     }
-    /// Bytes of bucket storage (32 × capacity).
+    /// Bytes of bucket storage (40 × capacity).
     pub fn memory_bytes(&self) -> usize {
         self.raw.memory_bytes()
     }
@@ -708,15 +748,15 @@ mod tests {
     #[test]
     fn sizes() {
         let w = TupleWriter::new(65_536);
-        assert_eq!(w.capacity(), 131_072);
-        assert_eq!(w.memory_bytes(), 131_072 * 40);
-        assert_eq!(w.memory_bytes() / w.max_entries(), 80);
+        assert_eq!(w.capacity(), 109_227);
+        assert_eq!(w.memory_bytes(), 109_227 * 40);
+        assert_eq!(w.memory_bytes() / w.max_entries(), 66);
         let c = ConnWriter::new(65_536);
-        assert_eq!(c.capacity(), 131_072);
-        assert_eq!(c.memory_bytes(), 131_072 * 32);
-        assert_eq!(c.memory_bytes() / c.max_entries(), 64);
+        assert_eq!(c.capacity(), 109_227);
+        assert_eq!(c.memory_bytes(), 109_227 * 40);
         assert_eq!(TupleWriter::new(0).capacity(), 2);
-        assert_eq!(TupleWriter::new(3).capacity(), 8);
+        assert_eq!(TupleWriter::new(1).capacity(), 2);
+        assert_eq!(TupleWriter::new(3).capacity(), 5);
     }
 
     #[test]
@@ -724,7 +764,7 @@ mod tests {
         let w = ConnWriter::new(4);
         assert_eq!(
             format!("{:?}", w.reader()),
-            "ConnTable { len: 0, max_entries: 4, capacity: 8, .. }"
+            "ConnTable { len: 0, max_entries: 4, capacity: 7, .. }"
         );
     }
 
@@ -791,12 +831,16 @@ mod tests {
         let mut w = ConnWriter::new(4);
         let r = w.reader();
         let a = ConnRoute {
-            tuple: v6([0x2001, 0xdb8, 0, 0, 0, 0, 0, 9], 65535),
+            tuple: Some(v6([0x2001, 0xdb8, 0, 0, 0, 0, 0, 9], 65535)),
             owner: 255,
+            index: u32::MAX,
+            epoch_byte: 255,
         };
         let b = ConnRoute {
-            tuple: v4([255, 255, 255, 255], 1),
+            tuple: None,
             owner: 0,
+            index: 0,
+            epoch_byte: 0,
         };
         for id in [0, u64::MAX, 1 << 63] {
             assert_eq!(r.get(id), None);
@@ -831,8 +875,10 @@ mod tests {
 
         let mut c = ConnWriter::new(1);
         let route = ConnRoute {
-            tuple: v4([1, 1, 1, 1], 1),
+            tuple: Some(v4([1, 1, 1, 1], 1)),
             owner: 1,
+            index: 1,
+            epoch_byte: 1,
         };
         assert_eq!(c.insert(5, route), Ok(None));
         assert_eq!(c.insert(6, route), Err(TableFull { max_entries: 1 }));
@@ -873,7 +919,9 @@ mod tests {
         }
         let mut w = ConnWriter::with_hash(8, h);
         let route = |id: u64| ConnRoute {
-            tuple: v4([10, 0, 0, id as u8], id as u16),
+            tuple: Some(v4([10, 0, 0, id as u8], id as u16)),
+            index: id as u32,
+            epoch_byte: (id >> 8) as u8,
             owner: id as u8,
         };
         for id in 0..8 {
@@ -936,8 +984,10 @@ mod tests {
             ))
         };
         ConnRoute {
-            tuple,
+            tuple: (v & 2 == 0).then_some(tuple),
             owner: (v >> 56) as u8,
+            index: (v >> 8) as u32,
+            epoch_byte: (v >> 40) as u8,
         }
     }
 
@@ -1042,22 +1092,24 @@ mod tests {
     fn stress_route(n: u32, g: u32) -> ConnRoute {
         let check = (u64::from(n) ^ u64::from(g)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
         ConnRoute {
-            tuple: if g & 1 == 0 {
+            tuple: Some(if g & 1 == 0 {
                 v4(g.to_be_bytes(), check as u16)
             } else {
                 v6(
                     [0xfd01, 0, 0, (g >> 16) as u16, g as u16, 0, 0, 0],
                     check as u16,
                 )
-            },
+            }),
             owner: (check >> 16) as u8,
+            index: check as u32,
+            epoch_byte: (check >> 40) as u8,
         }
     }
     fn stress_conn_id(n: u32) -> u64 {
         u64::from(n).wrapping_mul(0xff51_afd7_ed55_8ccd)
     }
     fn route_generation(r: &ConnRoute) -> u32 {
-        match r.tuple {
+        match r.tuple.expect("stress routes always have a tuple") {
             SocketAddr::V4(a) => a.ip().to_bits(),
             SocketAddr::V6(a) => {
                 let s = a.ip().segments();

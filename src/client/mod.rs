@@ -988,7 +988,7 @@ mod tests {
                         let seq = host.seq;
                         host.seq += 1;
                         let echo = self.host_data(index, seq, &p);
-                        if let Some(to) = self.epoch.registry.get(index).and_then(|c| c.tuple) {
+                        if let Some(to) = self.epoch.registry.get(index).and_then(|c| c.tuple()) {
                             out.push((to, echo));
                         }
                     }
@@ -1365,7 +1365,7 @@ mod tests {
         assert_eq!(w.rebound(), vec![(None, t1)]);
         assert_eq!(w.client.state(), ClientState::Connected);
         assert_eq!(w.client.public_tuple(), Some(t1));
-        assert_eq!(w.gw.epoch.registry.get(x).unwrap().tuple, Some(t1));
+        assert_eq!(w.gw.epoch.registry.get(x).unwrap().tuple(), Some(t1));
         let r = w.sent_of(MsgType::Rebind);
         assert_eq!(r.len(), 1);
         assert_eq!(r[0].len(), wire::rebind_len(SLOTS));
@@ -1527,8 +1527,11 @@ mod tests {
         assert!(req[1..].iter().all(|b| *b == 0));
         w.drive(ms(300));
         assert_eq!(w.rebound(), vec![(None, t2)]);
-        assert_eq!(w.gw.epoch.registry.get(w.index()).unwrap().tuple, Some(t2));
-        assert_eq!(w.gw.epoch.registry.get(other).unwrap().tuple, None);
+        assert_eq!(
+            w.gw.epoch.registry.get(w.index()).unwrap().tuple(),
+            Some(t2)
+        );
+        assert_eq!(w.gw.epoch.registry.get(other).unwrap().tuple(), None);
         w.echo_roundtrip(b"back on track");
     }
 

@@ -10,7 +10,7 @@
 //!   the slow path (a batch of REBINDs, a registration, a close).
 #![forbid(unsafe_code)]
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::hash::Hasher;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -28,6 +28,7 @@ use super::tx::{MAX_CLIENT_DATAGRAM, Rx, TxQueue, Via};
 use crate::engine::{TrialKeys, TrialOutput};
 use crate::hostlink::{self, Control as LinkMsg, LinkError, LinkType, RegisterFailure};
 use crate::keys::EpochKeys;
+use crate::rebind::RebindSecret;
 use crate::registry::{Freshness, HostId, Registry, RegistryError};
 use crate::table::{ConnRef, ConnRoute, ConnTable, ConnWriter, TupleTable, TupleWriter};
 use crate::time::{Ticks, duration_ticks};
@@ -91,9 +92,12 @@ impl Epochs {
     }
 }
 
-/// A sealed REGISTERED kept for retransmitted REGISTERs.
+/// A registration kept so a retransmitted REGISTER gets the same answer (sealed afresh).
 struct RecentRegister {
-    reply: Vec<u8>,
+    conn_id: u64,
+    epoch: u32,
+    index: u32,
+    secret: RebindSecret,
     at: Ticks,
 }
 
@@ -103,9 +107,15 @@ pub struct Control {
     registries: Vec<(u32, Registry)>,
     tuples: TupleWriter,
     conns: ConnWriter,
-    by_conn_id: HashMap<u64, (u32, u32)>,
     recent_registers: HashMap<(HostId, u64), RecentRegister>,
+    /// Insertion order of `recent_registers`, to bound it.
+    recent_order: VecDeque<(HostId, u64)>,
 }
+
+/// REGISTERED replies kept for retransmits. A host retries within ~2.5 s, so a bounded FIFO
+/// holds every reply a retransmit can still ask for, unless registrations arrive faster than
+/// this many per 2.5 s (then a late retransmit fails as a duplicate and the client retries).
+const RECENT_REGISTERS: usize = 8192;
 
 impl Control {
     fn registry_mut(&mut self, epoch: u32) -> Option<&mut Registry> {
@@ -130,8 +140,15 @@ impl Control {
     /// Expires cached REGISTERED replies older than 30 s.
     pub fn expire(&mut self, now: Ticks) {
         let horizon = duration_ticks(Duration::from_secs(30));
-        self.recent_registers
-            .retain(|_, r| now.0.saturating_sub(r.at.0) < horizon);
+        while let Some(key) = self.recent_order.front() {
+            match self.recent_registers.get(key) {
+                Some(r) if now.0.saturating_sub(r.at.0) < horizon => break,
+                _ => {
+                    self.recent_registers.remove(key);
+                    self.recent_order.pop_front();
+                }
+            }
+        }
     }
 }
 
@@ -177,11 +194,14 @@ impl Shared {
             })),
             epochs_generation: AtomicU64::new(0),
             control: Mutex::new(Control {
-                registries: vec![(epoch, Registry::new(cfg.slots))],
+                registries: vec![(
+                    epoch,
+                    Registry::with_capacity(cfg.slots, cfg.max_connections),
+                )],
                 tuples,
                 conns,
-                by_conn_id: HashMap::new(),
                 recent_registers: HashMap::new(),
+                recent_order: VecDeque::new(),
             }),
             store,
             last_issued: AtomicU64::new(0),
@@ -234,8 +254,9 @@ impl Shared {
         {
             let mut ctl = self.control();
             if ctl.registry_mut(epoch).is_none() {
+                let cap = self.cfg.max_connections;
                 ctl.registries
-                    .insert(0, (epoch, Registry::new(self.cfg.slots)));
+                    .insert(0, (epoch, Registry::with_capacity(self.cfg.slots, cap)));
             }
             ctl.registries.truncate(2);
         }
@@ -284,8 +305,8 @@ impl Shared {
             });
         };
         reg.restore(c.index, c.conn_id, &c.secret, last, c.tuple, c.host)?;
-        ctl.by_conn_id.insert(c.conn_id, (c.epoch, c.index));
-        if let Some(tuple) = c.tuple {
+        let mut tuple = None;
+        if let Some(t) = c.tuple {
             let cref = ConnRef {
                 conn_id: c.conn_id,
                 index: c.index,
@@ -293,10 +314,18 @@ impl Shared {
                 owner: 0,
                 epoch_byte,
             };
-            if ctl.tuples.insert(tuple, cref).is_ok() {
-                let _ = ctl.conns.insert(c.conn_id, ConnRoute { tuple, owner: 0 });
+            if ctl.tuples.insert(t, cref).is_ok() {
+                tuple = Some(t);
             }
         }
+        let route = ConnRoute {
+            tuple,
+            owner: 0,
+            index: c.index,
+            epoch_byte,
+        };
+        // The registry holds at most max_connections, and so does this table.
+        let _ = ctl.conns.insert(c.conn_id, route);
         Ok(())
     }
 
@@ -661,7 +690,10 @@ impl WorkerCore {
                     index: prev.index,
                 });
             }
-            ctl.conns.remove(prev.conn_id);
+            if let Some(mut route) = ctl.conns.get(prev.conn_id) {
+                route.tuple = None;
+                let _ = ctl.conns.insert(prev.conn_id, route);
+            }
         }
         let cref = ConnRef {
             conn_id,
@@ -671,15 +703,16 @@ impl WorkerCore {
             epoch_byte: epoch as u8,
         };
         // Neither insert can overflow: each connection holds at most one tuple and one route.
-        if ctl.tuples.insert(to, cref).is_ok() {
-            let _ = ctl.conns.insert(
-                conn_id,
-                ConnRoute {
-                    tuple: to,
-                    owner: self.id,
-                },
-            );
-        }
+        let tuple = ctl.tuples.insert(to, cref).is_ok().then_some(to);
+        let _ = ctl.conns.insert(
+            conn_id,
+            ConnRoute {
+                tuple,
+                owner: self.id,
+                index,
+                epoch_byte: epoch as u8,
+            },
+        );
     }
 
     fn host_datagram(&mut self, now: Ticks, d: &Rx<'_>, tx: &mut TxQueue) {
@@ -694,8 +727,8 @@ impl WorkerCore {
                 let Ok((conn_id, inner)) = hostlink::parse_conn_data(d.data) else {
                     return self.metrics.inc(C::DropHostMalformed);
                 };
-                match self.shared.conns.get(conn_id) {
-                    Some(route) => self.send_to_client(route.tuple, inner, C::TxClientData, tx),
+                match self.shared.conns.get(conn_id).and_then(|r| r.tuple) {
+                    Some(tuple) => self.send_to_client(tuple, inner, C::TxClientData, tx),
                     None => self.metrics.inc(C::DropNoRoute),
                 }
             }
@@ -780,9 +813,20 @@ impl WorkerCore {
         let epochs = self.epochs.clone();
         let keys = &epochs.current.keys;
         let mut ctl = shared.control();
-        if let Some(r) = ctl.recent_registers.get(&(host, request)) {
+        if let Some(r) = ctl.recent_registers.get(&(host, request))
+            && r.conn_id == conn_id
+            && let Some(e) = epochs.all().find(|e| e.keys.epoch() == r.epoch)
+        {
             self.metrics.inc(C::RegisterRepeat);
-            return r.reply.clone();
+            return LinkMsg::Registered {
+                request,
+                conn_id,
+                epoch: r.epoch,
+                index: r.index,
+                rebind_secret: r.secret.0,
+                slot_keys: e.keys.client_keys(r.index).to_vec(),
+            }
+            .seal(&peer.key);
         }
         let fail = |reason: RegisterFailure| {
             LinkMsg::RegisterFailed {
@@ -792,7 +836,7 @@ impl WorkerCore {
             }
             .seal(&peer.key)
         };
-        if ctl.by_conn_id.contains_key(&conn_id) {
+        if ctl.conns.get(conn_id).is_some() {
             self.metrics.inc(C::RegisterDuplicate);
             return fail(RegisterFailure::DuplicateConnId);
         }
@@ -806,7 +850,6 @@ impl WorkerCore {
             self.metrics.inc(C::RegisterFull);
             return fail(RegisterFailure::Full);
         };
-        ctl.by_conn_id.insert(conn_id, (epoch, reg.index));
         self.bind_tuple(&mut ctl, epoch, reg.index, conn_id, host, None, client);
         shared.persist(StoreOp::Register(StoredConn {
             epoch,
@@ -827,10 +870,19 @@ impl WorkerCore {
             slot_keys: keys.client_keys(reg.index).to_vec(),
         }
         .seal(&peer.key);
+        if ctl.recent_order.len() >= RECENT_REGISTERS
+            && let Some(old) = ctl.recent_order.pop_front()
+        {
+            ctl.recent_registers.remove(&old);
+        }
+        ctl.recent_order.push_back((host, request));
         ctl.recent_registers.insert(
             (host, request),
             RecentRegister {
-                reply: reply.clone(),
+                conn_id,
+                epoch,
+                index: reg.index,
+                secret: reg.secret,
                 at: now,
             },
         );
@@ -840,19 +892,19 @@ impl WorkerCore {
     fn close(&mut self, conn_id: u64) -> bool {
         let shared = self.shared.clone();
         let mut ctl = shared.control();
-        let Some((epoch, index)) = ctl.by_conn_id.remove(&conn_id) else {
+        let Some(route) = ctl.conns.remove(conn_id) else {
             return false;
         };
-        let tuple = ctl
-            .registry_mut(epoch)
-            .and_then(|r| r.remove(index))
-            .and_then(|c| c.tuple);
-        if let Some(t) = tuple
+        let index = route.index;
+        let Some((epoch, reg)) = ctl.registry_by_byte(route.epoch_byte) else {
+            return false;
+        };
+        reg.remove(index);
+        if let Some(t) = route.tuple
             && ctl.tuples.get(&t).is_some_and(|r| r.conn_id == conn_id)
         {
             ctl.tuples.remove(&t);
         }
-        ctl.conns.remove(conn_id);
         shared.persist(StoreOp::Remove { epoch, index });
         self.metrics.inc(C::Closed);
         true
@@ -1077,7 +1129,7 @@ mod tests {
         }
         assert_eq!(h.shared.tuples.get(&new).unwrap().conn_id, 42);
         assert!(h.shared.tuples.get(&old).is_none());
-        assert_eq!(h.shared.conns.get(42).unwrap().tuple, new);
+        assert_eq!(h.shared.conns.get(42).unwrap().tuple, Some(new));
 
         // The same REBIND again from the same tuple: a duplicate, the same ACK.
         let again = h.client(new, &rebind);
@@ -1127,8 +1179,9 @@ mod tests {
         assert!(!h.client(b, &rebind).is_empty());
         assert_eq!(h.shared.tuples.get(&b).unwrap().conn_id, 1);
         assert!(h.shared.tuples.get(&a).is_none());
-        assert!(
-            h.shared.conns.get(2).is_none(),
+        assert_eq!(
+            h.shared.conns.get(2).unwrap().tuple,
+            None,
             "connection 2 lost its tuple"
         );
         assert_eq!(h.count(C::TupleTakenOver), 1);
@@ -1261,10 +1314,15 @@ mod tests {
         assert_eq!(h.count(C::DropHostBadTag), 1);
         let first = h.feed(&[(Via::Host, host, &good)]);
         let retransmit = h.feed(&[(Via::Host, host, &good)]);
+        let open =
+            |out: &[(Via, SocketAddr, Vec<u8>)]| LinkMsg::open(&out[0].2, &h.link, h.now).unwrap();
         assert_eq!(
-            first, retransmit,
+            open(&first),
+            open(&retransmit),
             "a retransmitted REGISTER gets the same answer"
         );
+        assert!(matches!(open(&first), LinkMsg::Registered { .. }));
+        assert_eq!(h.count(C::RegisterRepeat), 1);
         assert_eq!(h.shared.connections(), 1);
         let dup = LinkMsg::Register {
             request: 2,

@@ -1,0 +1,609 @@
+//! `rebindgw loadgen`: the traffic generator the gateway is judged with.
+//!
+//! Many clients (up to 65,536 and more from one machine), each a [`crate::client::Client`]
+//! state machine with its own UDP socket and source tuple, spread over 127.0.0.0/8 (at most
+//! 254 per /24) or over `--source-addrs`. They are enrolled in bulk into the host's clients
+//! file (or reuse saved credentials), handshake at a paced rate, then send stamped DATA that
+//! the reference host echoes (open loop at a total rate, or closed loop with a window per
+//! client), while the generator moves clients to new tuples (churn, storms) without telling
+//! them, and optionally mixes in attack traffic (see [`attack`]).
+//!
+//! Design:
+//! - **Threads.** `--threads` shards (default: one per core), each owning a contiguous range
+//!   of clients, one `epoll` set and one deadline heap ([`shard`]); the work per loop
+//!   iteration is proportional to ready sockets and due timers, not to the client count. One
+//!   more thread runs the attacks; the calling thread is the controller (phases, progress).
+//! - **Phases.** connect (paced handshakes until every client is up, or the connect timeout)
+//!   → run (`--duration`: load, churn, storms, attacks) → settle (load continues, no moves,
+//!   until every moved client recovered or `--settle` passes) → drain (no new load, wait for
+//!   echoes in flight) → stop.
+//! - **Recovery.** A move records its instant on the client (a second move before recovery
+//!   keeps the first instant). Recovery ends at the client's next `ClientEvent::Rebound`
+//!   whose new tuple is the moved-to socket; "traffic recovery" ends at the first echo of a
+//!   packet sent after the move (the payload stamp carries the move generation). A
+//!   `Failed(RebindTimeout)` is a failed rebind; a move with neither by the end is
+//!   unrecovered.
+//! - **Loss.** DATA payloads sent vs echoes received over the whole run, drain included.
+//!   Payloads sent while the client's tuple had moved and it was not yet rebound cannot be
+//!   forwarded by design, nor can echoes due to a socket that a move closed;
+//!   `steady_loss_pct` leaves both out.
+//!
+//! Unsafe code is denied here (`deny`, not `forbid`, so that `sys`, the one small module of
+//! `epoll`/`setrlimit` calls, can opt in); every other submodule forbids it.
+#![deny(unsafe_code)]
+
+pub mod addrs;
+pub mod attack;
+pub mod options;
+pub mod report;
+pub mod shard;
+pub mod stamp;
+mod sys;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+
+use crate::clients::{self, Enrolled};
+
+pub use addrs::AddrPool;
+pub use options::{
+    AttackMode, LoadMode, LoadgenArgs, LoadgenOptions, MoveKind, PayloadSizes, parse_duration,
+};
+pub use report::{LoadReport, Percentiles};
+
+use attack::{AttackResult, Attacker, MiniConn};
+use report::{
+    ClientsReport, LatencyHist, RebindsReport, RunSettings, TrafficReport, fmt_ms, fmt_rate,
+};
+use shard::{
+    Counters, PHASE_CONNECT, PHASE_DRAIN, PHASE_RUN, PHASE_SETTLE, PHASE_STOP, Shard, ShardResult,
+    ShardSpec, Shared,
+};
+
+/// Runs a load test against `opts.gateways`. See the module docs.
+pub fn run(opts: LoadgenOptions, progress: bool) -> anyhow::Result<LoadReport> {
+    let gateways = opts.gateways.clone();
+    run_with(opts, &gateways, progress)
+}
+
+/// `rebindgw loadgen` end to end: parse, run, print the report (JSON on stdout with
+/// `--json`, else the human report), and return the verdict.
+pub fn run_cli(args: LoadgenArgs) -> anyhow::Result<bool> {
+    let (json, quiet) = (args.json, args.quiet);
+    let report = run(args.into_options()?, !quiet)?;
+    if json {
+        println!("{}", report.to_json());
+    } else {
+        print!("{}", report.to_human());
+    }
+    Ok(report.passed())
+}
+
+/// Sets `PHASE_STOP` when dropped, so an early return never leaves threads running.
+struct StopOnDrop<'a>(&'a Shared);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.set_phase(PHASE_STOP);
+    }
+}
+
+/// Runs a load test against `gateways` (overriding `opts.gateways`); for in-process use.
+pub fn run_with(
+    mut opts: LoadgenOptions,
+    gateways: &[SocketAddr],
+    progress: bool,
+) -> anyhow::Result<LoadReport> {
+    opts.gateways = gateways.to_vec();
+    opts.validate().map_err(anyhow::Error::msg)?;
+    let threads = opts.thread_count();
+    let want_fds = opts.clients + opts.attacks.len() * opts.attack_tuples + 64 + 4 * threads;
+    let (soft, _) = sys::raise_nofile_limit(want_fds as u64).context("raising RLIMIT_NOFILE")?;
+    if soft < want_fds as u64 {
+        anyhow::bail!(
+            "RLIMIT_NOFILE is {soft} but {want_fds} descriptors are needed for {} clients (one \
+             socket each), and the hard limit could not be raised (that needs CAP_SYS_RESOURCE); \
+             raise it with `ulimit -Hn`, or run at most {} clients per process",
+            opts.clients,
+            (soft as usize).saturating_sub(want_fds - opts.clients)
+        );
+    }
+
+    let creds = obtain_credentials(&opts)?;
+    let v4 = gateways[0].is_ipv4();
+    let client_pool = opts.source_addrs.clone().unwrap_or_else(|| {
+        if v4 {
+            AddrPool::clients_v4()
+        } else {
+            AddrPool::loopback_v6()
+        }
+    });
+    let attack_pool = match (&opts.source_addrs, v4) {
+        (Some(p), _) => p.clone(),
+        (None, true) => AddrPool::attackers_v4(),
+        (None, false) => AddrPool::loopback_v6(),
+    };
+
+    // The probe handshake waits for the host to load the clients file (it checks the mtime
+    // about once a second); its connection is then the victim of the REBIND forgeries.
+    let t_probe = Instant::now();
+    let probe = MiniConn::connect(
+        SocketAddr::new(attack_pool.get(0), 0),
+        gateways[0],
+        &creds[opts.clients].creds,
+        opts.enroll_wait,
+        Duration::from_millis(250),
+    )
+    .context("probe handshake")?;
+    tracing::info!(took = ?t_probe.elapsed(), "probe connected; the host knows our clients");
+
+    let shared = Shared::new(threads, opts.attacks.contains(&AttackMode::Replay));
+    let mut specs = Vec::with_capacity(threads);
+    let mut first = 0;
+    for id in 0..threads {
+        let n = opts.clients / threads + usize::from(id < opts.clients % threads);
+        specs.push(ShardSpec {
+            id,
+            shards: threads,
+            first,
+            creds: creds[first..first + n]
+                .iter()
+                .map(|e| e.creds.clone())
+                .collect(),
+            total_clients: opts.clients,
+            pool: client_pool.clone(),
+        });
+        first += n;
+    }
+    drop(creds);
+
+    let opts = &opts;
+    let shared = &shared;
+    std::thread::scope(|scope| -> anyhow::Result<LoadReport> {
+        let _stop = StopOnDrop(shared);
+        let shard_threads = specs
+            .into_iter()
+            .map(|spec| {
+                std::thread::Builder::new()
+                    .name(format!("loadgen-{}", spec.id))
+                    .spawn_scoped(scope, move || Shard::new(spec, opts, shared)?.run())
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let attacker = if opts.attacks.is_empty() {
+            None
+        } else {
+            let a = Attacker::new(opts, shared, &attack_pool, Some(probe))?;
+            Some(
+                std::thread::Builder::new()
+                    .name("loadgen-attack".into())
+                    .spawn_scoped(scope, move || a.run())?,
+            )
+        };
+        let timeline = control(opts, shared, progress, &|| {
+            shard_threads.iter().any(|h| h.is_finished())
+        });
+        shared.set_phase(PHASE_STOP);
+        let mut results = Vec::new();
+        for h in shard_threads {
+            let r = h
+                .join()
+                .map_err(|_| anyhow::anyhow!("a loadgen thread panicked"))?
+                .context("loadgen driver thread")?;
+            results.push(r);
+        }
+        let attacks = match attacker {
+            Some(h) => Some(
+                h.join()
+                    .map_err(|_| anyhow::anyhow!("the attack thread panicked"))?
+                    .context("attack thread")?,
+            ),
+            None => None,
+        };
+        let timeline = timeline?;
+        Ok(build_report(opts, threads, &timeline, results, attacks))
+    })
+}
+
+/// Needed credentials: `clients` for the load plus one for the probe/victim connection.
+fn obtain_credentials(opts: &LoadgenOptions) -> anyhow::Result<Vec<Enrolled>> {
+    let need = opts.clients + 1;
+    let mut creds = match &opts.credentials {
+        Some(p) => load_credentials(p)?,
+        None => Vec::new(),
+    };
+    if creds.len() < need {
+        let Some(file) = &opts.clients_file else {
+            anyhow::bail!(
+                "--credentials {} holds {} clients but {need} are needed ({} clients + 1 \
+                 probe); add --clients-file to enroll the rest",
+                opts.credentials
+                    .as_deref()
+                    .unwrap_or(Path::new(""))
+                    .display(),
+                creds.len(),
+                opts.clients
+            );
+        };
+        let prefix = opts.name_prefix.clone().unwrap_or_else(|| {
+            format!(
+                "loadgen-{}-{}-",
+                std::process::id(),
+                hex::encode(crate::crypto::random_array::<3>())
+            )
+        });
+        let t = Instant::now();
+        let more = clients::enroll_many(file, &prefix, need - creds.len())
+            .with_context(|| format!("enrolling clients into {}", file.display()))?;
+        tracing::info!(count = more.len(), took = ?t.elapsed(), file = %file.display(), "enrolled");
+        creds.extend(more);
+    }
+    creds.truncate(need);
+    if let Some(p) = &opts.save_credentials {
+        save_credentials(p, &creds)?;
+    }
+    Ok(creds)
+}
+
+/// Reads JSON lines of `{name, client_id, psk}`.
+pub fn load_credentials(path: &Path) -> anyhow::Result<Vec<Enrolled>> {
+    crate::secrets::check_private(path)
+        .with_context(|| format!("credentials file {}", path.display()))?;
+    let text = zeroize::Zeroizing::new(
+        std::fs::read_to_string(path)
+            .with_context(|| format!("reading credentials file {}", path.display()))?,
+    );
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            serde_json::from_str::<Enrolled>(l)
+                .with_context(|| format!("credentials file {} line {}", path.display(), i + 1))
+        })
+        .collect()
+}
+
+/// Writes JSON lines of `{name, client_id, psk}` with mode 0600.
+pub fn save_credentials(path: &Path, creds: &[Enrolled]) -> anyhow::Result<()> {
+    let mut s = zeroize::Zeroizing::new(String::with_capacity(creds.len() * 140));
+    for c in creds {
+        s.push_str(&serde_json::to_string(c)?);
+        s.push('\n');
+    }
+    crate::secrets::write_private(path, s.as_bytes())
+        .with_context(|| format!("writing credentials file {}", path.display()))?;
+    Ok(())
+}
+
+/// What the controller observed.
+#[derive(Debug, Default)]
+struct Timeline {
+    connect: Duration,
+    measured: Duration,
+    settle: Duration,
+    /// (sent, received, sent payload bytes) at the start and end of the measured phase.
+    at_run_start: (u64, u64, u64),
+    at_run_end: (u64, u64, u64),
+}
+
+fn totals(shared: &Shared) -> (u64, u64, u64) {
+    (
+        shared.total(|p| &p.sent),
+        shared.total(|p| &p.received),
+        shared.total(|p| &p.sent_bytes),
+    )
+}
+
+/// Drives the phases and prints progress. `dead()` says a driver thread stopped early.
+fn control(
+    opts: &LoadgenOptions,
+    shared: &Shared,
+    progress: bool,
+    dead: &dyn Fn() -> bool,
+) -> anyhow::Result<Timeline> {
+    let mut tl = Timeline::default();
+    let mut line = Progress::new(shared, progress, opts.clients);
+    let tick = Duration::from_millis(20);
+    let check = |label: &str| -> anyhow::Result<()> {
+        if dead() {
+            anyhow::bail!("a loadgen driver thread stopped during the {label} phase");
+        }
+        Ok(())
+    };
+
+    // Connect.
+    let t0 = Instant::now();
+    loop {
+        check("connect")?;
+        let done = shared.total(|p| &p.connected) + shared.total(|p| &p.conn_failed);
+        if done >= opts.clients as u64 || t0.elapsed() >= opts.connect_timeout {
+            break;
+        }
+        line.maybe_print("connect", t0);
+        std::thread::sleep(tick);
+    }
+    tl.connect = t0.elapsed();
+
+    // Run.
+    let start = Instant::now();
+    let ns = start.saturating_duration_since(shared.base).as_nanos() as u64;
+    shared.run_start_ns.store(ns, Relaxed);
+    tl.at_run_start = totals(shared);
+    shared.set_phase(PHASE_RUN);
+    line.reset();
+    while start.elapsed() < opts.duration {
+        check("run")?;
+        line.maybe_print("run", start);
+        std::thread::sleep(tick.min(opts.duration.saturating_sub(start.elapsed())));
+    }
+    tl.at_run_end = totals(shared);
+    tl.measured = start.elapsed();
+
+    // Settle: give moved clients time to recover while load continues. Every shard must
+    // first confirm it left the run phase, so no move lands after the outage count is read.
+    shared.set_phase(PHASE_SETTLE);
+    let t1 = Instant::now();
+    while shared
+        .progress
+        .iter()
+        .any(|p| p.phase_seen.load(std::sync::atomic::Ordering::Acquire) < PHASE_SETTLE)
+    {
+        check("settle")?;
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    while t1.elapsed() < opts.settle && shared.total(|p| &p.outages) > 0 {
+        check("settle")?;
+        line.maybe_print("settle", start);
+        std::thread::sleep(tick);
+    }
+    tl.settle = t1.elapsed();
+
+    // Drain: no new load; wait for the echoes in flight.
+    shared.set_phase(PHASE_DRAIN);
+    let t2 = Instant::now();
+    let mut last = shared.total(|p| &p.received);
+    let mut still_since = Instant::now();
+    while t2.elapsed() < Duration::from_secs(2) {
+        check("drain")?;
+        std::thread::sleep(tick);
+        let (sent, rx, _) = totals(shared);
+        if rx >= sent {
+            break;
+        }
+        if rx != last {
+            last = rx;
+            still_since = Instant::now();
+        } else if still_since.elapsed() >= Duration::from_millis(300) {
+            break;
+        }
+    }
+    line.maybe_print("done", start);
+    let _ = PHASE_CONNECT;
+    Ok(tl)
+}
+
+/// The once-a-second progress line on stderr.
+struct Progress<'a> {
+    shared: &'a Shared,
+    enabled: bool,
+    clients: usize,
+    last: Instant,
+    last_tx: u64,
+    last_rx: u64,
+}
+
+impl<'a> Progress<'a> {
+    fn new(shared: &'a Shared, enabled: bool, clients: usize) -> Self {
+        Progress {
+            shared,
+            enabled,
+            clients,
+            last: Instant::now(),
+            last_tx: 0,
+            last_rx: 0,
+        }
+    }
+
+    fn reset(&mut self) {
+        self.last = Instant::now();
+        let (tx, rx, _) = totals(self.shared);
+        self.last_tx = tx;
+        self.last_rx = rx;
+    }
+
+    fn maybe_print(&mut self, phase: &str, since: Instant) {
+        let dt = self.last.elapsed();
+        if !self.enabled || (dt < Duration::from_secs(1) && phase != "done") {
+            return;
+        }
+        let s = self.shared;
+        let (tx, rx, _) = totals(s);
+        let secs = dt.as_secs_f64().max(1e-3);
+        let loss = if tx == 0 {
+            0.0
+        } else {
+            100.0 * tx.saturating_sub(rx) as f64 / tx as f64
+        };
+        let p99 = s
+            .progress
+            .iter()
+            .map(|p| p.p99_us.load(Relaxed))
+            .max()
+            .unwrap_or(0);
+        eprintln!(
+            "{phase:>7} t={:.0}s clients {}/{} up{}, tx {}/s rx {}/s, loss {loss:.2}%, rebinds {} ok \
+             {} failed{}, p99 rtt {}",
+            since.elapsed().as_secs_f64(),
+            s.total(|p| &p.connected),
+            self.clients,
+            match s.total(|p| &p.conn_failed) + s.total(|p| &p.failed_later) {
+                0 => String::new(),
+                f => format!(" ({f} failed)"),
+            },
+            fmt_rate((tx - self.last_tx.min(tx)) as f64 / secs),
+            fmt_rate((rx - self.last_rx.min(rx)) as f64 / secs),
+            s.total(|p| &p.rebinds_ok),
+            s.total(|p| &p.rebinds_failed),
+            match s.total(|p| &p.outages) {
+                0 => String::new(),
+                o => format!(", {o} recovering"),
+            },
+            fmt_ms(p99 as f64 / 1000.0),
+        );
+        self.last = Instant::now();
+        self.last_tx = tx;
+        self.last_rx = rx;
+    }
+}
+
+fn build_report(
+    opts: &LoadgenOptions,
+    threads: usize,
+    tl: &Timeline,
+    results: Vec<ShardResult>,
+    attacks: Option<AttackResult>,
+) -> LoadReport {
+    let mut c = Counters::default();
+    let mut rtt = LatencyHist::default();
+    let mut handshake = LatencyHist::default();
+    let mut recovery = LatencyHist::default();
+    let mut traffic_recovery = LatencyHist::default();
+    let mut storms = 0;
+    for r in &results {
+        c.merge(&r.counters);
+        storms = storms.max(r.counters.storms);
+        rtt.add(&r.rtt);
+        handshake.add(&r.handshake);
+        recovery.add(&r.recovery);
+        traffic_recovery.add(&r.traffic_recovery);
+    }
+    let secs = tl.measured.as_secs_f64().max(1e-9);
+    let pct = |num: u64, den: u64| {
+        if den == 0 {
+            0.0
+        } else {
+            100.0 * num as f64 / den as f64
+        }
+    };
+    let lost = c.sent.saturating_sub(c.received);
+    let expected = (c.sent_during_outage + c.in_flight_at_move)
+        .saturating_sub(c.late_echoes)
+        .min(lost);
+    let (rate, window) = match opts.load {
+        LoadMode::Open { rate } => (Some(rate), None),
+        LoadMode::Closed { window } => (None, Some(window)),
+    };
+    let (attack_reports, victim) = match attacks {
+        Some(a) => (a.reports, a.victim),
+        None => (Vec::new(), None),
+    };
+    let mut report = LoadReport {
+        passed: false,
+        failures: Vec::new(),
+        settings: RunSettings {
+            gateways: opts.gateways.iter().map(|g| g.to_string()).collect(),
+            clients: opts.clients,
+            threads,
+            duration_s: opts.duration.as_secs_f64(),
+            load: if rate.is_some() { "open" } else { "closed" }.into(),
+            rate,
+            window,
+            payload: opts.payload.to_string(),
+            churn_per_sec: opts.churn_per_sec,
+            move_kind: format!("{:?}", opts.move_kind).to_lowercase(),
+            storms_at_s: opts.storm_times().iter().map(|d| d.as_secs_f64()).collect(),
+            attacks: opts.attacks.iter().map(|a| a.name().to_owned()).collect(),
+            attack_rate: opts.attack_rate,
+        },
+        clients: ClientsReport {
+            requested: opts.clients,
+            connected: c.connected,
+            failed_to_connect: (opts.clients as u64).saturating_sub(c.connected),
+            failed_after_connect: c.failed_later,
+            handshake: handshake.summary(),
+            connect_phase_s: tl.connect.as_secs_f64(),
+        },
+        traffic: TrafficReport {
+            sent: c.sent,
+            received: c.received,
+            lost,
+            loss_pct: pct(lost, c.sent),
+            sent_during_outage: c.sent_during_outage,
+            in_flight_at_move: c.in_flight_at_move,
+            late_echoes: c.late_echoes,
+            expected_losses: expected,
+            steady_loss_pct: pct(lost - expected, c.sent - expected),
+            tx_pps: (tl.at_run_end.0 - tl.at_run_start.0) as f64 / secs,
+            rx_pps: (tl.at_run_end.1 - tl.at_run_start.1) as f64 / secs,
+            tx_payload_mbit: (tl.at_run_end.2 - tl.at_run_start.2) as f64 * 8.0 / secs / 1e6,
+            rtt: rtt.summary(),
+            echo_timeouts: c.echo_timeouts,
+            pacer_skipped: c.pacer_skipped,
+            socket_send_errors: c.send_errors,
+            stray_datagrams: c.stray,
+            misdelivered: c.misdelivered,
+            foreign_payloads: c.foreign,
+            move_errors: c.move_errors,
+        },
+        rebinds: RebindsReport {
+            moves: c.moves,
+            outages: c.outages,
+            storms,
+            succeeded: c.rebinds_ok,
+            failed: c.rebinds_failed,
+            unrecovered: c.unrecovered,
+            extra: c.extra,
+            abandoned: c.abandoned,
+            recovery: recovery.summary(),
+            traffic_recovery: traffic_recovery.summary(),
+        },
+        attacks: attack_reports,
+        victim,
+        measured_s: tl.measured.as_secs_f64(),
+        settle_s: tl.settle.as_secs_f64(),
+    };
+    report.judge(opts.max_loss_pct);
+    report
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::ClientCredentials;
+
+    #[test]
+    fn credentials_roundtrip_private_file() {
+        let dir = std::env::temp_dir().join(format!(
+            "loadgen-creds-{}-{}",
+            std::process::id(),
+            hex::encode(crate::crypto::random_array::<4>())
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("creds.jsonl");
+        let creds: Vec<Enrolled> = (0..3)
+            .map(|i| Enrolled {
+                name: format!("c{i}"),
+                creds: ClientCredentials {
+                    client_id: [i; 16],
+                    psk: [i + 100; 32],
+                },
+            })
+            .collect();
+        save_credentials(&path, &creds).unwrap();
+        let back = load_credentials(&path).unwrap();
+        assert_eq!(back.len(), 3);
+        assert_eq!(back[2].name, "c2");
+        assert_eq!(back[2].creds.client_id, [2; 16]);
+        assert_eq!(back[2].creds.psk, [102; 32]);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        std::fs::write(&path, "{\"name\": \"x\"}\n").unwrap();
+        let err = load_credentials(&path).unwrap_err();
+        assert!(format!("{err:#}").contains("line 1"), "{err:#}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

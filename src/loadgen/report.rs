@@ -1,0 +1,541 @@
+//! The run's results: latency histograms, counters, the pass/fail verdict, and the human and
+//! JSON renderings.
+#![forbid(unsafe_code)]
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+use super::options::AttackMode;
+
+/// A latency histogram in microseconds, 1 µs to 1 hour, 3 significant digits.
+#[derive(Clone, Debug)]
+pub struct LatencyHist(Histogram<u64>);
+
+impl Default for LatencyHist {
+    fn default() -> Self {
+        LatencyHist(Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds"))
+    }
+}
+
+impl LatencyHist {
+    pub fn record(&mut self, d: Duration) {
+        self.record_us(d.as_micros().min(u128::from(u64::MAX)) as u64);
+    }
+
+    pub fn record_us(&mut self, us: u64) {
+        self.0.saturating_record(us.max(1));
+    }
+
+    pub fn add(&mut self, other: &LatencyHist) {
+        // Same bounds on both sides, so this cannot fail.
+        let _ = self.0.add(&other.0);
+    }
+
+    pub fn len(&self) -> u64 {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn reset(&mut self) {
+        self.0.reset();
+    }
+
+    /// The value at quantile `q` in µs (0 when empty).
+    pub fn quantile_us(&self, q: f64) -> u64 {
+        if self.0.is_empty() {
+            0
+        } else {
+            self.0.value_at_quantile(q)
+        }
+    }
+
+    pub fn summary(&self) -> Percentiles {
+        let ms = |us: u64| us as f64 / 1000.0;
+        if self.0.is_empty() {
+            return Percentiles::default();
+        }
+        Percentiles {
+            count: self.0.len(),
+            mean_ms: self.0.mean() / 1000.0,
+            p50_ms: ms(self.0.value_at_quantile(0.50)),
+            p90_ms: ms(self.0.value_at_quantile(0.90)),
+            p99_ms: ms(self.0.value_at_quantile(0.99)),
+            p999_ms: ms(self.0.value_at_quantile(0.999)),
+            max_ms: ms(self.0.max()),
+        }
+    }
+}
+
+/// Percentiles of a latency distribution, in milliseconds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct Percentiles {
+    pub count: u64,
+    pub mean_ms: f64,
+    pub p50_ms: f64,
+    pub p90_ms: f64,
+    pub p99_ms: f64,
+    pub p999_ms: f64,
+    pub max_ms: f64,
+}
+
+impl Percentiles {
+    fn line(&self) -> String {
+        if self.count == 0 {
+            return "no samples".into();
+        }
+        format!(
+            "p50 {} p90 {} p99 {} p99.9 {} max {} (n={})",
+            fmt_ms(self.p50_ms),
+            fmt_ms(self.p90_ms),
+            fmt_ms(self.p99_ms),
+            fmt_ms(self.p999_ms),
+            fmt_ms(self.max_ms),
+            self.count
+        )
+    }
+}
+
+/// `0.123 ms`, `12.3 ms`, `1.23 s`.
+pub fn fmt_ms(ms: f64) -> String {
+    if ms >= 1000.0 {
+        format!("{:.2} s", ms / 1000.0)
+    } else if ms >= 10.0 {
+        format!("{ms:.1} ms")
+    } else {
+        format!("{ms:.3} ms")
+    }
+}
+
+/// `38.1k`, `1.20M`.
+pub fn fmt_rate(x: f64) -> String {
+    if x >= 1e6 {
+        format!("{:.2}M", x / 1e6)
+    } else if x >= 1e3 {
+        format!("{:.1}k", x / 1e3)
+    } else {
+        format!("{x:.0}")
+    }
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct RunSettings {
+    pub gateways: Vec<String>,
+    pub clients: usize,
+    pub threads: usize,
+    pub duration_s: f64,
+    /// "open" or "closed".
+    pub load: String,
+    /// Open loop: offered packets per second in total.
+    pub rate: Option<f64>,
+    /// Closed loop: outstanding echoes per client.
+    pub window: Option<u32>,
+    pub payload: String,
+    pub churn_per_sec: f64,
+    pub move_kind: String,
+    pub storms_at_s: Vec<f64>,
+    pub attacks: Vec<String>,
+    pub attack_rate: f64,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ClientsReport {
+    pub requested: usize,
+    /// Clients that completed a handshake.
+    pub connected: u64,
+    pub failed_to_connect: u64,
+    /// Clients whose connection failed later (rebind timeout).
+    pub failed_after_connect: u64,
+    /// From `Client::new` to `ClientEvent::Connected`.
+    pub handshake: Percentiles,
+    /// Time from the first handshake until every client was up (or the connect timeout).
+    pub connect_phase_s: f64,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct TrafficReport {
+    /// DATA payloads sent / echoes received, over the whole run (drain included).
+    pub sent: u64,
+    pub received: u64,
+    pub lost: u64,
+    pub loss_pct: f64,
+    /// Payloads sent while the sending client's tuple had moved and it was not yet rebound:
+    /// the gateway cannot forward these, so they are expected losses.
+    pub sent_during_outage: u64,
+    /// Payloads whose echo was still due when their client's socket was closed by a move.
+    pub in_flight_at_move: u64,
+    /// Echoes of pre-move packets that arrived at the new socket after all (subtracted from
+    /// the expected losses).
+    pub late_echoes: u64,
+    /// `sent_during_outage + in_flight_at_move - late_echoes`.
+    pub expected_losses: u64,
+    /// Loss not explained by moves: `(lost - expected) / (sent - expected)`.
+    pub steady_loss_pct: f64,
+    /// Rates over the measured phase.
+    pub tx_pps: f64,
+    pub rx_pps: f64,
+    /// Payload bytes only (no DATA, UDP or IP headers).
+    pub tx_payload_mbit: f64,
+    /// Echo round-trip time.
+    pub rtt: Percentiles,
+    /// Closed loop: echoes written off after the echo timeout.
+    pub echo_timeouts: u64,
+    /// Open loop: sends the pacer skipped because the generator fell behind.
+    pub pacer_skipped: u64,
+    pub socket_send_errors: u64,
+    /// Datagrams at a client socket from an address other than its gateway.
+    pub stray_datagrams: u64,
+    /// Echoes that carried another client's stamp (must be 0).
+    pub misdelivered: u64,
+    /// Received payloads without our stamp.
+    pub foreign_payloads: u64,
+    /// Moves that failed to bind a new socket.
+    pub move_errors: u64,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct RebindsReport {
+    /// NAT moves of connected clients (churn and storms).
+    pub moves: u64,
+    /// Moves that began an outage (a move during an outage extends it; recovery is
+    /// measured from the first).
+    pub outages: u64,
+    pub storms: u64,
+    /// Outages ended by a `Rebound` event to the moved-to tuple.
+    pub succeeded: u64,
+    /// Outages ended by `Failed(RebindTimeout)`.
+    pub failed: u64,
+    /// Outages with neither by the end of the run.
+    pub unrecovered: u64,
+    /// `Rebound` events not caused by a move (e.g. a late UNRECOGNIZED, §5 says it is a hint).
+    pub extra: u64,
+    pub abandoned: u64,
+    /// From the move to the client's next `Rebound`.
+    pub recovery: Percentiles,
+    /// From the move to the first echo of a packet sent after the move.
+    pub traffic_recovery: Percentiles,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct AttackReport {
+    pub mode: String,
+    pub sent: u64,
+    pub sent_bytes: u64,
+    pub replies: u64,
+    pub reply_bytes: u64,
+    /// `reply_bytes / sent_bytes`: must stay <= 1 (the gateway never amplifies).
+    pub reply_ratio: f64,
+    /// UNRECOGNIZED replies (the expected answer to cookie-failing or unknown-tuple traffic).
+    pub unrecognized: u64,
+    /// Forgeries accepted: REBIND_ACK, DATA or HANDSHAKE_REPLY at an attack tuple, or the
+    /// victim connection's binding moved. Must be 0.
+    pub accepted: u64,
+    /// wrong-r / wrong-slot / replay: forged REBINDs that passed the cookie check (built on a
+    /// fresh UNRECOGNIZED for the attack tuple), so they reached the trial decryption.
+    pub past_cookie: u64,
+    /// Replay: REBINDs captured from clients that were available to replay.
+    pub captured: u64,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct VictimReport {
+    /// DATA sent by the victim connection (the target of wrong-r / wrong-slot) during attacks.
+    pub probes: u64,
+    pub echoes: u64,
+    /// UNRECOGNIZED at the victim: its binding moved (a forgery was accepted). Must be 0.
+    pub unrecognized: u64,
+}
+
+/// The outcome of a run. [`LoadReport::passed`] is the verdict; `failures` says why not.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct LoadReport {
+    pub passed: bool,
+    pub failures: Vec<String>,
+    pub settings: RunSettings,
+    pub clients: ClientsReport,
+    pub traffic: TrafficReport,
+    pub rebinds: RebindsReport,
+    pub attacks: Vec<AttackReport>,
+    pub victim: Option<VictimReport>,
+    /// Seconds: measured phase, settle, drain.
+    pub measured_s: f64,
+    pub settle_s: f64,
+}
+
+impl LoadReport {
+    pub fn passed(&self) -> bool {
+        self.failures.is_empty()
+    }
+
+    /// Fills `failures` and `passed` from the numbers.
+    pub fn judge(&mut self, max_loss_pct: Option<f64>) {
+        let mut f = Vec::new();
+        let c = &self.clients;
+        if c.failed_to_connect > 0 {
+            f.push(format!(
+                "{} of {} clients failed to connect",
+                c.failed_to_connect, c.requested
+            ));
+        }
+        if c.failed_after_connect > 0 {
+            f.push(format!(
+                "{} clients failed after connecting",
+                c.failed_after_connect
+            ));
+        }
+        let r = &self.rebinds;
+        if r.failed > 0 {
+            f.push(format!(
+                "{} of {} outages ended in a failed rebind",
+                r.failed, r.outages
+            ));
+        }
+        if r.unrecovered > 0 {
+            f.push(format!(
+                "{} of {} outages had not recovered by the end",
+                r.unrecovered, r.outages
+            ));
+        }
+        if self.traffic.misdelivered > 0 {
+            f.push(format!(
+                "{} echoes reached the wrong client",
+                self.traffic.misdelivered
+            ));
+        }
+        if let Some(m) = max_loss_pct
+            && self.traffic.steady_loss_pct > m
+        {
+            f.push(format!(
+                "steady-state loss {:.3}% exceeds --max-loss {m}%",
+                self.traffic.steady_loss_pct
+            ));
+        }
+        for a in &self.attacks {
+            if a.accepted > 0 {
+                f.push(format!(
+                    "attack {}: {} forgeries accepted",
+                    a.mode, a.accepted
+                ));
+            }
+            if a.reply_ratio > 1.0 {
+                f.push(format!(
+                    "attack {}: reply/request bytes {:.3} > 1 (amplification)",
+                    a.mode, a.reply_ratio
+                ));
+            }
+        }
+        if let Some(v) = &self.victim
+            && v.unrecognized > 0
+        {
+            f.push(format!(
+                "victim connection lost its binding {} times (a forged REBIND was accepted)",
+                v.unrecognized
+            ));
+        }
+        self.failures = f;
+        self.passed = self.failures.is_empty();
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("report serializes")
+    }
+
+    /// The human-readable report.
+    pub fn to_human(&self) -> String {
+        let mut s = String::new();
+        let st = &self.settings;
+        let load = match (st.rate, st.window) {
+            (Some(r), _) => format!("open loop {} pps", fmt_rate(r)),
+            (_, Some(w)) => format!("closed loop, window {w}"),
+            _ => st.load.clone(),
+        };
+        let _ = writeln!(
+            s,
+            "loadgen: {} clients on {} threads -> {}, {:.1} s, {load}, payload {} B",
+            st.clients,
+            st.threads,
+            st.gateways.join(" "),
+            st.duration_s,
+            st.payload
+        );
+        if st.churn_per_sec > 0.0 || !st.storms_at_s.is_empty() {
+            let _ = writeln!(
+                s,
+                "  churn {}/s ({}), storms at {:?} s",
+                st.churn_per_sec, st.move_kind, st.storms_at_s
+            );
+        }
+        let c = &self.clients;
+        let _ = writeln!(
+            s,
+            "clients    {}/{} connected in {:.2} s, {} failed to connect, {} failed later",
+            c.connected,
+            c.requested,
+            c.connect_phase_s,
+            c.failed_to_connect,
+            c.failed_after_connect
+        );
+        let _ = writeln!(s, "handshake  {}", c.handshake.line());
+        let t = &self.traffic;
+        let _ = writeln!(
+            s,
+            "traffic    tx {}/s rx {}/s ({:.1} Mbit/s payload), sent {} received {}",
+            fmt_rate(t.tx_pps),
+            fmt_rate(t.rx_pps),
+            t.tx_payload_mbit,
+            t.sent,
+            t.received
+        );
+        let _ = writeln!(
+            s,
+            "loss       {:.3}% total, {:.3}% steady-state ({} lost to moves: {} sent during \
+             outages, {} in flight at a move)",
+            t.loss_pct,
+            t.steady_loss_pct,
+            t.expected_losses,
+            t.sent_during_outage,
+            t.in_flight_at_move
+        );
+        let _ = writeln!(s, "echo rtt   {}", t.rtt.line());
+        if t.echo_timeouts
+            + t.pacer_skipped
+            + t.socket_send_errors
+            + t.stray_datagrams
+            + t.misdelivered
+            + t.foreign_payloads
+            > 0
+        {
+            let _ = writeln!(
+                s,
+                "           echo timeouts {}, pacer skipped {}, send errors {}, stray {}, \
+                 misdelivered {}, foreign {}",
+                t.echo_timeouts,
+                t.pacer_skipped,
+                t.socket_send_errors,
+                t.stray_datagrams,
+                t.misdelivered,
+                t.foreign_payloads
+            );
+        }
+        let r = &self.rebinds;
+        let _ = writeln!(
+            s,
+            "rebinds    {} moves ({} storms), {} outages: {} recovered, {} failed, {} unrecovered; \
+             {} extra, {} abandoned",
+            r.moves,
+            r.storms,
+            r.outages,
+            r.succeeded,
+            r.failed,
+            r.unrecovered,
+            r.extra,
+            r.abandoned
+        );
+        let _ = writeln!(s, "recovery   {}", r.recovery.line());
+        let _ = writeln!(s, "traffic-up {}", r.traffic_recovery.line());
+        for a in &self.attacks {
+            let _ = writeln!(
+                s,
+                "attack {:<16} sent {} ({} B), replies {} ({} B, ratio {:.3}), unrecognized {}, \
+                 past cookie {}, captured {}, ACCEPTED {}",
+                a.mode,
+                a.sent,
+                a.sent_bytes,
+                a.replies,
+                a.reply_bytes,
+                a.reply_ratio,
+                a.unrecognized,
+                a.past_cookie,
+                a.captured,
+                a.accepted
+            );
+        }
+        if let Some(v) = &self.victim {
+            let _ = writeln!(
+                s,
+                "victim     {} probes, {} echoes, {} UNRECOGNIZED",
+                v.probes, v.echoes, v.unrecognized
+            );
+        }
+        if self.passed() {
+            let _ = writeln!(s, "result     PASS");
+        } else {
+            let _ = writeln!(s, "result     FAIL");
+            for f in &self.failures {
+                let _ = writeln!(s, "  - {f}");
+            }
+        }
+        s
+    }
+}
+
+/// Builds an [`AttackReport`] skeleton for a mode.
+pub fn attack_report(mode: AttackMode) -> AttackReport {
+    AttackReport {
+        mode: mode.name().to_owned(),
+        ..AttackReport::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_percentiles() {
+        let mut h = LatencyHist::default();
+        assert_eq!(h.summary(), Percentiles::default());
+        for us in 1..=1000 {
+            h.record_us(us);
+        }
+        h.record(Duration::from_secs(2));
+        let p = h.summary();
+        assert_eq!(p.count, 1001);
+        assert!((p.p50_ms - 0.5).abs() < 0.01, "{p:?}");
+        assert!((p.p90_ms - 0.9).abs() < 0.01, "{p:?}");
+        assert!((p.p99_ms - 0.99).abs() < 0.01, "{p:?}");
+        assert!((p.max_ms - 2000.0).abs() < 2.0, "{p:?}");
+        let mut other = LatencyHist::default();
+        other.record_us(0);
+        h.add(&other);
+        assert_eq!(h.len(), 1002);
+    }
+
+    #[test]
+    fn formatting() {
+        assert_eq!(fmt_ms(0.1234), "0.123 ms");
+        assert_eq!(fmt_ms(12.34), "12.3 ms");
+        assert_eq!(fmt_ms(1234.0), "1.23 s");
+        assert_eq!(fmt_rate(38_123.0), "38.1k");
+        assert_eq!(fmt_rate(999.0), "999");
+        assert_eq!(fmt_rate(1_200_000.0), "1.20M");
+    }
+
+    #[test]
+    fn verdict() {
+        let mut r = LoadReport::default();
+        r.clients.requested = 10;
+        r.judge(None);
+        assert!(r.passed() && r.passed);
+        r.clients.failed_to_connect = 1;
+        r.rebinds.unrecovered = 2;
+        r.traffic.steady_loss_pct = 3.0;
+        let mut a = attack_report(AttackMode::Replay);
+        a.accepted = 1;
+        a.reply_ratio = 1.5;
+        r.attacks.push(a);
+        r.judge(Some(1.0));
+        assert!(!r.passed());
+        assert_eq!(r.failures.len(), 5, "{:?}", r.failures);
+        let human = r.to_human();
+        assert!(human.contains("FAIL") && human.contains("replay"));
+        let json: serde_json::Value = serde_json::from_str(&r.to_json()).unwrap();
+        assert_eq!(json["passed"], false);
+        assert_eq!(json["attacks"][0]["mode"], "replay");
+    }
+}

@@ -1,0 +1,928 @@
+//! One driver thread: a shard of clients, each a [`Client`] with its own nonblocking UDP
+//! socket, multiplexed by one `epoll` instance, with a binary heap of client deadlines.
+//!
+//! Per loop iteration the work is proportional to what happened (ready sockets, expired
+//! timers, packets due), never to the number of clients:
+//! - ready sockets come from `epoll` (token = slot number);
+//! - deadlines sit in a min-heap with lazy deletion: a slot remembers the deadline it has in
+//!   the heap, an entry that no longer matches is skipped, and a deadline that moves later
+//!   is left in place (it fires early, finds nothing due, and is re-pushed);
+//! - open-loop load and churn are token pacers against the measured phase's start, and pick
+//!   clients with a round-robin cursor (load) or at random (churn);
+//! - a storm moves every client, 1024 per iteration, so the loop keeps serving sockets.
+#![forbid(unsafe_code)]
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
+use std::io;
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::client::{Client, ClientError, ClientEvent, MAX_DATAGRAM_LEN};
+use crate::time::Ticks;
+use crate::wire::ClientCredentials;
+
+use super::addrs::AddrPool;
+use super::options::{LoadMode, LoadgenOptions, MoveKind};
+use super::report::LatencyHist;
+use super::stamp::{STAMP_LEN, Stamp};
+use super::sys::{Epoll, Events};
+
+pub const PHASE_CONNECT: u8 = 0;
+pub const PHASE_RUN: u8 = 1;
+pub const PHASE_SETTLE: u8 = 2;
+pub const PHASE_DRAIN: u8 = 3;
+pub const PHASE_STOP: u8 = 4;
+
+/// Storm moves per loop iteration.
+const STORM_CHUNK: usize = 1024;
+/// Datagrams read from one socket per wake-up.
+const RECV_PER_WAKE: usize = 64;
+/// Open-loop sends per loop iteration (the rest waits for the next iteration).
+const SENDS_PER_ITER: u64 = 1024;
+/// Handshakes started per loop iteration.
+const CREATES_PER_ITER: usize = 256;
+/// Longest epoll wait, so phase changes are seen promptly.
+const MAX_WAIT: Duration = Duration::from_millis(5);
+
+/// State shared by the controller, the shards and the attacker.
+pub struct Shared {
+    pub phase: AtomicU8,
+    /// The clock all stamps are relative to.
+    pub base: Instant,
+    /// Nanoseconds from `base` to the start of the measured phase (set before `PHASE_RUN`).
+    pub run_start_ns: AtomicU64,
+    pub progress: Vec<Progress>,
+    /// REBINDs captured from real clients, for the replay attack.
+    pub tap: Option<Mutex<VecDeque<Vec<u8>>>>,
+    pub tapped: AtomicU64,
+}
+
+impl Shared {
+    pub fn new(shards: usize, tap: bool) -> Shared {
+        Shared {
+            phase: AtomicU8::new(PHASE_CONNECT),
+            base: Instant::now(),
+            run_start_ns: AtomicU64::new(0),
+            progress: (0..shards).map(|_| Progress::default()).collect(),
+            tap: tap.then(|| Mutex::new(VecDeque::new())),
+            tapped: AtomicU64::new(0),
+        }
+    }
+
+    pub fn phase(&self) -> u8 {
+        self.phase.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    pub fn set_phase(&self, p: u8) {
+        self.phase.store(p, std::sync::atomic::Ordering::Release);
+    }
+
+    pub fn run_start(&self) -> Instant {
+        self.base + Duration::from_nanos(self.run_start_ns.load(Relaxed))
+    }
+
+    /// Microseconds since `base`, wrapping at 2^32 (the stamp clock).
+    pub fn now_us(&self, now: Instant) -> u32 {
+        now.saturating_duration_since(self.base).as_micros() as u32
+    }
+
+    /// Sum of one progress field over all shards.
+    pub fn total(&self, f: impl Fn(&Progress) -> &AtomicU64) -> u64 {
+        self.progress.iter().map(|p| f(p).load(Relaxed)).sum()
+    }
+}
+
+/// Live counters of one shard, published every loop iteration.
+#[derive(Default)]
+pub struct Progress {
+    pub created: AtomicU64,
+    pub connected: AtomicU64,
+    pub conn_failed: AtomicU64,
+    pub failed_later: AtomicU64,
+    pub sent: AtomicU64,
+    pub received: AtomicU64,
+    pub sent_bytes: AtomicU64,
+    pub moves: AtomicU64,
+    pub rebinds_ok: AtomicU64,
+    pub rebinds_failed: AtomicU64,
+    /// Moved clients not yet rebound.
+    pub outages: AtomicU64,
+    /// p99 echo RTT (µs) over the last second.
+    pub p99_us: AtomicU64,
+    /// The phase whose work this shard has finished publishing (all counters include it).
+    pub phase_seen: AtomicU8,
+}
+
+/// Final counters of one shard.
+#[derive(Clone, Debug, Default)]
+pub struct Counters {
+    pub connected: u64,
+    pub conn_failed: u64,
+    pub failed_later: u64,
+    pub sent: u64,
+    pub received: u64,
+    pub sent_bytes: u64,
+    pub sent_during_outage: u64,
+    pub in_flight_at_move: u64,
+    pub late_echoes: u64,
+    pub moves: u64,
+    pub outages: u64,
+    pub move_errors: u64,
+    pub storms: u64,
+    pub rebinds_ok: u64,
+    pub rebinds_failed: u64,
+    pub unrecovered: u64,
+    pub extra: u64,
+    pub abandoned: u64,
+    pub echo_timeouts: u64,
+    pub pacer_skipped: u64,
+    pub send_errors: u64,
+    pub stray: u64,
+    pub misdelivered: u64,
+    pub foreign: u64,
+}
+
+impl Counters {
+    pub fn merge(&mut self, o: &Counters) {
+        macro_rules! add {
+            ($($f:ident),*) => { $( self.$f += o.$f; )* };
+        }
+        add!(
+            connected,
+            conn_failed,
+            failed_later,
+            sent,
+            received,
+            sent_bytes,
+            sent_during_outage,
+            in_flight_at_move,
+            late_echoes,
+            moves,
+            outages,
+            move_errors,
+            storms,
+            rebinds_ok,
+            rebinds_failed,
+            unrecovered,
+            extra,
+            abandoned,
+            echo_timeouts,
+            pacer_skipped,
+            send_errors,
+            stray,
+            misdelivered,
+            foreign
+        );
+    }
+}
+
+/// What a shard hands back when it stops.
+#[derive(Clone, Debug, Default)]
+pub struct ShardResult {
+    pub counters: Counters,
+    pub rtt: LatencyHist,
+    pub handshake: LatencyHist,
+    pub recovery: LatencyHist,
+    pub traffic_recovery: LatencyHist,
+}
+
+/// Which clients a shard drives.
+#[derive(Clone, Debug)]
+pub struct ShardSpec {
+    pub id: usize,
+    pub shards: usize,
+    /// Global number of this shard's first client.
+    pub first: usize,
+    pub creds: Vec<ClientCredentials>,
+    pub total_clients: usize,
+    pub pool: AddrPool,
+}
+
+struct Slot {
+    client: Client,
+    sock: UdpSocket,
+    local: SocketAddr,
+    gw: SocketAddr,
+    created: Instant,
+    up: bool,
+    failed: bool,
+    /// Moves so far (wrapping); stamped into payloads.
+    gen_: u16,
+    seq: u32,
+    /// Payloads sent outside an outage in this generation, and their echoes received.
+    gen_sent: u32,
+    gen_echoed: u32,
+    /// Moved and not yet rebound: since when.
+    outage: Option<Instant>,
+    /// Moved and no echo of a post-move packet yet: since when.
+    traffic_outage: Option<Instant>,
+    /// The deadline this slot has in the heap.
+    timer: Option<Instant>,
+    /// Closed loop: outstanding echo requests `(seq, sent)`, oldest first, and when the
+    /// oldest is written off. A written-off request whose echo comes late is counted as
+    /// received but frees no window space, so slow echoes cannot inflate the load.
+    outstanding: VecDeque<(u32, Instant)>,
+    app_deadline: Option<Instant>,
+}
+
+/// A small, fast, non-cryptographic generator (xorshift64*).
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new() -> Rng {
+        Rng(u64::from_le_bytes(crate::crypto::random_array()) | 1)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n.max(1) as u64) as usize
+    }
+}
+
+impl Default for Rng {
+    fn default() -> Self {
+        Rng::new()
+    }
+}
+
+/// A nonblocking UDP socket bound to `addr`.
+pub fn bind_client(addr: SocketAddr, buffer: usize) -> io::Result<UdpSocket> {
+    let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    s.set_nonblocking(true)?;
+    if buffer > 0 {
+        let _ = s.set_recv_buffer_size(buffer);
+        let _ = s.set_send_buffer_size(buffer);
+    }
+    s.bind(&addr.into())?;
+    Ok(s.into())
+}
+
+fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, None) => a,
+        (None, b) => b,
+    }
+}
+
+/// Tokens due at `elapsed` for a pacer of `rate` per second.
+fn tokens_due(rate: f64, elapsed: Duration) -> u64 {
+    (rate * elapsed.as_secs_f64()) as u64
+}
+
+/// When token number `n` (0-based) falls due, as an offset.
+fn token_time(rate: f64, n: u64) -> Duration {
+    Duration::from_secs_f64(((n + 1) as f64 / rate).min(1e9))
+}
+
+pub struct Shard<'a> {
+    spec: ShardSpec,
+    opts: &'a LoadgenOptions,
+    shared: &'a Shared,
+    epoll: Epoll,
+    slots: Vec<Slot>,
+    heap: BinaryHeap<Reverse<(Instant, u32)>>,
+    rng: Rng,
+    buf: Vec<u8>,
+    payload: Vec<u8>,
+    c: Counters,
+    rtt: LatencyHist,
+    rtt_window: LatencyHist,
+    handshake: LatencyHist,
+    recovery: LatencyHist,
+    traffic_recovery: LatencyHist,
+    outages: u64,
+    // pacing
+    started: Instant,
+    connect_rate: f64,
+    load_rate: f64,
+    churn_rate: f64,
+    load_done: u64,
+    churn_done: u64,
+    cursor: usize,
+    storms: Vec<Duration>,
+    next_storm: usize,
+    storm_cursor: Option<usize>,
+    next_addr: u64,
+    phase: u8,
+    run_start: Instant,
+    last_window: Instant,
+}
+
+impl<'a> Shard<'a> {
+    pub fn new(spec: ShardSpec, opts: &'a LoadgenOptions, shared: &'a Shared) -> io::Result<Self> {
+        let share = spec.creds.len() as f64 / spec.total_clients.max(1) as f64;
+        let now = Instant::now();
+        let load_rate = match opts.load {
+            LoadMode::Open { rate } => rate * share,
+            LoadMode::Closed { .. } => 0.0,
+        };
+        Ok(Shard {
+            next_addr: (spec.total_clients + spec.id) as u64,
+            connect_rate: opts.connect_rate * share,
+            load_rate,
+            churn_rate: opts.churn_per_sec * share,
+            storms: opts.storm_times(),
+            slots: Vec::with_capacity(spec.creds.len()),
+            spec,
+            opts,
+            shared,
+            epoll: Epoll::new()?,
+            heap: BinaryHeap::new(),
+            rng: Rng::new(),
+            buf: vec![0u8; MAX_DATAGRAM_LEN.max(2048)],
+            payload: vec![0u8; crate::client::MAX_PAYLOAD],
+            c: Counters::default(),
+            rtt: LatencyHist::default(),
+            rtt_window: LatencyHist::default(),
+            handshake: LatencyHist::default(),
+            recovery: LatencyHist::default(),
+            traffic_recovery: LatencyHist::default(),
+            outages: 0,
+            started: now,
+            load_done: 0,
+            churn_done: 0,
+            cursor: 0,
+            next_storm: 0,
+            storm_cursor: None,
+            phase: PHASE_CONNECT,
+            run_start: now,
+            last_window: now,
+        })
+    }
+
+    /// Runs until the controller sets `PHASE_STOP`.
+    pub fn run(mut self) -> io::Result<ShardResult> {
+        let mut events = Events::with_capacity(1024);
+        loop {
+            let now = Instant::now();
+            let phase = self.shared.phase();
+            if phase != self.phase {
+                self.enter_phase(phase, now);
+            }
+            if phase == PHASE_STOP {
+                break;
+            }
+            self.create_clients(now)?;
+            self.fire_timers(now);
+            if matches!(phase, PHASE_RUN | PHASE_SETTLE) {
+                self.pace_load(now);
+            }
+            if phase == PHASE_RUN {
+                self.pace_churn(now);
+                self.storm(now);
+            }
+            self.publish(now);
+            let wait = self
+                .next_wake(now)
+                .map_or(MAX_WAIT, |t| t.saturating_duration_since(now).min(MAX_WAIT));
+            self.epoll.wait(&mut events, Some(wait))?;
+            let now = Instant::now();
+            for token in events.tokens() {
+                self.on_readable(token as usize, now);
+            }
+        }
+        Ok(self.finish())
+    }
+
+    fn enter_phase(&mut self, phase: u8, now: Instant) {
+        let before = std::mem::replace(&mut self.phase, phase);
+        if before < PHASE_RUN && phase >= PHASE_RUN {
+            self.run_start = self.shared.run_start();
+            self.last_window = now;
+            if let LoadMode::Closed { .. } = self.opts.load {
+                for i in 0..self.slots.len() {
+                    self.refill(i, now);
+                    self.reschedule(i);
+                }
+            }
+        }
+    }
+
+    fn finish(mut self) -> ShardResult {
+        for s in &self.slots {
+            if s.outage.is_some() {
+                self.c.unrecovered += 1;
+            }
+        }
+        self.publish(Instant::now());
+        ShardResult {
+            counters: self.c,
+            rtt: self.rtt,
+            handshake: self.handshake,
+            recovery: self.recovery,
+            traffic_recovery: self.traffic_recovery,
+        }
+    }
+
+    fn publish(&mut self, now: Instant) {
+        let p = &self.shared.progress[self.spec.id];
+        p.created.store(self.slots.len() as u64, Relaxed);
+        p.connected.store(self.c.connected, Relaxed);
+        p.conn_failed.store(self.c.conn_failed, Relaxed);
+        p.failed_later.store(self.c.failed_later, Relaxed);
+        p.sent.store(self.c.sent, Relaxed);
+        p.received.store(self.c.received, Relaxed);
+        p.sent_bytes.store(self.c.sent_bytes, Relaxed);
+        p.moves.store(self.c.moves, Relaxed);
+        p.rebinds_ok.store(self.c.rebinds_ok, Relaxed);
+        p.rebinds_failed.store(self.c.rebinds_failed, Relaxed);
+        p.outages.store(self.outages, Relaxed);
+        p.phase_seen
+            .store(self.phase, std::sync::atomic::Ordering::Release);
+        if now.saturating_duration_since(self.last_window) >= Duration::from_secs(1) {
+            self.last_window = now;
+            p.p99_us.store(self.rtt_window.quantile_us(0.99), Relaxed);
+            self.rtt_window.reset();
+        }
+    }
+
+    /// The earliest instant something is due (timers, pacers, client creation).
+    fn next_wake(&self, now: Instant) -> Option<Instant> {
+        let mut t = self.heap.peek().map(|Reverse((t, _))| *t);
+        if self.slots.len() < self.spec.creds.len() {
+            let n = self.slots.len() as u64;
+            t = earliest(t, Some(self.started + token_time(self.connect_rate, n)));
+        }
+        if matches!(self.phase, PHASE_RUN | PHASE_SETTLE) && self.load_rate > 0.0 {
+            t = earliest(
+                t,
+                Some(self.run_start + token_time(self.load_rate, self.load_done)),
+            );
+        }
+        if self.phase == PHASE_RUN {
+            if self.churn_rate > 0.0 {
+                t = earliest(
+                    t,
+                    Some(self.run_start + token_time(self.churn_rate, self.churn_done)),
+                );
+            }
+            if self.storm_cursor.is_some() {
+                t = Some(now);
+            } else if let Some(s) = self.storms.get(self.next_storm) {
+                t = earliest(t, Some(self.run_start + *s));
+            }
+        }
+        t
+    }
+
+    // ---- clients ----
+
+    fn create_clients(&mut self, now: Instant) -> io::Result<()> {
+        let total = self.spec.creds.len();
+        if self.slots.len() >= total {
+            return Ok(());
+        }
+        let due = (tokens_due(self.connect_rate, now - self.started) + 1).min(total as u64);
+        let mut made = 0;
+        while (self.slots.len() as u64) < due && made < CREATES_PER_ITER {
+            let i = self.slots.len();
+            let g = self.spec.first + i;
+            let ip = self.spec.pool.get(g as u64);
+            let sock =
+                bind_client(SocketAddr::new(ip, 0), self.opts.socket_buffer).map_err(|e| {
+                    io::Error::new(e.kind(), format!("binding a client socket on {ip}: {e}"))
+                })?;
+            let local = sock.local_addr()?;
+            self.epoll.add(&sock, i as u64)?;
+            let client = Client::new(
+                self.opts.client_config.clone(),
+                self.spec.creds[i].clone(),
+                now,
+                Ticks::wall_clock(),
+            );
+            self.slots.push(Slot {
+                client,
+                sock,
+                local,
+                gw: self.opts.gateways[g % self.opts.gateways.len()],
+                created: now,
+                up: false,
+                failed: false,
+                gen_: 0,
+                seq: 0,
+                gen_sent: 0,
+                gen_echoed: 0,
+                outage: None,
+                traffic_outage: None,
+                timer: None,
+                outstanding: VecDeque::new(),
+                app_deadline: None,
+            });
+            self.flush(i, now);
+            self.reschedule(i);
+            made += 1;
+        }
+        Ok(())
+    }
+
+    fn fire_timers(&mut self, now: Instant) {
+        while let Some(&Reverse((t, i))) = self.heap.peek() {
+            if t > now {
+                break;
+            }
+            self.heap.pop();
+            let i = i as usize;
+            if self.slots[i].timer != Some(t) {
+                continue; // superseded by an earlier entry
+            }
+            self.slots[i].timer = None;
+            let s = &mut self.slots[i];
+            if s.client.poll_timeout().is_some_and(|d| d <= now) {
+                s.client.handle_timeout(now);
+            }
+            if s.app_deadline.is_some_and(|d| d <= now) {
+                s.app_deadline = None;
+                let timeout = self.opts.echo_timeout;
+                while s
+                    .outstanding
+                    .front()
+                    .is_some_and(|(_, t)| *t + timeout <= now)
+                {
+                    s.outstanding.pop_front();
+                    self.c.echo_timeouts += 1;
+                }
+                self.refill(i, now);
+            }
+            self.after_io(i, now);
+        }
+    }
+
+    fn reschedule(&mut self, i: usize) {
+        let s = &mut self.slots[i];
+        let Some(t) = earliest(s.client.poll_timeout(), s.app_deadline) else {
+            return;
+        };
+        if s.timer.is_none_or(|cur| t < cur) {
+            s.timer = Some(t);
+            self.heap.push(Reverse((t, i as u32)));
+        }
+    }
+
+    /// After anything touched slot `i`: events, received payloads, transmits, timer.
+    fn after_io(&mut self, i: usize, now: Instant) {
+        self.drain_events(i, now);
+        self.drain_received(i, now);
+        self.flush(i, now);
+        self.reschedule(i);
+    }
+
+    fn on_readable(&mut self, i: usize, now: Instant) {
+        let Some(s) = self.slots.get_mut(i) else {
+            return;
+        };
+        for _ in 0..RECV_PER_WAKE {
+            match s.sock.recv_from(&mut self.buf) {
+                Ok((n, from)) => {
+                    if from != s.gw {
+                        self.c.stray += 1;
+                        continue;
+                    }
+                    s.client.handle(now, &self.buf[..n]);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                // ICMP errors reported on the socket (e.g. refused): nothing to read.
+                Err(_) => break,
+            }
+        }
+        self.after_io(i, now);
+    }
+
+    fn drain_events(&mut self, i: usize, now: Instant) {
+        while let Some(ev) = self.slots[i].client.poll_event() {
+            let s = &mut self.slots[i];
+            match ev {
+                ClientEvent::Connected { .. } => {
+                    s.up = true;
+                    self.c.connected += 1;
+                    self.handshake.record(now - s.created);
+                    if matches!(self.phase, PHASE_RUN | PHASE_SETTLE) {
+                        self.refill(i, now);
+                    }
+                }
+                ClientEvent::Rebinding { .. } => {}
+                ClientEvent::Rebound { new_tuple, .. } => {
+                    if new_tuple == s.local
+                        && let Some(t0) = s.outage.take()
+                    {
+                        self.outages -= 1;
+                        self.c.rebinds_ok += 1;
+                        self.recovery.record(now - t0);
+                    } else {
+                        self.c.extra += 1;
+                    }
+                }
+                ClientEvent::RebindAbandoned { .. } => self.c.abandoned += 1,
+                ClientEvent::Failed(e) => {
+                    s.failed = true;
+                    match e {
+                        ClientError::HandshakeTimeout => self.c.conn_failed += 1,
+                        ClientError::RebindTimeout => {
+                            self.c.failed_later += 1;
+                            if s.outage.take().is_some() {
+                                self.outages -= 1;
+                                self.c.rebinds_failed += 1;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn drain_received(&mut self, i: usize, now: Instant) {
+        let g = (self.spec.first + i) as u32;
+        let now_us = self.shared.now_us(now);
+        let mut freed = false;
+        while let Some(p) = self.slots[i].client.poll_received() {
+            let Some(st) = Stamp::parse(&p) else {
+                self.c.foreign += 1;
+                continue;
+            };
+            if st.client != g {
+                self.c.misdelivered += 1;
+                continue;
+            }
+            let s = &mut self.slots[i];
+            self.c.received += 1;
+            if let Some(k) = s.outstanding.iter().position(|(q, _)| *q == st.seq) {
+                s.outstanding.remove(k);
+                freed = true;
+            }
+            let rtt = u64::from(st.rtt_us(now_us));
+            self.rtt.record_us(rtt);
+            self.rtt_window.record_us(rtt);
+            if st.gen_ != s.gen_ {
+                self.c.late_echoes += 1;
+            } else {
+                s.gen_echoed = s.gen_echoed.wrapping_add(1);
+                if let Some(t0) = s.traffic_outage.take() {
+                    self.traffic_recovery.record(now - t0);
+                }
+            }
+        }
+        if freed {
+            self.refill(i, now);
+        }
+    }
+
+    /// Closed loop: tops slot `i` up to the window (in the run and settle phases).
+    fn refill(&mut self, i: usize, now: Instant) {
+        let LoadMode::Closed { window } = self.opts.load else {
+            return;
+        };
+        if !matches!(self.phase, PHASE_RUN | PHASE_SETTLE) {
+            return;
+        }
+        let s = &self.slots[i];
+        if !s.up || s.failed {
+            return;
+        }
+        while self.slots[i].outstanding.len() < window as usize {
+            let Some(seq) = self.queue_payload(i, now) else {
+                break;
+            };
+            self.slots[i].outstanding.push_back((seq, now));
+        }
+        let s = &mut self.slots[i];
+        s.app_deadline = s
+            .outstanding
+            .front()
+            .map(|(_, t)| *t + self.opts.echo_timeout);
+    }
+
+    /// Queues one stamped payload on slot `i`'s client (sent by the next flush); returns
+    /// its sequence number.
+    fn queue_payload(&mut self, i: usize, now: Instant) -> Option<u32> {
+        let len = self.opts.payload.pick(self.rng.next_u64()).max(STAMP_LEN);
+        let g = (self.spec.first + i) as u32;
+        let now_us = self.shared.now_us(now);
+        let s = &mut self.slots[i];
+        Stamp {
+            gen_: s.gen_,
+            client: g,
+            seq: s.seq,
+            sent_us: now_us,
+        }
+        .emit(&mut self.payload[..len]);
+        if s.client.send(&self.payload[..len]).is_err() {
+            return None;
+        }
+        let seq = s.seq;
+        s.seq = s.seq.wrapping_add(1);
+        self.c.sent += 1;
+        self.c.sent_bytes += len as u64;
+        if s.outage.is_some() {
+            self.c.sent_during_outage += 1;
+        } else {
+            s.gen_sent = s.gen_sent.wrapping_add(1);
+        }
+        Some(seq)
+    }
+
+    /// Sends everything slot `i`'s client has to send.
+    fn flush(&mut self, i: usize, now: Instant) {
+        let s = &mut self.slots[i];
+        while let Some(n) = s.client.poll_transmit(now, &mut self.buf) {
+            let d = &self.buf[..n];
+            if let Some(tap) = &self.shared.tap
+                && d[0] == crate::wire::MsgType::Rebind as u8
+                && d[1..].iter().any(|b| *b != 0)
+                && let Ok(mut q) = tap.try_lock()
+            {
+                if q.len() >= 256 {
+                    q.pop_front();
+                }
+                q.push_back(d.to_vec());
+                self.shared.tapped.fetch_add(1, Relaxed);
+            }
+            if s.sock.send_to(d, s.gw).is_err() {
+                self.c.send_errors += 1;
+            }
+        }
+    }
+
+    // ---- load ----
+
+    fn pace_load(&mut self, now: Instant) {
+        if self.load_rate <= 0.0 || self.slots.is_empty() {
+            return;
+        }
+        let due = tokens_due(
+            self.load_rate,
+            now.saturating_duration_since(self.run_start),
+        );
+        // Never burst more than 50 ms worth (plus a little) after a stall.
+        let backlog = (self.load_rate * 0.05) as u64 + 64;
+        if due > self.load_done + backlog {
+            self.c.pacer_skipped += due - self.load_done - backlog;
+            self.load_done = due - backlog;
+        }
+        let mut budget = SENDS_PER_ITER;
+        while self.load_done < due && budget > 0 {
+            budget -= 1;
+            self.load_done += 1;
+            let n = self.slots.len();
+            let mut found = None;
+            for _ in 0..n {
+                let i = self.cursor;
+                self.cursor = (self.cursor + 1) % n;
+                let s = &self.slots[i];
+                if s.up && !s.failed {
+                    found = Some(i);
+                    break;
+                }
+            }
+            let Some(i) = found else {
+                self.load_done = due; // nobody to send from
+                break;
+            };
+            if self.queue_payload(i, now).is_some() {
+                self.flush(i, now);
+                self.reschedule(i);
+            }
+        }
+    }
+
+    // ---- NAT moves ----
+
+    fn pace_churn(&mut self, now: Instant) {
+        if self.churn_rate <= 0.0 || self.slots.is_empty() {
+            return;
+        }
+        let due = tokens_due(
+            self.churn_rate,
+            now.saturating_duration_since(self.run_start),
+        );
+        while self.churn_done < due {
+            self.churn_done += 1;
+            for _ in 0..16 {
+                let i = self.rng.below(self.slots.len());
+                let s = &self.slots[i];
+                if s.up && !s.failed && s.outage.is_none() {
+                    self.move_slot(i, now);
+                    break;
+                }
+            }
+        }
+    }
+
+    fn storm(&mut self, now: Instant) {
+        if let Some(t) = self.storms.get(self.next_storm)
+            && now >= self.run_start + *t
+        {
+            self.next_storm += 1;
+            self.c.storms += 1;
+            self.storm_cursor = Some(0);
+        }
+        let Some(start) = self.storm_cursor else {
+            return;
+        };
+        let end = (start + STORM_CHUNK).min(self.slots.len());
+        for i in start..end {
+            if !self.slots[i].failed {
+                self.move_slot(i, Instant::now());
+            }
+        }
+        self.storm_cursor = (end < self.slots.len()).then_some(end);
+    }
+
+    /// Moves slot `i` to a new source tuple: bind the new socket first (so the port
+    /// differs), then close the old one. The client is not told.
+    fn move_slot(&mut self, i: usize, now: Instant) {
+        let old = self.slots[i].local;
+        let ip = match self.opts.move_kind {
+            MoveKind::Port => old.ip(),
+            MoveKind::Addr => {
+                let ip = self.spec.pool.get(self.next_addr);
+                self.next_addr += self.spec.shards as u64;
+                ip
+            }
+        };
+        let sock = match bind_client(SocketAddr::new(ip, 0), self.opts.socket_buffer) {
+            Ok(s) => s,
+            Err(_) => {
+                self.c.move_errors += 1;
+                return;
+            }
+        };
+        let (Ok(local), Ok(())) = (sock.local_addr(), self.epoll.add(&sock, i as u64)) else {
+            self.c.move_errors += 1;
+            return;
+        };
+        let s = &mut self.slots[i];
+        // Dropping the old socket closes it, which also removes it from the epoll set.
+        drop(std::mem::replace(&mut s.sock, sock));
+        s.local = local;
+        s.gen_ = s.gen_.wrapping_add(1);
+        // Echoes still owed to the closed socket are lost with it.
+        self.c.in_flight_at_move += u64::from(s.gen_sent.saturating_sub(s.gen_echoed));
+        s.gen_sent = 0;
+        s.gen_echoed = 0;
+        if s.up && !s.failed {
+            self.c.moves += 1;
+            if s.outage.is_none() {
+                s.outage = Some(now);
+                self.outages += 1;
+                self.c.outages += 1;
+            }
+            if s.traffic_outage.is_none() {
+                s.traffic_outage = Some(now);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pacer_tokens() {
+        assert_eq!(tokens_due(1000.0, Duration::from_millis(0)), 0);
+        assert_eq!(tokens_due(1000.0, Duration::from_millis(5)), 5);
+        assert_eq!(tokens_due(2.5, Duration::from_secs(2)), 5);
+        assert_eq!(token_time(1000.0, 0), Duration::from_millis(1));
+        assert_eq!(token_time(4.0, 3), Duration::from_secs(1));
+        // A zero rate never falls due within any sane horizon.
+        assert!(token_time(0.0, 0) > Duration::from_secs(1 << 20));
+    }
+
+    #[test]
+    fn rng_spreads() {
+        let mut r = Rng::new();
+        let mut hits = [0u32; 8];
+        for _ in 0..8000 {
+            hits[r.below(8)] += 1;
+        }
+        assert!(hits.iter().all(|h| (800..1200).contains(h)), "{hits:?}");
+    }
+
+    #[test]
+    fn counters_merge() {
+        let mut a = Counters {
+            sent: 1,
+            moves: 2,
+            ..Counters::default()
+        };
+        a.merge(&Counters {
+            sent: 10,
+            misdelivered: 1,
+            ..Counters::default()
+        });
+        assert_eq!((a.sent, a.moves, a.misdelivered), (11, 2, 1));
+    }
+}

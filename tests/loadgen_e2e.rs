@@ -1,0 +1,195 @@
+//! The load generator against a real gateway and reference host, in process, over loopback:
+//! 200 clients for 3 s with NAT churn, one storm that moves every client, and every attack
+//! mode at a low rate.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use rebindgw::gateway::config::{GatewayConfig, HostEntry};
+use rebindgw::gateway::run::spawn_gateway;
+use rebindgw::host::{HostOptions, spawn_host};
+use rebindgw::loadgen::{self, AttackMode, LoadMode, LoadgenOptions, MoveKind};
+use rebindgw::{clients, secrets};
+
+fn temp_dir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!(
+        "rebindgw-{tag}-{}-{}",
+        std::process::id(),
+        Instant::now().elapsed().as_nanos() ^ u128::from(rand_u32())
+    ));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn rand_u32() -> u32 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    t.subsec_nanos()
+}
+
+/// A reference host and a gateway in this process, on loopback.
+struct Rig {
+    dir: PathBuf,
+    clients_file: PathBuf,
+    host: rebindgw::host::HostHandle,
+    gw: rebindgw::gateway::run::GatewayHandle,
+}
+
+impl Rig {
+    fn start(tag: &str) -> Rig {
+        let dir = temp_dir(tag);
+        let clients_file = dir.join("clients.toml");
+        clients::enroll_many(&clients_file, "seed-", 1).unwrap();
+        let key_file = dir.join("link.key");
+        let link_key = secrets::generate_link_key(&key_file).unwrap();
+        let mut host_opts = HostOptions::new(
+            "127.0.0.1:0".parse().unwrap(),
+            clients_file.clone(),
+            link_key,
+        );
+        host_opts.reload_check = Duration::from_millis(200);
+        host_opts.reload_on_sighup = false;
+        let host = spawn_host(host_opts).unwrap();
+        let cfg = GatewayConfig {
+            listen: vec!["127.0.0.1:0".parse().unwrap()],
+            admin: Some("127.0.0.1:0".parse().unwrap()),
+            state_dir: dir.join("state"),
+            workers: 2,
+            hosts: vec![HostEntry {
+                addr: host.local_addr(),
+                link_key_file: key_file,
+            }],
+            ..GatewayConfig::default()
+        };
+        let gw = spawn_gateway(cfg).unwrap();
+        Rig {
+            dir,
+            clients_file,
+            host,
+            gw,
+        }
+    }
+
+    fn gateways(&self) -> Vec<SocketAddr> {
+        self.gw.client_addrs().to_vec()
+    }
+
+    fn stop(self) {
+        self.gw.stop().unwrap();
+        self.host.stop().unwrap();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn churn_storm_and_attacks() {
+    let rig = Rig::start("loadgen-e2e");
+    let gateways = rig.gateways();
+    let clients_file = rig.clients_file.clone();
+    let mut o = LoadgenOptions::new(gateways.clone());
+    o.clients = 200;
+    o.threads = 2;
+    o.duration = Duration::from_secs(3);
+    o.load = LoadMode::Open { rate: 4000.0 };
+    o.churn_per_sec = 20.0;
+    o.move_kind = MoveKind::Addr;
+    o.storm_at = Some(Duration::from_millis(1500));
+    o.attacks = AttackMode::ALL.to_vec();
+    o.attack_rate = 50.0;
+    o.attack_tuples = 8;
+    o.clients_file = Some(clients_file);
+    o.settle = Duration::from_secs(5);
+    // Debug builds of the gateway queue far more under this load.
+    o.max_loss_pct = Some(if cfg!(debug_assertions) { 5.0 } else { 1.0 });
+
+    let t = Instant::now();
+    let report = loadgen::run_with(o, &gateways, false).unwrap();
+    let took = t.elapsed();
+    eprintln!("{}", report.to_human());
+    eprintln!("loadgen took {took:?}");
+
+    rig.stop();
+
+    assert!(report.passed(), "failures: {:?}", report.failures);
+    assert_eq!(report.clients.connected, 200);
+    assert_eq!(report.rebinds.storms, 1);
+    // The storm alone moves all 200; churn adds about 60.
+    assert!(report.rebinds.moves >= 200, "{:?}", report.rebinds);
+    assert!(report.rebinds.outages >= 200 && report.rebinds.outages <= report.rebinds.moves);
+    assert_eq!(report.rebinds.succeeded, report.rebinds.outages);
+    assert_eq!(report.rebinds.failed + report.rebinds.unrecovered, 0);
+    assert!(report.traffic.received > 5_000, "{:?}", report.traffic);
+    assert_eq!(report.traffic.misdelivered, 0);
+    assert!(report.rebinds.recovery.count >= 200);
+    assert_eq!(report.attacks.len(), AttackMode::ALL.len());
+    for a in &report.attacks {
+        assert_eq!(a.accepted, 0, "{a:?}");
+        assert!(a.sent > 0, "{a:?}");
+        assert!(a.reply_ratio <= 1.0, "{a:?}");
+    }
+    let by_mode = |m: &str| report.attacks.iter().find(|a| a.mode == m).unwrap();
+    // The REBIND forgeries really reached the crypto checks.
+    assert!(by_mode("wrong-r").past_cookie > 0);
+    assert!(by_mode("wrong-slot").past_cookie > 0);
+    assert!(by_mode("replay").captured > 0);
+    let v = report.victim.as_ref().unwrap();
+    assert_eq!(v.unrecognized, 0);
+    assert!(v.echoes > 0);
+    assert!(took < Duration::from_secs(15), "took {took:?}");
+}
+
+fn env<T: std::str::FromStr>(name: &str) -> Option<T> {
+    std::env::var(name).ok().and_then(|v| v.parse().ok())
+}
+
+/// A bigger run for measurements, configured from the environment, e.g.
+/// `LOADGEN_CLIENTS=4096 LOADGEN_DURATION=10 LOADGEN_STORM_AT=5 cargo test --release
+/// --test loadgen_e2e -- --ignored --nocapture`. Also: LOADGEN_RATE, LOADGEN_WINDOW,
+/// LOADGEN_CHURN, LOADGEN_STORM_EVERY, LOADGEN_THREADS, LOADGEN_PAYLOAD, LOADGEN_ATTACKS
+/// (comma list or "all"), LOADGEN_ATTACK_RATE, LOADGEN_JSON=1.
+#[test]
+#[ignore = "measurement run; configure with LOADGEN_* variables"]
+fn measurement_run() {
+    let rig = Rig::start("loadgen-measure");
+    let gateways = rig.gateways();
+    let mut o = LoadgenOptions::new(gateways.clone());
+    o.clients = env("LOADGEN_CLIENTS").unwrap_or(4096);
+    o.threads = env("LOADGEN_THREADS").unwrap_or(2);
+    o.duration = Duration::from_secs_f64(env("LOADGEN_DURATION").unwrap_or(10.0));
+    o.load = match env::<u32>("LOADGEN_WINDOW") {
+        Some(window) => LoadMode::Closed { window },
+        None => LoadMode::Open {
+            rate: env("LOADGEN_RATE").unwrap_or(20_000.0),
+        },
+    };
+    if let Ok(p) = std::env::var("LOADGEN_PAYLOAD") {
+        o.payload = loadgen::PayloadSizes::parse(&p).unwrap();
+    }
+    o.churn_per_sec = env("LOADGEN_CHURN").unwrap_or(0.0);
+    o.storm_at = env("LOADGEN_STORM_AT").map(Duration::from_secs_f64);
+    o.storm_every = env("LOADGEN_STORM_EVERY").map(Duration::from_secs_f64);
+    if let Ok(a) = std::env::var("LOADGEN_ATTACKS") {
+        o.attacks = if a == "all" {
+            AttackMode::ALL.to_vec()
+        } else {
+            a.split(',')
+                .map(|m| {
+                    *AttackMode::ALL
+                        .iter()
+                        .find(|x| x.name() == m.trim())
+                        .expect("attack mode")
+                })
+                .collect()
+        };
+    }
+    o.attack_rate = env("LOADGEN_ATTACK_RATE").unwrap_or(200.0);
+    o.clients_file = Some(rig.clients_file.clone());
+    let report = loadgen::run_with(o, &gateways, true).unwrap();
+    if env::<u8>("LOADGEN_JSON") == Some(1) {
+        println!("{}", report.to_json());
+    }
+    println!("{}", report.to_human());
+    rig.stop();
+}
