@@ -214,12 +214,28 @@ impl Shared {
         })
     }
 
-    /// The gateway's time for a batch: never runs backwards (the maximum of the wall clock and
-    /// the last issued time) and never passes the reservation committed to the store.
+    /// A gateway time `t` for UNRECOGNIZED and REBIND checks (§6): later than every time
+    /// issued before (so a connection whose `L` is the last issued time can always rebind
+    /// again), the wall clock when that is later still, and never past the reservation
+    /// committed to the store.
     pub fn issue_ticks(&self, wall: Ticks) -> Ticks {
-        let want = wall.0.min(self.issue_cap.load(Ordering::Acquire));
-        let prev = self.last_issued.fetch_max(want, Ordering::AcqRel);
-        Ticks(prev.max(want))
+        let cap = self.issue_cap.load(Ordering::Acquire);
+        let mut prev = self.last_issued.load(Ordering::Acquire);
+        loop {
+            let next = wall.0.max(prev.saturating_add(1)).min(cap).max(prev);
+            if next == prev {
+                return Ticks(prev);
+            }
+            match self.last_issued.compare_exchange_weak(
+                prev,
+                next,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return Ticks(next),
+                Err(p) => prev = p,
+            }
+        }
     }
 
     pub fn last_issued(&self) -> Ticks {
@@ -355,6 +371,8 @@ pub struct WorkerCore {
     client_via: [Option<u8>; 2],
     rebinds: Vec<usize>,
     trial_out: Vec<Option<TrialOutput>>,
+    /// The gateway time issued for the current batch, once needed.
+    issued: Option<Ticks>,
 }
 
 impl WorkerCore {
@@ -387,6 +405,7 @@ impl WorkerCore {
             client_via,
             rebinds: Vec::with_capacity(64),
             trial_out: Vec::with_capacity(64),
+            issued: None,
             shared,
         }
     }
@@ -400,10 +419,14 @@ impl WorkerCore {
     }
 
     /// Handles one receive batch at gateway time `now`.
+    /// Handles one receive batch. `now` is the wall clock; the gateway time `t` is issued
+    /// from it (see [`Shared::issue_ticks`]) once per batch, and only if the batch needs it, so
+    /// the fast path never writes the shared clock.
     pub fn handle_batch(&mut self, now: Ticks, rx: &[Rx<'_>], tx: &mut TxQueue) {
         if rx.is_empty() {
             return;
         }
+        self.issued = None;
         self.metrics.inc(C::batch(rx.len()));
         let generation = self.shared.epochs_generation.load(Ordering::Acquire);
         if generation != self.epochs_generation {
@@ -538,12 +561,13 @@ impl WorkerCore {
             Err(Limited::Global) => return self.metrics.inc(C::UnrecognizedGlobalRate),
             Ok(()) => {}
         }
+        let t = self.issued(now);
         let keys = &self.epochs.current.keys;
         let u = Unrecognized {
             epoch_byte: keys.epoch_byte(),
-            t: now,
+            t,
             observed: from,
-            cookie: keys.cookie(&from, now),
+            cookie: keys.cookie(&from, t),
         };
         if tx.push(via, from, |slot| u.emit(slot)) {
             self.metrics.inc(C::UnrecognizedSent);
@@ -552,7 +576,15 @@ impl WorkerCore {
         }
     }
 
-    fn verify_rebinds(&mut self, now: Ticks, rx: &[Rx<'_>], tx: &mut TxQueue) {
+    /// The batch's gateway time, issued on first use.
+    fn issued(&mut self, wall: Ticks) -> Ticks {
+        *self
+            .issued
+            .get_or_insert_with(|| self.shared.issue_ticks(wall))
+    }
+
+    fn verify_rebinds(&mut self, wall: Ticks, rx: &[Rx<'_>], tx: &mut TxQueue) {
+        let now = self.issued(wall);
         let epochs = self.epochs.clone();
         let keys: Vec<&EpochKeys> = epochs.all().map(|e| &e.keys).collect();
         let window = self.shared.window_ticks;
@@ -1388,9 +1420,19 @@ mod tests {
     fn ticks_never_run_backwards_and_respect_the_cap() {
         let h = Harness::default();
         assert_eq!(h.shared.issue_ticks(Ticks(100)), Ticks(100));
-        assert_eq!(h.shared.issue_ticks(Ticks(50)), Ticks(100));
+        assert_eq!(
+            h.shared.issue_ticks(Ticks(50)),
+            Ticks(101),
+            "strictly later, even when the clock steps back"
+        );
+        assert_eq!(h.shared.issue_ticks(Ticks(100)), Ticks(102));
         h.shared.set_issue_cap(Ticks(150));
         assert_eq!(h.shared.issue_ticks(Ticks(200)), Ticks(150));
+        assert_eq!(
+            h.shared.issue_ticks(Ticks(200)),
+            Ticks(150),
+            "never past the reservation"
+        );
         h.shared.set_issue_cap(Ticks(300));
         assert_eq!(h.shared.issue_ticks(Ticks(200)), Ticks(200));
     }

@@ -117,16 +117,14 @@ impl Drop for GatewayHandle {
     }
 }
 
-/// The I/O loop's view of a worker: read the clock once per batch, hand it to the core.
+/// The I/O loop's view of a worker: read the wall clock once per batch, hand it to the core.
 struct Driver {
     core: WorkerCore,
-    shared: Arc<Shared>,
 }
 
 impl Handler for Driver {
     fn handle_batch(&mut self, rx: &[Rx<'_>], tx: &mut TxQueue) {
-        let now = self.shared.issue_ticks(Ticks::wall_clock());
-        self.core.handle_batch(now, rx, tx);
+        self.core.handle_batch(Ticks::wall_clock(), rx, tx);
     }
 
     fn tick(&mut self, _tx: &mut TxQueue) {}
@@ -302,8 +300,8 @@ pub fn spawn_gateway(cfg: GatewayConfig) -> anyhow::Result<GatewayHandle> {
                     if let Some(c) = core_id {
                         core_affinity::set_for_current(c);
                     }
-                    let core = WorkerCore::new(i as u8, shared.clone(), &is_v6);
-                    let mut driver = Driver { core, shared };
+                    let core = WorkerCore::new(i as u8, shared, &is_v6);
+                    let mut driver = Driver { core };
                     io::run_loop(
                         io_backend,
                         &socks,
