@@ -42,6 +42,8 @@ pub struct HostConfig {
     pub max_nonces: usize,
     /// Hard cap on handshakes waiting for REGISTERED.
     pub max_pending: usize,
+    /// A connection with no DATA for this long is closed (its gateway index freed).
+    pub idle_timeout: Duration,
 }
 
 impl Default for HostConfig {
@@ -53,6 +55,7 @@ impl Default for HostConfig {
             reply_keep: Duration::from_secs(30),
             max_nonces: 1 << 20,
             max_pending: 1 << 16,
+            idle_timeout: Duration::from_secs(600),
         }
     }
 }
@@ -80,6 +83,10 @@ pub struct HostCounters {
     pub register_failed: u64,
     /// REGISTERED accepted: connection live, HANDSHAKE_REPLY sent.
     pub registrations: u64,
+    /// A client's new connection replaced (and closed) its previous one.
+    pub connections_replaced: u64,
+    /// Connections closed after `idle_timeout` without DATA.
+    pub idle_closed: u64,
     /// REGISTERED / REGISTER_FAILED / CLOSED for no outstanding request (e.g. late duplicates).
     pub control_unknown_request: u64,
 
@@ -126,9 +133,12 @@ struct Conn {
     window: ReplayWindow,
     next_seq: u64,
     gateway: SocketAddr,
+    client_id: [u8; 16],
+    last_active: Ticks,
 }
 
 struct Pending {
+    client_id: [u8; 16],
     nonce: [u8; 16],
     k_s: Zeroizing<[u8; 16]>,
     client: SocketAddr,
@@ -162,6 +172,12 @@ pub struct HostCore {
     link: Gcm,
     clients: ClientsFile,
     conns: HashMap<u64, Conn>,
+    /// Each client's live connection: a client holds one, so a new handshake replaces the
+    /// old connection (retries and a misbehaving client cannot pile up gateway indexes).
+    by_client: HashMap<[u8; 16], u64>,
+    /// CLOSEs to send at the next `handle_timeout`.
+    deferred: Vec<Transmit>,
+    last_idle_scan: Ticks,
     /// Outstanding REGISTERs by request id.
     pending: HashMap<u64, Pending>,
     /// conn_ids of `pending`, so a new conn_id is unique among live and pending ones.
@@ -199,6 +215,9 @@ impl HostCore {
             link: link_key.cipher(),
             clients,
             conns: HashMap::new(),
+            by_client: HashMap::new(),
+            deferred: Vec::new(),
+            last_idle_scan: Ticks(0),
             pending: HashMap::new(),
             pending_ids: HashSet::new(),
             nonces: HashMap::new(),
@@ -257,7 +276,7 @@ impl HostCore {
             }
         };
         match ty {
-            LinkType::ToHostData => self.on_data(from, datagram, out),
+            LinkType::ToHostData => self.on_data(now, from, datagram, out),
             LinkType::ToHostHandshake => {
                 let t = self.on_handshake(now, from, datagram)?;
                 self.write_out(t, out)
@@ -287,7 +306,13 @@ impl HostCore {
 
     // --- DATA (§7) -------------------------------------------------------------------------
 
-    fn on_data(&mut self, from: SocketAddr, datagram: &[u8], out: &mut [u8]) -> Option<Outgoing> {
+    fn on_data(
+        &mut self,
+        now: Ticks,
+        from: SocketAddr,
+        datagram: &[u8],
+        out: &mut [u8],
+    ) -> Option<Outgoing> {
         let Ok((conn_id, inner)) = hostlink::parse_conn_data(datagram) else {
             self.counters.data_malformed += 1;
             return None;
@@ -318,6 +343,7 @@ impl HostCore {
         }
         // The worker that last forwarded this connection's traffic answers for it.
         conn.gateway = from;
+        conn.last_active = now;
         let seq = conn.next_seq;
         conn.next_seq += 1;
         out[0] = LinkType::ToClientData as u8;
@@ -411,6 +437,7 @@ impl HostCore {
         self.pending.insert(
             request,
             Pending {
+                client_id: view.client_id(),
                 nonce,
                 k_s,
                 client,
@@ -509,8 +536,17 @@ impl HostCore {
                         window: ReplayWindow::new(),
                         next_seq: 0,
                         gateway: p.gateway,
+                        client_id: p.client_id,
+                        last_active: now,
                     },
                 );
+                if let Some(old) = self.by_client.insert(p.client_id, conn_id)
+                    && old != conn_id
+                    && let Some(close) = self.close(now, old)
+                {
+                    self.counters.connections_replaced += 1;
+                    self.deferred.push(close);
+                }
                 let keep_until = now.saturating_add(self.cfg.reply_keep);
                 if let Some(e) = self.nonces.get_mut(&p.nonce) {
                     e.state = NonceState::Replied {
@@ -577,6 +613,9 @@ impl HostCore {
     /// Forgets a connection and tells its gateway (CLOSE). `None` if it is unknown.
     pub fn close(&mut self, now: Ticks, conn_id: u64) -> Option<Transmit> {
         let conn = self.conns.remove(&conn_id)?;
+        if self.by_client.get(&conn.client_id) == Some(&conn_id) {
+            self.by_client.remove(&conn.client_id);
+        }
         let request = self.next_request;
         self.next_request = self.next_request.wrapping_add(1);
         self.counters.closes_sent += 1;
@@ -595,6 +634,9 @@ impl HostCore {
 
     /// The earliest time [`HostCore::handle_timeout`] has work (a REGISTER retry or give-up).
     pub fn poll_timeout(&self) -> Option<Ticks> {
+        if !self.deferred.is_empty() {
+            return Some(Ticks(0));
+        }
         self.pending.values().map(|p| p.retry_at).min()
     }
 
@@ -602,13 +644,14 @@ impl HostCore {
     /// old nonces and kept replies. Call at [`HostCore::poll_timeout`] or periodically.
     pub fn handle_timeout(&mut self, now: Ticks) -> Vec<Transmit> {
         self.expire(now);
+        let mut out = std::mem::take(&mut self.deferred);
+        self.close_idle(now, &mut out);
         let due: Vec<u64> = self
             .pending
             .iter()
             .filter(|(_, p)| p.retry_at <= now)
             .map(|(r, _)| *r)
             .collect();
-        let mut out = Vec::new();
         for request in due {
             let p = self.pending.get_mut(&request).expect("due request");
             if p.sent >= self.cfg.register_tries {
@@ -622,6 +665,32 @@ impl HostCore {
             out.push(self.register_msg(now, request));
         }
         out
+    }
+
+    /// Closes connections without DATA for `idle_timeout`; scans at most every 10 s.
+    fn close_idle(&mut self, now: Ticks, out: &mut Vec<Transmit>) {
+        if now.0
+            < self
+                .last_idle_scan
+                .0
+                .saturating_add(duration_ticks(Duration::from_secs(10)))
+        {
+            return;
+        }
+        self.last_idle_scan = now;
+        let idle = duration_ticks(self.cfg.idle_timeout);
+        let stale: Vec<u64> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| now.0.saturating_sub(c.last_active.0) > idle)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in stale {
+            if let Some(t) = self.close(now, id) {
+                self.counters.idle_closed += 1;
+                out.push(t);
+            }
+        }
     }
 
     fn expire(&mut self, now: Ticks) {

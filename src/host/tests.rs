@@ -632,3 +632,63 @@ fn spawn_refuses_exposed_clients_file() {
     let e = spawn_host(opts).unwrap_err().to_string();
     assert!(e.contains("chmod 600"), "{e}");
 }
+
+#[test]
+fn a_new_handshake_replaces_the_clients_old_connection() {
+    let mut s = sim();
+    let (first, _, _) = s.handshake(T0, 1, [3; 16]);
+    let (other, _, _) = s.handshake(T0, 2, [4; 16]);
+    let (second, _, _) = s.handshake(T0, 1, [5; 16]);
+    assert_ne!(first.conn_id, second.conn_id);
+    assert_eq!(
+        s.core.connections(),
+        2,
+        "client 1 holds one connection, client 2 one"
+    );
+    assert_eq!(s.core.poll_timeout(), Some(Ticks(0)), "a CLOSE is due");
+    let out = s.core.handle_timeout(T0);
+    assert_eq!(out.len(), 1);
+    match Control::open(&out[0].payload, &s.link.cipher(), T0).unwrap() {
+        Control::Close { conn_id, .. } => assert_eq!(conn_id, first.conn_id),
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        s.data(T0, gw(), first.conn_id, &first.kd_c2s, 0, b"x")
+            .is_none()
+    );
+    assert!(
+        s.data(T0, gw(), second.conn_id, &second.kd_c2s, 0, b"x")
+            .is_some()
+    );
+    assert!(
+        s.data(T0, gw(), other.conn_id, &other.kd_c2s, 0, b"x")
+            .is_some()
+    );
+    assert_eq!(s.core.counters().connections_replaced, 1);
+}
+
+#[test]
+fn idle_connections_are_closed() {
+    let mut s = sim();
+    let (busy, _, _) = s.handshake(T0, 1, [3; 16]);
+    let (idle, _, _) = s.handshake(T0, 2, [4; 16]);
+    let later = T0.saturating_add(HostConfig::default().idle_timeout / 2);
+    assert!(
+        s.data(later, gw(), busy.conn_id, &busy.kd_c2s, 0, b"x")
+            .is_some()
+    );
+    let after = T0.saturating_add(HostConfig::default().idle_timeout + Duration::from_secs(11));
+    let out = s.core.handle_timeout(after);
+    let closed: Vec<u64> = out
+        .iter()
+        .filter_map(
+            |t| match Control::open(&t.payload, &s.link.cipher(), after) {
+                Ok(Control::Close { conn_id, .. }) => Some(conn_id),
+                _ => None,
+            },
+        )
+        .collect();
+    assert_eq!(closed, vec![idle.conn_id]);
+    assert_eq!(s.core.connections(), 1);
+    assert_eq!(s.core.counters().idle_closed, 1);
+}
