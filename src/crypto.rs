@@ -162,6 +162,14 @@ fn sha256_from(mut state: [u32; 8], done: u64, parts: &[&[u8]]) -> Wiped<32> {
     for part in parts {
         let mut p = *part;
         total += p.len() as u64;
+        if fill == 0 {
+            // Whole blocks straight from the input, no copy.
+            let (blocks, rest) = p.as_chunks::<64>();
+            if !blocks.is_empty() {
+                compress256(&mut state, blocks);
+            }
+            p = rest;
+        }
         while !p.is_empty() {
             let n = (64 - fill).min(p.len());
             buf[fill..fill + n].copy_from_slice(&p[..n]);

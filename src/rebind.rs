@@ -53,11 +53,7 @@ impl RebindKdf {
 
     /// The session key `k` for nonces `n_0..n_{S-1}` and time `t`.
     pub fn session_key(&self, nonces: &[[u8; 8]], t: Ticks) -> Zeroizing<[u8; 16]> {
-        let mut parts: [&[u8]; MAX_SLOTS] = [&[]; MAX_SLOTS];
-        for (p, n) in parts.iter_mut().zip(nonces) {
-            *p = n;
-        }
-        let prk = self.keyed.mac(&parts[..nonces.len()]);
+        let prk = self.keyed.mac(&[nonces.as_flattened()]);
         // Expand with L = 16 is one HMAC block: T(1) = HMAC(PRK, info || 0x01).
         let t1 = HmacSha256Midstate::new(&prk[..]).mac(&[b"rebind", &t.0.to_be_bytes(), &[1]]);
         let mut k = Zeroizing::new([0u8; 16]);
