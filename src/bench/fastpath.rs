@@ -172,6 +172,7 @@ fn register(
     clients: &[SocketAddr],
 ) -> anyhow::Result<()> {
     let cipher = key.cipher();
+    sock.set_nonblocking(false)?;
     sock.set_read_timeout(Some(Duration::from_secs(2)))?;
     let mut buf = [0u8; 2048];
     for (i, c) in clients.iter().enumerate() {
