@@ -32,7 +32,7 @@ use crate::rebind::RebindSecret;
 use crate::registry::{Freshness, HostId, Registry, RegistryError};
 use crate::table::{ConnRef, ConnRoute, ConnTable, ConnWriter, TupleTable, TupleWriter};
 use crate::time::{Ticks, duration_ticks};
-use crate::verify::{Prechecked, finish, precheck};
+use crate::verify::{Prechecked, RejectReason, finish, precheck};
 use crate::wire::{HANDSHAKE_LEN, MsgType, Unrecognized, emit_tuple, unrecognized_len};
 
 /// Settings the core needs.
@@ -598,7 +598,15 @@ impl WorkerCore {
             match precheck(d.data, &d.from, now, window, slots, &keys) {
                 Ok(p) => passed.push((i, p)),
                 Err(r) => {
-                    self.metrics.inc(C::reject(r));
+                    //= PROTOCOL.md §6: a cookie request is a REBIND of the right length whose
+                    //# bytes after the type are all zero; count it apart from real rejects.
+                    let cookie_request =
+                        r != RejectReason::Length && d.data[1..].iter().all(|b| *b == 0);
+                    self.metrics.inc(if cookie_request {
+                        C::CookieRequest
+                    } else {
+                        C::reject(r)
+                    });
                     if r.draws_unrecognized() {
                         self.unrecognized(now, d.via, d.from, d.data.len(), tx);
                     }
@@ -1207,6 +1215,8 @@ mod tests {
         // so it sends a cookie request.
         let u = h.client(b, &cookie_request(S));
         assert_eq!(u.len(), 1, "cookie request draws an UNRECOGNIZED");
+        assert_eq!(h.count(C::CookieRequest), 1);
+        assert_eq!(h.count(C::RejectEpoch), 0);
         let (rebind, _) = rebind_from(&first, &u[0].2);
         assert!(!h.client(b, &rebind).is_empty());
         assert_eq!(h.shared.tuples.get(&b).unwrap().conn_id, 1);

@@ -49,6 +49,7 @@ counters! {
     UnrecognizedGlobalRate => "rebindgw_unrecognized_suppressed_total", "reason=\"global_rate\"", "";
     RebindAccepted => "rebindgw_rebinds_accepted_total", "", "REBINDs accepted (connection moved).";
     RebindDuplicate => "rebindgw_rebind_duplicates_total", "", "Duplicate REBINDs answered again.";
+    CookieRequest => "rebindgw_cookie_requests_total", "", "Cookie requests (all-zero REBINDs) answered with UNRECOGNIZED.";
     RejectLength => "rebindgw_rebinds_rejected_total", "reason=\"length\"", "REBINDs rejected, by the first check that failed.";
     RejectEpoch => "rebindgw_rebinds_rejected_total", "reason=\"epoch\"", "";
     RejectStale => "rebindgw_rebinds_rejected_total", "reason=\"stale\"", "";

@@ -135,7 +135,12 @@ struct Conn {
     gateway: SocketAddr,
     client_id: [u8; 16],
     last_active: Ticks,
+    /// Has DATA arrived on it?
+    used: bool,
 }
+
+/// Connections one client may hold before the oldest is closed.
+pub const MAX_UNPROVEN_PER_CLIENT: usize = 4;
 
 struct Pending {
     client_id: [u8; 16],
@@ -172,9 +177,13 @@ pub struct HostCore {
     link: Gcm,
     clients: ClientsFile,
     conns: HashMap<u64, Conn>,
-    /// Each client's live connection: a client holds one, so a new handshake replaces the
-    /// old connection (retries and a misbehaving client cannot pile up gateway indexes).
-    by_client: HashMap<[u8; 16], u64>,
+    /// Each client's connections, oldest first. A client uses one: the first DATA on a
+    /// connection closes the client's others, and a client may hold at most
+    /// [`MAX_UNPROVEN_PER_CLIENT`] at once (older ones are closed), so handshake retries and
+    /// a misbehaving client cannot pile up gateway indexes. A retried handshake may complete
+    /// on a late reply to an earlier attempt, so the newest connection is not always the one
+    /// in use.
+    by_client: HashMap<[u8; 16], Vec<u64>>,
     /// CLOSEs to send at the next `handle_timeout`.
     deferred: Vec<Transmit>,
     last_idle_scan: Ticks,
@@ -344,6 +353,8 @@ impl HostCore {
         // The worker that last forwarded this connection's traffic answers for it.
         conn.gateway = from;
         conn.last_active = now;
+        let first_use = !conn.used;
+        conn.used = true;
         let seq = conn.next_seq;
         conn.next_seq += 1;
         out[0] = LinkType::ToClientData as u8;
@@ -356,10 +367,19 @@ impl HostCore {
         );
         self.counters.echoes += 1;
         self.counters.echo_bytes += n as u64;
-        Some(Outgoing {
-            to: conn.gateway,
-            len,
-        })
+        let (to, client_id) = (conn.gateway, conn.client_id);
+        if first_use {
+            // The client chose this connection: its others (earlier handshake attempts) go.
+            let others: Vec<u64> = self
+                .by_client
+                .get(&client_id)
+                .map(|held| held.iter().copied().filter(|c| *c != conn_id).collect())
+                .unwrap_or_default();
+            for other in others {
+                self.replace(now, other);
+            }
+        }
+        Some(Outgoing { to, len })
     }
 
     // --- HANDSHAKE (§7) --------------------------------------------------------------------
@@ -538,14 +558,14 @@ impl HostCore {
                         gateway: p.gateway,
                         client_id: p.client_id,
                         last_active: now,
+                        used: false,
                     },
                 );
-                if let Some(old) = self.by_client.insert(p.client_id, conn_id)
-                    && old != conn_id
-                    && let Some(close) = self.close(now, old)
-                {
-                    self.counters.connections_replaced += 1;
-                    self.deferred.push(close);
+                let held = self.by_client.entry(p.client_id).or_default();
+                held.push(conn_id);
+                if held.len() > MAX_UNPROVEN_PER_CLIENT {
+                    let oldest = held[0];
+                    self.replace(now, oldest);
                 }
                 let keep_until = now.saturating_add(self.cfg.reply_keep);
                 if let Some(e) = self.nonces.get_mut(&p.nonce) {
@@ -613,8 +633,11 @@ impl HostCore {
     /// Forgets a connection and tells its gateway (CLOSE). `None` if it is unknown.
     pub fn close(&mut self, now: Ticks, conn_id: u64) -> Option<Transmit> {
         let conn = self.conns.remove(&conn_id)?;
-        if self.by_client.get(&conn.client_id) == Some(&conn_id) {
-            self.by_client.remove(&conn.client_id);
+        if let Some(held) = self.by_client.get_mut(&conn.client_id) {
+            held.retain(|c| *c != conn_id);
+            if held.is_empty() {
+                self.by_client.remove(&conn.client_id);
+            }
         }
         let request = self.next_request;
         self.next_request = self.next_request.wrapping_add(1);
@@ -665,6 +688,14 @@ impl HostCore {
             out.push(self.register_msg(now, request));
         }
         out
+    }
+
+    /// Closes a connection its client no longer uses, at the next `handle_timeout`.
+    fn replace(&mut self, now: Ticks, conn_id: u64) {
+        if let Some(close) = self.close(now, conn_id) {
+            self.counters.connections_replaced += 1;
+            self.deferred.push(close);
+        }
     }
 
     /// Closes connections without DATA for `idle_timeout`; scans at most every 10 s.

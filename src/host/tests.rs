@@ -9,6 +9,7 @@ use proptest::prelude::*;
 use super::*;
 use crate::clients::{ClientEntry, ClientsFile, enroll};
 use crate::crypto;
+use crate::host::sansio::MAX_UNPROVEN_PER_CLIENT;
 use crate::hostlink::{self, Control, LinkKey, LinkType, RegisterFailure};
 use crate::keys::{EpochKeys, MasterSecret};
 use crate::registry::Registry;
@@ -633,31 +634,42 @@ fn spawn_refuses_exposed_clients_file() {
     assert!(e.contains("chmod 600"), "{e}");
 }
 
+fn closes_in(s: &mut Sim, now: Ticks) -> Vec<u64> {
+    s.core
+        .handle_timeout(now)
+        .iter()
+        .filter_map(|t| match Control::open(&t.payload, &s.link.cipher(), now) {
+            Ok(Control::Close { conn_id, .. }) => Some(conn_id),
+            _ => None,
+        })
+        .collect()
+}
+
 #[test]
-fn a_new_handshake_replaces_the_clients_old_connection() {
+fn the_connection_a_client_uses_closes_its_other_attempts() {
     let mut s = sim();
     let (first, _, _) = s.handshake(T0, 1, [3; 16]);
     let (other, _, _) = s.handshake(T0, 2, [4; 16]);
     let (second, _, _) = s.handshake(T0, 1, [5; 16]);
-    assert_ne!(first.conn_id, second.conn_id);
     assert_eq!(
         s.core.connections(),
-        2,
-        "client 1 holds one connection, client 2 one"
+        3,
+        "both attempts live until one is used"
     );
-    assert_eq!(s.core.poll_timeout(), Some(Ticks(0)), "a CLOSE is due");
-    let out = s.core.handle_timeout(T0);
-    assert_eq!(out.len(), 1);
-    match Control::open(&out[0].payload, &s.link.cipher(), T0).unwrap() {
-        Control::Close { conn_id, .. } => assert_eq!(conn_id, first.conn_id),
-        other => panic!("{other:?}"),
-    }
+    assert!(closes_in(&mut s, T0).is_empty());
+    // The client completed on the late reply to its first attempt: that one stays.
     assert!(
         s.data(T0, gw(), first.conn_id, &first.kd_c2s, 0, b"x")
+            .is_some()
+    );
+    assert_eq!(s.core.poll_timeout(), Some(Ticks(0)), "a CLOSE is due");
+    assert_eq!(closes_in(&mut s, T0), vec![second.conn_id]);
+    assert!(
+        s.data(T0, gw(), second.conn_id, &second.kd_c2s, 0, b"x")
             .is_none()
     );
     assert!(
-        s.data(T0, gw(), second.conn_id, &second.kd_c2s, 0, b"x")
+        s.data(T0, gw(), first.conn_id, &first.kd_c2s, 1, b"y")
             .is_some()
     );
     assert!(
@@ -665,6 +677,22 @@ fn a_new_handshake_replaces_the_clients_old_connection() {
             .is_some()
     );
     assert_eq!(s.core.counters().connections_replaced, 1);
+}
+
+#[test]
+fn a_client_cannot_pile_up_connections() {
+    let mut s = sim();
+    let mut ids = Vec::new();
+    for n in 0..(MAX_UNPROVEN_PER_CLIENT as u8 + 3) {
+        let (r, _, _) = s.handshake(T0, 1, [10 + n; 16]);
+        ids.push(r.conn_id);
+    }
+    assert_eq!(s.core.connections(), MAX_UNPROVEN_PER_CLIENT);
+    assert_eq!(
+        closes_in(&mut s, T0),
+        ids[..3].to_vec(),
+        "the oldest go first"
+    );
 }
 
 #[test]
