@@ -84,6 +84,32 @@ impl TxQueue {
         true
     }
 
+    /// Like [`TxQueue::push`] for a writer that picks the destination itself: `fill` returns
+    /// the destination and length, or `None` to queue nothing.
+    pub fn push_from(
+        &mut self,
+        via: Via,
+        fill: impl FnOnce(&mut [u8]) -> Option<(SocketAddr, usize)>,
+    ) -> bool {
+        let i = self.meta.len();
+        if i == self.capacity {
+            self.overflowed += 1;
+            return false;
+        }
+        let slot = &mut self.buf[i * SLOT_LEN..(i + 1) * SLOT_LEN];
+        match fill(slot) {
+            Some((to, len)) if len > 0 => {
+                self.meta.push(TxMeta {
+                    via,
+                    to,
+                    len: len.min(SLOT_LEN),
+                });
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Queues a copy of `bytes` (at most `SLOT_LEN`).
     pub fn push_bytes(&mut self, via: Via, to: SocketAddr, bytes: &[u8]) -> bool {
         if bytes.len() > SLOT_LEN {

@@ -4,8 +4,8 @@
 //! - [`HostCore`] is the sans-IO state machine: no sockets, no clock. It takes `now` and the
 //!   source address of each host-link datagram (a gateway worker's socket) and writes its
 //!   answer into a caller buffer. The DATA echo path does not allocate.
-//! - [`run_host`] / [`spawn_host`] drive it on one thread and one UDP socket, with batched
-//!   `recvmmsg`/`sendmmsg` (the only unsafe code, confined to the private `mmsg` module).
+//! - [`run_host`] / [`spawn_host`] drive it on one thread and one UDP socket, with the
+//!   project's batched `recvmmsg`/`sendmmsg` ([`crate::io::BatchSocket`]).
 //!   The enrolled-clients file is reloaded on SIGHUP and when its mtime, size or inode
 //!   changes (checked at most once per second by default).
 //!
@@ -30,11 +30,11 @@
 //!   reply at a victim); while REGISTER is outstanding it is ignored.
 //! - Echo DATA goes to the gateway address that last forwarded DATA for the connection (after
 //!   the AEAD and replay checks) or that sent REBOUND for it.
-//! - Connections live until [`HostCore::close`]; the reference host has no idle timeout.
-// Unsafe code is denied crate-wide; only `mmsg` allows it. `sansio` forbids it.
-#![deny(unsafe_code)]
+//! - A client uses one connection: the first DATA on one closes the client's other
+//!   connections (earlier handshake attempts), a client holds at most
+//!   [`MAX_UNPROVEN_PER_CLIENT`] at once, and connections idle for `idle_timeout` are closed.
+#![forbid(unsafe_code)]
 
-mod mmsg;
 mod sansio;
 #[cfg(test)]
 mod tests;
@@ -52,10 +52,14 @@ use serde::Serialize;
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::clients::ClientsFile;
+use crate::gateway::tx::{SLOT_LEN, TxQueue, Via};
 use crate::hostlink::LinkKey;
+use crate::io::BatchSocket;
 use crate::time::Ticks;
 
-pub use self::sansio::{HostConfig, HostCore, HostCounters, MAX_DATAGRAM, Outgoing, Transmit};
+pub use self::sansio::{
+    HostConfig, HostCore, HostCounters, MAX_DATAGRAM, MAX_UNPROVEN_PER_CLIENT, Outgoing, Transmit,
+};
 
 /// How the host driver runs.
 #[derive(Clone, Debug)]
@@ -181,6 +185,14 @@ fn file_id(path: &Path) -> FileId {
     Some((m.modified().ok()?, m.len(), m.ino()))
 }
 
+/// Sends what is queued; the socket counts what it could not send.
+fn flush(sock: &mut BatchSocket, tx: &mut TxQueue) {
+    if !tx.is_empty() {
+        let _ = sock.send_batch(tx.iter().map(|(m, b)| (m.to, b)));
+        tx.clear();
+    }
+}
+
 struct Server {
     sock: UdpSocket,
     core: HostCore,
@@ -203,7 +215,6 @@ impl Server {
         sock.bind(&opts.listen.into())
             .with_context(|| format!("binding the host-link socket to {}", opts.listen))?;
         let sock: UdpSocket = sock.into();
-        sock.set_read_timeout(Some(Duration::from_millis(50)))?;
         tracing::info!(
             listen = %sock.local_addr()?,
             clients = clients.len(),
@@ -232,9 +243,11 @@ impl Server {
         } else {
             None
         };
-        let batch = opts.batch.max(1);
-        let mut rx = mmsg::RecvBatch::new(batch, MAX_DATAGRAM);
-        let mut tx = mmsg::SendBatch::new(batch, MAX_DATAGRAM);
+        let batch = opts.batch.clamp(1, 1024);
+        // A host-link datagram is a client datagram plus a 20-byte header: at most SLOT_LEN.
+        let mut sock = BatchSocket::with_capacity(self.sock.try_clone()?, batch, SLOT_LEN)?;
+        // One answer per received datagram, plus room for timer output.
+        let mut tx = TxQueue::new(2 * batch);
         let mut stats = HostStats::default();
         let tick = duration(Duration::from_millis(50));
         let reload_every = duration(opts.reload_check);
@@ -242,54 +255,42 @@ impl Server {
         let mut next_reload = Ticks::wall_clock().saturating_add(opts.reload_check);
 
         while !shutdown.load(Ordering::Relaxed) {
-            match rx.recv(&self.sock) {
-                Ok(_) => {}
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock
-                            | std::io::ErrorKind::TimedOut
-                            | std::io::ErrorKind::Interrupted
-                    ) => {}
-                // E.g. ECONNREFUSED reported for an earlier send: nothing to receive.
-                Err(_) => stats.recv_errors += 1,
-            }
             let now = Ticks::wall_clock();
-            for i in 0..rx.len() {
-                let Some((from, d)) = rx.get(i) else {
-                    stats.recv_truncated += 1;
-                    continue;
-                };
-                if let Some(s) = self.core.handle(now, from, d, tx.next_buf()) {
-                    tx.push(s.to, s.len);
-                    if tx.is_full() {
-                        stats.send_errors += tx.flush(&self.sock).1 as u64;
-                    }
-                }
+            let core = &mut self.core;
+            let received = sock.recv_batch(Some(Duration::from_millis(50)), |from, d| {
+                tx.push_from(Via::Host, |slot| {
+                    core.handle(now, from, d, slot).map(|o| (o.to, o.len))
+                });
+            });
+            if received.is_err() {
+                // E.g. ECONNREFUSED reported for an earlier send: nothing to receive.
+                stats.recv_errors += 1;
             }
             if now.0 >= next_tick.0 {
                 next_tick = Ticks(now.0.saturating_add(tick));
                 for t in self.core.handle_timeout(now) {
                     if tx.is_full() {
-                        stats.send_errors += tx.flush(&self.sock).1 as u64;
+                        flush(&mut sock, &mut tx);
                     }
-                    tx.push_copy(t.to, &t.payload);
+                    tx.push_bytes(Via::Host, t.to, &t.payload);
                 }
                 let hup = sighup.swap(false, Ordering::Relaxed);
                 if hup || now.0 >= next_reload.0 {
                     next_reload = Ticks(now.0.saturating_add(reload_every));
                     self.maybe_reload(&opts.clients, hup, &mut stats);
                 }
+                stats.send_errors = sock.dropped();
+                stats.recv_truncated = sock.truncated();
                 if let Some(live) = live
                     && let Ok(mut l) = live.lock()
                 {
                     *l = self.snapshot(&stats);
                 }
             }
-            if !tx.is_empty() {
-                stats.send_errors += tx.flush(&self.sock).1 as u64;
-            }
+            flush(&mut sock, &mut tx);
         }
+        stats.send_errors = sock.dropped();
+        stats.recv_truncated = sock.truncated();
         if let Some(id) = sig_id {
             signal_hook::low_level::unregister(id);
         }
