@@ -140,6 +140,59 @@ fn churn_storm_and_attacks() {
     assert!(took < Duration::from_secs(15), "took {took:?}");
 }
 
+/// `--processes 2`: the parent enrolls 200 clients, two child `rebindgw loadgen` processes
+/// drive 100 each, storm at the same instant, and the parent merges their reports.
+#[test]
+fn two_processes_merge_into_one_report() {
+    let rig = Rig::start("loadgen-multi");
+    let gateways = rig.gateways();
+    let mut o = LoadgenOptions::new(gateways.clone());
+    o.clients = 200;
+    o.processes = 2;
+    o.child_exe = Some(env!("CARGO_BIN_EXE_rebindgw").into());
+    o.duration = Duration::from_secs(3);
+    o.load = LoadMode::Open { rate: 2000.0 };
+    o.storm_at = Some(Duration::from_millis(1500));
+    o.on_move = loadgen::OnMove::Send;
+    o.attacks = vec![AttackMode::Garbage];
+    o.attack_rate = 50.0;
+    o.attack_tuples = 4;
+    o.clients_file = Some(rig.clients_file.clone());
+    o.settle = Duration::from_secs(5);
+    o.max_loss_pct = Some(if cfg!(debug_assertions) { 5.0 } else { 1.0 });
+
+    let t = Instant::now();
+    let report = loadgen::run(o, false).unwrap();
+    let took = t.elapsed();
+    eprintln!("{}", report.to_human());
+    eprintln!("loadgen took {took:?}");
+    rig.stop();
+
+    assert!(report.passed(), "failures: {:?}", report.failures);
+    assert_eq!(report.settings.processes, 2);
+    assert_eq!(report.settings.clients, 200);
+    assert_eq!(report.clients.requested, 200);
+    assert_eq!(report.clients.connected, 200);
+    assert_eq!(report.rebinds.storms, 1);
+    assert_eq!(report.rebinds.moves, 200);
+    assert_eq!(report.rebinds.outages, 200);
+    assert_eq!(report.rebinds.succeeded, 200);
+    assert_eq!(report.rebinds.recovery.count, 200, "histograms merged");
+    assert_eq!(report.clients.handshake.count, 200);
+    let storm = &report.rebinds.storm_detail[0];
+    assert_eq!((storm.moved, storm.recovered), (200, 200));
+    assert!(
+        storm.all_recovered && storm.last_recovery_s < 3.0,
+        "{storm:?}"
+    );
+    assert!(report.traffic.received > 2_000, "{:?}", report.traffic);
+    assert_eq!(report.traffic.misdelivered, 0);
+    assert!(report.raw.is_none());
+    assert_eq!(report.attacks.len(), 1);
+    assert!(report.attacks[0].sent > 0 && report.attacks[0].accepted == 0);
+    assert!(took < Duration::from_secs(15), "took {took:?}");
+}
+
 fn env<T: std::str::FromStr>(name: &str) -> Option<T> {
     std::env::var(name).ok().and_then(|v| v.parse().ok())
 }

@@ -34,6 +34,7 @@
 
 pub mod addrs;
 pub mod attack;
+pub mod multi;
 pub mod options;
 pub mod report;
 pub mod shard;
@@ -51,21 +52,32 @@ use crate::clients::{self, Enrolled};
 
 pub use addrs::AddrPool;
 pub use options::{
-    AttackMode, LoadMode, LoadgenArgs, LoadgenOptions, MoveKind, PayloadSizes, parse_duration,
+    AttackMode, ChildRole, LoadMode, LoadgenArgs, LoadgenOptions, MoveKind, OnMove, PayloadSizes,
+    parse_duration,
 };
 pub use report::{LoadReport, Percentiles};
 
 use attack::{AttackResult, Attacker, MiniConn};
 use report::{
-    ClientsReport, LatencyHist, RebindsReport, RunSettings, TrafficReport, fmt_ms, fmt_rate,
+    ClientsReport, RawResult, RebindsReport, RunSettings, StormReport, TrafficReport, fmt_ms,
+    fmt_rate,
 };
 use shard::{
-    Counters, PHASE_CONNECT, PHASE_DRAIN, PHASE_RUN, PHASE_SETTLE, PHASE_STOP, Shard, ShardResult,
-    ShardSpec, Shared,
+    PHASE_CONNECT, PHASE_DRAIN, PHASE_RUN, PHASE_SETTLE, PHASE_STOP, Shard, ShardResult, ShardSpec,
+    Shared,
 };
 
-/// Runs a load test against `opts.gateways`. See the module docs.
+/// Runs a load test against `opts.gateways`. See the module docs. With more clients than
+/// one process may have sockets (or `opts.processes > 1`), the clients are spread over
+/// child processes ([`multi`]); otherwise everything runs in this process.
 pub fn run(opts: LoadgenOptions, progress: bool) -> anyhow::Result<LoadReport> {
+    if opts.child.is_none() {
+        opts.validate().map_err(anyhow::Error::msg)?;
+        let n = multi::process_count(&opts)?;
+        if n > 1 {
+            return multi::run_multi(opts, n, progress);
+        }
+    }
     let gateways = opts.gateways.clone();
     run_with(opts, &gateways, progress)
 }
@@ -73,8 +85,13 @@ pub fn run(opts: LoadgenOptions, progress: bool) -> anyhow::Result<LoadReport> {
 /// `rebindgw loadgen` end to end: parse, run, print the report (JSON on stdout with
 /// `--json`, else the human report), and return the verdict.
 pub fn run_cli(args: LoadgenArgs) -> anyhow::Result<bool> {
-    let (json, quiet) = (args.json, args.quiet);
+    let (json, quiet) = (args.json || args.shard.is_some(), args.quiet);
+    let report_json = args.report_json.clone();
     let report = run(args.into_options()?, !quiet)?;
+    if let Some(p) = report_json {
+        std::fs::write(&p, report.to_json())
+            .with_context(|| format!("writing the JSON report to {}", p.display()))?;
+    }
     if json {
         println!("{}", report.to_json());
     } else {
@@ -101,15 +118,21 @@ pub fn run_with(
     opts.gateways = gateways.to_vec();
     opts.validate().map_err(anyhow::Error::msg)?;
     let threads = opts.thread_count();
-    let want_fds = opts.clients + opts.attacks.len() * opts.attack_tuples + 64 + 4 * threads;
+    let want_fds = opts.fds_per_client() * opts.clients
+        + opts.attacks.len() * opts.attack_tuples
+        + 64
+        + 4 * threads;
     let (soft, _) = sys::raise_nofile_limit(want_fds as u64).context("raising RLIMIT_NOFILE")?;
     if soft < want_fds as u64 {
         anyhow::bail!(
-            "RLIMIT_NOFILE is {soft} but {want_fds} descriptors are needed for {} clients (one \
-             socket each), and the hard limit could not be raised (that needs CAP_SYS_RESOURCE); \
-             raise it with `ulimit -Hn`, or run at most {} clients per process",
+            "RLIMIT_NOFILE is {soft} but {want_fds} descriptors are needed for {} clients ({} \
+             socket(s) each), and the hard limit could not be raised (that needs \
+             CAP_SYS_RESOURCE); raise it with `ulimit -Hn`, run at most {} clients per \
+             process, or use --processes",
             opts.clients,
-            (soft as usize).saturating_sub(want_fds - opts.clients)
+            opts.fds_per_client(),
+            (soft as usize).saturating_sub(want_fds - opts.fds_per_client() * opts.clients)
+                / opts.fds_per_client()
         );
     }
 
@@ -142,6 +165,20 @@ pub fn run_with(
     tracing::info!(took = ?t_probe.elapsed(), "probe connected; the host knows our clients");
 
     let shared = Shared::new(threads, opts.attacks.contains(&AttackMode::Replay));
+    // Global client numbering and moved-to addresses over all processes of a run: each
+    // shard of each process draws moved-to addresses from its own residue class.
+    let (base, all_clients, slot, stride) = match opts.child {
+        Some(r) => {
+            let per = opts.threads.max(threads);
+            (
+                r.first_client,
+                r.total_clients,
+                r.index * per,
+                r.count * per,
+            )
+        }
+        None => (0, opts.clients, 0, threads),
+    };
     let mut specs = Vec::with_capacity(threads);
     let mut first = 0;
     for id in 0..threads {
@@ -149,13 +186,15 @@ pub fn run_with(
         specs.push(ShardSpec {
             id,
             shards: threads,
-            first,
+            first: base + first,
             creds: creds[first..first + n]
                 .iter()
                 .map(|e| e.creds.clone())
                 .collect(),
             total_clients: opts.clients,
             pool: client_pool.clone(),
+            move_next: (all_clients + slot + id) as u64,
+            move_stride: stride as u64,
         });
         first += n;
     }
@@ -204,13 +243,34 @@ pub fn run_with(
             None => None,
         };
         let timeline = timeline?;
-        Ok(build_report(opts, threads, &timeline, results, attacks))
+        let merged = ShardResult::merge_all(&results, opts.storm_times().len());
+        let mut report = build_report(opts, threads, 1, &timeline, &merged, attacks);
+        if opts.child.is_some() {
+            report.raw = Some(RawResult {
+                counters: merged.counters.clone(),
+                storms: merged.storms.clone(),
+                rtt: merged.rtt.to_hex(),
+                handshake: merged.handshake.to_hex(),
+                recovery: merged.recovery.to_hex(),
+                traffic_recovery: merged.traffic_recovery.to_hex(),
+                connect_s: timeline.connect.as_secs_f64(),
+                measured_s: timeline.measured.as_secs_f64(),
+                settle_s: timeline.settle.as_secs_f64(),
+                at_run_start: timeline.at_run_start,
+                at_run_end: timeline.at_run_end,
+            });
+        }
+        Ok(report)
     })
 }
 
 /// Needed credentials: `clients` for the load plus one for the probe/victim connection.
 fn obtain_credentials(opts: &LoadgenOptions) -> anyhow::Result<Vec<Enrolled>> {
-    let need = opts.clients + 1;
+    obtain_n_credentials(opts, opts.clients + 1)
+}
+
+/// `need` credentials: from `--credentials` first, the rest enrolled in one write.
+fn obtain_n_credentials(opts: &LoadgenOptions, need: usize) -> anyhow::Result<Vec<Enrolled>> {
     let mut creds = match &opts.credentials {
         Some(p) => load_credentials(p)?,
         None => Vec::new(),
@@ -218,14 +278,15 @@ fn obtain_credentials(opts: &LoadgenOptions) -> anyhow::Result<Vec<Enrolled>> {
     if creds.len() < need {
         let Some(file) = &opts.clients_file else {
             anyhow::bail!(
-                "--credentials {} holds {} clients but {need} are needed ({} clients + 1 \
-                 probe); add --clients-file to enroll the rest",
+                "--credentials {} holds {} clients but {need} are needed ({} clients + {} \
+                 probe(s)); add --clients-file to enroll the rest",
                 opts.credentials
                     .as_deref()
                     .unwrap_or(Path::new(""))
                     .display(),
                 creds.len(),
-                opts.clients
+                opts.clients,
+                need - opts.clients
             );
         };
         let prefix = opts.name_prefix.clone().unwrap_or_else(|| {
@@ -280,13 +341,13 @@ pub fn save_credentials(path: &Path, creds: &[Enrolled]) -> anyhow::Result<()> {
 
 /// What the controller observed.
 #[derive(Debug, Default)]
-struct Timeline {
-    connect: Duration,
-    measured: Duration,
-    settle: Duration,
+pub(crate) struct Timeline {
+    pub(crate) connect: Duration,
+    pub(crate) measured: Duration,
+    pub(crate) settle: Duration,
     /// (sent, received, sent payload bytes) at the start and end of the measured phase.
-    at_run_start: (u64, u64, u64),
-    at_run_end: (u64, u64, u64),
+    pub(crate) at_run_start: (u64, u64, u64),
+    pub(crate) at_run_end: (u64, u64, u64),
 }
 
 fn totals(shared: &Shared) -> (u64, u64, u64) {
@@ -305,7 +366,14 @@ fn control(
     dead: &dyn Fn() -> bool,
 ) -> anyhow::Result<Timeline> {
     let mut tl = Timeline::default();
-    let mut line = Progress::new(shared, progress, opts.clients);
+    let mode = if opts.child.is_some() {
+        ProgressMode::Machine
+    } else if progress {
+        ProgressMode::Human
+    } else {
+        ProgressMode::Off
+    };
+    let mut line = Progress::new(shared, mode, opts.clients);
     let tick = Duration::from_millis(20);
     let check = |label: &str| -> anyhow::Result<()> {
         if dead() {
@@ -326,6 +394,13 @@ fn control(
         std::thread::sleep(tick);
     }
     tl.connect = t0.elapsed();
+
+    // A child of a multi-process run starts its measured phase at the instant the parent
+    // names, so that storms happen at the same moment in every process.
+    if opts.child.is_some() {
+        line.maybe_print("connect", t0);
+        multi::child_wait_for_go(&|| check("connect"))?;
+    }
 
     // Run.
     let start = Instant::now();
@@ -354,7 +429,9 @@ fn control(
         check("settle")?;
         std::thread::sleep(Duration::from_millis(1));
     }
-    while t1.elapsed() < opts.settle && shared.total(|p| &p.outages) > 0 {
+    while t1.elapsed() < opts.settle
+        && shared.total(|p| &p.outages) + shared.total(|p| &p.storm_pending) > 0
+    {
         check("settle")?;
         line.maybe_print("settle", start);
         std::thread::sleep(tick);
@@ -385,10 +462,19 @@ fn control(
     Ok(tl)
 }
 
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ProgressMode {
+    Off,
+    /// The once-a-second line for people.
+    Human,
+    /// `@progress {json}` lines twice a second, for the parent of a multi-process run.
+    Machine,
+}
+
 /// The once-a-second progress line on stderr.
 struct Progress<'a> {
     shared: &'a Shared,
-    enabled: bool,
+    mode: ProgressMode,
     clients: usize,
     last: Instant,
     last_tx: u64,
@@ -396,10 +482,10 @@ struct Progress<'a> {
 }
 
 impl<'a> Progress<'a> {
-    fn new(shared: &'a Shared, enabled: bool, clients: usize) -> Self {
+    fn new(shared: &'a Shared, mode: ProgressMode, clients: usize) -> Self {
         Progress {
             shared,
-            enabled,
+            mode,
             clients,
             last: Instant::now(),
             last_tx: 0,
@@ -416,23 +502,47 @@ impl<'a> Progress<'a> {
 
     fn maybe_print(&mut self, phase: &str, since: Instant) {
         let dt = self.last.elapsed();
-        if !self.enabled || (dt < Duration::from_secs(1) && phase != "done") {
+        let every = match self.mode {
+            ProgressMode::Off => return,
+            ProgressMode::Human => Duration::from_secs(1),
+            ProgressMode::Machine => Duration::from_millis(500),
+        };
+        if dt < every && phase != "done" {
             return;
         }
         let s = self.shared;
         let (tx, rx, _) = totals(s);
-        let secs = dt.as_secs_f64().max(1e-3);
-        let loss = if tx == 0 {
-            0.0
-        } else {
-            100.0 * tx.saturating_sub(rx) as f64 / tx as f64
-        };
         let p99 = s
             .progress
             .iter()
             .map(|p| p.p99_us.load(Relaxed))
             .max()
             .unwrap_or(0);
+        if self.mode == ProgressMode::Machine {
+            let p = multi::ChildProgress {
+                phase: phase.to_owned(),
+                connected: s.total(|p| &p.connected),
+                conn_failed: s.total(|p| &p.conn_failed),
+                failed_later: s.total(|p| &p.failed_later),
+                sent: tx,
+                received: rx,
+                moves: s.total(|p| &p.moves),
+                rebinds_ok: s.total(|p| &p.rebinds_ok),
+                rebinds_failed: s.total(|p| &p.rebinds_failed),
+                outages: s.total(|p| &p.outages),
+                storm_pending: s.total(|p| &p.storm_pending),
+                p99_us: p99,
+            };
+            p.emit();
+            self.last = Instant::now();
+            return;
+        }
+        let secs = dt.as_secs_f64().max(1e-3);
+        let loss = if tx == 0 {
+            0.0
+        } else {
+            100.0 * tx.saturating_sub(rx) as f64 / tx as f64
+        };
         eprintln!(
             "{phase:>7} t={:.0}s clients {}/{} up{}, tx {}/s rx {}/s, loss {loss:.2}%, rebinds {} ok \
              {} failed{}, p99 rtt {}",
@@ -447,9 +557,10 @@ impl<'a> Progress<'a> {
             fmt_rate((rx - self.last_rx.min(rx)) as f64 / secs),
             s.total(|p| &p.rebinds_ok),
             s.total(|p| &p.rebinds_failed),
-            match s.total(|p| &p.outages) {
-                0 => String::new(),
-                o => format!(", {o} recovering"),
+            match (s.total(|p| &p.outages), s.total(|p| &p.storm_pending)) {
+                (0, 0) => String::new(),
+                (o, 0) => format!(", {o} recovering"),
+                (o, m) => format!(", {o} recovering, {m} still to move"),
             },
             fmt_ms(p99 as f64 / 1000.0),
         );
@@ -459,27 +570,54 @@ impl<'a> Progress<'a> {
     }
 }
 
-fn build_report(
+impl ShardResult {
+    /// Adds `o`: counters and histograms add up; `counters.storms` (storms seen, the same in
+    /// every shard) is the larger of the two.
+    pub fn merge(&mut self, o: &ShardResult) {
+        let storms = self.counters.storms.max(o.counters.storms);
+        self.counters.merge(&o.counters);
+        self.counters.storms = storms;
+        if self.storms.len() < o.storms.len() {
+            self.storms.resize(o.storms.len(), Default::default());
+        }
+        for (a, b) in self.storms.iter_mut().zip(&o.storms) {
+            a.merge(b);
+        }
+        self.rtt.add(&o.rtt);
+        self.handshake.add(&o.handshake);
+        self.recovery.add(&o.recovery);
+        self.traffic_recovery.add(&o.traffic_recovery);
+    }
+
+    /// All shards' results in one.
+    pub fn merge_all(results: &[ShardResult], storms: usize) -> ShardResult {
+        let mut m = ShardResult {
+            storms: vec![Default::default(); storms],
+            ..ShardResult::default()
+        };
+        for r in results {
+            m.merge(r);
+        }
+        m
+    }
+}
+
+pub(crate) fn build_report(
     opts: &LoadgenOptions,
     threads: usize,
+    processes: usize,
     tl: &Timeline,
-    results: Vec<ShardResult>,
+    merged: &ShardResult,
     attacks: Option<AttackResult>,
 ) -> LoadReport {
-    let mut c = Counters::default();
-    let mut rtt = LatencyHist::default();
-    let mut handshake = LatencyHist::default();
-    let mut recovery = LatencyHist::default();
-    let mut traffic_recovery = LatencyHist::default();
-    let mut storms = 0;
-    for r in &results {
-        c.merge(&r.counters);
-        storms = storms.max(r.counters.storms);
-        rtt.add(&r.rtt);
-        handshake.add(&r.handshake);
-        recovery.add(&r.recovery);
-        traffic_recovery.add(&r.traffic_recovery);
-    }
+    let c = &merged.counters;
+    let storms = c.storms;
+    let (rtt, handshake, recovery, traffic_recovery) = (
+        &merged.rtt,
+        &merged.handshake,
+        &merged.recovery,
+        &merged.traffic_recovery,
+    );
     let secs = tl.measured.as_secs_f64().max(1e-9);
     let pct = |num: u64, den: u64| {
         if den == 0 {
@@ -507,6 +645,7 @@ fn build_report(
             gateways: opts.gateways.iter().map(|g| g.to_string()).collect(),
             clients: opts.clients,
             threads,
+            processes,
             duration_s: opts.duration.as_secs_f64(),
             load: if rate.is_some() { "open" } else { "closed" }.into(),
             rate,
@@ -514,6 +653,7 @@ fn build_report(
             payload: opts.payload.to_string(),
             churn_per_sec: opts.churn_per_sec,
             move_kind: format!("{:?}", opts.move_kind).to_lowercase(),
+            on_move: format!("{:?}", opts.on_move).to_lowercase(),
             storms_at_s: opts.storm_times().iter().map(|d| d.as_secs_f64()).collect(),
             attacks: opts.attacks.iter().map(|a| a.name().to_owned()).collect(),
             attack_rate: opts.attack_rate,
@@ -559,11 +699,26 @@ fn build_report(
             abandoned: c.abandoned,
             recovery: recovery.summary(),
             traffic_recovery: traffic_recovery.summary(),
+            storm_detail: opts
+                .storm_times()
+                .iter()
+                .zip(&merged.storms)
+                .take(storms as usize)
+                .map(|(at, st)| StormReport {
+                    at_s: at.as_secs_f64(),
+                    moved: st.moved,
+                    recovered: st.recovered,
+                    moves_done_s: st.last_move_s,
+                    last_recovery_s: st.last_recovery_s,
+                    all_recovered: st.recovered >= st.moved,
+                })
+                .collect(),
         },
         attacks: attack_reports,
         victim,
         measured_s: tl.measured.as_secs_f64(),
         settle_s: tl.settle.as_secs_f64(),
+        raw: None,
     };
     report.judge(opts.max_loss_pct);
     report

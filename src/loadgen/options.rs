@@ -108,6 +108,69 @@ pub enum MoveKind {
     Addr,
 }
 
+/// What a moved client does right after its move (the client is never told of the move
+/// except with `notify`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnMove {
+    /// Nothing: the client notices when its load next sends from the new tuple.
+    #[default]
+    None,
+    /// An active application: one DATA from the new tuple at once, and again every
+    /// [`KICK_EVERY`] until the rebind starts (an UNRECOGNIZED arrived).
+    Send,
+    /// The application is told its network changed ([`crate::client::Client::network_changed`]):
+    /// a cookie request at once, retried by the client itself.
+    Notify,
+}
+
+/// `OnMove::Send`: how often a moved client that has not started rebinding sends DATA again.
+pub const KICK_EVERY: Duration = Duration::from_millis(500);
+
+/// This process's part of a multi-process run (`--processes`): set in the children only.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChildRole {
+    /// 0-based process number, and the number of processes.
+    pub index: usize,
+    pub count: usize,
+    /// Global number of this process's first client, and the clients in all processes.
+    pub first_client: usize,
+    pub total_clients: usize,
+}
+
+impl ChildRole {
+    /// Parses the hidden `--shard I/N/FIRST/TOTAL`.
+    pub fn parse(s: &str) -> Result<ChildRole, String> {
+        let v: Vec<usize> = s
+            .split('/')
+            .map(|x| x.trim().parse::<usize>())
+            .collect::<Result<_, _>>()
+            .map_err(|_| format!("--shard {s:?}: expected I/N/FIRST/TOTAL"))?;
+        let [index, count, first_client, total_clients] = v[..] else {
+            return Err(format!("--shard {s:?}: expected I/N/FIRST/TOTAL"));
+        };
+        if index >= count || first_client >= total_clients {
+            return Err(format!("--shard {s:?}: out of range"));
+        }
+        Ok(ChildRole {
+            index,
+            count,
+            first_client,
+            total_clients,
+        })
+    }
+}
+
+impl std::fmt::Display for ChildRole {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}/{}/{}/{}",
+            self.index, self.count, self.first_client, self.total_clients
+        )
+    }
+}
+
 /// Attack traffic the generator can mix in. See `attack.rs`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -194,6 +257,19 @@ pub struct LoadgenOptions {
     pub client_config: ClientConfig,
     /// Socket buffer request for each client socket.
     pub socket_buffer: usize,
+    /// What a moved client does at once.
+    pub on_move: OnMove,
+    /// Bind every client's moved-to socket before each storm, and close the old sockets
+    /// only after it, so a storm costs a descriptor swap per client instead of socket
+    /// creation and teardown (two descriptors per client).
+    pub storm_prebind: bool,
+    /// Processes to spread the clients over (each has its own descriptor limit); 0 = as
+    /// few as the RLIMIT_NOFILE hard limit allows. 1 runs everything in this process.
+    pub processes: usize,
+    /// Set in the child processes of a multi-process run.
+    pub child: Option<ChildRole>,
+    /// The `rebindgw` executable the children run (default: this executable).
+    pub child_exe: Option<PathBuf>,
 }
 
 impl LoadgenOptions {
@@ -229,6 +305,11 @@ impl LoadgenOptions {
                 ..ClientConfig::default()
             },
             socket_buffer: 256 << 10,
+            on_move: OnMove::None,
+            storm_prebind: false,
+            processes: 0,
+            child: None,
+            child_exe: None,
         }
     }
 
@@ -240,6 +321,15 @@ impl LoadgenOptions {
             self.threads
         };
         t.clamp(1, self.clients.max(1))
+    }
+
+    /// Descriptors each client may need at once.
+    pub fn fds_per_client(&self) -> usize {
+        if self.storm_prebind && self.storm_at.is_some() {
+            2
+        } else {
+            1
+        }
     }
 
     /// Storm instants (offsets into the measured phase).
@@ -278,6 +368,9 @@ impl LoadgenOptions {
                 "--clients: must be 1..=1048576, got {}",
                 self.clients
             ));
+        }
+        if self.processes > 256 {
+            return Err(format!("--processes: at most 256, got {}", self.processes));
         }
         if self.threads > 256 {
             return Err(format!("--threads: at most 256, got {}", self.threads));
@@ -446,9 +539,28 @@ pub struct LoadgenArgs {
     /// this percentage.
     #[arg(long)]
     pub max_loss: Option<f64>,
+    /// What a moved client does at once: nothing (it notices when its load next sends),
+    /// send DATA (again every 500 ms until its rebind starts), or notify (the app is told its
+    /// network changed and sends a cookie request).
+    #[arg(long, value_enum, default_value_t = OnMove::None)]
+    pub on_move: OnMove,
+    /// Bind the sockets storm moves go to before each storm (and close the old ones after),
+    /// so the storm itself only swaps descriptors; needs two descriptors per client.
+    #[arg(long)]
+    pub storm_prebind: bool,
+    /// Processes to spread the clients over; each has its own RLIMIT_NOFILE, and a client
+    /// needs a socket (0 = auto: as few as the hard limit allows; 1 = this process only).
+    #[arg(long, default_value_t = 0)]
+    pub processes: usize,
+    /// Internal: this process is child I of N, with clients FIRST.. of TOTAL.
+    #[arg(long, hide = true, value_parser = ChildRole::parse)]
+    pub shard: Option<ChildRole>,
     /// Print the report as JSON on stdout (the human report is not printed).
     #[arg(long)]
     pub json: bool,
+    /// Also write the JSON report to this file (whatever is printed).
+    #[arg(long)]
+    pub report_json: Option<PathBuf>,
     /// No live progress line on stderr.
     #[arg(long, short)]
     pub quiet: bool,
@@ -510,6 +622,10 @@ impl LoadgenArgs {
         o.enroll_wait = self.enroll_wait;
         o.settle = self.settle;
         o.max_loss_pct = self.max_loss;
+        o.on_move = self.on_move;
+        o.storm_prebind = self.storm_prebind;
+        o.processes = self.processes;
+        o.child = self.shard;
         o.validate().map_err(anyhow::Error::msg)?;
         Ok(o)
     }

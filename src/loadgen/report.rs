@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::options::AttackMode;
 
@@ -55,6 +55,30 @@ impl LatencyHist {
         }
     }
 
+    /// The histogram in HdrHistogram's V2 serialization, hex-encoded (exact; for merging
+    /// the histograms of several processes).
+    pub fn to_hex(&self) -> String {
+        use hdrhistogram::serialization::Serializer as _;
+        let mut out = Vec::new();
+        hdrhistogram::serialization::V2Serializer::new()
+            .serialize(&self.0, &mut out)
+            .expect("serializing to a Vec cannot fail");
+        hex::encode(out)
+    }
+
+    /// Reads [`LatencyHist::to_hex`] output.
+    pub fn from_hex(s: &str) -> Result<LatencyHist, String> {
+        let bytes = hex::decode(s).map_err(|e| format!("histogram hex: {e}"))?;
+        let h: Histogram<u64> = hdrhistogram::serialization::Deserializer::new()
+            .deserialize(&mut &bytes[..])
+            .map_err(|e| format!("histogram: {e:?}"))?;
+        let mut out = LatencyHist::default();
+        out.0
+            .add(&h)
+            .map_err(|e| format!("histogram bounds: {e:?}"))?;
+        Ok(out)
+    }
+
     pub fn summary(&self) -> Percentiles {
         let ms = |us: u64| us as f64 / 1000.0;
         if self.0.is_empty() {
@@ -73,7 +97,7 @@ impl LatencyHist {
 }
 
 /// Percentiles of a latency distribution, in milliseconds.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Percentiles {
     pub count: u64,
     pub mean_ms: f64,
@@ -123,11 +147,14 @@ pub fn fmt_rate(x: f64) -> String {
     }
 }
 
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct RunSettings {
     pub gateways: Vec<String>,
     pub clients: usize,
     pub threads: usize,
+    /// Load-generator processes (`--processes`); `threads` counts over all of them.
+    #[serde(default = "one")]
+    pub processes: usize,
     pub duration_s: f64,
     /// "open" or "closed".
     pub load: String,
@@ -138,12 +165,15 @@ pub struct RunSettings {
     pub payload: String,
     pub churn_per_sec: f64,
     pub move_kind: String,
+    /// What a moved client does at once: none, send or notify.
+    #[serde(default)]
+    pub on_move: String,
     pub storms_at_s: Vec<f64>,
     pub attacks: Vec<String>,
     pub attack_rate: f64,
 }
 
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct ClientsReport {
     pub requested: usize,
     /// Clients that completed a handshake.
@@ -157,7 +187,7 @@ pub struct ClientsReport {
     pub connect_phase_s: f64,
 }
 
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct TrafficReport {
     /// DATA payloads sent / echoes received, over the whole run (drain included).
     pub sent: u64,
@@ -198,7 +228,7 @@ pub struct TrafficReport {
     pub move_errors: u64,
 }
 
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct RebindsReport {
     /// NAT moves of connected clients (churn and storms).
     pub moves: u64,
@@ -219,9 +249,52 @@ pub struct RebindsReport {
     pub recovery: Percentiles,
     /// From the move to the first echo of a packet sent after the move.
     pub traffic_recovery: Percentiles,
+    /// Each storm: how long its moves took and when its last client recovered.
+    #[serde(default)]
+    pub storm_detail: Vec<StormReport>,
 }
 
-#[derive(Clone, Debug, Default, Serialize)]
+/// One storm (every client moved at once). Times are from its scheduled instant.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct StormReport {
+    /// Offset into the measured phase.
+    pub at_s: f64,
+    /// Connected clients it moved, and how many of those recovered (a `Rebound` to the
+    /// moved-to tuple before another move).
+    pub moved: u64,
+    pub recovered: u64,
+    /// When the generator had made the last move (moves are made one after another).
+    pub moves_done_s: f64,
+    /// When the last moved client recovered: the time to recover all, if all did.
+    pub last_recovery_s: f64,
+    pub all_recovered: bool,
+}
+
+/// A child process's raw results, in its JSON report, so that the parent of a
+/// multi-process run can merge counters and histograms exactly.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct RawResult {
+    pub counters: super::shard::Counters,
+    pub storms: Vec<super::shard::StormStat>,
+    /// [`LatencyHist::to_hex`] of the echo RTT, handshake, recovery and traffic-recovery
+    /// histograms.
+    pub rtt: String,
+    pub handshake: String,
+    pub recovery: String,
+    pub traffic_recovery: String,
+    pub connect_s: f64,
+    pub measured_s: f64,
+    pub settle_s: f64,
+    /// (sent, received, sent payload bytes) at the start and end of the measured phase.
+    pub at_run_start: (u64, u64, u64),
+    pub at_run_end: (u64, u64, u64),
+}
+
+fn one() -> usize {
+    1
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct AttackReport {
     pub mode: String,
     pub sent: u64,
@@ -242,7 +315,7 @@ pub struct AttackReport {
     pub captured: u64,
 }
 
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct VictimReport {
     /// DATA sent by the victim connection (the target of wrong-r / wrong-slot) during attacks.
     pub probes: u64,
@@ -252,7 +325,7 @@ pub struct VictimReport {
 }
 
 /// The outcome of a run. [`LoadReport::passed`] is the verdict; `failures` says why not.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct LoadReport {
     pub passed: bool,
     pub failures: Vec<String>,
@@ -265,6 +338,9 @@ pub struct LoadReport {
     /// Seconds: measured phase, settle, drain.
     pub measured_s: f64,
     pub settle_s: f64,
+    /// Child processes only: the raw results for the parent to merge.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub raw: Option<RawResult>,
 }
 
 impl LoadReport {
@@ -300,6 +376,16 @@ impl LoadReport {
                 "{} of {} outages had not recovered by the end",
                 r.unrecovered, r.outages
             ));
+        }
+        let live = c.connected.saturating_sub(c.failed_after_connect);
+        for (k, st) in r.storm_detail.iter().enumerate() {
+            if st.moved < live {
+                f.push(format!(
+                    "storm {} moved only {} of {live} connected clients",
+                    k + 1,
+                    st.moved
+                ));
+            }
         }
         if self.traffic.misdelivered > 0 {
             f.push(format!(
@@ -354,9 +440,14 @@ impl LoadReport {
             (_, Some(w)) => format!("closed loop, window {w}"),
             _ => st.load.clone(),
         };
+        let procs = if st.processes > 1 {
+            format!(" in {} processes", st.processes)
+        } else {
+            String::new()
+        };
         let _ = writeln!(
             s,
-            "loadgen: {} clients on {} threads -> {}, {:.1} s, {load}, payload {} B",
+            "loadgen: {} clients on {} threads{procs} -> {}, {:.1} s, {load}, payload {} B",
             st.clients,
             st.threads,
             st.gateways.join(" "),
@@ -366,8 +457,15 @@ impl LoadReport {
         if st.churn_per_sec > 0.0 || !st.storms_at_s.is_empty() {
             let _ = writeln!(
                 s,
-                "  churn {}/s ({}), storms at {:?} s",
-                st.churn_per_sec, st.move_kind, st.storms_at_s
+                "  churn {}/s ({}), storms at {:?} s, on move: {}",
+                st.churn_per_sec,
+                st.move_kind,
+                st.storms_at_s,
+                if st.on_move.is_empty() {
+                    "none"
+                } else {
+                    &st.on_move
+                }
             );
         }
         let c = &self.clients;
@@ -438,6 +536,29 @@ impl LoadReport {
         );
         let _ = writeln!(s, "recovery   {}", r.recovery.line());
         let _ = writeln!(s, "traffic-up {}", r.traffic_recovery.line());
+        for (k, st) in r.storm_detail.iter().enumerate() {
+            let _ = writeln!(
+                s,
+                "storm {}    at {:.2} s: {} moved (moves done after {}), {} recovered, {}",
+                k + 1,
+                st.at_s,
+                st.moved,
+                fmt_ms(st.moves_done_s * 1e3),
+                st.recovered,
+                if st.all_recovered {
+                    format!(
+                        "all recovered {} after the storm",
+                        fmt_ms(st.last_recovery_s * 1e3)
+                    )
+                } else {
+                    format!(
+                        "{} NOT recovered (last recovery {} after the storm)",
+                        st.moved - st.recovered.min(st.moved),
+                        fmt_ms(st.last_recovery_s * 1e3)
+                    )
+                }
+            );
+        }
         for a in &self.attacks {
             let _ = writeln!(
                 s,
@@ -504,6 +625,9 @@ mod tests {
         other.record_us(0);
         h.add(&other);
         assert_eq!(h.len(), 1002);
+        let back = LatencyHist::from_hex(&h.to_hex()).unwrap();
+        assert_eq!(back.summary(), h.summary());
+        assert!(LatencyHist::from_hex("zz").is_err());
     }
 
     #[test]

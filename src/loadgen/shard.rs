@@ -9,7 +9,8 @@
 //!   is left in place (it fires early, finds nothing due, and is re-pushed);
 //! - open-loop load and churn are token pacers against the measured phase's start, and pick
 //!   clients with a round-robin cursor (load) or at random (churn);
-//! - a storm moves every client, 1024 per iteration, so the loop keeps serving sockets.
+//! - a storm moves every client, 64 per iteration, so the loop keeps serving sockets (the
+//!   replies to the first moves are read while later moves are still being made).
 #![forbid(unsafe_code)]
 
 use std::cmp::Reverse;
@@ -22,12 +23,12 @@ use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::client::{Client, ClientError, ClientEvent, MAX_DATAGRAM_LEN};
+use crate::client::{Client, ClientError, ClientEvent, ClientState, MAX_DATAGRAM_LEN};
 use crate::time::Ticks;
 use crate::wire::ClientCredentials;
 
 use super::addrs::AddrPool;
-use super::options::{LoadMode, LoadgenOptions, MoveKind};
+use super::options::{KICK_EVERY, LoadMode, LoadgenOptions, MoveKind, OnMove};
 use super::report::LatencyHist;
 use super::stamp::{STAMP_LEN, Stamp};
 use super::sys::{Epoll, Events};
@@ -39,7 +40,7 @@ pub const PHASE_DRAIN: u8 = 3;
 pub const PHASE_STOP: u8 = 4;
 
 /// Storm moves per loop iteration.
-const STORM_CHUNK: usize = 1024;
+const STORM_CHUNK: usize = 64;
 /// Datagrams read from one socket per wake-up.
 const RECV_PER_WAKE: usize = 64;
 /// Open-loop sends per loop iteration (the rest waits for the next iteration).
@@ -112,6 +113,8 @@ pub struct Progress {
     pub rebinds_failed: AtomicU64,
     /// Moved clients not yet rebound.
     pub outages: AtomicU64,
+    /// Clients a storm in progress has still to move.
+    pub storm_pending: AtomicU64,
     /// p99 echo RTT (µs) over the last second.
     pub p99_us: AtomicU64,
     /// The phase whose work this shard has finished publishing (all counters include it).
@@ -119,7 +122,7 @@ pub struct Progress {
 }
 
 /// Final counters of one shard.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct Counters {
     pub connected: u64,
     pub conn_failed: u64,
@@ -181,10 +184,33 @@ impl Counters {
     }
 }
 
+/// One storm as one shard saw it. Times are offsets from the storm's scheduled instant.
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct StormStat {
+    /// Connected clients this storm moved.
+    pub moved: u64,
+    /// ... of which recovered (a `Rebound` to the moved-to tuple).
+    pub recovered: u64,
+    /// When the last of its moves was made.
+    pub last_move_s: f64,
+    /// When the last of its clients recovered.
+    pub last_recovery_s: f64,
+}
+
+impl StormStat {
+    pub fn merge(&mut self, o: &StormStat) {
+        self.moved += o.moved;
+        self.recovered += o.recovered;
+        self.last_move_s = self.last_move_s.max(o.last_move_s);
+        self.last_recovery_s = self.last_recovery_s.max(o.last_recovery_s);
+    }
+}
+
 /// What a shard hands back when it stops.
 #[derive(Clone, Debug, Default)]
 pub struct ShardResult {
     pub counters: Counters,
+    pub storms: Vec<StormStat>,
     pub rtt: LatencyHist,
     pub handshake: LatencyHist,
     pub recovery: LatencyHist,
@@ -196,11 +222,18 @@ pub struct ShardResult {
 pub struct ShardSpec {
     pub id: usize,
     pub shards: usize,
-    /// Global number of this shard's first client.
+    /// Global number of this shard's first client (over all processes): it picks the
+    /// client's source address and is stamped into its payloads.
     pub first: usize,
     pub creds: Vec<ClientCredentials>,
+    /// Clients in this process (the shard's share of the rates is `creds.len()` of these).
     pub total_clients: usize,
     pub pool: AddrPool,
+    /// Pool index of this shard's first moved-to address, and the step between its next
+    /// ones: every shard of every process draws from its own residue class, past the
+    /// addresses of all clients.
+    pub move_next: u64,
+    pub move_stride: u64,
 }
 
 struct Slot {
@@ -223,6 +256,10 @@ struct Slot {
     traffic_outage: Option<Instant>,
     /// The deadline this slot has in the heap.
     timer: Option<Instant>,
+    /// `OnMove::Send`: when to send DATA again if the rebind has not started by then.
+    kick_at: Option<Instant>,
+    /// The storm whose move began the current outage, if one did (or joined it).
+    storm_no: Option<u32>,
     /// Closed loop: outstanding echo requests `(seq, sent)`, oldest first, and when the
     /// oldest is written off. A written-off request whose echo comes late is counted as
     /// received but frees no window space, so slow echoes cannot inflate the load.
@@ -316,6 +353,13 @@ pub struct Shard<'a> {
     storms: Vec<Duration>,
     next_storm: usize,
     storm_cursor: Option<usize>,
+    storm_stats: Vec<StormStat>,
+    /// `storm_prebind`: each slot's bound, not yet watched, moved-to socket, the next slot
+    /// to bind one for, and the replaced sockets waiting to be closed after the storm.
+    spares: Vec<Option<(UdpSocket, SocketAddr)>>,
+    prebind_cursor: usize,
+    prebind_failed: bool,
+    graveyard: Vec<UdpSocket>,
     next_addr: u64,
     phase: u8,
     run_start: Instant,
@@ -331,7 +375,12 @@ impl<'a> Shard<'a> {
             LoadMode::Closed { .. } => 0.0,
         };
         Ok(Shard {
-            next_addr: (spec.total_clients + spec.id) as u64,
+            next_addr: spec.move_next,
+            storm_stats: vec![StormStat::default(); opts.storm_times().len()],
+            spares: Vec::new(),
+            prebind_cursor: 0,
+            prebind_failed: false,
+            graveyard: Vec::new(),
             connect_rate: opts.connect_rate * share,
             load_rate,
             churn_rate: opts.churn_per_sec * share,
@@ -383,7 +432,13 @@ impl<'a> Shard<'a> {
             }
             if phase == PHASE_RUN {
                 self.pace_churn(now);
-                self.storm(now);
+            }
+            // A storm that started in the measured phase finishes its moves in settle.
+            if matches!(phase, PHASE_RUN | PHASE_SETTLE) {
+                self.storm(now, phase == PHASE_RUN);
+            }
+            if self.opts.storm_prebind {
+                self.prebind_and_reap(phase);
             }
             self.publish(now);
             let wait = self
@@ -421,6 +476,7 @@ impl<'a> Shard<'a> {
         self.publish(Instant::now());
         ShardResult {
             counters: self.c,
+            storms: self.storm_stats,
             rtt: self.rtt,
             handshake: self.handshake,
             recovery: self.recovery,
@@ -441,6 +497,11 @@ impl<'a> Shard<'a> {
         p.rebinds_ok.store(self.c.rebinds_ok, Relaxed);
         p.rebinds_failed.store(self.c.rebinds_failed, Relaxed);
         p.outages.store(self.outages, Relaxed);
+        p.storm_pending.store(
+            self.storm_cursor
+                .map_or(0, |c| self.slots.len().saturating_sub(c) as u64),
+            Relaxed,
+        );
         p.phase_seen
             .store(self.phase, std::sync::atomic::Ordering::Release);
         if now.saturating_duration_since(self.last_window) >= Duration::from_secs(1) {
@@ -470,11 +531,14 @@ impl<'a> Shard<'a> {
                     Some(self.run_start + token_time(self.churn_rate, self.churn_done)),
                 );
             }
-            if self.storm_cursor.is_some() {
+            if self.prebind_due(self.phase) {
                 t = Some(now);
             } else if let Some(s) = self.storms.get(self.next_storm) {
                 t = earliest(t, Some(self.run_start + *s));
             }
+        }
+        if self.storm_cursor.is_some() {
+            t = Some(now);
         }
         t
     }
@@ -519,6 +583,8 @@ impl<'a> Shard<'a> {
                 outage: None,
                 traffic_outage: None,
                 timer: None,
+                kick_at: None,
+                storm_no: None,
                 outstanding: VecDeque::new(),
                 app_deadline: None,
             });
@@ -557,13 +623,22 @@ impl<'a> Shard<'a> {
                 }
                 self.refill(i, now);
             }
+            let s = &mut self.slots[i];
+            if s.kick_at.is_some_and(|d| d <= now) {
+                s.kick_at = None;
+                if s.outage.is_some() && s.client.state() == ClientState::Connected {
+                    s.kick_at = Some(now + KICK_EVERY);
+                    self.queue_payload(i, now);
+                }
+            }
             self.after_io(i, now);
         }
     }
 
     fn reschedule(&mut self, i: usize) {
         let s = &mut self.slots[i];
-        let Some(t) = earliest(s.client.poll_timeout(), s.app_deadline) else {
+        let t = earliest(s.client.poll_timeout(), s.app_deadline);
+        let Some(t) = earliest(t, s.kick_at) else {
             return;
         };
         if s.timer.is_none_or(|cur| t < cur) {
@@ -613,14 +688,24 @@ impl<'a> Shard<'a> {
                         self.refill(i, now);
                     }
                 }
-                ClientEvent::Rebinding { .. } => {}
+                ClientEvent::Rebinding { .. } => s.kick_at = None,
                 ClientEvent::Rebound { new_tuple, .. } => {
                     if new_tuple == s.local
                         && let Some(t0) = s.outage.take()
                     {
+                        s.kick_at = None;
                         self.outages -= 1;
                         self.c.rebinds_ok += 1;
                         self.recovery.record(now - t0);
+                        if let Some(k) = s.storm_no.take() {
+                            let k = k as usize;
+                            let at = self.run_start + self.storms[k];
+                            let st = &mut self.storm_stats[k];
+                            st.recovered += 1;
+                            st.last_recovery_s = st
+                                .last_recovery_s
+                                .max(now.saturating_duration_since(at).as_secs_f64());
+                        }
                     } else {
                         self.c.extra += 1;
                     }
@@ -632,6 +717,8 @@ impl<'a> Shard<'a> {
                         ClientError::HandshakeTimeout => self.c.conn_failed += 1,
                         ClientError::RebindTimeout => {
                             self.c.failed_later += 1;
+                            s.kick_at = None;
+                            s.storm_no = None;
                             if s.outage.take().is_some() {
                                 self.outages -= 1;
                                 self.c.rebinds_failed += 1;
@@ -813,15 +900,81 @@ impl<'a> Shard<'a> {
                 let i = self.rng.below(self.slots.len());
                 let s = &self.slots[i];
                 if s.up && !s.failed && s.outage.is_none() {
-                    self.move_slot(i, now);
+                    self.move_slot(i, now, None);
                     break;
                 }
             }
         }
     }
 
-    fn storm(&mut self, now: Instant) {
-        if let Some(t) = self.storms.get(self.next_storm)
+    /// Whether there are spare sockets to bind for the next storm (or old ones to close).
+    fn prebind_due(&self, phase: u8) -> bool {
+        if !self.opts.storm_prebind || self.storm_cursor.is_some() {
+            return false;
+        }
+        if !self.graveyard.is_empty() {
+            return self.outages == 0 || phase >= PHASE_SETTLE;
+        }
+        // In the measured phase only: binding sockets while clients connect would slow the
+        // handshakes down.
+        phase == PHASE_RUN
+            && !self.prebind_failed
+            && self.next_storm < self.storms.len()
+            && self.slots.len() == self.spec.creds.len()
+            && self.prebind_cursor < self.slots.len()
+    }
+
+    /// `storm_prebind`, between storms: closes the sockets the last storm replaced (once its
+    /// clients recovered), then binds the next storm's moved-to sockets, a chunk at a time.
+    fn prebind_and_reap(&mut self, phase: u8) {
+        if !self.prebind_due(phase) {
+            return;
+        }
+        if !self.graveyard.is_empty() {
+            let keep = self.graveyard.len().saturating_sub(STORM_CHUNK);
+            self.graveyard.truncate(keep);
+            return;
+        }
+        if self.spares.len() < self.slots.len() {
+            self.spares.resize_with(self.slots.len(), || None);
+        }
+        let end = (self.prebind_cursor + STORM_CHUNK).min(self.slots.len());
+        for i in self.prebind_cursor..end {
+            if self.spares[i].is_some() || self.slots[i].failed {
+                continue;
+            }
+            let ip = self.move_target(i);
+            match bind_client(SocketAddr::new(ip, 0), self.opts.socket_buffer)
+                .and_then(|s| s.local_addr().map(|a| (s, a)))
+            {
+                Ok(pair) => self.spares[i] = Some(pair),
+                Err(e) => {
+                    tracing::warn!(error = %e, "binding spare sockets for the storm failed; \
+                        the rest bind at the storm");
+                    self.prebind_failed = true;
+                    return;
+                }
+            }
+        }
+        self.prebind_cursor = end;
+    }
+
+    /// The address slot `i`'s next move goes to.
+    fn move_target(&mut self, i: usize) -> std::net::IpAddr {
+        match self.opts.move_kind {
+            MoveKind::Port => self.slots[i].local.ip(),
+            MoveKind::Addr => {
+                let ip = self.spec.pool.get(self.next_addr);
+                self.next_addr += self.spec.move_stride;
+                ip
+            }
+        }
+    }
+
+    fn storm(&mut self, now: Instant, may_start: bool) {
+        if may_start
+            && self.storm_cursor.is_none()
+            && let Some(t) = self.storms.get(self.next_storm)
             && now >= self.run_start + *t
         {
             self.next_storm += 1;
@@ -831,41 +984,62 @@ impl<'a> Shard<'a> {
         let Some(start) = self.storm_cursor else {
             return;
         };
+        let k = self.next_storm - 1;
         let end = (start + STORM_CHUNK).min(self.slots.len());
         for i in start..end {
             if !self.slots[i].failed {
-                self.move_slot(i, Instant::now());
+                self.move_slot(i, Instant::now(), Some(k));
             }
         }
+        let at = self.run_start + self.storms[k];
+        self.storm_stats[k].last_move_s =
+            Instant::now().saturating_duration_since(at).as_secs_f64();
         self.storm_cursor = (end < self.slots.len()).then_some(end);
+        if self.storm_cursor.is_none() {
+            // The next storm binds fresh spares (after this one's old sockets are closed).
+            self.prebind_cursor = 0;
+        }
     }
 
     /// Moves slot `i` to a new source tuple: bind the new socket first (so the port
     /// differs), then close the old one. The client is not told.
-    fn move_slot(&mut self, i: usize, now: Instant) {
-        let old = self.slots[i].local;
-        let ip = match self.opts.move_kind {
-            MoveKind::Port => old.ip(),
-            MoveKind::Addr => {
-                let ip = self.spec.pool.get(self.next_addr);
-                self.next_addr += self.spec.shards as u64;
-                ip
+    fn move_slot(&mut self, i: usize, now: Instant, storm: Option<usize>) {
+        let old_ip = self.slots[i].local.ip();
+        // A prebound spare, unless a churn move since changed the address a port move keeps.
+        let spare = self
+            .spares
+            .get_mut(i)
+            .and_then(Option::take)
+            .filter(|(_, a)| self.opts.move_kind == MoveKind::Addr || a.ip() == old_ip);
+        let (sock, local) = match spare {
+            Some(pair) => pair,
+            None => {
+                let ip = self.move_target(i);
+                match bind_client(SocketAddr::new(ip, 0), self.opts.socket_buffer)
+                    .and_then(|s| s.local_addr().map(|a| (s, a)))
+                {
+                    Ok(pair) => pair,
+                    Err(_) => {
+                        self.c.move_errors += 1;
+                        return;
+                    }
+                }
             }
         };
-        let sock = match bind_client(SocketAddr::new(ip, 0), self.opts.socket_buffer) {
-            Ok(s) => s,
-            Err(_) => {
-                self.c.move_errors += 1;
-                return;
-            }
-        };
-        let (Ok(local), Ok(())) = (sock.local_addr(), self.epoll.add(&sock, i as u64)) else {
+        if self.epoll.add(&sock, i as u64).is_err() {
             self.c.move_errors += 1;
             return;
-        };
+        }
         let s = &mut self.slots[i];
-        // Dropping the old socket closes it, which also removes it from the epoll set.
-        drop(std::mem::replace(&mut s.sock, sock));
+        let old = std::mem::replace(&mut s.sock, sock);
+        if self.opts.storm_prebind && storm.is_some() && self.epoll.delete(&old).is_ok() {
+            // Closed after the storm, so closing costs nothing during it. Nothing reads it:
+            // the tuple is gone, like a NAT mapping that expired.
+            self.graveyard.push(old);
+        } else {
+            // Closing removes it from the epoll set.
+            drop(old);
+        }
         s.local = local;
         s.gen_ = s.gen_.wrapping_add(1);
         // Echoes still owed to the closed socket are lost with it.
@@ -882,6 +1056,20 @@ impl<'a> Shard<'a> {
             if s.traffic_outage.is_none() {
                 s.traffic_outage = Some(now);
             }
+            if let Some(k) = storm {
+                s.storm_no = Some(k as u32);
+                self.storm_stats[k].moved += 1;
+            }
+            match self.opts.on_move {
+                OnMove::None => {}
+                OnMove::Send => {
+                    s.kick_at = Some(now + KICK_EVERY);
+                    self.queue_payload(i, now);
+                }
+                OnMove::Notify => s.client.network_changed(now),
+            }
+            self.flush(i, now);
+            self.reschedule(i);
         }
     }
 }

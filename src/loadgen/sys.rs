@@ -56,6 +56,11 @@ impl Epoll {
         self.ctl(libc::EPOLL_CTL_ADD, fd.as_raw_fd(), token)
     }
 
+    /// Stops watching `fd` (before it is set aside without being closed).
+    pub fn delete(&self, fd: &impl AsRawFd) -> io::Result<()> {
+        self.ctl(libc::EPOLL_CTL_DEL, fd.as_raw_fd(), 0)
+    }
+
     fn ctl(&self, op: libc::c_int, fd: RawFd, token: u64) -> io::Result<()> {
         let mut ev = libc::epoll_event {
             events: libc::EPOLLIN as u32,
@@ -156,6 +161,9 @@ mod tests {
         let n = ep.wait(&mut ev, Some(Duration::from_secs(2))).unwrap();
         assert_eq!(n, 1);
         assert_eq!(ev.tokens().collect::<Vec<_>>(), vec![42]);
+        ep.delete(&a).unwrap();
+        assert_eq!(ep.wait(&mut ev, Some(Duration::from_millis(1))).unwrap(), 0);
+        ep.add(&a, 42).unwrap();
         drop(a); // closing removes it from the set
         assert_eq!(ep.wait(&mut ev, Some(Duration::from_millis(1))).unwrap(), 0);
     }
