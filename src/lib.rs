@@ -18,6 +18,7 @@ pub mod hostlink;
 pub mod io;
 pub mod keys;
 pub mod loadgen;
+pub mod logging;
 pub mod rebind;
 pub mod registry;
 pub mod replay;

@@ -228,6 +228,7 @@ pub fn spawn_gateway(cfg: GatewayConfig) -> anyhow::Result<GatewayHandle> {
     // raising each L to it refuses every REBIND captured before the restart.
     let floor = loaded.reserved;
     let mut restored = 0usize;
+    let mut warn = crate::logging::LogEvery::new(Duration::from_secs(1));
     for c in &loaded.conns {
         if c.epoch != epoch {
             shared.add_epoch_registry(c.epoch);
@@ -235,7 +236,9 @@ pub fn spawn_gateway(cfg: GatewayConfig) -> anyhow::Result<GatewayHandle> {
         match shared.restore(c, floor) {
             Ok(()) => restored += 1,
             Err(e) => {
-                tracing::warn!(epoch = c.epoch, index = c.index, error = %e, "stored connection not restored")
+                if let Some(held_back) = warn.check(Instant::now()) {
+                    tracing::warn!(epoch = c.epoch, index = c.index, error = %e, held_back, "stored connection not restored");
+                }
             }
         }
     }
@@ -404,6 +407,7 @@ fn facts(shared: &Shared, stats: &StoreStats, io: &str, engine: &str) -> Gateway
 fn housekeeping(shared: &Shared, store: &Store, shutdown: &AtomicBool) {
     let margin = duration_ticks(RESERVE_MARGIN);
     let mut last_expire = Instant::now();
+    let mut warn = crate::logging::LogEvery::new(Duration::from_secs(10));
     while !shutdown.load(Ordering::Acquire) {
         std::thread::sleep(Duration::from_millis(100));
         let wall = Ticks::wall_clock();
@@ -413,7 +417,9 @@ fn housekeeping(shared: &Shared, store: &Store, shutdown: &AtomicBool) {
             match store.apply(&[StoreOp::Reserve { ticks: next }]) {
                 Ok(()) => shared.set_issue_cap(next),
                 Err(e) => {
-                    tracing::error!(error = %e, "cannot renew the tick reservation; issued times will lag the clock")
+                    if let Some(held_back) = warn.check(Instant::now()) {
+                        tracing::error!(error = %e, held_back, "cannot renew the tick reservation; issued times will lag the clock");
+                    }
                 }
             }
         }

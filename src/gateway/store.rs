@@ -292,6 +292,7 @@ pub fn run_writer(
 ) -> WriterStats {
     let mut stats = WriterStats::default();
     let mut batch = Vec::with_capacity(max_batch);
+    let mut warn = crate::logging::LogEvery::new(Duration::from_secs(10));
     while let Ok(first) = rx.recv() {
         batch.push(first);
         let deadline = Instant::now() + linger;
@@ -311,7 +312,9 @@ pub fn run_writer(
             }
             Err(e) => {
                 stats.errors += 1;
-                tracing::error!(error = %e, ops = batch.len(), "registry store commit failed");
+                if let Some(held_back) = warn.check(Instant::now()) {
+                    tracing::error!(error = %e, ops = batch.len(), held_back, "registry store commit failed");
+                }
             }
         }
         batch.clear();
