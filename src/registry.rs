@@ -3,6 +3,7 @@
 //! tuple and host. It applies the per-connection freshness rule of PROTOCOL.md §6, check 7.
 #![forbid(unsafe_code)]
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 
 use crate::rebind::{RebindKdf, RebindSecret};
@@ -85,11 +86,20 @@ pub struct Registered {
     pub secret: RebindSecret,
 }
 
+/// Indexes below this live in a dense vector (allocation is sequential, so a gateway's
+/// indexes are dense); the rest in a map, so no index can make the registry allocate 2^32
+/// entries.
+pub const DENSE_LIMIT: u32 = 1 << 20;
+
 #[derive(Debug)]
 pub struct Registry {
     slots: usize,
     /// Dense by index; grows up to the highest index ever allocated.
     conns: Vec<Option<Conn>>,
+    /// Indexes at or past [`DENSE_LIMIT`] (S > 20, or restored from a vectors file).
+    sparse: HashMap<u32, Conn>,
+    /// The next fresh index to try past the dense part.
+    next_sparse: u64,
     /// Freed indexes, reused before fresh ones.
     free: Vec<u32>,
     live: usize,
@@ -106,7 +116,9 @@ impl Registry {
     pub fn with_capacity(slots: usize, capacity: usize) -> Self {
         Registry {
             slots,
-            conns: Vec::with_capacity(capacity),
+            conns: Vec::with_capacity(capacity.min(DENSE_LIMIT as usize)),
+            sparse: HashMap::new(),
+            next_sparse: u64::from(DENSE_LIMIT),
             free: Vec::new(),
             live: 0,
         }
@@ -141,7 +153,8 @@ impl Registry {
         Ok(Registered { index, secret })
     }
 
-    /// Puts back a connection restored from the persistent store.
+    /// Puts back a connection restored from the persistent store (or named by a vectors
+    /// file: any index in `[0, 2^S)`, so indexes past the dense part go to a map).
     pub fn restore(
         &mut self,
         index: u32,
@@ -160,13 +173,15 @@ impl Registry {
         if self.get(index).is_some() {
             return Err(RegistryError::Taken(index));
         }
-        let i = index as usize;
-        if i >= self.conns.len() {
-            // Indexes skipped over become free.
-            self.free.extend((self.conns.len() as u32..index).rev());
-            self.conns.resize_with(i + 1, || None);
-        } else {
-            self.free.retain(|f| *f != index);
+        if index < DENSE_LIMIT {
+            let i = index as usize;
+            if i >= self.conns.len() {
+                // Indexes skipped over become free.
+                self.free.extend((self.conns.len() as u32..index).rev());
+                self.conns.resize_with(i + 1, || None);
+            } else {
+                self.free.retain(|f| *f != index);
+            }
         }
         self.put(index, conn_id, secret, last_rebind, tuple, host);
         Ok(())
@@ -177,11 +192,18 @@ impl Registry {
             return Ok(i);
         }
         let next = self.conns.len() as u64;
-        if next >= self.capacity() {
-            return Err(RegistryError::Full(self.capacity()));
+        if next < u64::from(DENSE_LIMIT) && next < self.capacity() {
+            self.conns.push(None);
+            return Ok(next as u32);
         }
-        self.conns.push(None);
-        Ok(next as u32)
+        while self.next_sparse < self.capacity() {
+            let i = self.next_sparse as u32;
+            self.next_sparse += 1;
+            if !self.sparse.contains_key(&i) {
+                return Ok(i);
+            }
+        }
+        Err(RegistryError::Full(self.capacity()))
     }
 
     fn put(
@@ -193,23 +215,44 @@ impl Registry {
         tuple: Option<SocketAddr>,
         host: HostId,
     ) {
-        self.conns[index as usize] = Some(Conn {
+        let conn = Conn {
             conn_id,
             kdf: RebindKdf::new(secret),
             last_rebind,
             tuple: tuple.map(PackedTuple::from),
             host,
-        });
+        };
+        if index < DENSE_LIMIT {
+            self.conns[index as usize] = Some(conn);
+        } else {
+            self.sparse.insert(index, conn);
+        }
         self.live += 1;
     }
 
     pub fn get(&self, index: u32) -> Option<&Conn> {
-        self.conns.get(index as usize)?.as_ref()
+        if index < DENSE_LIMIT {
+            self.conns.get(index as usize)?.as_ref()
+        } else {
+            self.sparse.get(&index)
+        }
+    }
+
+    fn get_mut(&mut self, index: u32) -> Option<&mut Conn> {
+        if index < DENSE_LIMIT {
+            self.conns.get_mut(index as usize)?.as_mut()
+        } else {
+            self.sparse.get_mut(&index)
+        }
     }
 
     /// Closes a connection; its index is reused later.
     pub fn remove(&mut self, index: u32) -> Option<Conn> {
-        let conn = self.conns.get_mut(index as usize)?.take()?;
+        let conn = if index < DENSE_LIMIT {
+            self.conns.get_mut(index as usize)?.take()?
+        } else {
+            self.sparse.remove(&index)?
+        };
         self.free.push(index);
         self.live -= 1;
         Some(conn)
@@ -217,7 +260,7 @@ impl Registry {
 
     /// Forgets the tuple of `index` (another connection took it over).
     pub fn unbind_tuple(&mut self, index: u32) {
-        if let Some(Some(c)) = self.conns.get_mut(index as usize) {
+        if let Some(c) = self.get_mut(index) {
             c.tuple = None;
         }
     }
@@ -236,7 +279,7 @@ impl Registry {
 
     /// Records an accepted rebind: `L = t`, tuple = `to`. Returns the previous tuple.
     pub fn commit_rebind(&mut self, index: u32, t: Ticks, to: SocketAddr) -> Option<SocketAddr> {
-        let c = self.conns.get_mut(index as usize)?.as_mut()?;
+        let c = self.get_mut(index)?;
         c.last_rebind = t;
         c.tuple.replace(to.into()).map(SocketAddr::from)
     }
@@ -247,6 +290,7 @@ impl Registry {
             .iter()
             .enumerate()
             .filter_map(|(i, c)| Some((i as u32, c.as_ref()?)))
+            .chain(self.sparse.iter().map(|(i, c)| (*i, c)))
     }
 }
 
@@ -289,6 +333,26 @@ mod tests {
             assert_eq!(SocketAddr::from(PackedTuple::from(a)), a);
         }
         assert!(std::mem::size_of::<Option<Conn>>() <= 104);
+    }
+
+    #[test]
+    fn huge_indexes_live_in_the_sparse_part() {
+        let mut r = Registry::new(32);
+        let s = RebindSecret([1; 32]);
+        r.restore(4_000_000_000, 7, &s, Ticks(0), None, 0).unwrap();
+        assert_eq!(r.get(4_000_000_000).unwrap().conn_id, 7);
+        assert_eq!(
+            r.register(8, 0, None).unwrap().index,
+            0,
+            "dense allocation unaffected"
+        );
+        assert_eq!(r.iter().count(), 2);
+        assert_eq!(r.remove(4_000_000_000).unwrap().conn_id, 7);
+        assert_eq!(r.len(), 1);
+        // Past the dense part, allocation continues in the map.
+        let mut big = Registry::new(21);
+        big.conns.resize_with(DENSE_LIMIT as usize, || None);
+        assert_eq!(big.register(1, 0, None).unwrap().index, DENSE_LIMIT);
     }
 
     #[test]
