@@ -168,45 +168,6 @@ fn decrypt1(k: &RoundKeys, b: __m128i) -> __m128i {
     _mm_aesdeclast_si128(x, k.get(10))
 }
 
-/// Applies `$op` with round key `$r` to each of 8 blocks, `$x[j]` with `$k[j]`.
-macro_rules! round8 {
-    ($op:ident, $x:ident, $k:ident, $r:expr) => {
-        [
-            $op($x[0], $k[0].get($r)),
-            $op($x[1], $k[1].get($r)),
-            $op($x[2], $k[2].get($r)),
-            $op($x[3], $k[3].get($r)),
-            $op($x[4], $k[4].get($r)),
-            $op($x[5], $k[5].get($r)),
-            $op($x[6], $k[6].get($r)),
-            $op($x[7], $k[7].get($r)),
-        ]
-    };
-}
-
-/// Decrypts 8 blocks in flight, `$x[j]` under `$k[j]` (`&[&RoundKeys; 8]`), as a value.
-///
-/// A macro rather than a function so that it is always inlined into its
-/// `#[target_feature]` caller (`#[inline(always)]` is not allowed there) and the blocks
-/// never leave the registers. Rounds are unrolled by hand.
-macro_rules! decrypt8 {
-    ($k:expr, $x:expr) => {{
-        let k = $k;
-        let x: [__m128i; 8] = $x;
-        let x = round8!(_mm_xor_si128, x, k, 0);
-        let x = round8!(_mm_aesdec_si128, x, k, 1);
-        let x = round8!(_mm_aesdec_si128, x, k, 2);
-        let x = round8!(_mm_aesdec_si128, x, k, 3);
-        let x = round8!(_mm_aesdec_si128, x, k, 4);
-        let x = round8!(_mm_aesdec_si128, x, k, 5);
-        let x = round8!(_mm_aesdec_si128, x, k, 6);
-        let x = round8!(_mm_aesdec_si128, x, k, 7);
-        let x = round8!(_mm_aesdec_si128, x, k, 8);
-        let x = round8!(_mm_aesdec_si128, x, k, 9);
-        round8!(_mm_aesdeclast_si128, x, k, 10)
-    }};
-}
-
 /// Raw decryption of `blocks` under one key, 8 at a time.
 #[target_feature(enable = "aes,sse2")]
 fn decrypt_blocks(k: &RoundKeys, blocks: &mut [[u8; 16]]) {
@@ -443,7 +404,7 @@ fn verify_each(
                 b[2 * j] = load(&blocks[i]);
                 b[2 * j + 1] = b[2 * j];
             }
-            let x = decrypt8!(&k, b);
+            let x = decrypt8!(&k, b, _mm_xor_si128, _mm_aesdec_si128, _mm_aesdeclast_si128);
             for j in 0..n {
                 let (g0, g1) = good2(x[2 * j], x[2 * j + 1], t);
                 //= PROTOCOL.md §6 check 4

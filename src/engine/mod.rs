@@ -32,6 +32,48 @@ use std::fmt;
 use std::str::FromStr;
 use std::sync::OnceLock;
 
+/// Applies `$op` with round key `$r` to each of 8 registers, `$x[j]` with `$k[j]`.
+#[cfg(target_arch = "x86_64")]
+macro_rules! round8 {
+    ($op:ident, $x:ident, $k:ident, $r:expr) => {
+        [
+            $op($x[0], $k[0].get($r)),
+            $op($x[1], $k[1].get($r)),
+            $op($x[2], $k[2].get($r)),
+            $op($x[3], $k[3].get($r)),
+            $op($x[4], $k[4].get($r)),
+            $op($x[5], $k[5].get($r)),
+            $op($x[6], $k[6].get($r)),
+            $op($x[7], $k[7].get($r)),
+        ]
+    };
+}
+
+/// Decrypts 8 registers in flight, `$x[j]` under `$k[j]`, as a value, with the backend's
+/// xor, round and last-round instructions (AES-NI xmm or VAES ymm).
+///
+/// A macro rather than a function so that it is always inlined into its
+/// `#[target_feature]` caller (`#[inline(always)]` is not allowed there) and the blocks
+/// never leave the registers. Rounds are unrolled by hand.
+#[cfg(target_arch = "x86_64")]
+macro_rules! decrypt8 {
+    ($k:expr, $x:expr, $xor:ident, $dec:ident, $last:ident) => {{
+        let k = $k;
+        let x = $x;
+        let x = round8!($xor, x, k, 0);
+        let x = round8!($dec, x, k, 1);
+        let x = round8!($dec, x, k, 2);
+        let x = round8!($dec, x, k, 3);
+        let x = round8!($dec, x, k, 4);
+        let x = round8!($dec, x, k, 5);
+        let x = round8!($dec, x, k, 6);
+        let x = round8!($dec, x, k, 7);
+        let x = round8!($dec, x, k, 8);
+        let x = round8!($dec, x, k, 9);
+        round8!($last, x, k, 10)
+    }};
+}
+
 #[cfg(target_arch = "x86_64")]
 mod aesni;
 pub mod block;

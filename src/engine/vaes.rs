@@ -5,7 +5,7 @@
 //! with those of `K[i][1]`, so one `vaesdec` tests both candidates. 8 registers (16
 //! blocks) are in flight: in phase 1 and phase 2 the same slot of 8 packets
 //! ([`decrypt8_shared`], one round-key load per round), for leftover packets 8 slots of one
-//! packet (`decrypt8!`). Every function here needs `vaes`, `avx2` and `aes`; the
+//! packet (`decrypt8!` in the parent module). Every function here needs `vaes`, `avx2` and `aes`; the
 //! backend is only constructed after runtime detection ([`super::Backend::is_supported`]).
 #![allow(unsafe_code)]
 
@@ -93,45 +93,6 @@ impl Kernel for Keys {
 fn broadcast(b: &[u8; 16]) -> __m256i {
     // SAFETY: `b` is valid for a 16-byte read; `loadu` has no alignment requirement.
     _mm256_broadcastsi128_si256(unsafe { _mm_loadu_si128(b.as_ptr().cast()) })
-}
-
-/// Applies `$op` with round key `$r` to each of 8 registers, `$x[j]` with `$k[j]`.
-macro_rules! round8 {
-    ($op:ident, $x:ident, $k:ident, $r:expr) => {
-        [
-            $op($x[0], $k[0].get($r)),
-            $op($x[1], $k[1].get($r)),
-            $op($x[2], $k[2].get($r)),
-            $op($x[3], $k[3].get($r)),
-            $op($x[4], $k[4].get($r)),
-            $op($x[5], $k[5].get($r)),
-            $op($x[6], $k[6].get($r)),
-            $op($x[7], $k[7].get($r)),
-        ]
-    };
-}
-
-/// Decrypts 8 registers in flight, `$x[j]` under `$k[j]` (`&[&PairKeys; 8]`), as a value.
-///
-/// A macro rather than a function so that it is always inlined into its
-/// `#[target_feature]` caller (`#[inline(always)]` is not allowed there) and the registers
-/// never leave the registers. Rounds are unrolled by hand.
-macro_rules! decrypt8 {
-    ($k:expr, $x:expr) => {{
-        let k = $k;
-        let x: [__m256i; 8] = $x;
-        let x = round8!(_mm256_xor_si256, x, k, 0);
-        let x = round8!(_mm256_aesdec_epi128, x, k, 1);
-        let x = round8!(_mm256_aesdec_epi128, x, k, 2);
-        let x = round8!(_mm256_aesdec_epi128, x, k, 3);
-        let x = round8!(_mm256_aesdec_epi128, x, k, 4);
-        let x = round8!(_mm256_aesdec_epi128, x, k, 5);
-        let x = round8!(_mm256_aesdec_epi128, x, k, 6);
-        let x = round8!(_mm256_aesdec_epi128, x, k, 7);
-        let x = round8!(_mm256_aesdec_epi128, x, k, 8);
-        let x = round8!(_mm256_aesdec_epi128, x, k, 9);
-        round8!(_mm256_aesdeclast_epi128, x, k, 10)
-    }};
 }
 
 /// One round of [`decrypt8_shared`]'s template: load round key `$r`, apply `$op` to all 8.
@@ -469,7 +430,10 @@ fn verify_each(
                         broadcast(&b[5]),
                         broadcast(&b[6]),
                         broadcast(&b[7]),
-                    ]
+                    ],
+                    _mm256_xor_si256,
+                    _mm256_aesdec_epi128,
+                    _mm256_aesdeclast_epi128
                 ),
                 _ => {
                     // A short last group: pad with its last slot, masked off below.
@@ -490,7 +454,10 @@ fn verify_each(
                             broadcast(b[5]),
                             broadcast(b[6]),
                             broadcast(b[7]),
-                        ]
+                        ],
+                        _mm256_xor_si256,
+                        _mm256_aesdec_epi128,
+                        _mm256_aesdeclast_epi128
                     )
                 }
             };
