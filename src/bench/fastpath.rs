@@ -200,6 +200,19 @@ fn payload(len: usize, epoch: Instant) -> Vec<u8> {
     p
 }
 
+/// Sends `n` timestamped DATA datagrams in one batch; returns how many went out.
+fn send_stamped(
+    sock: &mut BatchSocket,
+    target: SocketAddr,
+    n: usize,
+    len: usize,
+    epoch: Instant,
+) -> usize {
+    let pkts: Vec<Vec<u8>> = (0..n).map(|_| payload(len, epoch)).collect();
+    sock.send_batch(pkts.iter().map(|p| (target, &p[..])))
+        .unwrap_or(0)
+}
+
 /// Drives one run: closed loop with `window` per client, or open loop at `rate`.
 fn drive(
     socks: &mut [BatchSocket],
@@ -209,7 +222,6 @@ fn drive(
 ) -> (u64, u64, Histogram<u64>) {
     let epoch = Instant::now();
     let mut hist = Histogram::<u64>::new_with_bounds(1, 10_000_000, 3).expect("bounds");
-    let (mut sent, mut received) = (0u64, 0u64);
     let n = socks.len();
     let mut outstanding = vec![0usize; n];
     let mut last_rx = vec![Instant::now(); n];
@@ -230,14 +242,14 @@ fn drive(
                         && (outstanding[i] == 0
                             || now.duration_since(last_rx[i]) > Duration::from_millis(20))
                     {
-                        let k = opts.window - outstanding[i];
-                        let pkts: Vec<Vec<u8>> =
-                            (0..k).map(|_| payload(opts.payload, epoch)).collect();
-                        let s = socks[i]
-                            .send_batch(pkts.iter().map(|p| (target, &p[..])))
-                            .unwrap_or(0);
+                        let s = send_stamped(
+                            &mut socks[i],
+                            target,
+                            opts.window - outstanding[i],
+                            opts.payload,
+                            epoch,
+                        );
                         outstanding[i] += s;
-                        sent += s as u64;
                         if measuring {
                             m_sent += s as u64;
                         }
@@ -253,7 +265,6 @@ fn drive(
                         let p = payload(opts.payload, epoch);
                         let s = socks[rr % n].send_batch([(target, &p[..])]).unwrap_or(0);
                         rr += 1;
-                        sent += s as u64;
                         if measuring {
                             m_sent += s as u64;
                         }
@@ -274,20 +285,14 @@ fn drive(
                 }
             });
             if echoes > 0 {
-                received += echoes as u64;
                 if measuring {
                     m_received += echoes as u64;
                 }
                 last_rx[i] = Instant::now();
                 if rate.is_none() {
                     outstanding[i] = outstanding[i].saturating_sub(echoes);
-                    let pkts: Vec<Vec<u8>> =
-                        (0..echoes).map(|_| payload(opts.payload, epoch)).collect();
-                    let s = socks[i]
-                        .send_batch(pkts.iter().map(|p| (target, &p[..])))
-                        .unwrap_or(0);
+                    let s = send_stamped(&mut socks[i], target, echoes, opts.payload, epoch);
                     outstanding[i] += s;
-                    sent += s as u64;
                     if measuring {
                         m_sent += s as u64;
                     }
@@ -295,7 +300,6 @@ fn drive(
             }
         }
     }
-    let _ = (sent, received);
     (m_sent, m_received, hist)
 }
 
