@@ -1,8 +1,9 @@
 //! Mesh rebind gateway: a sans-IO protocol core (PROTOCOL.md v1), the batched trial-decryption
 //! engine, and the gateway, client, host and load generator built on them.
 //!
-//! Unsafe code lives only in `engine` (SIMD backends) and `io` (io_uring, socket batching);
-//! every other module carries `#![forbid(unsafe_code)]`.
+//! Unsafe code lives only in `engine` (SIMD backends), `io` (io_uring, socket batching) and
+//! the load generator's `loadgen::sys` (epoll, setrlimit); the other modules carry
+//! `#![forbid(unsafe_code)]`.
 #![deny(unsafe_code)]
 
 pub mod bench;

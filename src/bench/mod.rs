@@ -3,6 +3,7 @@
 //! - `fastpath`: the gateway's forwarding path against a bare recvmmsg/sendmmsg relay, run
 //!   alternately on the same load, and the RTT each hop adds at half load;
 //! - `memory`: resident memory per registered connection.
+#![forbid(unsafe_code)]
 
 pub mod fastpath;
 pub mod memory;

@@ -3,6 +3,7 @@
 //! `core` is the sans-IO packet handler; `run` wires it to sockets, threads, the store and
 //! the admin endpoint; `store` persists the registry; `ratelimit` and `metrics` serve the
 //! core; `tx` is the outgoing-datagram queue the I/O loops drain.
+#![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod config;
