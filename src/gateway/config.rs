@@ -12,6 +12,9 @@ use super::core::CoreConfig;
 use super::ratelimit::Rate;
 use crate::io::IoBackend;
 
+/// The largest `max_connections` accepted: its memory is reserved at start-up.
+pub const MAX_CONNECTIONS_LIMIT: usize = 1 << 22;
+
 /// One host on the host link.
 #[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -161,6 +164,16 @@ impl GatewayConfig {
         }
         if self.hosts.len() > usize::from(u16::MAX) {
             return Err(invalid("hosts", "too many hosts"));
+        }
+        if self.max_connections > MAX_CONNECTIONS_LIMIT {
+            return Err(invalid(
+                "max_connections",
+                format!(
+                    "{} exceeds {MAX_CONNECTIONS_LIMIT}: the tables and registry are reserved up front \
+                     (about 240 bytes per connection)",
+                    self.max_connections
+                ),
+            ));
         }
         if self.max_connections as u64 > 1u64 << self.slots {
             return Err(invalid(
