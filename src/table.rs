@@ -466,8 +466,16 @@ pub struct TupleTable {
 }
 
 /// The unique write handle of a [`TupleTable`]; not `Clone`, mutation takes `&mut self`.
+/// Reads go through the table it derefs to.
 pub struct TupleWriter {
-    raw: Arc<TupleRaw>,
+    table: TupleTable,
+}
+
+impl std::ops::Deref for TupleWriter {
+    type Target = TupleTable;
+    fn deref(&self) -> &TupleTable {
+        &self.table
+    }
 }
 
 impl TupleTable {
@@ -483,7 +491,7 @@ impl TupleTable {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
-    /// Number of buckets (a power of two ≥ 2 × `max_entries`).
+    /// Number of buckets (⌈5/3 × `max_entries`⌉, at least `max_entries + 1`).
     pub fn capacity(&self) -> usize {
         self.raw.capacity()
     }
@@ -500,17 +508,17 @@ impl TupleWriter {
     /// An empty table for up to `max_entries` tuples, with a fresh random SipHash key.
     ///
     /// # Panics
-    /// If `2 × max_entries` rounded up to a power of two overflows `usize`, or `getrandom` fails.
+    /// If `5/3 × max_entries` overflows `usize`, or `getrandom` fails.
     pub fn new(max_entries: usize) -> Self {
         TupleWriter {
-            raw: Arc::new(TupleRaw::new(max_entries)),
+            table: TupleTable {
+                raw: Arc::new(TupleRaw::new(max_entries)),
+            },
         }
     }
     /// A read handle sharing this table.
     pub fn reader(&self) -> TupleTable {
-        TupleTable {
-            raw: Arc::clone(&self.raw),
-        }
+        self.table.clone()
     }
     /// Inserts or replaces; returns the previous value. A new key beyond `max_entries` fails.
     pub fn insert(
@@ -528,24 +536,6 @@ impl TupleWriter {
         self.raw
             .remove(&tuple_key(addr))
             .map(|img| tuple_value(&img))
-    }
-    pub fn get(&self, addr: &SocketAddr) -> Option<ConnRef> {
-        self.raw.get(&tuple_key(addr)).map(|img| tuple_value(&img))
-    }
-    pub fn len(&self) -> usize {
-        self.raw.len()
-    }
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-    pub fn capacity(&self) -> usize {
-        self.raw.capacity()
-    }
-    pub fn max_entries(&self) -> usize {
-        self.raw.max_entries
-    }
-    pub fn memory_bytes(&self) -> usize {
-        self.raw.memory_bytes()
     }
 }
 
@@ -603,8 +593,16 @@ pub struct ConnTable {
 }
 
 /// The unique write handle of a [`ConnTable`]; not `Clone`, mutation takes `&mut self`.
+/// Reads go through the table it derefs to.
 pub struct ConnWriter {
-    raw: Arc<ConnRaw>,
+    table: ConnTable,
+}
+
+impl std::ops::Deref for ConnWriter {
+    type Target = ConnTable;
+    fn deref(&self) -> &ConnTable {
+        &self.table
+    }
 }
 
 impl ConnTable {
@@ -634,16 +632,16 @@ impl ConnWriter {
     /// An empty table for up to `max_entries` connections, with a fresh random SipHash key.
     ///
     /// # Panics
-    /// If `2 × max_entries` rounded up to a power of two overflows `usize`, or `getrandom` fails.
+    /// If `5/3 × max_entries` overflows `usize`, or `getrandom` fails.
     pub fn new(max_entries: usize) -> Self {
         ConnWriter {
-            raw: Arc::new(ConnRaw::new(max_entries)),
+            table: ConnTable {
+                raw: Arc::new(ConnRaw::new(max_entries)),
+            },
         }
     }
     pub fn reader(&self) -> ConnTable {
-        ConnTable {
-            raw: Arc::clone(&self.raw),
-        }
+        self.table.clone()
     }
     pub fn insert(
         &mut self,
@@ -657,24 +655,6 @@ impl ConnWriter {
     }
     pub fn remove(&mut self, conn_id: u64) -> Option<ConnRoute> {
         self.raw.remove(&[conn_id]).map(|img| conn_value(&img))
-    }
-    pub fn get(&self, conn_id: u64) -> Option<ConnRoute> {
-        self.raw.get(&[conn_id]).map(|img| conn_value(&img))
-    }
-    pub fn len(&self) -> usize {
-        self.raw.len()
-    }
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-    pub fn capacity(&self) -> usize {
-        self.raw.capacity()
-    }
-    pub fn max_entries(&self) -> usize {
-        self.raw.max_entries
-    }
-    pub fn memory_bytes(&self) -> usize {
-        self.raw.memory_bytes()
     }
 }
 
@@ -698,7 +678,9 @@ impl TupleWriter {
     fn with_hash(max_entries: usize, f: fn(&[u64]) -> u64) -> Self {
         let mut raw = TupleRaw::with_keys(max_entries, 1, 2);
         raw.hash_override = Some(f);
-        TupleWriter { raw: Arc::new(raw) }
+        TupleWriter {
+            table: TupleTable { raw: Arc::new(raw) },
+        }
     }
 }
 
@@ -707,7 +689,9 @@ impl ConnWriter {
     fn with_hash(max_entries: usize, f: fn(&[u64]) -> u64) -> Self {
         let mut raw = ConnRaw::with_keys(max_entries, 1, 2);
         raw.hash_override = Some(f);
-        ConnWriter { raw: Arc::new(raw) }
+        ConnWriter {
+            table: ConnTable { raw: Arc::new(raw) },
+        }
     }
 }
 
