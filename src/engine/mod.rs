@@ -77,10 +77,8 @@ macro_rules! decrypt8 {
 #[cfg(target_arch = "x86_64")]
 mod aesni;
 pub mod block;
-#[cfg(target_arch = "x86_64")]
 pub mod gcm;
 mod portable;
-#[cfg(target_arch = "x86_64")]
 pub mod sha256;
 #[cfg(target_arch = "x86_64")]
 mod vaes;
