@@ -8,10 +8,10 @@
 
 use std::fmt;
 
-use crate::crypto::Gcm;
+use crate::engine::gcm::{SessionGcm, SessionNonce};
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
-use crate::crypto::{self, HmacSha256Midstate, ZERO_NONCE};
+use crate::crypto::{self, HmacSha256Midstate};
 use crate::time::Ticks;
 use crate::wire::{MAX_SLOTS, MsgType, rebind_len};
 
@@ -79,7 +79,7 @@ pub fn build_rebind(
     t: Ticks,
     cookie: &[u8; 16],
     nonces: &[[u8; 8]],
-) -> (Vec<u8>, Gcm) {
+) -> (Vec<u8>, SessionGcm) {
     let s = creds.slot_keys.len();
     assert!(
         (1..=MAX_SLOTS).contains(&s) && nonces.len() == s,
@@ -99,11 +99,14 @@ pub fn build_rebind(
         crypto::aes_encrypt_block(&crypto::aes128(key), block);
     }
     let k = RebindKdf::new(creds.secret).session_key(nonces, t);
-    let session = crypto::gcm(&k);
+    let session = SessionGcm::new(&k);
     let head_len = 26 + 16 * s;
-    out[head_len..head_len + 8].copy_from_slice(&creds.conn_id.to_be_bytes());
-    let (head, body) = out.split_at_mut(head_len);
-    crypto::seal_in_place(&session, &ZERO_NONCE, head, body);
+    let sealed = session.seal8(
+        SessionNonce::Rebind,
+        &out[..head_len],
+        &creds.conn_id.to_be_bytes(),
+    );
+    out[head_len..].copy_from_slice(&sealed);
     (out, session)
 }
 

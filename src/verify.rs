@@ -7,7 +7,8 @@
 
 use std::net::SocketAddr;
 
-use crate::crypto::{self, ZERO_NONCE};
+use crate::crypto;
+use crate::engine::gcm::{SessionGcm, SessionNonce};
 use crate::engine::{TrialInput, TrialKeys, TrialOutput};
 use crate::keys::EpochKeys;
 use crate::registry::{Freshness, Registry};
@@ -177,16 +178,11 @@ pub fn finish(
         return Err(RejectReason::Replay);
     }
     let key = conn.kdf.session_key(&trial.nonces[..registry.slots()], t);
-    let session = crypto::gcm(&key);
-    let mut plain = [0u8; 8];
-    crypto::open_to(
-        &session,
-        &ZERO_NONCE,
-        pre.view.head(),
-        pre.view.sealed(),
-        &mut plain,
-    )
-    .map_err(|_| RejectReason::Aead)?;
+    let session = SessionGcm::new(&key);
+    let sealed = pre.view.sealed().try_into().map_err(|_| RejectReason::Aead)?;
+    let plain = session
+        .open8(SessionNonce::Rebind, pre.view.head(), sealed)
+        .map_err(|_| RejectReason::Aead)?;
     if !crypto::ct_eq(&plain, &conn.conn_id.to_be_bytes()) {
         return Err(RejectReason::ConnId);
     }

@@ -202,7 +202,7 @@ impl RawClient {
     }
 
     /// Moves to a new socket, draws an UNRECOGNIZED and builds a REBIND from it.
-    fn move_and_build_rebind(&mut self) -> (Vec<u8>, rebindgw::crypto::Gcm) {
+    fn move_and_build_rebind(&mut self) -> (Vec<u8>, rebindgw::engine::gcm::SessionGcm) {
         self.sock = UdpSocket::bind("127.0.0.1:0").unwrap();
         self.sock
             .set_read_timeout(Some(Duration::from_millis(300)))

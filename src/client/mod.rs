@@ -37,6 +37,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use crate::crypto::Gcm;
+use crate::engine::gcm::SessionGcm;
 use zeroize::Zeroizing;
 
 use crate::crypto;
@@ -221,7 +222,7 @@ struct Session {
 
 struct RebindAttempt {
     t: Ticks,
-    session: Gcm,
+    session: SessionGcm,
     observed: SocketAddr,
 }
 

@@ -955,6 +955,7 @@ impl WorkerCore {
 mod tests {
     use super::*;
     use crate::engine::Backend;
+    use crate::engine::gcm::SessionGcm;
     use crate::hostlink::LinkKey;
     use crate::keys::MasterSecret;
     use crate::rebind::{
@@ -1083,7 +1084,7 @@ mod tests {
     }
 
     /// Builds a REBIND from an UNRECOGNIZED the core sent.
-    fn rebind_from(issued: &Issued, unrecognized: &[u8]) -> (Vec<u8>, Gcm) {
+    fn rebind_from(issued: &Issued, unrecognized: &[u8]) -> (Vec<u8>, SessionGcm) {
         let u = Unrecognized::parse(unrecognized).unwrap();
         let creds = RebindCredentials {
             conn_id: issued.conn_id,

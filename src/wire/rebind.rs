@@ -7,8 +7,8 @@
 //! ```
 
 use super::{MAX_SLOTS, MIN_SLOTS, MsgType, WireError, array, be_u64, check_exact};
-use crate::crypto::Gcm;
-use crate::crypto::{self, ACK_NONCE, AuthError, TAG_LEN};
+use crate::crypto::{AuthError, TAG_LEN};
+use crate::engine::gcm::{SessionGcm, SessionNonce};
 use crate::time::Ticks;
 
 /// Bytes of a REBIND that do not depend on S: type, epoch, t, cookie, sealed conn_id.
@@ -94,27 +94,22 @@ impl<'a> RebindAckView<'a> {
         Ticks(be_u64(self.buf, 1))
     }
     /// Opens the ACK under the rebind's session key and returns the conn_id it names.
-    pub fn open(&self, session: &Gcm) -> Result<u64, AuthError> {
-        let mut out = [0u8; 8];
-        crypto::open_to(
-            session,
-            &ACK_NONCE,
-            &self.buf[..9],
-            &self.buf[9..],
-            &mut out,
-        )?;
-        Ok(u64::from_be_bytes(out))
+    pub fn open(&self, session: &SessionGcm) -> Result<u64, AuthError> {
+        let (aad, sealed) = self.buf.split_at(9);
+        let sealed = sealed.try_into().map_err(|_| AuthError)?;
+        session
+            .open8(SessionNonce::Ack, aad, sealed)
+            .map(u64::from_be_bytes)
     }
 }
 
 /// Writes a REBIND_ACK for `t` and `conn_id` under the session key.
-pub fn build_rebind_ack(session: &Gcm, t: Ticks, conn_id: u64) -> [u8; REBIND_ACK_LEN] {
+pub fn build_rebind_ack(session: &SessionGcm, t: Ticks, conn_id: u64) -> [u8; REBIND_ACK_LEN] {
     let mut out = [0u8; REBIND_ACK_LEN];
     out[0] = MsgType::RebindAck as u8;
     out[1..9].copy_from_slice(&t.0.to_be_bytes());
-    out[9..17].copy_from_slice(&conn_id.to_be_bytes());
-    let (aad, body) = out.split_at_mut(9);
-    crypto::seal_in_place(session, &ACK_NONCE, aad, body);
+    let sealed = session.seal8(SessionNonce::Ack, &out[..9], &conn_id.to_be_bytes());
+    out[9..].copy_from_slice(&sealed);
     out
 }
 
@@ -151,12 +146,12 @@ mod tests {
 
     #[test]
     fn ack_roundtrip() {
-        let k = crypto::gcm(&[9; 16]);
+        let k = SessionGcm::new(&[9; 16]);
         let ack = build_rebind_ack(&k, Ticks(5), 77);
         let v = RebindAckView::new_checked(&ack).unwrap();
         assert_eq!(v.t(), Ticks(5));
         assert_eq!(v.open(&k), Ok(77));
-        assert!(v.open(&crypto::gcm(&[8; 16])).is_err());
+        assert!(v.open(&SessionGcm::new(&[8; 16])).is_err());
         assert!(RebindAckView::new_checked(&ack[..32]).is_err());
     }
 }
