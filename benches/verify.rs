@@ -23,7 +23,7 @@ use rebindgw::keys::{EpochKeys, MasterSecret};
 use rebindgw::rebind::{RebindCredentials, RebindSecret, build_rebind};
 use rebindgw::registry::Registry;
 use rebindgw::time::{TICKS_PER_SECOND, Ticks};
-use rebindgw::verify::{Prechecked, finish, precheck};
+use rebindgw::verify::{BatchItem, Prechecked, derive_keys, open_keyed, precheck, precheck_batch};
 use sha2::Sha256;
 
 const S: usize = 16;
@@ -73,7 +73,8 @@ fn world() -> World {
     }
 }
 
-/// precheck → one trial batch → finish, as `gateway::core` runs it. Returns accepted count.
+/// precheck → one trial batch → KDFs two at a time → open, as `gateway::core` runs it.
+/// Returns the accepted count.
 fn pipeline(
     w: &World,
     trial: &TrialKeys,
@@ -81,15 +82,13 @@ fn pipeline(
     out: &mut Vec<Option<TrialOutput>>,
 ) -> usize {
     let keys = [&w.keys];
-    let passed: Vec<(usize, Prechecked<'_>)> = batch
-        .iter()
-        .enumerate()
-        .filter_map(|(i, (from, d))| {
-            precheck(d, from, Ticks(NOW), WINDOW, S, &keys)
-                .ok()
-                .map(|p| (i, p))
-        })
-        .collect();
+    let packets: Vec<(&[u8], &SocketAddr)> = batch.iter().map(|(f, d)| (&d[..], f)).collect();
+    let passed: Vec<(usize, Prechecked<'_>)> =
+        precheck_batch(&packets, Ticks(NOW), WINDOW, S, &keys)
+            .into_iter()
+            .enumerate()
+            .filter_map(|(i, p)| p.ok().map(|p| (i, p)))
+            .collect();
     if passed.is_empty() {
         return 0;
     }
@@ -97,10 +96,18 @@ fn pipeline(
     out.clear();
     out.resize(inputs.len(), None);
     trial.trial_batch(&inputs, out);
-    passed
+    let items: Vec<BatchItem<'_, '_>> = passed
         .iter()
         .zip(out.iter())
-        .filter(|((i, p), o)| finish(p, o.as_ref(), &w.registry, &batch[*i].0).is_ok())
+        .map(|((i, p), o)| (p, o.as_ref(), &batch[*i].0))
+        .collect();
+    derive_keys(&items, &w.registry)
+        .into_iter()
+        .zip(&items)
+        .filter(|(k, (p, _, from))| {
+            k.as_ref()
+                .is_ok_and(|k| open_keyed(p, k, &w.registry, from).is_ok())
+        })
         .count()
 }
 

@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub use crate::engine::block::FastAes128;
+use crate::engine::sha256::compress_x2;
 use aes::cipher::consts::U12;
 use aes::cipher::{BlockCipherEncrypt, KeyInit};
 use aes_gcm::AesGcm;
@@ -133,69 +134,176 @@ const SHA256_IV: [u32; 8] = [
 ];
 
 impl HmacSha256Midstate {
-    /// Keys with a key of at most 64 bytes (ours are 32).
+    /// Keys with a key of at most 64 bytes (ours are 32). The ipad and opad compressions
+    /// are independent, so they run as one [`compress_x2`].
     pub fn new(key: &[u8]) -> Self {
         assert!(key.len() <= 64, "HMAC key longer than the SHA-256 block");
-        let mut block = Wiped::<64>::zeroed();
-        block[..key.len()].copy_from_slice(key);
-        block.iter_mut().for_each(|b| *b ^= 0x36);
-        let mut inner = SHA256_IV;
-        compress256(&mut inner, std::slice::from_ref(&block.0));
-        block.iter_mut().for_each(|b| *b ^= 0x36 ^ 0x5c);
-        let mut outer = SHA256_IV;
-        compress256(&mut outer, std::slice::from_ref(&block.0));
+        let mut ipad = Wiped::<64>::zeroed();
+        ipad[..key.len()].copy_from_slice(key);
+        let mut opad = Wiped::<64>(ipad.0);
+        ipad.iter_mut().for_each(|b| *b ^= 0x36);
+        opad.iter_mut().for_each(|b| *b ^= 0x5c);
+        let (mut inner, mut outer) = (SHA256_IV, SHA256_IV);
+        compress_x2(&mut inner, &ipad, &mut outer, &opad);
         HmacSha256Midstate { inner, outer }
     }
 
     /// HMAC over the concatenation of `parts`.
     pub fn mac(&self, parts: &[&[u8]]) -> Wiped<32> {
-        let inner = sha256_from(self.inner, 64, parts);
-        sha256_from(self.outer, 64, &[&inner[..]])
+        let mut inner = self.inner;
+        sha256_blocks(&mut inner, 64, parts);
+        let block = outer_block(&mut inner);
+        let mut outer = self.outer;
+        compress256(&mut outer, std::slice::from_ref(&block.0));
+        digest_and_wipe(&mut outer)
+    }
+
+    /// Two independent HMACs (`(key, parts)` each) in lockstep: every step with a block for
+    /// both is one [`compress_x2`], so two MACs of equal length cost about one.
+    pub fn mac_x2(a: (&Self, &[&[u8]]), b: (&Self, &[&[u8]])) -> [Wiped<32>; 2] {
+        let (mut inner_a, mut inner_b) = (a.0.inner, b.0.inner);
+        sha256_blocks_x2(&mut inner_a, &mut inner_b, 64, a.1, b.1);
+        let (block_a, block_b) = (outer_block(&mut inner_a), outer_block(&mut inner_b));
+        let (mut outer_a, mut outer_b) = (a.0.outer, b.0.outer);
+        compress_x2(&mut outer_a, &block_a, &mut outer_b, &block_b);
+        [digest_and_wipe(&mut outer_a), digest_and_wipe(&mut outer_b)]
     }
 }
 
-/// SHA-256 continued from `state` after `done` bytes (a multiple of 64) over `parts`.
-fn sha256_from(mut state: [u32; 8], done: u64, parts: &[&[u8]]) -> Wiped<32> {
-    let mut buf = Wiped::<64>::zeroed();
-    let mut fill = 0usize;
-    let mut total = done;
-    for part in parts {
-        let mut p = *part;
-        total += p.len() as u64;
-        if fill == 0 {
-            // Whole blocks straight from the input, no copy.
-            let (blocks, rest) = p.as_chunks::<64>();
-            if !blocks.is_empty() {
-                compress256(&mut state, blocks);
-            }
-            p = rest;
-        }
-        while !p.is_empty() {
-            let n = (64 - fill).min(p.len());
-            buf[fill..fill + n].copy_from_slice(&p[..n]);
-            fill += n;
-            p = &p[n..];
-            if fill == 64 {
-                compress256(&mut state, std::slice::from_ref(&buf.0));
-                fill = 0;
-            }
-        }
-    }
-    buf[fill] = 0x80;
-    buf[fill + 1..].fill(0);
-    if fill + 1 > 56 {
-        compress256(&mut state, std::slice::from_ref(&buf.0));
-        buf.0 = [0; 64];
-    }
-    buf[56..].copy_from_slice(&(total * 8).to_be_bytes());
-    compress256(&mut state, std::slice::from_ref(&buf.0));
-    let mut out = Wiped::<32>::zeroed();
-    for (chunk, word) in out.chunks_exact_mut(4).zip(state) {
+/// HMAC's outer block: the 32-byte inner digest, padded as a 96-byte message (after the opad
+/// block). Wipes `inner`.
+fn outer_block(inner: &mut [u32; 8]) -> Wiped<64> {
+    let mut block = Wiped::<64>::zeroed();
+    for (chunk, word) in block[..32].chunks_exact_mut(4).zip(*inner) {
         chunk.copy_from_slice(&word.to_be_bytes());
     }
+    block[32] = 0x80;
+    block[56..].copy_from_slice(&(96u64 * 8).to_be_bytes());
+    wipe_state(inner);
+    block
+}
+
+fn wipe_state(state: &mut [u32; 8]) {
     state.fill(0);
-    std::hint::black_box(&mut state);
+    std::hint::black_box(state);
+}
+
+/// The big-endian digest of `state`, which is then wiped.
+fn digest_and_wipe(state: &mut [u32; 8]) -> Wiped<32> {
+    let mut out = Wiped::<32>::zeroed();
+    for (chunk, word) in out.chunks_exact_mut(4).zip(*state) {
+        chunk.copy_from_slice(&word.to_be_bytes());
+    }
+    wipe_state(state);
     out
+}
+
+/// The padded SHA-256 blocks of the concatenation of `parts`, hashed after `done` bytes (a
+/// multiple of 64), one at a time.
+struct PaddedBlocks<'a> {
+    parts: &'a [&'a [u8]],
+    /// Position of the next unread byte: `parts[part][offset]`.
+    part: usize,
+    offset: usize,
+    bit_len: u64,
+    /// The 0x80 byte is written (the message is all consumed).
+    padded: bool,
+    /// The length is written: no blocks left.
+    finished: bool,
+}
+
+impl<'a> PaddedBlocks<'a> {
+    fn new(done: u64, parts: &'a [&'a [u8]]) -> Self {
+        let len = done + parts.iter().map(|p| p.len() as u64).sum::<u64>();
+        PaddedBlocks {
+            parts,
+            part: 0,
+            offset: 0,
+            bit_len: len * 8,
+            padded: false,
+            finished: false,
+        }
+    }
+
+    /// The next block: straight from the input when a whole one is there, else assembled in
+    /// `buf` (the caller wipes it). `None` when there is none left.
+    #[inline]
+    fn next<'s>(&'s mut self, buf: &'s mut [u8; 64]) -> Option<&'s [u8; 64]> {
+        if self.finished {
+            return None;
+        }
+        if let Some(part) = self.parts.get(self.part)
+            && let Some((whole, _)) = part[self.offset..].split_first_chunk::<64>()
+        {
+            self.offset += 64;
+            if self.offset == part.len() {
+                self.part += 1;
+                self.offset = 0;
+            }
+            return Some(whole);
+        }
+        let mut fill = 0;
+        while fill < 64 && self.part < self.parts.len() {
+            let rest = &self.parts[self.part][self.offset..];
+            let n = rest.len().min(64 - fill);
+            buf[fill..fill + n].copy_from_slice(&rest[..n]);
+            fill += n;
+            self.offset += n;
+            if self.offset == self.parts[self.part].len() {
+                self.part += 1;
+                self.offset = 0;
+            }
+        }
+        if fill == 64 {
+            return Some(buf);
+        }
+        buf[fill..].fill(0);
+        if !self.padded {
+            buf[fill] = 0x80;
+            self.padded = true;
+            if fill + 1 > 56 {
+                // No room for the length: it goes in one more block.
+                return Some(buf);
+            }
+        }
+        buf[56..].copy_from_slice(&self.bit_len.to_be_bytes());
+        self.finished = true;
+        Some(buf)
+    }
+}
+
+/// Continues SHA-256 `state` after `done` bytes (a multiple of 64) over `parts`, padding
+/// included: `state` is then the digest.
+fn sha256_blocks(state: &mut [u32; 8], done: u64, parts: &[&[u8]]) {
+    let mut blocks = PaddedBlocks::new(done, parts);
+    let mut buf = Wiped::<64>::zeroed();
+    while let Some(block) = blocks.next(&mut buf) {
+        compress256(state, std::slice::from_ref(block));
+    }
+}
+
+/// [`sha256_blocks`] for two independent messages, one [`compress_x2`] per block they both
+/// still have; the longer one's extra blocks run alone.
+fn sha256_blocks_x2(
+    state_a: &mut [u32; 8],
+    state_b: &mut [u32; 8],
+    done: u64,
+    parts_a: &[&[u8]],
+    parts_b: &[&[u8]],
+) {
+    let (mut blocks_a, mut blocks_b) = (
+        PaddedBlocks::new(done, parts_a),
+        PaddedBlocks::new(done, parts_b),
+    );
+    let (mut buf_a, mut buf_b) = (Wiped::<64>::zeroed(), Wiped::<64>::zeroed());
+    loop {
+        match (blocks_a.next(&mut buf_a), blocks_b.next(&mut buf_b)) {
+            (Some(a), Some(b)) => compress_x2(state_a, a, state_b, b),
+            (Some(a), None) => compress256(state_a, std::slice::from_ref(a)),
+            (None, Some(b)) => compress256(state_b, std::slice::from_ref(b)),
+            (None, None) => break,
+        }
+    }
 }
 
 /// Constant-time equality of two byte strings of equal length.
@@ -277,6 +385,46 @@ mod tests {
             let want = m.finalize().into_bytes();
             let got = HmacSha256Midstate::new(&key).mac(&[&a, &b]);
             proptest::prop_assert_eq!(&want[..], &got[..]);
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn mac_x2_matches_two_macs(
+            key_a in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..=64),
+            key_b in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..=64),
+            a in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300),
+            b in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300),
+            split in 0usize..300,
+        ) {
+            let (ka, kb) = (HmacSha256Midstate::new(&key_a), HmacSha256Midstate::new(&key_b));
+            let (a0, a1) = a.split_at(split.min(a.len()));
+            let [got_a, got_b] = HmacSha256Midstate::mac_x2((&ka, &[a0, a1]), (&kb, &[&b]));
+            proptest::prop_assert_eq!(&got_a[..], &ka.mac(&[&a])[..]);
+            proptest::prop_assert_eq!(&got_b[..], &kb.mac(&[&b])[..]);
+        }
+    }
+
+    #[test]
+    fn sha256_blocks_padding_boundaries() {
+        use sha2::Digest;
+        // Lengths around the 55/56/64-byte padding edges, split into uneven parts.
+        for len in [0usize, 1, 55, 56, 57, 63, 64, 65, 119, 120, 128, 200] {
+            let msg: Vec<u8> = (0..len).map(|i| i as u8).collect();
+            let (x, y) = msg.split_at(len / 3);
+            let mut single = SHA256_IV;
+            sha256_blocks(&mut single, 0, &[x, &[], y]);
+            let (mut a, mut b) = (SHA256_IV, SHA256_IV);
+            sha256_blocks_x2(&mut a, &mut b, 0, &[x, y], &[&msg[..]]);
+            let (got, got_a, got_b) = (
+                digest_and_wipe(&mut single),
+                digest_and_wipe(&mut a),
+                digest_and_wipe(&mut b),
+            );
+            let want = Sha256::digest(&msg);
+            assert_eq!(&got[..], &want[..], "len {len}");
+            assert_eq!(&got_a[..], &want[..], "len {len}");
+            assert_eq!(&got_b[..], &want[..], "len {len}");
         }
     }
 

@@ -10,6 +10,7 @@
 use std::fmt;
 use std::net::SocketAddr;
 
+use aes::cipher::{Block, BlockCipherEncrypt};
 use hkdf::Hkdf;
 use sha2::Sha256;
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
@@ -161,15 +162,31 @@ impl EpochKeys {
     pub fn cookie(&self, observed: &SocketAddr, t: Ticks) -> [u8; 16] {
         let mut block = addr16(observed);
         crypto::aes_encrypt_block(&self.cookie, &mut block);
-        let mut b1 = [0u8; 16];
-        b1[0..2].copy_from_slice(&observed.port().to_be_bytes());
-        b1[2] = if observed.is_ipv4() { 4 } else { 6 };
-        b1[8..16].copy_from_slice(&t.0.to_be_bytes());
-        for (a, b) in block.iter_mut().zip(b1) {
-            *a ^= b;
-        }
+        xor_cookie_b1(&mut block, observed, t);
         crypto::aes_encrypt_block(&self.cookie, &mut block);
         block
+    }
+
+    /// [`Self::cookie`] for each `(observed, t)` into `out` (same length): eight CBC-MACs
+    /// run abreast, so eight cost about what one costs alone (two block latencies).
+    pub fn cookies(&self, inputs: &[(&SocketAddr, Ticks)], out: &mut [[u8; 16]]) {
+        for (group, dst) in inputs.chunks(8).zip(out.chunks_mut(8)) {
+            // Always 8 blocks, so the AES-NI path takes its 8-wide route; padding is unread.
+            let mut blocks = [Block::<crypto::FastAes128>::default(); 8];
+            for (b, (observed, _)) in blocks.iter_mut().zip(group) {
+                *b = addr16(observed).into();
+            }
+            self.cookie.encrypt_blocks(&mut blocks);
+            for (b, (observed, t)) in blocks.iter_mut().zip(group) {
+                let mut x: [u8; 16] = (*b).into();
+                xor_cookie_b1(&mut x, observed, *t);
+                *b = x.into();
+            }
+            self.cookie.encrypt_blocks(&mut blocks);
+            for (d, b) in dst.iter_mut().zip(&blocks) {
+                *d = (*b).into();
+            }
+        }
     }
 
     /// Constant-time check of a presented cookie.
@@ -178,9 +195,47 @@ impl EpochKeys {
     }
 }
 
+/// `block ^= B1`, the cookie's second block: `u16(port) || u8(family) || 5 zero bytes || u64(t)`.
+fn xor_cookie_b1(block: &mut [u8; 16], observed: &SocketAddr, t: Ticks) {
+    let mut b1 = [0u8; 16];
+    b1[0..2].copy_from_slice(&observed.port().to_be_bytes());
+    b1[2] = if observed.is_ipv4() { 4 } else { 6 };
+    b1[8..16].copy_from_slice(&t.0.to_be_bytes());
+    for (a, b) in block.iter_mut().zip(b1) {
+        *a ^= b;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn batched_cookies_equal_single_ones() {
+        let k = EpochKeys::derive(&MasterSecret::from_bytes([5; 32]), 2, 16).unwrap();
+        let addrs: Vec<SocketAddr> = (0..19u16)
+            .map(|i| {
+                if i % 3 == 0 {
+                    SocketAddr::from(([0x2001, 0xdb8, 0, 0, 0, 0, 0, i], 1000 + i))
+                } else {
+                    SocketAddr::from(([10, 0, (i >> 8) as u8, i as u8], 1000 + i))
+                }
+            })
+            .collect();
+        // Every group size 0..=19 covers full, partial and empty groups of 8.
+        for n in 0..=addrs.len() {
+            let inputs: Vec<(&SocketAddr, Ticks)> = addrs[..n]
+                .iter()
+                .enumerate()
+                .map(|(i, a)| (a, Ticks(1_000_000 + i as u64)))
+                .collect();
+            let mut out = vec![[0u8; 16]; n];
+            k.cookies(&inputs, &mut out);
+            for ((a, t), got) in inputs.iter().zip(&out) {
+                assert_eq!(*got, k.cookie(a, *t));
+            }
+        }
+    }
 
     #[test]
     fn slot_zero_is_msb() {

@@ -55,11 +55,49 @@ impl RebindKdf {
     pub fn session_key(&self, nonces: &[[u8; 8]], t: Ticks) -> Zeroizing<[u8; 16]> {
         let prk = self.keyed.mac(&[nonces.as_flattened()]);
         // Expand with L = 16 is one HMAC block: T(1) = HMAC(PRK, info || 0x01).
-        let t1 = HmacSha256Midstate::new(&prk[..]).mac(&[b"rebind", &t.0.to_be_bytes(), &[1]]);
-        let mut k = Zeroizing::new([0u8; 16]);
-        k.copy_from_slice(&t1[..16]);
-        k
+        let t1 = HmacSha256Midstate::new(&prk[..]).mac(&[&expand_input(t)]);
+        truncate_key(&t1)
     }
+
+    /// [`Self::session_key`] for two independent `(kdf, nonces, t)` in lockstep: each SHA-256
+    /// step of one runs beside the same step of the other (one
+    /// [`compress_x2`](crate::engine::sha256::compress_x2)), so two keys cost about one.
+    /// The nonce counts may differ; the longer Extract's extra block then runs alone.
+    pub fn session_keys_x2(
+        (kdf_a, nonces_a, t_a): (&RebindKdf, &[[u8; 8]], Ticks),
+        (kdf_b, nonces_b, t_b): (&RebindKdf, &[[u8; 8]], Ticks),
+    ) -> [Zeroizing<[u8; 16]>; 2] {
+        let [prk_a, prk_b] = HmacSha256Midstate::mac_x2(
+            (&kdf_a.keyed, &[nonces_a.as_flattened()]),
+            (&kdf_b.keyed, &[nonces_b.as_flattened()]),
+        );
+        let (expand_a, expand_b) = (
+            HmacSha256Midstate::new(&prk_a[..]),
+            HmacSha256Midstate::new(&prk_b[..]),
+        );
+        let [t1_a, t1_b] = HmacSha256Midstate::mac_x2(
+            (&expand_a, &[&expand_input(t_a)]),
+            (&expand_b, &[&expand_input(t_b)]),
+        );
+        [truncate_key(&t1_a), truncate_key(&t1_b)]
+    }
+}
+
+/// The HMAC input of Expand's first block: `info || 0x01`, `info = "rebind" || u64(t)`.
+/// Public data (`t` is in the packet), so not wiped.
+fn expand_input(t: Ticks) -> [u8; 15] {
+    let mut input = [0u8; 15];
+    input[..6].copy_from_slice(b"rebind");
+    input[6..14].copy_from_slice(&t.0.to_be_bytes());
+    input[14] = 1;
+    input
+}
+
+/// `k`: the first 16 bytes of T(1).
+fn truncate_key(t1: &[u8; 32]) -> Zeroizing<[u8; 16]> {
+    let mut k = Zeroizing::new([0u8; 16]);
+    k.copy_from_slice(&t1[..16]);
+    k
 }
 
 /// What a client needs to rebind: issued in HANDSHAKE_REPLY.
@@ -120,4 +158,90 @@ pub fn cookie_request(slots: usize) -> Vec<u8> {
     let mut out = vec![0u8; rebind_len(slots)];
     out[0] = MsgType::Rebind as u8;
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::collection::vec;
+    use proptest::prelude::*;
+
+    /// `k` straight from the `hkdf` crate, as PROTOCOL §6 writes it.
+    fn hkdf_session_key(secret: &[u8; 32], nonces: &[[u8; 8]], t: u64) -> [u8; 16] {
+        let mut k = [0u8; 16];
+        crypto::hkdf(
+            secret,
+            nonces.as_flattened(),
+            &[b"rebind", &t.to_be_bytes()],
+            &mut k,
+        );
+        k
+    }
+
+    fn kdf(secret: [u8; 32]) -> RebindKdf {
+        RebindKdf::new(&RebindSecret(secret))
+    }
+
+    #[test]
+    fn session_key_matches_hkdf_for_every_slot_count() {
+        for s in 1..=MAX_SLOTS {
+            let secret = [s as u8; 32];
+            let nonces: Vec<[u8; 8]> = (0..s).map(|i| [i as u8 ^ 0xa5; 8]).collect();
+            let t = 0x0123_4567_89ab_cdef ^ s as u64;
+            assert_eq!(
+                *kdf(secret).session_key(&nonces, Ticks(t)),
+                hkdf_session_key(&secret, &nonces, t),
+                "S = {s}"
+            );
+        }
+    }
+
+    #[test]
+    fn session_keys_x2_same_inputs_on_both_streams() {
+        let k = kdf([3; 32]);
+        let nonces = [[9u8; 8]; 16];
+        let [a, b] = RebindKdf::session_keys_x2((&k, &nonces, Ticks(5)), (&k, &nonces, Ticks(5)));
+        let want = hkdf_session_key(&[3; 32], &nonces, 5);
+        assert_eq!((*a, *b), (want, want));
+    }
+
+    proptest! {
+        #[test]
+        fn session_keys_x2_matches_single_and_hkdf(
+            secret_a in any::<[u8; 32]>(),
+            secret_b in any::<[u8; 32]>(),
+            nonces_a in vec(any::<[u8; 8]>(), 1..=MAX_SLOTS),
+            nonces_b in vec(any::<[u8; 8]>(), 1..=MAX_SLOTS),
+            t_a in any::<u64>(),
+            t_b in any::<u64>(),
+        ) {
+            let (kdf_a, kdf_b) = (kdf(secret_a), kdf(secret_b));
+            let [a, b] = RebindKdf::session_keys_x2(
+                (&kdf_a, &nonces_a, Ticks(t_a)),
+                (&kdf_b, &nonces_b, Ticks(t_b)),
+            );
+            prop_assert_eq!(*a, *kdf_a.session_key(&nonces_a, Ticks(t_a)));
+            prop_assert_eq!(*b, *kdf_b.session_key(&nonces_b, Ticks(t_b)));
+            prop_assert_eq!(*a, hkdf_session_key(&secret_a, &nonces_a, t_a));
+            prop_assert_eq!(*b, hkdf_session_key(&secret_b, &nonces_b, t_b));
+        }
+
+        #[test]
+        fn session_keys_x2_equal_slot_counts(
+            secret_a in any::<[u8; 32]>(),
+            secret_b in any::<[u8; 32]>(),
+            nonces in vec(any::<([u8; 8], [u8; 8])>(), 1..=MAX_SLOTS),
+            t_a in any::<u64>(),
+            t_b in any::<u64>(),
+        ) {
+            // Random pairs rarely draw equal S; this keeps every block in lockstep.
+            let (nonces_a, nonces_b): (Vec<_>, Vec<_>) = nonces.into_iter().unzip();
+            let [a, b] = RebindKdf::session_keys_x2(
+                (&kdf(secret_a), &nonces_a, Ticks(t_a)),
+                (&kdf(secret_b), &nonces_b, Ticks(t_b)),
+            );
+            prop_assert_eq!(*a, hkdf_session_key(&secret_a, &nonces_a, t_a));
+            prop_assert_eq!(*b, hkdf_session_key(&secret_b, &nonces_b, t_b));
+        }
+    }
 }

@@ -7,11 +7,14 @@
 
 use std::net::SocketAddr;
 
+use zeroize::Zeroizing;
+
 use crate::crypto;
 use crate::engine::gcm::{SessionGcm, SessionNonce};
 use crate::engine::{TrialInput, TrialKeys, TrialOutput};
 use crate::keys::EpochKeys;
-use crate::registry::{Freshness, Registry};
+use crate::rebind::RebindKdf;
+use crate::registry::{Conn, Freshness, Registry};
 use crate::time::Ticks;
 use crate::wire::{REBIND_ACK_LEN, RebindView, build_rebind_ack};
 
@@ -130,17 +133,69 @@ pub fn precheck<'a>(
     slots: usize,
     epochs: &[&EpochKeys],
 ) -> Result<Prechecked<'a>, RejectReason> {
+    let pre = check_shape_and_time(datagram, now, window_ticks, slots, epochs)?;
+    let view = pre.view;
+    if !epochs[pre.epoch].cookie_matches(from, view.t(), &view.cookie()) {
+        return Err(RejectReason::Cookie);
+    }
+    Ok(pre)
+}
+
+/// [`precheck`] for a batch of `(datagram, source)`: checks 1–2 per packet, then the
+/// cookies of the survivors eight at a time ([`EpochKeys::cookies`]). One result per
+/// packet, in order.
+pub fn precheck_batch<'a>(
+    packets: &[(&'a [u8], &SocketAddr)],
+    now: Ticks,
+    window_ticks: u64,
+    slots: usize,
+    epochs: &[&EpochKeys],
+) -> Vec<Result<Prechecked<'a>, RejectReason>> {
+    let mut results: Vec<Result<Prechecked<'a>, RejectReason>> = packets
+        .iter()
+        .map(|(d, _)| check_shape_and_time(d, now, window_ticks, slots, epochs))
+        .collect();
+    for (e, keys) in epochs.iter().enumerate() {
+        let picked: Vec<(usize, RebindView<'a>)> = results
+            .iter()
+            .enumerate()
+            .filter_map(|(j, r)| {
+                r.as_ref()
+                    .ok()
+                    .filter(|p| p.epoch == e)
+                    .map(|p| (j, p.view))
+            })
+            .collect();
+        let inputs: Vec<(&SocketAddr, Ticks)> = picked
+            .iter()
+            .map(|(j, view)| (packets[*j].1, view.t()))
+            .collect();
+        let mut cookies = vec![[0u8; 16]; inputs.len()];
+        keys.cookies(&inputs, &mut cookies);
+        for ((j, view), cookie) in picked.iter().zip(&cookies) {
+            if !crypto::ct_eq(cookie, &view.cookie()) {
+                results[*j] = Err(RejectReason::Cookie);
+            }
+        }
+    }
+    results
+}
+
+/// Checks 1 and 2: length for S, accepted epoch, freshness window.
+fn check_shape_and_time<'a>(
+    datagram: &'a [u8],
+    now: Ticks,
+    window_ticks: u64,
+    slots: usize,
+    epochs: &[&EpochKeys],
+) -> Result<Prechecked<'a>, RejectReason> {
     let view = RebindView::new_checked(datagram, slots).map_err(|_| RejectReason::Length)?;
     let epoch = epochs
         .iter()
         .position(|e| e.epoch_byte() == view.epoch_byte())
         .ok_or(RejectReason::Epoch)?;
-    let t = view.t();
-    if t.abs_diff(now) > window_ticks {
+    if view.t().abs_diff(now) > window_ticks {
         return Err(RejectReason::Stale);
-    }
-    if !epochs[epoch].cookie_matches(from, t, &view.cookie()) {
-        return Err(RejectReason::Cookie);
     }
     Ok(Prechecked { view, epoch })
 }
@@ -156,43 +211,131 @@ pub struct Verified {
     pub ack: [u8; REBIND_ACK_LEN],
 }
 
-/// Checks 5–7 for a prechecked REBIND and its trial result. Changes nothing: on `Accept` the
-/// caller commits with [`Registry::commit_rebind`] and moves the tuple.
+/// A REBIND that passed check 5 and the early freshness rule, with its session key `k`.
+/// It borrows nothing, so the caller may commit other REBINDs before [`open_keyed`].
+pub struct Keyed {
+    pub index: u32,
+    pub conn_id: u64,
+    key: Zeroizing<[u8; 16]>,
+}
+
+/// One REBIND of a batch as [`derive_keys`] takes it: prechecked, its trial result, its
+/// source.
+pub type BatchItem<'p, 'd> = (&'p Prechecked<'d>, Option<&'p TrialOutput>, &'p SocketAddr);
+
+/// Check 5 and the freshness rule ahead of the KDF: the connection and its nonces.
+fn lookup<'r, 'p>(
+    (pre, trial, from): BatchItem<'p, '_>,
+    registry: &'r Registry,
+) -> Result<(&'r Conn, &'p TrialOutput), RejectReason> {
+    let trial = trial.ok_or(RejectReason::Trial)?;
+    let conn = registry
+        .get(trial.index)
+        .ok_or(RejectReason::UnknownIndex)?;
+    // The freshness rule is cheap: run it before the KDF so a replay flood costs no HKDF.
+    // It reveals only what the trial bits already do (§8). [`open_keyed`] runs it again.
+    let freshness = registry
+        .freshness(trial.index, pre.view.t(), from)
+        .ok_or(RejectReason::UnknownIndex)?;
+    if freshness == Freshness::Replay {
+        return Err(RejectReason::Replay);
+    }
+    Ok((conn, trial))
+}
+
+/// Check 5, the early freshness rule and the KDF for a batch of one epoch: session keys
+/// are derived two at a time ([`RebindKdf::session_keys_x2`]), which costs about one.
+/// Changes nothing; one result per item, in order.
+pub fn derive_keys(
+    items: &[BatchItem<'_, '_>],
+    registry: &Registry,
+) -> Vec<Result<Keyed, RejectReason>> {
+    let slots = registry.slots();
+    let found: Vec<_> = items.iter().map(|&item| lookup(item, registry)).collect();
+    let mut keys: Vec<Option<Zeroizing<[u8; 16]>>> = (0..items.len()).map(|_| None).collect();
+    let ready: Vec<usize> = (0..items.len()).filter(|&j| found[j].is_ok()).collect();
+    let kdf_input = |j: usize| {
+        let (conn, trial) = found[j].as_ref().ok()?;
+        Some((&conn.kdf, &trial.nonces[..slots], items[j].0.view.t()))
+    };
+    let (pairs, odd) = ready.as_chunks::<2>();
+    for &[a, b] in pairs {
+        if let (Some(x), Some(y)) = (kdf_input(a), kdf_input(b)) {
+            let [ka, kb] = RebindKdf::session_keys_x2(x, y);
+            (keys[a], keys[b]) = (Some(ka), Some(kb));
+        }
+    }
+    for &j in odd {
+        if let Some((kdf, nonces, t)) = kdf_input(j) {
+            keys[j] = Some(kdf.session_key(nonces, t));
+        }
+    }
+    found
+        .into_iter()
+        .zip(keys)
+        .map(|(f, key)| {
+            let (conn, trial) = f?;
+            Ok(Keyed {
+                index: trial.index,
+                conn_id: conn.conn_id,
+                key: key.ok_or(RejectReason::UnknownIndex)?,
+            })
+        })
+        .collect()
+}
+
+/// Checks 6 and 7 for a keyed REBIND, against the registry as it is now (an earlier REBIND
+/// of the same batch may have moved `L`). Changes nothing: on `Accept` the caller commits
+/// with [`Registry::commit_rebind`] and moves the tuple.
+pub fn open_keyed(
+    pre: &Prechecked<'_>,
+    keyed: &Keyed,
+    registry: &Registry,
+    from: &SocketAddr,
+) -> Result<Verified, RejectReason> {
+    let session = SessionGcm::new(&keyed.key);
+    let sealed = pre
+        .view
+        .sealed()
+        .try_into()
+        .map_err(|_| RejectReason::Aead)?;
+    let plain = session
+        .open8(SessionNonce::Rebind, pre.view.head(), sealed)
+        .map_err(|_| RejectReason::Aead)?;
+    if !crypto::ct_eq(&plain, &keyed.conn_id.to_be_bytes()) {
+        return Err(RejectReason::ConnId);
+    }
+    let t = pre.view.t();
+    let freshness = match registry.get(keyed.index) {
+        Some(conn) if conn.conn_id == keyed.conn_id => registry
+            .freshness(keyed.index, t, from)
+            .ok_or(RejectReason::UnknownIndex)?,
+        _ => return Err(RejectReason::UnknownIndex),
+    };
+    if freshness == Freshness::Replay {
+        return Err(RejectReason::Replay);
+    }
+    Ok(Verified {
+        index: keyed.index,
+        conn_id: keyed.conn_id,
+        t,
+        freshness,
+        ack: build_rebind_ack(&session, t, keyed.conn_id),
+    })
+}
+
+/// Checks 5–7 for one prechecked REBIND and its trial result ([`derive_keys`] then
+/// [`open_keyed`]). Changes nothing.
 pub fn finish(
     pre: &Prechecked<'_>,
     trial: Option<&TrialOutput>,
     registry: &Registry,
     from: &SocketAddr,
 ) -> Result<Verified, RejectReason> {
-    let trial = trial.ok_or(RejectReason::Trial)?;
-    let conn = registry
-        .get(trial.index)
-        .ok_or(RejectReason::UnknownIndex)?;
-    let t = pre.view.t();
-    // The freshness rule is cheap: run it before the KDF so a replay flood costs no HKDF.
-    // It reveals only what the trial bits already do (§8).
-    let freshness = registry
-        .freshness(trial.index, t, from)
-        .ok_or(RejectReason::UnknownIndex)?;
-    if freshness == Freshness::Replay {
-        return Err(RejectReason::Replay);
-    }
-    let key = conn.kdf.session_key(&trial.nonces[..registry.slots()], t);
-    let session = SessionGcm::new(&key);
-    let sealed = pre.view.sealed().try_into().map_err(|_| RejectReason::Aead)?;
-    let plain = session
-        .open8(SessionNonce::Rebind, pre.view.head(), sealed)
-        .map_err(|_| RejectReason::Aead)?;
-    if !crypto::ct_eq(&plain, &conn.conn_id.to_be_bytes()) {
-        return Err(RejectReason::ConnId);
-    }
-    Ok(Verified {
-        index: trial.index,
-        conn_id: conn.conn_id,
-        t,
-        freshness,
-        ack: build_rebind_ack(&session, t, conn.conn_id),
-    })
+    let [keyed] = derive_keys(&[(pre, trial, from)], registry)
+        .try_into()
+        .map_err(|_| RejectReason::UnknownIndex)?;
+    open_keyed(pre, &keyed?, registry, from)
 }
 
 /// All checks for one REBIND, with the engine called for this packet alone.
@@ -209,4 +352,202 @@ pub fn verify_one(
     let state = epochs[pre.epoch];
     let trial = state.trial.trial_one(pre.trial_input());
     finish(&pre, trial.as_ref(), &state.registry, from).map(|v| (pre.epoch, v))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::Backend;
+    use crate::keys::MasterSecret;
+    use crate::rebind::{RebindCredentials, build_rebind, fresh_nonces};
+
+    const S: usize = 16;
+    const NOW: Ticks = Ticks(639_028_224_000_000_000);
+    const WINDOW: u64 = 300_000_000;
+
+    struct World {
+        keys: EpochKeys,
+        trial: TrialKeys,
+        registry: Registry,
+        secrets: Vec<crate::rebind::RebindSecret>,
+    }
+
+    fn world(connections: u64) -> World {
+        let keys = EpochKeys::derive(&MasterSecret::from_bytes([3; 32]), 1, S).unwrap();
+        let trial = TrialKeys::new(Backend::best(), keys.slot_key_pairs()).unwrap();
+        let mut registry = Registry::new(S);
+        let secrets = (0..connections)
+            .map(|c| registry.register(100 + c, 0, None).unwrap().secret)
+            .collect();
+        World {
+            keys,
+            trial,
+            registry,
+            secrets,
+        }
+    }
+
+    fn rebind(w: &World, index: u32, from: &SocketAddr, t: Ticks) -> Vec<u8> {
+        let slot_keys = w.keys.client_keys(index);
+        let creds = RebindCredentials {
+            conn_id: 100 + u64::from(index),
+            secret: &w.secrets[index as usize],
+            slot_keys: &slot_keys,
+        };
+        let cookie = w.keys.cookie(from, t);
+        build_rebind(&creds, w.keys.epoch_byte(), t, &cookie, &fresh_nonces(S)).0
+    }
+
+    fn addr(i: u8) -> SocketAddr {
+        SocketAddr::from(([10, 0, 0, i], 5000))
+    }
+
+    #[test]
+    fn batch_keys_match_one_by_one_with_rejects_mixed_in() {
+        let w = world(8);
+        let froms: Vec<SocketAddr> = (0..7).map(addr).collect();
+        let mut datagrams: Vec<Vec<u8>> = (0..7)
+            .map(|j| rebind(&w, j as u32, &froms[j], Ticks(NOW.0 - j as u64)))
+            .collect();
+        // Item 3's conn_id seal is corrupted (check 6).
+        let last = datagrams[3].len() - 1;
+        datagrams[3][last] ^= 1;
+        let epochs = [&w.keys];
+        let pres: Vec<Prechecked<'_>> = datagrams
+            .iter()
+            .zip(&froms)
+            .map(|(d, f)| precheck(d, f, NOW, WINDOW, S, &epochs).unwrap())
+            .collect();
+        let mut trials: Vec<Option<TrialOutput>> = pres
+            .iter()
+            .map(|p| w.trial.trial_one(p.trial_input()))
+            .collect();
+        // Item 5 fails the trial; item 6 names an index nobody holds.
+        trials[5] = None;
+        if let Some(t) = trials[6].as_mut() {
+            t.index = 9;
+        }
+        let items: Vec<BatchItem<'_, '_>> = (0..7)
+            .map(|j| (&pres[j], trials[j].as_ref(), &froms[j]))
+            .collect();
+        let batch: Vec<Result<Verified, RejectReason>> = derive_keys(&items, &w.registry)
+            .into_iter()
+            .zip(&items)
+            .map(|(k, (p, _, f))| k.and_then(|k| open_keyed(p, &k, &w.registry, f)))
+            .collect();
+        for (j, got) in batch.iter().enumerate() {
+            let alone = finish(&pres[j], trials[j].as_ref(), &w.registry, &froms[j]);
+            assert_eq!(got, &alone, "item {j}");
+        }
+        let reasons: Vec<Option<RejectReason>> = batch.iter().map(|r| r.err()).collect();
+        assert_eq!(
+            reasons,
+            [
+                None,
+                None,
+                None,
+                Some(RejectReason::Aead),
+                None,
+                Some(RejectReason::Trial),
+                Some(RejectReason::UnknownIndex)
+            ]
+        );
+        let accepted = batch[4].as_ref().unwrap();
+        assert_eq!((accepted.index, accepted.conn_id), (4, 104));
+        assert_eq!(accepted.freshness, Freshness::Accept);
+    }
+
+    #[test]
+    fn a_later_rebind_in_the_same_batch_sees_the_earlier_commit() {
+        let mut w = world(2);
+        let t = Ticks(NOW.0 - 10);
+        let (a, b) = (addr(1), addr(2));
+        // The same connection and t from two tuples (a replay racing the original), and
+        // the original again from its own tuple (a duplicate).
+        let datagrams = [rebind(&w, 1, &a, t), rebind(&w, 1, &b, t)];
+        let replayed = datagrams[0].clone();
+        let epochs = [&w.keys];
+        let sources = [a, b, a];
+        let all = [&datagrams[0], &datagrams[1], &replayed];
+        let pres: Vec<Prechecked<'_>> = all
+            .iter()
+            .zip(&sources)
+            .map(|(d, f)| precheck(d, f, NOW, WINDOW, S, &epochs).unwrap())
+            .collect();
+        let trials: Vec<_> = pres
+            .iter()
+            .map(|p| w.trial.trial_one(p.trial_input()))
+            .collect();
+        let items: Vec<BatchItem<'_, '_>> = (0..3)
+            .map(|j| (&pres[j], trials[j].as_ref(), &sources[j]))
+            .collect();
+        // All three pass the early freshness rule: nothing is committed yet.
+        let keyed: Vec<Keyed> = derive_keys(&items, &w.registry)
+            .into_iter()
+            .map(|k| k.unwrap())
+            .collect();
+        drop(items);
+        let first = open_keyed(&pres[0], &keyed[0], &w.registry, &a).unwrap();
+        assert_eq!(first.freshness, Freshness::Accept);
+        w.registry.commit_rebind(first.index, first.t, a);
+        assert_eq!(
+            open_keyed(&pres[1], &keyed[1], &w.registry, &b),
+            Err(RejectReason::Replay)
+        );
+        let again = open_keyed(&pres[2], &keyed[2], &w.registry, &a).unwrap();
+        assert_eq!(again.freshness, Freshness::Duplicate);
+        assert_eq!(again.ack, first.ack);
+    }
+
+    #[test]
+    fn batched_precheck_equals_one_by_one() {
+        let w = world(4);
+        let t = Ticks(NOW.0 - 5);
+        let mut cases: Vec<(Vec<u8>, SocketAddr)> = Vec::new();
+        for j in 0..11u8 {
+            let from = addr(j);
+            let mut d = rebind(&w, u32::from(j % 4), &from, t);
+            match j % 6 {
+                1 => d[12] ^= 1,                                                    // cookie
+                2 => d.truncate(d.len() - 1),                                       // length
+                3 => d[1] ^= 0x80,                                                  // epoch
+                4 => d[2..10].copy_from_slice(&(NOW.0 - 2 * WINDOW).to_be_bytes()), // stale
+                _ => {}
+            }
+            cases.push((d, from));
+        }
+        // A valid REBIND presented from another tuple fails its cookie.
+        cases.push((cases[0].0.clone(), addr(200)));
+        let epochs = [&w.keys];
+        let packets: Vec<(&[u8], &SocketAddr)> = cases.iter().map(|(d, f)| (&d[..], f)).collect();
+        let batch = precheck_batch(&packets, NOW, WINDOW, S, &epochs);
+        let mut reasons = Vec::new();
+        for ((d, f), got) in packets.iter().zip(&batch) {
+            let alone = precheck(d, f, NOW, WINDOW, S, &epochs);
+            assert_eq!(got.as_ref().err(), alone.as_ref().err());
+            assert_eq!(
+                got.as_ref().ok().map(|p| p.view.t()),
+                alone.ok().map(|p| p.view.t())
+            );
+            reasons.push(got.as_ref().err().copied());
+        }
+        use RejectReason::*;
+        assert_eq!(
+            reasons,
+            [
+                None,
+                Some(Cookie),
+                Some(Length),
+                Some(Epoch),
+                Some(Stale),
+                None,
+                None,
+                Some(Cookie),
+                Some(Length),
+                Some(Epoch),
+                Some(Stale),
+                Some(Cookie)
+            ]
+        );
+    }
 }

@@ -296,7 +296,12 @@ mod clmul {
             let h4 = mul(h2, h2, d2);
             State {
                 h: [store(h1), store(h2), store(h3), store(h4)],
-                d: [store(d1), store(d2), store(companion(h3)), store(companion(h4))],
+                d: [
+                    store(d1),
+                    store(d2),
+                    store(companion(h3)),
+                    store(companion(h4)),
+                ],
                 ks: [store(j0), store(c1), store(aj0), store(ac1)],
             }
         }
@@ -413,7 +418,10 @@ mod tests {
     #[test]
     fn accelerated_where_the_cpu_allows() {
         #[cfg(target_arch = "x86_64")]
-        assert_eq!(SessionGcm::new(&[1; 16]).is_accelerated(), clmul_supported());
+        assert_eq!(
+            SessionGcm::new(&[1; 16]).is_accelerated(),
+            clmul_supported()
+        );
         assert!(!SessionGcm::portable(&[1; 16]).is_accelerated());
     }
 

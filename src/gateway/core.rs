@@ -32,7 +32,9 @@ use crate::rebind::RebindSecret;
 use crate::registry::{Freshness, HostId, Registry, RegistryError};
 use crate::table::{ConnRef, ConnRoute, ConnTable, ConnWriter, TupleTable, TupleWriter};
 use crate::time::{Ticks, duration_ticks};
-use crate::verify::{Prechecked, RejectReason, finish, precheck};
+use crate::verify::{
+    BatchItem, Keyed, Prechecked, RejectReason, derive_keys, open_keyed, precheck_batch,
+};
 use crate::wire::{HANDSHAKE_LEN, MsgType, Unrecognized, emit_tuple, unrecognized_len};
 
 /// Settings the core needs.
@@ -593,9 +595,12 @@ impl WorkerCore {
         // Checks 1–3 per packet.
         let mut passed: Vec<(usize, Prechecked<'_>)> = Vec::with_capacity(self.rebinds.len());
         let rebinds = std::mem::take(&mut self.rebinds);
-        for &i in &rebinds {
+        let packets: Vec<(&[u8], &SocketAddr)> =
+            rebinds.iter().map(|&i| (rx[i].data, &rx[i].from)).collect();
+        let prechecked = precheck_batch(&packets, now, window, slots, &keys);
+        for (&i, result) in rebinds.iter().zip(prechecked) {
             let d = &rx[i];
-            match precheck(d.data, &d.from, now, window, slots, &keys) {
+            match result {
                 Ok(p) => passed.push((i, p)),
                 Err(r) => {
                     //= PROTOCOL.md §6: a cookie request is a REBIND of the right length whose
@@ -636,17 +641,39 @@ impl WorkerCore {
             }
         }
 
-        // Checks 5–7 and the commit, under the control lock once for the batch.
+        // Checks 5–7 and the commit, under the control lock once for the batch: check 5,
+        // the early freshness rule and the KDF per epoch (two keys at a time), then checks
+        // 6–7 packet by packet, each seeing the commits before it.
         let shared = self.shared.clone();
         let mut ctl = shared.control();
+        let mut keyed: Vec<Option<Result<Keyed, RejectReason>>> =
+            (0..passed.len()).map(|_| None).collect();
+        for (e, state) in epochs.all().enumerate() {
+            let picked: Vec<usize> = (0..passed.len())
+                .filter(|&j| passed[j].1.epoch == e)
+                .collect();
+            let Some(registry) = ctl.registry_mut(state.keys.epoch()) else {
+                continue;
+            };
+            let items: Vec<BatchItem<'_, '_>> = picked
+                .iter()
+                .map(|&j| {
+                    let (i, pre) = &passed[j];
+                    (pre, self.trial_out[j].as_ref(), &rx[*i].from)
+                })
+                .collect();
+            for (&j, k) in picked.iter().zip(derive_keys(&items, registry)) {
+                keyed[j] = Some(k);
+            }
+        }
         for (j, (i, pre)) in passed.iter().enumerate() {
             let d = &rx[*i];
             let epoch = keys[pre.epoch].epoch();
-            let Some(registry) = ctl.registry_mut(epoch) else {
+            let (Some(registry), Some(k)) = (ctl.registry_mut(epoch), keyed[j].take()) else {
                 self.metrics.inc(C::RejectEpoch);
                 continue;
             };
-            match finish(pre, self.trial_out[j].as_ref(), registry, &d.from) {
+            match k.and_then(|k| open_keyed(pre, &k, registry, &d.from)) {
                 Err(r) => self.metrics.inc(C::reject(r)),
                 Ok(v) => {
                     if v.freshness == Freshness::Accept {
