@@ -5,8 +5,17 @@
 //! with those of `K[i][1]`, so one `vaesdec` tests both candidates. 8 registers (16
 //! blocks) are in flight: in phase 1 and phase 2 the same slot of 8 packets
 //! ([`decrypt8_shared`], one round-key load per round), for leftover packets 8 slots of one
-//! packet (`decrypt8!` in the parent module). Every function here needs `vaes`, `avx2` and `aes`; the
-//! backend is only constructed after runtime detection ([`super::Backend::is_supported`]).
+//! packet (`decrypt8!` in the parent module).
+//!
+//! Phase 1 judges slot 0 with scalar code: the 8 decrypted registers are stored to a
+//! [`Spill`] and compared with integer loads, which keeps the vector pipes free for
+//! `vaesdec`; and it is software-pipelined (group g is judged after group g+1's
+//! decryption is issued), so the judging overlaps the AES latency chain. Phase 2 judges in
+//! vector registers ([`judge8`]): per packet-slot the scalar way costs more instructions
+//! than it saves there (measured).
+//!
+//! Every function here needs `vaes`, `avx2` and `aes`; the backend is only constructed
+//! after runtime detection ([`super::Backend::is_supported`]).
 #![allow(unsafe_code)]
 
 use core::arch::x86_64::*;
@@ -15,8 +24,8 @@ use zeroize::{Zeroize, ZeroizeOnDrop};
 
 use super::aesni;
 use super::{
-    EMPTY_OUTPUT, Kernel, MAX_SLOTS, Slot0, TrialInput, TrialOutput, first_block, index_from_bits,
-    t_le,
+    CHUNK, EMPTY_OUTPUT, Kernel, MAX_SLOTS, Slot0, TrialInput, TrialOutput, first_block,
+    index_from_bits, t_le,
 };
 
 /// Lane-paired decryption round keys of one slot: round r = `dk(K0)[r] || dk(K1)[r]`
@@ -173,52 +182,136 @@ fn decrypt8_shared(k: &PairKeys, x: [__m256i; 8]) -> [__m256i; 8] {
     [x0, x1, x2, x3, x4, x5, x6, x7]
 }
 
+/// Decrypted candidates of 8 registers in memory, for scalar judging: qwords 0, 1 = lane
+/// 0 (`K0`) bytes 0..8, 8..16; qwords 2, 3 = lane 1 (`K1`).
+///
+/// Scalar loads and compares run on the integer pipes, beside the `vaesdec` stream;
+/// judging in vector registers needs shuffles and compares that compete with it.
+#[repr(C, align(32))]
+struct Spill([[u64; 4]; 8]);
+
+impl Spill {
+    fn new() -> Spill {
+        Spill([[0; 4]; 8])
+    }
+
+    /// Stores the 8 registers, register j in `self.0[j]`.
+    #[inline]
+    #[target_feature(enable = "avx")]
+    fn store(&mut self, x: &[__m256i; 8]) {
+        // An `asm!` store: with a plain store LLVM would see the reads below through
+        // the memory and turn them back into vector extracts.
+        // SAFETY: writes 8 x 32 bytes at `self.0`, which is exactly `*self` (32-aligned:
+        // `Spill` is `align(32)`), through an exclusive borrow; no stack, no flags; AVX is
+        // enabled.
+        unsafe {
+            core::arch::asm!(
+                "vmovdqa ymmword ptr [{p}], {x0}",
+                "vmovdqa ymmword ptr [{p} + 32], {x1}",
+                "vmovdqa ymmword ptr [{p} + 64], {x2}",
+                "vmovdqa ymmword ptr [{p} + 96], {x3}",
+                "vmovdqa ymmword ptr [{p} + 128], {x4}",
+                "vmovdqa ymmword ptr [{p} + 160], {x5}",
+                "vmovdqa ymmword ptr [{p} + 192], {x6}",
+                "vmovdqa ymmword ptr [{p} + 224], {x7}",
+                p = in(reg) self.0.as_mut_ptr(),
+                x0 = in(ymm_reg) x[0],
+                x1 = in(ymm_reg) x[1],
+                x2 = in(ymm_reg) x[2],
+                x3 = in(ymm_reg) x[3],
+                x4 = in(ymm_reg) x[4],
+                x5 = in(ymm_reg) x[5],
+                x6 = in(ymm_reg) x[6],
+                x7 = in(ymm_reg) x[7],
+                options(nostack, preserves_flags),
+            );
+        }
+    }
+
+    /// Register j's candidates against `want` ([`t_le`]): (good under `K0`, good under `K1`, the
+    /// nonce of the `K1` candidate if that one is good, else of the `K0` one).
+    #[inline(always)]
+    fn judge(&self, j: usize, want: u64) -> (bool, bool, [u8; 8]) {
+        let c = &self.0[j % 8];
+        let (g0, g1) = (c[1] == want, c[3] == want);
+        (g0, g1, c[2 * usize::from(g1)].to_le_bytes())
+    }
+}
+
+/// One group of phase 1: up to 8 packets (by index in the chunk) and their `u64(t)`.
+#[derive(Clone, Copy)]
+struct Group {
+    ps: [u8; 8],
+    n: usize,
+    t: [u64; 8],
+}
+
 /// Phase 1: slot 0 of 8 packets at a time (all under the slot-0 key pair).
+///
+/// Software-pipelined: group g is judged (scalar, from its [`Spill`]) after group g+1's
+/// decryption is issued, so the judging overlaps the `vaesdec` latency chain instead of
+/// waiting behind it.
 #[target_feature(enable = "vaes,avx2,aes")]
 fn filter(keys: &Keys, inputs: &[TrialInput<'_>], alive: &mut [u8], slot0: &mut Slot0) -> usize {
-    let total = alive.len();
+    let total = alive.len().min(CHUNK);
+    // `alive` is compacted in place while it is read: read from a copy.
+    let mut ids = [0u8; CHUNK];
+    for (d, a) in ids.iter_mut().zip(alive.iter()) {
+        *d = *a;
+    }
     let mut kept = 0;
-    let mut i = 0;
-    while i < total {
-        let n = (total - i).min(8);
-        // Pad a short group with its last packet; the padding is not read back.
-        let mut ps = [0u8; 8];
-        for (j, q) in ps.iter_mut().enumerate() {
-            *q = alive[i + j.min(n - 1)];
-        }
-        let mut inp = [inputs[usize::from(ps[0])]; 8];
-        for (dst, &p) in inp.iter_mut().zip(&ps) {
-            *dst = inputs[usize::from(p)];
-        }
-        let x = decrypt8_shared(
-            &keys.pk[0],
-            [
-                broadcast(first_block(&inp[0])),
-                broadcast(first_block(&inp[1])),
-                broadcast(first_block(&inp[2])),
-                broadcast(first_block(&inp[3])),
-                broadcast(first_block(&inp[4])),
-                broadcast(first_block(&inp[5])),
-                broadcast(first_block(&inp[6])),
-                broadcast(first_block(&inp[7])),
-            ],
-        );
-        for j in 0..n {
-            let t = _mm256_set1_epi64x(t_le(inp[j].t) as i64);
-            let m = _mm256_movemask_pd(_mm256_castsi256_pd(_mm256_cmpeq_epi64(x[j], t)));
-            // Bit 1: lane 0 (`K0`) bytes 8..16 equal u64(t); bit 3: lane 1 (`K1`).
-            let (g0, g1) = ((m >> 1) & 1 != 0, (m >> 3) & 1 != 0);
-            // Branch-free: `b` is as random as the index bits.
-            let (n0, n1) = (
-                _mm256_extract_epi64::<0>(x[j]),
-                _mm256_extract_epi64::<2>(x[j]),
+    let mut spills = [Spill::new(), Spill::new()];
+    let mut pending: Option<Group> = None;
+    let mut g = 0;
+    let mut turn = 0;
+    while g < total || pending.is_some() {
+        let mut next = None;
+        if g < total {
+            let n = (total - g).min(8);
+            let mut ps = [0u8; 8];
+            if let Some(src) = ids[g..].first_chunk::<8>() {
+                ps = *src;
+            }
+            // Pad a short group with its first packet; the padding is not judged.
+            let pad = ps[0];
+            for q in &mut ps[n..] {
+                *q = pad;
+            }
+            let mut first = [&[0u8; 16]; 8];
+            let mut t = [0u64; 8];
+            for j in 0..8 {
+                let input = &inputs[usize::from(ps[j])];
+                first[j] = first_block(input);
+                t[j] = t_le(input.t);
+            }
+            let x = decrypt8_shared(
+                &keys.pk[0],
+                [
+                    broadcast(first[0]),
+                    broadcast(first[1]),
+                    broadcast(first[2]),
+                    broadcast(first[3]),
+                    broadcast(first[4]),
+                    broadcast(first[5]),
+                    broadcast(first[6]),
+                    broadcast(first[7]),
+                ],
             );
-            let nonce = n0 ^ ((n0 ^ n1) & -i64::from(g1));
-            slot0.set(ps[j], g1, nonce.to_le_bytes());
-            alive[kept] = ps[j];
-            kept += usize::from(g0 != g1);
+            spills[turn].store(&x);
+            next = Some(Group { ps, n, t });
+            g += n;
         }
-        i += n;
+        if let Some(grp) = pending {
+            let spill = &spills[turn ^ 1];
+            for j in 0..grp.n.min(8) {
+                let (g0, g1, nonce) = spill.judge(j, grp.t[j]);
+                slot0.set(grp.ps[j], g1, nonce);
+                alive[kept] = grp.ps[j];
+                kept += usize::from(g0 != g1);
+            }
+        }
+        pending = next;
+        turn ^= 1;
     }
     kept
 }
@@ -320,7 +413,19 @@ fn verify8(
         // The caller checked lengths and passes distinct packets; stay panic-free anyway.
         _ => return verify_each(keys, inputs, ps, out),
     };
-    let mut res = opts.map(|o| o.insert(EMPTY_OUTPUT));
+    // Spelled out rather than `opts.map(..)`: the closure is not inlined into this
+    // `target_feature` function, and the out-of-line calls cost ~2% of phase 2.
+    let [o0, o1, o2, o3, o4, o5, o6, o7] = opts;
+    let mut res = [
+        o0.insert(EMPTY_OUTPUT),
+        o1.insert(EMPTY_OUTPUT),
+        o2.insert(EMPTY_OUTPUT),
+        o3.insert(EMPTY_OUTPUT),
+        o4.insert(EMPTY_OUTPUT),
+        o5.insert(EMPTY_OUTPUT),
+        o6.insert(EMPTY_OUTPUT),
+        o7.insert(EMPTY_OUTPUT),
+    ];
     // `hist[s]` bit j: slot s of packet j is good under `K1`.
     let mut hist = [0u8; MAX_SLOTS];
     // Slot 0 passed phase 1 (exactly one good candidate).
