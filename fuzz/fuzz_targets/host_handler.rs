@@ -64,7 +64,7 @@ struct World {
     out: Vec<u8>,
     /// REGISTERs seen: request -> conn_id.
     registers: HashMap<u64, u64>,
-    /// Handshakes sent: nonce -> client index.
+    /// The clients (bit per client) that sent a HANDSHAKE with this nonce.
     nonces: HashMap<[u8; 16], u8>,
     live: Vec<Live>,
 }
@@ -94,9 +94,13 @@ impl World {
             Ok(LinkType::ToClientReply) => {
                 let (_, inner) = hostlink::parse_tuple_data(a).expect("framed reply");
                 let nonce: [u8; 16] = inner[1..17].try_into().unwrap();
-                let who = *self.nonces.get(&nonce).expect("a reply for a nonce we sent");
-                let r = open_handshake_reply(inner, &creds(who).psk, &nonce)
-                    .expect("the host's reply opens for the client");
+                let senders = *self.nonces.get(&nonce).expect("a reply for a nonce we sent");
+                // Several clients may have sent this nonce (the host may have refused the
+                // first while busy, or forgotten it once expired): the reply opens for one.
+                let r = (0..2u8)
+                    .filter(|who| senders & (1 << who) != 0)
+                    .find_map(|who| open_handshake_reply(inner, &creds(who).psk, &nonce).ok())
+                    .expect("the host's reply opens for a client that sent the nonce");
                 self.live.push(Live {
                     conn_id: r.conn_id,
                     c2s: r.kd_c2s,
@@ -182,8 +186,7 @@ fn run(u: &mut Unstructured<'_>) -> Result<()> {
                     hs.extend_from_slice(&take(u, 64)?);
                 }
                 if who < 2 {
-                    // The first client to use a nonce owns it; the host refuses the replay.
-                    w.nonces.entry(nonce).or_insert(who);
+                    *w.nonces.entry(nonce).or_insert(0) |= 1 << who;
                 }
                 let client = addr(u)?;
                 let gw = gateways()[usize::from(u.int_in_range(0..=2u8)?)];
