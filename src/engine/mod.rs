@@ -21,8 +21,14 @@
 //! one load of a slot's round keys serves the whole group; leftover packets (and single
 //! packets) are run slot group by slot group instead.
 //!
-//! `unsafe` is confined to `aesni.rs` and `vaes.rs` (intrinsics, a few unaligned loads and
-//! stores, and one `asm!` block each that pins the round order).
+//! Beside the engine, this module holds the other SIMD code of the verify path:
+//! [`block::FastAes128`] (AES-NI single blocks for the cookie), [`gcm::SessionGcm`] (the
+//! REBIND session key's GCM: AES-NI + PCLMULQDQ) and [`sha256::compress_x2`] (two SHA-NI
+//! compressions interleaved, for the KDF). Each detects its CPU features once and has a
+//! portable fallback.
+//!
+//! `unsafe` is confined to `aesni.rs`, `vaes.rs`, `block.rs`, `gcm.rs` and `sha256.rs`
+//! (intrinsics, unaligned loads and stores, and `asm!` blocks that pin the round order).
 
 // `forbid` would also bind the SIMD child modules, which need `allow(unsafe_code)`;
 // `deny` keeps this file free of unsafe code while letting them opt in.
