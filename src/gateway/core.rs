@@ -266,7 +266,8 @@ impl Shared {
             .clone()
     }
 
-    /// Makes `next` the current epoch; the old one is accepted until [`Shared::end_grace`].
+    /// Makes `next` the current epoch; the old one stays accepted (as `previous`) until the
+    /// next rotation replaces it.
     pub fn rotate(&self, next: EpochCrypto) {
         let epoch = next.keys.epoch();
         {
