@@ -319,13 +319,13 @@ fn filter(keys: &Keys, inputs: &[TrialInput<'_>], alive: &mut [u8], slot0: &mut 
 /// Judges 8 decrypted registers (candidates), register j against `t[j]` (u64(t) in
 /// qwords 1 and 3).
 ///
-/// Returns the good flags, bits 2j and 2j+1 = register j good under `K0`, bits 16+2j and
-/// 17+2j = good under `K1`; and the nonces of registers 2i, 2i+1 in `pairs[i]` (low,
+/// Returns the good flags, bit j of the first = register j good under `K0`, of the second
+/// = good under `K1`; and the nonces of registers 2i, 2i+1 in `pairs[i]` (low,
 /// high qword): the first 8 bytes of the good lane (the OR of both lanes' when both are
 /// good, zero when none is, which only happens in packets that are rejected).
 #[inline]
 #[target_feature(enable = "avx2")]
-fn judge8(x: &[__m256i; 8], t: &[__m256i; 8]) -> (u32, [__m128i; 4]) {
+fn judge8(x: &[__m256i; 8], t: &[__m256i; 8]) -> (u32, u32, [__m128i; 4]) {
     // Qword 1 of each compare = lane 0 (`K0`) bytes 8..16 == u64(t); qword 3 = lane 1.
     let c = [
         _mm256_cmpeq_epi64(x[0], t[0]),
@@ -356,20 +356,15 @@ fn judge8(x: &[__m256i; 8], t: &[__m256i; 8]) -> (u32, [__m128i; 4]) {
         let v = _mm256_and_si256(n[i], g[i]);
         pairs[i] = _mm_or_si128(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
     }
-    // Saturating packs keep all-ones / zero: bytes 2j, 2j+1 of each lane = slot j.
-    let w0 = _mm256_packs_epi32(g[0], g[1]);
-    let w1 = _mm256_packs_epi32(g[2], g[3]);
-    let mask = _mm256_movemask_epi8(_mm256_packs_epi16(w0, w1)) as u32;
-    (mask, pairs)
-}
-
-/// Bits 0, 2, .., 14 of `x` to bits 0..8.
-#[inline(always)]
-fn even_bits(x: u32) -> u32 {
-    let x = x & 0x5555;
-    let x = (x | (x >> 1)) & 0x3333;
-    let x = (x | (x >> 2)) & 0x0f0f;
-    (x | (x >> 4)) & 0x00ff
+    // One `movmskpd` per pair (no shuffles, which would compete with `vaesdec`): bits 0, 1
+    // = registers 2i, 2i+1 good under `K0`; bits 2, 3 = under `K1`.
+    let (mut good0, mut good1) = (0u32, 0u32);
+    for (i, gi) in g.iter().enumerate() {
+        let m = _mm256_movemask_pd(_mm256_castsi256_pd(*gi)) as u32;
+        good0 |= (m & 3) << (2 * i);
+        good1 |= ((m >> 2) & 3) << (2 * i);
+    }
+    (good0, good1, pairs)
 }
 
 /// Phase 2: groups of 8 packets slot by slot ([`verify8`]), the rest packet by packet.
@@ -434,7 +429,7 @@ fn verify8(
         hist[0] |= u8::from(b) << j;
         r.nonces[0] = nonce;
     }
-    // Bits 2j, 2j+1 set: some slot of packet j had zero or two good candidates.
+    // Bit j set: some slot of packet j had zero or two good candidates.
     let mut bad = 0u32;
     for s in 1..slots {
         let x = decrypt8_shared(
@@ -450,11 +445,11 @@ fn verify8(
                 broadcast(&blocks[7][s]),
             ],
         );
-        let (m, pairs) = judge8(&x, &t);
+        let (good0, good1, pairs) = judge8(&x, &t);
         //= PROTOCOL.md §6 check 4
         //# Exactly one candidate per slot must be good.
-        bad |= !(m ^ (m >> 16)) & 0xffff;
-        hist[s] = even_bits(m >> 16) as u8;
+        bad |= !(good0 ^ good1) & 0xff;
+        hist[s] = good1 as u8;
         for (r, pair) in res.as_chunks_mut::<2>().0.iter_mut().zip(&pairs) {
             let [lo, hi] = r;
             // SAFETY: `lo.nonces[s]` and `hi.nonces[s]` (`[u8; 8]`) are valid for 8-byte
@@ -470,7 +465,7 @@ fn verify8(
         r.index = index_from_bits(b, slots);
     }
     for (j, &p) in ps.iter().enumerate() {
-        if (bad >> (2 * j)) & 3 != 0 {
+        if (bad >> j) & 1 != 0 {
             out[usize::from(p)] = None;
         }
     }
@@ -566,12 +561,12 @@ fn verify_each(
                     )
                 }
             };
-            let (m, pairs) = judge8(&x, &[t; 8]);
+            let (good0, good1, pairs) = judge8(&x, &[t; 8]);
             //= PROTOCOL.md §6 check 4
             //# Exactly one candidate per slot must be good.
-            let want = (1u32 << (2 * n)) - 1;
-            ok &= ((m ^ (m >> 16)) & want) == want;
-            bits |= (even_bits(m >> 16) & ((1 << n) - 1)) << s0;
+            let want = (1u32 << n) - 1;
+            ok &= ((good0 ^ good1) & want) == want;
+            bits |= (good1 & want) << s0;
             match res.nonces[s0..].first_chunk_mut::<8>() {
                 Some(dst) if n == 8 => {
                     for (d, pair) in dst.as_chunks_mut::<2>().0.iter_mut().zip(&pairs) {
