@@ -158,17 +158,18 @@ pub fn precheck_batch<'a>(
     // Cookies of the survivors, eight at a time per epoch (stack buffers: a garbage flood
     // that fails checks 1–2 costs no allocation here).
     for (e, keys) in epochs.iter().enumerate() {
-        let mut group = [(0usize, NO_SOURCE, Ticks(0)); 8];
+        let mut picked = [0usize; 8];
+        let mut inputs = [(NO_SOURCE, Ticks(0)); 8];
         let mut n = 0;
         for j in 0..results.len() {
             if let Ok(p) = &results[j]
                 && p.epoch == e
             {
-                group[n] = (j, packets[j].1, p.view.t());
+                (picked[n], inputs[n]) = (j, (packets[j].1, p.view.t()));
                 n += 1;
             }
-            if n == group.len() || (n > 0 && j + 1 == results.len()) {
-                check_cookies(keys, &group[..n], &mut results);
+            if n == picked.len() || (n > 0 && j + 1 == results.len()) {
+                check_cookies(keys, &picked[..n], &inputs[..n], &mut results);
                 n = 0;
             }
         }
@@ -182,20 +183,18 @@ const NO_SOURCE: &SocketAddr = &SocketAddr::V4(std::net::SocketAddrV4::new(
     0,
 ));
 
-/// Check 3 for up to 8 packets that passed checks 1–2, as `(index, source, t)`.
+/// Check 3 for up to 8 packets that passed checks 1–2: `results[picked[i]]`, whose source
+/// and `t` are `inputs[i]`.
 fn check_cookies<'a>(
     keys: &EpochKeys,
-    group: &[(usize, &SocketAddr, Ticks)],
+    picked: &[usize],
+    inputs: &[(&SocketAddr, Ticks)],
     results: &mut [Result<Prechecked<'a>, RejectReason>],
 ) {
-    let mut inputs = [(NO_SOURCE, Ticks(0)); 8];
-    for (input, (_, from, t)) in inputs.iter_mut().zip(group) {
-        *input = (*from, *t);
-    }
-    let n = group.len().min(8);
+    let n = inputs.len().min(8);
     let mut cookies = [[0u8; 16]; 8];
     keys.cookies(&inputs[..n], &mut cookies[..n]);
-    for ((j, _, _), cookie) in group.iter().zip(&cookies) {
+    for (j, cookie) in picked.iter().zip(&cookies) {
         let presented = match &results[*j] {
             Ok(p) => p.view.cookie(),
             Err(_) => continue,

@@ -65,16 +65,10 @@ impl std::fmt::Debug for SessionGcm {
     }
 }
 
-/// Whether the CPU has AES-NI, PCLMULQDQ, SSSE3 and SSE4.1 (detected once).
+/// Whether the CPU has AES-NI, PCLMULQDQ, SSSE3 and SSE4.1 (the engine's one probe).
 #[cfg(target_arch = "x86_64")]
 fn clmul_supported() -> bool {
-    static SUPPORTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *SUPPORTED.get_or_init(|| {
-        std::arch::is_x86_feature_detected!("aes")
-            && std::arch::is_x86_feature_detected!("pclmulqdq")
-            && std::arch::is_x86_feature_detected!("ssse3")
-            && std::arch::is_x86_feature_detected!("sse4.1")
-    })
+    super::cpu_features().clmul
 }
 
 impl SessionGcm {
@@ -178,9 +172,8 @@ mod clmul {
     #[inline]
     #[target_feature(enable = "ssse3")]
     fn load_reversed(bytes: &[u8; 16]) -> __m128i {
-        let reverse = _mm_set_epi8(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
         // SAFETY: `bytes` is valid for a 16-byte read; `loadu` has no alignment need.
-        _mm_shuffle_epi8(unsafe { _mm_loadu_si128(bytes.as_ptr().cast()) }, reverse)
+        reverse_bytes(unsafe { _mm_loadu_si128(bytes.as_ptr().cast()) })
     }
 
     #[inline]

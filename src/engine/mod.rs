@@ -112,12 +112,16 @@ pub enum Backend {
 /// Every backend, in order of preference from worst to best.
 const ALL_BACKENDS: [Backend; 3] = [Backend::Portable, Backend::AesNi, Backend::Vaes];
 
-/// CPU features that the backends need, probed once.
+/// CPU features that the backends and the other SIMD code of this module need, probed once.
 #[derive(Clone, Copy, Debug)]
 struct CpuFeatures {
     aes: bool,
     avx2: bool,
     vaes: bool,
+    /// AES-NI, PCLMULQDQ, SSSE3 and SSE4.1: [`gcm::SessionGcm`]'s fast path.
+    clmul: bool,
+    /// SHA-NI, SSSE3 and SSE4.1: [`sha256::compress_x2`]'s fast path.
+    sha_ni: bool,
 }
 
 fn cpu_features() -> CpuFeatures {
@@ -125,10 +129,15 @@ fn cpu_features() -> CpuFeatures {
     *FEATURES.get_or_init(|| {
         #[cfg(target_arch = "x86_64")]
         {
+            let aes = std::arch::is_x86_feature_detected!("aes");
+            let sse41 = std::arch::is_x86_feature_detected!("ssse3")
+                && std::arch::is_x86_feature_detected!("sse4.1");
             CpuFeatures {
-                aes: std::arch::is_x86_feature_detected!("aes"),
+                aes,
                 avx2: std::arch::is_x86_feature_detected!("avx2"),
                 vaes: std::arch::is_x86_feature_detected!("vaes"),
+                clmul: aes && sse41 && std::arch::is_x86_feature_detected!("pclmulqdq"),
+                sha_ni: sse41 && std::arch::is_x86_feature_detected!("sha"),
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
@@ -137,6 +146,8 @@ fn cpu_features() -> CpuFeatures {
                 aes: false,
                 avx2: false,
                 vaes: false,
+                clmul: false,
+                sha_ni: false,
             }
         }
     })

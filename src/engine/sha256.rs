@@ -35,16 +35,10 @@ pub fn compress_x2_portable(
     compress256(b, std::slice::from_ref(b_block));
 }
 
-/// Whether the SHA-NI path runs, probed once.
+/// Whether the SHA-NI path runs (the engine's one probe; SSE2 is x86_64's baseline).
 #[cfg(target_arch = "x86_64")]
 fn has_sha_ni() -> bool {
-    static SHA_NI: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *SHA_NI.get_or_init(|| {
-        std::arch::is_x86_feature_detected!("sha")
-            && std::arch::is_x86_feature_detected!("sse2")
-            && std::arch::is_x86_feature_detected!("ssse3")
-            && std::arch::is_x86_feature_detected!("sse4.1")
-    })
+    super::cpu_features().sha_ni
 }
 
 /// The SHA-NI instruction sequence of the `sha2` crate (`src/sha256/x86_sha.rs`), with two
