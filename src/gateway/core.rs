@@ -76,6 +76,35 @@ pub struct HostPeer {
     pub key: Gcm,
 }
 
+/// The four limits the workers enforce, for the whole gateway (each worker takes its share).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Rates {
+    pub unrecognized_prefix: Rate,
+    pub unrecognized_global: Rate,
+    pub handshake_prefix: Rate,
+    pub handshake_global: Rate,
+}
+
+impl CoreConfig {
+    pub fn rates(&self) -> Rates {
+        Rates {
+            unrecognized_prefix: self.unrecognized_prefix,
+            unrecognized_global: self.unrecognized_global,
+            handshake_prefix: self.handshake_prefix,
+            handshake_global: self.handshake_global,
+        }
+    }
+}
+
+/// What a reload (SIGHUP) can change while the workers run. Each worker keeps its own `Arc`
+/// and looks at [`Shared::live_generation`] once per batch, so the packet path takes no lock.
+pub struct Live {
+    /// Connections name their host by position here, so a reload may only change keys and
+    /// append hosts.
+    pub hosts: Vec<HostPeer>,
+    pub rates: Rates,
+}
+
 /// The keys of one accepted epoch, as the engine and cookie checks use them.
 pub struct EpochCrypto {
     pub keys: EpochKeys,
@@ -160,7 +189,8 @@ pub struct Shared {
     window_ticks: u64,
     pub tuples: TupleTable,
     pub conns: ConnTable,
-    pub hosts: Vec<HostPeer>,
+    live: RwLock<Arc<Live>>,
+    live_generation: AtomicU64,
     epochs: RwLock<Arc<Epochs>>,
     epochs_generation: AtomicU64,
     control: Mutex<Control>,
@@ -189,7 +219,11 @@ impl Shared {
             window_ticks: duration_ticks(cfg.window),
             tuples: tuples.reader(),
             conns: conns.reader(),
-            hosts,
+            live: RwLock::new(Arc::new(Live {
+                hosts,
+                rates: cfg.rates(),
+            })),
+            live_generation: AtomicU64::new(0),
             epochs: RwLock::new(Arc::new(Epochs {
                 current: Arc::new(current),
                 previous: None,
@@ -290,6 +324,17 @@ impl Shared {
         self.persist(StoreOp::SetEpoch { epoch });
     }
 
+    /// The hosts and rate limits in force.
+    pub fn live(&self) -> Arc<Live> {
+        self.live.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Puts new hosts and rate limits in force; each worker picks them up at its next batch.
+    pub fn set_live(&self, live: Live) {
+        *self.live.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(live);
+        self.live_generation.fetch_add(1, Ordering::AcqRel);
+    }
+
     pub fn control(&self) -> MutexGuard<'_, Control> {
         // A worker that panicked mid-update cannot leave the registry half-written in a way
         // that matters more than stopping the gateway would; keep serving.
@@ -368,6 +413,8 @@ pub struct WorkerCore {
     metrics: Arc<WorkerMetrics>,
     epochs: Arc<Epochs>,
     epochs_generation: u64,
+    live: Arc<Live>,
+    live_generation: u64,
     unrecognized_limit: Limiter,
     handshake_limit: Limiter,
     /// `Via::Client` index of the socket for IPv4 and for IPv6 clients.
@@ -395,6 +442,8 @@ impl WorkerCore {
             metrics: shared.metrics[usize::from(id) % shared.metrics.len()].clone(),
             epochs: shared.epochs(),
             epochs_generation: shared.epochs_generation.load(Ordering::Acquire),
+            live_generation: shared.live_generation.load(Ordering::Acquire),
+            live: shared.live(),
             unrecognized_limit: Limiter::new(
                 cfg.unrecognized_prefix.share(n),
                 cfg.unrecognized_global.share(n),
@@ -417,6 +466,19 @@ impl WorkerCore {
         self.id
     }
 
+    /// Takes the hosts and rate limits of a reload (bucket levels carry over).
+    #[cold]
+    fn take_live(&mut self, generation: u64) {
+        self.live = self.shared.live();
+        self.live_generation = generation;
+        let n = self.shared.cfg.workers.max(1);
+        let r = self.live.rates;
+        self.unrecognized_limit
+            .set_rates(r.unrecognized_prefix.share(n), r.unrecognized_global.share(n));
+        self.handshake_limit
+            .set_rates(r.handshake_prefix.share(n), r.handshake_global.share(n));
+    }
+
     pub fn metrics(&self) -> &WorkerMetrics {
         &self.metrics
     }
@@ -435,6 +497,10 @@ impl WorkerCore {
         if generation != self.epochs_generation {
             self.epochs = self.shared.epochs();
             self.epochs_generation = generation;
+        }
+        let generation = self.shared.live_generation.load(Ordering::Acquire);
+        if generation != self.live_generation {
+            self.take_live(generation);
         }
         self.rebinds.clear();
         for (i, d) in rx.iter().enumerate() {
@@ -496,7 +562,7 @@ impl WorkerCore {
     }
 
     fn forward_to_host(&mut self, conn: ConnRef, datagram: &[u8], tx: &mut TxQueue) {
-        let Some(host) = self.shared.hosts.get(usize::from(conn.host)) else {
+        let Some(host) = self.live.hosts.get(usize::from(conn.host)) else {
             self.metrics.inc(C::DropNoRoute);
             return;
         };
@@ -523,7 +589,7 @@ impl WorkerCore {
             self.metrics.inc(C::HandshakeRate);
             return;
         }
-        if self.shared.hosts.is_empty() {
+        if self.live.hosts.is_empty() {
             self.metrics.inc(C::DropNoRoute);
             return;
         }
@@ -533,7 +599,7 @@ impl WorkerCore {
         let mut t = [0u8; crate::wire::MAX_TUPLE_LEN];
         let n = emit_tuple(&d.from, &mut t);
         h.write(&t[..n]);
-        let host = &self.shared.hosts[(h.finish() % self.shared.hosts.len() as u64) as usize];
+        let host = &self.live.hosts[(h.finish() % self.live.hosts.len() as u64) as usize];
         let sent = tx.push(Via::Host, host.addr, |slot| {
             hostlink::emit_tuple_data(LinkType::ToHostHandshake, &d.from, d.data, slot)
         });
@@ -718,7 +784,7 @@ impl WorkerCore {
             tuple: to,
         });
         // Sent from this worker's host socket, so the host's replies now come here.
-        if let Some(peer) = self.shared.hosts.get(usize::from(host)) {
+        if let Some(peer) = self.live.hosts.get(usize::from(host)) {
             let msg = LinkMsg::Rebound {
                 conn_id,
                 t,
@@ -785,7 +851,7 @@ impl WorkerCore {
 
     fn host_datagram(&mut self, now: Ticks, d: &Rx<'_>, tx: &mut TxQueue) {
         self.metrics.add(C::HostRxBytes, d.data.len() as u64);
-        let Some(host) = self.shared.hosts.iter().position(|h| h.addr == d.from) else {
+        let Some(host) = self.live.hosts.iter().position(|h| h.addr == d.from) else {
             self.metrics.inc(C::DropHostBadSource);
             return;
         };
@@ -811,7 +877,7 @@ impl WorkerCore {
             }
             Ok(t) if t.is_control() => {
                 self.metrics.inc(C::HostRxControl);
-                let peer = &self.shared.hosts[host];
+                let peer = &self.live.hosts[host];
                 match LinkMsg::open(d.data, &peer.key, now) {
                     Ok(msg) => self.control_message(now, host as HostId, d.from, msg, tx),
                     Err(LinkError::BadTag) => self.metrics.inc(C::DropHostBadTag),
@@ -851,7 +917,7 @@ impl WorkerCore {
                 request, conn_id, ..
             } => {
                 let found = self.close(conn_id);
-                let peer = &self.shared.hosts[usize::from(host)];
+                let peer = &self.live.hosts[usize::from(host)];
                 LinkMsg::Closed {
                     request,
                     conn_id,
@@ -877,7 +943,8 @@ impl WorkerCore {
         client: SocketAddr,
     ) -> Vec<u8> {
         let shared = self.shared.clone();
-        let peer = &shared.hosts[usize::from(host)];
+        let live = self.live.clone();
+        let peer = &live.hosts[usize::from(host)];
         let epochs = self.epochs.clone();
         let keys = &epochs.current.keys;
         let mut ctl = shared.control();
@@ -1341,6 +1408,44 @@ mod tests {
             .count();
         assert_eq!(sent, 25, "the global burst");
         assert_eq!(h.count(C::UnrecognizedGlobalRate), 25);
+    }
+
+    #[test]
+    fn a_reload_takes_effect_at_the_next_batch() {
+        let mut cfg = CoreConfig::new(S);
+        cfg.handshake_prefix = Rate::new(1.0, 1.0);
+        let mut h = Harness::new(cfg);
+        let a = addr("10.0.0.1:4000");
+        let mut hs = vec![0u8; 256];
+        hs[0] = b'H';
+        let host2 = addr("127.0.0.1:7001");
+        let mut buf = [0u8; 64];
+        let n = hostlink::emit_conn_data(LinkType::ToClientData, 77, b"x", &mut buf);
+        h.feed(&[(Via::Host, host2, &buf[..n])]);
+        assert_eq!(h.count(C::DropHostBadSource), 1, "host2 is not a host yet");
+
+        let old = h.shared.live();
+        let mut rates = old.rates;
+        rates.handshake_prefix = Rate::new(50.0, 100.0);
+        h.shared.set_live(Live {
+            hosts: vec![
+                HostPeer {
+                    addr: h.host_addr,
+                    key: LinkKey([9; 16]).cipher(),
+                },
+                HostPeer {
+                    addr: host2,
+                    key: LinkKey([10; 16]).cipher(),
+                },
+            ],
+            rates,
+        });
+        h.now = Ticks(h.now.0 + TICKS_PER_SECOND);
+        let forwarded = (0..10).filter(|_| !h.client(a, &hs).is_empty()).count();
+        assert_eq!(forwarded, 10, "1/s would have allowed 1");
+        h.feed(&[(Via::Host, host2, &buf[..n])]);
+        assert_eq!(h.count(C::DropHostBadSource), 1, "host2 is a host now");
+        assert_eq!(h.count(C::DropNoRoute), 1);
     }
 
     #[test]

@@ -103,6 +103,12 @@ impl Limiter {
         }
     }
 
+    /// New rates; every bucket keeps its level (capped by the new burst at its next use).
+    pub fn set_rates(&mut self, prefix_rate: Rate, global_rate: Rate) {
+        self.prefix_rate = prefix_rate;
+        self.global_rate = global_rate;
+    }
+
     /// Takes a token for `from` from its prefix bucket and from the global bucket.
     pub fn check(&mut self, from: &SocketAddr, now: Ticks) -> Result<(), Limited> {
         let mut h = self.hasher;
