@@ -16,9 +16,9 @@ use crate::loadgen::{self, LoadReport, LoadgenOptions, options::AttackMode};
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct DemoArgs {
-    /// Seconds of traffic.
-    #[arg(long, default_value_t = 20)]
-    pub duration: u64,
+    /// Length of the traffic phase (e.g. 20s, 1m; a plain number is seconds).
+    #[arg(long, default_value = "20s", value_parser = crate::time::parse_duration)]
+    pub duration: Duration,
     /// Clients, each with its own source tuple on 127.0.0.0/8.
     #[arg(long, default_value_t = 300)]
     pub clients: usize,
@@ -75,7 +75,7 @@ pub fn run_demo(args: &DemoArgs) -> anyhow::Result<LoadReport> {
         host.local_addr()
     );
     eprintln!(
-        "demo: {} clients for {} s at {} pkt/s, {} NAT moves/s, a NAT reboot (all clients move) at {} s, and attacks",
+        "demo: {} clients for {:?} at {} pkt/s, {} NAT moves/s, a NAT reboot (all clients move) at {:?}, and attacks",
         args.clients,
         args.duration,
         args.rate,
@@ -85,10 +85,10 @@ pub fn run_demo(args: &DemoArgs) -> anyhow::Result<LoadReport> {
 
     let mut opts = LoadgenOptions::new(gateway.client_addrs().to_vec());
     opts.clients = args.clients;
-    opts.duration = Duration::from_secs(args.duration);
+    opts.duration = args.duration;
     opts.load = loadgen::options::LoadMode::Open { rate: args.rate };
     opts.churn_per_sec = args.churn_per_sec;
-    opts.storm_at = Some(Duration::from_secs(args.duration / 2));
+    opts.storm_at = Some(args.duration / 2);
     opts.attacks = AttackMode::ALL.to_vec();
     opts.attack_rate = 50.0;
     opts.clients_file = Some(clients_file);

@@ -6,8 +6,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
+use rebindgw::logging::LogFormat;
+use rebindgw::time::parse_duration;
 use rebindgw::{conformance, engine, gateway, host, secrets};
 
 #[derive(Parser)]
@@ -17,6 +19,10 @@ use rebindgw::{conformance, engine, gateway, host, secrets};
     about = "Mesh rebind gateway: one-packet, ID-free UDP connection rebinding"
 )]
 struct Cli {
+    /// Log line format on stderr: text or json (one object per line) [default: text, or the
+    /// gateway config's log_format]. RUST_LOG sets the filter (default: warn,rebindgw=info).
+    #[arg(long, global = true, value_enum)]
+    log_format: Option<LogFormat>,
     #[command(subcommand)]
     command: Command,
 }
@@ -24,26 +30,33 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Check every known-answer vector in FILE (the format of tests/data/v1.json).
-    Conformance { file: PathBuf },
+    Conformance {
+        /// The vectors file (JSON, the format of tests/data/v1.json).
+        file: PathBuf,
+    },
     /// Write a new 32-byte master secret (mode 0600).
     Keygen {
+        /// File to create (refused if it exists); the gateway's master_key.
         #[arg(long)]
         out: PathBuf,
     },
-    /// Run the gateway (every config key is also a flag; flags win).
+    /// Run the gateway (every config key is also a flag; flags win). SIGHUP reloads.
     Gateway(Box<GatewayArgs>),
-    /// Run the reference echo host.
+    /// Run the reference ECHO host (a test peer, not a real service; see docs/hostlink.md).
     Host(HostArgs),
     /// Add a client to a host's clients file and print its credentials as JSON.
     Enroll {
         /// The host's clients file (created with mode 0600 if missing).
         #[arg(long)]
         clients: PathBuf,
+        /// The client's name: unique in the file; letters, digits, '-', '_' and '.'.
         #[arg(long)]
         name: String,
     },
-    /// Write a new 16-byte host link key (mode 0600) for `[[hosts]] link_key_file`.
+    /// Write a new 16-byte host link key (mode 0600) for a host's link_key_file.
     LinkKeygen {
+        /// File to create (refused if it exists); give the same file to the gateway's
+        /// hosts entry and to the host.
         #[arg(long)]
         out: PathBuf,
     },
@@ -60,6 +73,15 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:7480")]
         admin: SocketAddr,
     },
+    /// Print a shell completion script on stdout (e.g. rebindgw completions bash >
+    /// /etc/bash_completion.d/rebindgw).
+    Completions {
+        /// The shell to complete for.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) on stdout (e.g. rebindgw man > rebindgw.1).
+    Man,
 }
 
 #[derive(Subcommand)]
@@ -67,17 +89,22 @@ enum BenchCommand {
     /// Gateway fast path against a bare recvmmsg/sendmmsg relay, alternating, plus the RTT
     /// each adds at half load.
     Fastpath {
+        /// Echo clients, each with its own socket.
         #[arg(long, default_value_t = 32)]
         clients: usize,
+        /// Echo requests each client keeps outstanding.
         #[arg(long, default_value_t = 8)]
         window: usize,
+        /// Payload bytes per echo.
         #[arg(long, default_value_t = 100)]
         payload: usize,
-        /// Seconds per run.
-        #[arg(long, default_value_t = 3)]
-        duration: u64,
+        /// Length of each run (e.g. 3s, 500ms; a plain number is seconds).
+        #[arg(long, default_value = "3s", value_parser = parse_duration)]
+        duration: Duration,
+        /// Alternating rounds of relay and gateway runs (the report takes medians).
         #[arg(long, default_value_t = 5)]
         rounds: usize,
+        /// I/O backend of the gateway and the relay.
         #[arg(long, default_value = "uring")]
         io: rebindgw::io::IoBackend,
         /// Print the report as JSON.
@@ -86,80 +113,104 @@ enum BenchCommand {
     },
     /// Resident memory per connection.
     Memory {
+        /// Connections to register.
         #[arg(long, default_value_t = 65_536)]
         connections: usize,
+        /// S, slots per key set.
         #[arg(long, default_value_t = 16)]
         slots: usize,
     },
 }
 
-#[derive(clap::Args)]
+#[derive(Clone, clap::Args)]
 struct GatewayArgs {
-    /// TOML config file; see README "Configuration".
+    /// TOML config file; see the README's Configuration section [default: none, every key at
+    /// its default].
     #[arg(long, env = "REBINDGW_CONFIG")]
     config: Option<PathBuf>,
-    /// Client-facing address (repeatable; replaces `listen`).
+    /// Check the configuration, link key files and master key, print "configuration ok" or the
+    /// error, and exit 0 or 1 without starting anything.
+    #[arg(long)]
+    check: bool,
+    /// Client-facing address (repeatable; replaces the key listen) [default: 0.0.0.0:7400 and
+    /// [::]:7400].
     #[arg(long)]
     listen: Vec<SocketAddr>,
-    /// Host as ADDR=LINK_KEY_FILE (repeatable; replaces `hosts`).
+    /// Host as ADDR=LINK_KEY_FILE (repeatable; replaces the key hosts) [default: none; at
+    /// least one is needed].
     #[arg(long = "host", value_parser = gateway::config::parse_host)]
     hosts: Vec<gateway::config::HostEntry>,
-    /// Local address of the workers' host-link sockets.
+    /// Local address of the workers' host-link sockets; must reach every host (port 0: one
+    /// ephemeral port per worker) [default: 127.0.0.1:0].
     #[arg(long)]
     host_link: Option<SocketAddr>,
-    /// Admin (metrics) address.
+    /// Admin address: Prometheus /metrics and /healthz [default: 127.0.0.1:7480].
     #[arg(long)]
     admin: Option<SocketAddr>,
     /// Disable the admin endpoint.
     #[arg(long, conflicts_with = "admin")]
     no_admin: bool,
+    /// State directory: the registry and, by default, the master key [default: the config's
+    /// state_dir default].
     #[arg(long)]
     state_dir: Option<PathBuf>,
+    /// Master secret file (rebindgw keygen) [default: STATE_DIR/master.key, created on first
+    /// start].
     #[arg(long)]
     master_key: Option<PathBuf>,
-    /// S, slots per key set (1..=32).
+    /// S, slots per key set, 1..=32 [default: 16].
     #[arg(long)]
     slots: Option<usize>,
-    /// W, the freshness window in seconds.
+    /// W, the freshness window in seconds [default: 30].
     #[arg(long)]
     window_secs: Option<u64>,
-    /// Workers (0: one per core).
+    /// Workers; 0 is one per core [default: 0].
     #[arg(long)]
     workers: Option<usize>,
+    /// Connection capacity, reserved at start; 0 is min(2^S, 2^20) [default: 0].
     #[arg(long)]
     max_connections: Option<usize>,
-    /// I/O backend: uring or mmsg.
+    /// I/O backend: uring or mmsg (uring falls back to mmsg if unusable) [default: uring].
     #[arg(long)]
     io: Option<rebindgw::io::IoBackend>,
-    /// UNRECOGNIZED per source prefix, PER_SECOND/BURST.
+    /// UNRECOGNIZED replies per source prefix (/24, /56), PER_SECOND/BURST [default:
+    /// 2000/4000].
     #[arg(long, value_parser = gateway::config::parse_rate)]
     unrecognized_per_prefix: Option<gateway::ratelimit::Rate>,
+    /// UNRECOGNIZED replies for the whole gateway, PER_SECOND/BURST [default: 200000/100000].
     #[arg(long, value_parser = gateway::config::parse_rate)]
     unrecognized_global: Option<gateway::ratelimit::Rate>,
+    /// HANDSHAKEs forwarded per source prefix, PER_SECOND/BURST [default: 200/400].
     #[arg(long, value_parser = gateway::config::parse_rate)]
     handshake_per_prefix: Option<gateway::ratelimit::Rate>,
+    /// HANDSHAKEs forwarded for the whole gateway, PER_SECOND/BURST [default: 20000/20000].
     #[arg(long, value_parser = gateway::config::parse_rate)]
     handshake_global: Option<gateway::ratelimit::Rate>,
+    /// Log filter, e.g. info or warn,rebindgw=debug; SIGHUP applies a changed config value
+    /// [default: RUST_LOG, else warn,rebindgw=info].
+    #[arg(long)]
+    log_level: Option<String>,
 }
 
 impl GatewayArgs {
-    fn into_config(self) -> anyhow::Result<gateway::config::GatewayConfig> {
+    /// The config file (read again on every call) with the flags on top.
+    fn to_config(&self) -> anyhow::Result<gateway::config::GatewayConfig> {
         let mut c = match &self.config {
             Some(path) => gateway::config::GatewayConfig::from_file(path)?,
             None => gateway::config::GatewayConfig::default(),
         };
         if !self.listen.is_empty() {
-            c.listen = self.listen;
+            c.listen = self.listen.clone();
         }
         if !self.hosts.is_empty() {
-            c.hosts = self.hosts;
+            c.hosts = self.hosts.clone();
         }
         if self.no_admin {
             c.admin = None;
         }
         macro_rules! set {
             ($($field:ident => $target:expr),* $(,)?) => {
-                $(if let Some(v) = self.$field { $target = v; })*
+                $(if let Some(v) = self.$field.clone() { $target = v; })*
             };
         }
         set! {
@@ -178,8 +229,11 @@ impl GatewayArgs {
         if let Some(a) = self.admin {
             c.admin = Some(a);
         }
-        if let Some(k) = self.master_key {
-            c.master_key = Some(k);
+        if let Some(k) = &self.master_key {
+            c.master_key = Some(k.clone());
+        }
+        if let Some(l) = &self.log_level {
+            c.log_level = Some(l.clone());
         }
         c.validate()?;
         Ok(c)
@@ -191,29 +245,58 @@ struct HostArgs {
     /// Host-link address the gateway sends to.
     #[arg(long, default_value = "127.0.0.1:7500")]
     listen: SocketAddr,
-    /// The enrolled-clients file (`rebindgw enroll`).
+    /// The enrolled-clients file (rebindgw enroll).
     #[arg(long)]
     clients: PathBuf,
-    /// This host's link key file (`rebindgw link-keygen`), shared with the gateway.
+    /// This host's link key file (rebindgw link-keygen), shared with the gateway.
     #[arg(long)]
     link_key: PathBuf,
 }
 
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,rebindgw=info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    let format = cli.log_format;
+    if let Command::Gateway(args) = cli.command {
+        return gateway_main(*args, format);
+    }
+    if let Err(e) = rebindgw::logging::init(format.unwrap_or_default(), None) {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
     match run(cli.command) {
         Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// `rebindgw gateway`: the configuration decides the log format and filter, so it is read
+/// before logging starts. `--check` exits 1 on a bad configuration; a failed start exits 2.
+fn gateway_main(args: GatewayArgs, format: Option<LogFormat>) -> ExitCode {
+    let checked = args
+        .to_config()
+        .and_then(|cfg| gateway::reload::check(&cfg).map(|()| cfg));
+    if args.check {
+        return match checked {
+            Ok(_) => {
+                println!("configuration ok");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let result = checked.and_then(|cfg| {
+        let log = rebindgw::logging::init(format.unwrap_or(cfg.log_format), cfg.log_level.as_deref())
+            .map_err(anyhow::Error::msg)?;
+        gateway::run::run_gateway(cfg, || args.to_config(), Some(&log))
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::from(2)
@@ -241,10 +324,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             println!("wrote a new master secret to {} (mode 0600)", out.display());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Gateway(args) => {
-            gateway::run::run_gateway(args.into_config()?)?;
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Gateway(_) => unreachable!("handled by gateway_main"),
         Command::Host(args) => {
             let key = secrets::load_link_key(&args.link_key)?;
             let opts = host::HostOptions::new(args.listen, args.clients, key);
@@ -293,7 +373,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 clients,
                 window,
                 payload,
-                duration: Duration::from_secs(duration),
+                duration,
                 rounds,
                 io,
             };
@@ -317,10 +397,116 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             println!("{}", serde_json::to_string_pretty(&r)?);
             Ok(ExitCode::SUCCESS)
         }
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "rebindgw", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man => {
+            clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Stats { admin } => {
             let text = gateway::admin::fetch_metrics(admin, Duration::from_secs(3))?;
             print!("{}", gateway::admin::summarize(&text));
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every argument of every subcommand, with the path of subcommands that leads to it.
+    fn walk(cmd: &clap::Command, path: &str, out: &mut Vec<String>) {
+        let here = format!("{path} {}", cmd.get_name());
+        let about = cmd.get_about().map(|s| s.to_string()).unwrap_or_default()
+            + &cmd.get_long_about().map(|s| s.to_string()).unwrap_or_default();
+        if about.contains('`') || about.contains("[`") {
+            out.push(format!("{here}: about has rustdoc syntax: {about:?}"));
+        }
+        if cmd.get_about().is_none() && !path.is_empty() && cmd.get_name() != "help" {
+            out.push(format!("{here}: no about text"));
+        }
+        for arg in cmd.get_arguments() {
+            if arg.is_hide_set() {
+                continue;
+            }
+            let id = arg.get_id().as_str();
+            if id == "help" || id == "version" {
+                continue;
+            }
+            let help = arg.get_help().map(|s| s.to_string()).unwrap_or_default();
+            let long = arg.get_long_help().map(|s| s.to_string()).unwrap_or_default();
+            if help.is_empty() && long.is_empty() {
+                out.push(format!("{here} --{id}: no help text"));
+            }
+            for text in [&help, &long] {
+                if text.contains('`') || text.contains("[`") || text.contains("](") {
+                    out.push(format!("{here} --{id}: rustdoc syntax in {text:?}"));
+                }
+            }
+            for pv in arg.get_possible_values() {
+                let text = pv.get_help().map(|s| s.to_string()).unwrap_or_default();
+                if text.contains('`') || text.contains("](") {
+                    out.push(format!(
+                        "{here} --{id} {}: rustdoc syntax in {text:?}",
+                        pv.get_name()
+                    ));
+                }
+            }
+            let takes_value = arg.get_action().takes_values();
+            if takes_value && !arg.is_required_set() && !arg.is_positional() {
+                let has_default = !arg.get_default_values().is_empty();
+                let says_default = help.contains("default") || long.contains("default");
+                if !has_default && !says_default && !arg.is_hide_default_value_set() {
+                    out.push(format!(
+                        "{here} --{id}: optional value with no default shown and none described"
+                    ));
+                }
+                if has_default && arg.is_hide_default_value_set() {
+                    out.push(format!("{here} --{id}: hides its default"));
+                }
+            }
+        }
+        for sub in cmd.get_subcommands() {
+            walk(sub, &here, out);
+        }
+    }
+
+    #[test]
+    fn every_flag_has_help_and_shows_its_default() {
+        let cmd = Cli::command();
+        cmd.clone().debug_assert();
+        let mut problems = Vec::new();
+        walk(&cmd, "", &mut problems);
+        assert!(problems.is_empty(), "{}", problems.join("\n"));
+    }
+
+    #[test]
+    fn attack_modes_are_listed_as_possible_values() {
+        let mut cmd = Cli::command();
+        let help = cmd
+            .find_subcommand_mut("loadgen")
+            .unwrap()
+            .render_long_help()
+            .to_string();
+        for mode in ["garbage", "wrong-r", "wrong-slot", "replay", "handshake-flood", "all"] {
+            assert!(help.contains(mode), "{mode} missing from:\n{help}");
+        }
+    }
+
+    #[test]
+    fn demo_duration_takes_units_like_loadgen() {
+        let cli = Cli::try_parse_from(["rebindgw", "demo", "--duration", "10s"]).unwrap();
+        let Command::Demo(d) = cli.command else {
+            panic!("not demo")
+        };
+        assert_eq!(d.duration, Duration::from_secs(10));
+        let cli = Cli::try_parse_from(["rebindgw", "demo", "--duration", "8"]).unwrap();
+        let Command::Demo(d) = cli.command else {
+            panic!("not demo")
+        };
+        assert_eq!(d.duration, Duration::from_secs(8), "plain numbers stay seconds");
     }
 }

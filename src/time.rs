@@ -76,6 +76,18 @@ impl MonotoneTicks {
     }
 }
 
+/// The command line's one duration syntax: a plain number is seconds (`10`, `1.5`), anything
+/// else is humantime's (`250ms`, `10s`, `2m`, `1h30m`, `500us`).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if let Ok(secs) = s.parse::<f64>() {
+        return Duration::try_from_secs_f64(secs)
+            .map_err(|_| format!("{s:?}: must be a non-negative number of seconds"));
+    }
+    humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?}: {e} (expected e.g. 10, 10s, 250ms, 2m or 1h30m)"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -105,5 +117,19 @@ mod tests {
         assert_eq!(b.0 - a.0, 15_000_000);
         assert_eq!(b.since(a), Duration::from_millis(1500));
         assert_eq!(a.since(b), Duration::ZERO);
+    }
+
+    #[test]
+    fn durations_for_the_command_line() {
+        assert_eq!(parse_duration("10"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("1.5"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("1500us"), Ok(Duration::from_micros(1500)));
+        for bad in ["5 parsecs", "-1s", "-1", "nan", "", "s"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
     }
 }

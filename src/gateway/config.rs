@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use super::core::CoreConfig;
 use super::ratelimit::Rate;
 use crate::io::IoBackend;
+use crate::logging::LogFormat;
 
 /// The largest `max_connections` accepted: its memory is reserved at start-up.
 pub const MAX_CONNECTIONS_LIMIT: usize = 1 << 22;
@@ -70,6 +71,11 @@ pub struct GatewayConfig {
     pub max_connections: usize,
     pub io: IoBackend,
     pub rate_limits: RateLimits,
+    /// Log filter (e.g. `info` or `warn,rebindgw=debug`); none: RUST_LOG, else the default.
+    /// SIGHUP applies a change.
+    pub log_level: Option<String>,
+    /// `text` or `json` (one object per line); a restart applies a change.
+    pub log_format: LogFormat,
 }
 
 impl Default for GatewayConfig {
@@ -90,6 +96,8 @@ impl Default for GatewayConfig {
             max_connections: 0,
             io: IoBackend::Uring,
             rate_limits: RateLimits::default(),
+            log_level: None,
+            log_format: LogFormat::Text,
         }
     }
 }
@@ -165,6 +173,12 @@ impl GatewayConfig {
         if self.hosts.len() > usize::from(u16::MAX) {
             return Err(invalid("hosts", "too many hosts"));
         }
+        for h in &self.hosts {
+            check_host_link_reaches(self.host_link, h.addr)?;
+        }
+        if let Some(level) = &self.log_level {
+            crate::logging::filter_for(Some(level)).map_err(|e| invalid("log_level", e))?;
+        }
         if self.max_connections > MAX_CONNECTIONS_LIMIT {
             return Err(invalid(
                 "max_connections",
@@ -197,6 +211,31 @@ impl GatewayConfig {
             if !(rate.per_second >= 0.0 && rate.burst >= 1.0 && rate.per_second.is_finite()) {
                 return Err(invalid(key, "per_second must be >= 0 and burst >= 1"));
             }
+        }
+        Ok(())
+    }
+
+    /// Asks the kernel for a route from `host_link`'s address to each host (a UDP socket
+    /// bound there and connected, which sends nothing).
+    pub fn probe_host_routes(&self) -> Result<(), ConfigError> {
+        for h in &self.hosts {
+            let probe = std::net::UdpSocket::bind(SocketAddr::new(self.host_link.ip(), 0))
+                .map_err(|e| {
+                    invalid(
+                        "host_link",
+                        format!("cannot bind {}: {e}", self.host_link.ip()),
+                    )
+                })?;
+            probe.connect(h.addr).map_err(|e| {
+                invalid(
+                    "host_link",
+                    format!(
+                        "{} has no route to host {}: {e}",
+                        self.host_link.ip(),
+                        h.addr
+                    ),
+                )
+            })?;
         }
         Ok(())
     }
@@ -238,6 +277,38 @@ impl GatewayConfig {
             limiter_slots: 4096,
         }
     }
+}
+
+/// Refuses a host the host-link sockets cannot send to: another address family, or a loopback
+/// `host_link` with a host off this machine (every send would fail, seen only in counters).
+fn check_host_link_reaches(link: SocketAddr, host: SocketAddr) -> Result<(), ConfigError> {
+    if host.ip().is_unspecified() || host.port() == 0 {
+        return Err(invalid(
+            "hosts",
+            format!("host {host} needs a concrete address and port"),
+        ));
+    }
+    if link.is_ipv4() != host.is_ipv4() {
+        return Err(invalid(
+            "host_link",
+            format!(
+                "{link} is {} but host {host} is {}; use a host_link of the host's family",
+                if link.is_ipv4() { "IPv4" } else { "IPv6" },
+                if host.is_ipv4() { "IPv4" } else { "IPv6" },
+            ),
+        ));
+    }
+    if link.ip().is_loopback() && !host.ip().is_loopback() {
+        return Err(invalid(
+            "host_link",
+            format!(
+                "{link} is a loopback address and cannot reach host {host}; set host_link to \
+                 an address of this machine on the host's network (or {}:0 for any)",
+                if link.is_ipv4() { "0.0.0.0" } else { "[::]" }
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Parses `RATE/BURST` (e.g. `2000/4000`) for rate flags.
@@ -330,6 +401,56 @@ mod tests {
                 .to_string()
                 .contains("max_connections")
         );
+    }
+
+    #[test]
+    fn host_link_must_reach_every_host() {
+        let mut c = with_host(GatewayConfig::default());
+        c.hosts.push(HostEntry {
+            addr: "10.0.0.2:7500".parse().unwrap(),
+            link_key_file: "k2".into(),
+        });
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("`host_link`"), "{err}");
+        assert!(err.contains("10.0.0.2:7500"), "{err}");
+        c.host_link = "0.0.0.0:0".parse().unwrap();
+        c.validate().unwrap();
+        c.host_link = "[::]:0".parse().unwrap();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("`host_link`") && err.contains("IPv4"), "{err}");
+        let mut c = with_host(GatewayConfig::default());
+        c.hosts[0].addr = "0.0.0.0:7500".parse().unwrap();
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::Invalid { key: "hosts", .. })
+        ));
+    }
+
+    #[test]
+    fn host_route_probe() {
+        let c = with_host(GatewayConfig::default());
+        c.probe_host_routes().unwrap();
+        let mut c = with_host(GatewayConfig::default());
+        // 192.0.2.1 is TEST-NET-1, never an address of this machine.
+        c.host_link = "192.0.2.1:0".parse().unwrap();
+        let err = c.probe_host_routes().unwrap_err().to_string();
+        assert!(err.contains("`host_link`"), "{err}");
+    }
+
+    #[test]
+    fn log_settings() {
+        let c = GatewayConfig::from_toml("log_level = \"debug\"\nlog_format = \"json\"").unwrap();
+        assert_eq!(c.log_format, LogFormat::Json);
+        with_host(c).validate().unwrap();
+        let mut c = with_host(GatewayConfig::default());
+        c.log_level = Some("rebindgw=loud".into());
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::Invalid {
+                key: "log_level",
+                ..
+            })
+        ));
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! `rebindgw gateway`: the data plane in front of the Mesh hosts.
 //!
 //! `core` is the sans-IO packet handler; `run` wires it to sockets, threads, the store and
-//! the admin endpoint; `store` persists the registry; `ratelimit` and `metrics` serve the
+//! the admin endpoint; `reload` checks a configuration and applies SIGHUP; `store` persists the registry; `ratelimit` and `metrics` serve the
 //! core; `tx` is the outgoing-datagram queue the I/O loops drain.
 #![forbid(unsafe_code)]
 
@@ -10,6 +10,7 @@ pub mod config;
 pub mod core;
 pub mod metrics;
 pub mod ratelimit;
+pub mod reload;
 pub mod run;
 pub mod store;
 pub mod tx;

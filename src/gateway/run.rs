@@ -15,7 +15,7 @@ use hdrhistogram::Histogram;
 
 use super::admin::spawn_admin;
 use super::config::GatewayConfig;
-use super::core::{EpochCrypto, HostPeer, Shared, WorkerCore};
+use super::core::{EpochCrypto, Shared, WorkerCore};
 use super::metrics::{GatewayFacts, render};
 use super::store::{Store, StoreOp, run_writer};
 use super::tx::TxQueue;
@@ -209,15 +209,7 @@ pub fn spawn_gateway(cfg: GatewayConfig) -> anyhow::Result<GatewayHandle> {
     let keys = EpochKeys::derive(&master, epoch, cfg.slots)?;
     let trial = TrialKeys::new(engine_backend, keys.slot_key_pairs())?;
     drop(master);
-    let mut hosts = Vec::with_capacity(cfg.hosts.len());
-    for h in &cfg.hosts {
-        let key = secrets::load_link_key(&h.link_key_file)
-            .with_context(|| format!("host {} (config key `hosts`)", h.addr))?;
-        hosts.push(HostPeer {
-            addr: h.addr,
-            key: key.cipher(),
-        });
-    }
+    let hosts = super::reload::load_hosts(&cfg)?;
 
     let (store_tx, store_rx) = crossbeam::channel::unbounded();
     let core_cfg = cfg.core();
@@ -430,15 +422,27 @@ fn housekeeping(shared: &Shared, store: &Store, shutdown: &AtomicBool) {
     }
 }
 
-/// `rebindgw gateway`: runs until SIGINT or SIGTERM, then stops cleanly.
-pub fn run_gateway(cfg: GatewayConfig) -> anyhow::Result<()> {
+/// `rebindgw gateway`: runs until SIGINT or SIGTERM, then stops cleanly. On SIGHUP it calls
+/// `load` for the configuration again and applies what it can ([`super::reload::apply`]).
+pub fn run_gateway(
+    cfg: GatewayConfig,
+    mut load: impl FnMut() -> anyhow::Result<GatewayConfig>,
+    log: Option<&crate::logging::LogHandle>,
+) -> anyhow::Result<()> {
+    let mut running = cfg.clone();
     let handle = spawn_gateway(cfg)?;
     let flag = handle.shutdown_flag();
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, flag.clone()).context("installing signal handlers")?;
     }
+    let hup = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGHUP, hup.clone())
+        .context("installing the SIGHUP handler")?;
     while !flag.load(Ordering::Acquire) {
         std::thread::sleep(Duration::from_millis(100));
+        if hup.swap(false, Ordering::AcqRel) {
+            reload(&handle, &mut running, &mut load, log);
+        }
     }
     tracing::info!("stopping: finishing in-flight batches and flushing the registry");
     let stats = handle.stop()?;
@@ -449,4 +453,32 @@ pub fn run_gateway(cfg: GatewayConfig) -> anyhow::Result<()> {
         "gateway stopped"
     );
     Ok(())
+}
+
+fn reload(
+    handle: &GatewayHandle,
+    running: &mut GatewayConfig,
+    load: &mut impl FnMut() -> anyhow::Result<GatewayConfig>,
+    log: Option<&crate::logging::LogHandle>,
+) {
+    let result = load().and_then(|new| super::reload::apply(handle.shared(), running, new, log));
+    match result {
+        Ok(done) => {
+            tracing::info!(
+                applied = ?done.applied,
+                hosts = running.hosts.len(),
+                "SIGHUP: configuration reloaded"
+            );
+            if !done.need_restart.is_empty() {
+                tracing::warn!(
+                    keys = ?done.need_restart,
+                    "SIGHUP: these keys changed but keep their running values until a restart"
+                );
+            }
+        }
+        Err(e) => tracing::error!(
+            error = format!("{e:#}"),
+            "SIGHUP: reload refused; the running configuration stays in force"
+        ),
+    }
 }

@@ -117,10 +117,10 @@ pub enum OnMove {
     #[default]
     None,
     /// An active application: one DATA from the new tuple at once, and again every
-    /// [`KICK_EVERY`] until the rebind starts (an UNRECOGNIZED arrived).
+    /// 500 ms (KICK_EVERY) until the rebind starts (an UNRECOGNIZED arrived).
     Send,
-    /// The application is told its network changed ([`crate::client::Client::network_changed`]):
-    /// a cookie request at once, retried by the client itself.
+    /// The application is told its network changed (Client::network_changed): a cookie
+    /// request at once, retried by the client itself.
     Notify,
 }
 
@@ -233,8 +233,12 @@ pub struct LoadgenOptions {
     pub attack_rate: f64,
     /// Source tuples per attack mode.
     pub attack_tuples: usize,
-    /// The host's clients file: the generator appends its clients there (enroll_many).
+    /// The host's clients file: the generator enrolls its clients there for the run
+    /// (enroll_many) and removes them when the run ends, unless `keep_clients` or
+    /// `save_credentials`.
     pub clients_file: Option<PathBuf>,
+    /// Leave the enrolled clients in `clients_file`.
+    pub keep_clients: bool,
     /// Reuse credentials: JSON lines of `Enrolled` (as written by `save_credentials`).
     pub credentials: Option<PathBuf>,
     /// Write the credentials used to this file (JSON lines, mode 0600).
@@ -290,6 +294,7 @@ impl LoadgenOptions {
             attack_rate: 200.0,
             attack_tuples: 32,
             clients_file: None,
+            keep_clients: false,
             credentials: None,
             save_credentials: None,
             name_prefix: None,
@@ -428,30 +433,7 @@ impl LoadgenOptions {
     }
 }
 
-/// Parses `10`, `10s`, `1.5s`, `250ms`, `2m`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (num, unit) = match s.find(|c: char| c.is_ascii_alphabetic()) {
-        Some(i) => s.split_at(i),
-        None => (s, "s"),
-    };
-    let x: f64 = num
-        .trim()
-        .parse()
-        .map_err(|_| format!("{s:?}: expected a duration like 10s, 250ms or 2m"))?;
-    let secs = match unit {
-        "s" => x,
-        "ms" => x / 1e3,
-        "us" => x / 1e6,
-        "m" | "min" => x * 60.0,
-        "h" => x * 3600.0,
-        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m or h)")),
-    };
-    if !(0.0..1e9).contains(&secs) {
-        return Err(format!("{s:?}: out of range"));
-    }
-    Ok(Duration::from_secs_f64(secs))
-}
+pub use crate::time::parse_duration;
 
 /// `rebindgw loadgen`: drive a gateway with many clients, NAT churn and attack traffic, and
 /// report throughput, loss, echo RTT and rebind-recovery percentiles.
@@ -477,7 +459,7 @@ pub struct LoadgenArgs {
     /// Open loop: total DATA packets per second (default 10000 unless --window is given).
     #[arg(long, conflicts_with = "window")]
     pub rate: Option<f64>,
-    /// Closed loop: outstanding echo requests per client.
+    /// Closed loop: outstanding echo requests per client [default: none, open loop].
     #[arg(long)]
     pub window: Option<u32>,
     /// Payload length(s): 64, a list 64,300,1200 or a range 64-1200 (16..=1200).
@@ -492,14 +474,20 @@ pub struct LoadgenArgs {
     /// What a move changes: a new address (and port), or only the port.
     #[arg(long, value_enum, default_value_t = MoveKind::Addr)]
     pub move_kind: MoveKind,
-    /// Move every client at once this far into the measured phase (e.g. 5s).
+    /// Move every client at once this far into the measured phase (e.g. 5s) [default: no
+    /// storm].
     #[arg(long, value_parser = parse_duration)]
     pub storm_at: Option<Duration>,
-    /// Repeat the storm this often after --storm-at.
+    /// Repeat the storm this often after --storm-at [default: once].
     #[arg(long, value_parser = parse_duration, requires = "storm_at")]
     pub storm_every: Option<Duration>,
-    /// Attack traffic to mix in (repeatable or comma-separated; "all" for every mode).
-    #[arg(long = "attack", value_delimiter = ',', value_parser = parse_attack)]
+    /// Attack traffic to mix in (repeatable or comma-separated; "all" for every mode)
+    /// [default: none].
+    #[arg(
+        long = "attack",
+        value_delimiter = ',',
+        value_parser = clap::builder::TypedValueParser::try_map(attack_values(), |s: String| parse_attack(&s))
+    )]
     pub attacks: Vec<Vec<AttackMode>>,
     /// Attack datagrams per second, per mode.
     #[arg(long, default_value_t = 200.0)]
@@ -507,16 +495,23 @@ pub struct LoadgenArgs {
     /// Source tuples per attack mode.
     #[arg(long, default_value_t = 32)]
     pub attack_tuples: usize,
-    /// The host's clients file; the generator enrolls its clients there.
+    /// The host's clients file: the generator enrolls its clients there for the run and
+    /// removes them again when it ends, unless --keep-clients or --save-credentials
+    /// [default: none; then --credentials must hold enough clients].
     #[arg(long)]
     pub clients_file: Option<PathBuf>,
-    /// Reuse saved credentials (JSON lines of {name, client_id, psk}) instead of enrolling.
+    /// Leave the clients enrolled into --clients-file there after the run.
+    #[arg(long)]
+    pub keep_clients: bool,
+    /// Reuse saved credentials (JSON lines of {name, client_id, psk}) instead of enrolling
+    /// [default: none, enroll every client].
     #[arg(long)]
     pub credentials: Option<PathBuf>,
-    /// Save the credentials used (JSON lines, mode 0600) for a later --credentials run.
+    /// Save the credentials used (JSON lines, mode 0600) for a later --credentials run; the
+    /// enrolled clients then stay in --clients-file [default: not saved].
     #[arg(long)]
     pub save_credentials: Option<PathBuf>,
-    /// Name prefix for enrolled clients.
+    /// Name prefix for enrolled clients [default: loadgen-PID-RANDOM-].
     #[arg(long)]
     pub name_prefix: Option<String>,
     /// Client source addresses: comma-separated IPs and IPv4 CIDR blocks
@@ -536,7 +531,7 @@ pub struct LoadgenArgs {
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub settle: Duration,
     /// Fail when the steady-state loss (packets not sent during a client's outage) exceeds
-    /// this percentage.
+    /// this percentage [default: no limit].
     #[arg(long)]
     pub max_loss: Option<f64>,
     /// What a moved client does at once: nothing (it notices when its load next sends),
@@ -558,12 +553,23 @@ pub struct LoadgenArgs {
     /// Print the report as JSON on stdout (the human report is not printed).
     #[arg(long)]
     pub json: bool,
-    /// Also write the JSON report to this file (whatever is printed).
+    /// Also write the JSON report to this file (whatever is printed) [default: none].
     #[arg(long)]
     pub report_json: Option<PathBuf>,
     /// No live progress line on stderr.
     #[arg(long, short)]
     pub quiet: bool,
+}
+
+/// Every attack mode, with its help, and "all".
+fn attack_values() -> clap::builder::PossibleValuesParser {
+    use clap::ValueEnum as _;
+    let mut v: Vec<clap::builder::PossibleValue> = AttackMode::value_variants()
+        .iter()
+        .filter_map(|m| m.to_possible_value())
+        .collect();
+    v.push(clap::builder::PossibleValue::new("all").help("Every mode above"));
+    clap::builder::PossibleValuesParser::new(v)
 }
 
 fn parse_attack(s: &str) -> Result<Vec<AttackMode>, String> {
@@ -608,6 +614,7 @@ impl LoadgenArgs {
         o.attack_rate = self.attack_rate;
         o.attack_tuples = self.attack_tuples;
         o.clients_file = self.clients_file;
+        o.keep_clients = self.keep_clients;
         o.credentials = self.credentials;
         o.save_credentials = self.save_credentials;
         o.name_prefix = self.name_prefix;
@@ -667,16 +674,6 @@ mod tests {
         let picks: std::collections::BTreeSet<usize> = (0..30).map(|i| r.pick(i)).collect();
         assert_eq!(picks.into_iter().collect::<Vec<_>>(), vec![64, 65, 66]);
         assert_eq!(PayloadSizes::parse("64,300").unwrap().to_string(), "64,300");
-    }
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("10"), Ok(Duration::from_secs(10)));
-        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
-        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert!(parse_duration("5 parsecs").is_err());
-        assert!(parse_duration("-1s").is_err());
     }
 
     #[test]
@@ -749,10 +746,8 @@ mod tests {
             ])
             .contains("cannot be used")
         );
-        assert!(
-            err(&["--gateway=127.0.0.1:1", "--clients-file=f", "--attack=nope"])
-                .contains("unknown attack")
-        );
+        let e = err(&["--gateway=127.0.0.1:1", "--clients-file=f", "--attack=nope"]);
+        assert!(e.contains("--attack") && e.contains("wrong-slot"), "{e}");
         assert!(
             err(&[
                 "--gateway=127.0.0.1:1",
