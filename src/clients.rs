@@ -436,6 +436,23 @@ pub fn enroll_many(path: &Path, prefix: &str, count: usize) -> Result<Vec<Enroll
     enroll_names(path, (0..count).map(|i| format!("{prefix}{i}")))
 }
 
+/// Removes the clients with these names (one file write); returns how many were found.
+pub fn remove_names(path: &Path, names: &HashSet<String>) -> Result<usize, ClientsError> {
+    let file = ClientsFile::load(path)?;
+    let before = file.entries.len();
+    let kept = ClientsFile::from_entries(
+        file.entries
+            .into_iter()
+            .filter(|e| !names.contains(&e.name))
+            .collect(),
+    );
+    let removed = before - kept.entries.len();
+    if removed > 0 {
+        kept.store(path)?;
+    }
+    Ok(removed)
+}
+
 fn enroll_names(
     path: &Path,
     names: impl Iterator<Item = String>,

@@ -99,8 +99,9 @@ fn churn_storm_and_attacks() {
     o.attacks = AttackMode::ALL.to_vec();
     o.attack_rate = 50.0;
     o.attack_tuples = 8;
-    o.clients_file = Some(clients_file);
+    o.clients_file = Some(clients_file.clone());
     o.settle = Duration::from_secs(5);
+    let clients_before = std::fs::read(&clients_file).unwrap();
     // Debug builds of the gateway queue far more under this load.
     o.max_loss_pct = Some(if cfg!(debug_assertions) { 5.0 } else { 1.0 });
 
@@ -109,8 +110,15 @@ fn churn_storm_and_attacks() {
     let took = t.elapsed();
     eprintln!("{}", report.to_human());
     eprintln!("loadgen took {took:?}");
+    let clients_after = std::fs::read(&clients_file).unwrap();
 
     rig.stop();
+    assert!(
+        clients_after == clients_before,
+        "the run's 201 clients must leave the host's clients file ({} bytes before, {} after)",
+        clients_before.len(),
+        clients_after.len()
+    );
 
     assert!(report.passed(), "failures: {:?}", report.failures);
     assert_eq!(report.clients.connected, 200);

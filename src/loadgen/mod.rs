@@ -42,7 +42,7 @@ pub mod stamp;
 mod sys;
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
@@ -136,7 +136,7 @@ pub fn run_with(
         );
     }
 
-    let creds = obtain_credentials(&opts)?;
+    let (creds, _enrollment) = obtain_credentials(&opts)?;
     let v4 = gateways[0].is_ipv4();
     let client_pool = opts.source_addrs.clone().unwrap_or_else(|| {
         if v4 {
@@ -265,12 +265,49 @@ pub fn run_with(
 }
 
 /// Needed credentials: `clients` for the load plus one for the probe/victim connection.
-fn obtain_credentials(opts: &LoadgenOptions) -> anyhow::Result<Vec<Enrolled>> {
+fn obtain_credentials(opts: &LoadgenOptions) -> anyhow::Result<(Vec<Enrolled>, Enrollment)> {
     obtain_n_credentials(opts, opts.clients + 1)
 }
 
+/// The clients a run enrolled into the host's clients file; dropping it removes them again
+/// (one file write), unless the run keeps them.
+#[derive(Default)]
+pub(crate) struct Enrollment {
+    file: Option<PathBuf>,
+    names: std::collections::HashSet<String>,
+    /// The run created the file, so it goes when it is empty again.
+    created: bool,
+}
+
+impl Drop for Enrollment {
+    fn drop(&mut self) {
+        let Some(file) = self.file.take() else {
+            return;
+        };
+        match clients::remove_names(&file, &self.names) {
+            Ok(n) => {
+                tracing::info!(count = n, file = %file.display(), "removed the run's clients");
+                if self.created
+                    && clients::ClientsFile::load(&file).is_ok_and(|f| f.is_empty())
+                {
+                    let _ = std::fs::remove_file(&file);
+                }
+            }
+            Err(e) => tracing::warn!(
+                file = %file.display(),
+                error = %e,
+                "could not remove the run's clients from the clients file"
+            ),
+        }
+    }
+}
+
 /// `need` credentials: from `--credentials` first, the rest enrolled in one write.
-fn obtain_n_credentials(opts: &LoadgenOptions, need: usize) -> anyhow::Result<Vec<Enrolled>> {
+fn obtain_n_credentials(
+    opts: &LoadgenOptions,
+    need: usize,
+) -> anyhow::Result<(Vec<Enrolled>, Enrollment)> {
+    let mut enrollment = Enrollment::default();
     let mut creds = match &opts.credentials {
         Some(p) => load_credentials(p)?,
         None => Vec::new(),
@@ -297,8 +334,16 @@ fn obtain_n_credentials(opts: &LoadgenOptions, need: usize) -> anyhow::Result<Ve
             )
         });
         let t = Instant::now();
+        let created = !file.exists();
         let more = clients::enroll_many(file, &prefix, need - creds.len())
             .with_context(|| format!("enrolling clients into {}", file.display()))?;
+        if !opts.keep_clients && opts.save_credentials.is_none() {
+            enrollment = Enrollment {
+                file: Some(file.clone()),
+                names: more.iter().map(|e| e.name.clone()).collect(),
+                created,
+            };
+        }
         tracing::info!(count = more.len(), took = ?t.elapsed(), file = %file.display(), "enrolled");
         creds.extend(more);
     }
@@ -306,7 +351,7 @@ fn obtain_n_credentials(opts: &LoadgenOptions, need: usize) -> anyhow::Result<Ve
     if let Some(p) = &opts.save_credentials {
         save_credentials(p, &creds)?;
     }
-    Ok(creds)
+    Ok((creds, enrollment))
 }
 
 /// Reads JSON lines of `{name, client_id, psk}`.

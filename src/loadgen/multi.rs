@@ -320,7 +320,7 @@ pub fn run_multi(opts: LoadgenOptions, n: usize, progress: bool) -> anyhow::Resu
     };
 
     // Enroll everyone once: clients, then one probe per child.
-    let creds = obtain_n_credentials(&opts, opts.clients + n)?;
+    let (creds, _enrollment) = obtain_n_credentials(&opts, opts.clients + n)?;
     let dir = std::env::temp_dir().join(format!(
         "rebindgw-loadgen-{}-{}",
         std::process::id(),
