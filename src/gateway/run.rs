@@ -430,15 +430,17 @@ pub fn run_gateway(
     log: Option<&crate::logging::LogHandle>,
 ) -> anyhow::Result<()> {
     let mut running = cfg.clone();
-    let handle = spawn_gateway(cfg)?;
-    let flag = handle.shutdown_flag();
+    // Handlers first, so a signal sent as soon as "gateway running" is logged is handled.
+    let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(sig, flag.clone()).context("installing signal handlers")?;
+        signal_hook::flag::register(sig, stop.clone()).context("installing signal handlers")?;
     }
     let hup = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGHUP, hup.clone())
         .context("installing the SIGHUP handler")?;
-    while !flag.load(Ordering::Acquire) {
+    let handle = spawn_gateway(cfg)?;
+    let flag = handle.shutdown_flag();
+    while !flag.load(Ordering::Acquire) && !stop.load(Ordering::Acquire) {
         std::thread::sleep(Duration::from_millis(100));
         if hup.swap(false, Ordering::AcqRel) {
             reload(&handle, &mut running, &mut load, log);
