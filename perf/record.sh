@@ -4,12 +4,14 @@
 #   perf/record.sh [data|storm] [--seconds N] [--out DIR] [--call-graph dwarf|fp] [--no-build]
 #
 #   data   steady echo load: 2,000 clients, closed loop with $PR_WINDOW (default 2) echoes
-#          outstanding per client, so the rate is whatever the machine sustains
+#          outstanding per client, so the rate is whatever the machine sustains; with
+#          $PR_RATE set, open loop at that many DATA packets per second in total instead
 #   storm  4,000 clients at 8,000 pps, every client moves to a new tuple every 2 s, so the
 #          profile is dominated by UNRECOGNIZED, REBIND verification and the registry
 #   --seconds N    length of the recording (default 10)
 #   --out DIR      where flame-MODE.svg, top-MODE.txt and loadgen-MODE.json go (default
-#                  perf/flamegraphs); the raw perf data goes to target/perf/perf-MODE.data
+#                  perf/out, git-ignored; the committed graphs are in perf/flamegraphs);
+#                  the raw perf data goes to target/perf/perf-MODE.data
 #   --call-graph   dwarf (default) or fp. The release profile has no frame pointers, so fp
 #                  stacks stop at the first Rust frame; fp rebuilds with
 #                  -C force-frame-pointers=yes into target/perf-fp (a separate target dir).
@@ -23,7 +25,7 @@ cd "$(dirname "$0")/.."
 
 MODE=data
 SECS=10
-OUT=perf/flamegraphs
+OUT=perf/out
 CG=dwarf
 BUILD=1
 while [ $# -gt 0 ]; do
@@ -33,7 +35,7 @@ while [ $# -gt 0 ]; do
     --out) OUT=$2; shift ;;
     --call-graph) CG=$2; shift ;;
     --no-build) BUILD=0 ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
   shift
@@ -97,7 +99,12 @@ curl -sf "http://$ADMIN/healthz" >/dev/null || { cat "$T/gateway.log" >&2; exit 
 
 RUN=$((SECS + 4))
 case "$MODE" in
-  data)  LOAD=(--clients 2000 --window "${PR_WINDOW:-2}") ;;
+  data)
+    if [ -n "${PR_RATE:-}" ]; then
+      LOAD=(--clients 2000 --rate "$PR_RATE")
+    else
+      LOAD=(--clients 2000 --window "${PR_WINDOW:-2}")
+    fi ;;
   storm) LOAD=(--clients 4000 --rate 8000 --storm-at 1s --storm-every 2s) ;;
 esac
 "$BIN" loadgen --gateway "$GW" --clients-file "$T/clients.toml" "${LOAD[@]}" \
