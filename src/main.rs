@@ -150,9 +150,10 @@ struct GatewayArgs {
     /// Disable the admin endpoint.
     #[arg(long, conflicts_with = "admin")]
     no_admin: bool,
-    /// State directory: the registry and, by default, the master key [default: the config's
-    /// state_dir default].
-    #[arg(long)]
+    #[arg(long, help = format!(
+        "State directory: the registry and, by default, the master key [default: {}]",
+        gateway::config::GatewayConfig::default().state_dir.display()
+    ))]
     state_dir: Option<PathBuf>,
     /// Master secret file (rebindgw keygen) [default: STATE_DIR/master.key, created on first
     /// start].
@@ -291,8 +292,9 @@ fn gateway_main(args: GatewayArgs, format: Option<LogFormat>) -> ExitCode {
         };
     }
     let result = checked.and_then(|cfg| {
-        let log = rebindgw::logging::init(format.unwrap_or(cfg.log_format), cfg.log_level.as_deref())
-            .map_err(anyhow::Error::msg)?;
+        let log =
+            rebindgw::logging::init(format.unwrap_or(cfg.log_format), cfg.log_level.as_deref())
+                .map_err(anyhow::Error::msg)?;
         gateway::run::run_gateway(cfg, || args.to_config(), Some(&log))
     });
     match result {
@@ -398,7 +400,12 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Completions { shell } => {
-            clap_complete::generate(shell, &mut Cli::command(), "rebindgw", &mut std::io::stdout());
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "rebindgw",
+                &mut std::io::stdout(),
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Man => {
@@ -421,7 +428,10 @@ mod tests {
     fn walk(cmd: &clap::Command, path: &str, out: &mut Vec<String>) {
         let here = format!("{path} {}", cmd.get_name());
         let about = cmd.get_about().map(|s| s.to_string()).unwrap_or_default()
-            + &cmd.get_long_about().map(|s| s.to_string()).unwrap_or_default();
+            + &cmd
+                .get_long_about()
+                .map(|s| s.to_string())
+                .unwrap_or_default();
         if about.contains('`') || about.contains("[`") {
             out.push(format!("{here}: about has rustdoc syntax: {about:?}"));
         }
@@ -437,7 +447,10 @@ mod tests {
                 continue;
             }
             let help = arg.get_help().map(|s| s.to_string()).unwrap_or_default();
-            let long = arg.get_long_help().map(|s| s.to_string()).unwrap_or_default();
+            let long = arg
+                .get_long_help()
+                .map(|s| s.to_string())
+                .unwrap_or_default();
             if help.is_empty() && long.is_empty() {
                 out.push(format!("{here} --{id}: no help text"));
             }
@@ -491,7 +504,14 @@ mod tests {
             .unwrap()
             .render_long_help()
             .to_string();
-        for mode in ["garbage", "wrong-r", "wrong-slot", "replay", "handshake-flood", "all"] {
+        for mode in [
+            "garbage",
+            "wrong-r",
+            "wrong-slot",
+            "replay",
+            "handshake-flood",
+            "all",
+        ] {
             assert!(help.contains(mode), "{mode} missing from:\n{help}");
         }
     }
@@ -507,6 +527,10 @@ mod tests {
         let Command::Demo(d) = cli.command else {
             panic!("not demo")
         };
-        assert_eq!(d.duration, Duration::from_secs(8), "plain numbers stay seconds");
+        assert_eq!(
+            d.duration,
+            Duration::from_secs(8),
+            "plain numbers stay seconds"
+        );
     }
 }

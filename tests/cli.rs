@@ -75,8 +75,14 @@ fn check_accepts_a_good_config_and_names_the_key_of_a_bad_one() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{out:?}");
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "configuration ok");
-    assert!(!dir.join("state").exists(), "--check starts nothing and creates nothing");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "configuration ok"
+    );
+    assert!(
+        !dir.join("state").exists(),
+        "--check starts nothing and creates nothing"
+    );
 
     // The README's old example: a loopback host_link with a host on another machine.
     let bad = config(&dir, "10.0.0.2:7500", "", 200.0);
@@ -87,7 +93,10 @@ fn check_accepts_a_good_config_and_names_the_key_of_a_bad_one() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("host_link") && err.contains("10.0.0.2:7500"), "{err}");
+    assert!(
+        err.contains("host_link") && err.contains("10.0.0.2:7500"),
+        "{err}"
+    );
     assert!(out.stdout.is_empty());
 
     // The same config refused at start too, before anything is created.
@@ -194,7 +203,10 @@ fn sighup_reloads_rate_limits_and_log_level_and_keeps_running() {
         line["applied"].as_str().unwrap().contains("rate_limits"),
         "{line}"
     );
-    assert!(child.try_wait().unwrap().is_none(), "SIGHUP must not stop the gateway");
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "SIGHUP must not stop the gateway"
+    );
 
     // log_level = "warn" and a new `window_secs`: the filter is applied (the INFO line that
     // says so is filtered out) and `window_secs` is reported as needing a restart.
@@ -260,7 +272,10 @@ fn log_format_flag_wins_over_the_config() {
 #[test]
 fn completions_and_man_page_name_the_subcommands() {
     for shell in ["bash", "zsh", "fish"] {
-        let out = Command::new(BIN).args(["completions", shell]).output().unwrap();
+        let out = Command::new(BIN)
+            .args(["completions", shell])
+            .output()
+            .unwrap();
         assert!(out.status.success(), "{out:?}");
         let text = String::from_utf8(out.stdout).unwrap();
         for sub in ["gateway", "loadgen", "enroll", "link-keygen"] {

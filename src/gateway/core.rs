@@ -473,8 +473,10 @@ impl WorkerCore {
         self.live_generation = generation;
         let n = self.shared.cfg.workers.max(1);
         let r = self.live.rates;
-        self.unrecognized_limit
-            .set_rates(r.unrecognized_prefix.share(n), r.unrecognized_global.share(n));
+        self.unrecognized_limit.set_rates(
+            r.unrecognized_prefix.share(n),
+            r.unrecognized_global.share(n),
+        );
         self.handshake_limit
             .set_rates(r.handshake_prefix.share(n), r.handshake_global.share(n));
     }

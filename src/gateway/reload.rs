@@ -191,7 +191,9 @@ mod tests {
         let mut bad = new.clone();
         bad.hosts.remove(0);
         bad.rate_limits.handshake_global = Rate::new(1.0, 1.0);
-        let err = apply(&shared, &mut running, bad, None).unwrap_err().to_string();
+        let err = apply(&shared, &mut running, bad, None)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("`hosts`"), "{err}");
         assert_eq!(shared.live().rates.handshake_global, Rate::new(7.0, 9.0));
 

@@ -287,9 +287,7 @@ impl Drop for Enrollment {
         match clients::remove_names(&file, &self.names) {
             Ok(n) => {
                 tracing::info!(count = n, file = %file.display(), "removed the run's clients");
-                if self.created
-                    && clients::ClientsFile::load(&file).is_ok_and(|f| f.is_empty())
-                {
+                if self.created && clients::ClientsFile::load(&file).is_ok_and(|f| f.is_empty()) {
                     let _ = std::fs::remove_file(&file);
                 }
             }
