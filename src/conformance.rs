@@ -430,6 +430,7 @@ pub fn check_json(text: &str, backend: Backend) -> Res<Report> {
             psk: e.array("psk")?,
         };
         let nonce: [u8; 16] = e.array("client_nonce")?;
+        let server_nonce: [u8; 16] = e.array("server_nonce")?;
         let ticks = Ticks(e.u64("client_ticks")?);
         let want_hs = e.bytes("handshake")?;
         let want_reply = e.bytes("handshake_reply")?;
@@ -459,12 +460,12 @@ pub fn check_json(text: &str, backend: Backend) -> Res<Report> {
                 let hs = build_handshake(&creds, &nonce, ticks);
                 expect_eq("handshake", &want_hs, &hs)?;
                 let view = HandshakeView::new_checked(&want_hs).map_err(|e| e.to_string())?;
-                let (got_ticks, k_s) = open_handshake(&view, &creds.psk)
+                let got_ticks = open_handshake(&view, &creds.psk)
                     .map_err(|_| "host cannot open the handshake".to_string())?;
                 if got_ticks != ticks {
                     return Err(format!("handshake opened to ticks {}", got_ticks.0));
                 }
-                let reply = build_handshake_reply(&k_s, &nonce, &fields);
+                let reply = build_handshake_reply(&creds.psk, &nonce, &server_nonce, &fields);
                 expect_eq("handshake_reply", &want_reply, &reply)?;
                 match open_handshake_reply(&want_reply, &creds.psk, &nonce) {
                     Ok(opened) if opened == fields => Ok(()),

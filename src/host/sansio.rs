@@ -145,7 +145,8 @@ pub const MAX_UNPROVEN_PER_CLIENT: usize = 4;
 struct Pending {
     client_id: [u8; 16],
     nonce: [u8; 16],
-    k_s: Zeroizing<[u8; 16]>,
+    /// The client's PSK: `k_s` depends on the server nonce drawn when the reply is built.
+    psk: Zeroizing<[u8; 32]>,
     client: SocketAddr,
     gateway: SocketAddr,
     conn_id: u64,
@@ -156,7 +157,8 @@ struct Pending {
 enum NonceState {
     /// REGISTER outstanding under this request id.
     Pending,
-    /// Reply built; kept until `keep_until` for retransmitted handshakes from `client`.
+    /// Reply built; kept until `keep_until` for byte-identical retransmissions from
+    /// `client`. It is re-sent as is, never re-sealed (§7: one reply per server nonce).
     Replied {
         client: SocketAddr,
         framed: Vec<u8>,
@@ -168,8 +170,14 @@ enum NonceState {
 
 struct NonceEntry {
     expires: Ticks,
+    /// The HANDSHAKE's authenticated bytes (all but the padding): only a copy of exactly
+    /// this handshake gets the kept reply.
+    handshake: [u8; HANDSHAKE_AUTH_LEN],
     state: NonceState,
 }
+
+/// type, client_id, client_nonce, sealed ticks and tag (§7).
+const HANDSHAKE_AUTH_LEN: usize = 1 + 16 + 16 + 8 + crypto::TAG_LEN;
 
 /// The reference echo host (PROTOCOL.md §7 over the host link of `hostlink`).
 pub struct HostCore {
@@ -397,10 +405,11 @@ impl HostCore {
             self.counters.handshake_unknown_client += 1;
             return None;
         };
-        let Ok((client_ticks, k_s)) = open_handshake(&view, &entry.creds.psk) else {
+        let Ok(client_ticks) = open_handshake(&view, &entry.creds.psk) else {
             self.counters.handshake_bad_aead += 1;
             return None;
         };
+        let psk = Zeroizing::new(entry.creds.psk);
         let window = duration_ticks(self.cfg.handshake_window);
         if client_ticks.abs_diff(now) > window {
             self.counters.handshake_stale_ticks += 1;
@@ -408,13 +417,15 @@ impl HostCore {
         }
         self.expire(now);
         let nonce = view.client_nonce();
+        let mut auth = [0u8; HANDSHAKE_AUTH_LEN];
+        auth.copy_from_slice(&inner[..HANDSHAKE_AUTH_LEN]);
         if let Some(e) = self.nonces.get(&nonce) {
             return match &e.state {
                 NonceState::Replied {
                     client: c,
                     framed,
                     keep_until,
-                } if *c == client && now <= *keep_until => {
+                } if *c == client && now <= *keep_until && crypto::ct_eq(&e.handshake, &auth) => {
                     // A retransmission: same answer, no second registration. Only to the same
                     // client tuple, so a replay from elsewhere cannot aim the reply at a victim.
                     self.counters.handshake_reply_resent += 1;
@@ -444,6 +455,7 @@ impl HostCore {
             nonce,
             NonceEntry {
                 expires,
+                handshake: auth,
                 state: NonceState::Pending,
             },
         );
@@ -459,7 +471,7 @@ impl HostCore {
             Pending {
                 client_id: view.client_id(),
                 nonce,
-                k_s,
+                psk,
                 client,
                 gateway: from,
                 conn_id,
@@ -539,7 +551,15 @@ impl HostCore {
                     kd_s2c: *kd_s2c,
                     slot_keys: slot_keys.clone(),
                 };
-                let inner = Zeroizing::new(build_handshake_reply(&p.k_s, &p.nonce, &reply));
+                // A fresh server nonce for every reply sealed: k_s is then never reused, even
+                // for a HANDSHAKE replayed after a restart or to another host (§7, 1.1).
+                let server_nonce: [u8; 16] = crypto::random_array();
+                let inner = Zeroizing::new(build_handshake_reply(
+                    &p.psk,
+                    &p.nonce,
+                    &server_nonce,
+                    &reply,
+                ));
                 let mut framed = vec![0u8; 1 + MAX_TUPLE_LEN + inner.len()];
                 let n = hostlink::emit_tuple_data(
                     LinkType::ToClientReply,
