@@ -598,9 +598,11 @@ def report(work):
                      "a HANDSHAKE flood registered connections")
     hc = cfg.get("host_counters") or {}
     if hc:
-        p(f"| host (whole run incl. phase 3): handshakes ok / unknown client / bad AEAD / busy; "
-          f"connections | {hc.get('handshakes_ok', 0):,} / {hc.get('handshake_unknown_client', 0):,} / "
-          f"{hc.get('handshake_bad_aead', 0):,} / {hc.get('handshake_busy', 0):,}; {hc.get('connections', 0):,} | |")
+        p(f"| host (whole run incl. phase 3): handshakes ok / unknown client / bad AEAD / busy / "
+          f"over the per-client nonce quota; connections | {hc.get('handshakes_ok', 0):,} / "
+          f"{hc.get('handshake_unknown_client', 0):,} / {hc.get('handshake_bad_aead', 0):,} / "
+          f"{hc.get('handshake_busy', 0):,} / {hc.get('handshake_client_quota', 0):,}; "
+          f"{hc.get('connections', 0):,} | |")
     lt = cfg.get("legit_traffic") or {}
     if lt:
         p(f"| legit loadgen whole run: sent / received / loss % / p99 RTT ms / pacer skipped | "

@@ -539,6 +539,47 @@ fn caps_refuse_instead_of_evicting() {
     assert_eq!(core.counters().handshake_busy, 1);
 }
 
+#[test]
+fn one_client_flooding_nonces_cannot_lock_out_another() {
+    // Security item 4: the nonce cache is shared; one credential holder sending fresh nonces
+    // must not fill it and make every other client's handshake `busy`.
+    let link = LinkKey([9; 16]);
+    let cfg = HostConfig {
+        max_nonces: 600,
+        ..HostConfig::default()
+    };
+    let mut core = HostCore::with_config(&link, clients(&[1, 2]), cfg);
+    let mut out = vec![0u8; 2048];
+    let mut answered = 0;
+    for i in 0..1000u32 {
+        let mut nonce = [0xf0; 16];
+        nonce[..4].copy_from_slice(&i.to_be_bytes());
+        let hs = to_host_handshake(&creds(1), nonce, T0);
+        answered += usize::from(core.handle(T0, gw(), &hs, &mut out).is_some());
+    }
+    let quota = HostConfig::default().max_nonces_per_client;
+    assert_eq!(answered, quota, "the flooder gets its quota of REGISTERs");
+    assert_eq!(core.counters().handshake_client_quota, 1000 - quota as u64);
+    let hs = to_host_handshake(&creds(2), [0x22; 16], T0);
+    assert!(
+        core.handle(T0, gw(), &hs, &mut out).is_some(),
+        "client 2 must still get a REGISTER"
+    );
+    assert_eq!(core.counters().handshake_busy, 0);
+
+    // The quota frees up as the flooder's nonces expire (REGISTERs given up, then 2 windows).
+    let mut now = T0;
+    for _ in 0..8 {
+        now = now.saturating_add(Duration::from_millis(500));
+        core.handle_timeout(now);
+    }
+    let later = T0.saturating_add(Duration::from_secs(21 * 60));
+    core.handle_timeout(later);
+    let hs = to_host_handshake(&creds(1), [0x11; 16], later);
+    assert!(core.handle(later, gw(), &hs, &mut out).is_some());
+    assert_eq!(core.counters().handshake_client_quota, 1000 - quota as u64);
+}
+
 fn link_type_byte() -> impl Strategy<Value = u8> {
     prop_oneof![
         Just(0x01u8),
