@@ -2,7 +2,8 @@
 //! format (any master, epoch, S in 1..=32, address or count) against this implementation.
 //!
 //! Every section may hold one object or an array of them. A malformed file is an error that
-//! names the field; a vector that does not reproduce is a failure line.
+//! names the field, and so is a file with no vectors at all; a vector that does not reproduce
+//! is a failure line.
 #![forbid(unsafe_code)]
 
 use std::net::{IpAddr, SocketAddr};
@@ -430,6 +431,7 @@ pub fn check_json(text: &str, backend: Backend) -> Res<Report> {
             psk: e.array("psk")?,
         };
         let nonce: [u8; 16] = e.array("client_nonce")?;
+        let server_nonce: [u8; 16] = e.array("server_nonce")?;
         let ticks = Ticks(e.u64("client_ticks")?);
         let want_hs = e.bytes("handshake")?;
         let want_reply = e.bytes("handshake_reply")?;
@@ -459,12 +461,12 @@ pub fn check_json(text: &str, backend: Backend) -> Res<Report> {
                 let hs = build_handshake(&creds, &nonce, ticks);
                 expect_eq("handshake", &want_hs, &hs)?;
                 let view = HandshakeView::new_checked(&want_hs).map_err(|e| e.to_string())?;
-                let (got_ticks, k_s) = open_handshake(&view, &creds.psk)
+                let got_ticks = open_handshake(&view, &creds.psk)
                     .map_err(|_| "host cannot open the handshake".to_string())?;
                 if got_ticks != ticks {
                     return Err(format!("handshake opened to ticks {}", got_ticks.0));
                 }
-                let reply = build_handshake_reply(&k_s, &nonce, &fields);
+                let reply = build_handshake_reply(&creds.psk, &nonce, &server_nonce, &fields);
                 expect_eq("handshake_reply", &want_reply, &reply)?;
                 match open_handshake_reply(&want_reply, &creds.psk, &nonce) {
                     Ok(opened) if opened == fields => Ok(()),
@@ -498,8 +500,29 @@ pub fn check_json(text: &str, backend: Backend) -> Res<Report> {
         );
     }
 
+    // A file that checked nothing proves nothing: `0 passed, 0 failed` must not exit 0.
+    if report.passed + report.failed() == 0 {
+        return Err(field_err(
+            "$",
+            format!(
+                "no vectors: expected at least one entry in a section named {}",
+                SECTIONS.join(", ")
+            ),
+        ));
+    }
     Ok(report)
 }
+
+/// The sections `check_json` reads, in the order it checks them.
+const SECTIONS: [&str; 7] = [
+    "key_schedule",
+    "client_keys",
+    "unrecognized",
+    "rebind",
+    "rebind_rejects",
+    "handshake",
+    "data",
+];
 
 fn gateway_state(keys: EpochKeys, backend: Backend) -> Result<EpochState, String> {
     let trial = TrialKeys::new(backend, keys.slot_key_pairs()).map_err(|e| e.to_string())?;
@@ -561,6 +584,26 @@ mod tests {
 
         assert!(check_json("[1]", Backend::Portable).is_err());
         assert!(check_json("{", Backend::Portable).is_err());
+    }
+
+    #[test]
+    fn a_file_without_vectors_is_an_error() {
+        // `0 passed, 0 failed` must not read as success: a typo in every section name, an
+        // empty object or empty sections would otherwise check nothing and exit 0.
+        for text in [
+            "{}",
+            r#"{"about": "no vectors here"}"#,
+            r#"{"handshakes": [{}], "Data": {}}"#,
+            r#"{"data": [], "rebind": []}"#,
+        ] {
+            let err = check_json(text, Backend::Portable).unwrap_err();
+            assert!(err.to_string().contains("no vectors"), "{text}: {err}");
+        }
+        // One vector is enough.
+        let v: Value = serde_json::from_str(V1).unwrap();
+        let one = serde_json::json!({ "data": v["data"][0].clone() });
+        let r = check_json(&one.to_string(), Backend::Portable).unwrap();
+        assert_eq!((r.passed, r.failed()), (1, 0));
     }
 
     #[test]

@@ -30,8 +30,8 @@ use rebindgw::registry::Freshness;
 use rebindgw::time::Ticks;
 use rebindgw::verify::{EpochState, RejectReason, verify_one};
 use rebindgw::wire::{
-    ClientCredentials, DataView, HandshakeReply, HandshakeView, MAX_SLOTS, MsgType, RebindView,
-    Unrecognized, build_handshake_reply, open_handshake, seal_data,
+    ClientCredentials, DataView, HANDSHAKE_LEN, HandshakeReply, HandshakeView, MAX_SLOTS, MsgType,
+    RebindView, Unrecognized, build_handshake_reply, open_handshake, seal_data,
 };
 
 const T0: u64 = 639_028_224_000_000_000;
@@ -105,7 +105,7 @@ impl World {
             match MsgType::of(d) {
                 Ok(MsgType::Handshake) => {
                     let v = HandshakeView::new_checked(d).expect("a whole HANDSHAKE");
-                    assert_eq!(len, 256);
+                    assert_eq!(len, HANDSHAKE_LEN);
                     assert!(open_handshake(&v, &creds().psk).is_ok());
                     self.hs_nonces.push(v.client_nonce());
                 }
@@ -197,12 +197,8 @@ impl World {
     }
 
     fn reply(&self, nonce: &[u8; 16], r: &HandshakeReply) -> Vec<u8> {
-        // k_s depends only on the psk and the nonce; the public way to get it is to open a
-        // HANDSHAKE that carries the nonce.
-        let hs = rebindgw::wire::build_handshake(&creds(), nonce, Ticks(T0));
-        let v = HandshakeView::new_checked(&hs).unwrap();
-        let (_, k_s) = open_handshake(&v, &creds().psk).unwrap();
-        build_handshake_reply(&k_s, nonce, r)
+        // A fresh server nonce per reply, as the host draws one (§7, 1.1).
+        build_handshake_reply(&creds().psk, nonce, &crypto::random_array(), r)
     }
 
     fn issued_reply(&self) -> HandshakeReply {

@@ -29,7 +29,7 @@ use rebindgw::hostlink::{self, Control, LinkKey, LinkType};
 use rebindgw::keys::{EpochKeys, MasterSecret};
 use rebindgw::rebind::{RebindCredentials, RebindSecret, build_rebind, cookie_request};
 use rebindgw::time::Ticks;
-use rebindgw::wire::{MsgType, Unrecognized, canonical, rebind_len};
+use rebindgw::wire::{HANDSHAKE_LEN, MsgType, Unrecognized, canonical, rebind_len};
 
 const T0: u64 = 639_028_224_000_000_000;
 const MASTER: [u8; 32] = [5; 32];
@@ -348,8 +348,8 @@ fn run(u: &mut Unstructured<'_>) -> Result<()> {
                     d.push(0);
                 }
                 d[0] = if u.ratio(1, 4)? { MsgType::Handshake as u8 } else { MsgType::Data as u8 };
-                if d[0] == MsgType::Handshake as u8 && d.len() < 256 && u.arbitrary()? {
-                    d.resize(256, 0);
+                if d[0] == MsgType::Handshake as u8 && d.len() < HANDSHAKE_LEN && u.arbitrary()? {
+                    d.resize(HANDSHAKE_LEN, 0);
                 }
                 batch.push((Via::Client(u8::from(from.is_ipv6())), from, d));
             }

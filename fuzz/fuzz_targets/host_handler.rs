@@ -152,6 +152,7 @@ fn run(u: &mut Unstructured<'_>) -> Result<()> {
     if u.ratio(1, 4)? {
         cfg.max_nonces = u.int_in_range(0..=4)?;
         cfg.max_pending = u.int_in_range(0..=4)?;
+        cfg.max_nonces_per_client = u.int_in_range(0..=4)?;
     }
     let link = LinkKey(LINK);
     let mut w = World {

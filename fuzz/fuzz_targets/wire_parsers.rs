@@ -77,9 +77,8 @@ fuzz_target!(|input: &[u8]| {
 
     if let Ok(v) = HandshakeView::new_checked(d) {
         let _ = (v.client_id(), v.client_nonce());
-        if let Ok((_, k_s)) = open_handshake(&v, &PSK) {
-            assert_eq!(k_s.len(), 16);
-        }
+        // Only a HANDSHAKE sealed under PSK opens; whatever the bytes, it never panics.
+        let _ = open_handshake(&v, &PSK);
     }
 
     if let Ok(v) = DataView::new_checked(d) {

@@ -44,9 +44,9 @@ def payloads(out_dir, epoch):
         "rebind": b"\x52" + bytes([epoch & 0xFF]) + struct.pack(">Q", ticks_now()) + rnd(296),
         # DATA-shaped, 49 B like a client probe: unknown tuple, draws UNRECOGNIZED (33 B).
         "data": b"\x44" + rnd(48),
-        # HANDSHAKE-shaped, 256 B: random client id; forwarded to the host (rate-limited),
-        # which must reject it as an unknown client.
-        "handshake": b"\x48" + rnd(255),
+        # HANDSHAKE-shaped, 640 B (protocol 1.1 padding): random client id; forwarded to the
+        # host (rate-limited), which must reject it as an unknown client.
+        "handshake": b"\x48" + rnd(639),
     }
     for name, body in files.items():
         with open(os.path.join(out_dir, name + ".bin"), "wb") as f:
@@ -244,7 +244,7 @@ def handshake_flood(creds_file, dst, port, rate, secs):
         k_c = hkdf_expand16(hkdf_extract(nonce, psk), b"hs c2s")
         head = b"\x48" + cid + nonce
         sealed = AESGCM(k_c).encrypt(b"\x00" * 12, struct.pack(">Q", ticks_now()), head)
-        payload = (head + sealed).ljust(256, b"\x00")
+        payload = (head + sealed).ljust(640, b"\x00")  # protocol 1.1: padded to 640 B
         src = random_public_v4(rng)
         sport = rng.randrange(1024, 65536)
         udp = struct.pack("!HHHH", sport, port, 8 + len(payload), 0) + payload
@@ -598,9 +598,11 @@ def report(work):
                      "a HANDSHAKE flood registered connections")
     hc = cfg.get("host_counters") or {}
     if hc:
-        p(f"| host (whole run incl. phase 3): handshakes ok / unknown client / bad AEAD / busy; "
-          f"connections | {hc.get('handshakes_ok', 0):,} / {hc.get('handshake_unknown_client', 0):,} / "
-          f"{hc.get('handshake_bad_aead', 0):,} / {hc.get('handshake_busy', 0):,}; {hc.get('connections', 0):,} | |")
+        p(f"| host (whole run incl. phase 3): handshakes ok / unknown client / bad AEAD / busy / "
+          f"over the per-client nonce quota; connections | {hc.get('handshakes_ok', 0):,} / "
+          f"{hc.get('handshake_unknown_client', 0):,} / {hc.get('handshake_bad_aead', 0):,} / "
+          f"{hc.get('handshake_busy', 0):,} / {hc.get('handshake_client_quota', 0):,}; "
+          f"{hc.get('connections', 0):,} | |")
     lt = cfg.get("legit_traffic") or {}
     if lt:
         p(f"| legit loadgen whole run: sent / received / loss % / p99 RTT ms / pacer skipped | "
@@ -660,14 +662,14 @@ def report(work):
                     per = (rp / rpp) / (rq / rqp)
                     p(f"- per answered handshake: {rp / rpp:.0f} B reply for a {rq / rqp:.0f} B request "
                       f"(L3): {per:.2f}x")
+                    # Protocol 1.1: HANDSHAKE_REPLY (127+16*S <= 639 B) never exceeds the 640 B
+                    # HANDSHAKE, so any ratio above 1 is a bug, not a known limit.
                     if per > 1.0:
-                        warns.append(f"WEAKNESS: each answered valid HANDSHAKE from a spoofed source reflects "
-                                     f"{per:.2f}x its size (HANDSHAKE_REPLY 111+16*S = 367 B vs 256 B padding) "
-                                     "towards the spoofed address")
+                        fails.append(f"each answered valid HANDSHAKE from a spoofed source reflects "
+                                     f"{per:.2f}x its size towards the spoofed address (must be <= 1)")
                 if r_ > 1.0:
-                    warns.append(f"WEAKNESS: a valid HANDSHAKE from a spoofed source is answered with more "
-                                 f"bytes than it carried (ratio {r_:.2f}): reflection with amplification "
-                                 f"for an enrolled client")
+                    fails.append(f"a valid HANDSHAKE from a spoofed source is answered with more "
+                                 f"bytes than it carried (ratio {r_:.2f} > 1)")
         if ins.get("fresh_clients_connected") is not None and ins["fresh_clients_connected"] < ins.get("fresh_clients", 0):
             warns.append("WEAKNESS: after a valid-credential HANDSHAKE flood from spoofed sources, "
                          f"only {ins['fresh_clients_connected']}/{ins['fresh_clients']} fresh legit clients could connect")

@@ -16,6 +16,10 @@
 //! - **REBIND** (§6) uses the newest UNRECOGNIZED received, with fresh nonces on every try. The
 //!   session keys of the last [`MAX_REBIND_ATTEMPTS`] tries are kept; a REBIND_ACK must open
 //!   under one of them, carry that try's `t` and name our conn_id.
+//! - **Pacing.** REBINDs and cookie requests draw from a token bucket (`rebind_burst`, then one
+//!   per `rebind_pace`), so forged UNRECOGNIZEDs naming ever new tuples cannot make the client
+//!   send one REBIND per packet; a try over the budget is postponed and then uses the newest
+//!   UNRECOGNIZED.
 //! - **Silent paths** (§6, cookie request): after `probe_after_unanswered` consecutive DATA
 //!   sent with no authenticated packet received, and at least `probe_quiet` since the last one,
 //!   the client sends a cookie request; [`Client::network_changed`] does so at once.
@@ -79,6 +83,14 @@ pub struct ClientConfig {
     pub rebind_backoff_max: Duration,
     /// Give up a rebind this long after it started.
     pub rebind_deadline: Duration,
+    /// REBINDs and cookie requests are paced by a token bucket: `rebind_burst` at once, then
+    /// one per `rebind_pace`, however many UNRECOGNIZEDs arrive (a forged UNRECOGNIZED is 33
+    /// bytes, a REBIND 50 + 16·S). One over the budget is postponed, and then built from the
+    /// newest UNRECOGNIZED.
+    pub rebind_pace: Duration,
+    /// Tokens the bucket holds: enough for a cookie request, its REBIND and one more for a
+    /// tuple that moves again, so a real rebind is never delayed.
+    pub rebind_burst: u32,
     /// Consecutive DATA sent without an authenticated answer before a cookie request.
     pub probe_after_unanswered: u32,
     /// ... and at least this long since the last authenticated packet.
@@ -95,6 +107,9 @@ impl Default for ClientConfig {
             rebind_backoff: Duration::from_millis(200),
             rebind_backoff_max: Duration::from_secs(2),
             rebind_deadline: Duration::from_secs(30),
+            // About one round trip; at most 10 REBINDs/s (3 KB/s at S = 16) after the burst.
+            rebind_pace: Duration::from_millis(100),
+            rebind_burst: 3,
             probe_after_unanswered: 3,
             probe_quiet: Duration::from_secs(1),
         }
@@ -183,6 +198,9 @@ pub struct ClientStats {
     pub rebinds_started: u64,
     pub rebinds_completed: u64,
     pub rebinds_abandoned: u64,
+    /// REBINDs (or cookie requests) postponed by the pacing budget (`rebind_pace`); the
+    /// UNRECOGNIZED that asked for one is kept as the newest and used when the budget allows.
+    pub rebinds_paced: u64,
     /// Wrong type byte, bad length or bad layout.
     pub dropped_malformed: u64,
     /// AEAD failures and REBIND_ACKs that match no outstanding try.
@@ -235,6 +253,8 @@ struct Rebind {
     attempts: VecDeque<RebindAttempt>,
     /// An authenticated packet arrived since the rebind started.
     path_alive: bool,
+    /// A REBIND is owed as soon as the pacing budget allows.
+    deferred: bool,
 }
 
 enum Phase {
@@ -267,6 +287,8 @@ pub struct Client {
     public_tuple: Option<SocketAddr>,
     /// `t` of the last acknowledged rebind.
     last_acked_t: Option<Ticks>,
+    /// Paces REBINDs and cookie requests across rebinds.
+    rebind_pacer: Pacer,
     stats: ClientStats,
 }
 
@@ -294,6 +316,7 @@ impl Client {
             next_retry: now,
             backoff: config.handshake_backoff,
         };
+        let rebind_pacer = Pacer::new(now, config.rebind_burst);
         let mut c = Client {
             config,
             creds,
@@ -310,6 +333,7 @@ impl Client {
             unanswered: 0,
             public_tuple: None,
             last_acked_t: None,
+            rebind_pacer,
             stats: ClientStats::default(),
         };
         c.queue_handshake(now);
@@ -459,6 +483,9 @@ impl Client {
                 let mut t = self.last_sent + self.config.keepalive;
                 if let Some(r) = rebind {
                     t = t.min(r.next_retry).min(r.deadline);
+                    if r.deferred {
+                        t = t.min(self.rebind_pacer.ready_at(self.config.rebind_pace));
+                    }
                 } else if self.unanswered >= self.config.probe_after_unanswered {
                     t = t.min(self.last_recv + self.config.probe_quiet);
                 }
@@ -493,7 +520,11 @@ impl Client {
                     } else if now >= r.next_retry {
                         r.next_retry = now + r.backoff;
                         r.backoff = (r.backoff * 2).min(self.config.rebind_backoff_max);
-                        self.queue_rebind_try();
+                        self.paced_rebind_try(now);
+                    } else if r.deferred
+                        && now >= self.rebind_pacer.ready_at(self.config.rebind_pace)
+                    {
+                        self.paced_rebind_try(now);
                     }
                 }
                 if now >= self.last_sent + self.config.keepalive
@@ -676,6 +707,7 @@ impl Client {
             newest: None,
             attempts: VecDeque::with_capacity(MAX_REBIND_ATTEMPTS),
             path_alive: false,
+            deferred: false,
         };
         let send_now = match (rebind.as_mut(), reason) {
             (Some(r), RebindReason::Unrecognized) => {
@@ -695,8 +727,28 @@ impl Client {
             }
         };
         if send_now {
-            self.queue_rebind_try();
+            self.paced_rebind_try(now);
         }
+    }
+
+    /// Sends a rebind try now if the pacing budget allows, and otherwise owes one
+    /// (`deferred`) for [`Client::handle_timeout`]. However many UNRECOGNIZEDs arrive, the
+    /// client sends at most `rebind_burst` plus one REBIND per `rebind_pace`.
+    fn paced_rebind_try(&mut self, now: Instant) {
+        let Phase::Connected {
+            rebind: Some(r), ..
+        } = &mut self.phase
+        else {
+            return;
+        };
+        let (pace, burst) = (self.config.rebind_pace, self.config.rebind_burst);
+        if !self.rebind_pacer.take(now, pace, burst) {
+            r.deferred = true;
+            self.stats.rebinds_paced += 1;
+            return;
+        }
+        r.deferred = false;
+        self.queue_rebind_try();
     }
 
     /// Queues a REBIND from the newest UNRECOGNIZED with fresh nonces, or a cookie request if
@@ -787,6 +839,63 @@ impl Client {
             && now.saturating_duration_since(self.last_recv) >= self.config.probe_quiet
         {
             self.start_rebind(now, RebindReason::Unanswered, None);
+        }
+    }
+}
+
+/// A token bucket over `Instant`s: up to `burst` tokens, one more every `pace`.
+#[derive(Clone, Copy, Debug)]
+struct Pacer {
+    tokens: u32,
+    /// Tokens are counted as refilled up to this instant.
+    refilled_at: Instant,
+}
+
+impl Pacer {
+    fn new(now: Instant, burst: u32) -> Pacer {
+        Pacer {
+            tokens: burst,
+            refilled_at: now,
+        }
+    }
+
+    fn refill(&mut self, now: Instant, pace: Duration, burst: u32) {
+        if self.tokens >= burst || pace.is_zero() {
+            self.tokens = burst;
+            self.refilled_at = now;
+            return;
+        }
+        let elapsed = now.saturating_duration_since(self.refilled_at);
+        let earned = elapsed.as_nanos() / pace.as_nanos();
+        if earned == 0 {
+            return;
+        }
+        let earned = u32::try_from(earned).unwrap_or(u32::MAX);
+        self.tokens = self.tokens.saturating_add(earned).min(burst);
+        // Keep the fraction of a token already earned, unless the bucket is full.
+        self.refilled_at = if self.tokens >= burst {
+            now
+        } else {
+            self.refilled_at + pace * earned
+        };
+    }
+
+    /// Takes a token if one is available at `now`.
+    fn take(&mut self, now: Instant, pace: Duration, burst: u32) -> bool {
+        self.refill(now, pace, burst);
+        if self.tokens == 0 {
+            return false;
+        }
+        self.tokens -= 1;
+        true
+    }
+
+    /// When the next token is available (now or in the past if one already is).
+    fn ready_at(&self, pace: Duration) -> Instant {
+        if self.tokens > 0 {
+            self.refilled_at
+        } else {
+            self.refilled_at + pace
         }
     }
 }
@@ -940,7 +1049,7 @@ mod tests {
                     if view.client_id() != CLIENT_ID {
                         return out;
                     }
-                    let Ok((ticks, k_s)) = wire::open_handshake(&view, &PSK) else {
+                    let Ok(ticks) = wire::open_handshake(&view, &PSK) else {
                         return out;
                     };
                     assert!(ticks.abs_diff(self.ticks(now)) < 600 * 10_000_000);
@@ -972,7 +1081,9 @@ mod tests {
                         slot_keys: self.epoch.keys.client_keys(reg.index).to_vec(),
                     };
                     let nonce = view.client_nonce();
-                    out.push((from, wire::build_handshake_reply(&k_s, &nonce, &reply)));
+                    let server_nonce = crypto::random_array();
+                    let d = wire::build_handshake_reply(&PSK, &nonce, &server_nonce, &reply);
+                    out.push((from, d));
                 }
                 Ok(MsgType::Data) => match self.tuples.get(&from).copied() {
                     Some(index) => {
@@ -1457,6 +1568,92 @@ mod tests {
         assert_eq!(w.client.stats().dropped_unrecognized, 1);
     }
 
+    /// `n` forged UNRECOGNIZEDs, each naming another tuple, one every `gap`.
+    fn forged_flood(w: &mut World, n: u16, gap: Duration) {
+        for i in 0..n {
+            let observed = SocketAddr::new([192, 0, 2, (i % 250) as u8].into(), 1000 + i);
+            let forged = forged_unrecognized(w, observed);
+            w.inject(&forged);
+            w.drive(gap);
+        }
+    }
+
+    #[test]
+    fn forged_unrecognized_flood_cannot_drive_one_rebind_per_packet() {
+        // Security item 10: each 33-byte forged UNRECOGNIZED with a new tuple used to draw a
+        // 306-byte REBIND at once (9x the attacker's bytes). REBINDs are now paced.
+        let mut w = World::connected();
+        w.drop_to_gw = Box::new(|d| d[0] == b'R');
+        forged_flood(&mut w, 1000, ms(1));
+        let sent = w.sent_of(MsgType::Rebind).len();
+        let (pace, burst) = (
+            ClientConfig::default().rebind_pace,
+            ClientConfig::default().rebind_burst,
+        );
+        let bound = burst as usize + 1000 / pace.as_millis() as usize;
+        // ... and still about one per `pace`: a paced client keeps trying the newest one.
+        assert!(
+            (bound - 2..=bound).contains(&sent),
+            "{sent} REBINDs for 1000 forged UNRECOGNIZEDs in 1 s (bound {bound})"
+        );
+        assert!(w.client.stats().rebinds_paced > 900);
+        assert_eq!(w.client.stats().unrecognized_received, 1000);
+        // A postponed REBIND goes out with the newest UNRECOGNIZED: its epoch, t and cookie.
+        w.drive(pace);
+        let newest = forged_unrecognized(&w, addr("192.0.2.1:1"));
+        w.inject(&newest);
+        w.drive(pace);
+        let last = w.sent_of(MsgType::Rebind).last().unwrap().to_vec();
+        assert_eq!(last[1..10], newest[1..10], "epoch byte and t");
+        assert_eq!(last[10..26], newest[17..33], "cookie");
+    }
+
+    #[test]
+    fn pacer_allows_a_burst_then_one_per_pace() {
+        let t0 = Instant::now();
+        let pace = ms(100);
+        let mut p = Pacer::new(t0, 3);
+        assert!((0..3).all(|_| p.take(t0, pace, 3)));
+        assert!(!p.take(t0, pace, 3));
+        assert_eq!(p.ready_at(pace), t0 + pace);
+        assert!(!p.take(t0 + ms(99), pace, 3));
+        assert!(p.take(t0 + ms(150), pace, 3));
+        // The 50 ms already earned towards the next token are kept.
+        assert!(!p.take(t0 + ms(199), pace, 3));
+        assert!(p.take(t0 + ms(200), pace, 3));
+        // A long quiet spell refills to the burst, no more.
+        let later = t0 + Duration::from_secs(10);
+        assert!((0..3).all(|_| p.take(later, pace, 3)));
+        assert!(!p.take(later, pace, 3));
+    }
+
+    #[test]
+    fn real_rebind_completes_right_after_a_forged_flood() {
+        let pace = ClientConfig::default().rebind_pace;
+        let mut w = World::connected();
+        w.drop_to_gw = Box::new(|d| d[0] == b'R');
+        forged_flood(&mut w, 50, ms(1));
+        assert_eq!(w.client.state(), ClientState::Rebinding);
+        // Now the NAT really moves us, while the flood's last REBIND is under `pace` old.
+        w.drop_to_gw = Box::new(|_| false);
+        let t1 = addr("198.51.100.99:50000");
+        w.client_tuple = t1;
+        let moved_at = w.now;
+        w.client.send(b"draws a real UNRECOGNIZED").unwrap();
+        while w.client.rebinds() == 0 && w.now < moved_at + ms(500) {
+            w.drive(ms(1));
+        }
+        let took = w.now - moved_at;
+        assert_eq!(w.rebound(), vec![(None, t1)]);
+        assert_eq!(
+            w.gw.epoch.registry.get(w.index()).unwrap().tuple(),
+            Some(t1)
+        );
+        // DATA, UNRECOGNIZED, REBIND and ACK each take one LATENCY; pacing adds at most `pace`.
+        assert!(took <= pace + 4 * LATENCY + ms(2), "took {took:?}");
+        w.echo_roundtrip(b"moved");
+    }
+
     #[test]
     fn unanswerable_rebind_is_abandoned_while_data_flows() {
         let mut w = World::connected();
@@ -1564,7 +1761,7 @@ mod tests {
         let ty = prop::sample::select(vec![0x48u8, 0x68, 0x44, 0x55, 0x52, 0x72, 0x00, 0xff]);
         let len = prop_oneof![
             0usize..64,
-            prop::sample::select(vec![17, 25, 33, 45, 49, 127, 306, 367, 623, 1225]),
+            prop::sample::select(vec![17, 25, 33, 45, 49, 127, 306, 383, 639, 640, 1225]),
             0usize..1500,
         ];
         (ty, len, any::<u64>()).prop_map(|(ty, len, seed)| {

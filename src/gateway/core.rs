@@ -581,7 +581,7 @@ impl WorkerCore {
     }
 
     fn forward_handshake(&mut self, now: Ticks, d: &Rx<'_>, tx: &mut TxQueue) {
-        //= PROTOCOL.md §4: HANDSHAKE of at least 256 bytes: forward it, with its source tuple,
+        //= PROTOCOL.md §4: HANDSHAKE of at least 640 bytes: forward it, with its source tuple,
         //# to a host (rate-limited per source). A shorter one is dropped.
         if d.data.len() < HANDSHAKE_LEN {
             self.metrics.inc(C::HandshakeShort);
@@ -1456,9 +1456,11 @@ mod tests {
         cfg.handshake_prefix = Rate::new(1.0, 3.0);
         let mut h = Harness::new(cfg);
         let a = addr("10.0.0.1:4000");
-        let mut hs = vec![0u8; 256];
+        // Protocol 1.1 pads to 640 bytes: one byte less, or a 1.0-sized 256, is dropped.
+        let mut hs = vec![0u8; 640];
         hs[0] = b'H';
-        assert!(h.client(a, &hs[..255]).is_empty());
+        assert!(h.client(a, &hs[..639]).is_empty());
+        assert!(h.client(a, &hs[..256]).is_empty());
         let out = h.client(a, &hs);
         assert_eq!(hostlink::parse_tuple_data(&out[0].2).unwrap(), (a, &hs[..]));
         h.client(a, &hs);
@@ -1467,7 +1469,7 @@ mod tests {
         assert_eq!(h.count(C::HandshakeForwarded), 3);
         assert_eq!(
             (h.count(C::HandshakeShort), h.count(C::HandshakeRate)),
-            (1, 1)
+            (2, 1)
         );
         // The host's reply is relayed to the tuple, but only if it is a HANDSHAKE_REPLY.
         let mut buf = [0u8; 400];

@@ -40,6 +40,10 @@ pub struct HostConfig {
     /// Hard cap on remembered client nonces. When full, new handshakes are refused (never
     /// evicted early: that would reopen the replay window).
     pub max_nonces: usize,
+    /// Remembered nonces one client (credential) may hold. Beyond it that client's new
+    /// handshakes are refused (`handshake_client_quota`) until its nonces expire, so one
+    /// credential cannot fill `max_nonces` and lock every other client out.
+    pub max_nonces_per_client: usize,
     /// Hard cap on handshakes waiting for REGISTERED.
     pub max_pending: usize,
     /// A connection with no DATA for this long is closed (its gateway index freed).
@@ -54,6 +58,10 @@ impl Default for HostConfig {
             register_tries: 5,
             reply_keep: Duration::from_secs(30),
             max_nonces: 1 << 20,
+            // A nonce is kept up to 2 × handshake_window (20 min). A client retries a lost
+            // handshake about 9 times in its 20 s deadline, so 256 allows ~28 failed connects
+            // in 20 minutes, while 4096 credentials are needed to fill the whole cache.
+            max_nonces_per_client: 256,
             max_pending: 1 << 16,
             idle_timeout: Duration::from_secs(600),
         }
@@ -72,6 +80,8 @@ pub struct HostCounters {
     pub handshake_replayed_nonce: u64,
     /// Nonce cache or pending table at its cap.
     pub handshake_busy: u64,
+    /// The client already holds `max_nonces_per_client` remembered nonces.
+    pub handshake_client_quota: u64,
     /// Retransmitted HANDSHAKE answered with the kept reply.
     pub handshake_reply_resent: u64,
     /// Retransmitted HANDSHAKE while REGISTER is still outstanding.
@@ -145,7 +155,8 @@ pub const MAX_UNPROVEN_PER_CLIENT: usize = 4;
 struct Pending {
     client_id: [u8; 16],
     nonce: [u8; 16],
-    k_s: Zeroizing<[u8; 16]>,
+    /// The client's PSK: `k_s` depends on the server nonce drawn when the reply is built.
+    psk: Zeroizing<[u8; 32]>,
     client: SocketAddr,
     gateway: SocketAddr,
     conn_id: u64,
@@ -156,7 +167,8 @@ struct Pending {
 enum NonceState {
     /// REGISTER outstanding under this request id.
     Pending,
-    /// Reply built; kept until `keep_until` for retransmitted handshakes from `client`.
+    /// Reply built; kept until `keep_until` for byte-identical retransmissions from
+    /// `client`. It is re-sent as is, never re-sealed (§7: one reply per server nonce).
     Replied {
         client: SocketAddr,
         framed: Vec<u8>,
@@ -168,8 +180,16 @@ enum NonceState {
 
 struct NonceEntry {
     expires: Ticks,
+    /// Whose nonce it is, for the per-client quota.
+    client_id: [u8; 16],
+    /// The HANDSHAKE's authenticated bytes (all but the padding): only a copy of exactly
+    /// this handshake gets the kept reply.
+    handshake: [u8; HANDSHAKE_AUTH_LEN],
     state: NonceState,
 }
+
+/// type, client_id, client_nonce, sealed ticks and tag (§7).
+const HANDSHAKE_AUTH_LEN: usize = 1 + 16 + 16 + 8 + crypto::TAG_LEN;
 
 /// The reference echo host (PROTOCOL.md §7 over the host link of `hostlink`).
 pub struct HostCore {
@@ -192,6 +212,8 @@ pub struct HostCore {
     /// conn_ids of `pending`, so a new conn_id is unique among live and pending ones.
     pending_ids: HashSet<u64>,
     nonces: HashMap<[u8; 16], NonceEntry>,
+    /// Entries of `nonces` per client_id (absent when zero).
+    nonces_per_client: HashMap<[u8; 16], usize>,
     /// `(expires, nonce)` in insertion order; `expires` grows with `now`.
     nonce_queue: VecDeque<(Ticks, [u8; 16])>,
     /// `(keep_until, nonce)` of kept replies, in insertion order.
@@ -230,6 +252,7 @@ impl HostCore {
             pending: HashMap::new(),
             pending_ids: HashSet::new(),
             nonces: HashMap::new(),
+            nonces_per_client: HashMap::new(),
             nonce_queue: VecDeque::new(),
             reply_queue: VecDeque::new(),
             next_request: u64::from_be_bytes(crypto::random_array()),
@@ -397,10 +420,11 @@ impl HostCore {
             self.counters.handshake_unknown_client += 1;
             return None;
         };
-        let Ok((client_ticks, k_s)) = open_handshake(&view, &entry.creds.psk) else {
+        let Ok(client_ticks) = open_handshake(&view, &entry.creds.psk) else {
             self.counters.handshake_bad_aead += 1;
             return None;
         };
+        let psk = Zeroizing::new(entry.creds.psk);
         let window = duration_ticks(self.cfg.handshake_window);
         if client_ticks.abs_diff(now) > window {
             self.counters.handshake_stale_ticks += 1;
@@ -408,13 +432,15 @@ impl HostCore {
         }
         self.expire(now);
         let nonce = view.client_nonce();
+        let mut auth = [0u8; HANDSHAKE_AUTH_LEN];
+        auth.copy_from_slice(&inner[..HANDSHAKE_AUTH_LEN]);
         if let Some(e) = self.nonces.get(&nonce) {
             return match &e.state {
                 NonceState::Replied {
                     client: c,
                     framed,
                     keep_until,
-                } if *c == client && now <= *keep_until => {
+                } if *c == client && now <= *keep_until && crypto::ct_eq(&e.handshake, &auth) => {
                     // A retransmission: same answer, no second registration. Only to the same
                     // client tuple, so a replay from elsewhere cannot aim the reply at a victim.
                     self.counters.handshake_reply_resent += 1;
@@ -433,6 +459,14 @@ impl HostCore {
                 }
             };
         }
+        // The per-client quota first: a client over it is refused on its own account and
+        // never counts as (or causes) the global `busy`.
+        let client_id = view.client_id();
+        let held = self.nonces_per_client.get(&client_id).copied().unwrap_or(0);
+        if held >= self.cfg.max_nonces_per_client {
+            self.counters.handshake_client_quota += 1;
+            return None;
+        }
         if self.nonces.len() >= self.cfg.max_nonces || self.pending.len() >= self.cfg.max_pending {
             self.counters.handshake_busy += 1;
             return None;
@@ -444,9 +478,12 @@ impl HostCore {
             nonce,
             NonceEntry {
                 expires,
+                client_id,
+                handshake: auth,
                 state: NonceState::Pending,
             },
         );
+        *self.nonces_per_client.entry(client_id).or_insert(0) += 1;
         self.nonce_queue
             .push_back((Ticks(now.0.saturating_add(2 * window)), nonce));
 
@@ -459,7 +496,7 @@ impl HostCore {
             Pending {
                 client_id: view.client_id(),
                 nonce,
-                k_s,
+                psk,
                 client,
                 gateway: from,
                 conn_id,
@@ -539,7 +576,15 @@ impl HostCore {
                     kd_s2c: *kd_s2c,
                     slot_keys: slot_keys.clone(),
                 };
-                let inner = Zeroizing::new(build_handshake_reply(&p.k_s, &p.nonce, &reply));
+                // A fresh server nonce for every reply sealed: k_s is then never reused, even
+                // for a HANDSHAKE replayed after a restart or to another host (§7, 1.1).
+                let server_nonce: [u8; 16] = crypto::random_array();
+                let inner = Zeroizing::new(build_handshake_reply(
+                    &p.psk,
+                    &p.nonce,
+                    &server_nonce,
+                    &reply,
+                ));
                 let mut framed = vec![0u8; 1 + MAX_TUPLE_LEN + inner.len()];
                 let n = hostlink::emit_tuple_data(
                     LinkType::ToClientReply,
@@ -724,6 +769,16 @@ impl HostCore {
         }
     }
 
+    /// One fewer remembered nonce for `client_id`.
+    fn release_nonce(&mut self, client_id: [u8; 16]) {
+        if let Some(n) = self.nonces_per_client.get_mut(&client_id) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.nonces_per_client.remove(&client_id);
+            }
+        }
+    }
+
     fn expire(&mut self, now: Ticks) {
         while let Some(&(until, nonce)) = self.reply_queue.front() {
             if until > now {
@@ -746,7 +801,9 @@ impl HostCore {
                 .get(&nonce)
                 .is_some_and(|e| e.expires <= now && !matches!(e.state, NonceState::Pending));
             if done {
-                self.nonces.remove(&nonce);
+                if let Some(e) = self.nonces.remove(&nonce) {
+                    self.release_nonce(e.client_id);
+                }
             } else if self.nonces.contains_key(&nonce) {
                 // Still pending or not yet expired (clock moved back): look again later.
                 self.nonce_queue.push_back((

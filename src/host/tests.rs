@@ -114,7 +114,7 @@ fn sim() -> Sim {
 
 fn to_host_handshake(c: &ClientCredentials, nonce: [u8; 16], ticks: Ticks) -> Vec<u8> {
     let hs = build_handshake(c, &nonce, ticks);
-    let mut buf = vec![0u8; 300];
+    let mut buf = vec![0u8; 700];
     let n = hostlink::emit_tuple_data(LinkType::ToHostHandshake, &client_tuple(), &hs, &mut buf);
     buf.truncate(n);
     buf
@@ -217,7 +217,7 @@ fn unknown_client_and_bad_aead_dropped() {
     assert_eq!(s.core.counters().handshake_bad_aead, 2);
     // Forged handshakes do not burn the nonce: the real one still works.
     s.handshake(T0, 1, [1; 16]);
-    // Too short (the gateway never forwards < 256) and junk.
+    // Too short (the gateway never forwards < 640) and junk.
     let short = &to_host_handshake(&creds(1), [3; 16], T0)[..200];
     assert!(s.feed(T0, gw(), short).is_none());
     assert_eq!(s.core.counters().handshake_malformed, 1);
@@ -256,7 +256,7 @@ fn replayed_nonce_rejected() {
     s.handshake(T0, 1, [5; 16]);
     let other: SocketAddr = "203.0.113.9:1".parse().unwrap();
     let raw = build_handshake(&creds(1), &[5; 16], T0);
-    let mut buf = vec![0u8; 300];
+    let mut buf = vec![0u8; 700];
     let n = hostlink::emit_tuple_data(LinkType::ToHostHandshake, &other, &raw, &mut buf);
     assert!(s.feed(T0, gw(), &buf[..n]).is_none());
     assert_eq!(s.core.counters().handshake_replayed_nonce, 1);
@@ -359,6 +359,46 @@ fn duplicate_handshake_gets_same_reply_without_second_register() {
         (1, 1, 1)
     );
     assert_eq!(s.core.connections(), 1);
+}
+
+#[test]
+fn every_reply_has_a_fresh_server_nonce_and_resends_are_identical() {
+    let mut s = sim();
+    // The inner HANDSHAKE_REPLY of a TO_CLIENT_REPLY, and its server nonce.
+    let server_nonce = |framed: &[u8]| -> [u8; 16] {
+        let (_, inner) = hostlink::parse_tuple_data(framed).unwrap();
+        assert_eq!(inner.len(), 127 + 16 * SLOTS);
+        inner[17..33].try_into().unwrap()
+    };
+    let mut replies = Vec::new();
+    for nonce in [[1; 16], [2; 16]] {
+        let hs = to_host_handshake(&creds(1), nonce, T0);
+        let (_, reg) = s.feed(T0, gw(), &hs).unwrap();
+        let (registered, _, _) = s.gw.answer(T0, &reg);
+        let (_, framed) = s.feed(T0, gw(), &registered).unwrap();
+        let (_, inner) = hostlink::parse_tuple_data(&framed).unwrap();
+        open_handshake_reply(inner, &creds(1).psk, &nonce).unwrap();
+        // A byte-identical retransmission gets the very bytes sent before, not a new seal.
+        let (_, again) = s.feed(T0, gw(), &hs).unwrap();
+        assert_eq!(again, framed);
+        replies.push(framed);
+    }
+    assert_ne!(server_nonce(&replies[0]), server_nonce(&replies[1]));
+    assert_ne!(server_nonce(&replies[0]), [0; 16]);
+    // Another HANDSHAKE under a used client nonce (other ticks) is not a retransmission: no
+    // reply at all, so nothing is ever sealed twice for one client nonce.
+    let other = to_host_handshake(
+        &creds(1),
+        [1; 16],
+        T0.saturating_add(Duration::from_secs(1)),
+    );
+    assert!(s.feed(T0, gw(), &other).is_none());
+    let c = s.core.counters();
+    assert_eq!(
+        (c.handshake_reply_resent, c.handshake_replayed_nonce),
+        (2, 1)
+    );
+    assert_eq!(c.registrations, 2);
 }
 
 #[test]
@@ -497,6 +537,47 @@ fn caps_refuse_instead_of_evicting() {
         assert_eq!(r.is_some(), i < 2);
     }
     assert_eq!(core.counters().handshake_busy, 1);
+}
+
+#[test]
+fn one_client_flooding_nonces_cannot_lock_out_another() {
+    // Security item 4: the nonce cache is shared; one credential holder sending fresh nonces
+    // must not fill it and make every other client's handshake `busy`.
+    let link = LinkKey([9; 16]);
+    let cfg = HostConfig {
+        max_nonces: 600,
+        ..HostConfig::default()
+    };
+    let mut core = HostCore::with_config(&link, clients(&[1, 2]), cfg);
+    let mut out = vec![0u8; 2048];
+    let mut answered = 0;
+    for i in 0..1000u32 {
+        let mut nonce = [0xf0; 16];
+        nonce[..4].copy_from_slice(&i.to_be_bytes());
+        let hs = to_host_handshake(&creds(1), nonce, T0);
+        answered += usize::from(core.handle(T0, gw(), &hs, &mut out).is_some());
+    }
+    let quota = HostConfig::default().max_nonces_per_client;
+    assert_eq!(answered, quota, "the flooder gets its quota of REGISTERs");
+    assert_eq!(core.counters().handshake_client_quota, 1000 - quota as u64);
+    let hs = to_host_handshake(&creds(2), [0x22; 16], T0);
+    assert!(
+        core.handle(T0, gw(), &hs, &mut out).is_some(),
+        "client 2 must still get a REGISTER"
+    );
+    assert_eq!(core.counters().handshake_busy, 0);
+
+    // The quota frees up as the flooder's nonces expire (REGISTERs given up, then 2 windows).
+    let mut now = T0;
+    for _ in 0..8 {
+        now = now.saturating_add(Duration::from_millis(500));
+        core.handle_timeout(now);
+    }
+    let later = T0.saturating_add(Duration::from_secs(21 * 60));
+    core.handle_timeout(later);
+    let hs = to_host_handshake(&creds(1), [0x11; 16], later);
+    assert!(core.handle(later, gw(), &hs, &mut out).is_some());
+    assert_eq!(core.counters().handshake_client_quota, 1000 - quota as u64);
 }
 
 fn link_type_byte() -> impl Strategy<Value = u8> {

@@ -18,7 +18,7 @@
 //! - `replay`: REBINDs captured from the load clients, sent from attack tuples as captured
 //!   (fail the cookie, check 3), and re-cookied with the attack tuple's own `t` and cookie
 //!   (fail check 4, since the slots encrypt the original `t`).
-//! - `handshake-flood`: 256-byte HANDSHAKEs with random client ids and nonces.
+//! - `handshake-flood`: 640-byte HANDSHAKEs with random client ids and nonces.
 #![forbid(unsafe_code)]
 
 use std::io;
@@ -622,7 +622,7 @@ mod tests {
         }
         assert!(typed > 80, "about half carry a real type byte: {typed}");
         let h = handshake_flood(&mut rng);
-        assert_eq!(h.len(), 256);
+        assert_eq!(h.len(), 640);
         assert_eq!(h[0], MsgType::Handshake as u8);
         assert!(h[57..].iter().all(|b| *b == 0), "zero padding");
         assert!(wire::HandshakeView::new_checked(&h).is_ok());

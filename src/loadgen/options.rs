@@ -183,7 +183,7 @@ pub enum AttackMode {
     WrongSlot,
     /// Real clients' REBINDs replayed from other tuples (as captured, and re-cookied).
     Replay,
-    /// 256-byte HANDSHAKEs with random client ids.
+    /// 640-byte HANDSHAKEs with random client ids.
     HandshakeFlood,
 }
 

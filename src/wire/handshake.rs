@@ -1,12 +1,16 @@
-//! Reference HANDSHAKE and HANDSHAKE_REPLY (§7), read only by clients and hosts.
+//! Reference HANDSHAKE and HANDSHAKE_REPLY (§7, protocol 1.1), read only by clients and hosts.
 //!
 //! ```text
-//! prk_h = Extract(client_nonce, psk); k_c = Expand(prk_h, "hs c2s", 16); k_s = Expand(prk_h, "hs s2c", 16)
+//! k_c = Expand(Extract(client_nonce, psk), "hs c2s", 16)
+//! k_s = Expand(Extract(client_nonce || server_nonce, psk), "hs s2c", 16)
 //! HANDSHAKE       = 0x48 || client_id(16) || client_nonce(16)
-//!                   || GCM-Seal(k_c, 0^12, <33 bytes before>, u64(client ticks)) || zero padding to 256
-//! HANDSHAKE_REPLY = 0x68 || client_nonce(16) || GCM-Seal(k_s, 0^12, <17 bytes before>,
+//!                   || GCM-Seal(k_c, 0^12, <33 bytes before>, u64(client ticks)) || zero padding to 640
+//! HANDSHAKE_REPLY = 0x68 || client_nonce(16) || server_nonce(16) || GCM-Seal(k_s, 0^12, <33 bytes before>,
 //!                   u64(conn_id) || u8(e) || u8(S) || u32(x) || R(32) || kd_c2s(16) || kd_s2c(16) || keys(16*S))
 //! ```
+//!
+//! Both keys seal one message each under the all-zero GCM nonce, so `k_s` must never seal two
+//! different replies: the host draws a fresh `server_nonce` for every reply it builds.
 
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
@@ -14,17 +18,21 @@ use super::{MAX_SLOTS, MIN_SLOTS, MsgType, WireError, array, be_u64, check_type}
 use crate::crypto::{self, AuthError, TAG_LEN, ZERO_NONCE};
 use crate::time::Ticks;
 
-/// A HANDSHAKE is padded to exactly this length (anti-amplification, §4).
-pub const HANDSHAKE_LEN: usize = 256;
+/// A HANDSHAKE is padded to exactly this length (§4, §7): at least the largest reply
+/// (S = 32), so the host never answers with more bytes than it was sent.
+pub const HANDSHAKE_LEN: usize = 640;
 const HS_AAD_LEN: usize = 33;
 const HS_SEALED_LEN: usize = 8 + TAG_LEN;
-const REPLY_AAD_LEN: usize = 17;
+const REPLY_AAD_LEN: usize = 33;
 const REPLY_FIXED_PLAIN: usize = 8 + 1 + 1 + 4 + 32 + 16 + 16;
 
-/// `111 + 16*S` bytes.
+/// `127 + 16*S` bytes.
 pub const fn handshake_reply_len(slots: usize) -> usize {
     REPLY_AAD_LEN + REPLY_FIXED_PLAIN + 16 * slots + TAG_LEN
 }
+
+// The anti-amplification rule of §4, checked at compile time.
+const _: () = assert!(handshake_reply_len(MAX_SLOTS) <= HANDSHAKE_LEN);
 
 /// A client's out-of-band credentials.
 #[derive(Clone, Zeroize, ZeroizeOnDrop)]
@@ -65,16 +73,26 @@ impl std::fmt::Debug for HandshakeReply {
     }
 }
 
-/// `(k_c, k_s)` for a handshake.
-fn handshake_keys(
+/// `k_c`, the key of the HANDSHAKE.
+fn client_key(psk: &[u8; 32], client_nonce: &[u8; 16]) -> Zeroizing<[u8; 16]> {
+    let mut k_c = Zeroizing::new([0u8; 16]);
+    crypto::hkdf(client_nonce, psk, &[b"hs c2s"], &mut *k_c);
+    k_c
+}
+
+/// `k_s`, the key of one HANDSHAKE_REPLY: it depends on the host's fresh `server_nonce`, so
+/// a replayed HANDSHAKE never draws a second reply under the same key (1.1).
+fn server_key(
     psk: &[u8; 32],
     client_nonce: &[u8; 16],
-) -> (Zeroizing<[u8; 16]>, Zeroizing<[u8; 16]>) {
-    let mut k_c = Zeroizing::new([0u8; 16]);
+    server_nonce: &[u8; 16],
+) -> Zeroizing<[u8; 16]> {
+    let mut salt = [0u8; 32];
+    salt[..16].copy_from_slice(client_nonce);
+    salt[16..].copy_from_slice(server_nonce);
     let mut k_s = Zeroizing::new([0u8; 16]);
-    crypto::hkdf(client_nonce, psk, &[b"hs c2s"], &mut *k_c);
-    crypto::hkdf(client_nonce, psk, &[b"hs s2c"], &mut *k_s);
-    (k_c, k_s)
+    crypto::hkdf(&salt, psk, &[b"hs s2c"], &mut *k_s);
+    k_s
 }
 
 /// Builds a HANDSHAKE with its zero padding.
@@ -83,7 +101,7 @@ pub fn build_handshake(
     client_nonce: &[u8; 16],
     client_ticks: Ticks,
 ) -> [u8; HANDSHAKE_LEN] {
-    let (k_c, _) = handshake_keys(&creds.psk, client_nonce);
+    let k_c = client_key(&creds.psk, client_nonce);
     let mut out = [0u8; HANDSHAKE_LEN];
     out[0] = MsgType::Handshake as u8;
     out[1..17].copy_from_slice(&creds.client_id);
@@ -99,8 +117,8 @@ pub fn build_handshake(
     out
 }
 
-/// A HANDSHAKE with checked type and length (at least 256 bytes; the gateway forwards
-/// nothing shorter).
+/// A HANDSHAKE with checked type and length (at least [`HANDSHAKE_LEN`] bytes; the gateway
+/// forwards nothing shorter).
 #[derive(Clone, Copy, Debug)]
 pub struct HandshakeView<'a> {
     buf: &'a [u8],
@@ -126,14 +144,10 @@ impl<'a> HandshakeView<'a> {
     }
 }
 
-/// Verifies a HANDSHAKE under the client's PSK. Returns the client's ticks and `k_s` for the
-/// reply.
-pub fn open_handshake(
-    view: &HandshakeView<'_>,
-    psk: &[u8; 32],
-) -> Result<(Ticks, Zeroizing<[u8; 16]>), AuthError> {
+/// Verifies a HANDSHAKE under the client's PSK. Returns the client's ticks.
+pub fn open_handshake(view: &HandshakeView<'_>, psk: &[u8; 32]) -> Result<Ticks, AuthError> {
     let nonce = view.client_nonce();
-    let (k_c, k_s) = handshake_keys(psk, &nonce);
+    let k_c = client_key(psk, &nonce);
     let mut ticks = [0u8; 8];
     crypto::open_to(
         &crypto::gcm(&k_c),
@@ -142,19 +156,24 @@ pub fn open_handshake(
         &view.buf[HS_AAD_LEN..HS_AAD_LEN + HS_SEALED_LEN],
         &mut ticks,
     )?;
-    Ok((Ticks(u64::from_be_bytes(ticks)), k_s))
+    Ok(Ticks(u64::from_be_bytes(ticks)))
 }
 
-/// Builds HANDSHAKE_REPLY under `k_s`.
+/// Builds HANDSHAKE_REPLY under `k_s` of (`psk`, `client_nonce`, `server_nonce`). The caller
+/// must draw a fresh random `server_nonce` for every call (§7); only the conformance vectors
+/// pass a fixed one.
 pub fn build_handshake_reply(
-    k_s: &[u8; 16],
+    psk: &[u8; 32],
     client_nonce: &[u8; 16],
+    server_nonce: &[u8; 16],
     reply: &HandshakeReply,
 ) -> Vec<u8> {
+    let k_s = server_key(psk, client_nonce, server_nonce);
     let slots = reply.slot_keys.len();
     let mut out = vec![0u8; handshake_reply_len(slots)];
     out[0] = MsgType::HandshakeReply as u8;
     out[1..17].copy_from_slice(client_nonce);
+    out[17..33].copy_from_slice(server_nonce);
     {
         let p = &mut out[REPLY_AAD_LEN..];
         p[0..8].copy_from_slice(&reply.conn_id.to_be_bytes());
@@ -169,7 +188,7 @@ pub fn build_handshake_reply(
         }
     }
     let (aad, body) = out.split_at_mut(REPLY_AAD_LEN);
-    crypto::seal_in_place(&crypto::gcm(k_s), &ZERO_NONCE, aad, body);
+    crypto::seal_in_place(&crypto::gcm(&k_s), &ZERO_NONCE, aad, body);
     out
 }
 
@@ -204,7 +223,8 @@ pub fn open_handshake_reply(
     if !crypto::ct_eq(&buf[1..17], client_nonce) {
         return Err(ReplyError::OtherNonce);
     }
-    let (_, k_s) = handshake_keys(psk, client_nonce);
+    let server_nonce: [u8; 16] = array(buf, 17);
+    let k_s = server_key(psk, client_nonce, &server_nonce);
     let mut p = Zeroizing::new(vec![0u8; buf.len() - REPLY_AAD_LEN - TAG_LEN]);
     crypto::open_to(
         &crypto::gcm(&k_s),
@@ -240,35 +260,40 @@ mod tests {
         }
     }
 
-    #[test]
-    fn handshake_roundtrip() {
-        let c = creds();
-        let hs = build_handshake(&c, &[3; 16], Ticks(99));
-        let v = HandshakeView::new_checked(&hs).unwrap();
-        assert_eq!(v.client_id(), [1; 16]);
-        assert_eq!(v.client_nonce(), [3; 16]);
-        let (t, _) = open_handshake(&v, &c.psk).unwrap();
-        assert_eq!(t, Ticks(99));
-        assert!(open_handshake(&v, &[9; 32]).is_err());
-        assert!(HandshakeView::new_checked(&hs[..255]).is_err());
-    }
-
-    #[test]
-    fn reply_roundtrip_and_rejects() {
-        let c = creds();
-        let nonce = [3; 16];
-        let (_, k_s) = handshake_keys(&c.psk, &nonce);
-        let r = HandshakeReply {
+    fn fields(slots: usize) -> HandshakeReply {
+        HandshakeReply {
             conn_id: 5,
             epoch_byte: 7,
             index: 1234,
             rebind_secret: [4; 32],
             kd_c2s: [5; 16],
             kd_s2c: [6; 16],
-            slot_keys: vec![[7; 16]; 3],
-        };
-        let buf = build_handshake_reply(&k_s, &nonce, &r);
+            slot_keys: vec![[7; 16]; slots],
+        }
+    }
+
+    #[test]
+    fn handshake_roundtrip() {
+        let c = creds();
+        let hs = build_handshake(&c, &[3; 16], Ticks(99));
+        assert_eq!(hs.len(), 640);
+        assert!(hs[57..].iter().all(|b| *b == 0), "zero padding");
+        let v = HandshakeView::new_checked(&hs).unwrap();
+        assert_eq!(v.client_id(), [1; 16]);
+        assert_eq!(v.client_nonce(), [3; 16]);
+        assert_eq!(open_handshake(&v, &c.psk), Ok(Ticks(99)));
+        assert!(open_handshake(&v, &[9; 32]).is_err());
+        assert!(HandshakeView::new_checked(&hs[..639]).is_err());
+    }
+
+    #[test]
+    fn reply_roundtrip_and_rejects() {
+        let c = creds();
+        let nonce = [3; 16];
+        let r = fields(3);
+        let buf = build_handshake_reply(&c.psk, &nonce, &[8; 16], &r);
         assert_eq!(buf.len(), handshake_reply_len(3));
+        assert_eq!(buf[17..33], [8; 16], "server nonce in clear");
         assert_eq!(open_handshake_reply(&buf, &c.psk, &nonce), Ok(r));
         assert_eq!(
             open_handshake_reply(&buf, &c.psk, &[0; 16]),
@@ -280,8 +305,34 @@ mod tests {
             open_handshake_reply(&bad, &c.psk, &nonce),
             Err(ReplyError::Auth)
         );
+        // The server nonce is authenticated (it is in the AAD and selects k_s).
+        let mut other = buf.clone();
+        other[20] ^= 1;
+        assert_eq!(
+            open_handshake_reply(&other, &c.psk, &nonce),
+            Err(ReplyError::Auth)
+        );
         for cut in 0..buf.len() {
             assert!(open_handshake_reply(&buf[..cut], &c.psk, &nonce).is_err());
         }
+    }
+
+    #[test]
+    fn each_server_nonce_gives_its_own_key() {
+        // 1.0 sealed every reply to one client nonce under one (key, nonce) pair; two replies
+        // to a replayed HANDSHAKE then leaked their XOR. Under 1.1 the keystreams differ.
+        let c = creds();
+        let a = build_handshake_reply(&c.psk, &[3; 16], &[1; 16], &fields(2));
+        let b = build_handshake_reply(&c.psk, &[3; 16], &[2; 16], &fields(2));
+        assert_ne!(a[33..], b[33..]);
+        assert_eq!(open_handshake_reply(&a, &c.psk, &[3; 16]), Ok(fields(2)));
+        assert_eq!(open_handshake_reply(&b, &c.psk, &[3; 16]), Ok(fields(2)));
+    }
+
+    #[test]
+    fn no_reply_is_larger_than_a_handshake() {
+        assert_eq!(handshake_reply_len(16), 383);
+        assert_eq!(handshake_reply_len(MAX_SLOTS), 639);
+        assert!(handshake_reply_len(MAX_SLOTS) <= HANDSHAKE_LEN);
     }
 }
