@@ -1418,7 +1418,7 @@ mod tests {
         cfg.handshake_prefix = Rate::new(1.0, 1.0);
         let mut h = Harness::new(cfg);
         let a = addr("10.0.0.1:4000");
-        let mut hs = vec![0u8; 256];
+        let mut hs = vec![0u8; HANDSHAKE_LEN];
         hs[0] = b'H';
         let host2 = addr("127.0.0.1:7001");
         let mut buf = [0u8; 64];
