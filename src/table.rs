@@ -375,7 +375,7 @@ impl<const KW: usize, const W: usize, const TAG: usize> Raw<KW, W, TAG> {
 
     /// Test helper: every occupied bucket is reachable from its home without crossing an
     /// empty bucket, keys are unique, and `len` matches.
-    #[cfg(test)]
+    #[cfg(all(test, not(loom)))]
     fn check_invariants(&self) {
         let mut count = 0;
         let mut seen = std::collections::HashSet::new();
@@ -694,7 +694,7 @@ macro_rules! impl_debug {
 }
 impl_debug!(TupleTable, TupleWriter, ConnTable, ConnWriter);
 
-#[cfg(test)]
+#[cfg(all(test, not(loom)))]
 impl TupleWriter {
     fn with_hash(max_entries: usize, f: fn(&[u64]) -> u64) -> Self {
         let mut raw = TupleRaw::with_keys(max_entries, 1, 2);

@@ -576,7 +576,7 @@ mod tests {
         for b in ALL_BACKENDS {
             if !b.is_supported() {
                 eprintln!(
-                    "skipping backend {b}: this CPU lacks {}",
+                    "skipped: backend {b} (this CPU lacks {})",
                     b.missing_features().join(", ")
                 );
             }
