@@ -1349,7 +1349,10 @@ mod loom {
                 assert_eq!(w.insert(C, route(C, 1)), Ok(None));
             });
             let b = r.get(B);
-            assert!(b == Some(route(B, 1)) || b == Some(route(B, 2)), "B read as {b:?}");
+            assert!(
+                b == Some(route(B, 1)) || b == Some(route(B, 2)),
+                "B read as {b:?}"
+            );
             let c = r.get(C);
             assert!(c.is_none() || c == Some(route(C, 1)), "C read as {c:?}");
             writer.join().unwrap();

@@ -256,7 +256,11 @@ fn measurement_run() {
     assert!(report.passed(), "failures: {:?}", report.failures);
     assert_eq!(report.clients.requested, clients, "{:?}", report.clients);
     assert_eq!(report.clients.connected, clients, "{:?}", report.clients);
-    assert!(report.traffic.received > 0, "no echo came back: {:?}", report.traffic);
+    assert!(
+        report.traffic.received > 0,
+        "no echo came back: {:?}",
+        report.traffic
+    );
     for a in &report.attacks {
         assert!(a.sent > 0, "attack {} sent nothing: {a:?}", a.mode);
     }

@@ -227,7 +227,10 @@ mod tests {
         let key = [0x2b; 16];
         assert!(!FastAes128::with_backend(&key, Backend::Portable).is_accelerated());
         for backend in fast_backends() {
-            assert!(FastAes128::with_backend(&key, backend).is_accelerated(), "{backend}");
+            assert!(
+                FastAes128::with_backend(&key, backend).is_accelerated(),
+                "{backend}"
+            );
         }
         // The override as the process reads it: a value, not the environment (no races).
         let portable = super::super::process_backend_from_value(Some("portable"));

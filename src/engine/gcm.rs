@@ -461,7 +461,10 @@ mod tests {
         assert!(!SessionGcm::with_backend(&key, portable).is_accelerated());
         if fast_path_runs() {
             for backend in [Backend::AesNi, Backend::Vaes] {
-                assert!(SessionGcm::with_backend(&key, backend).is_accelerated(), "{backend}");
+                assert!(
+                    SessionGcm::with_backend(&key, backend).is_accelerated(),
+                    "{backend}"
+                );
             }
         }
     }
@@ -473,7 +476,11 @@ mod tests {
             Just((9, SessionNonce::Ack)),
             (0usize..600, any::<bool>()).prop_map(|(len, ack)| (
                 len,
-                if ack { SessionNonce::Ack } else { SessionNonce::Rebind }
+                if ack {
+                    SessionNonce::Ack
+                } else {
+                    SessionNonce::Rebind
+                }
             )),
         ]
     }
@@ -564,7 +571,11 @@ mod tests {
                         assert_eq!(buf, t.pt[..], "tcId {id} {backend}: plaintext");
                         let mut sealed = t.pt.to_vec();
                         let got = gcm
-                            .encrypt_inout_detached((&nonce).into(), &t.aad, sealed.as_mut_slice().into())
+                            .encrypt_inout_detached(
+                                (&nonce).into(),
+                                &t.aad,
+                                sealed.as_mut_slice().into(),
+                            )
                             .unwrap();
                         assert_eq!(sealed, t.ct[..], "tcId {id} {backend}: ciphertext");
                         assert_eq!(got[..], t.tag[..], "tcId {id} {backend}: tag");
@@ -596,9 +607,16 @@ mod tests {
                 }
             }
         }
-        assert_eq!((gcm_checked, gcm_invalid), (67, 27), "the 128/96 groups changed");
+        assert_eq!(
+            (gcm_checked, gcm_invalid),
+            (67, 27),
+            "the 128/96 groups changed"
+        );
         if fast_path_runs() {
-            assert_eq!(session_checked, 1, "8-byte-message vectors run on SessionGcm");
+            assert_eq!(
+                session_checked, 1,
+                "8-byte-message vectors run on SessionGcm"
+            );
         }
     }
 }

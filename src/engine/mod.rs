@@ -900,7 +900,11 @@ mod tests {
         );
         assert_eq!(process_backend_from_value(Some("fast")), Backend::Portable);
         for b in ALL_BACKENDS {
-            let want = if b.is_supported() { b } else { Backend::Portable };
+            let want = if b.is_supported() {
+                b
+            } else {
+                Backend::Portable
+            };
             assert_eq!(process_backend_from_value(Some(b.name())), want);
         }
         assert!(!fast_paths_allowed(Backend::Portable));

@@ -358,12 +358,19 @@ mod tests {
         let mut v = vec![Backend::Portable];
         #[cfg(target_arch = "x86_64")]
         {
-            assert!(!uses_sha_ni(Backend::Portable), "portable must switch SHA-NI off");
-            assert!(!uses_sha_ni(crate::engine::process_backend_from_value(Some("portable"))));
+            assert!(
+                !uses_sha_ni(Backend::Portable),
+                "portable must switch SHA-NI off"
+            );
+            assert!(!uses_sha_ni(crate::engine::process_backend_from_value(
+                Some("portable")
+            )));
             if uses_sha_ni(Backend::AesNi) {
                 v.push(Backend::AesNi);
             } else {
-                eprintln!("skipped: compress_x2's SHA-NI path (this CPU lacks sha, ssse3 or sse4.1)");
+                eprintln!(
+                    "skipped: compress_x2's SHA-NI path (this CPU lacks sha, ssse3 or sse4.1)"
+                );
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
