@@ -1326,9 +1326,12 @@ mod loom {
                 assert_eq!(w.remove(A), Some(route(A, 1)));
                 w
             });
-            assert_eq!(r.get(B), Some(route(B, 1)));
-            let a = r.get(A);
-            assert!(a.is_none() || a == Some(route(A, 1)), "A read as {a:?}");
+            let reader = ::loom::thread::spawn(move || {
+                assert_eq!(r.get(B), Some(route(B, 1)));
+                let a = r.get(A);
+                assert!(a.is_none() || a == Some(route(A, 1)), "A read as {a:?}");
+            });
+            reader.join().unwrap();
             let w = writer.join().unwrap();
             assert_eq!(w.get(A), None);
             assert_eq!(w.get(B), Some(route(B, 1)));
@@ -1344,20 +1347,24 @@ mod loom {
             let mut w = ConnWriter::with_hash(4, same_home);
             w.insert(B, route(B, 1)).unwrap();
             let r = w.reader();
+            let r_after = w.reader();
             let writer = ::loom::thread::spawn(move || {
                 assert_eq!(w.insert(B, route(B, 2)), Ok(Some(route(B, 1))));
                 assert_eq!(w.insert(C, route(C, 1)), Ok(None));
             });
-            let b = r.get(B);
-            assert!(
-                b == Some(route(B, 1)) || b == Some(route(B, 2)),
-                "B read as {b:?}"
-            );
-            let c = r.get(C);
-            assert!(c.is_none() || c == Some(route(C, 1)), "C read as {c:?}");
+            let reader = ::loom::thread::spawn(move || {
+                let b = r.get(B);
+                assert!(
+                    b == Some(route(B, 1)) || b == Some(route(B, 2)),
+                    "B read as {b:?}"
+                );
+                let c = r.get(C);
+                assert!(c.is_none() || c == Some(route(C, 1)), "C read as {c:?}");
+            });
+            reader.join().unwrap();
             writer.join().unwrap();
-            assert_eq!(r.get(B), Some(route(B, 2)));
-            assert_eq!(r.get(C), Some(route(C, 1)));
+            assert_eq!(r_after.get(B), Some(route(B, 2)));
+            assert_eq!(r_after.get(C), Some(route(C, 1)));
         });
     }
 
