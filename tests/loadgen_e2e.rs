@@ -255,7 +255,11 @@ fn measurement_run() {
 
     assert!(report.passed(), "failures: {:?}", report.failures);
     assert_eq!(report.clients.requested, clients, "{:?}", report.clients);
-    assert_eq!(report.clients.connected, clients as u64, "{:?}", report.clients);
+    assert_eq!(
+        report.clients.connected, clients as u64,
+        "{:?}",
+        report.clients
+    );
     assert!(
         report.traffic.received > 0,
         "no echo came back: {:?}",
