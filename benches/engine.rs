@@ -218,6 +218,14 @@ fn engine(c: &mut Criterion) {
         Backend::all_supported(),
         Backend::best()
     );
+    for b in [Backend::AesNi, Backend::Vaes] {
+        if !b.is_supported() {
+            eprintln!(
+                "skipped: backend {b} (this CPU lacks {})",
+                b.missing_features().join(", ")
+            );
+        }
+    }
     bench_aes_raw(&mut c, &keys);
     bench_trial_step(&mut c, &keys, &mut rng);
     bench_naive(&mut c, &keys, &mut rng);

@@ -75,6 +75,10 @@ pub enum RegistryError {
     Full(u64),
     #[error("index {index} is outside the index space 2^{slots}")]
     OutOfRange { index: u32, slots: usize },
+    /// A connection of a key epoch the gateway holds no registry for (neither the current
+    /// epoch nor the one in its grace period).
+    #[error("no registry for key epoch {0}")]
+    UnknownEpoch(u32),
     #[error("index {0} is already registered")]
     Taken(u32),
 }

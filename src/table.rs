@@ -45,7 +45,8 @@
 //! * Reader: `s1 = seq.load(Acquire)`; if odd, back off and retry; probe with `Relaxed` loads;
 //!   `fence(Acquire)`; `s2 = seq.load(Relaxed)`; accept the result only if `s1 == s2`.
 //!
-//! Why a validated read is a consistent snapshot (the argument loom would check): suppose a
+//! Why a validated read is a consistent snapshot (the `loom` tests at the end of this file check
+//! it on small models; see there for the command): suppose a
 //! reader's `Relaxed` load returned a value stored by a write section W. W's stores follow
 //! W's `fence(Release)`, which follows W's odd store; the reader's `fence(Acquire)` follows the
 //! load, so the two fences synchronise and the reader's later load of `seq` sees W's odd store
@@ -78,11 +79,31 @@
 
 use std::hash::Hasher as _;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering, fence};
+
+use sync::{Arc, AtomicU64, AtomicUsize, Ordering, fence};
 
 use crossbeam::utils::CachePadded;
 use siphasher::sip::SipHasher13;
+
+/// The shared-memory primitives of the seqlock: std's, or loom's in the model-checking tests
+/// (`--cfg loom`, see the `loom` test module at the end of this file), so that loom sees every
+/// atomic access, fence and spin of the real code.
+mod sync {
+    #[cfg(all(loom, test))]
+    pub(super) use ::loom::{
+        hint::spin_loop,
+        sync::Arc,
+        sync::atomic::{AtomicU64, AtomicUsize, Ordering, fence},
+        thread::yield_now,
+    };
+    #[cfg(not(all(loom, test)))]
+    pub(super) use std::{
+        hint::spin_loop,
+        sync::Arc,
+        sync::atomic::{AtomicU64, AtomicUsize, Ordering, fence},
+        thread::yield_now,
+    };
+}
 
 /// Failed read attempts (odd or changed sequence number) before a reader starts calling
 /// `thread::yield_now` between attempts instead of only spinning.
@@ -218,9 +239,9 @@ impl<const KW: usize, const W: usize, const TAG: usize> Raw<KW, W, TAG> {
             }
             failures = failures.saturating_add(1);
             if failures < SPINS_BEFORE_YIELD {
-                std::hint::spin_loop();
+                sync::spin_loop();
             } else {
-                std::thread::yield_now();
+                sync::yield_now();
             }
         }
     }
@@ -354,7 +375,7 @@ impl<const KW: usize, const W: usize, const TAG: usize> Raw<KW, W, TAG> {
 
     /// Test helper: every occupied bucket is reachable from its home without crossing an
     /// empty bucket, keys are unique, and `len` matches.
-    #[cfg(test)]
+    #[cfg(all(test, not(loom)))]
     fn check_invariants(&self) {
         let mut count = 0;
         let mut seen = std::collections::HashSet::new();
@@ -673,7 +694,7 @@ macro_rules! impl_debug {
 }
 impl_debug!(TupleTable, TupleWriter, ConnTable, ConnWriter);
 
-#[cfg(test)]
+#[cfg(all(test, not(loom)))]
 impl TupleWriter {
     fn with_hash(max_entries: usize, f: fn(&[u64]) -> u64) -> Self {
         let mut raw = TupleRaw::with_keys(max_entries, 1, 2);
@@ -695,7 +716,8 @@ impl ConnWriter {
     }
 }
 
-#[cfg(test)]
+// The std-thread tests below would use loom's atomics outside a loom model under `--cfg loom`.
+#[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
     use proptest::prelude::*;
@@ -1234,5 +1256,142 @@ mod tests {
         tw.raw.check_invariants();
         cw.raw.check_invariants();
         eprintln!("stress: {writes} writes, {total} lookups");
+    }
+}
+
+/// Model checking of the seqlock with loom: every interleaving (up to a preemption bound) of
+/// one writer and the readers, with every value a `Relaxed` load may return under the C++11
+/// memory model, not just the ones a real CPU happens to produce.
+///
+/// Run with (the release profile only for speed; the model is small):
+///
+/// ```text
+/// RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=... cargo test --release --lib table::loom
+/// ```
+///
+/// Plain `cargo test` does not build these (nor needs the `loom` crate). Under `--cfg loom`
+/// the `sync` module above hands the table loom's atomics, fence, `Arc` and spin hints.
+#[cfg(all(test, loom))]
+mod loom {
+    use super::*;
+
+    /// Every key has home bucket 0: one cluster, so a remove shifts the next entry back and a
+    /// reader can race with an entry moving between buckets.
+    fn same_home(_: &[u64]) -> u64 {
+        0
+    }
+
+    /// A route whose every word depends on `(key, version)`, so a bucket image assembled from
+    /// two different states (a torn read) decodes to a route that is not any legal one.
+    fn route(key: u64, version: u32) -> ConnRoute {
+        let v = u64::from(version);
+        let bits = (u128::from(key) << 96) | (u128::from(v) << 64) | u128::from(key ^ (v << 8));
+        ConnRoute {
+            tuple: Some(SocketAddr::new(
+                Ipv6Addr::from_bits(bits).into(),
+                (key as u16) ^ (version as u16) << 8,
+            )),
+            owner: (key as u8) ^ (version as u8),
+            index: (key as u32) << 8 | version,
+            epoch_byte: version as u8,
+        }
+    }
+
+    const A: u64 = 0xa;
+    const B: u64 = 0xb;
+    const C: u64 = 0xc;
+
+    fn builder() -> ::loom::model::Builder {
+        let mut b = ::loom::model::Builder::new();
+        // Bounded so the run stays at seconds; loom's docs: most bugs need 2-3 preemptions.
+        if b.preemption_bound.is_none() {
+            b.preemption_bound = Some(3);
+        }
+        b
+    }
+
+    /// A remove that shifts another entry back, racing with a reader of both keys.
+    ///
+    /// Before: A at bucket 0, B at bucket 1 (both home 0). Writer: remove A (B moves to
+    /// bucket 0, bucket 1 is cleared). Reader: B is present throughout, so `get(B)` must find
+    /// it with its exact value; `get(A)` must be its value or nothing.
+    #[test]
+    fn remove_with_backward_shift() {
+        builder().check(|| {
+            let mut w = ConnWriter::with_hash(4, same_home);
+            w.insert(A, route(A, 1)).unwrap();
+            w.insert(B, route(B, 1)).unwrap();
+            let r = w.reader();
+            let writer = ::loom::thread::spawn(move || {
+                assert_eq!(w.remove(A), Some(route(A, 1)));
+                w
+            });
+            let reader = ::loom::thread::spawn(move || {
+                assert_eq!(r.get(B), Some(route(B, 1)));
+                let a = r.get(A);
+                assert!(a.is_none() || a == Some(route(A, 1)), "A read as {a:?}");
+            });
+            reader.join().unwrap();
+            let w = writer.join().unwrap();
+            assert_eq!(w.get(A), None);
+            assert_eq!(w.get(B), Some(route(B, 1)));
+        });
+    }
+
+    /// An update in place and an insert of a new key into the same cluster, racing with a
+    /// reader: B is always present with its old or new value (never a mix of the two), C is
+    /// absent or complete.
+    #[test]
+    fn update_and_insert() {
+        builder().check(|| {
+            let mut w = ConnWriter::with_hash(4, same_home);
+            w.insert(B, route(B, 1)).unwrap();
+            let r = w.reader();
+            let r_after = w.reader();
+            let writer = ::loom::thread::spawn(move || {
+                assert_eq!(w.insert(B, route(B, 2)), Ok(Some(route(B, 1))));
+                assert_eq!(w.insert(C, route(C, 1)), Ok(None));
+            });
+            let reader = ::loom::thread::spawn(move || {
+                let b = r.get(B);
+                assert!(
+                    b == Some(route(B, 1)) || b == Some(route(B, 2)),
+                    "B read as {b:?}"
+                );
+                let c = r.get(C);
+                assert!(c.is_none() || c == Some(route(C, 1)), "C read as {c:?}");
+            });
+            reader.join().unwrap();
+            writer.join().unwrap();
+            assert_eq!(r_after.get(B), Some(route(B, 2)));
+            assert_eq!(r_after.get(C), Some(route(C, 1)));
+        });
+    }
+
+    /// Two readers and a writer that removes and re-inserts: each reader sees A either
+    /// absent or with one of its complete values, and B always.
+    #[test]
+    fn two_readers_remove_reinsert() {
+        builder().check(|| {
+            let mut w = ConnWriter::with_hash(4, same_home);
+            w.insert(A, route(A, 1)).unwrap();
+            w.insert(B, route(B, 1)).unwrap();
+            let r2 = w.reader();
+            let r = w.reader();
+            let writer = ::loom::thread::spawn(move || {
+                w.remove(A);
+                w.insert(A, route(A, 2)).unwrap();
+            });
+            let reader = ::loom::thread::spawn(move || {
+                let a = r2.get(A);
+                assert!(
+                    a.is_none() || a == Some(route(A, 1)) || a == Some(route(A, 2)),
+                    "A read as {a:?}"
+                );
+            });
+            assert_eq!(r.get(B), Some(route(B, 1)));
+            writer.join().unwrap();
+            reader.join().unwrap();
+        });
     }
 }

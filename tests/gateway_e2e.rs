@@ -389,7 +389,7 @@ fn restart_keeps_connections_and_refuses_pre_restart_rebinds() {
 #[test]
 fn ipv6_clients() {
     if UdpSocket::bind("[::1]:0").is_err() {
-        eprintln!("skipping ipv6_clients: no IPv6 loopback on this machine");
+        eprintln!("skipped: ipv6_clients: no IPv6 loopback on this machine");
         return;
     }
     let w = World::new("[::1]:0", |_| {});

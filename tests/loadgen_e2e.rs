@@ -209,9 +209,14 @@ fn env<T: std::str::FromStr>(name: &str) -> Option<T> {
 /// `LOADGEN_CLIENTS=4096 LOADGEN_DURATION=10 LOADGEN_STORM_AT=5 cargo test --release
 /// --test loadgen_e2e -- --ignored --nocapture`. Also: LOADGEN_RATE, LOADGEN_WINDOW,
 /// LOADGEN_CHURN, LOADGEN_STORM_EVERY, LOADGEN_THREADS, LOADGEN_PAYLOAD, LOADGEN_ATTACKS
-/// (comma list or "all"), LOADGEN_ATTACK_RATE, LOADGEN_JSON=1.
+/// (comma list or "all"), LOADGEN_ATTACK_RATE, LOADGEN_MAX_LOSS (percent), LOADGEN_JSON=1.
+///
+/// Fails when the report's own verdict fails (a client that did not connect or recover, a
+/// misdelivered echo, an accepted forgery, loss over LOADGEN_MAX_LOSS, ...) or when the run
+/// moved no traffic at all.
 #[test]
-#[ignore = "measurement run; configure with LOADGEN_* variables"]
+#[ignore = "measurement run (4096 clients for 10 s by default: too long and too heavy for the \
+            suite on 2 cores; meant for --release); configure with LOADGEN_* variables"]
 fn measurement_run() {
     let rig = Rig::start("loadgen-measure");
     let gateways = rig.gateways();
@@ -246,11 +251,29 @@ fn measurement_run() {
         };
     }
     o.attack_rate = env("LOADGEN_ATTACK_RATE").unwrap_or(200.0);
+    o.max_loss_pct = env("LOADGEN_MAX_LOSS");
     o.clients_file = Some(rig.clients_file.clone());
+    let clients = o.clients;
     let report = loadgen::run_with(o, &gateways, true).unwrap();
     if env::<u8>("LOADGEN_JSON") == Some(1) {
         println!("{}", report.to_json());
     }
     println!("{}", report.to_human());
     rig.stop();
+
+    assert!(report.passed(), "failures: {:?}", report.failures);
+    assert_eq!(report.clients.requested, clients, "{:?}", report.clients);
+    assert_eq!(
+        report.clients.connected, clients as u64,
+        "{:?}",
+        report.clients
+    );
+    assert!(
+        report.traffic.received > 0,
+        "no echo came back: {:?}",
+        report.traffic
+    );
+    for a in &report.attacks {
+        assert!(a.sent > 0, "attack {} sent nothing: {a:?}", a.mode);
+    }
 }

@@ -1,11 +1,14 @@
 //! A keyed AES-128 encryptor for the short per-packet work around the engine: the
-//! UNRECOGNIZED cookie and the GCM of REBIND, REBIND_ACK and DATA (through `aes-gcm`, which
-//! takes any block cipher).
+//! UNRECOGNIZED cookie, and the block cipher under the `aes-gcm` crate's GCM
+//! ([`crate::crypto::Gcm`]) of HANDSHAKE, DATA and host-link packets. The REBIND session
+//! key's GCM is [`super::gcm::SessionGcm`], which has its own AES-NI key schedule and only
+//! uses this type for its portable fallback.
 //!
 //! Why not the `aes` crate alone: on CPUs with AVX-512 its autodetected VAES-512 path
 //! broadcasts all round keys into zmm registers on every call, so one `encrypt_block` costs
 //! tens of nanoseconds (≈ 44 ns measured here) where AES-NI needs a few. This type keeps
-//! AES-NI round keys ready and falls back to the `aes` crate without AES-NI.
+//! AES-NI round keys ready and falls back to the `aes` crate without AES-NI, or when the
+//! process backend ([`super::process_backend`], `REBINDGW_AES_BACKEND`) is `portable`.
 #![allow(unsafe_code)]
 
 use aes::cipher::consts::{U8, U16};
@@ -17,8 +20,8 @@ use zeroize::{Zeroize, ZeroizeOnDrop};
 
 use super::Backend;
 
-/// AES-128 encryption, AES-NI when the CPU has it (detected once), else the `aes` crate.
-/// Round keys are zeroized on drop.
+/// AES-128 encryption, AES-NI when the CPU has it (detected once) and the backend allows it,
+/// else the `aes` crate. Round keys are zeroized on drop.
 #[derive(Clone)]
 pub struct FastAes128 {
     inner: Inner,
@@ -50,10 +53,11 @@ impl std::fmt::Debug for FastAes128 {
 }
 
 impl FastAes128 {
-    /// With AES-NI only if `backend` is not `Portable` (so tests can force the fallback).
+    /// With AES-NI only if `backend` is not `Portable` and the CPU has it. [`KeyInit::new`]
+    /// passes [`super::process_backend`].
     pub fn with_backend(key: &[u8; 16], backend: Backend) -> Self {
         #[cfg(target_arch = "x86_64")]
-        if backend != Backend::Portable && Backend::AesNi.is_supported() {
+        if super::fast_paths_allowed(backend) && Backend::AesNi.is_supported() {
             // SAFETY: AES-NI support was just checked (cached runtime detection).
             return FastAes128 {
                 inner: Inner::Ni(unsafe { ni::EncKeys::new(key) }),
@@ -77,7 +81,7 @@ impl KeySizeUser for FastAes128 {
 impl KeyInit for FastAes128 {
     fn new(key: &Key<Self>) -> Self {
         let k: [u8; 16] = (*key).into();
-        FastAes128::with_backend(&k, Backend::AesNi)
+        FastAes128::with_backend(&k, super::process_backend())
     }
 }
 
@@ -199,14 +203,48 @@ mod ni {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use aes::cipher::consts::U12;
     use aes_gcm::aead::AeadInOut;
     use proptest::prelude::*;
 
+    /// The backends whose AES-NI path this CPU can run; prints why when it can't.
+    fn fast_backends() -> Vec<Backend> {
+        if Backend::AesNi.is_supported() {
+            vec![Backend::AesNi]
+        } else {
+            eprintln!(
+                "skipped: FastAes128's AES-NI path (this CPU lacks {}); only the portable path is tested",
+                Backend::AesNi.missing_features().join(", ")
+            );
+            Vec::new()
+        }
+    }
+
+    /// `REBINDGW_AES_BACKEND=portable` must reach this type: with `Portable` it is the `aes`
+    /// crate, with another backend it is the AES-NI code (where the CPU has it).
+    #[test]
+    fn backend_choice_reaches_fast_aes() {
+        let key = [0x2b; 16];
+        assert!(!FastAes128::with_backend(&key, Backend::Portable).is_accelerated());
+        for backend in fast_backends() {
+            assert!(
+                FastAes128::with_backend(&key, backend).is_accelerated(),
+                "{backend}"
+            );
+        }
+        // The override as the process reads it: a value, not the environment (no races).
+        let portable = super::super::process_backend_from_value(Some("portable"));
+        assert!(!FastAes128::with_backend(&key, portable).is_accelerated());
+    }
+
     proptest! {
+        /// Both paths against the `aes` crate, one block and 8 in flight.
         #[test]
         fn matches_the_aes_crate(key in any::<[u8; 16]>(), blocks in proptest::collection::vec(any::<[u8; 16]>(), 0..40)) {
             let reference = <aes::Aes128 as KeyInit>::new(&key.into());
-            for backend in [Backend::Portable, Backend::AesNi] {
+            let mut backends = fast_backends();
+            backends.push(Backend::Portable);
+            for backend in backends {
                 let fast = FastAes128::with_backend(&key, backend);
                 let mut a: Vec<Block<aes::Aes128>> = blocks.iter().map(|b| (*b).into()).collect();
                 let mut b = a.clone();
@@ -223,18 +261,28 @@ mod tests {
             }
         }
 
+        /// The project's GCM ([`crate::crypto::Gcm`]: `aes-gcm` over this type) on each path,
+        /// against `aes-gcm` over the `aes` crate: seal equal, open of a flipped tag refused.
         #[test]
-        fn gcm_over_fast_aes_matches_aes_gcm(key in any::<[u8; 16]>(), nonce in any::<[u8; 12]>(), aad in proptest::collection::vec(any::<u8>(), 0..300), msg in proptest::collection::vec(any::<u8>(), 0..300)) {
+        fn gcm_over_fast_aes_matches_aes_gcm(key in any::<[u8; 16]>(), nonce in any::<[u8; 12]>(), aad in proptest::collection::vec(any::<u8>(), 0..300), msg in proptest::collection::vec(any::<u8>(), 0..300), flip in 0usize..128) {
             let reference = <aes_gcm::Aes128Gcm as KeyInit>::new(&key.into());
-            let fast = <aes_gcm::AesGcm<FastAes128, U12> as KeyInit>::new(&key.into());
             let mut a = msg.clone();
-            let mut b = msg.clone();
             let ta = reference.encrypt_inout_detached(&nonce.into(), &aad, a.as_mut_slice().into()).unwrap();
-            let tb = fast.encrypt_inout_detached(&nonce.into(), &aad, b.as_mut_slice().into()).unwrap();
-            prop_assert_eq!(&a, &b);
-            prop_assert_eq!(ta, tb);
+            let mut backends = fast_backends();
+            backends.push(Backend::Portable);
+            for backend in backends {
+                let fast = aes_gcm::AesGcm::<FastAes128, U12>::from(FastAes128::with_backend(&key, backend));
+                let mut b = msg.clone();
+                let tb = fast.encrypt_inout_detached(&nonce.into(), &aad, b.as_mut_slice().into()).unwrap();
+                prop_assert_eq!(&a, &b);
+                prop_assert_eq!(ta, tb);
+                let mut bad_tag = tb;
+                bad_tag[flip / 8] ^= 1 << (flip % 8);
+                let mut c = b.clone();
+                prop_assert!(fast.decrypt_inout_detached(&nonce.into(), &aad, c.as_mut_slice().into(), &bad_tag).is_err());
+                fast.decrypt_inout_detached(&nonce.into(), &aad, b.as_mut_slice().into(), &tb).unwrap();
+                prop_assert_eq!(&b, &msg);
+            }
         }
     }
-
-    use aes::cipher::consts::U12;
 }

@@ -22,10 +22,14 @@
 //! packets) are run slot group by slot group instead.
 //!
 //! Beside the engine, this module holds the other SIMD code of the verify path:
-//! [`block::FastAes128`] (AES-NI single blocks for the cookie), [`gcm::SessionGcm`] (the
-//! REBIND session key's GCM: AES-NI + PCLMULQDQ) and [`sha256::compress_x2`] (two SHA-NI
-//! compressions interleaved, for the KDF). Each detects its CPU features once and has a
-//! portable fallback.
+//! [`block::FastAes128`] (AES-NI blocks for the cookie and for the `aes-gcm` crate's GCM of
+//! HANDSHAKE, DATA and host-link packets), [`gcm::SessionGcm`] (the REBIND session key's
+//! GCM: AES-NI + PCLMULQDQ) and [`sha256::compress_x2`] (two SHA-NI compressions
+//! interleaved, for the KDF). Each reads the one CPU probe (`CpuFeatures`) and has a
+//! portable fallback. Each also takes a [`Backend`] explicitly (`with_backend`, or
+//! [`sha256::compress_x2_with`]); their plain constructors use [`process_backend`], so
+//! `REBINDGW_AES_BACKEND=portable` switches every fast path of the process off, not only
+//! the trial engine's, without a rebuild.
 //!
 //! `unsafe` is confined to `aesni.rs`, `vaes.rs`, `block.rs`, `gcm.rs` and `sha256.rs`
 //! (intrinsics, unaligned loads and stores, and `asm!` blocks that pin the round order).
@@ -300,6 +304,31 @@ pub fn backend_from_value(value: Option<&str>) -> Result<Backend, EngineError> {
     }
 }
 
+/// The backend of this process for the fast paths that have no backend handed to them
+/// ([`block::FastAes128`]'s `KeyInit`, [`gcm::SessionGcm::new`], [`sha256::compress_x2`]):
+/// [`BACKEND_ENV`] read once, see [`process_backend_from_value`].
+pub fn process_backend() -> Backend {
+    static PROCESS: OnceLock<Backend> = OnceLock::new();
+    *PROCESS.get_or_init(|| {
+        let value = std::env::var_os(BACKEND_ENV).map(|v| v.to_string_lossy().into_owned());
+        process_backend_from_value(value.as_deref())
+    })
+}
+
+/// [`backend_from_value`], except that a rejected value gives [`Backend::Portable`]: the
+/// portable code is always correct, and someone who set the variable meant to leave the
+/// default. The entry points (the gateway, `conformance`) call [`backend_from_env`] first and
+/// refuse to start on such a value, so this only matters for code that runs without them.
+pub fn process_backend_from_value(value: Option<&str>) -> Backend {
+    backend_from_value(value).unwrap_or(Backend::Portable)
+}
+
+/// Whether `backend` lets the non-engine fast paths (AES-NI, PCLMULQDQ, SHA-NI) run: every
+/// backend but [`Backend::Portable`]. The CPU must have the instructions too.
+fn fast_paths_allowed(backend: Backend) -> bool {
+    backend != Backend::Portable
+}
+
 /// One candidate: its S ciphertext slots (S*16 bytes, slot 0 first) and the packet's t.
 #[derive(Clone, Copy, Debug)]
 pub struct TrialInput<'a> {
@@ -547,7 +576,7 @@ mod tests {
         for b in ALL_BACKENDS {
             if !b.is_supported() {
                 eprintln!(
-                    "skipping backend {b}: this CPU lacks {}",
+                    "skipped: backend {b} (this CPU lacks {})",
                     b.missing_features().join(", ")
                 );
             }
@@ -859,6 +888,27 @@ mod tests {
             e.to_string(),
             "REBINDGW_AES_BACKEND=\"vaes\": AES backend vaes is not supported: this CPU lacks vaes, avx2"
         );
+    }
+
+    #[test]
+    fn process_backend_value_falls_back_to_portable() {
+        assert_eq!(process_backend_from_value(None), Backend::best());
+        assert_eq!(process_backend_from_value(Some("")), Backend::best());
+        assert_eq!(
+            process_backend_from_value(Some("portable")),
+            Backend::Portable
+        );
+        assert_eq!(process_backend_from_value(Some("fast")), Backend::Portable);
+        for b in ALL_BACKENDS {
+            let want = if b.is_supported() {
+                b
+            } else {
+                Backend::Portable
+            };
+            assert_eq!(process_backend_from_value(Some(b.name())), want);
+        }
+        assert!(!fast_paths_allowed(Backend::Portable));
+        assert!(fast_paths_allowed(Backend::AesNi) && fast_paths_allowed(Backend::Vaes));
     }
 
     /// How one batch entry is built.

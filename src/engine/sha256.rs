@@ -9,16 +9,31 @@
 use sha2::block_api::compress256;
 
 /// `a = compress(a, a_block)` and `b = compress(b, b_block)`: two independent SHA-256
-/// compressions, run interleaved when the CPU has SHA-NI.
+/// compressions, run interleaved when the CPU has SHA-NI and the process backend
+/// ([`super::process_backend`], `REBINDGW_AES_BACKEND`) is not `portable`.
 #[inline]
 pub fn compress_x2(a: &mut [u32; 8], a_block: &[u8; 64], b: &mut [u32; 8], b_block: &[u8; 64]) {
+    compress_x2_with(super::process_backend(), a, a_block, b, b_block);
+}
+
+/// [`compress_x2`] with the backend given: SHA-NI unless `backend` is `Portable` or the CPU
+/// lacks it.
+#[inline]
+pub fn compress_x2_with(
+    backend: super::Backend,
+    a: &mut [u32; 8],
+    a_block: &[u8; 64],
+    b: &mut [u32; 8],
+    b_block: &[u8; 64],
+) {
     #[cfg(target_arch = "x86_64")]
-    if has_sha_ni() {
-        // SAFETY: `has_sha_ni` checked that the CPU has every feature `shani::compress_x2`
+    if uses_sha_ni(backend) {
+        // SAFETY: `uses_sha_ni` checked that the CPU has every feature `shani::compress_x2`
         // is compiled with (sha, sse2, ssse3, sse4.1).
         unsafe { shani::compress_x2(a, a_block, b, b_block) };
         return;
     }
+    let _ = backend;
     compress_x2_portable(a, a_block, b, b_block);
 }
 
@@ -35,10 +50,11 @@ pub fn compress_x2_portable(
     compress256(b, std::slice::from_ref(b_block));
 }
 
-/// Whether the SHA-NI path runs (the engine's one probe; SSE2 is x86_64's baseline).
+/// Whether the SHA-NI path runs under `backend` (the engine's one probe; SSE2 is x86_64's
+/// baseline).
 #[cfg(target_arch = "x86_64")]
-fn has_sha_ni() -> bool {
-    super::cpu_features().sha_ni
+fn uses_sha_ni(backend: super::Backend) -> bool {
+    super::fast_paths_allowed(backend) && super::cpu_features().sha_ni
 }
 
 /// The SHA-NI instruction sequence of the `sha2` crate (`src/sha256/x86_sha.rs`), with two
@@ -199,6 +215,8 @@ mod shani {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::Backend;
+    use proptest::prelude::*;
 
     const SHA256_IV: [u32; 8] = [
         0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab,
@@ -334,10 +352,72 @@ mod tests {
         assert_eq!((a, b), (a_want, b_want));
     }
 
-    #[cfg(target_arch = "x86_64")]
-    #[test]
-    fn reports_whether_sha_ni_runs() {
-        // Not an assertion: the SHA-NI path is only exercised on CPUs that have it.
-        eprintln!("compress_x2 uses SHA-NI: {}", has_sha_ni());
+    /// The SHA-NI path where the CPU has it (else prints why it is skipped), and the path
+    /// `REBINDGW_AES_BACKEND=portable` forces, which must not be SHA-NI.
+    fn backends_to_test() -> Vec<Backend> {
+        let mut v = vec![Backend::Portable];
+        #[cfg(target_arch = "x86_64")]
+        {
+            assert!(
+                !uses_sha_ni(Backend::Portable),
+                "portable must switch SHA-NI off"
+            );
+            assert!(!uses_sha_ni(crate::engine::process_backend_from_value(
+                Some("portable")
+            )));
+            if uses_sha_ni(Backend::AesNi) {
+                v.push(Backend::AesNi);
+            } else {
+                eprintln!(
+                    "skipped: compress_x2's SHA-NI path (this CPU lacks sha, ssse3 or sse4.1)"
+                );
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        eprintln!("skipped: compress_x2's SHA-NI path (not x86_64)");
+        v
+    }
+
+    proptest! {
+        /// Each path of `compress_x2_with`, on random states and blocks, equals two calls of
+        /// `sha2`'s own compression function.
+        #[test]
+        fn compress_x2_matches_sha2(
+            a_state in any::<[u32; 8]>(),
+            b_state in any::<[u32; 8]>(),
+            a_block in proptest::array::uniform32(any::<[u8; 2]>()),
+            b_block in proptest::array::uniform32(any::<[u8; 2]>()),
+        ) {
+            let a_block: [u8; 64] = a_block.concat().try_into().unwrap();
+            let b_block: [u8; 64] = b_block.concat().try_into().unwrap();
+            for backend in backends_to_test() {
+                let (mut a, mut b) = (a_state, b_state);
+                compress_x2_with(backend, &mut a, &a_block, &mut b, &b_block);
+                prop_assert_eq!(a, compress_one(&a_state, &a_block), "{}", backend);
+                prop_assert_eq!(b, compress_one(&b_state, &b_block), "{}", backend);
+            }
+        }
+
+        /// `HmacSha256Midstate` (keyed and finished through `compress_x2`) against the `hmac`
+        /// crate, for both streams of `mac_x2`.
+        #[test]
+        fn mac_x2_matches_hmac_crate(
+            key_a in proptest::collection::vec(any::<u8>(), 0..=64),
+            key_b in proptest::collection::vec(any::<u8>(), 0..=64),
+            a in proptest::collection::vec(any::<u8>(), 0..300),
+            b in proptest::collection::vec(any::<u8>(), 0..300),
+        ) {
+            use crate::crypto::HmacSha256Midstate;
+            use hmac::{Hmac, KeyInit, Mac};
+            let reference = |key: &[u8], msg: &[u8]| {
+                let mut m = <Hmac<sha2::Sha256> as KeyInit>::new_from_slice(key).unwrap();
+                m.update(msg);
+                m.finalize().into_bytes()
+            };
+            let (ka, kb) = (HmacSha256Midstate::new(&key_a), HmacSha256Midstate::new(&key_b));
+            let [got_a, got_b] = HmacSha256Midstate::mac_x2((&ka, &[&a]), (&kb, &[&b]));
+            prop_assert_eq!(&got_a[..], &reference(&key_a, &a)[..]);
+            prop_assert_eq!(&got_b[..], &reference(&key_b, &b)[..]);
+        }
     }
 }

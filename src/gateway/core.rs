@@ -363,10 +363,7 @@ impl Shared {
         let last = c.last_rebind.max(floor);
         let epoch_byte = c.epoch as u8;
         let Some(reg) = ctl.registry_mut(c.epoch) else {
-            return Err(RegistryError::OutOfRange {
-                index: c.index,
-                slots: 0,
-            });
+            return Err(RegistryError::UnknownEpoch(c.epoch));
         };
         reg.restore(c.index, c.conn_id, &c.secret, last, c.tuple, c.host)?;
         let mut tuple = None;
@@ -485,11 +482,11 @@ impl WorkerCore {
         &self.metrics
     }
 
-    /// Handles one receive batch at gateway time `now`.
-    /// Handles one receive batch. `now` is the wall clock; the gateway time `t` is issued
-    /// from it (see [`Shared::issue_ticks`]) once per batch, and only if the batch needs it, so
-    /// the fast path never writes the shared clock.
-    pub fn handle_batch(&mut self, now: Ticks, rx: &[Rx<'_>], tx: &mut TxQueue) {
+    /// Handles one receive batch. `wall` is the wall clock, not a gateway time: the gateway
+    /// time `t` is issued from it (see [`Shared::issue_ticks`]) at most once per batch, and
+    /// only if the batch needs it (an UNRECOGNIZED or a REBIND), so the fast path never
+    /// writes the shared clock.
+    pub fn handle_batch(&mut self, wall: Ticks, rx: &[Rx<'_>], tx: &mut TxQueue) {
         if rx.is_empty() {
             return;
         }
@@ -513,14 +510,14 @@ impl WorkerCore {
                         self.metrics.add(C::RxRebindBytes, d.data.len() as u64);
                         self.rebinds.push(i);
                     } else {
-                        self.client_datagram(now, d, tx);
+                        self.client_datagram(wall, d, tx);
                     }
                 }
-                Via::Host => self.host_datagram(now, d, tx),
+                Via::Host => self.host_datagram(wall, d, tx),
             }
         }
         if !self.rebinds.is_empty() {
-            self.verify_rebinds(now, rx, tx);
+            self.verify_rebinds(wall, rx, tx);
         }
         if tx.overflowed > 0 {
             self.metrics.add(C::DropTxFull, tx.overflowed);
@@ -1618,6 +1615,14 @@ mod tests {
             tuple: Some(old),
             host: 0,
         };
+        // A connection of an epoch the gateway does not hold is refused as such.
+        let other_epoch = StoredConn {
+            epoch: 9,
+            ..stored.clone()
+        };
+        let err = fresh.shared.restore(&other_epoch, h.now).unwrap_err();
+        assert_eq!(err, RegistryError::UnknownEpoch(9));
+        assert_eq!(err.to_string(), "no registry for key epoch 9");
         fresh.shared.restore(&stored, h.now).unwrap();
         assert!(fresh.client(new, &rebind).is_empty());
         assert_eq!(fresh.count(C::RejectReplay), 1);

@@ -491,7 +491,7 @@ mod tests {
         match probe_uring() {
             Ok(()) => true,
             Err(reason) => {
-                println!("skipping: io_uring unavailable: {reason}");
+                println!("skipped: io_uring unavailable: {reason}");
                 false
             }
         }
