@@ -268,7 +268,13 @@ fn respond(head: &[u8], routes: &AdminRoutes) -> Vec<u8> {
     let mut parts = text.lines().next().unwrap_or("").split_whitespace();
     let (Some(method), Some(target), Some(version)) = (parts.next(), parts.next(), parts.next())
     else {
-        return response(400, "Bad Request", "text/plain", "bad request line\n", false);
+        return response(
+            400,
+            "Bad Request",
+            "text/plain",
+            "bad request line\n",
+            false,
+        );
     };
     if !version.starts_with("HTTP/1.") {
         return response(400, "Bad Request", "text/plain", "HTTP/1.x only\n", false);
@@ -539,21 +545,20 @@ impl StatsSummary {
             per_host("rebindgw_host_peer_dropped_total"),
         );
         let get = |m: &BTreeMap<String, u64>, h: &str| m.get(h).copied().unwrap_or(0);
-        let mut hosts: Vec<HostStats> = s
-            .0
-            .iter()
-            .filter(|x| x.name == "rebindgw_host_peer_connections")
-            .filter_map(|x| x.labels.iter().find(|(k, _)| k == "host"))
-            .map(|(_, h)| HostStats {
-                host: h.clone(),
-                connections: get(&conns, h),
-                to_host_packets: get(&tx_p, h),
-                to_host_bytes: get(&tx_b, h),
-                from_host_packets: get(&rx_p, h),
-                from_host_bytes: get(&rx_b, h),
-                dropped: get(&drops, h),
-            })
-            .collect();
+        let mut hosts: Vec<HostStats> =
+            s.0.iter()
+                .filter(|x| x.name == "rebindgw_host_peer_connections")
+                .filter_map(|x| x.labels.iter().find(|(k, _)| k == "host"))
+                .map(|(_, h)| HostStats {
+                    host: h.clone(),
+                    connections: get(&conns, h),
+                    to_host_packets: get(&tx_p, h),
+                    to_host_bytes: get(&tx_b, h),
+                    from_host_packets: get(&rx_p, h),
+                    from_host_bytes: get(&rx_b, h),
+                    dropped: get(&drops, h),
+                })
+                .collect();
         hosts.dedup_by(|a, b| a.host == b.host);
         StatsSummary {
             version: s.label_of("rebindgw_build_info", "version"),
@@ -619,7 +624,12 @@ impl StatsSummary {
             "gateway",
             format!(
                 "version {}, io {}, aes {}, {} workers, epoch {}, S={}",
-                self.version, self.io_backend, self.aes_backend, self.workers, self.epoch, self.slots
+                self.version,
+                self.io_backend,
+                self.aes_backend,
+                self.workers,
+                self.epoch,
+                self.slots
             ),
         );
         row(
@@ -628,19 +638,31 @@ impl StatsSummary {
         );
         row(
             "client rx",
-            format!("{} packets, {} bytes", self.client_rx_packets, self.client_rx_bytes),
+            format!(
+                "{} packets, {} bytes",
+                self.client_rx_packets, self.client_rx_bytes
+            ),
         );
         row(
             "client tx",
-            format!("{} packets, {} bytes", self.client_tx_packets, self.client_tx_bytes),
+            format!(
+                "{} packets, {} bytes",
+                self.client_tx_packets, self.client_tx_bytes
+            ),
         );
         row(
             "host link rx",
-            format!("{} packets, {} bytes", self.host_rx_packets, self.host_rx_bytes),
+            format!(
+                "{} packets, {} bytes",
+                self.host_rx_packets, self.host_rx_bytes
+            ),
         );
         row(
             "host link tx",
-            format!("{} packets, {} bytes", self.host_tx_packets, self.host_tx_bytes),
+            format!(
+                "{} packets, {} bytes",
+                self.host_tx_packets, self.host_tx_bytes
+            ),
         );
         row("mean rx batch", format!("{:.1}", self.mean_rx_batch));
         row("unknown tuples", self.unknown_tuples.to_string());
@@ -773,7 +795,10 @@ mod tests {
         assert!(text.contains("rebindgw_rebinds_accepted_total 5"));
         let s = StatsSummary::from_text(&text);
         assert_eq!((s.connections, s.connections_max), (7, 100));
-        assert_eq!((s.io_backend.as_str(), s.aes_backend.as_str()), ("mmsg", "vaes"));
+        assert_eq!(
+            (s.io_backend.as_str(), s.aes_backend.as_str()),
+            ("mmsg", "vaes")
+        );
         assert_eq!(s.rebinds_rejected.get("replay"), Some(&2));
         assert_eq!(s.rebinds_rejected.get("unknown_index"), Some(&1));
         assert_eq!(
@@ -797,14 +822,23 @@ mod tests {
             ]
         );
         let table = s.table();
-        assert!(table.contains("connections             7 / 100\n"), "{table}");
-        assert!(table.contains("rejected replay=2 unknown_index=1"), "{table}");
         assert!(
-            table.lines().any(|l| l.split_whitespace().collect::<Vec<_>>()
-                == ["[2001:db8::2]:7000", "5", "7", "700", "6", "600", "1"]),
+            table.contains("connections             7 / 100\n"),
             "{table}"
         );
-        let json: serde_json::Value = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+        assert!(
+            table.contains("rejected replay=2 unknown_index=1"),
+            "{table}"
+        );
+        assert!(
+            table
+                .lines()
+                .any(|l| l.split_whitespace().collect::<Vec<_>>()
+                    == ["[2001:db8::2]:7000", "5", "7", "700", "6", "600", "1"]),
+            "{table}"
+        );
+        let json: serde_json::Value =
+            serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
         assert_eq!(json["hosts"][1]["to_host_packets"], 7);
         assert_eq!(json["rebinds_accepted"], 5);
         shutdown.store(true, Ordering::Relaxed);
@@ -851,7 +885,10 @@ mod tests {
         let problems = readiness(&w, &hosts, bad, now);
         assert_eq!(problems.len(), 4, "{problems:#?}");
         assert!(problems[0].starts_with("worker 1 stalled"), "{problems:#?}");
-        assert!(problems[3].starts_with("host 10.0.0.2:7000 unreachable"), "{problems:#?}");
+        assert!(
+            problems[3].starts_with("host 10.0.0.2:7000 unreachable"),
+            "{problems:#?}"
+        );
         // An answer clears the host.
         w[1].host_answered(1);
         w[1].beat(now);
@@ -876,7 +913,10 @@ mod tests {
         )
         .unwrap();
         let (code, _, body) = http(addr, "GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n");
-        assert_eq!((code, body.as_str()), (503, "not ready\nworker 0 stalled\n"));
+        assert_eq!(
+            (code, body.as_str()),
+            (503, "not ready\nworker 0 stalled\n")
+        );
         failing.store(false, Ordering::Relaxed);
         let (code, _, body) = http(addr, "GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n");
         assert_eq!((code, body.as_str()), (200, "ready\n"));
@@ -928,13 +968,25 @@ mod tests {
     #[test]
     fn admin_answers_only_get() {
         let (addr, shutdown, handle) = serve_test();
-        let (code, head, _) = http(addr, "POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n");
+        let (code, head, _) = http(
+            addr,
+            "POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+        );
         assert_eq!(code, 405, "{head}");
-        assert!(head.to_ascii_lowercase().contains("\r\nallow: get"), "{head}");
+        assert!(
+            head.to_ascii_lowercase().contains("\r\nallow: get"),
+            "{head}"
+        );
         let (code, _, _) = http(addr, "DELETE /healthz HTTP/1.0\r\n\r\n");
         assert_eq!(code, 405);
         let (code, _, body) = http(addr, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
-        assert_eq!((code, body.as_str()), (200, "# HELP x_total X.\n# TYPE x_total counter\nx_total 1\n"));
+        assert_eq!(
+            (code, body.as_str()),
+            (
+                200,
+                "# HELP x_total X.\n# TYPE x_total counter\nx_total 1\n"
+            )
+        );
         shutdown.store(true, Ordering::Relaxed);
         handle.join().unwrap();
     }
@@ -946,7 +998,8 @@ mod tests {
         let idle: Vec<TcpStream> = (0..40)
             .map(|_| {
                 let mut s = TcpStream::connect(addr).unwrap();
-                s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n").unwrap();
+                s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+                    .unwrap();
                 s
             })
             .collect();
@@ -977,7 +1030,10 @@ mod tests {
     #[test]
     fn oversized_request_head_is_refused() {
         let (addr, shutdown, handle) = serve_test();
-        let big = format!("GET /metrics HTTP/1.1\r\nX-Pad: {}\r\n\r\n", "a".repeat(20_000));
+        let big = format!(
+            "GET /metrics HTTP/1.1\r\nX-Pad: {}\r\n\r\n",
+            "a".repeat(20_000)
+        );
         let (code, _, _) = http(addr, &big);
         assert_eq!(code, 431);
         shutdown.store(true, Ordering::Relaxed);

@@ -524,8 +524,10 @@ impl WorkerCore {
             let bytes = (datagram.len() + hostlink::DATA_HEADER_LEN) as u64;
             self.metrics.inc(C::TxHostData);
             self.metrics.add(C::TxHostBytes, bytes);
-            self.metrics.host_add(usize::from(conn.host), H::TxPackets, 1);
-            self.metrics.host_add(usize::from(conn.host), H::TxBytes, bytes);
+            self.metrics
+                .host_add(usize::from(conn.host), H::TxPackets, 1);
+            self.metrics
+                .host_add(usize::from(conn.host), H::TxBytes, bytes);
         }
     }
 

@@ -252,7 +252,11 @@ impl WorkerMetrics {
 
     /// Since when `host` has left a HANDSHAKE from this worker unanswered.
     pub fn unanswered_since(&self, host: usize) -> Option<Ticks> {
-        let t = self.hosts.get(host)?.unanswered_since.load(Ordering::Relaxed);
+        let t = self
+            .hosts
+            .get(host)?
+            .unanswered_since
+            .load(Ordering::Relaxed);
         (t != 0).then_some(Ticks(t))
     }
 
@@ -572,7 +576,9 @@ mod tests {
             let mut c = n.chars();
             c.next()
                 .is_some_and(|f| f.is_ascii_lowercase() || f == '_' || f == ':')
-                && c.all(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit() || ch == '_' || ch == ':')
+                && c.all(|ch| {
+                    ch.is_ascii_lowercase() || ch.is_ascii_digit() || ch == '_' || ch == ':'
+                })
         };
         let mut problems = Vec::new();
         let mut help: HashSet<String> = HashSet::new();
@@ -600,7 +606,13 @@ mod tests {
                 if t == "counter" && !name.ends_with("_total") {
                     problems.push(format!("counter {name} does not end in _total"));
                 }
-                for unit in ["microseconds", "milliseconds", "nanoseconds", "kilobytes", "megabytes"] {
+                for unit in [
+                    "microseconds",
+                    "milliseconds",
+                    "nanoseconds",
+                    "kilobytes",
+                    "megabytes",
+                ] {
                     if name.contains(unit) {
                         problems.push(format!("{name} is not in base units"));
                     }
@@ -628,8 +640,11 @@ mod tests {
                 .iter()
                 .find_map(|suf| {
                     let base = name.strip_suffix(suf)?;
-                    matches!(types.get(base).map(String::as_str), Some("histogram" | "summary"))
-                        .then_some(base)
+                    matches!(
+                        types.get(base).map(String::as_str),
+                        Some("histogram" | "summary")
+                    )
+                    .then_some(base)
                 })
                 .unwrap_or(name);
             if !types.contains_key(family) || !help.contains(family) {
@@ -646,7 +661,10 @@ mod tests {
                     .chars()
                     .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
                 // Free-form values (versions, addresses) are exempt; enumerations are snake_case.
-                if !matches!(k, "host" | "version" | "le" | "quantile" | "worker") && !numeric && !snake {
+                if !matches!(k, "host" | "version" | "le" | "quantile" | "worker")
+                    && !numeric
+                    && !snake
+                {
                     problems.push(format!("label value {v:?} of {k} in {s} is not snake_case"));
                 }
             }
@@ -716,17 +734,27 @@ mod tests {
         let mut child = match child {
             Ok(c) => c,
             Err(e) => {
-                println!("SKIPPED promtool_accepts_metrics: promtool not runnable ({e}); install Debian package `prometheus`");
+                println!(
+                    "SKIPPED promtool_accepts_metrics: promtool not runnable ({e}); install Debian package `prometheus`"
+                );
                 return;
             }
         };
-        child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
         let out = child.wait_with_output().unwrap();
         let report = format!(
             "{}{}",
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        assert!(out.status.success() && report.trim().is_empty(), "promtool: {report}\n{text}");
+        assert!(
+            out.status.success() && report.trim().is_empty(),
+            "promtool: {report}\n{text}"
+        );
     }
 }
