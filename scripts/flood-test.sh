@@ -248,7 +248,7 @@ EPOCH=$(metric rebindgw_epoch)
 IO=$(ING python3 -c "
 import urllib.request as u,re
 t=u.urlopen('http://$ADMIN/metrics').read().decode()
-m=re.search(r'rebindgw_backend_info\{engine=\"([^\"]*)\",io=\"([^\"]*)\"',t); print(m.group(1)+'/'+m.group(2) if m else '?')")
+m=re.search(r'rebindgw_build_info\{[^}]*io_backend=\"([^\"]*)\",aes_backend=\"([^\"]*)\"',t); print(m.group(2)+'/'+m.group(1) if m else '?')")
 log "gateway up (pid $GW_PID, epoch $EPOCH, engine/io $IO)"
 python3 "$TOOL" payloads "$WORK/payloads" "$EPOCH" >"$WORK/payloads.txt"
 

@@ -67,12 +67,8 @@ enum Command {
     /// System benchmarks (see perf/RESULTS.md).
     #[command(subcommand)]
     Bench(BenchCommand),
-    /// Print a readable summary of a running gateway's metrics.
-    Stats {
-        /// The gateway's admin address.
-        #[arg(long, default_value = "127.0.0.1:7480")]
-        admin: SocketAddr,
-    },
+    /// Print a readable summary of a running gateway's metrics (per host, too).
+    Stats(gateway::admin::StatsArgs),
     /// Print a shell completion script on stdout (e.g. rebindgw completions bash >
     /// /etc/bash_completion.d/rebindgw).
     Completions {
@@ -412,9 +408,8 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Stats { admin } => {
-            let text = gateway::admin::fetch_metrics(admin, Duration::from_secs(3))?;
-            print!("{}", gateway::admin::summarize(&text));
+        Command::Stats(args) => {
+            print!("{}", gateway::admin::run_stats(&args)?);
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -532,5 +527,17 @@ mod tests {
             Duration::from_secs(8),
             "plain numbers stay seconds"
         );
+    }
+
+    #[test]
+    fn stats_admin_accepts_a_host_name() {
+        let cli = Cli::try_parse_from(["rebindgw", "stats", "--admin", "localhost:7480"])
+            .unwrap_or_else(|e| panic!("{e}"));
+        let Command::Stats(args) = cli.command else {
+            panic!("not stats")
+        };
+        let addr = gateway::admin::resolve_admin(&args.admin).unwrap();
+        assert_eq!(addr.port(), 7480);
+        assert!(addr.ip().is_loopback());
     }
 }

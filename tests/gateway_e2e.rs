@@ -407,3 +407,67 @@ fn ipv6_clients() {
     );
     assert_eq!(echo(&mut c, b"v6 again"), b"v6 again");
 }
+
+/// Value of one series in an admin scrape.
+fn scraped(w: &World, series: &str) -> f64 {
+    let admin = w.gw().admin_addr().expect("admin endpoint");
+    let text = rebindgw::gateway::admin::fetch_metrics(admin, Duration::from_secs(2)).unwrap();
+    rebindgw::gateway::metrics::parse_text(&text)
+        .into_iter()
+        .find(|(k, _)| k == series)
+        .map(|(_, v)| v)
+        .unwrap_or_else(|| panic!("no series {series} in\n{text}"))
+}
+
+#[test]
+fn oversized_datagrams_are_counted_in_metrics() {
+    let w = World::new("127.0.0.1:0", |c| {
+        c.admin = Some("127.0.0.1:0".parse().unwrap())
+    });
+    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+    // Longer than the I/O loop's receive buffer: the kernel truncates it, the loop drops it.
+    s.send_to(&[0x42u8; 3000], w.addr()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let series = "rebindgw_dropped_total{reason=\"oversize\"}";
+    while scraped(&w, series) < 1.0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(scraped(&w, series), 1.0);
+}
+
+#[test]
+fn running_gateway_is_ready_and_exports_per_host_series() {
+    let w = World::new("127.0.0.1:0", |c| {
+        c.admin = Some("127.0.0.1:0".parse().unwrap())
+    });
+    let admin = w.gw().admin_addr().unwrap();
+    let mut c = connect(&w, w.enroll("alice"), "127.0.0.1");
+    assert_eq!(echo(&mut c, b"hello"), b"hello");
+    let host = w.host.as_ref().unwrap().local_addr();
+    assert_eq!(
+        scraped(
+            &w,
+            &format!("rebindgw_host_peer_connections{{host=\"{host}\"}}")
+        ),
+        1.0
+    );
+    assert!(
+        scraped(
+            &w,
+            &format!("rebindgw_host_peer_tx_packets_total{{host=\"{host}\"}}")
+        ) >= 2.0
+    );
+    assert!(
+        scraped(
+            &w,
+            &format!("rebindgw_host_peer_rx_packets_total{{host=\"{host}\"}}")
+        ) >= 2.0
+    );
+    let (code, body) =
+        rebindgw::gateway::admin::fetch(admin, "/readyz", Duration::from_secs(2)).unwrap();
+    assert_eq!((code, body.as_str()), (200, "ready\n"));
+    let (code, body) =
+        rebindgw::gateway::admin::fetch(admin, "/healthz", Duration::from_secs(2)).unwrap();
+    assert_eq!(code, 200);
+    assert!(body.starts_with("ok\nversion="), "{body}");
+}

@@ -21,7 +21,7 @@ use crate::crypto::Gcm;
 use crossbeam::channel::Sender;
 use siphasher::sip::SipHasher13;
 
-use super::metrics::{C, WorkerMetrics};
+use super::metrics::{C, H, WorkerMetrics};
 use super::ratelimit::{Limited, Limiter, Rate};
 use super::store::{StoreOp, StoredConn};
 use super::tx::{MAX_CLIENT_DATAGRAM, Rx, TxQueue, Via};
@@ -215,6 +215,7 @@ impl Shared {
         let conns = ConnWriter::new(cfg.max_connections);
         let epoch = current.keys.epoch();
         let workers = cfg.workers.max(1);
+        let host_count = hosts.len();
         Arc::new(Shared {
             window_ticks: duration_ticks(cfg.window),
             tuples: tuples.reader(),
@@ -244,7 +245,7 @@ impl Shared {
             issue_cap: AtomicU64::new(u64::MAX),
             handshake_hash: SipHasher13::new_with_key(&crate::crypto::random_array()),
             metrics: (0..workers)
-                .map(|_| Arc::new(WorkerMetrics::default()))
+                .map(|_| Arc::new(WorkerMetrics::with_hosts(host_count)))
                 .collect(),
             cfg,
         })
@@ -343,6 +344,21 @@ impl Shared {
 
     pub fn connections(&self) -> usize {
         self.control().connections()
+    }
+
+    /// Live connections per configured host (index order), for the admin endpoint. Walks
+    /// the registries under the control lock: call it per scrape, not per packet.
+    pub fn connections_per_host(&self) -> Vec<u64> {
+        let mut per = vec![0u64; self.live().hosts.len()];
+        let ctl = self.control();
+        for (_, r) in &ctl.registries {
+            for (_, c) in r.iter() {
+                if let Some(n) = per.get_mut(usize::from(c.host)) {
+                    *n += 1;
+                }
+            }
+        }
+        per
     }
 
     fn persist(&self, op: StoreOp) {
@@ -492,6 +508,7 @@ impl WorkerCore {
         }
         self.issued = None;
         self.metrics.inc(C::batch(rx.len()));
+        self.metrics.add(C::BatchDatagrams, rx.len() as u64);
         let generation = self.shared.epochs_generation.load(Ordering::Acquire);
         if generation != self.epochs_generation {
             self.epochs = self.shared.epochs();
@@ -569,11 +586,13 @@ impl WorkerCore {
             hostlink::emit_conn_data(LinkType::ToHostData, conn.conn_id, datagram, slot)
         });
         if sent {
+            let bytes = (datagram.len() + hostlink::DATA_HEADER_LEN) as u64;
             self.metrics.inc(C::TxHostData);
-            self.metrics.add(
-                C::TxHostBytes,
-                (datagram.len() + hostlink::DATA_HEADER_LEN) as u64,
-            );
+            self.metrics.add(C::TxHostBytes, bytes);
+            self.metrics
+                .host_add(usize::from(conn.host), H::TxPackets, 1);
+            self.metrics
+                .host_add(usize::from(conn.host), H::TxBytes, bytes);
         }
     }
 
@@ -598,15 +617,19 @@ impl WorkerCore {
         let mut t = [0u8; crate::wire::MAX_TUPLE_LEN];
         let n = emit_tuple(&d.from, &mut t);
         h.write(&t[..n]);
-        let host = &self.live.hosts[(h.finish() % self.live.hosts.len() as u64) as usize];
+        let index = (h.finish() % self.live.hosts.len() as u64) as usize;
+        let host = &self.live.hosts[index];
         let sent = tx.push(Via::Host, host.addr, |slot| {
             hostlink::emit_tuple_data(LinkType::ToHostHandshake, &d.from, d.data, slot)
         });
         if sent {
+            let bytes = (d.data.len() + 1 + n) as u64;
             self.metrics.inc(C::HandshakeForwarded);
             self.metrics.inc(C::TxHostHandshake);
-            self.metrics
-                .add(C::TxHostBytes, (d.data.len() + 1 + n) as u64);
+            self.metrics.add(C::TxHostBytes, bytes);
+            self.metrics.host_add(index, H::TxPackets, 1);
+            self.metrics.host_add(index, H::TxBytes, bytes);
+            self.metrics.handshake_sent(index, now);
         }
     }
 
@@ -790,8 +813,13 @@ impl WorkerCore {
                 old,
                 new: to,
             };
-            if tx.push_bytes(Via::Host, peer.addr, &msg.seal(&peer.key)) {
+            let sealed = msg.seal(&peer.key);
+            if tx.push_bytes(Via::Host, peer.addr, &sealed) {
                 self.metrics.inc(C::TxHostControl);
+                self.metrics.add(C::TxHostBytes, sealed.len() as u64);
+                self.metrics.host_add(usize::from(host), H::TxPackets, 1);
+                self.metrics
+                    .host_add(usize::from(host), H::TxBytes, sealed.len() as u64);
             }
         }
     }
@@ -854,36 +882,46 @@ impl WorkerCore {
             self.metrics.inc(C::DropHostBadSource);
             return;
         };
+        self.metrics.host_add(host, H::RxPackets, 1);
+        self.metrics.host_add(host, H::RxBytes, d.data.len() as u64);
+        let dropped = |m: &WorkerMetrics, c: C| {
+            m.inc(c);
+            m.host_add(host, H::Dropped, 1);
+        };
         match hostlink::link_type(d.data) {
             Ok(LinkType::ToClientData) => {
                 self.metrics.inc(C::HostRxData);
                 let Ok((conn_id, inner)) = hostlink::parse_conn_data(d.data) else {
-                    return self.metrics.inc(C::DropHostMalformed);
+                    return dropped(&self.metrics, C::DropHostMalformed);
                 };
                 match self.shared.conns.get(conn_id).and_then(|r| r.tuple) {
                     Some(tuple) => self.send_to_client(tuple, inner, C::TxClientData, tx),
-                    None => self.metrics.inc(C::DropNoRoute),
+                    None => dropped(&self.metrics, C::DropNoRoute),
                 }
             }
             Ok(LinkType::ToClientReply) => {
                 self.metrics.inc(C::HostRxReply);
                 match hostlink::parse_tuple_data(d.data) {
                     Ok((client, inner)) if inner[0] == MsgType::HandshakeReply as u8 => {
+                        self.metrics.host_answered(host);
                         self.send_to_client(client, inner, C::TxClientReply, tx)
                     }
-                    _ => self.metrics.inc(C::DropHostMalformed),
+                    _ => dropped(&self.metrics, C::DropHostMalformed),
                 }
             }
             Ok(t) if t.is_control() => {
                 self.metrics.inc(C::HostRxControl);
                 let peer = &self.live.hosts[host];
                 match LinkMsg::open(d.data, &peer.key, now) {
-                    Ok(msg) => self.control_message(now, host as HostId, d.from, msg, tx),
-                    Err(LinkError::BadTag) => self.metrics.inc(C::DropHostBadTag),
-                    Err(_) => self.metrics.inc(C::DropHostMalformed),
+                    Ok(msg) => {
+                        self.metrics.host_answered(host);
+                        self.control_message(now, host as HostId, d.from, msg, tx)
+                    }
+                    Err(LinkError::BadTag) => dropped(&self.metrics, C::DropHostBadTag),
+                    Err(_) => dropped(&self.metrics, C::DropHostMalformed),
                 }
             }
-            _ => self.metrics.inc(C::DropHostMalformed),
+            _ => dropped(&self.metrics, C::DropHostMalformed),
         }
     }
 
@@ -929,6 +967,9 @@ impl WorkerCore {
         if tx.push_bytes(Via::Host, from, &reply) {
             self.metrics.inc(C::TxHostControl);
             self.metrics.add(C::TxHostBytes, reply.len() as u64);
+            self.metrics.host_add(usize::from(host), H::TxPackets, 1);
+            self.metrics
+                .host_add(usize::from(host), H::TxBytes, reply.len() as u64);
         }
     }
 

@@ -7,10 +7,12 @@
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::io::IoStats;
+use crate::time::Ticks;
 use crate::verify::RejectReason;
 
 macro_rules! counters {
-    ($($id:ident => $name:literal, $labels:literal, $help:literal;)*) => {
+    ($($id:ident => $name:expr, $labels:literal, $help:literal;)*) => {
         /// Every counter the gateway keeps.
         #[derive(Clone, Copy, Debug, PartialEq, Eq)]
         #[repr(usize)]
@@ -18,6 +20,9 @@ macro_rules! counters {
         const COUNTERS: &[(C, &str, &str, &str)] = &[$((C::$id, $name, $labels, $help)),*];
     };
 }
+
+/// Receive batch sizes (datagrams per `handle_batch`), a histogram.
+const BATCH_HISTOGRAM: &str = "rebindgw_worker_rx_batch_size";
 
 counters! {
     RxData => "rebindgw_client_rx_packets_total", "type=\"data\"", "Datagrams received from clients, by type.";
@@ -55,9 +60,9 @@ counters! {
     RejectStale => "rebindgw_rebinds_rejected_total", "reason=\"stale\"", "";
     RejectCookie => "rebindgw_rebinds_rejected_total", "reason=\"cookie\"", "";
     RejectTrial => "rebindgw_rebinds_rejected_total", "reason=\"trial\"", "";
-    RejectUnknownIndex => "rebindgw_rebinds_rejected_total", "reason=\"unknown-index\"", "";
+    RejectUnknownIndex => "rebindgw_rebinds_rejected_total", "reason=\"unknown_index\"", "";
     RejectAead => "rebindgw_rebinds_rejected_total", "reason=\"aead\"", "";
-    RejectConnId => "rebindgw_rebinds_rejected_total", "reason=\"conn-id\"", "";
+    RejectConnId => "rebindgw_rebinds_rejected_total", "reason=\"conn_id\"", "";
     RejectReplay => "rebindgw_rebinds_rejected_total", "reason=\"replay\"", "";
     HandshakeForwarded => "rebindgw_handshakes_forwarded_total", "", "HANDSHAKEs forwarded to a host.";
     HandshakeShort => "rebindgw_handshakes_dropped_total", "reason=\"short\"", "HANDSHAKEs dropped, by reason.";
@@ -68,19 +73,26 @@ counters! {
     DropHostMalformed => "rebindgw_dropped_total", "reason=\"host_link_malformed\"", "";
     DropNoRoute => "rebindgw_dropped_total", "reason=\"no_route\"", "";
     DropTxFull => "rebindgw_dropped_total", "reason=\"tx_queue_full\"", "";
+    DropRxError => "rebindgw_dropped_total", "reason=\"rx_error\"", "";
     Registered => "rebindgw_registrations_total", "result=\"ok\"", "Host registrations, by result.";
     RegisterFull => "rebindgw_registrations_total", "result=\"full\"", "";
     RegisterDuplicate => "rebindgw_registrations_total", "result=\"duplicate\"", "";
     RegisterRepeat => "rebindgw_registrations_total", "result=\"retransmit\"", "";
     Closed => "rebindgw_closes_total", "", "Connections closed by hosts.";
     TupleTakenOver => "rebindgw_tuples_taken_over_total", "", "Tuples handed from one connection to another (NAT port reuse).";
-    Batch1 => "rebindgw_worker_batches_total", "size=\"1\"", "Receive batches handled, by size.";
-    Batch2 => "rebindgw_worker_batches_total", "size=\"2-3\"", "";
-    Batch4 => "rebindgw_worker_batches_total", "size=\"4-7\"", "";
-    Batch8 => "rebindgw_worker_batches_total", "size=\"8-15\"", "";
-    Batch16 => "rebindgw_worker_batches_total", "size=\"16-31\"", "";
-    Batch32 => "rebindgw_worker_batches_total", "size=\"32-63\"", "";
-    Batch64 => "rebindgw_worker_batches_total", "size=\"64+\"", "";
+    SendNoSocket => "rebindgw_send_errors_total", "reason=\"no_socket\"", "Queued datagrams not sent, by reason.";
+    SendSocketFull => "rebindgw_send_errors_total", "reason=\"socket_full\"", "";
+    SendRefused => "rebindgw_send_errors_total", "reason=\"refused\"", "";
+    RxBuffersExhausted => "rebindgw_rx_buffers_exhausted_total", "", "Times the io_uring receive buffer ring ran dry (the kernel queued or dropped datagrams).";
+    // The receive batch size histogram (rendered cumulatively, see `render`).
+    Batch1 => BATCH_HISTOGRAM, "le=\"1\"", "";
+    Batch2 => BATCH_HISTOGRAM, "le=\"3\"", "";
+    Batch4 => BATCH_HISTOGRAM, "le=\"7\"", "";
+    Batch8 => BATCH_HISTOGRAM, "le=\"15\"", "";
+    Batch16 => BATCH_HISTOGRAM, "le=\"31\"", "";
+    Batch32 => BATCH_HISTOGRAM, "le=\"63\"", "";
+    Batch64 => BATCH_HISTOGRAM, "le=\"+Inf\"", "";
+    BatchDatagrams => BATCH_HISTOGRAM, "", "";
 }
 
 const N: usize = COUNTERS.len();
@@ -113,21 +125,83 @@ impl C {
     }
 }
 
+/// Per-host counters of one worker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(usize)]
+pub enum H {
+    /// Datagrams received from the host.
+    RxPackets,
+    RxBytes,
+    /// Datagrams queued to the host.
+    TxPackets,
+    TxBytes,
+    /// Datagrams from the host dropped (malformed, bad tag, no route to the client).
+    Dropped,
+}
+
+const HOST_FAMILIES: [(H, &str, &str); 5] = [
+    (
+        H::RxPackets,
+        "rebindgw_host_peer_rx_packets_total",
+        "Datagrams received from each host.",
+    ),
+    (
+        H::RxBytes,
+        "rebindgw_host_peer_rx_bytes_total",
+        "Bytes received from each host.",
+    ),
+    (
+        H::TxPackets,
+        "rebindgw_host_peer_tx_packets_total",
+        "Datagrams sent to each host.",
+    ),
+    (
+        H::TxBytes,
+        "rebindgw_host_peer_tx_bytes_total",
+        "Bytes sent to each host.",
+    ),
+    (
+        H::Dropped,
+        "rebindgw_host_peer_dropped_total",
+        "Datagrams from each host that were dropped.",
+    ),
+];
+
+/// One worker's counters for one host, on their own cache lines.
+#[repr(align(128))]
+#[derive(Default)]
+struct HostCounters {
+    counters: [AtomicU64; 5],
+    /// When this worker forwarded the oldest HANDSHAKE the host has not answered since
+    /// (ticks; 0: none outstanding).
+    unanswered_since: AtomicU64,
+}
+
 /// One worker's counters, on their own cache lines.
 #[repr(align(128))]
 pub struct WorkerMetrics {
     counters: [AtomicU64; N],
+    /// Wall clock (ticks) of the worker loop's last timer tick: the liveness signal.
+    heartbeat: AtomicU64,
+    hosts: Box<[HostCounters]>,
 }
 
 impl Default for WorkerMetrics {
     fn default() -> Self {
-        WorkerMetrics {
-            counters: std::array::from_fn(|_| AtomicU64::new(0)),
-        }
+        WorkerMetrics::with_hosts(0)
     }
 }
 
 impl WorkerMetrics {
+    /// Counters for a gateway with `hosts` configured hosts.
+    pub fn with_hosts(hosts: usize) -> Self {
+        WorkerMetrics {
+            counters: std::array::from_fn(|_| AtomicU64::new(0)),
+            heartbeat: AtomicU64::new(0),
+            hosts: (0..hosts).map(|_| HostCounters::default()).collect(),
+        }
+    }
+
     #[inline]
     pub fn add(&self, c: C, n: u64) {
         self.counters[c as usize].fetch_add(n, Ordering::Relaxed);
@@ -141,11 +215,99 @@ impl WorkerMetrics {
     pub fn get(&self, c: C) -> u64 {
         self.counters[c as usize].load(Ordering::Relaxed)
     }
+
+    /// Adds `n` to host `host`'s counter `c` (ignored for a host index out of range).
+    #[inline]
+    pub fn host_add(&self, host: usize, c: H, n: u64) {
+        if let Some(h) = self.hosts.get(host) {
+            h.counters[c as usize].fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    pub fn host_get(&self, host: usize, c: H) -> u64 {
+        self.hosts
+            .get(host)
+            .map_or(0, |h| h.counters[c as usize].load(Ordering::Relaxed))
+    }
+
+    /// A HANDSHAKE went to `host` at `now`; starts the wait for its answer unless one runs.
+    #[inline]
+    pub fn handshake_sent(&self, host: usize, now: Ticks) {
+        if let Some(h) = self.hosts.get(host)
+            && h.unanswered_since.load(Ordering::Relaxed) == 0
+        {
+            h.unanswered_since.store(now.0.max(1), Ordering::Relaxed);
+        }
+    }
+
+    /// `host` answered (a handshake reply or a valid control message).
+    #[inline]
+    pub fn host_answered(&self, host: usize) {
+        if let Some(h) = self.hosts.get(host)
+            && h.unanswered_since.load(Ordering::Relaxed) != 0
+        {
+            h.unanswered_since.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Since when `host` has left a HANDSHAKE from this worker unanswered.
+    pub fn unanswered_since(&self, host: usize) -> Option<Ticks> {
+        let t = self
+            .hosts
+            .get(host)?
+            .unanswered_since
+            .load(Ordering::Relaxed);
+        (t != 0).then_some(Ticks(t))
+    }
+
+    /// The worker loop is alive at `now`.
+    #[inline]
+    pub fn beat(&self, now: Ticks) {
+        self.heartbeat.store(now.0, Ordering::Relaxed);
+    }
+
+    /// The last heartbeat (`None` before the loop ran).
+    pub fn heartbeat(&self) -> Option<Ticks> {
+        let t = self.heartbeat.load(Ordering::Relaxed);
+        (t != 0).then_some(Ticks(t))
+    }
+
+    /// Adds what the I/O loop counted between `prev` and `now` (two of its snapshots).
+    pub fn record_io(&self, prev: &IoStats, now: &IoStats) {
+        let d = |a: u64, b: u64| b.saturating_sub(a);
+        let (p, n) = (&prev.send_error_reasons, &now.send_error_reasons);
+        for (c, v) in [
+            (C::DropOversize, d(prev.truncated, now.truncated)),
+            (C::DropRxError, d(prev.rx_errors, now.rx_errors)),
+            (C::RxBuffersExhausted, d(prev.no_buffers, now.no_buffers)),
+            (C::SendNoSocket, d(p.no_socket, n.no_socket)),
+            (C::SendSocketFull, d(p.socket_full, n.socket_full)),
+            (C::SendRefused, d(p.refused, n.refused)),
+        ] {
+            if v > 0 {
+                self.add(c, v);
+            }
+        }
+    }
 }
 
 /// Sum of `c` over workers.
 pub fn total(workers: &[std::sync::Arc<WorkerMetrics>], c: C) -> u64 {
     workers.iter().map(|w| w.get(c)).sum()
+}
+
+/// Sum of host `host`'s counter `c` over workers.
+pub fn host_total(workers: &[std::sync::Arc<WorkerMetrics>], host: usize, c: H) -> u64 {
+    workers.iter().map(|w| w.host_get(host, c)).sum()
+}
+
+/// What the gateway knows about one configured host.
+#[derive(Debug, Default, Clone)]
+pub struct HostFacts {
+    /// The host's link address (the `host` label).
+    pub addr: String,
+    /// Live connections the host owns.
+    pub connections: u64,
 }
 
 /// Gauges and facts that are not per-worker counters.
@@ -161,10 +323,30 @@ pub struct GatewayFacts {
     pub store_commits: u64,
     pub store_errors: u64,
     pub store_queue: u64,
-    /// Registry commit latency quantiles in microseconds: (quantile, value).
-    pub store_latency_us: Vec<(f64, u64)>,
+    /// Registry commit duration histogram: (upper bound in seconds, commits at most that
+    /// long), ascending, without the +Inf bucket (that is `store_latency_count`).
+    pub store_latency_buckets: Vec<(f64, u64)>,
+    pub store_latency_sum_seconds: f64,
     pub store_latency_count: u64,
     pub table_bytes: u64,
+    /// Configured hosts, in configuration order (the index the counters use).
+    pub hosts: Vec<HostFacts>,
+}
+
+/// Bucket upper bounds (seconds) of the store commit duration histogram.
+pub const STORE_LATENCY_BUCKETS: [f64; 12] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+];
+
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+/// Escapes a label value (backslash, quote, newline).
+fn label_value(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 /// Prometheus text exposition format 0.0.4.
@@ -172,10 +354,11 @@ pub fn render(workers: &[std::sync::Arc<WorkerMetrics>], facts: &GatewayFacts) -
     let mut out = String::with_capacity(8192);
     let mut last_name = "";
     for (c, name, labels, help) in COUNTERS {
+        if *name == BATCH_HISTOGRAM {
+            continue;
+        }
         if *name != last_name {
-            let help = if help.is_empty() { "" } else { help };
-            let _ = writeln!(out, "# HELP {name} {help}");
-            let _ = writeln!(out, "# TYPE {name} counter");
+            family(&mut out, name, "counter", help);
             last_name = name;
         }
         let v = total(workers, *c);
@@ -185,13 +368,33 @@ pub fn render(workers: &[std::sync::Arc<WorkerMetrics>], facts: &GatewayFacts) -
             let _ = writeln!(out, "{name}{{{labels}}} {v}");
         }
     }
-    for (i, w) in workers.iter().enumerate() {
-        if i == 0 {
-            out.push_str(
-                "# HELP rebindgw_worker_rx_packets_total Client datagrams received, per worker.\n",
-            );
-            out.push_str("# TYPE rebindgw_worker_rx_packets_total counter\n");
+    // Receive batch sizes: the counters hold one bucket each; Prometheus buckets are
+    // cumulative.
+    family(
+        &mut out,
+        BATCH_HISTOGRAM,
+        "histogram",
+        "Datagrams per receive batch handed to a worker.",
+    );
+    let mut cumulative = 0;
+    for (c, name, labels, _) in COUNTERS {
+        if *name == BATCH_HISTOGRAM && !labels.is_empty() {
+            cumulative += total(workers, *c);
+            let _ = writeln!(out, "{name}_bucket{{{labels}}} {cumulative}");
         }
+    }
+    let _ = writeln!(
+        out,
+        "{BATCH_HISTOGRAM}_sum {}\n{BATCH_HISTOGRAM}_count {cumulative}",
+        total(workers, C::BatchDatagrams)
+    );
+    family(
+        &mut out,
+        "rebindgw_worker_rx_packets_total",
+        "counter",
+        "Client datagrams received, per worker.",
+    );
+    for (i, w) in workers.iter().enumerate() {
         let rx = w.get(C::RxData)
             + w.get(C::RxHandshake)
             + w.get(C::RxRebind)
@@ -235,33 +438,86 @@ pub fn render(workers: &[std::sync::Arc<WorkerMetrics>], facts: &GatewayFacts) -
         ),
     ];
     for (name, help, v) in gauges {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+        family(&mut out, name, "gauge", help);
+        let _ = writeln!(out, "{name} {v}");
+    }
+    family(
+        &mut out,
+        "rebindgw_build_info",
+        "gauge",
+        "Version and backends of the running gateway (always 1).",
+    );
+    let _ = writeln!(
+        out,
+        "rebindgw_build_info{{version=\"{}\",io_backend=\"{}\",aes_backend=\"{}\"}} 1",
+        env!("CARGO_PKG_VERSION"),
+        label_value(&facts.io_backend),
+        label_value(&facts.engine_backend)
+    );
+    family(
+        &mut out,
+        "rebindgw_store_commits_total",
+        "counter",
+        "Registry store commits.",
+    );
+    let _ = writeln!(out, "rebindgw_store_commits_total {}", facts.store_commits);
+    family(
+        &mut out,
+        "rebindgw_store_errors_total",
+        "counter",
+        "Registry store commit failures.",
+    );
+    let _ = writeln!(out, "rebindgw_store_errors_total {}", facts.store_errors);
+    family(
+        &mut out,
+        "rebindgw_store_queue",
+        "gauge",
+        "Registry writes waiting.",
+    );
+    let _ = writeln!(out, "rebindgw_store_queue {}", facts.store_queue);
+    let name = "rebindgw_store_commit_duration_seconds";
+    family(
+        &mut out,
+        name,
+        "histogram",
+        "Registry store commit duration.",
+    );
+    for (le, n) in &facts.store_latency_buckets {
+        let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {n}");
     }
     let _ = writeln!(
         out,
-        "# HELP rebindgw_backend_info Engine and I/O backends in use.\n# TYPE rebindgw_backend_info gauge\nrebindgw_backend_info{{engine=\"{}\",io=\"{}\"}} 1",
-        facts.engine_backend, facts.io_backend
+        "{name}_bucket{{le=\"+Inf\"}} {count}\n{name}_sum {}\n{name}_count {count}",
+        facts.store_latency_sum_seconds,
+        count = facts.store_latency_count
     );
-    let _ = writeln!(
-        out,
-        "# HELP rebindgw_store_commits_total Registry store commits.\n# TYPE rebindgw_store_commits_total counter\nrebindgw_store_commits_total {}\n# HELP rebindgw_store_errors_total Registry store commit failures.\n# TYPE rebindgw_store_errors_total counter\nrebindgw_store_errors_total {}\n# HELP rebindgw_store_queue Registry writes waiting.\n# TYPE rebindgw_store_queue gauge\nrebindgw_store_queue {}",
-        facts.store_commits, facts.store_errors, facts.store_queue
-    );
-    let _ = writeln!(
-        out,
-        "# HELP rebindgw_store_commit_latency_microseconds Registry store commit latency.\n# TYPE rebindgw_store_commit_latency_microseconds summary"
-    );
-    for (q, v) in &facts.store_latency_us {
-        let _ = writeln!(
-            out,
-            "rebindgw_store_commit_latency_microseconds{{quantile=\"{q}\"}} {v}"
+    if !facts.hosts.is_empty() {
+        family(
+            &mut out,
+            "rebindgw_host_peer_connections",
+            "gauge",
+            "Live connections owned by each host.",
         );
+        for h in &facts.hosts {
+            let _ = writeln!(
+                out,
+                "rebindgw_host_peer_connections{{host=\"{}\"}} {}",
+                label_value(&h.addr),
+                h.connections
+            );
+        }
+        for (c, name, help) in HOST_FAMILIES {
+            family(&mut out, name, "counter", help);
+            for (i, h) in facts.hosts.iter().enumerate() {
+                let _ = writeln!(
+                    out,
+                    "{name}{{host=\"{}\"}} {}",
+                    label_value(&h.addr),
+                    host_total(workers, i, c)
+                );
+            }
+        }
     }
-    let _ = writeln!(
-        out,
-        "rebindgw_store_commit_latency_microseconds_count {}",
-        facts.store_latency_count
-    );
     out
 }
 
@@ -307,7 +563,198 @@ mod tests {
             1
         );
         for r in RejectReason::ALL {
-            assert!(text.contains(&format!("reason=\"{}\"", r.name())), "{r}");
+            let label = r.name().replace('-', "_");
+            assert!(text.contains(&format!("reason=\"{label}\"")), "{r}");
         }
+    }
+
+    /// Checks Prometheus text exposition rules that scrapers and promtool rely on; returns
+    /// every violation found.
+    pub(crate) fn exposition_problems(text: &str) -> Vec<String> {
+        use std::collections::{HashMap, HashSet};
+        let valid_name = |n: &str| {
+            let mut c = n.chars();
+            c.next()
+                .is_some_and(|f| f.is_ascii_lowercase() || f == '_' || f == ':')
+                && c.all(|ch| {
+                    ch.is_ascii_lowercase() || ch.is_ascii_digit() || ch == '_' || ch == ':'
+                })
+        };
+        let mut problems = Vec::new();
+        let mut help: HashSet<String> = HashSet::new();
+        let mut types: HashMap<String, String> = HashMap::new();
+        let mut series: HashSet<String> = HashSet::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# HELP ") {
+                let (name, h) = rest.split_once(' ').unwrap_or((rest, ""));
+                if h.trim().is_empty() {
+                    problems.push(format!("empty HELP for {name}"));
+                }
+                if !help.insert(name.to_string()) {
+                    problems.push(format!("second HELP for {name}"));
+                }
+                continue;
+            }
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let (name, t) = rest.split_once(' ').unwrap_or((rest, ""));
+                if types.insert(name.to_string(), t.to_string()).is_some() {
+                    problems.push(format!("second TYPE for {name}"));
+                }
+                if !valid_name(name) {
+                    problems.push(format!("bad metric name {name}"));
+                }
+                if t == "counter" && !name.ends_with("_total") {
+                    problems.push(format!("counter {name} does not end in _total"));
+                }
+                for unit in [
+                    "microseconds",
+                    "milliseconds",
+                    "nanoseconds",
+                    "kilobytes",
+                    "megabytes",
+                ] {
+                    if name.contains(unit) {
+                        problems.push(format!("{name} is not in base units"));
+                    }
+                }
+                continue;
+            }
+            if line.starts_with('#') || line.trim().is_empty() {
+                continue;
+            }
+            let Some((s, value)) = line.rsplit_once(' ') else {
+                problems.push(format!("no value: {line}"));
+                continue;
+            };
+            if value.parse::<f64>().is_err() {
+                problems.push(format!("bad value: {line}"));
+            }
+            if !series.insert(s.to_string()) {
+                problems.push(format!("duplicate series {s}"));
+            }
+            let (name, labels) = match s.split_once('{') {
+                Some((n, l)) => (n, l.strip_suffix('}').unwrap_or("")),
+                None => (s, ""),
+            };
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|suf| {
+                    let base = name.strip_suffix(suf)?;
+                    matches!(
+                        types.get(base).map(String::as_str),
+                        Some("histogram" | "summary")
+                    )
+                    .then_some(base)
+                })
+                .unwrap_or(name);
+            if !types.contains_key(family) || !help.contains(family) {
+                problems.push(format!("{name} has no HELP/TYPE before it"));
+            }
+            for pair in labels.split(',').filter(|p| !p.is_empty()) {
+                let Some((k, v)) = pair.split_once('=') else {
+                    problems.push(format!("bad label {pair} in {s}"));
+                    continue;
+                };
+                let v = v.trim_matches('"');
+                let numeric = v.parse::<f64>().is_ok() || v == "+Inf";
+                let snake = v
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+                // Free-form values (versions, addresses) are exempt; enumerations are snake_case.
+                if !matches!(k, "host" | "version" | "le" | "quantile" | "worker")
+                    && !numeric
+                    && !snake
+                {
+                    problems.push(format!("label value {v:?} of {k} in {s} is not snake_case"));
+                }
+            }
+        }
+        problems
+    }
+
+    /// Metrics with every counter non-zero, as a scrape of a busy gateway would show.
+    fn busy_render() -> String {
+        let w = vec![
+            Arc::new(WorkerMetrics::with_hosts(2)),
+            Arc::new(WorkerMetrics::with_hosts(2)),
+        ];
+        for (c, ..) in COUNTERS {
+            w[0].add(*c, 3);
+            w[1].add(*c, 1);
+        }
+        for (h, ..) in HOST_FAMILIES {
+            w[0].host_add(0, h, 2);
+            w[1].host_add(1, h, 5);
+        }
+        let facts = GatewayFacts {
+            connections: 5,
+            max_connections: 100,
+            epoch: 2,
+            slots: 12,
+            workers: 2,
+            engine_backend: "vaes".into(),
+            io_backend: "uring".into(),
+            store_commits: 9,
+            store_latency_buckets: STORE_LATENCY_BUCKETS.iter().map(|le| (*le, 9)).collect(),
+            store_latency_sum_seconds: 0.0042,
+            store_latency_count: 9,
+            hosts: vec![
+                HostFacts {
+                    addr: "127.0.0.1:7000".into(),
+                    connections: 3,
+                },
+                HostFacts {
+                    addr: "[2001:db8::1]:7000".into(),
+                    connections: 0,
+                },
+            ],
+            ..Default::default()
+        };
+        render(&w, &facts)
+    }
+
+    #[test]
+    fn exposition_format_is_valid() {
+        let text = busy_render();
+        let problems = exposition_problems(&text);
+        assert!(problems.is_empty(), "{problems:#?}\n{text}");
+    }
+
+    #[test]
+    fn promtool_accepts_metrics() {
+        use std::io::Write as _;
+        use std::process::{Command, Stdio};
+        let text = busy_render();
+        let child = Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn();
+        let mut child = match child {
+            Ok(c) => c,
+            Err(e) => {
+                println!(
+                    "SKIPPED promtool_accepts_metrics: promtool not runnable ({e}); install Debian package `prometheus`"
+                );
+                return;
+            }
+        };
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        let report = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.status.success() && report.trim().is_empty(),
+            "promtool: {report}\n{text}"
+        );
     }
 }

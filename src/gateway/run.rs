@@ -13,10 +13,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use hdrhistogram::Histogram;
 
-use super::admin::spawn_admin;
+use super::admin::{AdminRoutes, StoreHealth, readiness, spawn_admin};
 use super::config::GatewayConfig;
 use super::core::{EpochCrypto, Shared, WorkerCore};
-use super::metrics::{GatewayFacts, render};
+use super::metrics::{GatewayFacts, HostFacts, STORE_LATENCY_BUCKETS, render};
 use super::store::{Store, StoreOp, run_writer};
 use super::tx::TxQueue;
 use crate::engine::{self, TrialKeys};
@@ -37,6 +37,19 @@ struct StoreStats {
     commits: AtomicU64,
     errors: AtomicU64,
     latency_us: Mutex<Option<Histogram<u64>>>,
+    /// The last commit failed.
+    last_failed: AtomicBool,
+    /// The writer thread runs (cleared when it ends, also by a panic).
+    writer_alive: AtomicBool,
+}
+
+/// Clears `StoreStats::writer_alive` when the writer thread ends, however it ends.
+struct WriterAlive(Arc<StoreStats>);
+
+impl Drop for WriterAlive {
+    fn drop(&mut self) {
+        self.0.writer_alive.store(false, Ordering::Relaxed);
+    }
 }
 
 /// A running gateway.
@@ -120,6 +133,8 @@ impl Drop for GatewayHandle {
 /// The I/O loop's view of a worker: read the wall clock once per batch, hand it to the core.
 struct Driver {
     core: WorkerCore,
+    /// The I/O loop's counters as last copied into the metrics.
+    io_seen: io::IoStats,
 }
 
 impl Handler for Driver {
@@ -127,7 +142,21 @@ impl Handler for Driver {
         self.core.handle_batch(Ticks::wall_clock(), rx, tx);
     }
 
-    fn tick(&mut self, _tx: &mut TxQueue) {}
+    fn tick(&mut self, _tx: &mut TxQueue) {
+        self.core.metrics().beat(Ticks::wall_clock());
+    }
+
+    fn on_io_stats(&mut self, s: &io::IoStats) {
+        let seen = &self.io_seen;
+        if s.send_errors != seen.send_errors
+            || s.truncated != seen.truncated
+            || s.rx_errors != seen.rx_errors
+            || s.no_buffers != seen.no_buffers
+        {
+            self.core.metrics().record_io(seen, s);
+            self.io_seen = s.clone();
+        }
+    }
 }
 
 fn prepare_state_dir(cfg: &GatewayConfig) -> anyhow::Result<()> {
@@ -249,12 +278,14 @@ pub fn spawn_gateway(cfg: GatewayConfig) -> anyhow::Result<GatewayHandle> {
     let shutdown = Arc::new(AtomicBool::new(false));
 
     let stats = Arc::new(StoreStats::default());
+    stats.writer_alive.store(true, Ordering::Relaxed);
     let writer = {
         let store = store.clone();
         let stats = stats.clone();
         std::thread::Builder::new()
             .name("store-writer".into())
             .spawn(move || {
+                let _alive = WriterAlive(stats.clone());
                 let s = run_writer(
                     &store,
                     store_rx,
@@ -265,6 +296,7 @@ pub fn spawn_gateway(cfg: GatewayConfig) -> anyhow::Result<GatewayHandle> {
                             Ok(()) => stats.commits.fetch_add(1, Ordering::Relaxed),
                             Err(_) => stats.errors.fetch_add(1, Ordering::Relaxed),
                         };
+                        stats.last_failed.store(result.is_err(), Ordering::Relaxed);
                         let mut h = stats.latency_us.lock().unwrap_or_else(|e| e.into_inner());
                         let h = h.get_or_insert_with(|| {
                             Histogram::new(3).expect("3 significant digits")
@@ -296,7 +328,11 @@ pub fn spawn_gateway(cfg: GatewayConfig) -> anyhow::Result<GatewayHandle> {
                         core_affinity::set_for_current(c);
                     }
                     let core = WorkerCore::new(i as u8, shared, &is_v6);
-                    let mut driver = Driver { core };
+                    core.metrics().beat(Ticks::wall_clock());
+                    let mut driver = Driver {
+                        core,
+                        io_seen: io::IoStats::default(),
+                    };
                     io::run_loop(
                         io_backend,
                         &socks,
@@ -323,14 +359,24 @@ pub fn spawn_gateway(cfg: GatewayConfig) -> anyhow::Result<GatewayHandle> {
             let shared = shared.clone();
             let stats = stats.clone();
             let (io_name, engine_name) = (io_backend.name(), engine_backend.name());
-            let (bound, handle) = spawn_admin(
-                addr,
-                move || {
+            let (s2, st2) = (shared.clone(), stats.clone());
+            let routes = AdminRoutes {
+                metrics: Box::new(move || {
                     let facts = facts(&shared, &stats, io_name, engine_name);
                     render(&shared.metrics, &facts)
-                },
-                shutdown.clone(),
-            )?;
+                }),
+                ready: Box::new(move || {
+                    let hosts: Vec<String> =
+                        s2.live().hosts.iter().map(|h| h.addr.to_string()).collect();
+                    let store = StoreHealth {
+                        writer_alive: st2.writer_alive.load(Ordering::Relaxed),
+                        last_commit_failed: st2.last_failed.load(Ordering::Relaxed),
+                    };
+                    readiness(&s2.metrics, &hosts, store, Ticks::wall_clock())
+                }),
+                about: super::admin::build_info(io_name, engine_name),
+            };
+            let (bound, handle) = spawn_admin(addr, routes, shutdown.clone())?;
             helpers.push(handle);
             Some(bound)
         }
@@ -365,19 +411,25 @@ pub fn spawn_gateway(cfg: GatewayConfig) -> anyhow::Result<GatewayHandle> {
 
 fn facts(shared: &Shared, stats: &StoreStats, io: &str, engine: &str) -> GatewayFacts {
     let epochs = shared.epochs();
-    let (latency, count) = {
+    let (buckets, sum, count) = {
         let h = stats.latency_us.lock().unwrap_or_else(|e| e.into_inner());
         match h.as_ref() {
             Some(h) => (
-                [0.5, 0.9, 0.99, 1.0]
+                STORE_LATENCY_BUCKETS
                     .iter()
-                    .map(|q| (*q, h.value_at_quantile(*q)))
+                    .map(|le| (*le, h.count_between(0, (le * 1e6) as u64)))
                     .collect(),
+                h.mean() * h.len() as f64 / 1e6,
                 h.len(),
             ),
-            None => (Vec::new(), 0),
+            None => (
+                STORE_LATENCY_BUCKETS.iter().map(|le| (*le, 0)).collect(),
+                0.0,
+                0,
+            ),
         }
     };
+    let per_host = shared.connections_per_host();
     GatewayFacts {
         connections: shared.connections() as u64,
         max_connections: shared.cfg.max_connections as u64,
@@ -389,9 +441,20 @@ fn facts(shared: &Shared, stats: &StoreStats, io: &str, engine: &str) -> Gateway
         store_commits: stats.commits.load(Ordering::Relaxed),
         store_errors: stats.errors.load(Ordering::Relaxed),
         store_queue: shared.store_queue_len() as u64,
-        store_latency_us: latency,
+        store_latency_buckets: buckets,
+        store_latency_sum_seconds: sum,
         store_latency_count: count,
         table_bytes: (shared.tuples.memory_bytes() + shared.conns.memory_bytes()) as u64,
+        hosts: shared
+            .live()
+            .hosts
+            .iter()
+            .zip(per_host)
+            .map(|(h, connections)| HostFacts {
+                addr: h.addr.to_string(),
+                connections,
+            })
+            .collect(),
     }
 }
 

@@ -326,6 +326,8 @@ unsafe impl Send for SendBufs {}
 pub(crate) struct SendCount {
     pub sent: u64,
     pub dropped: u64,
+    /// Of `dropped`, those the kernel refused (the rest found the socket full).
+    pub refused: u64,
 }
 
 impl SendBufs {
@@ -379,6 +381,7 @@ impl SendBufs {
             let c = unsafe { flush(fd, hdrs, n, wait) };
             count.sent += c.sent;
             count.dropped += c.dropped;
+            count.refused += c.refused;
         }
         count
     }
@@ -416,6 +419,7 @@ unsafe fn flush(fd: RawFd, hdrs: *mut libc::mmsghdr, n: usize, wait: Duration) -
             _ => {
                 off += 1;
                 count.dropped += 1;
+                count.refused += 1;
             }
         }
     }
@@ -620,10 +624,13 @@ pub(crate) fn run(
 
         // 5. Send what the handler queued, grouped per socket.
         if !tx.is_empty() {
-            let mut errors = tx
+            let no_socket = tx
                 .iter()
                 .filter(|(m, _)| sockets.index(m.via).is_none())
                 .count() as u64;
+            let mut errors = no_socket;
+            let r = &mut stats.send_error_reasons;
+            r.no_socket += no_socket;
             for s in 0..nsock {
                 let via = sockets.via(s);
                 let msgs = tx
@@ -633,6 +640,8 @@ pub(crate) fn run(
                 let c = txb.send_all(fds[s], v6[s], msgs, LOOP_SEND_WAIT);
                 stats.sent += c.sent;
                 errors += c.dropped;
+                r.refused += c.refused;
+                r.socket_full += c.dropped - c.refused;
             }
             if errors > 0 {
                 stats.send_errors += errors;
@@ -640,6 +649,7 @@ pub(crate) fn run(
             }
             tx.clear();
         }
+        handler.on_io_stats(&stats);
     }
     Ok(stats)
 }

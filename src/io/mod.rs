@@ -133,6 +133,9 @@ pub trait Handler {
     fn on_send_errors(&mut self, _n: u64) {}
     /// `n` received datagrams were longer than `buffer_len` and were dropped.
     fn on_truncated(&mut self, _n: u64) {}
+    /// The loop's counters so far; called once per loop iteration, after its sends, so a
+    /// handler can publish them (e.g. copy the errors into its metrics) while the loop runs.
+    fn on_io_stats(&mut self, _stats: &IoStats) {}
 }
 
 /// Loop sizing.
@@ -199,6 +202,8 @@ pub struct IoStats {
     pub sent: u64,
     /// Queued datagrams not sent (see [`Handler::on_send_errors`]).
     pub send_errors: u64,
+    /// `send_errors` by reason.
+    pub send_error_reasons: SendErrors,
     /// Received datagrams dropped for exceeding `buffer_len`.
     pub truncated: u64,
     /// Received datagrams dropped for another reason (unparseable sender, recv error).
@@ -209,6 +214,26 @@ pub struct IoStats {
     pub batches: u64,
     /// Batch sizes: 1, 2–3, 4–7, 8–15, 16–31, 32–63, 64–127, 128+.
     pub batch_sizes: [u64; 8],
+}
+
+/// Why queued datagrams were not sent; the fields add up to [`IoStats::send_errors`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SendErrors {
+    /// The datagram named a `Via` the worker has no socket for.
+    pub no_socket: u64,
+    /// The socket stayed full (`EAGAIN`/`ENOBUFS`) past the loop's short wait, or the send
+    /// was cancelled for taking too long.
+    pub socket_full: u64,
+    /// The kernel refused the datagram (bad address, `EMSGSIZE`, an ICMP error, ...).
+    pub refused: u64,
+}
+
+impl SendErrors {
+    fn merge(&mut self, o: &SendErrors) {
+        self.no_socket += o.no_socket;
+        self.socket_full += o.socket_full;
+        self.refused += o.refused;
+    }
 }
 
 impl IoStats {
@@ -224,6 +249,7 @@ impl IoStats {
         self.received += o.received;
         self.sent += o.sent;
         self.send_errors += o.send_errors;
+        self.send_error_reasons.merge(&o.send_error_reasons);
         self.truncated += o.truncated;
         self.rx_errors += o.rx_errors;
         self.no_buffers += o.no_buffers;
@@ -791,6 +817,8 @@ mod tests {
                 for r in rx {
                     tx.push_bytes(Via::Client(9), r.from, r.data);
                     tx.push_bytes(r.via, r.from, r.data);
+                    // An IPv6 destination on an IPv4 socket: the kernel refuses it.
+                    tx.push_bytes(r.via, "[2001:db8::1]:9".parse().unwrap(), r.data);
                 }
             }
             fn tick(&mut self, _tx: &mut TxQueue) {}
@@ -818,7 +846,16 @@ mod tests {
             assert_eq!(recv_retrying(&peer, &mut buf).unwrap(), (1, to));
             stop.store(true, Ordering::Relaxed);
             let stats = t.join().unwrap().unwrap();
-            assert_eq!((stats.sent, stats.send_errors), (1, 1), "{backend}");
+            assert_eq!((stats.sent, stats.send_errors), (1, 2), "{backend}");
+            assert_eq!(
+                stats.send_error_reasons,
+                SendErrors {
+                    no_socket: 1,
+                    refused: 1,
+                    ..SendErrors::default()
+                },
+                "{backend}"
+            );
         }
     }
 

@@ -231,6 +231,11 @@ impl State {
                     self.stats.sent += 1;
                 } else {
                     self.stats.send_errors += 1;
+                    let r = &mut self.stats.send_error_reasons;
+                    match -res {
+                        libc::EAGAIN | libc::ENOBUFS | libc::ECANCELED => r.socket_full += 1,
+                        _ => r.refused += 1,
+                    }
                 }
             }
             TAG_CANCEL => self.cancels_inflight = self.cancels_inflight.saturating_sub(1),
@@ -545,6 +550,7 @@ impl Uring {
             if errors > 0 {
                 handler.on_send_errors(errors);
             }
+            handler.on_io_stats(&self.st.stats);
         }
         Ok(self.st.stats.clone())
     }
@@ -569,6 +575,7 @@ impl Uring {
             let (meta, data) = tx.get(i);
             let Some(s) = sockets.index(meta.via) else {
                 st.stats.send_errors += 1;
+                st.stats.send_error_reasons.no_socket += 1;
                 continue;
             };
             // SAFETY: `i < tx_capacity`, the length of all three arrays; writes go through
