@@ -113,8 +113,12 @@ struct GatewayArgs {
     /// Disable the admin endpoint.
     #[arg(long, conflicts_with = "admin")]
     no_admin: bool,
+    /// State directory (default /var/lib/rebindgw; the user's own, mode 0700).
     #[arg(long)]
     state_dir: Option<PathBuf>,
+    /// Start even if the registry is damaged: move bad records (or an unreadable file) aside.
+    #[arg(long)]
+    set_aside_corrupt: bool,
     #[arg(long)]
     master_key: Option<PathBuf>,
     /// S, slots per key set (1..=32).
@@ -156,6 +160,9 @@ impl GatewayArgs {
         }
         if self.no_admin {
             c.admin = None;
+        }
+        if self.set_aside_corrupt {
+            c.set_aside_corrupt = true;
         }
         macro_rules! set {
             ($($field:ident => $target:expr),* $(,)?) => {
