@@ -156,6 +156,10 @@ fn a_damaged_registry_is_refused_unless_set_aside() {
         err.contains("damaged") && err.contains("--set-aside-corrupt"),
         "{err}"
     );
+    assert!(
+        !state.join("master.key").exists(),
+        "a master key was generated for a gateway that did not start"
+    );
     let mut cfg = d.config("state", "127.0.0.1:0");
     cfg.set_aside_corrupt = true;
     let g = spawn_gateway(cfg).unwrap();

@@ -287,6 +287,8 @@ fn start(
 ) -> anyhow::Result<GatewayHandle> {
     secrets::check_private_dir(&cfg.state_dir)?;
     let state_lock = lock_state_dir(&cfg.state_dir)?;
+    let (store, loaded) = open_and_load(&cfg.state_dir, cfg.slots, cfg.set_aside_corrupt)?;
+    // Generated only once the registry is known to be usable.
     let master = match master {
         Some(m) => m,
         None => {
@@ -296,7 +298,6 @@ fn start(
             secrets::load_master(&key)?
         }
     };
-    let (store, loaded) = open_and_load(&cfg.state_dir, cfg.slots, cfg.set_aside_corrupt)?;
     let store = Arc::new(store);
     store.set_slots(cfg.slots as u64)?;
     let epoch = loaded.epoch.unwrap_or(1);
