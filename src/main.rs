@@ -151,6 +151,9 @@ struct GatewayArgs {
         gateway::config::GatewayConfig::default().state_dir.display()
     ))]
     state_dir: Option<PathBuf>,
+    /// Start even if the registry is damaged: move bad records (or an unreadable file) aside.
+    #[arg(long)]
+    set_aside_corrupt: bool,
     /// Master secret file (rebindgw keygen) [default: STATE_DIR/master.key, created on first
     /// start].
     #[arg(long)]
@@ -204,6 +207,9 @@ impl GatewayArgs {
         }
         if self.no_admin {
             c.admin = None;
+        }
+        if self.set_aside_corrupt {
+            c.set_aside_corrupt = true;
         }
         macro_rules! set {
             ($($field:ident => $target:expr),* $(,)?) => {

@@ -16,6 +16,10 @@ use crate::logging::LogFormat;
 /// The largest `max_connections` accepted: its memory is reserved at start-up.
 pub const MAX_CONNECTIONS_LIMIT: usize = 1 << 22;
 
+/// Where the registry and the generated master key live unless `state_dir` says otherwise:
+/// an absolute path, so the state does not depend on the working directory.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/rebindgw";
+
 /// One host on the host link.
 #[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -58,7 +62,10 @@ pub struct GatewayConfig {
     pub hosts: Vec<HostEntry>,
     /// Prometheus `/metrics`; none disables it.
     pub admin: Option<SocketAddr>,
+    /// Registry and (by default) master key; must be the gateway user's own, mode 0700.
     pub state_dir: PathBuf,
+    /// Start even if the registry is damaged: set bad records aside (docs/persistence.md).
+    pub set_aside_corrupt: bool,
     /// The master secret; default `STATE_DIR/master.key`, created on first start.
     pub master_key: Option<PathBuf>,
     /// S, slots per key set.
@@ -88,7 +95,8 @@ impl Default for GatewayConfig {
             host_link: SocketAddr::from(([127, 0, 0, 1], 0)),
             hosts: Vec::new(),
             admin: Some(SocketAddr::from(([127, 0, 0, 1], 7480))),
-            state_dir: PathBuf::from("rebindgw-state"),
+            state_dir: PathBuf::from(DEFAULT_STATE_DIR),
+            set_aside_corrupt: false,
             master_key: None,
             slots: 16,
             window_secs: 30,
@@ -104,7 +112,7 @@ impl Default for GatewayConfig {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
+    #[error("cannot read config file {path}")]
     Read {
         path: PathBuf,
         source: std::io::Error,
@@ -451,6 +459,25 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn default_state_dir_is_absolute() {
+        assert!(GatewayConfig::default().state_dir.is_absolute());
+        let c = GatewayConfig::from_toml("set_aside_corrupt = true").unwrap();
+        assert!(c.set_aside_corrupt);
+    }
+
+    #[test]
+    fn a_missing_config_file_shows_the_os_error_once() {
+        let err = GatewayConfig::from_file(Path::new("/nonexistent/rebindgw.toml")).unwrap_err();
+        let shown = format!("{:#}", anyhow::Error::from(err));
+        assert_eq!(
+            shown.matches("No such file or directory").count(),
+            1,
+            "{shown}"
+        );
+        assert!(shown.contains("/nonexistent/rebindgw.toml"), "{shown}");
     }
 
     #[test]

@@ -4,7 +4,8 @@
 #![forbid(unsafe_code)]
 
 use std::net::SocketAddr;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -15,13 +16,13 @@ use hdrhistogram::Histogram;
 
 use super::admin::{AdminRoutes, StoreHealth, readiness, spawn_admin};
 use super::config::GatewayConfig;
-use super::core::{EpochCrypto, Shared, WorkerCore};
+use super::core::{EpochCrypto, HostPeer, Shared, WorkerCore};
 use super::metrics::{GatewayFacts, HostFacts, STORE_LATENCY_BUCKETS, render};
-use super::store::{Store, StoreOp, run_writer};
+use super::store::{Store, StoreOp, open_and_load, run_writer};
 use super::tx::TxQueue;
 use crate::engine::{self, TrialKeys};
 use crate::io::{self, Handler, IoBackend, LoopOptions, Rx, WorkerSockets};
-use crate::keys::EpochKeys;
+use crate::keys::{EpochKeys, MasterSecret};
 use crate::secrets;
 use crate::time::{Ticks, duration_ticks};
 
@@ -64,6 +65,8 @@ pub struct GatewayHandle {
     workers: Vec<JoinHandle<std::io::Result<io::IoStats>>>,
     helpers: Vec<JoinHandle<()>>,
     writer: Option<JoinHandle<()>>,
+    /// The state directory's lock, held (flock) until the gateway is gone.
+    _state_lock: std::fs::File,
 }
 
 impl GatewayHandle {
@@ -159,26 +162,85 @@ impl Handler for Driver {
     }
 }
 
-fn prepare_state_dir(cfg: &GatewayConfig) -> anyhow::Result<()> {
-    let dir = &cfg.state_dir;
-    if !dir.exists() {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("cannot create state directory {}", dir.display()))?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-            .with_context(|| format!("cannot restrict state directory {}", dir.display()))?;
-        tracing::info!(dir = %dir.display(), "created state directory");
-    }
+/// The lock file in the state directory; a gateway holds an exclusive `flock` on it.
+const LOCK_FILE: &str = "lock";
+
+/// Loads the master secret unless it is the default one that does not exist yet (then it is
+/// generated once the state directory is in place).
+fn load_master(cfg: &GatewayConfig) -> anyhow::Result<Option<MasterSecret>> {
     let key = cfg.master_key_path();
-    if !key.exists() {
-        if cfg.master_key.is_some() {
-            bail!(
-                "master key file {} does not exist; create one with `rebindgw keygen --out {}`",
-                key.display(),
-                key.display()
-            );
+    match secrets::load_master(&key) {
+        Ok(m) => Ok(Some(m)),
+        Err(e) if e.is_not_found() && cfg.master_key.is_none() => Ok(None),
+        Err(e) if e.is_not_found() => bail!(
+            "master key file {} does not exist; create one with `rebindgw keygen --out {}`",
+            key.display(),
+            key.display()
+        ),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Creates the state directory (mode 0700) if it is missing; returns the topmost directory
+/// this created, for removal if the start fails.
+fn create_state_dir(dir: &Path) -> anyhow::Result<Option<PathBuf>> {
+    if dir.exists() {
+        return Ok(None);
+    }
+    let top = dir
+        .ancestors()
+        .take_while(|a| !a.as_os_str().is_empty() && !a.exists())
+        .last()
+        .unwrap_or(dir)
+        .to_path_buf();
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("cannot create state directory {}", dir.display()))?;
+    // The umask may have narrowed 0700 further; make it exactly 0700.
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("cannot restrict state directory {}", dir.display()))?;
+    tracing::info!(dir = %dir.display(), "created state directory");
+    Ok(Some(top))
+}
+
+/// Takes the state directory's lock, so that a second gateway on it refuses to start
+/// instead of splitting the clients between two registries.
+fn lock_state_dir(dir: &Path) -> anyhow::Result<std::fs::File> {
+    let path = dir.join(LOCK_FILE);
+    let (file, _) = secrets::open_private_rw(&path)?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => bail!(
+            "state directory {} is in use by another gateway (it holds {}); stop that one \
+             first, or give this one its own `state_dir` and `listen` port",
+            dir.display(),
+            path.display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("cannot lock {}", path.display()))
         }
-        secrets::generate_master(&key)?;
-        tracing::info!(file = %key.display(), "generated a new master secret");
+    }
+}
+
+/// Fails if another socket already has a client address: SO_REUSEPORT would otherwise let
+/// this gateway share the port with another one and split the clients between them. A bind
+/// without SO_REUSEPORT fails while any socket holds the address.
+fn probe_listen(cfg: &GatewayConfig) -> anyhow::Result<()> {
+    for addr in cfg.listen.iter().filter(|a| a.port() != 0) {
+        match io::bind_udp(*addr, false, 0) {
+            Ok(probe) => drop(probe),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => bail!(
+                "client address {addr} is already in use (config key `listen`), perhaps by \
+                 another gateway; stop it, or give this one another port"
+            ),
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!("cannot bind client address {addr} (config key `listen`)")
+                });
+            }
+        }
     }
     Ok(())
 }
@@ -213,32 +275,58 @@ fn bind_sockets(
     Ok((all, listen))
 }
 
-/// Starts a gateway in this process.
+/// Starts a gateway in this process. The configuration, the keys and an existing state
+/// directory are checked before anything is created; a state directory this call created is
+/// removed again if the start fails.
 pub fn spawn_gateway(cfg: GatewayConfig) -> anyhow::Result<GatewayHandle> {
     cfg.validate()?;
-    prepare_state_dir(&cfg)?;
-    let master = secrets::load_master(&cfg.master_key_path())?;
-    let store = Arc::new(Store::open(&cfg.state_dir)?);
-    let loaded = store.load()?;
-    if let Some(s) = loaded.slots
-        && s != cfg.slots as u64
-    {
-        bail!(
-            "state directory {} holds a registry made with S = {s}, but `slots` is {}; \
-             use that S or a new state directory",
-            cfg.state_dir.display(),
-            cfg.slots
-        );
+    let engine_backend = engine::backend_from_env()?;
+    let hosts = super::reload::load_hosts(&cfg)?;
+    if cfg.state_dir.exists() {
+        secrets::check_private_dir(&cfg.state_dir)?;
     }
+    let master = load_master(&cfg)?;
+    probe_listen(&cfg)?;
+
+    let created = create_state_dir(&cfg.state_dir)?;
+    let started = start(cfg, master, hosts, engine_backend);
+    if started.is_err()
+        && let Some(top) = created
+        && let Err(e) = std::fs::remove_dir_all(&top)
+    {
+        tracing::warn!(dir = %top.display(), error = %e, "cannot remove the state directory this failed start created");
+    }
+    started
+}
+
+/// The start once the configuration and keys are known to be good.
+fn start(
+    cfg: GatewayConfig,
+    master: Option<MasterSecret>,
+    hosts: Vec<HostPeer>,
+    engine_backend: engine::Backend,
+) -> anyhow::Result<GatewayHandle> {
+    secrets::check_private_dir(&cfg.state_dir)?;
+    let state_lock = lock_state_dir(&cfg.state_dir)?;
+    let (store, loaded) = open_and_load(&cfg.state_dir, cfg.slots, cfg.set_aside_corrupt)?;
+    // Generated only once the registry is known to be usable.
+    let master = match master {
+        Some(m) => m,
+        None => {
+            let key = cfg.master_key_path();
+            secrets::generate_master(&key)?;
+            tracing::info!(file = %key.display(), "generated a new master secret");
+            secrets::load_master(&key)?
+        }
+    };
+    let store = Arc::new(store);
     store.set_slots(cfg.slots as u64)?;
     let epoch = loaded.epoch.unwrap_or(1);
     store.apply(&[StoreOp::SetEpoch { epoch }])?;
 
-    let engine_backend = engine::backend_from_env()?;
     let keys = EpochKeys::derive(&master, epoch, cfg.slots)?;
     let trial = TrialKeys::new(engine_backend, keys.slot_key_pairs())?;
     drop(master);
-    let hosts = super::reload::load_hosts(&cfg)?;
 
     let (store_tx, store_rx) = crossbeam::channel::unbounded();
     let core_cfg = cfg.core();
@@ -406,6 +494,7 @@ pub fn spawn_gateway(cfg: GatewayConfig) -> anyhow::Result<GatewayHandle> {
         workers: worker_threads,
         helpers,
         writer: Some(writer),
+        _state_lock: state_lock,
     })
 }
 

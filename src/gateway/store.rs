@@ -22,6 +22,10 @@ use crate::wire::{MAX_TUPLE_LEN, emit_tuple, parse_tuple};
 const CONNS: TableDefinition<(u32, u32), &[u8]> = TableDefinition::new("connections");
 /// Named u64 settings: "epoch", "reserved_ticks", "slots".
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// Records `--set-aside-corrupt` moved out of `connections`, as they were stored.
+const QUARANTINE: TableDefinition<(u32, u32), &[u8]> = TableDefinition::new("quarantine");
+/// The registry file's name in the state directory.
+pub const REGISTRY_FILE: &str = "registry.redb";
 
 /// A connection as stored.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -67,19 +71,110 @@ pub enum StoreOp {
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("cannot open the registry store {path}: {source}")]
+    /// The source names the file and the cause.
+    #[error("registry store")]
     Open {
         path: PathBuf,
-        source: redb::DatabaseError,
+        source: crate::secrets::SecretFileError,
+    },
+    #[error("cannot open the registry store {path}")]
+    Db {
+        path: PathBuf,
+        source: Box<redb::Error>,
+    },
+    /// The file cannot be read as a registry at all.
+    #[error(
+        "the registry store {path} is damaged ({detail}); restore it from a backup, or start \
+         with `--set-aside-corrupt` to move it aside and start with an empty registry"
+    )]
+    Damaged { path: PathBuf, detail: String },
+    /// Some records cannot be restored.
+    #[error(
+        "the registry store {path} holds {count} damaged connection record(s), the first \
+         ({epoch}, {index}): {problem}; start with `--set-aside-corrupt` to move them into its \
+         `quarantine` table and start with the good ones"
+    )]
+    BadRecords {
+        path: PathBuf,
+        count: usize,
+        epoch: u32,
+        index: u32,
+        problem: String,
+    },
+    #[error(
+        "the registry store {path} was made with S = {stored}, but `slots` is {configured}; \
+         use that S or a new state directory"
+    )]
+    SlotsChanged {
+        path: PathBuf,
+        stored: u64,
+        configured: usize,
+    },
+    #[error("cannot move the damaged registry store {path} aside to {to}")]
+    MoveAside {
+        path: PathBuf,
+        to: PathBuf,
+        source: std::io::Error,
     },
     #[error("registry store: {0}")]
-    Db(String),
-    #[error("registry store record ({epoch}, {index}) is corrupt")]
-    Corrupt { epoch: u32, index: u32 },
+    Write(String),
+    #[error("registry store record ({epoch}, {index}) is corrupt: {problem}")]
+    Corrupt {
+        epoch: u32,
+        index: u32,
+        problem: &'static str,
+    },
 }
 
 fn db_err(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Db(e.to_string())
+    StoreError::Write(e.to_string())
+}
+
+/// Sorts a redb error met while opening or reading: damage to the file, or another failure
+/// (I/O, locking) that moving the file aside would not cure.
+fn classify(path: &Path, e: impl Into<redb::Error>) -> StoreError {
+    let e: redb::Error = e.into();
+    let damaged = match &e {
+        redb::Error::Corrupted(_)
+        | redb::Error::UpgradeRequired(_)
+        | redb::Error::TableTypeMismatch { .. }
+        | redb::Error::TableIsMultimap(_)
+        | redb::Error::TableIsNotMultimap(_)
+        | redb::Error::TypeDefinitionChanged { .. } => true,
+        redb::Error::Io(io) => matches!(
+            io.kind(),
+            std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::InvalidData
+        ),
+        _ => false,
+    };
+    if damaged {
+        StoreError::Damaged {
+            path: path.to_path_buf(),
+            detail: e.to_string(),
+        }
+    } else {
+        StoreError::Db {
+            path: path.to_path_buf(),
+            source: Box::new(e),
+        }
+    }
+}
+
+/// Runs `f`, which reads the file through redb, turning a panic into [`StoreError::Damaged`]:
+/// redb 2 asserts on some damaged files (a truncated one, for example) instead of returning
+/// an error.
+fn guarded<T>(path: &Path, f: impl FnOnce() -> Result<T, StoreError>) -> Result<T, StoreError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|panic| {
+        let detail = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "the storage library gave up reading it".into());
+        Err(StoreError::Damaged {
+            path: path.to_path_buf(),
+            detail,
+        })
+    })
 }
 
 /// What a restart finds.
@@ -89,6 +184,10 @@ pub struct Loaded {
     pub slots: Option<u64>,
     pub reserved: Ticks,
     pub conns: Vec<StoredConn>,
+    /// Damaged records moved into the `quarantine` table by this load.
+    pub set_aside: usize,
+    /// Where an unreadable registry file was moved (the registry then starts empty).
+    pub moved_aside: Option<PathBuf>,
 }
 
 pub struct Store {
@@ -126,76 +225,212 @@ fn push_tuple(v: &mut Vec<u8>, tuple: Option<&SocketAddr>) {
 }
 
 fn decode(epoch: u32, index: u32, b: &[u8]) -> Result<StoredConn, StoreError> {
-    let corrupt = || StoreError::Corrupt { epoch, index };
-    if b.len() < 51 {
-        return Err(corrupt());
-    }
-    let tuple = match b[50] {
+    let corrupt = |problem| StoreError::Corrupt {
+        epoch,
+        index,
+        problem,
+    };
+    let (Some(conn_id), Some(secret), Some(last), Some(host), Some(&flag)) = (
+        b.get(0..8),
+        b.get(8..40),
+        b.get(40..48),
+        b.get(48..50),
+        b.get(50),
+    ) else {
+        return Err(corrupt("shorter than the 51 bytes of a record"));
+    };
+    let tuple = match flag {
         0 if b.len() == 51 => None,
+        0 => return Err(corrupt("bytes after a record without a tuple")),
         1 => {
-            let (t, n) = parse_tuple(&b[51..]).map_err(|_| corrupt())?;
+            let (t, n) = parse_tuple(&b[51..]).map_err(|_| corrupt("the tuple is malformed"))?;
             if 51 + n != b.len() {
-                return Err(corrupt());
+                return Err(corrupt("bytes after the tuple"));
             }
             Some(t)
         }
-        _ => return Err(corrupt()),
+        _ => return Err(corrupt("the tuple flag is neither 0 nor 1")),
     };
+    let mut r = [0u8; 32];
+    r.copy_from_slice(secret);
+    let mut c = [0u8; 8];
+    c.copy_from_slice(conn_id);
+    let mut l = [0u8; 8];
+    l.copy_from_slice(last);
     Ok(StoredConn {
         epoch,
         index,
-        conn_id: u64::from_be_bytes(b[0..8].try_into().map_err(|_| corrupt())?),
-        secret: RebindSecret(b[8..40].try_into().map_err(|_| corrupt())?),
-        last_rebind: Ticks(u64::from_be_bytes(
-            b[40..48].try_into().map_err(|_| corrupt())?,
-        )),
-        host: u16::from_be_bytes([b[48], b[49]]),
+        conn_id: u64::from_be_bytes(c),
+        secret: RebindSecret(r),
+        last_rebind: Ticks(u64::from_be_bytes(l)),
+        host: u16::from_be_bytes([host[0], host[1]]),
         tuple,
     })
 }
 
+/// Why a decoded record cannot be restored, if it cannot: its index must lie in 2^S and its
+/// epoch be the current one or the one before (kept during a rotation's grace).
+fn check_record(c: &StoredConn, slots: usize, epoch: u32) -> Option<String> {
+    if slots < 64 && u64::from(c.index) >= 1u64 << slots {
+        return Some(format!(
+            "index {} is outside the index space 2^{slots}",
+            c.index
+        ));
+    }
+    if c.epoch != epoch && c.epoch != epoch.wrapping_sub(1) {
+        return Some(format!(
+            "epoch {} is neither the stored epoch {epoch} nor the one before it",
+            c.epoch
+        ));
+    }
+    None
+}
+
 impl Store {
-    /// Opens or creates `DIR/registry.redb`.
+    /// Opens or creates `DIR/registry.redb`. The file is created 0600 whatever the umask, is
+    /// opened without following a symbolic link, must belong to this process's user, and is
+    /// narrowed to 0600 (with a warning) if group or others could read it.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
-        let path = dir.join("registry.redb");
-        let db = Database::builder()
-            // Small cache: the registry is read once at start-up and then only written.
-            .set_cache_size(4 << 20)
-            .create(&path)
-            .map_err(|source| StoreError::Open {
+        let path = dir.join(REGISTRY_FILE);
+        let (file, widened) =
+            crate::secrets::open_private_rw(&path).map_err(|source| StoreError::Open {
                 path: path.clone(),
                 source,
             })?;
-        let txn = db.begin_write().map_err(db_err)?;
-        txn.open_table(CONNS).map_err(db_err)?;
-        txn.open_table(META).map_err(db_err)?;
-        txn.commit().map_err(db_err)?;
-        Ok(Store { db, path })
+        if let Some(mode) = widened {
+            tracing::warn!(
+                file = %path.display(),
+                mode = format_args!("{mode:o}"),
+                "the registry file (it holds every connection's secret R) was readable \
+                 beyond its owner; narrowed it to 0600"
+            );
+        }
+        guarded(&path, || {
+            let db = Database::builder()
+                // Small cache: the registry is read once at start-up and then only written.
+                .set_cache_size(4 << 20)
+                .create_file(file)
+                .map_err(|e| classify(&path, e))?;
+            let txn = db.begin_write().map_err(|e| classify(&path, e))?;
+            txn.open_table(CONNS).map_err(|e| classify(&path, e))?;
+            txn.open_table(META).map_err(|e| classify(&path, e))?;
+            txn.commit().map_err(|e| classify(&path, e))?;
+            Ok(Store {
+                db,
+                path: path.clone(),
+            })
+        })
     }
 
     pub fn path(&self) -> &Path {
         &self.path
     }
 
-    /// Everything stored.
-    pub fn load(&self) -> Result<Loaded, StoreError> {
-        let txn = self.db.begin_read().map_err(db_err)?;
-        let meta = txn.open_table(META).map_err(db_err)?;
-        let get = |k: &str| -> Result<Option<u64>, StoreError> {
-            Ok(meta.get(k).map_err(db_err)?.map(|v| v.value()))
+    /// Everything stored, for a gateway with S = `slots`. A record that cannot be restored
+    /// (malformed, index outside 2^S, a foreign epoch) is an error, unless `set_aside`: then
+    /// such records move into the `quarantine` table and the rest load.
+    pub fn load(&self, slots: usize, set_aside: bool) -> Result<Loaded, StoreError> {
+        let path = &self.path;
+        let mut bad: Vec<(u32, u32, String)> = Vec::new();
+        let mut loaded = guarded(path, || {
+            let txn = self.db.begin_read().map_err(|e| classify(path, e))?;
+            let meta = txn.open_table(META).map_err(|e| classify(path, e))?;
+            let get = |k: &str| -> Result<Option<u64>, StoreError> {
+                Ok(meta
+                    .get(k)
+                    .map_err(|e| classify(path, e))?
+                    .map(|v| v.value()))
+            };
+            let epoch = match get("epoch")? {
+                None => None,
+                Some(e) => Some(u32::try_from(e).map_err(|_| StoreError::Damaged {
+                    path: path.clone(),
+                    detail: format!("the stored epoch {e} does not fit 32 bits"),
+                })?),
+            };
+            let stored_slots = get("slots")?;
+            if let Some(stored) = stored_slots
+                && stored != slots as u64
+            {
+                return Err(StoreError::SlotsChanged {
+                    path: path.clone(),
+                    stored,
+                    configured: slots,
+                });
+            }
+            let mut loaded = Loaded {
+                epoch,
+                slots: stored_slots,
+                reserved: Ticks(get("reserved_ticks")?.unwrap_or(0)),
+                ..Loaded::default()
+            };
+            let current = epoch.unwrap_or(1);
+            let mut ids = std::collections::HashSet::new();
+            let conns = txn.open_table(CONNS).map_err(|e| classify(path, e))?;
+            for row in conns.iter().map_err(|e| classify(path, e))? {
+                let (k, v) = row.map_err(|e| classify(path, e))?;
+                let (epoch, index) = k.value();
+                let problem = match decode(epoch, index, v.value()) {
+                    Err(StoreError::Corrupt { problem, .. }) => Some(problem.to_string()),
+                    Err(e) => Some(e.to_string()),
+                    Ok(c) => match check_record(&c, slots, current) {
+                        Some(p) => Some(p),
+                        None if !ids.insert(c.conn_id) => {
+                            Some("its connection ID is another record's".to_string())
+                        }
+                        None => {
+                            loaded.conns.push(c);
+                            None
+                        }
+                    },
+                };
+                if let Some(p) = problem {
+                    bad.push((epoch, index, p));
+                }
+            }
+            Ok(loaded)
+        })?;
+        let Some((epoch, index, problem)) = bad.first().cloned() else {
+            return Ok(loaded);
         };
-        let mut loaded = Loaded {
-            epoch: get("epoch")?.map(|e| e as u32),
-            slots: get("slots")?,
-            reserved: Ticks(get("reserved_ticks")?.unwrap_or(0)),
-            conns: Vec::new(),
-        };
-        let conns = txn.open_table(CONNS).map_err(db_err)?;
-        for row in conns.iter().map_err(db_err)? {
-            let (k, v) = row.map_err(db_err)?;
-            let (epoch, index) = k.value();
-            loaded.conns.push(decode(epoch, index, v.value())?);
+        if !set_aside {
+            return Err(StoreError::BadRecords {
+                path: path.clone(),
+                count: bad.len(),
+                epoch,
+                index,
+                problem,
+            });
         }
+        guarded(path, || {
+            let txn = self.db.begin_write().map_err(|e| classify(path, e))?;
+            {
+                let mut conns = txn.open_table(CONNS).map_err(|e| classify(path, e))?;
+                let mut quarantine = txn.open_table(QUARANTINE).map_err(|e| classify(path, e))?;
+                for (epoch, index, _) in &bad {
+                    let raw = conns
+                        .remove((*epoch, *index))
+                        .map_err(|e| classify(path, e))?
+                        .map(|v| Zeroizing::new(v.value().to_vec()));
+                    if let Some(raw) = raw {
+                        quarantine
+                            .insert((*epoch, *index), &raw[..])
+                            .map_err(|e| classify(path, e))?;
+                    }
+                }
+            }
+            txn.commit().map_err(|e| classify(path, e))
+        })?;
+        for (epoch, index, problem) in bad.iter().take(10) {
+            tracing::warn!(epoch, index, problem = %problem, "damaged registry record set aside");
+        }
+        tracing::warn!(
+            count = bad.len(),
+            file = %path.display(),
+            "set aside damaged registry records into the `quarantine` table; those connections \
+             must handshake again"
+        );
+        loaded.set_aside = bad.len();
         Ok(loaded)
     }
 
@@ -269,6 +504,46 @@ impl Store {
             }
         }
         txn.commit().map_err(db_err)
+    }
+}
+
+/// Opens and loads `DIR/registry.redb` (see [`Store::open`] and [`Store::load`]). With
+/// `set_aside`, a file that cannot be read at all is renamed to
+/// `registry.corrupt-<unix seconds>.redb` beside it and the gateway starts with an empty
+/// registry.
+pub fn open_and_load(
+    dir: &Path,
+    slots: usize,
+    set_aside: bool,
+) -> Result<(Store, Loaded), StoreError> {
+    let attempt = || -> Result<(Store, Loaded), StoreError> {
+        let store = Store::open(dir)?;
+        let loaded = store.load(slots, set_aside)?;
+        Ok((store, loaded))
+    };
+    match attempt() {
+        Err(StoreError::Damaged { path, detail }) if set_aside => {
+            let secs = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let to = dir.join(format!("registry.corrupt-{secs}.redb"));
+            std::fs::rename(&path, &to).map_err(|source| StoreError::MoveAside {
+                path: path.clone(),
+                to: to.clone(),
+                source,
+            })?;
+            tracing::error!(
+                file = %path.display(),
+                moved_to = %to.display(),
+                damage = %detail,
+                "THE REGISTRY FILE IS UNREADABLE: moved it aside and STARTING WITH AN EMPTY \
+                 REGISTRY; every client must handshake again"
+            );
+            let (store, mut loaded) = attempt()?;
+            loaded.moved_aside = Some(to);
+            Ok((store, loaded))
+        }
+        other => other,
     }
 }
 
@@ -367,7 +642,7 @@ mod tests {
             .unwrap();
         }
         let s = Store::open(&dir).unwrap();
-        let l = s.load().unwrap();
+        let l = s.load(12, false).unwrap();
         assert_eq!(l.epoch, Some(1));
         assert_eq!(l.reserved, Ticks(500));
         let mut want1 = conn(1, Some("10.0.0.2:6"));
@@ -393,7 +668,7 @@ mod tests {
         });
         assert_eq!(stats.ops, 500);
         assert!((4..=500).contains(&commits));
-        assert_eq!(s.load().unwrap().conns.len(), 500);
+        assert_eq!(s.load(12, false).unwrap().conns.len(), 500);
         std::fs::remove_dir_all(&dir).ok();
     }
 
@@ -406,6 +681,178 @@ mod tests {
         let mut b = encode(&conn(1, Some("10.0.0.1:5"))).to_vec();
         b.push(0);
         assert!(decode(1, 1, &b).is_err());
+    }
+
+    /// A `connections` row as stored: (epoch, index) and the record's bytes.
+    type RawRow = ((u32, u32), Vec<u8>);
+
+    /// Opens DIR's registry and loads it for S = 12.
+    fn open_load(dir: &Path, set_aside: bool) -> Result<Loaded, StoreError> {
+        open_and_load(dir, 12, set_aside).map(|(_, l)| l)
+    }
+
+    fn write_raw(dir: &Path, epoch: u64, rows: &[RawRow]) {
+        let db = Database::create(dir.join("registry.redb")).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut meta = txn.open_table(META).unwrap();
+            meta.insert("epoch", epoch).unwrap();
+            meta.insert("slots", 12).unwrap();
+            let mut conns = txn.open_table(CONNS).unwrap();
+            for (k, v) in rows {
+                conns.insert(*k, &v[..]).unwrap();
+            }
+        }
+        txn.commit().unwrap();
+    }
+
+    /// A good record, and one of each kind of damage a valid redb file can hold.
+    fn good_and_bad() -> (Vec<RawRow>, usize) {
+        let good = |i: u32| ((1, i), encode(&conn(i, Some("10.0.0.1:5"))).to_vec());
+        let mut short = encode(&conn(2, None)).to_vec();
+        short.truncate(30);
+        let mut flag = encode(&conn(3, None)).to_vec();
+        flag[50] = 9;
+        let mut tuple = encode(&conn(4, Some("10.0.0.1:5"))).to_vec();
+        tuple[51] = 0xee; // not an address family
+        let mut trailing = encode(&conn(5, None)).to_vec();
+        trailing.push(1);
+        let rows = vec![
+            good(0),
+            good(1),
+            ((1, 2), short),
+            ((1, 3), flag),
+            ((1, 4), tuple),
+            ((1, 5), trailing),
+            // Index 5000 is outside 2^12.
+            ((1, 5000), encode(&conn(6, None)).to_vec()),
+            // Epoch 7 is neither the stored epoch (1) nor the one before it.
+            ((7, 8), encode(&conn(8, None)).to_vec()),
+        ];
+        (rows, 6)
+    }
+
+    #[test]
+    fn store_open_errors_show_the_os_error_once() {
+        let dir = tempdir();
+        std::fs::create_dir(dir.join(REGISTRY_FILE)).unwrap();
+        let shown = format!("{:#}", anyhow::Error::from(Store::open(&dir).unwrap_err()));
+        assert_eq!(shown.matches("Is a directory").count(), 1, "{shown}");
+        assert_eq!(shown.matches("registry.redb").count(), 1, "{shown}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn registry_file_is_created_0600_and_narrowed() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempdir();
+        let path = dir.join("registry.redb");
+        drop(Store::open(&dir).unwrap());
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&path), 0o600);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        drop(Store::open(&dir).unwrap());
+        assert_eq!(mode(&path), 0o600);
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn damaged_files_are_clear_errors_not_panics() {
+        let dir = tempdir();
+        {
+            let s = Store::open(&dir).unwrap();
+            let mut ops = vec![StoreOp::SetEpoch { epoch: 1 }];
+            ops.extend((0..300).map(|i| StoreOp::Register(conn(i, Some("10.0.0.1:5")))));
+            s.apply(&ops).unwrap();
+        }
+        let good = std::fs::read(dir.join("registry.redb")).unwrap();
+        let mut variants: Vec<Vec<u8>> = (1..40)
+            .map(|k| good[..good.len() * k / 40].to_vec())
+            .collect();
+        variants.push((0..5000u32).map(|i| (i * 7 % 251) as u8).collect());
+        variants.push(vec![0xff; 4096]);
+        let d2 = tempdir();
+        for (n, v) in variants.iter().enumerate() {
+            std::fs::write(d2.join("registry.redb"), v).unwrap();
+            match open_load(&d2, false) {
+                Ok(l) => panic!(
+                    "variant {n} ({} bytes) loaded {} records",
+                    v.len(),
+                    l.conns.len()
+                ),
+                Err(e) => {
+                    let e = e.to_string();
+                    assert!(
+                        e.contains("damaged")
+                            && e.contains("--set-aside-corrupt")
+                            && e.contains("registry.redb"),
+                        "variant {n}: {e}"
+                    );
+                }
+            }
+        }
+        std::fs::remove_dir_all(&dir).ok();
+        std::fs::remove_dir_all(&d2).ok();
+    }
+
+    #[test]
+    fn malformed_records_are_clear_errors() {
+        let (rows, _) = good_and_bad();
+        for bad in &rows[2..] {
+            let dir = tempdir();
+            write_raw(&dir, 1, &[rows[0].clone(), bad.clone()]);
+            let e = open_load(&dir, false).unwrap_err().to_string();
+            let (epoch, index) = bad.0;
+            assert!(
+                e.contains(&format!("({epoch}, {index})"))
+                    && e.contains("--set-aside-corrupt")
+                    && e.contains("1 damaged"),
+                "{e}"
+            );
+            std::fs::remove_dir_all(&dir).ok();
+        }
+    }
+
+    #[test]
+    fn set_aside_keeps_good_records_and_quarantines_bad_ones() {
+        let dir = tempdir();
+        let (rows, bad) = good_and_bad();
+        write_raw(&dir, 1, &rows);
+        let l = open_load(&dir, true).unwrap();
+        assert_eq!(l.conns.len(), 2);
+        assert_eq!(l.set_aside, bad);
+        // They are gone from the connections, kept in `quarantine`, and a strict load is clean.
+        let l = open_load(&dir, false).unwrap();
+        assert_eq!(l.conns.len(), 2);
+        use redb::ReadableTableMetadata;
+        let db = Database::create(dir.join("registry.redb")).unwrap();
+        let txn = db.begin_read().unwrap();
+        assert_eq!(
+            txn.open_table(QUARANTINE).unwrap().len().unwrap(),
+            bad as u64
+        );
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn set_aside_moves_an_unreadable_file_and_starts_empty() {
+        let dir = tempdir();
+        let junk: Vec<u8> = (0..5000u32).map(|i| (i * 7 % 251) as u8).collect();
+        std::fs::write(dir.join("registry.redb"), &junk).unwrap();
+        let l = open_load(&dir, true).unwrap();
+        assert!(l.conns.is_empty());
+        let moved = l.moved_aside.expect("the damaged file moved aside");
+        assert!(
+            moved
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("registry.corrupt-"),
+            "{moved:?}"
+        );
+        assert_eq!(std::fs::read(&moved).unwrap(), junk);
+        open_load(&dir, false).unwrap();
+        std::fs::remove_dir_all(&dir).ok();
     }
 
     fn tempdir() -> PathBuf {

@@ -6,10 +6,12 @@
 //!
 //! The loop is thin: reap a batch → [`Handler::handle_batch`] → send what it queued in the
 //! [`TxQueue`]. No allocation, logging or locking per packet. Unsafe code lives only in the two
-//! backend files, each opting in with `#![allow(unsafe_code)]`; this file is unsafe-free
+//! backend files and `ids.rs` (one `geteuid` call), each opting in with
+//! `#![allow(unsafe_code)]`; this file is unsafe-free
 //! (`deny`, not `forbid`: a `forbid` here would make the backends' `allow` an error, E0453).
 #![deny(unsafe_code)]
 
+pub mod ids;
 mod mmsg;
 mod uring;
 
