@@ -36,7 +36,7 @@ pub const MAX_NAME_LEN: usize = 64;
 /// Why the clients file could not be read, parsed or written.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientsError {
-    #[error("clients file {path}: {source}")]
+    #[error("clients file {path}")]
     Io {
         path: PathBuf,
         #[source]
@@ -482,6 +482,15 @@ fn enroll_names(
 
 #[cfg(test)]
 pub(crate) mod tests {
+    #[test]
+    fn os_errors_are_shown_once() {
+        let err = super::ClientsFile::load(std::path::Path::new("/nonexistent/clients.toml"))
+            .unwrap_err();
+        let shown = format!("{:#}", anyhow::Error::from(err));
+        assert_eq!(shown.matches("No such file").count(), 1, "{shown}");
+        assert!(shown.contains("/nonexistent/clients.toml"), "{shown}");
+    }
+
     use super::*;
     use std::time::Instant;
 

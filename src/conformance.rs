@@ -24,7 +24,7 @@ use crate::wire::{
 /// A file that is not a well-formed vectors file.
 #[derive(Debug, thiserror::Error)]
 pub enum ConformanceError {
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     Read {
         path: String,
         source: std::io::Error,

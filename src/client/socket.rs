@@ -14,12 +14,20 @@ use crate::wire::ClientCredentials;
 /// Why [`UdpClient::connect`] gave up.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
+    // Not `#[from]`: that would make the io::Error a source too, and a `{:#}` chain would
+    // print it twice.
     #[error("socket error: {0}")]
-    Io(#[from] io::Error),
+    Io(io::Error),
     #[error("handshake failed: {0}")]
     Failed(super::ClientError),
     #[error("no HANDSHAKE_REPLY within {0:?}")]
     Timeout(Duration),
+}
+
+impl From<io::Error> for ConnectError {
+    fn from(e: io::Error) -> Self {
+        ConnectError::Io(e)
+    }
 }
 
 /// A client connection over a real UDP socket.

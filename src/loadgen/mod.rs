@@ -293,7 +293,7 @@ impl Drop for Enrollment {
             }
             Err(e) => tracing::warn!(
                 file = %file.display(),
-                error = %e,
+                error = %format!("{:#}", anyhow::Error::from(e)),
                 "could not remove the run's clients from the clients file"
             ),
         }
