@@ -70,6 +70,9 @@ pub struct GatewayConfig {
     pub max_connections: usize,
     pub io: IoBackend,
     pub rate_limits: RateLimits,
+    /// Release a connection after this many seconds without a datagram from its client
+    /// (its host is told); 0 never expires.
+    pub idle_timeout_secs: u64,
 }
 
 impl Default for GatewayConfig {
@@ -90,6 +93,7 @@ impl Default for GatewayConfig {
             max_connections: 0,
             io: IoBackend::Uring,
             rate_limits: RateLimits::default(),
+            idle_timeout_secs: super::core::DEFAULT_IDLE_TIMEOUT_SECS,
         }
     }
 }
@@ -184,6 +188,12 @@ impl GatewayConfig {
                 ),
             ));
         }
+        if self.idle_timeout_secs > 30 * 86_400 {
+            return Err(invalid(
+                "idle_timeout_secs",
+                format!("at most 30 days, got {}", self.idle_timeout_secs),
+            ));
+        }
         let r = &self.rate_limits;
         for (key, rate) in [
             (
@@ -236,6 +246,8 @@ impl GatewayConfig {
             handshake_prefix: r.handshake_per_prefix,
             handshake_global: r.handshake_global,
             limiter_slots: 4096,
+            idle_timeout: Duration::from_secs(self.idle_timeout_secs),
+            reply_slots: CoreConfig::new(self.slots).reply_slots,
         }
     }
 }

@@ -127,7 +127,9 @@ impl Handler for Driver {
         self.core.handle_batch(Ticks::wall_clock(), rx, tx);
     }
 
-    fn tick(&mut self, _tx: &mut TxQueue) {}
+    fn tick(&mut self, tx: &mut TxQueue) {
+        self.core.tick(Ticks::wall_clock(), tx);
+    }
 }
 
 fn prepare_state_dir(cfg: &GatewayConfig) -> anyhow::Result<()> {
@@ -213,16 +215,14 @@ pub fn spawn_gateway(cfg: GatewayConfig) -> anyhow::Result<GatewayHandle> {
     for h in &cfg.hosts {
         let key = secrets::load_link_key(&h.link_key_file)
             .with_context(|| format!("host {} (config key `hosts`)", h.addr))?;
-        hosts.push(HostPeer {
-            addr: h.addr,
-            key: key.cipher(),
-        });
+        hosts.push(HostPeer::new(h.addr, &key));
     }
 
     let (store_tx, store_rx) = crossbeam::channel::unbounded();
     let core_cfg = cfg.core();
     let workers = core_cfg.workers;
     let shared = Shared::new(core_cfg, EpochCrypto { keys, trial }, hosts, Some(store_tx));
+    shared.set_started(Ticks::wall_clock());
 
     // Restore the registry. Every time issued before the restart is at most `reserved`, so
     // raising each L to it refuses every REBIND captured before the restart.
