@@ -39,7 +39,8 @@ use crate::verify::{
     BatchItem, Keyed, Prechecked, RejectReason, derive_keys, open_keyed, precheck_batch,
 };
 use crate::wire::{
-    HANDSHAKE_LEN, MAX_TUPLE_LEN, MsgType, Unrecognized, emit_tuple, unrecognized_len,
+    HANDSHAKE_LEN, MAX_TUPLE_LEN, MsgType, Unrecognized, emit_tuple, handshake_reply_len,
+    unrecognized_len,
 };
 
 /// Settings the core needs.
@@ -489,17 +490,22 @@ struct RecentHandshakes {
     slots: Box<[Option<HandshakeSeen>]>,
     sets: usize,
     hash: SipHasher13,
+    /// Protocol 1.0 only: its HANDSHAKE (256 bytes) is shorter than its reply, so the reply
+    /// may be that long, and no longer. Zero once HANDSHAKE_LEN exceeds the reply (1.1).
+    reply_floor: usize,
 }
 
 const REPLY_WAYS: usize = 4;
 
 impl RecentHandshakes {
-    fn new(entries: usize) -> Self {
+    fn new(entries: usize, slots: usize) -> Self {
         let sets = (entries / REPLY_WAYS).max(1).next_power_of_two();
+        let reply = handshake_reply_len(slots);
         RecentHandshakes {
             slots: vec![None; sets * REPLY_WAYS].into_boxed_slice(),
             sets,
             hash: SipHasher13::new_with_key(&crate::crypto::random_array()),
+            reply_floor: if reply > HANDSHAKE_LEN { reply } else { 0 },
         }
     }
 
@@ -549,6 +555,7 @@ impl RecentHandshakes {
 
     /// Spends a credit for a reply of `len` bytes from `host` to `tuple`, or says why not.
     fn take(&mut self, tuple: &SocketAddr, len: usize, host: HostId, now: Ticks) -> Result<(), C> {
+        let floor = self.reply_floor;
         let set = self.set(tuple);
         let Some(slot) = set
             .iter_mut()
@@ -560,7 +567,7 @@ impl RecentHandshakes {
         if e.host != host {
             return Err(C::DropReplyWrongHost);
         }
-        if len > usize::from(e.max_len) {
+        if len > usize::from(e.max_len).max(floor) {
             return Err(C::DropReplyTooLarge);
         }
         e.credits -= 1;
@@ -603,7 +610,7 @@ impl WorkerCore {
             trial_out: Vec::with_capacity(64),
             issued: None,
             secs: 0,
-            recent_handshakes: RecentHandshakes::new(cfg.reply_slots),
+            recent_handshakes: RecentHandshakes::new(cfg.reply_slots, cfg.slots),
             shared,
         }
     }
