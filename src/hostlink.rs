@@ -217,18 +217,11 @@ pub enum Control {
         new: SocketAddr,
     },
     /// The gateway dropped an idle connection.
-    Expired {
-        conn_id: u64,
-    },
+    Expired { conn_id: u64 },
     /// A host announces its boot id (at start, until acknowledged).
-    Hello {
-        boot: u64,
-    },
+    Hello { boot: u64 },
     /// The gateway took `boot` and released `released` connections of earlier boots.
-    HelloAck {
-        boot: u64,
-        released: u32,
-    },
+    HelloAck { boot: u64, released: u32 },
 }
 
 impl std::fmt::Debug for Control {
@@ -857,8 +850,14 @@ mod tests {
         let m = Control::Expired { conn_id: 9 };
         let a = m.seal(&key, Ticks(1000));
         let b = m.seal(&key, Ticks(1000));
-        assert_eq!(Control::open_fresh(&a, &key, Ticks(1000), &mut guard), Ok(m.clone()));
-        assert_eq!(Control::open_fresh(&b, &key, Ticks(1000), &mut guard), Ok(m.clone()));
+        assert_eq!(
+            Control::open_fresh(&a, &key, Ticks(1000), &mut guard),
+            Ok(m.clone())
+        );
+        assert_eq!(
+            Control::open_fresh(&b, &key, Ticks(1000), &mut guard),
+            Ok(m.clone())
+        );
         let later = Ticks(1000 + CONTROL_WINDOW);
         assert_eq!(
             Control::open_fresh(&a, &key, later, &mut guard),

@@ -423,7 +423,11 @@ fn idle_connection_expires_at_gateway_and_host() {
     }
     assert_eq!(w.count(C::Expired), 1);
     assert_eq!(host.stats().counters.expired_by_gateway, 1);
-    assert_eq!(host.stats().counters.closes_sent, 0, "the host sent no CLOSE");
+    assert_eq!(
+        host.stats().counters.closes_sent,
+        0,
+        "the host sent no CLOSE"
+    );
     // Its DATA now meets an unknown tuple.
     assert!(!c.echo_ok(b"again"));
 }

@@ -1026,10 +1026,7 @@ impl WorkerCore {
                 self.metrics.inc(C::HostRxReply);
                 match hostlink::parse_tuple_data(d.data) {
                     Ok((client, inner)) if inner[0] == MsgType::HandshakeReply as u8 => {
-                        match self
-                            .recent_handshakes
-                            .take(&client, inner.len(), host, now)
-                        {
+                        match self.recent_handshakes.take(&client, inner.len(), host, now) {
                             Ok(()) => self.send_to_client(client, inner, C::TxClientReply, tx),
                             Err(c) => self.metrics.inc(c),
                         }
@@ -1771,7 +1768,10 @@ mod tests {
         assert!(h.client(a, &hs[..255]).is_empty());
         let out = h.client(a, &hs);
         let framed = hostlink::verify_handshake(&LinkKey([9; 16]).handshake_mac(), &out[0].2);
-        assert_eq!(hostlink::parse_tuple_data(framed.unwrap()).unwrap(), (a, &hs[..]));
+        assert_eq!(
+            hostlink::parse_tuple_data(framed.unwrap()).unwrap(),
+            (a, &hs[..])
+        );
         h.client(a, &hs);
         h.client(a, &hs);
         assert!(h.client(a, &hs).is_empty());
@@ -1881,7 +1881,10 @@ mod tests {
         assert!(h.shared.conns.get(5).is_some());
         // A captured CLOSE sent again, within its validity: nothing happens.
         assert!(h.feed(&[(Via::Host, host, &close)]).is_empty());
-        assert!(h.shared.conns.get(5).is_some(), "a replayed CLOSE closes nothing");
+        assert!(
+            h.shared.conns.get(5).is_some(),
+            "a replayed CLOSE closes nothing"
+        );
     }
 
     #[test]
@@ -2007,11 +2010,7 @@ mod tests {
         let other_key = LinkKey([8; 16]);
         let mut h = Harness::with_hosts(CoreConfig::new(S), &[(other, other_key.clone())]);
         let host = h.host_addr;
-        let (a, b, c) = (
-            addr("10.0.0.1:1"),
-            addr("10.0.0.2:1"),
-            addr("10.0.0.3:1"),
-        );
+        let (a, b, c) = (addr("10.0.0.1:1"), addr("10.0.0.2:1"), addr("10.0.0.3:1"));
         h.register(1, a);
         h.register(2, b);
         let theirs = LinkMsg::Register {
@@ -2046,7 +2045,10 @@ mod tests {
         );
         assert!(h.shared.conns.get(1).is_none() && h.shared.conns.get(2).is_none());
         assert!(h.shared.tuples.get(&a).is_none() && h.shared.tuples.get(&b).is_none());
-        assert!(h.shared.conns.get(3).is_some(), "another host's connection stays");
+        assert!(
+            h.shared.conns.get(3).is_some(),
+            "another host's connection stays"
+        );
         assert_eq!((h.count(C::HostRestarts), h.count(C::Released)), (1, 2));
         // A retransmitted HELLO of the same boot releases nothing more.
         let again = LinkMsg::Hello { boot: 2 }.seal(&h.link, h.now);

@@ -13,8 +13,8 @@ use zeroize::Zeroizing;
 use crate::clients::ClientsFile;
 use crate::crypto;
 use crate::hostlink::{
-    self, Control, DATA_HEADER_LEN as LINK_DATA_HEADER, HandshakeMac, LinkError, LinkKey,
-    LinkType, ReplayGuard,
+    self, Control, DATA_HEADER_LEN as LINK_DATA_HEADER, HandshakeMac, LinkError, LinkKey, LinkType,
+    ReplayGuard,
 };
 use crate::replay::ReplayWindow;
 use crate::time::{Ticks, duration_ticks};
@@ -84,7 +84,9 @@ impl GatewayNet {
         // A dual-stack socket reports IPv4 peers as ::ffff:a.b.c.d.
         match (self.addr, ip.to_canonical()) {
             (IpAddr::V4(n), IpAddr::V4(a)) => {
-                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
                 n.to_bits() & mask == a.to_bits() & mask
             }
             (IpAddr::V6(n), IpAddr::V6(a)) => {
@@ -655,7 +657,10 @@ impl HostCore {
 
     /// The HELLO to send now, if one is due; schedules the next.
     fn hello_msg(&mut self, now: Ticks) -> Option<Transmit> {
-        let to = self.hello.to.filter(|_| !self.hello.acked && now >= self.hello.next)?;
+        let to = self
+            .hello
+            .to
+            .filter(|_| !self.hello.acked && now >= self.hello.next)?;
         self.hello.next = now.saturating_add(self.cfg.register_retry);
         self.counters.hello_sent += 1;
         Some(Transmit {

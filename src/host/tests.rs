@@ -453,7 +453,10 @@ fn rebound_moves_gateway_and_bad_key_control_dropped() {
     assert_eq!(s.core.counters().control_bad_tag, 1);
     assert_eq!(s.core.gateway_of(id), Some(gw()));
     // Under the link key: the connection now answers via the worker that sent it.
-    assert!(s.feed(T0, gw2(), &rebound.seal(&s.link.cipher(), T0)).is_none());
+    assert!(
+        s.feed(T0, gw2(), &rebound.seal(&s.link.cipher(), T0))
+            .is_none()
+    );
     assert_eq!(s.core.counters().rebounds, 1);
     assert_eq!(s.core.gateway_of(id), Some(gw2()));
     let (to, _) = s.data(T0, gw2(), id, &reply.kd_c2s, 0, b"hi").unwrap();
@@ -468,7 +471,10 @@ fn rebound_moves_gateway_and_bad_key_control_dropped() {
         old: None,
         new: client_tuple(),
     };
-    assert!(s.feed(T0, gw(), &stray.seal(&s.link.cipher(), T0)).is_none());
+    assert!(
+        s.feed(T0, gw(), &stray.seal(&s.link.cipher(), T0))
+            .is_none()
+    );
     assert_eq!(s.core.counters().rebound_unknown_conn, 1);
 }
 
@@ -499,7 +505,10 @@ fn replayed_rebound_cannot_move_the_gateway() {
         old: None,
         new: client_tuple(),
     };
-    assert!(s.feed(T0, gw2(), &older.seal(&s.link.cipher(), T0)).is_none());
+    assert!(
+        s.feed(T0, gw2(), &older.seal(&s.link.cipher(), T0))
+            .is_none()
+    );
     assert_eq!(s.core.gateway_of(id), Some(gw()));
     assert_eq!(s.core.counters().rebound_stale, 1);
 }
@@ -521,7 +530,12 @@ fn datagrams_from_unconfigured_sources_are_dropped() {
     assert!(!net.contains("10.0.1.1".parse().unwrap()));
     let one: GatewayNet = "fd00::7".parse().unwrap();
     assert!(one.contains("fd00::7".parse().unwrap()) && !one.contains("fd00::8".parse().unwrap()));
-    assert!("0.0.0.0/0".parse::<GatewayNet>().unwrap().contains("8.8.8.8".parse().unwrap()));
+    assert!(
+        "0.0.0.0/0"
+            .parse::<GatewayNet>()
+            .unwrap()
+            .contains("8.8.8.8".parse().unwrap())
+    );
     assert!("10.0.0.0/33".parse::<GatewayNet>().is_err());
     assert!("nope".parse::<GatewayNet>().is_err());
     assert!(
@@ -750,7 +764,11 @@ fn spawned_host_over_udp() {
                      c: &ClientCredentials,
                      nonce: [u8; 16]| {
         let now = Ticks::wall_clock();
-        let hs = frame_handshake(gw.link_key(), client_tuple(), &build_handshake(c, &nonce, now));
+        let hs = frame_handshake(
+            gw.link_key(),
+            client_tuple(),
+            &build_handshake(c, &nonce, now),
+        );
         sock.send_to(&hs, to).unwrap();
         let mut reg = recv(sock);
         if let Ok(Control::Hello { boot }) = Control::open(&reg, &gw.link, Ticks::wall_clock()) {
