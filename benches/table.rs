@@ -87,6 +87,7 @@ fn bench_conn(c: &mut Criterion) {
             owner: 1,
             index: *id as u32,
             epoch_byte: 1,
+            host: 0,
         };
         w.insert(*id, v).unwrap();
         map.insert(*id, v);

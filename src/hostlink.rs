@@ -1,39 +1,53 @@
 //! The host link: datagrams between gateway workers and Mesh hosts (see `docs/hostlink.md`).
 //!
 //! ```text
-//! data plane (plain; the gateway takes host-link datagrams only from configured host addresses)
+//! data plane (plain; each side takes host-link datagrams only from the peers it is configured with)
 //!   0x01 TO_HOST_DATA       gateway -> host   u64 conn_id || client DATA datagram
 //!   0x02 TO_CLIENT_DATA     host -> gateway   u64 conn_id || DATA datagram for that client
-//!   0x03 TO_HOST_HANDSHAKE  gateway -> host   Tuple(client) || HANDSHAKE datagram
+//!   0x03 TO_HOST_HANDSHAKE  gateway -> host   Tuple(client) || HANDSHAKE datagram || mac(16)
 //!   0x04 TO_CLIENT_REPLY    host -> gateway   Tuple(client) || HANDSHAKE_REPLY datagram
-//! control plane (sealed: type || nonce(12) || AES-128-GCM(link key, nonce, aad = type, body))
-//!   0x10 REGISTER           host -> gateway   u64 request || u64 ticks || u64 conn_id || Tuple(client)
+//! control plane (sealed: type || nonce(12) || AES-128-GCM(link key, nonce, aad = type, u64 sent || body))
+//!   0x10 REGISTER           host -> gateway   u64 boot || u64 request || u64 conn_id || Tuple(client)
 //!   0x11 REGISTERED         gateway -> host   u64 request || u64 conn_id || u32 epoch || u8 S || u32 x || R(32) || keys(16*S)
 //!   0x12 REGISTER_FAILED    gateway -> host   u64 request || u64 conn_id || u8 reason
-//!   0x13 CLOSE              host -> gateway   u64 request || u64 ticks || u64 conn_id
+//!   0x13 CLOSE              host -> gateway   u64 boot || u64 request || u64 conn_id
 //!   0x14 CLOSED             gateway -> host   u64 request || u64 conn_id || u8 found
 //!   0x15 REBOUND            gateway -> host   u64 conn_id || u64 t || u8 had_old || Tuple(old)? || Tuple(new)
+//!   0x16 EXPIRED            gateway -> host   u64 conn_id
+//!   0x17 HELLO              host -> gateway   u64 boot
+//!   0x18 HELLO_ACK          gateway -> host   u64 boot || u32 released
 //! ```
 //!
 //! Control messages carry secrets (`R`, slot keys), so they are encrypted and authenticated
-//! under a per-host 16-byte link key, with a random 96-bit nonce per message. Requests carry
-//! the sender's ticks; the receiver refuses those outside [`CONTROL_WINDOW`] of its clock.
+//! under a per-host 16-byte link key, with a random 96-bit nonce per message. Every one carries
+//! the sender's clock (`sent`); the receiver refuses it more than [`CONTROL_WINDOW`] from its
+//! own clock, and a [`ReplayGuard`] refuses a nonce it has already accepted within that time.
+//! `mac` on TO_HOST_HANDSHAKE is HMAC-SHA256 under a key derived from the link key, cut to 16
+//! bytes, over everything before it.
 #![forbid(unsafe_code)]
 
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 
-use crate::crypto::Gcm;
+use crate::crypto::{Gcm, HmacSha256Midstate};
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
 use crate::crypto::{self, TAG_LEN};
 use crate::time::{TICKS_PER_SECOND, Ticks};
 use crate::wire::{MAX_SLOTS, MAX_TUPLE_LEN, MIN_SLOTS, emit_tuple, parse_tuple};
 
-/// Requests older or newer than this (in ticks) are refused: 60 s.
+/// Control messages sent longer ago (or further ahead) than this, by the receiver's clock,
+/// are refused: 60 s.
 pub const CONTROL_WINDOW: u64 = 60 * TICKS_PER_SECOND;
+/// Nonces a [`ReplayGuard`] remembers at most. Only authentic messages are remembered, so
+/// this bounds what an honest peer can send within two windows; when full, new messages
+/// are refused rather than old nonces forgotten early.
+pub const REPLAY_GUARD_CAP: usize = 1 << 20;
+/// Bytes of the MAC that ends a TO_HOST_HANDSHAKE.
+pub const HANDSHAKE_MAC_LEN: usize = 16;
 const NONCE_LEN: usize = 12;
-/// Bytes a sealed control message adds to its body.
-pub const SEAL_OVERHEAD: usize = 1 + NONCE_LEN + TAG_LEN;
+/// Bytes a sealed control message adds to its body (type, nonce, `sent`, tag).
+pub const SEAL_OVERHEAD: usize = 1 + NONCE_LEN + 8 + TAG_LEN;
 /// Bytes the data-plane headers add before a datagram: type + conn_id.
 pub const DATA_HEADER_LEN: usize = 9;
 
@@ -50,6 +64,9 @@ pub enum LinkType {
     Close = 0x13,
     Closed = 0x14,
     Rebound = 0x15,
+    Expired = 0x16,
+    Hello = 0x17,
+    HelloAck = 0x18,
 }
 
 impl LinkType {
@@ -66,6 +83,9 @@ impl LinkType {
             Close,
             Closed,
             Rebound,
+            Expired,
+            Hello,
+            HelloAck,
         ]
         .into_iter()
         .find(|t| *t as u8 == b)
@@ -88,6 +108,10 @@ pub enum LinkError {
     BadTag,
     #[error("host-link control message is {0} s away from our clock")]
     Stale(u64),
+    #[error("host-link control message was seen before (replay)")]
+    Replay,
+    #[error("host-link replay guard is full")]
+    GuardFull,
 }
 
 /// A host's 16-byte link key. Zeroized on drop, never printed.
@@ -108,6 +132,37 @@ impl LinkKey {
     pub fn cipher(&self) -> Gcm {
         crypto::gcm(&self.0)
     }
+
+    /// The TO_HOST_HANDSHAKE MAC key: derived, so the link key itself only keys GCM.
+    pub fn handshake_mac(&self) -> HandshakeMac {
+        let mut k = Zeroizing::new([0u8; 32]);
+        crypto::hkdf(
+            b"",
+            &self.0,
+            &[b"rebindgw host-link handshake mac v1"],
+            &mut k[..],
+        );
+        HandshakeMac(HmacSha256Midstate::new(&k[..]))
+    }
+}
+
+/// The keyed MAC of TO_HOST_HANDSHAKE (see [`LinkKey::handshake_mac`]). Zeroized on drop.
+#[derive(Clone)]
+pub struct HandshakeMac(HmacSha256Midstate);
+
+impl std::fmt::Debug for HandshakeMac {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HandshakeMac(..)")
+    }
+}
+
+impl HandshakeMac {
+    fn tag(&self, framed: &[u8]) -> [u8; HANDSHAKE_MAC_LEN] {
+        let full = self.0.mac(&[framed]);
+        let mut t = [0u8; HANDSHAKE_MAC_LEN];
+        t.copy_from_slice(&full[..HANDSHAKE_MAC_LEN]);
+        t
+    }
 }
 
 /// Why a registration failed.
@@ -123,9 +178,8 @@ pub enum RegisterFailure {
 #[derive(Clone, PartialEq, Eq, Zeroize, ZeroizeOnDrop)]
 pub enum Control {
     Register {
+        boot: u64,
         request: u64,
-        #[zeroize(skip)]
-        ticks: Ticks,
         conn_id: u64,
         #[zeroize(skip)]
         client: SocketAddr,
@@ -144,9 +198,8 @@ pub enum Control {
         reason: u8,
     },
     Close {
+        boot: u64,
         request: u64,
-        #[zeroize(skip)]
-        ticks: Ticks,
         conn_id: u64,
     },
     Closed {
@@ -163,6 +216,12 @@ pub enum Control {
         #[zeroize(skip)]
         new: SocketAddr,
     },
+    /// The gateway dropped an idle connection.
+    Expired { conn_id: u64 },
+    /// A host announces its boot id (at start, until acknowledged).
+    Hello { boot: u64 },
+    /// The gateway took `boot` and released `released` connections of earlier boots.
+    HelloAck { boot: u64, released: u32 },
 }
 
 impl std::fmt::Debug for Control {
@@ -184,13 +243,13 @@ impl std::fmt::Debug for Control {
                 .field("slots", &slot_keys.len())
                 .finish_non_exhaustive(),
             Control::Register {
+                boot,
                 request,
                 conn_id,
                 client,
-                ..
             } => write!(
                 f,
-                "Register {{ request: {request}, conn_id: {conn_id}, client: {client} }}"
+                "Register {{ boot: {boot}, request: {request}, conn_id: {conn_id}, client: {client} }}"
             ),
             Control::RegisterFailed {
                 request,
@@ -201,8 +260,13 @@ impl std::fmt::Debug for Control {
                 "RegisterFailed {{ request: {request}, conn_id: {conn_id}, reason: {reason} }}"
             ),
             Control::Close {
-                request, conn_id, ..
-            } => write!(f, "Close {{ request: {request}, conn_id: {conn_id} }}"),
+                boot,
+                request,
+                conn_id,
+            } => write!(
+                f,
+                "Close {{ boot: {boot}, request: {request}, conn_id: {conn_id} }}"
+            ),
             Control::Closed {
                 request,
                 conn_id,
@@ -221,6 +285,11 @@ impl std::fmt::Debug for Control {
                 "Rebound {{ conn_id: {conn_id}, t: {}, old: {old:?}, new: {new} }}",
                 t.0
             ),
+            Control::Expired { conn_id } => write!(f, "Expired {{ conn_id: {conn_id} }}"),
+            Control::Hello { boot } => write!(f, "Hello {{ boot: {boot} }}"),
+            Control::HelloAck { boot, released } => {
+                write!(f, "HelloAck {{ boot: {boot}, released: {released} }}")
+            }
         }
     }
 }
@@ -234,11 +303,15 @@ impl Control {
             Control::Close { .. } => LinkType::Close,
             Control::Closed { .. } => LinkType::Closed,
             Control::Rebound { .. } => LinkType::Rebound,
+            Control::Expired { .. } => LinkType::Expired,
+            Control::Hello { .. } => LinkType::Hello,
+            Control::HelloAck { .. } => LinkType::HelloAck,
         }
     }
 
-    fn encode_body(&self) -> Zeroizing<Vec<u8>> {
+    fn encode_body(&self, sent: Ticks) -> Zeroizing<Vec<u8>> {
         let mut b = Zeroizing::new(Vec::with_capacity(64));
+        b.extend_from_slice(&sent.0.to_be_bytes());
         let tuple = |b: &mut Vec<u8>, a: &SocketAddr| {
             let mut t = [0u8; MAX_TUPLE_LEN];
             let n = emit_tuple(a, &mut t);
@@ -246,13 +319,13 @@ impl Control {
         };
         match self {
             Control::Register {
+                boot,
                 request,
-                ticks,
                 conn_id,
                 client,
             } => {
+                b.extend_from_slice(&boot.to_be_bytes());
                 b.extend_from_slice(&request.to_be_bytes());
-                b.extend_from_slice(&ticks.0.to_be_bytes());
                 b.extend_from_slice(&conn_id.to_be_bytes());
                 tuple(&mut b, client);
             }
@@ -284,12 +357,12 @@ impl Control {
                 b.push(*reason);
             }
             Control::Close {
+                boot,
                 request,
-                ticks,
                 conn_id,
             } => {
+                b.extend_from_slice(&boot.to_be_bytes());
                 b.extend_from_slice(&request.to_be_bytes());
-                b.extend_from_slice(&ticks.0.to_be_bytes());
                 b.extend_from_slice(&conn_id.to_be_bytes());
             }
             Control::Closed {
@@ -315,16 +388,24 @@ impl Control {
                 }
                 tuple(&mut b, new);
             }
+            Control::Expired { conn_id } => b.extend_from_slice(&conn_id.to_be_bytes()),
+            Control::Hello { boot } => b.extend_from_slice(&boot.to_be_bytes()),
+            Control::HelloAck { boot, released } => {
+                b.extend_from_slice(&boot.to_be_bytes());
+                b.extend_from_slice(&released.to_be_bytes());
+            }
         }
         b
     }
 
-    fn decode_body(ty: LinkType, b: &[u8]) -> Option<Control> {
+    /// `(sent, message)` from a decrypted body.
+    fn decode_body(ty: LinkType, b: &[u8]) -> Option<(Ticks, Control)> {
         let mut r = Reader { b, at: 0 };
+        let sent = Ticks(r.u64()?);
         let msg = match ty {
             LinkType::Register => Control::Register {
+                boot: r.u64()?,
                 request: r.u64()?,
-                ticks: Ticks(r.u64()?),
                 conn_id: r.u64()?,
                 client: r.tuple()?,
             },
@@ -357,8 +438,8 @@ impl Control {
                 reason: r.u8()?,
             },
             LinkType::Close => Control::Close {
+                boot: r.u64()?,
                 request: r.u64()?,
-                ticks: Ticks(r.u64()?),
                 conn_id: r.u64()?,
             },
             LinkType::Closed => Control::Closed {
@@ -381,15 +462,22 @@ impl Control {
                     new: r.tuple()?,
                 }
             }
+            LinkType::Expired => Control::Expired { conn_id: r.u64()? },
+            LinkType::Hello => Control::Hello { boot: r.u64()? },
+            LinkType::HelloAck => Control::HelloAck {
+                boot: r.u64()?,
+                released: r.u32()?,
+            },
             _ => return None,
         };
-        (r.at == b.len()).then_some(msg)
+        (r.at == b.len()).then_some((sent, msg))
     }
 
-    /// Seals the message under `key` with a fresh random nonce.
-    pub fn seal(&self, key: &Gcm) -> Vec<u8> {
-        let body = self.encode_body();
-        let mut out = vec![0u8; SEAL_OVERHEAD + body.len()];
+    /// Seals the message under `key` with a fresh random nonce, stamped with the sender's
+    /// clock `now`.
+    pub fn seal(&self, key: &Gcm, now: Ticks) -> Vec<u8> {
+        let body = self.encode_body(now);
+        let mut out = vec![0u8; 1 + NONCE_LEN + body.len() + TAG_LEN];
         out[0] = self.link_type() as u8;
         crypto::random_bytes(&mut out[1..1 + NONCE_LEN]);
         out[1 + NONCE_LEN..1 + NONCE_LEN + body.len()].copy_from_slice(&body);
@@ -399,9 +487,36 @@ impl Control {
         out
     }
 
-    /// Opens a sealed control message. Requests (REGISTER, CLOSE) whose ticks are more than
-    /// [`CONTROL_WINDOW`] from `now` are refused.
+    /// Opens a sealed control message sent within [`CONTROL_WINDOW`] of `now`. This alone
+    /// does not refuse replays: receivers use [`Control::open_fresh`].
     pub fn open(datagram: &[u8], key: &Gcm, now: Ticks) -> Result<Control, LinkError> {
+        Self::open_parts(datagram, key, now).map(|(_, _, m)| m)
+    }
+
+    /// Like [`Control::open`], and refuses a message `guard` has accepted before.
+    pub fn open_fresh(
+        datagram: &[u8],
+        key: &Gcm,
+        now: Ticks,
+        guard: &mut ReplayGuard,
+    ) -> Result<Control, LinkError> {
+        let o = Self::open_with_nonce(datagram, key, now)?;
+        guard.accept(&o, now)?;
+        Ok(o.msg)
+    }
+
+    /// Opens without the replay check, for a receiver that checks later with
+    /// [`ReplayGuard::accept`] (e.g. outside and inside a lock).
+    pub fn open_with_nonce(datagram: &[u8], key: &Gcm, now: Ticks) -> Result<Opened, LinkError> {
+        let (nonce, sent, msg) = Self::open_parts(datagram, key, now)?;
+        Ok(Opened { nonce, sent, msg })
+    }
+
+    fn open_parts(
+        datagram: &[u8],
+        key: &Gcm,
+        now: Ticks,
+    ) -> Result<([u8; NONCE_LEN], Ticks, Control), LinkError> {
         let ty = link_type(datagram)?;
         if !ty.is_control() || datagram.len() < SEAL_OVERHEAD {
             return Err(LinkError::Malformed(ty));
@@ -413,14 +528,104 @@ impl Control {
         let mut body = Zeroizing::new(vec![0u8; sealed.len() - TAG_LEN]);
         crypto::open_to(key, &nonce, &datagram[..1], sealed, &mut body)
             .map_err(|_| LinkError::BadTag)?;
-        let msg = Control::decode_body(ty, &body).ok_or(LinkError::Malformed(ty))?;
-        if let Control::Register { ticks, .. } | Control::Close { ticks, .. } = &msg {
-            let off = ticks.abs_diff(now);
-            if off > CONTROL_WINDOW {
-                return Err(LinkError::Stale(off / TICKS_PER_SECOND));
+        let (sent, msg) = Control::decode_body(ty, &body).ok_or(LinkError::Malformed(ty))?;
+        let off = sent.abs_diff(now);
+        if off > CONTROL_WINDOW {
+            return Err(LinkError::Stale(off / TICKS_PER_SECOND));
+        }
+        Ok((nonce, sent, msg))
+    }
+}
+
+/// An authentic control message, not yet checked for replay.
+#[derive(Debug)]
+pub struct Opened {
+    nonce: [u8; NONCE_LEN],
+    /// The sender's clock when it sealed the message.
+    pub sent: Ticks,
+    pub msg: Control,
+}
+
+/// Refuses replayed control messages: the nonce of every accepted message is kept until its
+/// `sent` time leaves [`CONTROL_WINDOW`], after which the window check refuses it anyway.
+/// Works across any number of sockets on either side (nonces are random, not per-socket
+/// counters), and needs no state shared between sender and receiver. A receiver that starts
+/// afresh has no memory of earlier nonces, so it refuses messages sent before it started.
+#[derive(Debug)]
+pub struct ReplayGuard {
+    /// Nonce -> when it may be forgotten.
+    seen: HashMap<[u8; NONCE_LEN], Ticks>,
+    order: VecDeque<(Ticks, [u8; NONCE_LEN])>,
+    /// The receiver's start: what was sent before it may have been accepted by an earlier
+    /// run of the receiver, so it is refused.
+    not_before: Option<Ticks>,
+    cap: usize,
+}
+
+impl Default for ReplayGuard {
+    fn default() -> Self {
+        ReplayGuard::new(REPLAY_GUARD_CAP)
+    }
+}
+
+impl ReplayGuard {
+    pub fn new(cap: usize) -> Self {
+        ReplayGuard {
+            seen: HashMap::new(),
+            order: VecDeque::new(),
+            not_before: None,
+            cap,
+        }
+    }
+
+    /// Refuses, from now on, messages sent before `start` (the receiver's start).
+    pub fn set_start(&mut self, start: Ticks) {
+        self.not_before = Some(start);
+    }
+
+    /// Nonces remembered.
+    pub fn len(&self) -> usize {
+        self.seen.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.seen.is_empty()
+    }
+
+    /// Accepts `o` unless it was sent before the receiver started or was accepted before.
+    pub fn accept(&mut self, o: &Opened, now: Ticks) -> Result<(), LinkError> {
+        self.check(o.nonce, o.sent, now)
+    }
+
+    fn check(&mut self, nonce: [u8; NONCE_LEN], sent: Ticks, now: Ticks) -> Result<(), LinkError> {
+        if let Some(start) = self.not_before
+            && sent < start
+        {
+            return Err(LinkError::Stale(
+                start.0.saturating_sub(sent.0) / TICKS_PER_SECOND,
+            ));
+        }
+        while let Some(&(until, n)) = self.order.front() {
+            if until >= now {
+                break;
+            }
+            self.order.pop_front();
+            if self.seen.get(&n).is_some_and(|u| *u < now) {
+                self.seen.remove(&n);
             }
         }
-        Ok(msg)
+        if self.seen.contains_key(&nonce) {
+            return Err(LinkError::Replay);
+        }
+        if self.seen.len() >= self.cap {
+            return Err(LinkError::GuardFull);
+        }
+        let until = Ticks(sent.0.saturating_add(CONTROL_WINDOW));
+        self.seen.insert(nonce, until);
+        // `order` is by insertion; an entry behind a later-expiring one waits for it, which
+        // only keeps it longer.
+        self.order.push_back((until, nonce));
+        Ok(())
     }
 }
 
@@ -512,6 +717,37 @@ pub fn parse_tuple_data(datagram: &[u8]) -> Result<(SocketAddr, &[u8]), LinkErro
     Ok((client, inner))
 }
 
+/// Writes `0x03 || Tuple(client) || handshake || mac`; returns the length, or 0 when `out`
+/// is too small (it needs `1 + 19 + handshake.len() + 16`).
+pub fn emit_handshake(
+    mac: &HandshakeMac,
+    client: &SocketAddr,
+    handshake: &[u8],
+    out: &mut [u8],
+) -> usize {
+    if out.len() < 1 + MAX_TUPLE_LEN + handshake.len() + HANDSHAKE_MAC_LEN {
+        return 0;
+    }
+    let n = emit_tuple_data(LinkType::ToHostHandshake, client, handshake, out);
+    let tag = mac.tag(&out[..n]);
+    out[n..n + HANDSHAKE_MAC_LEN].copy_from_slice(&tag);
+    n + HANDSHAKE_MAC_LEN
+}
+
+/// Checks the MAC of a TO_HOST_HANDSHAKE (in constant time) and returns the datagram
+/// without it, for [`parse_tuple_data`].
+pub fn verify_handshake<'a>(mac: &HandshakeMac, datagram: &'a [u8]) -> Result<&'a [u8], LinkError> {
+    let ty = link_type(datagram)?;
+    if ty != LinkType::ToHostHandshake || datagram.len() <= HANDSHAKE_MAC_LEN {
+        return Err(LinkError::Malformed(ty));
+    }
+    let (framed, tag) = datagram.split_at(datagram.len() - HANDSHAKE_MAC_LEN);
+    if !crypto::ct_eq(&mac.tag(framed), tag) {
+        return Err(LinkError::BadTag);
+    }
+    Ok(framed)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -522,8 +758,8 @@ mod tests {
         let b: SocketAddr = "[2001:db8::5]:443".parse().unwrap();
         vec![
             Control::Register {
+                boot: 11,
                 request: 1,
-                ticks: Ticks(1000),
                 conn_id: 7,
                 client: b,
             },
@@ -541,8 +777,8 @@ mod tests {
                 reason: RegisterFailure::Full as u8,
             },
             Control::Close {
+                boot: 11,
                 request: 3,
-                ticks: Ticks(1000),
                 conn_id: 7,
             },
             Control::Closed {
@@ -562,6 +798,12 @@ mod tests {
                 old: None,
                 new: a,
             },
+            Control::Expired { conn_id: 7 },
+            Control::Hello { boot: 11 },
+            Control::HelloAck {
+                boot: 11,
+                released: 3,
+            },
         ]
     }
 
@@ -570,7 +812,7 @@ mod tests {
         let key = LinkKey([3; 16]).cipher();
         let other = LinkKey([4; 16]).cipher();
         for m in samples() {
-            let sealed = m.seal(&key);
+            let sealed = m.seal(&key, Ticks(1000));
             assert_eq!(Control::open(&sealed, &key, Ticks(1000)).unwrap(), m);
             assert_eq!(
                 Control::open(&sealed, &other, Ticks(1000)),
@@ -589,15 +831,79 @@ mod tests {
     }
 
     #[test]
-    fn stale_requests_refused() {
+    fn stale_messages_refused_whatever_their_type() {
         let key = LinkKey([3; 16]).cipher();
-        let m = &samples()[0];
-        let sealed = m.seal(&key);
         let late = Ticks(1000 + CONTROL_WINDOW + TICKS_PER_SECOND);
+        for m in samples() {
+            let sealed = m.seal(&key, Ticks(1000));
+            assert_eq!(
+                Control::open(&sealed, &key, late),
+                Err(LinkError::Stale(61))
+            );
+        }
+    }
+
+    #[test]
+    fn replay_guard_refuses_a_second_copy_within_the_window() {
+        let key = LinkKey([3; 16]).cipher();
+        let mut guard = ReplayGuard::default();
+        let m = Control::Expired { conn_id: 9 };
+        let a = m.seal(&key, Ticks(1000));
+        let b = m.seal(&key, Ticks(1000));
         assert_eq!(
-            Control::open(&sealed, &key, late),
-            Err(LinkError::Stale(61))
+            Control::open_fresh(&a, &key, Ticks(1000), &mut guard),
+            Ok(m.clone())
         );
+        assert_eq!(
+            Control::open_fresh(&b, &key, Ticks(1000), &mut guard),
+            Ok(m.clone())
+        );
+        let later = Ticks(1000 + CONTROL_WINDOW);
+        assert_eq!(
+            Control::open_fresh(&a, &key, later, &mut guard),
+            Err(LinkError::Replay)
+        );
+        // Past the window the copy is stale, and its nonce is forgotten.
+        let gone = Ticks(later.0 + 1);
+        assert!(matches!(
+            Control::open_fresh(&a, &key, gone, &mut guard),
+            Err(LinkError::Stale(_))
+        ));
+        let c = m.seal(&key, gone);
+        assert!(Control::open_fresh(&c, &key, gone, &mut guard).is_ok());
+        assert_eq!(guard.len(), 1);
+        // A receiver that started after a message was sent refuses it.
+        let mut fresh = ReplayGuard::default();
+        fresh.set_start(Ticks(1001));
+        assert!(matches!(
+            Control::open_fresh(&b, &key, Ticks(1001), &mut fresh),
+            Err(LinkError::Stale(_))
+        ));
+        // Full: refuse rather than forget early.
+        let mut tiny = ReplayGuard::new(1);
+        assert!(Control::open_fresh(&a, &key, Ticks(1000), &mut tiny).is_ok());
+        assert_eq!(
+            Control::open_fresh(&b, &key, Ticks(1000), &mut tiny),
+            Err(LinkError::GuardFull)
+        );
+    }
+
+    #[test]
+    fn handshake_mac_binds_tuple_and_bytes() {
+        let mac = LinkKey([3; 16]).handshake_mac();
+        let other = LinkKey([4; 16]).handshake_mac();
+        let a: SocketAddr = "10.0.0.9:77".parse().unwrap();
+        let mut out = [0u8; 128];
+        let n = emit_handshake(&mac, &a, &[b'H'; 40], &mut out);
+        let framed = verify_handshake(&mac, &out[..n]).unwrap();
+        assert_eq!(parse_tuple_data(framed), Ok((a, &[b'H'; 40][..])));
+        assert_eq!(verify_handshake(&other, &out[..n]), Err(LinkError::BadTag));
+        for i in 0..n {
+            let mut bad = out;
+            bad[i] ^= 1;
+            assert!(verify_handshake(&mac, &bad[..n]).is_err(), "byte {i}");
+        }
+        assert_eq!(emit_handshake(&mac, &a, &[0; 100], &mut out[..100]), 0);
     }
 
     #[test]
@@ -617,6 +923,7 @@ mod tests {
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
             let key = LinkKey([3; 16]).cipher();
             let _ = Control::open(&bytes, &key, Ticks(0));
+            let _ = verify_handshake(&LinkKey([3; 16]).handshake_mac(), &bytes);
             let _ = parse_conn_data(&bytes);
             let _ = parse_tuple_data(&bytes);
         }

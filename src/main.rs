@@ -190,6 +190,10 @@ struct GatewayArgs {
     /// [default: RUST_LOG, else warn,rebindgw=info].
     #[arg(long)]
     log_level: Option<String>,
+    /// Release connections with no client datagram for this many seconds; 0 never
+    /// [default: 900].
+    #[arg(long)]
+    idle_timeout_secs: Option<u64>,
 }
 
 impl GatewayArgs {
@@ -228,6 +232,7 @@ impl GatewayArgs {
             unrecognized_global => c.rate_limits.unrecognized_global,
             handshake_per_prefix => c.rate_limits.handshake_per_prefix,
             handshake_global => c.rate_limits.handshake_global,
+            idle_timeout_secs => c.idle_timeout_secs,
         }
         if let Some(a) = self.admin {
             c.admin = Some(a);
@@ -254,6 +259,10 @@ struct HostArgs {
     /// This host's link key file (rebindgw link-keygen), shared with the gateway.
     #[arg(long)]
     link_key: PathBuf,
+    /// Gateway address or network (any port) host-link datagrams may come from
+    /// (repeatable; default 127.0.0.0/8 and ::1).
+    #[arg(long = "gateway")]
+    gateways: Vec<host::GatewayNet>,
 }
 
 fn main() -> ExitCode {
@@ -331,7 +340,10 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Gateway(_) => unreachable!("handled by gateway_main"),
         Command::Host(args) => {
             let key = secrets::load_link_key(&args.link_key)?;
-            let opts = host::HostOptions::new(args.listen, args.clients, key);
+            let mut opts = host::HostOptions::new(args.listen, args.clients, key);
+            if !args.gateways.is_empty() {
+                opts.config.gateways = args.gateways;
+            }
             let shutdown = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
             for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
                 signal_hook::flag::register(sig, shutdown.clone())?;

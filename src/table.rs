@@ -25,7 +25,7 @@
 //! | table         | bucket words                                                         | bytes |
 //! |---------------|----------------------------------------------------------------------|-------|
 //! | `TupleTable`  | addr16 hi, addr16 lo, port‖family‖occupied (key) · conn_id, index‖host‖owner‖epoch (value) | 40 |
-//! | `ConnTable`   | conn_id (key) · addr16 hi, addr16 lo, port‖family‖no-tuple‖owner‖occupied, index‖epoch (value) | 40 |
+//! | `ConnTable`   | conn_id (key) · addr16 hi, addr16 lo, port‖family‖no-tuple‖owner‖occupied, index‖epoch‖host (value) | 40 |
 //!
 //! Memory per entry at full load = bucket bytes × capacity / max_entries ≈ 40 × 5/3 = **67 B**
 //! per table. At 65,536 entries: 109,227 buckets, 4.2 MiB per table.
@@ -566,13 +566,15 @@ impl TupleWriter {
 
 /// Where a host reply for a connection goes, and where the connection sits in the registry:
 /// the client's current tuple (none after a NAT handed it to another connection), the worker
-/// that owns the connection, and its epoch byte and index.
+/// that owns the connection, its epoch byte and index, and the host it belongs to (only
+/// that host may send it DATA).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ConnRoute {
     pub tuple: Option<SocketAddr>,
     pub owner: u8,
     pub index: u32,
     pub epoch_byte: u8,
+    pub host: u16,
 }
 
 /// Key word 0 = conn_id (every u64 is valid), so the occupied tag lives in value word 3.
@@ -592,7 +594,7 @@ fn conn_image(conn_id: u64, v: &ConnRoute) -> [u64; 5] {
         hi,
         lo,
         pf | u64::from(v.owner) << 24 | OCCUPIED,
-        u64::from(v.index) | u64::from(v.epoch_byte) << 32,
+        u64::from(v.index) | u64::from(v.epoch_byte) << 32 | u64::from(v.host) << 40,
     ]
 }
 
@@ -603,6 +605,7 @@ fn conn_value(img: &[u64; 5]) -> ConnRoute {
         owner: (img[3] >> 24) as u8,
         index: img[4] as u32,
         epoch_byte: (img[4] >> 32) as u8,
+        host: (img[4] >> 40) as u16,
     }
 }
 
@@ -841,12 +844,14 @@ mod tests {
             owner: 255,
             index: u32::MAX,
             epoch_byte: 255,
+            host: u16::MAX,
         };
         let b = ConnRoute {
             tuple: None,
             owner: 0,
             index: 0,
             epoch_byte: 0,
+            host: 0,
         };
         for id in [0, u64::MAX, 1 << 63] {
             assert_eq!(r.get(id), None);
@@ -885,6 +890,7 @@ mod tests {
             owner: 1,
             index: 1,
             epoch_byte: 1,
+            host: 1,
         };
         assert_eq!(c.insert(5, route), Ok(None));
         assert_eq!(c.insert(6, route), Err(TableFull { max_entries: 1 }));
@@ -929,6 +935,7 @@ mod tests {
             index: id as u32,
             epoch_byte: (id >> 8) as u8,
             owner: id as u8,
+            host: id as u16,
         };
         for id in 0..8 {
             w.insert(id, route(id)).unwrap();
@@ -994,6 +1001,7 @@ mod tests {
             owner: (v >> 56) as u8,
             index: (v >> 8) as u32,
             epoch_byte: (v >> 40) as u8,
+            host: (v >> 48) as u16,
         }
     }
 
@@ -1109,6 +1117,7 @@ mod tests {
             owner: (check >> 16) as u8,
             index: check as u32,
             epoch_byte: (check >> 40) as u8,
+            host: (check >> 48) as u16,
         }
     }
     fn stress_conn_id(n: u32) -> u64 {

@@ -471,3 +471,27 @@ fn running_gateway_is_ready_and_exports_per_host_series() {
     assert_eq!(code, 200);
     assert!(body.starts_with("ok\nversion="), "{body}");
 }
+
+#[test]
+fn idle_connection_expires_at_gateway_and_host() {
+    let w = World::new("127.0.0.1:0", |c| c.idle_timeout_secs = 2);
+    let mut c = RawClient::connect(&w, &w.enroll("idle"));
+    assert!(c.echo_ok(b"once"));
+    let host = w.host.as_ref().unwrap();
+    assert_eq!(w.gw().shared().connections(), 1);
+    // Silent for longer than idle_timeout_secs plus a sweep interval.
+    let deadline = Instant::now() + Duration::from_secs(8);
+    while w.gw().shared().connections() > 0 || host.stats().connections > 0 {
+        assert!(Instant::now() < deadline, "not expired");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(w.count(C::Expired), 1);
+    assert_eq!(host.stats().counters.expired_by_gateway, 1);
+    assert_eq!(
+        host.stats().counters.closes_sent,
+        0,
+        "the host sent no CLOSE"
+    );
+    // Its DATA now meets an unknown tuple.
+    assert!(!c.echo_ok(b"again"));
+}

@@ -88,10 +88,7 @@ impl World {
         let shared = Shared::new(
             cfg,
             EpochCrypto { keys, trial },
-            vec![HostPeer {
-                addr: host,
-                key: link.cipher(),
-            }],
+            vec![HostPeer::new(host, &link)],
             None,
         );
         let worker = WorkerCore::new(0, shared.clone(), &[false, true]);
@@ -120,12 +117,12 @@ impl World {
     /// Registers over the host link and keeps what REGISTERED issued.
     fn register(&mut self, conn_id: u64, client: SocketAddr) {
         let msg = Control::Register {
+            boot: 1,
             request: 1000 + conn_id,
-            ticks: self.now,
             conn_id,
             client,
         }
-        .seal(&self.link.cipher());
+        .seal(&self.link.cipher(), self.now);
         let out = self.feed(&[(Via::Host, self.host, msg)]);
         self.learn(&out);
     }
@@ -358,18 +355,20 @@ fn run(u: &mut Unstructured<'_>) -> Result<()> {
                 let conn_id = if u.ratio(3, 4)? { w.conn_ids[u.choose_index(w.conn_ids.len())?] } else { u.arbitrary()? };
                 let ticks = if u.ratio(3, 4)? { w.now } else { ticks_near(u, w.now)? };
                 let request: u64 = u.int_in_range(0..=4)?;
-                let msg = match u.int_in_range(0..=3u8)? {
+                let boot = if u.ratio(7, 8)? { 1 } else { u.int_in_range(0..=2u64)? };
+                let msg = match u.int_in_range(0..=4u8)? {
                     0 | 1 => Control::Register {
+                        boot,
                         request,
-                        ticks,
                         conn_id,
                         client: canonical(source(u)?),
                     },
                     2 => Control::Close {
+                        boot,
                         request,
-                        ticks,
                         conn_id,
                     },
+                    3 => Control::Hello { boot },
                     _ => Control::Rebound {
                         conn_id,
                         t: ticks,
@@ -379,7 +378,7 @@ fn run(u: &mut Unstructured<'_>) -> Result<()> {
                 };
                 let key = if u.ratio(7, 8)? { w.link.cipher() } else { LinkKey([u.arbitrary()?; 16]).cipher() };
                 let from = if u.ratio(7, 8)? { w.host } else { canonical(source(u)?) };
-                batch.push((Via::Host, from, msg.seal(&key)));
+                batch.push((Via::Host, from, msg.seal(&key, ticks)));
             }
             // Host-link data for a conn_id, or a handshake reply for a tuple.
             9 => {

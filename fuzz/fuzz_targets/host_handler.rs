@@ -128,6 +128,13 @@ impl World {
                 }
             }
             Ok(LinkType::Close) => {}
+            // A gateway acknowledges the host's boot id, so its REGISTERs go out.
+            Ok(LinkType::Hello) => {
+                if let Ok(Control::Hello { boot }) = Control::open(a, &self.link.cipher(), self.now) {
+                    let ack = Control::HelloAck { boot, released: 0 }.seal(&self.link.cipher(), self.now);
+                    self.handle(_to, &ack, MAX_DATAGRAM);
+                }
+            }
             other => panic!("host sent {other:?}"),
         }
     }
@@ -191,8 +198,8 @@ fn run(u: &mut Unstructured<'_>) -> Result<()> {
                 }
                 let client = addr(u)?;
                 let gw = gateways()[usize::from(u.int_in_range(0..=2u8)?)];
-                let mut d = vec![0u8; 20 + hs.len()];
-                let n = hostlink::emit_tuple_data(LinkType::ToHostHandshake, &client, &hs, &mut d);
+                let mut d = vec![0u8; 36 + hs.len()];
+                let n = hostlink::emit_handshake(&w.link.handshake_mac(), &client, &hs, &mut d);
                 d.truncate(n);
                 last_hs = Some((gw, client, d.clone()));
                 w.handle(gw, &d, out_len);
@@ -203,9 +210,11 @@ fn run(u: &mut Unstructured<'_>) -> Result<()> {
                     let mut d = d;
                     if u.arbitrary()? {
                         let other = addr(u)?;
-                        let mut f = vec![0u8; d.len() + 20];
-                        let (_, inner) = hostlink::parse_tuple_data(&d).unwrap();
-                        let n = hostlink::emit_tuple_data(LinkType::ToHostHandshake, &other, inner, &mut f);
+                        let mut f = vec![0u8; d.len() + 36];
+                        let mac = w.link.handshake_mac();
+                        let framed = hostlink::verify_handshake(&mac, &d).unwrap();
+                        let (_, inner) = hostlink::parse_tuple_data(framed).unwrap();
+                        let n = hostlink::emit_handshake(&mac, &other, inner, &mut f);
                         f.truncate(n);
                         d = f;
                     }
@@ -220,7 +229,7 @@ fn run(u: &mut Unstructured<'_>) -> Result<()> {
                 } else {
                     (u.arbitrary()?, u.arbitrary()?)
                 };
-                let msg = match u.int_in_range(0..=5u8)? {
+                let msg = match u.int_in_range(0..=6u8)? {
                     0..=2 => {
                         let s = 1 + usize::from(u.int_in_range(0..=31u8)?);
                         Control::Registered {
@@ -243,6 +252,7 @@ fn run(u: &mut Unstructured<'_>) -> Result<()> {
                         old: None,
                         new: addr(u)?,
                     },
+                    5 => Control::Expired { conn_id },
                     _ => Control::Closed {
                         request,
                         conn_id,
@@ -251,7 +261,7 @@ fn run(u: &mut Unstructured<'_>) -> Result<()> {
                 };
                 let key = if u.ratio(7, 8)? { w.link.cipher() } else { LinkKey(u.arbitrary()?).cipher() };
                 let from = addr(u)?;
-                w.handle(from, &msg.seal(&key), out_len);
+                w.handle(from, &msg.seal(&key, w.now), out_len);
             }
             // DATA for a live connection (valid, replayed, or for another conn_id).
             7 | 8 => {

@@ -1,16 +1,17 @@
 //! Host-link parsers: `Control::open` under a fixed link key, `parse_conn_data`,
-//! `parse_tuple_data`, `link_type`. None may panic.
+//! `parse_tuple_data`, `verify_handshake`, `link_type`. None may panic.
 //!
 //! Input: byte 0 selects a mode. Mode bit 0 set: the rest is a control message *body*,
 //! sealed here under the fixed key with the type from byte 1, so the decoder behind the AEAD
-//! is reached (a fuzzer cannot forge the tag). Otherwise the rest is a raw datagram.
+//! is reached (a fuzzer cannot forge the tag); the body starts with the sender's u64 clock.
+//! Otherwise the rest is a raw datagram.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use rebindgw::crypto;
 use rebindgw::hostlink::{
-    Control, LinkKey, LinkType, SEAL_OVERHEAD, emit_conn_data, emit_tuple_data, link_type,
-    parse_conn_data, parse_tuple_data,
+    Control, LinkKey, LinkType, ReplayGuard, emit_conn_data, emit_tuple_data, link_type,
+    parse_conn_data, parse_tuple_data, verify_handshake,
 };
 use rebindgw::time::Ticks;
 
@@ -28,8 +29,8 @@ fuzz_target!(|input: &[u8]| {
         let Some((&ty, body)) = rest.split_first() else {
             return;
         };
-        // type || nonce(12) || GCM-Seal(key, nonce, aad = type, body)
-        let mut out = vec![0u8; SEAL_OVERHEAD + body.len()];
+        // type || nonce(12) || GCM-Seal(key, nonce, aad = type, sent || body)
+        let mut out = vec![0u8; 1 + 12 + body.len() + crypto::TAG_LEN];
         out[0] = ty;
         out[1..13].copy_from_slice(&[mode; 12]);
         out[13..13 + body.len()].copy_from_slice(body);
@@ -43,10 +44,11 @@ fuzz_target!(|input: &[u8]| {
     };
 
     let _ = link_type(d);
-    match Control::open(d, &key, NOW) {
-        Ok(msg) => {
+    match Control::open_with_nonce(d, &key, NOW) {
+        Ok(opened) => {
+            let msg = opened.msg.clone();
             // What opens re-seals and opens to the same message.
-            let again = msg.seal(&key);
+            let again = msg.seal(&key, opened.sent);
             assert_eq!(again.len(), d.len());
             assert_eq!(Control::open(&again, &key, NOW), Ok(msg.clone()));
             assert_eq!(msg.link_type() as u8, d[0]);
@@ -58,6 +60,12 @@ fuzz_target!(|input: &[u8]| {
     }
     // Another clock: the staleness check on both sides of the window.
     let _ = Control::open(d, &key, Ticks(0));
+    // The replay guard: a second copy of anything is refused.
+    let mut guard = ReplayGuard::default();
+    if Control::open_fresh(d, &key, NOW, &mut guard).is_ok() {
+        assert!(Control::open_fresh(d, &key, NOW, &mut guard).is_err());
+    }
+    let _ = verify_handshake(&LinkKey(KEY).handshake_mac(), d);
     let _ = Control::open(d, &key, Ticks(u64::MAX));
 
     if let Ok((conn_id, inner)) = parse_conn_data(d) {

@@ -177,12 +177,12 @@ fn register(
     let mut buf = [0u8; 2048];
     for (i, c) in clients.iter().enumerate() {
         let msg = Control::Register {
+            boot: 1,
             request: i as u64,
-            ticks: Ticks::wall_clock(),
             conn_id: i as u64 + 1,
             client: *c,
         };
-        sock.send_to(&msg.seal(&cipher), gateway)?;
+        sock.send_to(&msg.seal(&cipher, Ticks::wall_clock()), gateway)?;
         let (n, _) = sock.recv_from(&mut buf).context("no answer to REGISTER")?;
         match Control::open(&buf[..n], &cipher, Ticks::wall_clock())? {
             Control::Registered { .. } => {}

@@ -50,12 +50,12 @@ pub fn measure(n: usize, slots: usize) -> anyhow::Result<MemoryReport> {
     let msgs: Vec<Vec<u8>> = (0..n)
         .map(|i| {
             Control::Register {
+                boot: 1,
                 request: i as u64,
-                ticks: now,
                 conn_id: 0x1000_0000 + i as u64,
                 client: SocketAddr::from(([10, (i >> 16) as u8, (i >> 8) as u8, i as u8], 40_000)),
             }
-            .seal(&cipher)
+            .seal(&cipher, now)
         })
         .collect();
     let mut tx = TxQueue::new(64);
@@ -63,10 +63,7 @@ pub fn measure(n: usize, slots: usize) -> anyhow::Result<MemoryReport> {
     let shared: Arc<Shared> = Shared::new(
         cfg,
         EpochCrypto { keys, trial },
-        vec![HostPeer {
-            addr: host,
-            key: link.cipher(),
-        }],
+        vec![HostPeer::new(host, &link)],
         None,
     );
     let mut worker = WorkerCore::new(0, shared.clone(), &[false]);

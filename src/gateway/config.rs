@@ -83,6 +83,9 @@ pub struct GatewayConfig {
     pub log_level: Option<String>,
     /// `text` or `json` (one object per line); a restart applies a change.
     pub log_format: LogFormat,
+    /// Release a connection after this many seconds without a datagram from its client
+    /// (its host is told); 0 never expires.
+    pub idle_timeout_secs: u64,
 }
 
 impl Default for GatewayConfig {
@@ -106,6 +109,7 @@ impl Default for GatewayConfig {
             rate_limits: RateLimits::default(),
             log_level: None,
             log_format: LogFormat::Text,
+            idle_timeout_secs: super::core::DEFAULT_IDLE_TIMEOUT_SECS,
         }
     }
 }
@@ -206,6 +210,12 @@ impl GatewayConfig {
                 ),
             ));
         }
+        if self.idle_timeout_secs > 30 * 86_400 {
+            return Err(invalid(
+                "idle_timeout_secs",
+                format!("at most 30 days, got {}", self.idle_timeout_secs),
+            ));
+        }
         let r = &self.rate_limits;
         for (key, rate) in [
             (
@@ -283,6 +293,8 @@ impl GatewayConfig {
             handshake_prefix: r.handshake_per_prefix,
             handshake_global: r.handshake_global,
             limiter_slots: 4096,
+            idle_timeout: Duration::from_secs(self.idle_timeout_secs),
+            reply_slots: CoreConfig::new(self.slots).reply_slots,
         }
     }
 }

@@ -13,7 +13,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::hash::Hasher;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
@@ -26,16 +26,21 @@ use super::ratelimit::{Limited, Limiter, Rate};
 use super::store::{StoreOp, StoredConn};
 use super::tx::{MAX_CLIENT_DATAGRAM, Rx, TxQueue, Via};
 use crate::engine::{TrialKeys, TrialOutput};
-use crate::hostlink::{self, Control as LinkMsg, LinkError, LinkType, RegisterFailure};
+use crate::hostlink::{
+    self, Control as LinkMsg, HANDSHAKE_MAC_LEN, HandshakeMac, LinkError, LinkKey, LinkType,
+    RegisterFailure, ReplayGuard,
+};
 use crate::keys::EpochKeys;
 use crate::rebind::RebindSecret;
 use crate::registry::{Freshness, HostId, Registry, RegistryError};
 use crate::table::{ConnRef, ConnRoute, ConnTable, ConnWriter, TupleTable, TupleWriter};
-use crate::time::{Ticks, duration_ticks};
+use crate::time::{TICKS_PER_SECOND, Ticks, duration_ticks};
 use crate::verify::{
     BatchItem, Keyed, Prechecked, RejectReason, derive_keys, open_keyed, precheck_batch,
 };
-use crate::wire::{HANDSHAKE_LEN, MsgType, Unrecognized, emit_tuple, unrecognized_len};
+use crate::wire::{
+    HANDSHAKE_LEN, MAX_TUPLE_LEN, MsgType, Unrecognized, emit_tuple, unrecognized_len,
+};
 
 /// Settings the core needs.
 #[derive(Clone, Debug)]
@@ -52,6 +57,11 @@ pub struct CoreConfig {
     pub handshake_global: Rate,
     /// Prefix buckets per limiter per worker.
     pub limiter_slots: usize,
+    /// A connection with no datagram from its client (DATA or REBIND) for this long is
+    /// released and its host told (EXPIRED). Zero disables expiry.
+    pub idle_timeout: Duration,
+    /// Tuples that recently sent a HANDSHAKE, remembered per worker (a power of two).
+    pub reply_slots: usize,
 }
 
 impl CoreConfig {
@@ -66,14 +76,43 @@ impl CoreConfig {
             handshake_prefix: Rate::new(200.0, 400.0),
             handshake_global: Rate::new(20_000.0, 20_000.0),
             limiter_slots: 4096,
+            idle_timeout: Duration::from_secs(DEFAULT_IDLE_TIMEOUT_SECS),
+            reply_slots: 16_384,
         }
     }
 }
 
-/// One host on the link: its address and link key.
+/// Longer than the reference host's 600 s, so a host usually closes first.
+pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 900;
+/// How long a forwarded HANDSHAKE lets its host answer the tuple: the host answers within
+/// its REGISTER retries (2.5 s at most).
+const REPLY_KEEP: Duration = Duration::from_secs(10);
+/// Replies a tuple can bank (one per forwarded HANDSHAKE).
+const MAX_REPLY_CREDITS: u8 = 4;
+
+/// One host on the link: its address, link key and the key that MACs TO_HOST_HANDSHAKE.
 pub struct HostPeer {
     pub addr: SocketAddr,
     pub key: Gcm,
+    pub mac: HandshakeMac,
+}
+
+impl HostPeer {
+    pub fn new(addr: SocketAddr, key: &LinkKey) -> HostPeer {
+        HostPeer {
+            addr,
+            key: key.cipher(),
+            mac: key.handshake_mac(),
+        }
+    }
+}
+
+/// A host's boot id as the gateway knows it, and the `sent` time of the HELLO that set it
+/// (zero when it was taken from another message, e.g. after a gateway restart).
+#[derive(Clone, Copy, Debug)]
+struct HostBoot {
+    boot: u64,
+    hello_sent: Ticks,
 }
 
 /// The four limits the workers enforce, for the whole gateway (each worker takes its share).
@@ -141,6 +180,10 @@ pub struct Control {
     recent_registers: HashMap<(HostId, u64), RecentRegister>,
     /// Insertion order of `recent_registers`, to bound it.
     recent_order: VecDeque<(HostId, u64)>,
+    /// Control messages accepted from hosts, by nonce, over every worker's socket.
+    guard: ReplayGuard,
+    /// Each host's boot id, by `HostId`.
+    boots: Vec<Option<HostBoot>>,
 }
 
 /// REGISTERED replies kept for retransmits. A host retries within ~2.5 s, so a bounded FIFO
@@ -149,6 +192,15 @@ pub struct Control {
 const RECENT_REGISTERS: usize = 8192;
 
 impl Control {
+    /// The boot slot of `host`; a SIGHUP may have appended hosts since the start.
+    fn boot_slot(&mut self, host: HostId) -> &mut Option<HostBoot> {
+        let i = usize::from(host);
+        if self.boots.len() <= i {
+            self.boots.resize_with(i + 1, || None);
+        }
+        &mut self.boots[i]
+    }
+
     fn registry_mut(&mut self, epoch: u32) -> Option<&mut Registry> {
         self.registries
             .iter_mut()
@@ -200,6 +252,10 @@ pub struct Shared {
     issue_cap: AtomicU64,
     handshake_hash: SipHasher13,
     pub metrics: Vec<Arc<WorkerMetrics>>,
+    /// Coarse last client activity (seconds) per connection slot; see [`Shared::touch`].
+    activity: Box<[AtomicU32]>,
+    /// When the next idle sweep is due (ticks); a worker's `tick` claims it.
+    next_sweep: AtomicU64,
 }
 
 impl Shared {
@@ -239,6 +295,8 @@ impl Shared {
                 conns,
                 recent_registers: HashMap::new(),
                 recent_order: VecDeque::new(),
+                guard: ReplayGuard::default(),
+                boots: vec![None; host_count],
             }),
             store,
             last_issued: AtomicU64::new(0),
@@ -247,8 +305,36 @@ impl Shared {
             metrics: (0..workers)
                 .map(|_| Arc::new(WorkerMetrics::with_hosts(host_count)))
                 .collect(),
+            activity: (0..2 * cfg.max_connections.max(1))
+                .map(|_| AtomicU32::new(0))
+                .collect(),
+            next_sweep: AtomicU64::new(0),
             cfg,
         })
+    }
+
+    /// From now on, control messages sent before `start` are refused: this run has no record
+    /// of which of them an earlier run accepted.
+    pub fn set_started(&self, start: Ticks) {
+        self.control().guard.set_start(start);
+    }
+
+    /// The activity slot of a connection: one per index and epoch parity (the current and
+    /// previous epochs differ in it). Indexes past `max_connections` share slots, which can
+    /// only delay an expiry.
+    fn activity(&self, epoch_byte: u8, index: u32) -> &AtomicU32 {
+        let half = self.activity.len() / 2;
+        &self.activity[usize::from(epoch_byte & 1) * half + index as usize % half]
+    }
+
+    /// Records client activity at `secs`. One relaxed load per datagram and a store at most
+    /// once per second per connection: no lock, and the cache line is written rarely.
+    #[inline]
+    fn touch(&self, epoch_byte: u8, index: u32, secs: u32) {
+        let a = self.activity(epoch_byte, index);
+        if a.load(Ordering::Relaxed) != secs {
+            a.store(secs, Ordering::Relaxed);
+        }
     }
 
     /// A gateway time `t` for UNRECOGNIZED and REBIND checks (§6): later than every time
@@ -400,9 +486,14 @@ impl Shared {
             owner: 0,
             index: c.index,
             epoch_byte,
+            host: c.host,
         };
         // The registry holds at most max_connections, and so does this table.
         let _ = ctl.conns.insert(c.conn_id, route);
+        drop(ctl);
+        // A restored connection gets a whole idle period from the restart.
+        self.activity(epoch_byte, c.index)
+            .store(secs(floor), Ordering::Relaxed);
         Ok(())
     }
 
@@ -436,6 +527,119 @@ pub struct WorkerCore {
     trial_out: Vec<Option<TrialOutput>>,
     /// The gateway time issued for the current batch, once needed.
     issued: Option<Ticks>,
+    /// The batch's wall clock in whole seconds, for [`Shared::touch`].
+    secs: u32,
+    /// Tuples this worker forwarded a HANDSHAKE from: only they may get a TO_CLIENT_REPLY.
+    /// The host answers the worker that forwarded the HANDSHAKE, so per worker suffices.
+    recent_handshakes: RecentHandshakes,
+}
+
+/// The coarse clock of [`Shared::touch`]: whole seconds (wraps in 2106; compared wrapping).
+fn secs(t: Ticks) -> u32 {
+    (t.0 / TICKS_PER_SECOND) as u32
+}
+
+/// A tuple that sent a HANDSHAKE through this worker.
+#[derive(Clone, Copy)]
+struct HandshakeSeen {
+    tuple: SocketAddr,
+    until: Ticks,
+    /// The smallest HANDSHAKE that drew the outstanding credits: no reply may be larger.
+    max_len: u16,
+    host: HostId,
+    credits: u8,
+}
+
+/// A fixed-size, 4-way set-associative table of recent HANDSHAKE tuples, keyed by a keyed
+/// hash (tuples are attacker-chosen). Allocated once; a full set evicts the entry that
+/// expires first, so a flood can only cost a legitimate client a retried HANDSHAKE.
+struct RecentHandshakes {
+    slots: Box<[Option<HandshakeSeen>]>,
+    sets: usize,
+    hash: SipHasher13,
+}
+
+const REPLY_WAYS: usize = 4;
+
+impl RecentHandshakes {
+    /// Protocol 1.1 makes every reply (`handshake_reply_len`, at most 639 bytes) fit in the
+    /// 640-byte HANDSHAKE that draws it (a const assert in `wire`), so a reply is never
+    /// allowed to exceed its HANDSHAKE.
+    fn new(entries: usize) -> Self {
+        let sets = (entries / REPLY_WAYS).max(1).next_power_of_two();
+        RecentHandshakes {
+            slots: vec![None; sets * REPLY_WAYS].into_boxed_slice(),
+            sets,
+            hash: SipHasher13::new_with_key(&crate::crypto::random_array()),
+        }
+    }
+
+    fn set(&mut self, tuple: &SocketAddr) -> &mut [Option<HandshakeSeen>] {
+        let mut h = self.hash;
+        let mut t = [0u8; MAX_TUPLE_LEN];
+        let n = emit_tuple(tuple, &mut t);
+        h.write(&t[..n]);
+        let i = (h.finish() as usize) & (self.sets - 1);
+        &mut self.slots[i * REPLY_WAYS..(i + 1) * REPLY_WAYS]
+    }
+
+    /// A HANDSHAKE of `len` bytes from `tuple` went to `host`: allow one more reply.
+    fn record(&mut self, tuple: SocketAddr, len: usize, host: HostId, now: Ticks) {
+        let until = now.saturating_add(REPLY_KEEP);
+        let len = len.min(usize::from(u16::MAX)) as u16;
+        let set = self.set(&tuple);
+        if let Some(e) = set.iter_mut().flatten().find(|e| e.tuple == tuple) {
+            if e.until < now {
+                *e = HandshakeSeen {
+                    tuple,
+                    until,
+                    max_len: len,
+                    host,
+                    credits: 1,
+                };
+            } else {
+                e.credits = (e.credits + 1).min(MAX_REPLY_CREDITS);
+                e.max_len = e.max_len.min(len);
+                e.until = until;
+                e.host = host;
+            }
+            return;
+        }
+        let victim = set
+            .iter_mut()
+            .min_by_key(|e| e.map_or(Ticks(0), |e| e.until))
+            .expect("4 ways");
+        *victim = Some(HandshakeSeen {
+            tuple,
+            until,
+            max_len: len,
+            host,
+            credits: 1,
+        });
+    }
+
+    /// Spends a credit for a reply of `len` bytes from `host` to `tuple`, or says why not.
+    fn take(&mut self, tuple: &SocketAddr, len: usize, host: HostId, now: Ticks) -> Result<(), C> {
+        let set = self.set(tuple);
+        let Some(slot) = set
+            .iter_mut()
+            .find(|e| e.is_some_and(|e| e.tuple == *tuple && e.until >= now))
+        else {
+            return Err(C::DropReplyUnsolicited);
+        };
+        let e = slot.as_mut().expect("found");
+        if e.host != host {
+            return Err(C::DropReplyWrongHost);
+        }
+        if len > usize::from(e.max_len) {
+            return Err(C::DropReplyTooLarge);
+        }
+        e.credits -= 1;
+        if e.credits == 0 {
+            *slot = None;
+        }
+        Ok(())
+    }
 }
 
 impl WorkerCore {
@@ -471,6 +675,8 @@ impl WorkerCore {
             rebinds: Vec::with_capacity(64),
             trial_out: Vec::with_capacity(64),
             issued: None,
+            secs: 0,
+            recent_handshakes: RecentHandshakes::new(cfg.reply_slots),
             shared,
         }
     }
@@ -507,6 +713,7 @@ impl WorkerCore {
             return;
         }
         self.issued = None;
+        self.secs = secs(wall);
         self.metrics.inc(C::batch(rx.len()));
         self.metrics.add(C::BatchDatagrams, rx.len() as u64);
         let generation = self.shared.epochs_generation.load(Ordering::Acquire);
@@ -553,7 +760,10 @@ impl WorkerCore {
                 self.metrics.inc(C::RxData);
                 self.metrics.add(C::RxDataBytes, len);
                 match self.shared.tuples.get(&d.from) {
-                    Some(conn) => self.forward_to_host(conn, d.data, tx),
+                    Some(conn) => {
+                        self.shared.touch(conn.epoch_byte, conn.index, self.secs);
+                        self.forward_to_host(conn, d.data, tx)
+                    }
                     None => {
                         self.metrics.inc(C::UnknownTuple);
                         self.unrecognized(now, d.via, d.from, d.data.len(), tx);
@@ -611,25 +821,31 @@ impl WorkerCore {
             self.metrics.inc(C::DropNoRoute);
             return;
         }
+        if 1 + MAX_TUPLE_LEN + d.data.len() + HANDSHAKE_MAC_LEN > super::tx::SLOT_LEN {
+            self.metrics.inc(C::HandshakeLong);
+            return;
+        }
         // The same tuple always reaches the same host, so a retransmitted HANDSHAKE meets the
         // host's nonce cache instead of registering twice.
         let mut h = self.shared.handshake_hash;
         let mut t = [0u8; crate::wire::MAX_TUPLE_LEN];
         let n = emit_tuple(&d.from, &mut t);
         h.write(&t[..n]);
-        let index = (h.finish() % self.live.hosts.len() as u64) as usize;
-        let host = &self.live.hosts[index];
+        let host_id = (h.finish() % self.live.hosts.len() as u64) as usize;
+        let host = &self.live.hosts[host_id];
         let sent = tx.push(Via::Host, host.addr, |slot| {
-            hostlink::emit_tuple_data(LinkType::ToHostHandshake, &d.from, d.data, slot)
+            hostlink::emit_handshake(&host.mac, &d.from, d.data, slot)
         });
         if sent {
-            let bytes = (d.data.len() + 1 + n) as u64;
+            let bytes = (d.data.len() + 1 + n + HANDSHAKE_MAC_LEN) as u64;
+            self.recent_handshakes
+                .record(d.from, d.data.len(), host_id as HostId, now);
             self.metrics.inc(C::HandshakeForwarded);
             self.metrics.inc(C::TxHostHandshake);
             self.metrics.add(C::TxHostBytes, bytes);
-            self.metrics.host_add(index, H::TxPackets, 1);
-            self.metrics.host_add(index, H::TxBytes, bytes);
-            self.metrics.handshake_sent(index, now);
+            self.metrics.host_add(host_id, H::TxPackets, 1);
+            self.metrics.host_add(host_id, H::TxBytes, bytes);
+            self.metrics.handshake_sent(host_id, now);
         }
     }
 
@@ -798,6 +1014,7 @@ impl WorkerCore {
         };
         let (conn_id, host) = (conn.conn_id, conn.host);
         let old = registry.commit_rebind(index, t, to);
+        self.shared.touch(epoch as u8, index, self.secs);
         self.bind_tuple(ctl, epoch, index, conn_id, host, old, to);
         self.shared.persist(StoreOp::Rebind {
             epoch,
@@ -813,7 +1030,7 @@ impl WorkerCore {
                 old,
                 new: to,
             };
-            let sealed = msg.seal(&peer.key);
+            let sealed = msg.seal(&peer.key, t);
             if tx.push_bytes(Via::Host, peer.addr, &sealed) {
                 self.metrics.inc(C::TxHostControl);
                 self.metrics.add(C::TxHostBytes, sealed.len() as u64);
@@ -872,6 +1089,7 @@ impl WorkerCore {
                 owner: self.id,
                 index,
                 epoch_byte: epoch as u8,
+                host,
             },
         );
     }
@@ -884,40 +1102,61 @@ impl WorkerCore {
         };
         self.metrics.host_add(host, H::RxPackets, 1);
         self.metrics.host_add(host, H::RxBytes, d.data.len() as u64);
+        let host_index = host;
         let dropped = |m: &WorkerMetrics, c: C| {
             m.inc(c);
-            m.host_add(host, H::Dropped, 1);
+            m.host_add(host_index, H::Dropped, 1);
         };
+        let host = host as HostId;
         match hostlink::link_type(d.data) {
             Ok(LinkType::ToClientData) => {
                 self.metrics.inc(C::HostRxData);
                 let Ok((conn_id, inner)) = hostlink::parse_conn_data(d.data) else {
                     return dropped(&self.metrics, C::DropHostMalformed);
                 };
-                match self.shared.conns.get(conn_id).and_then(|r| r.tuple) {
-                    Some(tuple) => self.send_to_client(tuple, inner, C::TxClientData, tx),
-                    None => dropped(&self.metrics, C::DropNoRoute),
+                match self.shared.conns.get(conn_id) {
+                    // Only the host that registered a connection may speak for it.
+                    Some(r) if r.host != host => dropped(&self.metrics, C::DropHostNotOwner),
+                    Some(ConnRoute {
+                        tuple: Some(tuple), ..
+                    }) => self.send_to_client(tuple, inner, C::TxClientData, tx),
+                    _ => dropped(&self.metrics, C::DropNoRoute),
                 }
             }
             Ok(LinkType::ToClientReply) => {
                 self.metrics.inc(C::HostRxReply);
                 match hostlink::parse_tuple_data(d.data) {
                     Ok((client, inner)) if inner[0] == MsgType::HandshakeReply as u8 => {
-                        self.metrics.host_answered(host);
-                        self.send_to_client(client, inner, C::TxClientReply, tx)
+                        match self.recent_handshakes.take(&client, inner.len(), host, now) {
+                            Ok(()) => {
+                                self.metrics.host_answered(host_index);
+                                self.send_to_client(client, inner, C::TxClientReply, tx)
+                            }
+                            Err(c) => dropped(&self.metrics, c),
+                        }
                     }
                     _ => dropped(&self.metrics, C::DropHostMalformed),
                 }
             }
             Ok(t) if t.is_control() => {
                 self.metrics.inc(C::HostRxControl);
-                let peer = &self.live.hosts[host];
-                match LinkMsg::open(d.data, &peer.key, now) {
-                    Ok(msg) => {
-                        self.metrics.host_answered(host);
-                        self.control_message(now, host as HostId, d.from, msg, tx)
+                let live = self.live.clone();
+                let peer = &live.hosts[host_index];
+                // Decrypt outside the lock; only the replay check and what follows need it.
+                let opened = LinkMsg::open_with_nonce(d.data, &peer.key, now);
+                let shared = self.shared.clone();
+                let mut ctl = shared.control();
+                match opened.and_then(|o| ctl.guard.accept(&o, now).map(|()| o)) {
+                    Ok(o) => {
+                        self.metrics.host_answered(host_index);
+                        let sent = o.sent;
+                        self.control_message(&mut ctl, now, host, d.from, sent, o.msg, tx)
                     }
                     Err(LinkError::BadTag) => dropped(&self.metrics, C::DropHostBadTag),
+                    Err(LinkError::Stale(_)) => dropped(&self.metrics, C::DropHostStale),
+                    Err(LinkError::Replay | LinkError::GuardFull) => {
+                        dropped(&self.metrics, C::DropHostReplay)
+                    }
                     Err(_) => dropped(&self.metrics, C::DropHostMalformed),
                 }
             }
@@ -935,32 +1174,73 @@ impl WorkerCore {
         }
     }
 
+    /// Is `boot` the host's current boot? The first boot id the gateway hears from a host
+    /// (after its own start) is taken as current; a new one only arrives by HELLO.
+    fn boot_current(&self, ctl: &mut Control, host: HostId, boot: u64) -> bool {
+        match ctl.boot_slot(host) {
+            Some(b) => {
+                let ok = b.boot == boot;
+                if !ok {
+                    self.metrics.inc(C::DropHostStaleBoot);
+                }
+                ok
+            }
+            slot @ None => {
+                *slot = Some(HostBoot {
+                    boot,
+                    hello_sent: Ticks(0),
+                });
+                true
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
     fn control_message(
         &mut self,
+        ctl: &mut Control,
         now: Ticks,
         host: HostId,
         from: SocketAddr,
+        sent: Ticks,
         msg: LinkMsg,
         tx: &mut TxQueue,
     ) {
+        let live = self.live.clone();
+        let peer = &live.hosts[usize::from(host)];
         let reply = match msg {
             LinkMsg::Register {
+                boot,
                 request,
                 conn_id,
                 client,
-                ..
-            } => self.register(now, host, request, conn_id, client),
-            LinkMsg::Close {
-                request, conn_id, ..
             } => {
-                let found = self.close(conn_id);
-                let peer = &self.live.hosts[usize::from(host)];
+                if !self.boot_current(ctl, host, boot) {
+                    return;
+                }
+                self.register(ctl, now, host, request, conn_id, client)
+            }
+            LinkMsg::Close {
+                boot,
+                request,
+                conn_id,
+            } => {
+                if !self.boot_current(ctl, host, boot) {
+                    return;
+                }
+                let found = self.close(ctl, host, conn_id);
                 LinkMsg::Closed {
                     request,
                     conn_id,
                     found,
                 }
-                .seal(&peer.key)
+                .seal(&peer.key, now)
+            }
+            LinkMsg::Hello { boot } => {
+                let Some(released) = self.hello(ctl, host, boot, sent) else {
+                    return self.metrics.inc(C::DropHostStaleBoot);
+                };
+                LinkMsg::HelloAck { boot, released }.seal(&peer.key, now)
             }
             _ => return self.metrics.inc(C::DropHostMalformed),
         };
@@ -973,9 +1253,47 @@ impl WorkerCore {
         }
     }
 
+    /// A host announced boot `boot` in a HELLO sent at `sent`. A new boot means the host
+    /// restarted and forgot its connections: every connection it owns is released. Returns
+    /// how many, or `None` for a HELLO older than the one that set the current boot (a
+    /// delayed copy from before a restart must not release the new boot's connections).
+    fn hello(&mut self, ctl: &mut Control, host: HostId, boot: u64, sent: Ticks) -> Option<u32> {
+        let slot = ctl.boot_slot(host);
+        match slot {
+            Some(b) if b.boot == boot => {
+                b.hello_sent = b.hello_sent.max(sent);
+                return Some(0);
+            }
+            Some(b) if sent <= b.hello_sent => return None,
+            _ => {}
+        }
+        *slot = Some(HostBoot {
+            boot,
+            hello_sent: sent,
+        });
+        self.metrics.inc(C::HostRestarts);
+        let owned: Vec<(u32, u32, u64)> = ctl
+            .registries
+            .iter()
+            .flat_map(|(e, r)| {
+                r.iter()
+                    .filter(|(_, c)| c.host == host)
+                    .map(move |(i, c)| (*e, i, c.conn_id))
+            })
+            .collect();
+        // The host's earlier boot may have requests cached; they must not be answered now.
+        ctl.recent_registers.retain(|(h, _), _| *h != host);
+        for &(epoch, index, conn_id) in &owned {
+            self.release(ctl, epoch, index, conn_id);
+        }
+        self.metrics.add(C::Released, owned.len() as u64);
+        Some(owned.len() as u32)
+    }
+
     /// Registers a connection for a host and returns the sealed answer.
     fn register(
         &mut self,
+        ctl: &mut Control,
         now: Ticks,
         host: HostId,
         request: u64,
@@ -987,7 +1305,6 @@ impl WorkerCore {
         let peer = &live.hosts[usize::from(host)];
         let epochs = self.epochs.clone();
         let keys = &epochs.current.keys;
-        let mut ctl = shared.control();
         if let Some(r) = ctl.recent_registers.get(&(host, request))
             && r.conn_id == conn_id
             && let Some(e) = epochs.all().find(|e| e.keys.epoch() == r.epoch)
@@ -1001,7 +1318,7 @@ impl WorkerCore {
                 rebind_secret: r.secret.0,
                 slot_keys: e.keys.client_keys(r.index).to_vec(),
             }
-            .seal(&peer.key);
+            .seal(&peer.key, now);
         }
         let fail = |reason: RegisterFailure| {
             LinkMsg::RegisterFailed {
@@ -1009,7 +1326,7 @@ impl WorkerCore {
                 conn_id,
                 reason: reason as u8,
             }
-            .seal(&peer.key)
+            .seal(&peer.key, now)
         };
         if ctl.conns.get(conn_id).is_some() {
             self.metrics.inc(C::RegisterDuplicate);
@@ -1025,7 +1342,7 @@ impl WorkerCore {
             self.metrics.inc(C::RegisterFull);
             return fail(RegisterFailure::Full);
         };
-        self.bind_tuple(&mut ctl, epoch, reg.index, conn_id, host, None, client);
+        self.bind_tuple(ctl, epoch, reg.index, conn_id, host, None, client);
         shared.persist(StoreOp::Register(StoredConn {
             epoch,
             index: reg.index,
@@ -1035,6 +1352,9 @@ impl WorkerCore {
             tuple: Some(client),
             host,
         }));
+        self.shared
+            .activity(epoch as u8, reg.index)
+            .store(secs(now), Ordering::Relaxed);
         self.metrics.inc(C::Registered);
         let reply = LinkMsg::Registered {
             request,
@@ -1044,7 +1364,7 @@ impl WorkerCore {
             rebind_secret: reg.secret.0,
             slot_keys: keys.client_keys(reg.index).to_vec(),
         }
-        .seal(&peer.key);
+        .seal(&peer.key, now);
         if ctl.recent_order.len() >= RECENT_REGISTERS
             && let Some(old) = ctl.recent_order.pop_front()
         {
@@ -1064,25 +1384,101 @@ impl WorkerCore {
         reply
     }
 
-    fn close(&mut self, conn_id: u64) -> bool {
-        let shared = self.shared.clone();
-        let mut ctl = shared.control();
-        let Some(route) = ctl.conns.remove(conn_id) else {
+    /// Closes a connection for its owning host.
+    fn close(&mut self, ctl: &mut Control, host: HostId, conn_id: u64) -> bool {
+        let Some(route) = ctl.conns.get(conn_id) else {
             return false;
         };
-        let index = route.index;
-        let Some((epoch, reg)) = ctl.registry_by_byte(route.epoch_byte) else {
+        if route.host != host {
+            self.metrics.inc(C::DropHostNotOwner);
+            return false;
+        }
+        let Some((epoch, _)) = ctl.registry_by_byte(route.epoch_byte) else {
             return false;
         };
-        reg.remove(index);
-        if let Some(t) = route.tuple
+        self.release(ctl, epoch, route.index, conn_id);
+        self.metrics.inc(C::Closed);
+        true
+    }
+
+    /// Removes a connection from the registry and both tables, and from the store.
+    fn release(&mut self, ctl: &mut Control, epoch: u32, index: u32, conn_id: u64) {
+        let route = ctl.conns.remove(conn_id);
+        if let Some(reg) = ctl.registry_mut(epoch) {
+            reg.remove(index);
+        }
+        if let Some(t) = route.and_then(|r| r.tuple)
             && ctl.tuples.get(&t).is_some_and(|r| r.conn_id == conn_id)
         {
             ctl.tuples.remove(&t);
         }
-        shared.persist(StoreOp::Remove { epoch, index });
-        self.metrics.inc(C::Closed);
-        true
+        self.shared.persist(StoreOp::Remove { epoch, index });
+    }
+
+    /// Timers: releases connections idle for `idle_timeout` and tells their hosts (EXPIRED).
+    /// One worker at a time sweeps, at most every `idle_timeout / 4` (1–10 s), taking the
+    /// control lock once; a sweep stops when `tx` is full and goes on at the next tick.
+    pub fn tick(&mut self, now: Ticks, tx: &mut TxQueue) {
+        let idle = self.shared.cfg.idle_timeout;
+        if idle.is_zero() {
+            return;
+        }
+        let due = self.shared.next_sweep.load(Ordering::Acquire);
+        let every = (idle / 4).clamp(Duration::from_secs(1), Duration::from_secs(10));
+        if now.0 < due
+            || self
+                .shared
+                .next_sweep
+                .compare_exchange(
+                    due,
+                    now.saturating_add(every).0,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                )
+                .is_err()
+        {
+            return;
+        }
+        if !self.expire_idle(now, idle, tx) {
+            // More to do: come back at the next tick.
+            self.shared.next_sweep.store(now.0, Ordering::Release);
+        }
+    }
+
+    /// Returns false if it stopped because `tx` filled up.
+    fn expire_idle(&mut self, now: Ticks, idle: Duration, tx: &mut TxQueue) -> bool {
+        let shared = self.shared.clone();
+        let limit = i64::try_from(idle.as_secs()).unwrap_or(i64::MAX);
+        let secs_now = secs(now);
+        let room = tx.capacity().saturating_sub(tx.len());
+        let mut ctl = shared.control();
+        let mut idle_conns: Vec<(u32, u32, u64, HostId)> = Vec::new();
+        let mut complete = true;
+        'scan: for (epoch, reg) in &ctl.registries {
+            for (index, c) in reg.iter() {
+                let seen = shared.activity(*epoch as u8, index).load(Ordering::Relaxed);
+                // Wrapping difference: a slot touched "ahead" of `now` reads as negative.
+                if i64::from(secs_now.wrapping_sub(seen) as i32) > limit {
+                    if idle_conns.len() == room {
+                        complete = false;
+                        break 'scan;
+                    }
+                    idle_conns.push((*epoch, index, c.conn_id, c.host));
+                }
+            }
+        }
+        for (epoch, index, conn_id, host) in idle_conns {
+            self.release(&mut ctl, epoch, index, conn_id);
+            self.metrics.inc(C::Expired);
+            if let Some(peer) = self.live.hosts.get(usize::from(host)) {
+                let msg = LinkMsg::Expired { conn_id }.seal(&peer.key, now);
+                if tx.push_bytes(Via::Host, peer.addr, &msg) {
+                    self.metrics.inc(C::TxHostControl);
+                    self.metrics.add(C::TxHostBytes, msg.len() as u64);
+                }
+            }
+        }
+        complete
     }
 }
 
@@ -1125,19 +1521,28 @@ mod tests {
 
     impl Harness {
         fn new(cfg: CoreConfig) -> Harness {
+            Harness::with_hosts(cfg, &[])
+        }
+
+        /// Host 0 is `host_addr` with `link`; `more` are further hosts.
+        fn with_hosts(cfg: CoreConfig, more: &[(SocketAddr, LinkKey)]) -> Harness {
+            Harness::build(cfg, more, None)
+        }
+
+        fn build(
+            cfg: CoreConfig,
+            more: &[(SocketAddr, LinkKey)],
+            store: Option<Sender<StoreOp>>,
+        ) -> Harness {
             let keys = EpochKeys::derive(&MasterSecret::from_bytes([5; 32]), 3, cfg.slots).unwrap();
             let trial = TrialKeys::new(Backend::Portable, keys.slot_key_pairs()).unwrap();
             let host_addr = addr("127.0.0.1:7000");
             let key = LinkKey([9; 16]);
-            let shared = Shared::new(
-                cfg,
-                EpochCrypto { keys, trial },
-                vec![HostPeer {
-                    addr: host_addr,
-                    key: key.cipher(),
-                }],
-                None,
-            );
+            let mut hosts = vec![HostPeer::new(host_addr, &key)];
+            for (a, k) in more {
+                hosts.push(HostPeer::new(*a, k));
+            }
+            let shared = Shared::new(cfg, EpochCrypto { keys, trial }, hosts, store);
             let worker = WorkerCore::new(0, shared.clone(), &[false, true]);
             Harness {
                 shared,
@@ -1173,6 +1578,18 @@ mod tests {
             out
         }
 
+        /// Runs the worker's timer and returns what it queued.
+        fn tick(&mut self) -> Vec<(Via, SocketAddr, Vec<u8>)> {
+            self.worker.tick(self.now, &mut self.tx);
+            let out = self
+                .tx
+                .iter()
+                .map(|(m, b)| (m.via, m.to, b.to_vec()))
+                .collect();
+            self.tx.clear();
+            out
+        }
+
         fn client(&mut self, from: SocketAddr, data: &[u8]) -> Vec<(Via, SocketAddr, Vec<u8>)> {
             let via = Via::Client(u8::from(from.is_ipv6()));
             self.feed(&[(via, from, data)])
@@ -1180,12 +1597,12 @@ mod tests {
 
         fn register(&mut self, conn_id: u64, client: SocketAddr) -> Issued {
             let msg = LinkMsg::Register {
+                boot: 1,
                 request: conn_id,
-                ticks: self.now,
                 conn_id,
                 client,
             }
-            .seal(&self.link);
+            .seal(&self.link, self.now);
             let out = self.feed(&[(Via::Host, self.host_addr, &msg)]);
             assert_eq!(out.len(), 1);
             assert_eq!((out[0].0, out[0].1), (Via::Host, self.host_addr));
@@ -1469,14 +1886,8 @@ mod tests {
         rates.handshake_prefix = Rate::new(50.0, 100.0);
         h.shared.set_live(Live {
             hosts: vec![
-                HostPeer {
-                    addr: h.host_addr,
-                    key: LinkKey([9; 16]).cipher(),
-                },
-                HostPeer {
-                    addr: host2,
-                    key: LinkKey([10; 16]).cipher(),
-                },
+                HostPeer::new(h.host_addr, &LinkKey([9; 16])),
+                HostPeer::new(host2, &LinkKey([10; 16])),
             ],
             rates,
         });
@@ -1500,7 +1911,11 @@ mod tests {
         assert!(h.client(a, &hs[..639]).is_empty());
         assert!(h.client(a, &hs[..256]).is_empty());
         let out = h.client(a, &hs);
-        assert_eq!(hostlink::parse_tuple_data(&out[0].2).unwrap(), (a, &hs[..]));
+        let framed = hostlink::verify_handshake(&LinkKey([9; 16]).handshake_mac(), &out[0].2);
+        assert_eq!(
+            hostlink::parse_tuple_data(framed.unwrap()).unwrap(),
+            (a, &hs[..])
+        );
         h.client(a, &hs);
         h.client(a, &hs);
         assert!(h.client(a, &hs).is_empty());
@@ -1526,13 +1941,13 @@ mod tests {
         let mut h = Harness::default();
         let a = addr("10.0.0.1:4000");
         let msg = LinkMsg::Register {
+            boot: 1,
             request: 1,
-            ticks: h.now,
             conn_id: 5,
             client: a,
         };
-        let good = msg.seal(&h.link);
-        let forged = msg.seal(&LinkKey([1; 16]).cipher());
+        let good = msg.seal(&h.link, h.now);
+        let forged = msg.seal(&LinkKey([1; 16]).cipher(), h.now);
         assert!(
             h.feed(&[(Via::Host, addr("127.0.0.1:7001"), &good)])
                 .is_empty()
@@ -1542,7 +1957,10 @@ mod tests {
         assert!(h.feed(&[(Via::Host, host, &forged)]).is_empty());
         assert_eq!(h.count(C::DropHostBadTag), 1);
         let first = h.feed(&[(Via::Host, host, &good)]);
-        let retransmit = h.feed(&[(Via::Host, host, &good)]);
+        // A copy of the same datagram is a replay; a host retransmits by sealing afresh.
+        assert!(h.feed(&[(Via::Host, host, &good)]).is_empty());
+        assert_eq!(h.count(C::DropHostReplay), 1);
+        let retransmit = h.feed(&[(Via::Host, host, &msg.seal(&h.link, h.now))]);
         let open =
             |out: &[(Via, SocketAddr, Vec<u8>)]| LinkMsg::open(&out[0].2, &h.link, h.now).unwrap();
         assert_eq!(
@@ -1554,12 +1972,12 @@ mod tests {
         assert_eq!(h.count(C::RegisterRepeat), 1);
         assert_eq!(h.shared.connections(), 1);
         let dup = LinkMsg::Register {
+            boot: 1,
             request: 2,
-            ticks: h.now,
             conn_id: 5,
             client: a,
         }
-        .seal(&h.link);
+        .seal(&h.link, h.now);
         let out = h.feed(&[(Via::Host, host, &dup)]);
         assert!(matches!(
             LinkMsg::open(&out[0].2, &h.link, h.now).unwrap(),
@@ -1567,11 +1985,11 @@ mod tests {
         ));
         // Close frees the tuple and the route.
         let close = LinkMsg::Close {
+            boot: 1,
             request: 3,
-            ticks: h.now,
             conn_id: 5,
         }
-        .seal(&h.link);
+        .seal(&h.link, h.now);
         let out = h.feed(&[(Via::Host, host, &close)]);
         assert!(matches!(
             LinkMsg::open(&out[0].2, &h.link, h.now).unwrap(),
@@ -1583,28 +2001,241 @@ mod tests {
     }
 
     #[test]
+    fn replayed_close_cannot_close_a_later_connection() {
+        let mut h = Harness::default();
+        let a = addr("10.0.0.1:4000");
+        let host = h.host_addr;
+        h.register(5, a);
+        let close = LinkMsg::Close {
+            boot: 1,
+            request: 9,
+            conn_id: 5,
+        }
+        .seal(&h.link, h.now);
+        h.feed(&[(Via::Host, host, &close)]);
+        assert!(h.shared.conns.get(5).is_none());
+        let again = LinkMsg::Register {
+            boot: 1,
+            request: 10,
+            conn_id: 5,
+            client: a,
+        }
+        .seal(&h.link, h.now);
+        h.feed(&[(Via::Host, host, &again)]);
+        assert!(h.shared.conns.get(5).is_some());
+        // A captured CLOSE sent again, within its validity: nothing happens.
+        assert!(h.feed(&[(Via::Host, host, &close)]).is_empty());
+        assert!(
+            h.shared.conns.get(5).is_some(),
+            "a replayed CLOSE closes nothing"
+        );
+    }
+
+    #[test]
+    fn handshake_replies_go_only_to_recent_handshakes_and_are_no_larger() {
+        let mut h = Harness::default();
+        let a = addr("10.0.0.1:4000");
+        let host = h.host_addr;
+        let mut reply = vec![0xEE; 200];
+        reply[0] = MsgType::HandshakeReply as u8;
+        let framed = |r: &[u8]| {
+            let mut buf = vec![0u8; r.len() + 40];
+            let n = hostlink::emit_tuple_data(LinkType::ToClientReply, &a, r, &mut buf);
+            buf.truncate(n);
+            buf
+        };
+        // No HANDSHAKE came from `a`: a host cannot aim a reply at it.
+        assert!(h.feed(&[(Via::Host, host, &framed(&reply))]).is_empty());
+        let mut hs = vec![0u8; HANDSHAKE_LEN];
+        hs[0] = b'H';
+        assert_eq!(h.client(a, &hs).len(), 1);
+        // Larger than the HANDSHAKE that drew it: refused.
+        let mut big = vec![0xEE; HANDSHAKE_LEN + 1];
+        big[0] = MsgType::HandshakeReply as u8;
+        assert!(h.feed(&[(Via::Host, host, &framed(&big))]).is_empty());
+        assert_eq!(
+            h.feed(&[(Via::Host, host, &framed(&reply))]),
+            vec![(Via::Client(0), a, reply.clone())]
+        );
+        assert!(
+            h.feed(&[(Via::Host, host, &framed(&reply))]).is_empty(),
+            "one reply per HANDSHAKE"
+        );
+        // A HANDSHAKE's permission expires.
+        h.client(a, &hs);
+        h.now = Ticks(h.now.0 + 11 * TICKS_PER_SECOND);
+        assert!(h.feed(&[(Via::Host, host, &framed(&reply))]).is_empty());
+    }
+
+    #[test]
+    fn data_and_close_only_from_the_owning_host() {
+        let other = addr("127.0.0.2:7000");
+        let other_key = LinkKey([8; 16]);
+        let mut h = Harness::with_hosts(CoreConfig::new(S), &[(other, other_key.clone())]);
+        let a = addr("10.0.0.1:4000");
+        h.register(77, a);
+        let mut back = [0u8; 100];
+        let n = hostlink::emit_conn_data(LinkType::ToClientData, 77, &data(40), &mut back);
+        assert!(h.feed(&[(Via::Host, other, &back[..n])]).is_empty());
+        let close = LinkMsg::Close {
+            boot: 1,
+            request: 1,
+            conn_id: 77,
+        }
+        .seal(&other_key.cipher(), h.now);
+        let out = h.feed(&[(Via::Host, other, &close)]);
+        assert!(out.iter().all(|(_, _, b)| !matches!(
+            LinkMsg::open(b, &other_key.cipher(), h.now),
+            Ok(LinkMsg::Closed { found: true, .. })
+        )));
+        assert!(h.shared.conns.get(77).is_some(), "another host's CLOSE");
+        // The owner still reaches its client.
+        let host = h.host_addr;
+        assert_eq!(h.feed(&[(Via::Host, host, &back[..n])]).len(), 1);
+    }
+
+    #[test]
+    fn idle_connections_expire_are_unstored_and_their_host_is_told() {
+        let mut cfg = CoreConfig::new(S);
+        cfg.idle_timeout = Duration::from_secs(60);
+        let (store, stored) = crossbeam::channel::unbounded();
+        let mut h = Harness::build(cfg, &[], Some(store));
+        let (a, b) = (addr("10.0.0.1:4000"), addr("10.0.0.2:4000"));
+        h.register(1, a);
+        h.register(2, b);
+        assert!(h.tick().is_empty(), "nothing idle yet");
+        // b's client keeps talking; a's goes quiet.
+        h.now = Ticks(h.now.0 + 40 * TICKS_PER_SECOND);
+        assert_eq!(h.client(b, &data(60)).len(), 1);
+        h.now = Ticks(h.now.0 + 30 * TICKS_PER_SECOND);
+        let out = h.tick();
+        assert_eq!(out.len(), 1);
+        assert_eq!((out[0].0, out[0].1), (Via::Host, h.host_addr));
+        assert_eq!(
+            LinkMsg::open(&out[0].2, &h.link, h.now),
+            Ok(LinkMsg::Expired { conn_id: 1 })
+        );
+        assert!(h.shared.conns.get(1).is_none());
+        assert!(h.shared.tuples.get(&a).is_none());
+        assert!(h.shared.conns.get(2).is_some());
+        assert_eq!(h.shared.connections(), 1);
+        assert_eq!(h.count(C::Expired), 1);
+        let removed: Vec<_> = stored
+            .try_iter()
+            .filter(|op| matches!(op, StoreOp::Remove { .. }))
+            .collect();
+        assert_eq!(removed.len(), 1, "the removal is persisted");
+        // The next sweep is not due yet; when it is, b (active 30 s ago) stays.
+        assert!(h.tick().is_empty());
+        h.now = Ticks(h.now.0 + 15 * TICKS_PER_SECOND);
+        assert!(h.tick().is_empty());
+        assert!(h.shared.conns.get(2).is_some());
+    }
+
+    #[test]
+    fn idle_sweep_that_fills_tx_goes_on_at_the_next_tick() {
+        let mut cfg = CoreConfig::new(S);
+        cfg.idle_timeout = Duration::from_secs(60);
+        let mut h = Harness::new(cfg);
+        for i in 0..5u64 {
+            h.register(i, SocketAddr::from(([10, 0, 0, i as u8], 1)));
+        }
+        h.now = Ticks(h.now.0 + 61 * TICKS_PER_SECOND);
+        h.tx = TxQueue::new(2);
+        assert_eq!(h.tick().len(), 2);
+        assert_eq!(h.tick().len(), 2);
+        assert_eq!(h.tick().len(), 1);
+        assert_eq!(h.shared.connections(), 0);
+    }
+
+    #[test]
+    fn a_restarted_host_releases_its_old_connections() {
+        let other = addr("127.0.0.2:7000");
+        let other_key = LinkKey([8; 16]);
+        let mut h = Harness::with_hosts(CoreConfig::new(S), &[(other, other_key.clone())]);
+        let host = h.host_addr;
+        let (a, b, c) = (addr("10.0.0.1:1"), addr("10.0.0.2:1"), addr("10.0.0.3:1"));
+        h.register(1, a);
+        h.register(2, b);
+        let theirs = LinkMsg::Register {
+            boot: 7,
+            request: 1,
+            conn_id: 3,
+            client: c,
+        }
+        .seal(&other_key.cipher(), h.now);
+        assert_eq!(h.feed(&[(Via::Host, other, &theirs)]).len(), 1);
+        // Host 0 restarts with boot 2: nothing of its new run is taken before its HELLO.
+        let register = |request: u64, conn_id: u64, h: &Harness| {
+            LinkMsg::Register {
+                boot: 2,
+                request,
+                conn_id,
+                client: addr("10.0.0.9:1"),
+            }
+            .seal(&h.link, h.now)
+        };
+        let early = register(5, 9, &h);
+        assert!(h.feed(&[(Via::Host, host, &early)]).is_empty());
+        assert_eq!(h.count(C::DropHostStaleBoot), 1);
+        let hello = LinkMsg::Hello { boot: 2 }.seal(&h.link, h.now);
+        let out = h.feed(&[(Via::Host, host, &hello)]);
+        assert_eq!(
+            LinkMsg::open(&out[0].2, &h.link, h.now),
+            Ok(LinkMsg::HelloAck {
+                boot: 2,
+                released: 2
+            })
+        );
+        assert!(h.shared.conns.get(1).is_none() && h.shared.conns.get(2).is_none());
+        assert!(h.shared.tuples.get(&a).is_none() && h.shared.tuples.get(&b).is_none());
+        assert!(
+            h.shared.conns.get(3).is_some(),
+            "another host's connection stays"
+        );
+        assert_eq!((h.count(C::HostRestarts), h.count(C::Released)), (1, 2));
+        // A retransmitted HELLO of the same boot releases nothing more.
+        let again = LinkMsg::Hello { boot: 2 }.seal(&h.link, h.now);
+        let out = h.feed(&[(Via::Host, host, &again)]);
+        assert!(matches!(
+            LinkMsg::open(&out[0].2, &h.link, h.now),
+            Ok(LinkMsg::HelloAck { released: 0, .. })
+        ));
+        // A delayed HELLO of the old run (sent before the new one) is refused.
+        let old = LinkMsg::Hello { boot: 1 }.seal(&h.link, Ticks(h.now.0 - TICKS_PER_SECOND));
+        assert!(h.feed(&[(Via::Host, host, &old)]).is_empty());
+        assert_eq!(h.count(C::DropHostStaleBoot), 2);
+        // The new run registers.
+        let out = h.feed(&[(Via::Host, host, &register(6, 9, &h))]);
+        assert!(matches!(
+            LinkMsg::open(&out[0].2, &h.link, h.now),
+            Ok(LinkMsg::Registered { conn_id: 9, .. })
+        ));
+    }
+
+    #[test]
     fn registry_full_is_reported() {
         let mut cfg = CoreConfig::new(2);
         cfg.max_connections = 4;
         let mut h = Harness::new(cfg);
         for i in 0..4u64 {
             let msg = LinkMsg::Register {
+                boot: 1,
                 request: i,
-                ticks: h.now,
                 conn_id: i,
                 client: SocketAddr::from(([10, 0, 0, i as u8], 1)),
             }
-            .seal(&h.link);
+            .seal(&h.link, h.now);
             let host = h.host_addr;
             h.feed(&[(Via::Host, host, &msg)]);
         }
         let msg = LinkMsg::Register {
+            boot: 1,
             request: 9,
-            ticks: h.now,
             conn_id: 9,
             client: addr("10.0.0.9:1"),
         }
-        .seal(&h.link);
+        .seal(&h.link, h.now);
         let host = h.host_addr;
         let out = h.feed(&[(Via::Host, host, &msg)]);
         assert!(matches!(

@@ -67,10 +67,18 @@ counters! {
     HandshakeForwarded => "rebindgw_handshakes_forwarded_total", "", "HANDSHAKEs forwarded to a host.";
     HandshakeShort => "rebindgw_handshakes_dropped_total", "reason=\"short\"", "HANDSHAKEs dropped, by reason.";
     HandshakeRate => "rebindgw_handshakes_dropped_total", "reason=\"rate\"", "";
+    HandshakeLong => "rebindgw_handshakes_dropped_total", "reason=\"too_long\"", "";
     DropOversize => "rebindgw_dropped_total", "reason=\"oversize\"", "Datagrams dropped, by reason.";
     DropHostBadSource => "rebindgw_dropped_total", "reason=\"host_link_unknown_source\"", "";
     DropHostBadTag => "rebindgw_dropped_total", "reason=\"host_link_bad_tag\"", "";
     DropHostMalformed => "rebindgw_dropped_total", "reason=\"host_link_malformed\"", "";
+    DropHostStale => "rebindgw_dropped_total", "reason=\"host_link_stale\"", "";
+    DropHostReplay => "rebindgw_dropped_total", "reason=\"host_link_replay\"", "";
+    DropHostStaleBoot => "rebindgw_dropped_total", "reason=\"host_link_stale_boot\"", "";
+    DropHostNotOwner => "rebindgw_dropped_total", "reason=\"host_link_not_owner\"", "";
+    DropReplyUnsolicited => "rebindgw_dropped_total", "reason=\"reply_unsolicited\"", "";
+    DropReplyTooLarge => "rebindgw_dropped_total", "reason=\"reply_too_large\"", "";
+    DropReplyWrongHost => "rebindgw_dropped_total", "reason=\"reply_wrong_host\"", "";
     DropNoRoute => "rebindgw_dropped_total", "reason=\"no_route\"", "";
     DropTxFull => "rebindgw_dropped_total", "reason=\"tx_queue_full\"", "";
     DropRxError => "rebindgw_dropped_total", "reason=\"rx_error\"", "";
@@ -79,6 +87,9 @@ counters! {
     RegisterDuplicate => "rebindgw_registrations_total", "result=\"duplicate\"", "";
     RegisterRepeat => "rebindgw_registrations_total", "result=\"retransmit\"", "";
     Closed => "rebindgw_closes_total", "", "Connections closed by hosts.";
+    Expired => "rebindgw_connections_expired_total", "", "Connections dropped after idle_timeout_secs without client traffic.";
+    HostRestarts => "rebindgw_host_restarts_total", "", "HELLOs with a new host boot id.";
+    Released => "rebindgw_connections_released_total", "", "Connections released because their host restarted.";
     TupleTakenOver => "rebindgw_tuples_taken_over_total", "", "Tuples handed from one connection to another (NAT port reuse).";
     SendNoSocket => "rebindgw_send_errors_total", "reason=\"no_socket\"", "Queued datagrams not sent, by reason.";
     SendSocketFull => "rebindgw_send_errors_total", "reason=\"socket_full\"", "";

@@ -26,10 +26,7 @@ pub fn load_hosts(cfg: &GatewayConfig) -> anyhow::Result<Vec<HostPeer>> {
                     h.link_key_file.display()
                 )
             })?;
-            Ok(HostPeer {
-                addr: h.addr,
-                key: key.cipher(),
-            })
+            Ok(HostPeer::new(h.addr, &key))
         })
         .collect()
 }

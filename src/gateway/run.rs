@@ -145,8 +145,10 @@ impl Handler for Driver {
         self.core.handle_batch(Ticks::wall_clock(), rx, tx);
     }
 
-    fn tick(&mut self, _tx: &mut TxQueue) {
-        self.core.metrics().beat(Ticks::wall_clock());
+    fn tick(&mut self, tx: &mut TxQueue) {
+        let now = Ticks::wall_clock();
+        self.core.metrics().beat(now);
+        self.core.tick(now, tx);
     }
 
     fn on_io_stats(&mut self, s: &io::IoStats) {
@@ -332,6 +334,7 @@ fn start(
     let core_cfg = cfg.core();
     let workers = core_cfg.workers;
     let shared = Shared::new(core_cfg, EpochCrypto { keys, trial }, hosts, Some(store_tx));
+    shared.set_started(Ticks::wall_clock());
 
     // Restore the registry. Every time issued before the restart is at most `reserved`, so
     // raising each L to it refuses every REBIND captured before the restart.

@@ -58,7 +58,8 @@ use crate::io::BatchSocket;
 use crate::time::Ticks;
 
 pub use self::sansio::{
-    HostConfig, HostCore, HostCounters, MAX_DATAGRAM, MAX_UNPROVEN_PER_CLIENT, Outgoing, Transmit,
+    GatewayNet, HostConfig, HostCore, HostCounters, MAX_DATAGRAM, MAX_UNPROVEN_PER_CLIENT,
+    Outgoing, Transmit,
 };
 
 /// How the host driver runs.
@@ -221,11 +222,9 @@ impl Server {
             file = %opts.clients.display(),
             "host listening"
         );
-        Ok(Server {
-            sock,
-            core: HostCore::with_config(&opts.link_key, clients, opts.config.clone()),
-            file,
-        })
+        let mut core = HostCore::with_config(&opts.link_key, clients, opts.config.clone());
+        core.set_start(Ticks::wall_clock());
+        Ok(Server { sock, core, file })
     }
 
     fn run(

@@ -3,7 +3,7 @@
 #![forbid(unsafe_code)]
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
 use crate::crypto::Gcm;
@@ -13,7 +13,8 @@ use zeroize::Zeroizing;
 use crate::clients::ClientsFile;
 use crate::crypto;
 use crate::hostlink::{
-    self, Control, DATA_HEADER_LEN as LINK_DATA_HEADER, LinkError, LinkKey, LinkType,
+    self, Control, DATA_HEADER_LEN as LINK_DATA_HEADER, HandshakeMac, LinkError, LinkKey, LinkType,
+    ReplayGuard,
 };
 use crate::replay::ReplayWindow;
 use crate::time::{Ticks, duration_ticks};
@@ -48,6 +49,88 @@ pub struct HostConfig {
     pub max_pending: usize,
     /// A connection with no DATA for this long is closed (its gateway index freed).
     pub idle_timeout: Duration,
+    /// Where host-link datagrams may come from: the gateways' addresses or networks, any
+    /// port (a gateway's workers send from ephemeral ports). Others are dropped.
+    pub gateways: Vec<GatewayNet>,
+}
+
+/// An IP network (`10.0.0.0/8`, `::1/128`, or a bare address for one host).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GatewayNet {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl GatewayNet {
+    pub fn new(addr: IpAddr, prefix: u8) -> Option<GatewayNet> {
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        (prefix <= max).then_some(GatewayNet {
+            addr: addr.to_canonical(),
+            prefix,
+        })
+    }
+
+    /// The loopback networks: the default, for a gateway on the same machine.
+    pub fn loopback() -> Vec<GatewayNet> {
+        vec![
+            GatewayNet {
+                addr: IpAddr::V4(Ipv4Addr::new(127, 0, 0, 0)),
+                prefix: 8,
+            },
+            GatewayNet {
+                addr: IpAddr::V6(Ipv6Addr::LOCALHOST),
+                prefix: 128,
+            },
+        ]
+    }
+
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        // A dual-stack socket reports IPv4 peers as ::ffff:a.b.c.d.
+        match (self.addr, ip.to_canonical()) {
+            (IpAddr::V4(n), IpAddr::V4(a)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                n.to_bits() & mask == a.to_bits() & mask
+            }
+            (IpAddr::V6(n), IpAddr::V6(a)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                n.to_bits() & mask == a.to_bits() & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl std::str::FromStr for GatewayNet {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (ip, prefix) = match s.split_once('/') {
+            Some((ip, p)) => (ip, Some(p)),
+            None => (s, None),
+        };
+        let ip: IpAddr = ip
+            .trim()
+            .parse()
+            .map_err(|_| format!("{s:?} is not an IP address or network"))?;
+        let prefix = match prefix {
+            Some(p) => p
+                .trim()
+                .parse()
+                .map_err(|_| format!("bad prefix length in {s:?}"))?,
+            None if ip.is_ipv4() => 32,
+            None => 128,
+        };
+        GatewayNet::new(ip, prefix).ok_or_else(|| format!("prefix length too long in {s:?}"))
+    }
+}
+
+impl std::fmt::Display for GatewayNet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
 }
 
 impl Default for HostConfig {
@@ -64,6 +147,7 @@ impl Default for HostConfig {
             max_nonces_per_client: 256,
             max_pending: 1 << 16,
             idle_timeout: Duration::from_secs(600),
+            gateways: GatewayNet::loopback(),
         }
     }
 }
@@ -119,6 +203,22 @@ pub struct HostCounters {
     pub control_unexpected: u64,
     /// Empty datagram, unknown type, or a gateway-bound type (TO_CLIENT_*).
     pub link_malformed: u64,
+    /// A host-link datagram from an address outside `gateways`.
+    pub link_unknown_source: u64,
+    /// TO_HOST_HANDSHAKE whose MAC does not verify under the link key.
+    pub handshake_bad_mac: u64,
+    /// A control message accepted before (or sent before this host started).
+    pub control_replay: u64,
+    /// REBOUND no newer than the last one taken for its connection (reordered).
+    pub rebound_stale: u64,
+    /// Connections the gateway released for idleness (EXPIRED).
+    pub expired_by_gateway: u64,
+    pub expired_unknown_conn: u64,
+    /// HELLOs sent (until one is acknowledged) and acknowledged.
+    pub hello_sent: u64,
+    pub hello_acked: u64,
+    /// HELLO_ACK for another boot id.
+    pub hello_ack_wrong_boot: u64,
     /// The caller's output buffer could not hold the answer.
     pub out_too_small: u64,
 }
@@ -147,6 +247,8 @@ struct Conn {
     last_active: Ticks,
     /// Has DATA arrived on it?
     used: bool,
+    /// `t` of the last REBOUND taken: an older one (reordered between workers) is ignored.
+    rebound_t: Ticks,
 }
 
 /// Connections one client may hold before the oldest is closed.
@@ -195,6 +297,12 @@ const HANDSHAKE_AUTH_LEN: usize = 1 + 16 + 16 + 8 + crypto::TAG_LEN;
 pub struct HostCore {
     cfg: HostConfig,
     link: Gcm,
+    mac: HandshakeMac,
+    /// Control messages from the gateway already accepted.
+    guard: ReplayGuard,
+    /// Random per run: a gateway that sees a new one releases the connections of the old.
+    boot: u64,
+    hello: Hello,
     clients: ClientsFile,
     conns: HashMap<u64, Conn>,
     /// Each client's connections, oldest first. A client uses one: the first DATA on a
@@ -224,6 +332,16 @@ pub struct HostCore {
     scratch: Vec<u8>,
 }
 
+/// The HELLO exchange: no REGISTER or CLOSE goes out before the gateway acknowledged this
+/// run's boot id, so none can be taken for the previous run's.
+#[derive(Debug, Default)]
+struct Hello {
+    acked: bool,
+    /// The gateway address to send it to: the first permitted source heard from.
+    to: Option<SocketAddr>,
+    next: Ticks,
+}
+
 impl std::fmt::Debug for HostCore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("HostCore")
@@ -244,6 +362,10 @@ impl HostCore {
         HostCore {
             cfg,
             link: link_key.cipher(),
+            mac: link_key.handshake_mac(),
+            guard: ReplayGuard::default(),
+            boot: u64::from_be_bytes(crypto::random_array()),
+            hello: Hello::default(),
             clients,
             conns: HashMap::new(),
             by_client: HashMap::new(),
@@ -265,6 +387,22 @@ impl HostCore {
     /// only new handshakes see the change.
     pub fn replace_clients(&mut self, clients: ClientsFile) {
         self.clients = clients;
+    }
+
+    /// From now on, refuse control messages sent before `start` (this run's start): an
+    /// earlier run may have accepted them. The driver calls this once at start.
+    pub fn set_start(&mut self, start: Ticks) {
+        self.guard.set_start(start);
+    }
+
+    /// This run's boot id.
+    pub fn boot(&self) -> u64 {
+        self.boot
+    }
+
+    /// Has the gateway acknowledged this run's HELLO?
+    pub fn hello_acked(&self) -> bool {
+        self.hello.acked
     }
 
     pub fn clients(&self) -> &ClientsFile {
@@ -300,6 +438,10 @@ impl HostCore {
         datagram: &[u8],
         out: &mut [u8],
     ) -> Option<Outgoing> {
+        if !self.cfg.gateways.iter().any(|n| n.contains(from.ip())) {
+            self.counters.link_unknown_source += 1;
+            return None;
+        }
         let ty = match hostlink::link_type(datagram) {
             Ok(t) => t,
             Err(_) => {
@@ -307,10 +449,28 @@ impl HostCore {
                 return None;
             }
         };
+        if self.hello.to.is_none() {
+            // The first gateway heard from is told this run's boot id (at the next timer).
+            self.hello.to = Some(from);
+        }
         match ty {
             LinkType::ToHostData => self.on_data(now, from, datagram, out),
             LinkType::ToHostHandshake => {
-                let t = self.on_handshake(now, from, datagram)?;
+                // The gateway vouches for the client tuple; a forged one could register a
+                // connection for (and aim the reply at) any tuple.
+                let Ok(framed) = hostlink::verify_handshake(&self.mac, datagram) else {
+                    self.counters.handshake_bad_mac += 1;
+                    return None;
+                };
+                let t = self.on_handshake(now, from, framed)?;
+                if t.payload.first() == Some(&(LinkType::Register as u8)) && !self.hello.acked {
+                    // Held until the HELLO is acknowledged (then resent at once); the HELLO
+                    // goes in its place.
+                    self.hello.to = Some(from);
+                    self.hello.next = now;
+                    let hello = self.hello_msg(now)?;
+                    return self.write_out(hello, out);
+                }
                 self.write_out(t, out)
             }
             LinkType::ToClientData | LinkType::ToClientReply => {
@@ -523,19 +683,33 @@ impl HostCore {
         Transmit {
             to: p.gateway,
             payload: Control::Register {
+                boot: self.boot,
                 request,
-                ticks: now,
                 conn_id: p.conn_id,
                 client: p.client,
             }
-            .seal(&self.link),
+            .seal(&self.link, now),
         }
+    }
+
+    /// The HELLO to send now, if one is due; schedules the next.
+    fn hello_msg(&mut self, now: Ticks) -> Option<Transmit> {
+        let to = self
+            .hello
+            .to
+            .filter(|_| !self.hello.acked && now >= self.hello.next)?;
+        self.hello.next = now.saturating_add(self.cfg.register_retry);
+        self.counters.hello_sent += 1;
+        Some(Transmit {
+            to,
+            payload: Control::Hello { boot: self.boot }.seal(&self.link, now),
+        })
     }
 
     // --- Control plane ---------------------------------------------------------------------
 
     fn on_control(&mut self, now: Ticks, from: SocketAddr, datagram: &[u8]) -> Option<Transmit> {
-        let msg = match Control::open(datagram, &self.link, now) {
+        let msg = match Control::open_fresh(datagram, &self.link, now, &mut self.guard) {
             Ok(m) => m,
             Err(LinkError::BadTag) => {
                 self.counters.control_bad_tag += 1;
@@ -543,6 +717,10 @@ impl HostCore {
             }
             Err(LinkError::Stale(_)) => {
                 self.counters.control_stale += 1;
+                return None;
+            }
+            Err(LinkError::Replay | LinkError::GuardFull) => {
+                self.counters.control_replay += 1;
                 return None;
             }
             Err(_) => {
@@ -604,6 +782,7 @@ impl HostCore {
                         client_id: p.client_id,
                         last_active: now,
                         used: false,
+                        rebound_t: Ticks(0),
                     },
                 );
                 let held = self.by_client.entry(p.client_id).or_default();
@@ -638,12 +817,14 @@ impl HostCore {
                 self.counters.register_failed += 1;
                 None
             }
-            Control::Rebound { conn_id, .. } => {
+            Control::Rebound { conn_id, t, .. } => {
                 match self.conns.get_mut(&conn_id) {
-                    Some(c) => {
+                    Some(c) if t > c.rebound_t => {
+                        c.rebound_t = t;
                         c.gateway = from;
                         self.counters.rebounds += 1;
                     }
+                    Some(_) => self.counters.rebound_stale += 1,
                     None => self.counters.rebound_unknown_conn += 1,
                 }
                 None
@@ -652,7 +833,33 @@ impl HostCore {
                 self.counters.closed_acks += 1;
                 None
             }
-            Control::Register { .. } | Control::Close { .. } => {
+            Control::Expired { conn_id } => {
+                // The gateway freed the index already: forget it without a CLOSE.
+                if self.forget(conn_id).is_some() {
+                    self.counters.expired_by_gateway += 1;
+                } else {
+                    self.counters.expired_unknown_conn += 1;
+                }
+                None
+            }
+            Control::HelloAck { boot, .. } => {
+                if boot != self.boot {
+                    self.counters.hello_ack_wrong_boot += 1;
+                    return None;
+                }
+                if !self.hello.acked {
+                    self.hello.acked = true;
+                    self.counters.hello_acked += 1;
+                    // REGISTERs held for the HELLO go out at the next timer.
+                    let held: Vec<u64> = self.pending.keys().copied().collect();
+                    for request in held {
+                        let t = self.register_msg(now, request);
+                        self.deferred.push(t);
+                    }
+                }
+                None
+            }
+            Control::Register { .. } | Control::Close { .. } | Control::Hello { .. } => {
                 self.counters.control_unexpected += 1;
                 None
             }
@@ -677,6 +884,23 @@ impl HostCore {
 
     /// Forgets a connection and tells its gateway (CLOSE). `None` if it is unknown.
     pub fn close(&mut self, now: Ticks, conn_id: u64) -> Option<Transmit> {
+        let conn = self.forget(conn_id)?;
+        let request = self.next_request;
+        self.next_request = self.next_request.wrapping_add(1);
+        self.counters.closes_sent += 1;
+        Some(Transmit {
+            to: conn.gateway,
+            payload: Control::Close {
+                boot: self.boot,
+                request,
+                conn_id,
+            }
+            .seal(&self.link, now),
+        })
+    }
+
+    /// Drops a connection from the core's maps.
+    fn forget(&mut self, conn_id: u64) -> Option<Conn> {
         let conn = self.conns.remove(&conn_id)?;
         if let Some(held) = self.by_client.get_mut(&conn.client_id) {
             held.retain(|c| *c != conn_id);
@@ -684,18 +908,7 @@ impl HostCore {
                 self.by_client.remove(&conn.client_id);
             }
         }
-        let request = self.next_request;
-        self.next_request = self.next_request.wrapping_add(1);
-        self.counters.closes_sent += 1;
-        Some(Transmit {
-            to: conn.gateway,
-            payload: Control::Close {
-                request,
-                ticks: now,
-                conn_id,
-            }
-            .seal(&self.link),
-        })
+        Some(conn)
     }
 
     // --- Timers ----------------------------------------------------------------------------
@@ -705,7 +918,8 @@ impl HostCore {
         if !self.deferred.is_empty() {
             return Some(Ticks(0));
         }
-        self.pending.values().map(|p| p.retry_at).min()
+        let hello = (!self.hello.acked && self.hello.to.is_some()).then_some(self.hello.next);
+        self.pending.values().map(|p| p.retry_at).chain(hello).min()
     }
 
     /// Resends overdue REGISTERs, gives up on those sent `register_tries` times, and expires
@@ -713,6 +927,7 @@ impl HostCore {
     pub fn handle_timeout(&mut self, now: Ticks) -> Vec<Transmit> {
         self.expire(now);
         let mut out = std::mem::take(&mut self.deferred);
+        out.extend(self.hello_msg(now));
         self.close_idle(now, &mut out);
         let due: Vec<u64> = self
             .pending
@@ -729,8 +944,10 @@ impl HostCore {
             }
             p.sent += 1;
             p.retry_at = now.saturating_add(self.cfg.register_retry);
-            self.counters.register_retransmits += 1;
-            out.push(self.register_msg(now, request));
+            if self.hello.acked {
+                self.counters.register_retransmits += 1;
+                out.push(self.register_msg(now, request));
+            }
         }
         out
     }

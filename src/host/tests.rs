@@ -55,6 +55,7 @@ struct FakeGateway {
     keys: EpochKeys,
     reg: Registry,
     link: Gcm,
+    key: LinkKey,
 }
 
 impl FakeGateway {
@@ -63,7 +64,12 @@ impl FakeGateway {
             keys: EpochKeys::derive(&MasterSecret::from_bytes([5; 32]), EPOCH, SLOTS).unwrap(),
             reg: Registry::new(SLOTS),
             link: link.cipher(),
+            key: link.clone(),
         }
+    }
+
+    fn link_key(&self) -> &LinkKey {
+        &self.key
     }
 
     /// Opens a REGISTER and returns `(request, conn_id, client)`.
@@ -91,7 +97,7 @@ impl FakeGateway {
             rebind_secret: r.secret.0,
             slot_keys: self.keys.client_keys(r.index).to_vec(),
         };
-        (msg.seal(&self.link), r.index, r.secret.0)
+        (msg.seal(&self.link, now), r.index, r.secret.0)
     }
 }
 
@@ -102,22 +108,51 @@ struct Sim {
     out: Vec<u8>,
 }
 
+/// The gateways of the simulations: `gw()` and `gw2()`.
+fn sim_config() -> HostConfig {
+    HostConfig {
+        gateways: vec!["10.0.0.0/24".parse().unwrap()],
+        ..HostConfig::default()
+    }
+}
+
 fn sim() -> Sim {
     let link = LinkKey([9; 16]);
+    let mut core = HostCore::with_config(&link, clients(&[1, 2]), sim_config());
+    ack_hello(&mut core, &link, T0);
     Sim {
-        core: HostCore::new(&link, clients(&[1, 2])),
+        core,
         gw: FakeGateway::new(&link),
         link,
         out: vec![0u8; MAX_DATAGRAM],
     }
 }
 
-fn to_host_handshake(c: &ClientCredentials, nonce: [u8; 16], ticks: Ticks) -> Vec<u8> {
-    let hs = build_handshake(c, &nonce, ticks);
-    let mut buf = vec![0u8; 700];
-    let n = hostlink::emit_tuple_data(LinkType::ToHostHandshake, &client_tuple(), &hs, &mut buf);
+/// What the gateway does with the host's HELLO: acknowledge its boot id.
+fn ack_hello(core: &mut HostCore, link: &LinkKey, now: Ticks) {
+    let ack = Control::HelloAck {
+        boot: core.boot(),
+        released: 0,
+    }
+    .seal(&link.cipher(), now);
+    assert!(core.handle(now, gw(), &ack, &mut [0u8; 64]).is_none());
+    assert!(core.hello_acked());
+}
+
+/// TO_HOST_HANDSHAKE for `raw` from `tuple`, MACed under `link`.
+fn frame_handshake(link: &LinkKey, tuple: SocketAddr, raw: &[u8]) -> Vec<u8> {
+    let mut buf = vec![0u8; raw.len() + 40];
+    let n = hostlink::emit_handshake(&link.handshake_mac(), &tuple, raw, &mut buf);
     buf.truncate(n);
     buf
+}
+
+fn to_host_handshake(c: &ClientCredentials, nonce: [u8; 16], ticks: Ticks) -> Vec<u8> {
+    frame_handshake(
+        &LinkKey([9; 16]),
+        client_tuple(),
+        &build_handshake(c, &nonce, ticks),
+    )
 }
 
 impl Sim {
@@ -202,8 +237,9 @@ fn unknown_client_and_bad_aead_dropped() {
             .is_none()
     );
     assert_eq!(s.core.counters().handshake_unknown_client, 1);
-    let mut hs = to_host_handshake(&creds(1), [1; 16], T0);
-    hs[8 + 40] ^= 1; // inside the sealed ticks (after the 8-byte link header + tuple)
+    let mut raw = build_handshake(&creds(1), &[1; 16], T0);
+    raw[40] ^= 1; // inside the sealed ticks
+    let hs = frame_handshake(&s.link, client_tuple(), &raw);
     assert!(s.feed(T0, gw(), &hs).is_none());
     // A wrong psk under a known id.
     let wrong = ClientCredentials {
@@ -218,8 +254,9 @@ fn unknown_client_and_bad_aead_dropped() {
     // Forged handshakes do not burn the nonce: the real one still works.
     s.handshake(T0, 1, [1; 16]);
     // Too short (the gateway never forwards < 640) and junk.
-    let short = &to_host_handshake(&creds(1), [3; 16], T0)[..200];
-    assert!(s.feed(T0, gw(), short).is_none());
+    let raw = build_handshake(&creds(1), &[3; 16], T0);
+    let short = frame_handshake(&s.link, client_tuple(), &raw[..180]);
+    assert!(s.feed(T0, gw(), &short).is_none());
     assert_eq!(s.core.counters().handshake_malformed, 1);
 }
 
@@ -256,9 +293,8 @@ fn replayed_nonce_rejected() {
     s.handshake(T0, 1, [5; 16]);
     let other: SocketAddr = "203.0.113.9:1".parse().unwrap();
     let raw = build_handshake(&creds(1), &[5; 16], T0);
-    let mut buf = vec![0u8; 700];
-    let n = hostlink::emit_tuple_data(LinkType::ToHostHandshake, &other, &raw, &mut buf);
-    assert!(s.feed(T0, gw(), &buf[..n]).is_none());
+    let moved = frame_handshake(&s.link, other, &raw);
+    assert!(s.feed(T0, gw(), &moved).is_none());
     assert_eq!(s.core.counters().handshake_replayed_nonce, 1);
     // Nonces are forgotten only once no copy could pass the ticks check.
     let nine = T0.saturating_add(Duration::from_secs(9 * 60));
@@ -327,7 +363,7 @@ fn register_failed_drops_pending() {
         conn_id,
         reason: RegisterFailure::Full as u8,
     }
-    .seal(&s.link.cipher());
+    .seal(&s.link.cipher(), T0);
     assert!(s.feed(T0, gw(), &failed).is_none());
     assert_eq!(s.core.counters().register_failed, 1);
     assert_eq!(s.core.pending(), 0);
@@ -452,12 +488,15 @@ fn rebound_moves_gateway_and_bad_key_control_dropped() {
         new: "198.51.100.7:40001".parse().unwrap(),
     };
     // Under another key: dropped.
-    let forged = rebound.seal(&LinkKey([1; 16]).cipher());
+    let forged = rebound.seal(&LinkKey([1; 16]).cipher(), T0);
     assert!(s.feed(T0, gw2(), &forged).is_none());
     assert_eq!(s.core.counters().control_bad_tag, 1);
     assert_eq!(s.core.gateway_of(id), Some(gw()));
     // Under the link key: the connection now answers via the worker that sent it.
-    assert!(s.feed(T0, gw2(), &rebound.seal(&s.link.cipher())).is_none());
+    assert!(
+        s.feed(T0, gw2(), &rebound.seal(&s.link.cipher(), T0))
+            .is_none()
+    );
     assert_eq!(s.core.counters().rebounds, 1);
     assert_eq!(s.core.gateway_of(id), Some(gw2()));
     let (to, _) = s.data(T0, gw2(), id, &reply.kd_c2s, 0, b"hi").unwrap();
@@ -472,8 +511,159 @@ fn rebound_moves_gateway_and_bad_key_control_dropped() {
         old: None,
         new: client_tuple(),
     };
-    assert!(s.feed(T0, gw(), &stray.seal(&s.link.cipher())).is_none());
+    assert!(
+        s.feed(T0, gw(), &stray.seal(&s.link.cipher(), T0))
+            .is_none()
+    );
     assert_eq!(s.core.counters().rebound_unknown_conn, 1);
+}
+
+#[test]
+fn replayed_rebound_cannot_move_the_gateway() {
+    let mut s = sim();
+    let (reply, _, _) = s.handshake(T0, 1, [3; 16]);
+    let id = reply.conn_id;
+    let rebound = Control::Rebound {
+        conn_id: id,
+        t: T0,
+        old: None,
+        new: client_tuple(),
+    }
+    .seal(&s.link.cipher(), T0);
+    assert!(s.feed(T0, gw2(), &rebound).is_none());
+    assert_eq!(s.core.gateway_of(id), Some(gw2()));
+    s.data(T0, gw(), id, &reply.kd_c2s, 0, b"x").unwrap();
+    assert_eq!(s.core.gateway_of(id), Some(gw()));
+    // The captured REBOUND again, well within its validity.
+    assert!(s.feed(T0, gw2(), &rebound).is_none());
+    assert_eq!(s.core.gateway_of(id), Some(gw()));
+    assert_eq!(s.core.counters().control_replay, 1);
+    // A fresh REBOUND older than the one taken (reordered between workers) is ignored.
+    let older = Control::Rebound {
+        conn_id: id,
+        t: Ticks(T0.0 - 1),
+        old: None,
+        new: client_tuple(),
+    };
+    assert!(
+        s.feed(T0, gw2(), &older.seal(&s.link.cipher(), T0))
+            .is_none()
+    );
+    assert_eq!(s.core.gateway_of(id), Some(gw()));
+    assert_eq!(s.core.counters().rebound_stale, 1);
+}
+
+#[test]
+fn datagrams_from_unconfigured_sources_are_dropped() {
+    let mut s = sim();
+    let stranger: SocketAddr = "203.0.113.9:7000".parse().unwrap();
+    assert!(
+        s.feed(T0, stranger, &to_host_handshake(&creds(1), [3; 16], T0))
+            .is_none()
+    );
+    assert_eq!(s.core.pending(), 0);
+    assert_eq!(s.core.counters().link_unknown_source, 1);
+    // Networks, any port; IPv4 seen through a dual-stack socket is IPv4.
+    let net: GatewayNet = "10.0.0.0/24".parse().unwrap();
+    assert!(net.contains("10.0.0.200".parse().unwrap()));
+    assert!(net.contains("::ffff:10.0.0.1".parse().unwrap()));
+    assert!(!net.contains("10.0.1.1".parse().unwrap()));
+    let one: GatewayNet = "fd00::7".parse().unwrap();
+    assert!(one.contains("fd00::7".parse().unwrap()) && !one.contains("fd00::8".parse().unwrap()));
+    assert!(
+        "0.0.0.0/0"
+            .parse::<GatewayNet>()
+            .unwrap()
+            .contains("8.8.8.8".parse().unwrap())
+    );
+    assert!("10.0.0.0/33".parse::<GatewayNet>().is_err());
+    assert!("nope".parse::<GatewayNet>().is_err());
+    assert!(
+        GatewayNet::loopback()
+            .iter()
+            .any(|n| n.contains("127.0.0.1".parse().unwrap()))
+    );
+}
+
+#[test]
+fn unauthenticated_to_host_handshake_is_refused() {
+    let mut s = sim();
+    let hs = build_handshake(&creds(1), &[3; 16], T0);
+    let mut plain = vec![0u8; hs.len() + 40];
+    let n = hostlink::emit_tuple_data(LinkType::ToHostHandshake, &client_tuple(), &hs, &mut plain);
+    assert!(s.feed(T0, gw(), &plain[..n]).is_none());
+    assert_eq!(s.core.pending(), 0);
+    // MACed, then moved to another tuple on the way: refused too.
+    let mut moved = to_host_handshake(&creds(1), [3; 16], T0);
+    moved[2] ^= 1;
+    assert!(s.feed(T0, gw(), &moved).is_none());
+    // Under another link key.
+    let other = frame_handshake(&LinkKey([1; 16]), client_tuple(), &hs);
+    assert!(s.feed(T0, gw(), &other).is_none());
+    assert_eq!(s.core.counters().handshake_bad_mac, 3);
+    assert_eq!(s.core.counters().handshakes_ok, 0);
+    // The genuine one is taken.
+    s.handshake(T0, 1, [3; 16]);
+}
+
+#[test]
+fn first_register_waits_for_the_hello_ack() {
+    let link = LinkKey([9; 16]);
+    let mut core = HostCore::with_config(&link, clients(&[1]), sim_config());
+    let mut out = vec![0u8; 2048];
+    let hs = to_host_handshake(&creds(1), [1; 16], T0);
+    let o = core.handle(T0, gw(), &hs, &mut out).expect("HELLO");
+    assert_eq!(o.to, gw());
+    assert_eq!(
+        Control::open(&out[..o.len], &link.cipher(), T0),
+        Ok(Control::Hello { boot: core.boot() })
+    );
+    assert_eq!(core.pending(), 1);
+    // Retransmitted until acknowledged; the REGISTER is held.
+    let later = T0.saturating_add(Duration::from_secs(1));
+    let sent = core.handle_timeout(later);
+    assert_eq!(sent.len(), 1);
+    assert!(matches!(
+        Control::open(&sent[0].payload, &link.cipher(), later),
+        Ok(Control::Hello { .. })
+    ));
+    // An ack for another run's boot does nothing.
+    let wrong = Control::HelloAck {
+        boot: core.boot() ^ 1,
+        released: 0,
+    };
+    core.handle(later, gw(), &wrong.seal(&link.cipher(), later), &mut out);
+    assert!(!core.hello_acked());
+    assert_eq!(core.counters().hello_ack_wrong_boot, 1);
+    ack_hello(&mut core, &link, later);
+    assert_eq!(core.poll_timeout(), Some(Ticks(0)));
+    let sent = core.handle_timeout(later);
+    assert_eq!(sent.len(), 1, "the held REGISTER, and no more HELLO");
+    assert!(matches!(
+        Control::open(&sent[0].payload, &link.cipher(), later),
+        Ok(Control::Register { boot, .. }) if boot == core.boot()
+    ));
+    assert_eq!(core.counters().hello_sent, 2);
+}
+
+#[test]
+fn expired_connection_is_forgotten_without_a_close() {
+    let mut s = sim();
+    let (reply, _, _) = s.handshake(T0, 1, [3; 16]);
+    let expired = Control::Expired {
+        conn_id: reply.conn_id,
+    }
+    .seal(&s.link.cipher(), T0);
+    assert!(s.feed(T0, gw(), &expired).is_none());
+    assert_eq!(s.core.connections(), 0);
+    assert!(s.core.handle_timeout(T0).is_empty(), "no CLOSE for it");
+    assert_eq!(s.core.counters().expired_by_gateway, 1);
+    let again = Control::Expired {
+        conn_id: reply.conn_id,
+    }
+    .seal(&s.link.cipher(), T0);
+    assert!(s.feed(T0, gw(), &again).is_none());
+    assert_eq!(s.core.counters().expired_unknown_conn, 1);
 }
 
 #[test]
@@ -497,7 +687,7 @@ fn close_sends_close_and_forgets() {
         conn_id: reply.conn_id,
         found: true,
     };
-    s.feed(T0, gw(), &closed.seal(&s.link.cipher()));
+    s.feed(T0, gw(), &closed.seal(&s.link.cipher(), T0));
     let c = s.core.counters();
     assert_eq!((c.closes_sent, c.closed_acks), (1, 1));
 }
@@ -523,9 +713,10 @@ fn caps_refuse_instead_of_evicting() {
     let link = LinkKey([9; 16]);
     let cfg = HostConfig {
         max_nonces: 2,
-        ..HostConfig::default()
+        ..sim_config()
     };
     let mut core = HostCore::with_config(&link, clients(&[1]), cfg);
+    ack_hello(&mut core, &link, T0);
     let mut out = vec![0u8; 2048];
     for i in 0..3u8 {
         let r = core.handle(
@@ -546,9 +737,10 @@ fn one_client_flooding_nonces_cannot_lock_out_another() {
     let link = LinkKey([9; 16]);
     let cfg = HostConfig {
         max_nonces: 600,
-        ..HostConfig::default()
+        ..sim_config()
     };
     let mut core = HostCore::with_config(&link, clients(&[1, 2]), cfg);
+    ack_hello(&mut core, &link, T0);
     let mut out = vec![0u8; 2048];
     let mut answered = 0;
     for i in 0..1000u32 {
@@ -654,8 +846,20 @@ fn spawned_host_over_udp() {
                      c: &ClientCredentials,
                      nonce: [u8; 16]| {
         let now = Ticks::wall_clock();
-        sock.send_to(&to_host_handshake(c, nonce, now), to).unwrap();
-        let reg = recv(sock);
+        let hs = frame_handshake(
+            gw.link_key(),
+            client_tuple(),
+            &build_handshake(c, &nonce, now),
+        );
+        sock.send_to(&hs, to).unwrap();
+        let mut reg = recv(sock);
+        if let Ok(Control::Hello { boot }) = Control::open(&reg, &gw.link, Ticks::wall_clock()) {
+            // A new host's first REGISTER waits for its HELLO to be acknowledged.
+            let ack = Control::HelloAck { boot, released: 0 };
+            sock.send_to(&ack.seal(&gw.link, Ticks::wall_clock()), to)
+                .unwrap();
+            reg = recv(sock);
+        }
         let (registered, index, _) = gw.answer(Ticks::wall_clock(), &reg);
         sock.send_to(&registered, to).unwrap();
         let framed = recv(sock);
