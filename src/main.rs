@@ -128,72 +128,12 @@ struct GatewayArgs {
     /// error, and exit 0 or 1 without starting anything.
     #[arg(long)]
     check: bool,
-    /// Client-facing address (repeatable; replaces the key listen) [default: 0.0.0.0:7400 and
-    /// [::]:7400].
-    #[arg(long)]
-    listen: Vec<SocketAddr>,
-    /// Host as ADDR=LINK_KEY_FILE (repeatable; replaces the key hosts) [default: none; at
-    /// least one is needed].
-    #[arg(long = "host", value_parser = gateway::config::parse_host)]
-    hosts: Vec<gateway::config::HostEntry>,
-    /// Local address of the workers' host-link sockets; must reach every host (port 0: one
-    /// ephemeral port per worker) [default: 127.0.0.1:0].
-    #[arg(long)]
-    host_link: Option<SocketAddr>,
-    /// Admin address: Prometheus /metrics and /healthz [default: 127.0.0.1:7480].
-    #[arg(long)]
-    admin: Option<SocketAddr>,
     /// Disable the admin endpoint.
     #[arg(long, conflicts_with = "admin")]
     no_admin: bool,
-    #[arg(long, help = format!(
-        "State directory: the registry and, by default, the master key [default: {}]",
-        gateway::config::GatewayConfig::default().state_dir.display()
-    ))]
-    state_dir: Option<PathBuf>,
-    /// Start even if the registry is damaged: move bad records (or an unreadable file) aside.
-    #[arg(long)]
-    set_aside_corrupt: bool,
-    /// Master secret file (rebindgw keygen) [default: STATE_DIR/master.key, created on first
-    /// start].
-    #[arg(long)]
-    master_key: Option<PathBuf>,
-    /// S, slots per key set, 1..=32 [default: 16].
-    #[arg(long)]
-    slots: Option<usize>,
-    /// W, the freshness window in seconds [default: 30].
-    #[arg(long)]
-    window_secs: Option<u64>,
-    /// Workers; 0 is one per core [default: 0].
-    #[arg(long)]
-    workers: Option<usize>,
-    /// Connection capacity, reserved at start; 0 is min(2^S, 2^20) [default: 0].
-    #[arg(long)]
-    max_connections: Option<usize>,
-    /// I/O backend: uring or mmsg (uring falls back to mmsg if unusable) [default: uring].
-    #[arg(long)]
-    io: Option<rebindgw::io::IoBackend>,
-    /// UNRECOGNIZED replies per source prefix (/24, /56), PER_SECOND/BURST [default:
-    /// 2000/4000].
-    #[arg(long, value_parser = gateway::config::parse_rate)]
-    unrecognized_per_prefix: Option<gateway::ratelimit::Rate>,
-    /// UNRECOGNIZED replies for the whole gateway, PER_SECOND/BURST [default: 200000/100000].
-    #[arg(long, value_parser = gateway::config::parse_rate)]
-    unrecognized_global: Option<gateway::ratelimit::Rate>,
-    /// HANDSHAKEs forwarded per source prefix, PER_SECOND/BURST [default: 200/400].
-    #[arg(long, value_parser = gateway::config::parse_rate)]
-    handshake_per_prefix: Option<gateway::ratelimit::Rate>,
-    /// HANDSHAKEs forwarded for the whole gateway, PER_SECOND/BURST [default: 20000/20000].
-    #[arg(long, value_parser = gateway::config::parse_rate)]
-    handshake_global: Option<gateway::ratelimit::Rate>,
-    /// Log filter, e.g. info or warn,rebindgw=debug; SIGHUP applies a changed config value
-    /// [default: RUST_LOG, else warn,rebindgw=info].
-    #[arg(long)]
-    log_level: Option<String>,
-    /// Release connections with no client datagram for this many seconds; 0 never
-    /// [default: 900].
-    #[arg(long)]
-    idle_timeout_secs: Option<u64>,
+    /// Every config key but log_format (gateway::config declares each once).
+    #[command(flatten)]
+    keys: gateway::config::GatewayFlags,
 }
 
 impl GatewayArgs {
@@ -203,45 +143,9 @@ impl GatewayArgs {
             Some(path) => gateway::config::GatewayConfig::from_file(path)?,
             None => gateway::config::GatewayConfig::default(),
         };
-        if !self.listen.is_empty() {
-            c.listen = self.listen.clone();
-        }
-        if !self.hosts.is_empty() {
-            c.hosts = self.hosts.clone();
-        }
+        self.keys.apply_to(&mut c);
         if self.no_admin {
             c.admin = None;
-        }
-        if self.set_aside_corrupt {
-            c.set_aside_corrupt = true;
-        }
-        macro_rules! set {
-            ($($field:ident => $target:expr),* $(,)?) => {
-                $(if let Some(v) = self.$field.clone() { $target = v; })*
-            };
-        }
-        set! {
-            host_link => c.host_link,
-            state_dir => c.state_dir,
-            slots => c.slots,
-            window_secs => c.window_secs,
-            workers => c.workers,
-            max_connections => c.max_connections,
-            io => c.io,
-            unrecognized_per_prefix => c.rate_limits.unrecognized_per_prefix,
-            unrecognized_global => c.rate_limits.unrecognized_global,
-            handshake_per_prefix => c.rate_limits.handshake_per_prefix,
-            handshake_global => c.rate_limits.handshake_global,
-            idle_timeout_secs => c.idle_timeout_secs,
-        }
-        if let Some(a) = self.admin {
-            c.admin = Some(a);
-        }
-        if let Some(k) = &self.master_key {
-            c.master_key = Some(k.clone());
-        }
-        if let Some(l) = &self.log_level {
-            c.log_level = Some(l.clone());
         }
         c.validate()?;
         Ok(c)
@@ -507,6 +411,100 @@ mod tests {
         let mut problems = Vec::new();
         walk(&cmd, "", &mut problems);
         assert!(problems.is_empty(), "{}", problems.join("\n"));
+    }
+
+    /// The default each gateway flag's help shows is GatewayConfig::default()'s: given as the
+    /// flag, it yields the default config.
+    #[test]
+    fn gateway_help_shows_the_config_defaults() {
+        use gateway::config::{GatewayConfig, GatewayFlags};
+        let mut cli = Cli::command();
+        let cmd = cli.find_subcommand_mut("gateway").unwrap();
+        let shown = GatewayFlags::shown_defaults();
+        assert_eq!(shown.len(), 18, "every key but log_format has a flag");
+        for (id, default) in shown {
+            let arg = cmd
+                .get_arguments()
+                .find(|a| a.get_id() == id)
+                .unwrap_or_else(|| panic!("no flag {id}"));
+            let help = arg.get_help().unwrap().to_string();
+            let long = arg.get_long().unwrap();
+            let Some(default) = default else {
+                assert!(!help.contains("[default:"), "--{long}: {help}");
+                assert!(!arg.get_action().takes_values(), "--{long} takes a value");
+                continue;
+            };
+            assert!(
+                help.ends_with(&format!("[default: {}]", default.text)),
+                "--{long}: {help}"
+            );
+            if !default.literal {
+                continue;
+            }
+            let mut argv = vec!["rebindgw".to_string(), "gateway".into()];
+            for value in default.text.split(" and ") {
+                argv.extend([format!("--{long}"), value.into()]);
+            }
+            let cli = Cli::try_parse_from(&argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+            let Command::Gateway(args) = cli.command else {
+                panic!("not gateway")
+            };
+            assert_ne!(
+                format!("{:?}", args.keys),
+                format!("{:?}", GatewayFlags::default()),
+                "--{long} was not taken"
+            );
+            let mut c = GatewayConfig::default();
+            args.keys.apply_to(&mut c);
+            assert_eq!(c, GatewayConfig::default(), "--{long} {}", default.text);
+        }
+    }
+
+    #[test]
+    fn flags_win_over_the_file_and_leave_the_rest() {
+        let dir = std::env::temp_dir().join(format!("rebindgw-flags-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("gw.toml");
+        std::fs::write(
+            &file,
+            "slots = 12\nwindow_secs = 10\nset_aside_corrupt = true\n\
+             [[hosts]]\naddr = \"127.0.0.1:7500\"\nlink_key_file = \"k\"\n\
+             [rate_limits]\nhandshake_global = { per_second = 5.0, burst = 6.0 }\n",
+        )
+        .unwrap();
+        let cli = Cli::try_parse_from([
+            "rebindgw",
+            "gateway",
+            "--config",
+            file.to_str().unwrap(),
+            "--slots",
+            "8",
+            "--unrecognized-global",
+            "7/9",
+            "--no-admin",
+            "--master-key",
+            "/m.key",
+        ])
+        .unwrap();
+        let Command::Gateway(args) = cli.command else {
+            panic!("not gateway")
+        };
+        let c = args.to_config().unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        let r = &c.rate_limits;
+        assert_eq!(c.slots, 8, "the flag wins");
+        assert_eq!(c.window_secs, 10, "the file's value stays");
+        assert!(c.set_aside_corrupt);
+        assert_eq!(c.hosts.len(), 1);
+        assert_eq!(c.admin, None);
+        assert_eq!(c.master_key, Some(PathBuf::from("/m.key")));
+        assert_eq!(
+            r.unrecognized_global,
+            gateway::ratelimit::Rate::new(7.0, 9.0)
+        );
+        assert_eq!(r.handshake_global, gateway::ratelimit::Rate::new(5.0, 6.0));
+        let d = gateway::config::RateLimits::default();
+        assert_eq!(r.handshake_per_prefix, d.handshake_per_prefix);
     }
 
     #[test]

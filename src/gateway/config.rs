@@ -30,87 +30,332 @@ pub struct HostEntry {
     pub link_key_file: PathBuf,
 }
 
-#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RateLimits {
-    pub unrecognized_per_prefix: Rate,
-    pub unrecognized_global: Rate,
-    pub handshake_per_prefix: Rate,
-    pub handshake_global: Rate,
+/// Declares a group of settings once: each row gives the config key (a field of the config
+/// struct, read from TOML by serde), its type, its default, the type of its command-line flag
+/// and the flag's help text (the row's doc comment, with the default rendered from the same
+/// default value). It generates
+///
+/// * the config struct (serde `default` and `deny_unknown_fields`) and its `Default`,
+/// * the flags struct (`clap::Args`; a flag not given is `None`, empty or `false`) with
+///   `apply_to`, which puts every given flag over a config (flags win over the file),
+/// * `KEYS`: every key with whether a SIGHUP reload applies it (`live`) or not (`restart`),
+/// * `shown_defaults`: each flag's id and the default its help shows.
+///
+/// The flag type decides how a given flag lands on the key (see [`Overlay`]): `Option<T>` over
+/// `T` or `Option<T>` sets it, `Vec<T>` over `Vec<T>` replaces it when given at least once,
+/// `bool` over `bool` turns it on. `tables` are nested TOML tables declared by their own
+/// `settings!`, whose flags are flattened in; `file_only` keys have no flag.
+macro_rules! settings {
+    (@live live) => { true };
+    (@live restart) => { false };
+    (
+        $(#[doc = $sdoc:literal])*
+        pub struct $Config:ident, flags $Flags:ident {
+            $(
+                $(#[doc = $doc:literal])*
+                $(#[arg($($arg:tt)*)])*
+                $mode:ident $name:ident: $ty:ty = $default:expr, flag $fty:ty $(, none = $none:literal)?;
+            )*
+        }
+        tables {
+            $(
+                $(#[doc = $tdoc:literal])*
+                $tmode:ident $tname:ident: $tty:ident, flags $tflags:ident;
+            )*
+        }
+        file_only {
+            $(
+                $(#[doc = $fdoc:literal])*
+                $fmode:ident $fname:ident: $fty_:ty = $fdefault:expr;
+            )*
+        }
+    ) => {
+        $(#[doc = $sdoc])*
+        #[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+        #[serde(deny_unknown_fields, default)]
+        pub struct $Config {
+            $($(#[doc = $doc])* pub $name: $ty,)*
+            $($(#[doc = $tdoc])* pub $tname: $tty,)*
+            $($(#[doc = $fdoc])* pub $fname: $fty_,)*
+        }
+
+        impl Default for $Config {
+            fn default() -> Self {
+                $Config {
+                    $($name: $default,)*
+                    $($tname: $tty::default(),)*
+                    $($fname: $fdefault,)*
+                }
+            }
+        }
+
+        impl $Config {
+            /// Every key, and whether a reload puts a change in force.
+            pub const KEYS: &'static [Key] = &[
+                $(Key { name: stringify!($name), live: settings!(@live $mode) },)*
+                $(Key { name: stringify!($tname), live: settings!(@live $tmode) },)*
+                $(Key { name: stringify!($fname), live: settings!(@live $fmode) },)*
+            ];
+        }
+
+        #[doc = concat!("The command-line flags of [`", stringify!($Config), "`]'s keys.")]
+        #[derive(Clone, Debug, Default, clap::Args)]
+        pub struct $Flags {
+            $(
+                #[arg(long, help = help_text(&[$($doc),*], shown_default(&<$fty>::default(), &{ let d: $ty = $default; d }, settings!(@none $($none)?))))]
+                $(#[arg($($arg)*)])*
+                pub $name: $fty,
+            )*
+            $(
+                #[command(flatten)]
+                pub $tname: $tflags,
+            )*
+        }
+
+        impl $Flags {
+            /// Puts every flag given over `config`.
+            pub fn apply_to(&self, config: &mut $Config) {
+                $(Overlay::overlay(&self.$name, &mut config.$name);)*
+                $(self.$tname.apply_to(&mut config.$tname);)*
+            }
+
+            /// Each flag's id and the default its help text shows (none for switches).
+            pub fn shown_defaults() -> Vec<(&'static str, Option<ShownDefault>)> {
+                #[allow(unused_mut)]
+                let mut all = vec![$((
+                    stringify!($name),
+                    shown_default(&<$fty>::default(), &{ let d: $ty = $default; d }, settings!(@none $($none)?)),
+                ),)*];
+                $(all.extend($tflags::shown_defaults());)*
+                all
+            }
+        }
+    };
+    (@none) => { None };
+    (@none $none:literal) => { Some($none) };
 }
 
-impl Default for RateLimits {
-    fn default() -> Self {
-        let c = CoreConfig::new(16);
-        RateLimits {
-            unrecognized_per_prefix: c.unrecognized_prefix,
-            unrecognized_global: c.unrecognized_global,
-            handshake_per_prefix: c.handshake_prefix,
-            handshake_global: c.handshake_global,
+/// A config key and whether a SIGHUP reload applies a change to it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Key {
+    pub name: &'static str,
+    pub live: bool,
+}
+
+/// How a given flag lands on its key: see [`settings!`].
+pub trait Overlay<T> {
+    fn overlay(&self, key: &mut T);
+}
+
+impl<T: Clone> Overlay<T> for Option<T> {
+    fn overlay(&self, key: &mut T) {
+        if let Some(v) = self {
+            *key = v.clone();
         }
     }
 }
 
-/// Everything `rebindgw gateway` reads.
-#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct GatewayConfig {
-    /// Client-facing addresses (IPv4 and/or IPv6). Every worker binds each with SO_REUSEPORT.
-    pub listen: Vec<SocketAddr>,
-    /// Local address of the workers' host-link sockets (port 0: one ephemeral port each).
-    pub host_link: SocketAddr,
-    pub hosts: Vec<HostEntry>,
-    /// Prometheus `/metrics`; none disables it.
-    pub admin: Option<SocketAddr>,
-    /// Registry and (by default) master key; must be the gateway user's own, mode 0700.
-    pub state_dir: PathBuf,
-    /// Start even if the registry is damaged: set bad records aside (docs/persistence.md).
-    pub set_aside_corrupt: bool,
-    /// The master secret; default `STATE_DIR/master.key`, created on first start.
-    pub master_key: Option<PathBuf>,
-    /// S, slots per key set.
-    pub slots: usize,
-    /// W, the freshness window in seconds.
-    pub window_secs: u64,
-    /// Data-plane workers; 0 means one per core.
-    pub workers: usize,
-    /// Connection capacity; 0 means min(2^S, 2^20).
-    pub max_connections: usize,
-    pub io: IoBackend,
-    pub rate_limits: RateLimits,
-    /// Log filter (e.g. `info` or `warn,rebindgw=debug`); none: RUST_LOG, else the default.
-    /// SIGHUP applies a change.
-    pub log_level: Option<String>,
-    /// `text` or `json` (one object per line); a restart applies a change.
-    pub log_format: LogFormat,
-    /// Release a connection after this many seconds without a datagram from its client
-    /// (its host is told); 0 never expires.
-    pub idle_timeout_secs: u64,
+impl<T: Clone> Overlay<Option<T>> for Option<T> {
+    fn overlay(&self, key: &mut Option<T>) {
+        if let Some(v) = self {
+            *key = Some(v.clone());
+        }
+    }
 }
 
-impl Default for GatewayConfig {
-    fn default() -> Self {
-        GatewayConfig {
-            listen: vec![
-                SocketAddr::from(([0, 0, 0, 0], 7400)),
-                SocketAddr::from(([0u16; 8], 7400)),
-            ],
-            host_link: SocketAddr::from(([127, 0, 0, 1], 0)),
-            hosts: Vec::new(),
-            admin: Some(SocketAddr::from(([127, 0, 0, 1], 7480))),
-            state_dir: PathBuf::from(DEFAULT_STATE_DIR),
-            set_aside_corrupt: false,
-            master_key: None,
-            slots: 16,
-            window_secs: 30,
-            workers: 0,
-            max_connections: 0,
-            io: IoBackend::Uring,
-            rate_limits: RateLimits::default(),
-            log_level: None,
-            log_format: LogFormat::Text,
-            idle_timeout_secs: super::core::DEFAULT_IDLE_TIMEOUT_SECS,
+impl<T: Clone> Overlay<Vec<T>> for Vec<T> {
+    fn overlay(&self, key: &mut Vec<T>) {
+        if !self.is_empty() {
+            key.clone_from(self);
         }
+    }
+}
+
+impl Overlay<bool> for bool {
+    fn overlay(&self, key: &mut bool) {
+        if *self {
+            *key = true;
+        }
+    }
+}
+
+/// A default as its flag takes it (lists as `A and B`); `none` for an unset or empty one.
+pub trait ShowDefault {
+    fn show(&self) -> String;
+}
+
+macro_rules! show_by_display {
+    ($($t:ty),*) => {$(
+        impl ShowDefault for $t {
+            fn show(&self) -> String {
+                self.to_string()
+            }
+        }
+    )*};
+}
+show_by_display!(u64, usize, bool, String, SocketAddr, IoBackend);
+
+impl ShowDefault for PathBuf {
+    fn show(&self) -> String {
+        self.display().to_string()
+    }
+}
+
+impl ShowDefault for Rate {
+    fn show(&self) -> String {
+        format!("{}/{}", self.per_second, self.burst)
+    }
+}
+
+impl ShowDefault for HostEntry {
+    fn show(&self) -> String {
+        format!("{}={}", self.addr, self.link_key_file.display())
+    }
+}
+
+impl<T: ShowDefault> ShowDefault for Vec<T> {
+    fn show(&self) -> String {
+        if self.is_empty() {
+            return "none".into();
+        }
+        let all: Vec<String> = self.iter().map(ShowDefault::show).collect();
+        all.join(" and ")
+    }
+}
+
+impl<T: ShowDefault> ShowDefault for Option<T> {
+    fn show(&self) -> String {
+        self.as_ref()
+            .map_or_else(|| "none".into(), ShowDefault::show)
+    }
+}
+
+/// The default a flag's help shows.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShownDefault {
+    pub text: String,
+    /// The text is the default value as the flag takes it (not a description of an unset
+    /// default).
+    pub literal: bool,
+}
+
+/// What a flag's help shows as its default: nothing for a switch (a `bool` flag), `none_text`
+/// for an unset or empty default that has one, else the default itself.
+fn shown_default<F: 'static, T: ShowDefault>(
+    _flag: &F,
+    default: &T,
+    none_text: Option<&str>,
+) -> Option<ShownDefault> {
+    if std::any::TypeId::of::<F>() == std::any::TypeId::of::<bool>() {
+        return None;
+    }
+    let shown = default.show();
+    Some(match none_text {
+        Some(text) if shown == "none" => ShownDefault {
+            text: text.to_string(),
+            literal: false,
+        },
+        _ => ShownDefault {
+            text: shown,
+            literal: true,
+        },
+    })
+}
+
+/// A flag's help: its doc comment's lines joined, then `[default: ...]`.
+fn help_text(doc: &[&str], default: Option<ShownDefault>) -> String {
+    let lines: Vec<&str> = doc.iter().map(|l| l.trim()).collect();
+    let text = lines.join(" ");
+    let text = text.trim().trim_end_matches('.');
+    match default {
+        Some(d) => format!("{text} [default: {}]", d.text),
+        None => text.to_string(),
+    }
+}
+
+fn default_listen() -> Vec<SocketAddr> {
+    vec![
+        SocketAddr::from(([0, 0, 0, 0], 7400)),
+        SocketAddr::from(([0u16; 8], 7400)),
+    ]
+}
+
+settings! {
+    /// The `[rate_limits]` table: per_second / burst, split evenly over the workers.
+    pub struct RateLimits, flags RateLimitFlags {
+        /// UNRECOGNIZED replies per source prefix (/24, /56), PER_SECOND/BURST.
+        #[arg(value_parser = parse_rate)]
+        live unrecognized_per_prefix: Rate = CoreConfig::new(16).unrecognized_prefix,
+            flag Option<Rate>;
+        /// UNRECOGNIZED replies for the whole gateway, PER_SECOND/BURST.
+        #[arg(value_parser = parse_rate)]
+        live unrecognized_global: Rate = CoreConfig::new(16).unrecognized_global,
+            flag Option<Rate>;
+        /// HANDSHAKEs forwarded per source prefix, PER_SECOND/BURST.
+        #[arg(value_parser = parse_rate)]
+        live handshake_per_prefix: Rate = CoreConfig::new(16).handshake_prefix,
+            flag Option<Rate>;
+        /// HANDSHAKEs forwarded for the whole gateway, PER_SECOND/BURST.
+        #[arg(value_parser = parse_rate)]
+        live handshake_global: Rate = CoreConfig::new(16).handshake_global, flag Option<Rate>;
+    }
+    tables {}
+    file_only {}
+}
+
+settings! {
+    /// Everything `rebindgw gateway` reads: every key but log_format is also a flag.
+    pub struct GatewayConfig, flags GatewayFlags {
+        /// Client-facing address (repeatable; replaces the key listen). Every worker binds
+        /// each with SO_REUSEPORT.
+        restart listen: Vec<SocketAddr> = default_listen(), flag Vec<SocketAddr>;
+        /// Host as ADDR=LINK_KEY_FILE (repeatable; replaces the key hosts).
+        #[arg(long = "host", value_parser = parse_host)]
+        live hosts: Vec<HostEntry> = Vec::new(), flag Vec<HostEntry>,
+            none = "none; at least one is needed";
+        /// Local address of the workers' host-link sockets; must reach every host (port 0:
+        /// one ephemeral port per worker).
+        restart host_link: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 0)),
+            flag Option<SocketAddr>;
+        /// Admin address: Prometheus /metrics and /healthz.
+        restart admin: Option<SocketAddr> = Some(SocketAddr::from(([127, 0, 0, 1], 7480))),
+            flag Option<SocketAddr>;
+        /// State directory: the registry and, by default, the master key; must be the
+        /// gateway user's own, mode 0700.
+        restart state_dir: PathBuf = PathBuf::from(DEFAULT_STATE_DIR), flag Option<PathBuf>;
+        /// Start even if the registry is damaged: move bad records (or an unreadable file)
+        /// aside (docs/persistence.md).
+        restart set_aside_corrupt: bool = false, flag bool;
+        /// Master secret file (rebindgw keygen).
+        restart master_key: Option<PathBuf> = None, flag Option<PathBuf>,
+            none = "STATE_DIR/master.key, created on first start";
+        /// S, slots per key set, 1..=32.
+        restart slots: usize = 16, flag Option<usize>;
+        /// W, the freshness window in seconds.
+        restart window_secs: u64 = 30, flag Option<u64>;
+        /// Workers; 0 is one per core.
+        restart workers: usize = 0, flag Option<usize>;
+        /// Connection capacity, reserved at start; 0 is min(2^S, 2^20).
+        restart max_connections: usize = 0, flag Option<usize>;
+        /// I/O backend: uring or mmsg (uring falls back to mmsg if unusable).
+        restart io: IoBackend = IoBackend::Uring, flag Option<IoBackend>;
+        /// Log filter, e.g. info or warn,rebindgw=debug; SIGHUP applies a changed config
+        /// value.
+        live log_level: Option<String> = None, flag Option<String>,
+            none = "RUST_LOG, else warn,rebindgw=info";
+        /// Release connections with no client datagram for this many seconds (their host is
+        /// told); 0 never.
+        restart idle_timeout_secs: u64 = super::core::DEFAULT_IDLE_TIMEOUT_SECS,
+            flag Option<u64>;
+    }
+    tables {
+        /// Rate limits for UNRECOGNIZED replies and HANDSHAKE forwarding.
+        live rate_limits: RateLimits, flags RateLimitFlags;
+    }
+    file_only {
+        /// text or json (one object per line); a restart applies a change. The flag is the
+        /// global --log-format.
+        restart log_format: LogFormat = LogFormat::Text;
     }
 }
 

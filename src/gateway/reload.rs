@@ -11,8 +11,10 @@ use super::core::{HostPeer, Live, Rates, Shared};
 use crate::logging::LogHandle;
 use crate::secrets;
 
-/// The config keys a reload applies.
-pub const RELOADABLE: [&str; 3] = ["hosts", "rate_limits", "log_level"];
+/// Whether a reload applies `key` (config.rs declares this with each key).
+pub fn reloadable(key: &str) -> bool {
+    GatewayConfig::KEYS.iter().any(|k| k.live && k.name == key)
+}
 
 /// Reads each host's link key; the error names the key and the host.
 pub fn load_hosts(cfg: &GatewayConfig) -> anyhow::Result<Vec<HostPeer>> {
@@ -119,7 +121,7 @@ pub fn apply(
     keys.sort();
     keys.dedup();
     for k in keys {
-        if !RELOADABLE.contains(&k.as_str()) && old.get(k) != new.get(k) {
+        if !reloadable(k) && old.get(k) != new.get(k) {
             done.need_restart.push(k.clone());
         }
     }
@@ -200,5 +202,16 @@ mod tests {
         assert!(apply(&shared, &mut running, bad, None).is_err());
         assert_eq!(shared.live().rates.handshake_global, Rate::new(7.0, 9.0));
         let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn the_reloadable_keys_are_the_ones_apply_puts_in_force() {
+        let live: Vec<_> = GatewayConfig::KEYS
+            .iter()
+            .filter(|k| k.live)
+            .map(|k| k.name)
+            .collect();
+        assert_eq!(live, ["hosts", "log_level", "rate_limits"]);
+        assert!(!reloadable("slots"));
     }
 }
