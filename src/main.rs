@@ -163,9 +163,16 @@ struct HostArgs {
     /// This host's link key file (rebindgw link-keygen), shared with the gateway.
     #[arg(long)]
     link_key: PathBuf,
-    /// Gateway address or network (any port) host-link datagrams may come from
-    /// (repeatable; default 127.0.0.0/8 and ::1).
-    #[arg(long = "gateway")]
+    #[arg(long = "gateway", help = format!(
+        "Gateway address or network (any port) host-link datagrams may come from (repeatable) \
+         [default: {}]",
+        host::HostConfig::default()
+            .gateways
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(" and "),
+    ))]
     gateways: Vec<host::GatewayNet>,
 }
 
@@ -458,6 +465,30 @@ mod tests {
             args.keys.apply_to(&mut c);
             assert_eq!(c, GatewayConfig::default(), "--{long} {}", default.text);
         }
+    }
+
+    /// The default the host's --gateway help shows is HostConfig::default()'s.
+    #[test]
+    fn host_gateway_help_shows_the_host_default() {
+        let mut cli = Cli::command();
+        let cmd = cli.find_subcommand_mut("host").unwrap();
+        let arg = cmd
+            .get_arguments()
+            .find(|a| a.get_id() == "gateways")
+            .unwrap();
+        let help = arg.get_help().unwrap().to_string();
+        let shown = help
+            .split_once("[default: ")
+            .and_then(|(_, d)| d.strip_suffix(']'))
+            .unwrap_or_else(|| panic!("{help}"));
+        let mut argv = vec!["rebindgw", "host", "--clients", "c", "--link-key", "k"];
+        for net in shown.split(" and ") {
+            argv.extend(["--gateway", net]);
+        }
+        let Command::Host(args) = Cli::try_parse_from(argv).unwrap().command else {
+            panic!("not host")
+        };
+        assert_eq!(args.gateways, host::HostConfig::default().gateways);
     }
 
     #[test]
