@@ -142,7 +142,7 @@ pub struct Key {
     pub live: bool,
 }
 
-/// How a given flag lands on its key: see [`settings!`].
+/// How a given flag lands on its key (the flag types of `settings!`).
 pub trait Overlay<T> {
     fn overlay(&self, key: &mut T);
 }
