@@ -8,7 +8,6 @@
 
 pub mod bench;
 pub mod client;
-pub mod clients;
 pub mod conformance;
 pub mod crypto;
 pub mod demo;

@@ -24,7 +24,7 @@ use arbitrary::{Result, Unstructured};
 use libfuzzer_sys::fuzz_target;
 use rebindgw::engine::{Backend, TrialKeys};
 use rebindgw::gateway::core::{CoreConfig, EpochCrypto, HostPeer, Shared, WorkerCore};
-use rebindgw::gateway::tx::{Rx, SLOT_LEN, TxQueue, Via};
+use rebindgw::io::batch::{Rx, SLOT_LEN, TxQueue, Via};
 use rebindgw::hostlink::{self, Control, LinkKey, LinkType};
 use rebindgw::keys::{EpochKeys, MasterSecret};
 use rebindgw::rebind::{RebindCredentials, RebindSecret, build_rebind, cookie_request};

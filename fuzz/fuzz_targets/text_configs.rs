@@ -8,7 +8,7 @@
 use std::path::Path;
 
 use libfuzzer_sys::fuzz_target;
-use rebindgw::clients::ClientsFile;
+use rebindgw::host::clients::ClientsFile;
 use rebindgw::gateway::config::{GatewayConfig, parse_host, parse_rate};
 use rebindgw::gateway::metrics::parse_text;
 

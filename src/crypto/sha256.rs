@@ -215,7 +215,7 @@ mod shani {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::Backend;
+    use crate::crypto::Backend;
     use proptest::prelude::*;
 
     const SHA256_IV: [u32; 8] = [
@@ -362,7 +362,7 @@ mod tests {
                 !uses_sha_ni(Backend::Portable),
                 "portable must switch SHA-NI off"
             );
-            assert!(!uses_sha_ni(crate::engine::process_backend_from_value(
+            assert!(!uses_sha_ni(crate::crypto::process_backend_from_value(
                 Some("portable")
             )));
             if uses_sha_ni(Backend::AesNi) {

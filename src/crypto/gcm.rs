@@ -274,7 +274,7 @@ mod clmul {
         /// The CPU must have AES-NI, PCLMULQDQ, SSSE3 and SSE4.1.
         #[target_feature(enable = "aes,pclmulqdq,sse2,ssse3")]
         pub(super) unsafe fn new(key: &[u8; 16], rebind: &[u8; 12], ack: &[u8; 12]) -> State {
-            let mut rk = crate::engine::aesni::expand_enc(key);
+            let mut rk = crate::crypto::aes_ni::expand_enc(key);
             let inputs = [
                 [0u8; 16],
                 counter_block(rebind, 1),
