@@ -68,7 +68,7 @@ impl std::fmt::Debug for SessionGcm {
     }
 }
 
-/// Whether the CPU has AES-NI, PCLMULQDQ, SSSE3 and SSE4.1 (the engine's one probe).
+/// Whether the CPU has AES-NI, PCLMULQDQ, SSSE3 and SSE4.1 (the one CPU probe, [`super::cpu`]).
 #[cfg(target_arch = "x86_64")]
 fn clmul_supported() -> bool {
     super::cpu_features().clmul

@@ -50,8 +50,8 @@ pub fn compress_x2_portable(
     compress256(b, std::slice::from_ref(b_block));
 }
 
-/// Whether the SHA-NI path runs under `backend` (the engine's one probe; SSE2 is x86_64's
-/// baseline).
+/// Whether the SHA-NI path runs under `backend` (the one CPU probe, [`super::cpu`]; SSE2 is
+/// x86_64's baseline).
 #[cfg(target_arch = "x86_64")]
 fn uses_sha_ni(backend: super::Backend) -> bool {
     super::fast_paths_allowed(backend) && super::cpu_features().sha_ni
