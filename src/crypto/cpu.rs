@@ -213,8 +213,9 @@ pub fn backend_from_value(value: Option<&str>) -> Result<Backend, EngineError> {
 }
 
 /// The backend of this process for the fast paths that have no backend handed to them
-/// ([`block::FastAes128`]'s `KeyInit`, [`gcm::SessionGcm::new`], [`sha256::compress_x2`]):
-/// [`BACKEND_ENV`] read once, see [`process_backend_from_value`].
+/// ([`super::block::FastAes128`]'s `KeyInit`, [`super::gcm::SessionGcm::new`],
+/// [`super::sha256::compress_x2`]): [`BACKEND_ENV`] read once, see
+/// [`process_backend_from_value`].
 pub fn process_backend() -> Backend {
     static PROCESS: OnceLock<Backend> = OnceLock::new();
     *PROCESS.get_or_init(|| {

@@ -9,7 +9,7 @@
 //! GHASH runs as POLYVAL (RFC 8452 Appendix A) four blocks per reduction with `H^1..H^4`.
 //! The multiplication is the polyval crate's R/F method. Without those CPU features, or when
 //! the backend is `portable` ([`super::process_backend`], `REBINDGW_AES_BACKEND`), the
-//! `aes-gcm` crate over a portable [`FastAes128`](super::block::FastAes128) does the work.
+//! `aes-gcm` crate over a portable [`FastAes128`] does the work.
 #![allow(unsafe_code)]
 
 use zeroize::{Zeroize, ZeroizeOnDrop};
