@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use rebindgw::crypto;
-use rebindgw::engine::sha256::{compress_x2, compress_x2_portable};
+use rebindgw::crypto::sha256::{compress_x2, compress_x2_portable};
 use rebindgw::rebind::{RebindKdf, RebindSecret};
 use rebindgw::time::Ticks;
 use sha2::block_api::compress256;

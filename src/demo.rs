@@ -49,7 +49,7 @@ pub fn run_demo(args: &DemoArgs) -> anyhow::Result<LoadReport> {
     let key_file = dir.0.join("host.key");
     let link_key = crate::secrets::generate_link_key(&key_file)?;
     let clients_file = dir.0.join("clients.toml");
-    crate::clients::enroll(&clients_file, "demo-first")?;
+    crate::host::clients::enroll(&clients_file, "demo-first")?;
 
     let host = spawn_host(HostOptions::new(
         SocketAddr::from(([127, 0, 0, 1], 0)),

@@ -1,14 +1,18 @@
 //! Mesh rebind gateway: a sans-IO protocol core (PROTOCOL.md v1), the batched trial-decryption
 //! engine, and the gateway, client, host and load generator built on them.
 //!
-//! Unsafe code lives only in `engine` (SIMD backends), `io` (io_uring, socket batching) and
-//! the load generator's `loadgen::sys` (epoll, setrlimit); the other modules carry
+//! Unsafe code lives only in `crypto` and `engine` (SIMD), `io` (io_uring, socket batching)
+//! and the load generator's `loadgen::sys` (epoll, setrlimit); the other modules carry
 //! `#![forbid(unsafe_code)]`.
+//!
+//! The modules form layers that only import downwards (docs/architecture.md, "Layers";
+//! `scripts/check-layers.py` checks it): `time`/`logging`/`replay` → `crypto` →
+//! `wire`/`engine` → `keys`/`rebind`/`hostlink` → `registry`/`verify` → `table` →
+//! `io`/`secrets` → `gateway`/`host`/`client` → `loadgen`/`conformance`/`bench`/`demo`.
 #![deny(unsafe_code)]
 
 pub mod bench;
 pub mod client;
-pub mod clients;
 pub mod conformance;
 pub mod crypto;
 pub mod demo;

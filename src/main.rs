@@ -264,7 +264,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Enroll { clients, name } => {
-            let enrolled = rebindgw::clients::enroll(&clients, &name)?;
+            let enrolled = rebindgw::host::clients::enroll(&clients, &name)?;
             println!("{}", serde_json::to_string(&enrolled)?);
             Ok(ExitCode::SUCCESS)
         }

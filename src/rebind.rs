@@ -8,7 +8,7 @@
 
 use std::fmt;
 
-use crate::engine::gcm::{SessionGcm, SessionNonce};
+use crate::crypto::gcm::{SessionGcm, SessionNonce};
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
 use crate::crypto::{self, HmacSha256Midstate};
@@ -61,7 +61,7 @@ impl RebindKdf {
 
     /// [`Self::session_key`] for two independent `(kdf, nonces, t)` in lockstep: each SHA-256
     /// step of one runs beside the same step of the other (one
-    /// [`compress_x2`](crate::engine::sha256::compress_x2)), so two keys cost about one.
+    /// [`compress_x2`](crate::crypto::sha256::compress_x2)), so two keys cost about one.
     /// The nonce counts may differ; the longer Extract's extra block then runs alone.
     pub fn session_keys_x2(
         (kdf_a, nonces_a, t_a): (&RebindKdf, &[[u8; 8]], Ticks),

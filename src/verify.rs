@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use zeroize::Zeroizing;
 
 use crate::crypto;
-use crate::engine::gcm::{SessionGcm, SessionNonce};
+use crate::crypto::gcm::{SessionGcm, SessionNonce};
 use crate::engine::{TrialInput, TrialKeys, TrialOutput};
 use crate::keys::EpochKeys;
 use crate::rebind::RebindKdf;

@@ -7,12 +7,12 @@ use std::time::{Duration, Instant};
 
 use rebindgw::client::socket::UdpClient;
 use rebindgw::client::{ClientConfig, ClientEvent};
-use rebindgw::clients::enroll;
 use rebindgw::crypto;
 use rebindgw::gateway::config::{GatewayConfig, HostEntry};
 use rebindgw::gateway::metrics::{C, total};
 use rebindgw::gateway::ratelimit::Rate;
 use rebindgw::gateway::run::{GatewayHandle, spawn_gateway};
+use rebindgw::host::clients::enroll;
 use rebindgw::host::{HostHandle, HostOptions, spawn_host};
 use rebindgw::rebind::{RebindCredentials, RebindSecret, build_rebind, fresh_nonces};
 use rebindgw::secrets::generate_link_key;
@@ -202,7 +202,7 @@ impl RawClient {
     }
 
     /// Moves to a new socket, draws an UNRECOGNIZED and builds a REBIND from it.
-    fn move_and_build_rebind(&mut self) -> (Vec<u8>, rebindgw::engine::gcm::SessionGcm) {
+    fn move_and_build_rebind(&mut self) -> (Vec<u8>, rebindgw::crypto::gcm::SessionGcm) {
         self.sock = UdpSocket::bind("127.0.0.1:0").unwrap();
         self.sock
             .set_read_timeout(Some(Duration::from_millis(300)))

@@ -8,9 +8,10 @@ use std::time::{Duration, Instant};
 
 use rebindgw::gateway::config::{GatewayConfig, HostEntry};
 use rebindgw::gateway::run::spawn_gateway;
+use rebindgw::host::clients;
 use rebindgw::host::{HostOptions, spawn_host};
 use rebindgw::loadgen::{self, AttackMode, LoadMode, LoadgenOptions, MoveKind};
-use rebindgw::{clients, secrets};
+use rebindgw::secrets;
 
 fn temp_dir(tag: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!(

@@ -14,8 +14,8 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use arbitrary::{Result, Unstructured};
 use libfuzzer_sys::fuzz_target;
-use rebindgw::clients::{ClientEntry, ClientsFile};
 use rebindgw::crypto;
+use rebindgw::host::clients::{ClientEntry, ClientsFile};
 use rebindgw::host::{HostConfig, HostCore, MAX_DATAGRAM};
 use rebindgw::hostlink::{self, Control, LinkKey, LinkType};
 use rebindgw::time::Ticks;

@@ -8,9 +8,9 @@
 use std::path::Path;
 
 use libfuzzer_sys::fuzz_target;
-use rebindgw::clients::ClientsFile;
 use rebindgw::gateway::config::{GatewayConfig, parse_host, parse_rate};
 use rebindgw::gateway::metrics::parse_text;
+use rebindgw::host::clients::ClientsFile;
 
 fuzz_target!(|data: &[u8]| {
     let Some((&sel, rest)) = data.split_first() else {

@@ -72,7 +72,7 @@ fuzz_target!(|input: &[u8]| {
     if let Ok(v) = RebindAckView::new_checked(d) {
         assert_eq!(d.len(), REBIND_ACK_LEN);
         let _ = v.t();
-        let _ = v.open(&rebindgw::engine::gcm::SessionGcm::new(&[7; 16]));
+        let _ = v.open(&rebindgw::crypto::gcm::SessionGcm::new(&[7; 16]));
     }
 
     if let Ok(v) = HandshakeView::new_checked(d) {

@@ -9,8 +9,8 @@ use serde::Serialize;
 
 use crate::engine::{Backend, TrialKeys};
 use crate::gateway::core::{CoreConfig, EpochCrypto, HostPeer, Shared, WorkerCore};
-use crate::gateway::tx::{Rx, TxQueue, Via};
 use crate::hostlink::{Control, LinkKey};
+use crate::io::batch::{Rx, TxQueue, Via};
 use crate::keys::{EpochKeys, MasterSecret};
 use crate::time::{TICKS_PER_SECOND, Ticks};
 

@@ -10,8 +10,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crate::gateway::tx::{Rx, TxQueue, Via};
 use crate::hostlink::{self, LinkType};
+use crate::io::batch::{Rx, TxQueue, Via};
 use crate::io::{self, BatchSocket, Handler, IoBackend, LoopOptions, WorkerSockets};
 
 /// A thread that runs until stopped.

@@ -41,7 +41,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use crate::crypto::Gcm;
-use crate::engine::gcm::SessionGcm;
+use crate::crypto::gcm::SessionGcm;
 use zeroize::Zeroizing;
 
 use crate::crypto;

@@ -21,26 +21,18 @@
 //! one load of a slot's round keys serves the whole group; leftover packets (and single
 //! packets) are run slot group by slot group instead.
 //!
-//! Beside the engine, this module holds the other SIMD code of the verify path:
-//! [`block::FastAes128`] (AES-NI blocks for the cookie and for the `aes-gcm` crate's GCM of
-//! HANDSHAKE, DATA and host-link packets), [`gcm::SessionGcm`] (the REBIND session key's
-//! GCM: AES-NI + PCLMULQDQ) and [`sha256::compress_x2`] (two SHA-NI compressions
-//! interleaved, for the KDF). Each reads the one CPU probe (`CpuFeatures`) and has a
-//! portable fallback. Each also takes a [`Backend`] explicitly (`with_backend`, or
-//! [`sha256::compress_x2_with`]); their plain constructors use [`process_backend`], so
-//! `REBINDGW_AES_BACKEND=portable` switches every fast path of the process off, not only
-//! the trial engine's, without a rebuild.
+//! The CPU probe and the backend choice ([`Backend`], [`process_backend`],
+//! `REBINDGW_AES_BACKEND`) live in [`crate::crypto::cpu`], shared with the other SIMD code
+//! of the verify path (in [`crate::crypto`]), and are re-exported here.
 //!
-//! `unsafe` is confined to `aesni.rs`, `vaes.rs`, `block.rs`, `gcm.rs` and `sha256.rs`
-//! (intrinsics, unaligned loads and stores, and `asm!` blocks that pin the round order).
+//! `unsafe` is confined to `aesni.rs` and `vaes.rs` (intrinsics, unaligned loads and stores,
+//! and `asm!` blocks that pin the round order).
 
 // `forbid` would also bind the SIMD child modules, which need `allow(unsafe_code)`;
 // `deny` keeps this file free of unsafe code while letting them opt in.
 #![deny(unsafe_code)]
 
 use std::fmt;
-use std::str::FromStr;
-use std::sync::OnceLock;
 
 /// Applies `$op` with round key `$r` to each of 8 registers, `$x[j]` with `$k[j]`.
 #[cfg(target_arch = "x86_64")]
@@ -86,248 +78,20 @@ macro_rules! decrypt8 {
 
 #[cfg(target_arch = "x86_64")]
 mod aesni;
-pub mod block;
-pub mod gcm;
 mod portable;
-pub mod sha256;
 #[cfg(target_arch = "x86_64")]
 mod vaes;
+
+pub use crate::crypto::cpu::{
+    BACKEND_ENV, Backend, EngineError, backend_from_env, backend_from_value, process_backend,
+    process_backend_from_value,
+};
 
 /// Largest supported number of slots per key set (PROTOCOL.md §2: `S` in 1..=32).
 pub const MAX_SLOTS: usize = 32;
 
-/// Environment variable that overrides the backend choice (see [`backend_from_env`]).
-pub const BACKEND_ENV: &str = "REBINDGW_AES_BACKEND";
-
 /// Packets per internal chunk; bounds the stack scratch space of one batch step.
 const CHUNK: usize = 64;
-
-/// An AES implementation the engine can run on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Backend {
-    /// The `aes` crate (which itself may use AES-NI), batched per key.
-    Portable,
-    /// Hand-written AES-NI (x86_64 with `aes`).
-    AesNi,
-    /// Hand-written VAES-256 (x86_64 with `vaes`, `avx2` and `aes`).
-    Vaes,
-}
-
-/// Every backend, in order of preference from worst to best.
-const ALL_BACKENDS: [Backend; 3] = [Backend::Portable, Backend::AesNi, Backend::Vaes];
-
-/// CPU features that the backends and the other SIMD code of this module need, probed once.
-#[derive(Clone, Copy, Debug)]
-struct CpuFeatures {
-    aes: bool,
-    avx2: bool,
-    vaes: bool,
-    /// AES-NI, PCLMULQDQ, SSSE3 and SSE4.1: [`gcm::SessionGcm`]'s fast path.
-    clmul: bool,
-    /// SHA-NI, SSSE3 and SSE4.1: [`sha256::compress_x2`]'s fast path.
-    sha_ni: bool,
-}
-
-fn cpu_features() -> CpuFeatures {
-    static FEATURES: OnceLock<CpuFeatures> = OnceLock::new();
-    *FEATURES.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        {
-            let aes = std::arch::is_x86_feature_detected!("aes");
-            let sse41 = std::arch::is_x86_feature_detected!("ssse3")
-                && std::arch::is_x86_feature_detected!("sse4.1");
-            CpuFeatures {
-                aes,
-                avx2: std::arch::is_x86_feature_detected!("avx2"),
-                vaes: std::arch::is_x86_feature_detected!("vaes"),
-                clmul: aes && sse41 && std::arch::is_x86_feature_detected!("pclmulqdq"),
-                sha_ni: sse41 && std::arch::is_x86_feature_detected!("sha"),
-            }
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            CpuFeatures {
-                aes: false,
-                avx2: false,
-                vaes: false,
-                clmul: false,
-                sha_ni: false,
-            }
-        }
-    })
-}
-
-impl Backend {
-    /// The backend's name, as accepted by [`FromStr`] and [`BACKEND_ENV`].
-    pub fn name(self) -> &'static str {
-        match self {
-            Backend::Portable => "portable",
-            Backend::AesNi => "aesni",
-            Backend::Vaes => "vaes",
-        }
-    }
-
-    /// CPU features this backend needs that the running CPU lacks (empty when supported).
-    pub fn missing_features(self) -> Vec<&'static str> {
-        if cfg!(not(target_arch = "x86_64")) && self != Backend::Portable {
-            return vec!["x86_64"];
-        }
-        let f = cpu_features();
-        let needs: &[(&'static str, bool)] = match self {
-            Backend::Portable => &[],
-            Backend::AesNi => &[("aes", f.aes)],
-            Backend::Vaes => &[("aes", f.aes), ("avx2", f.avx2), ("vaes", f.vaes)],
-        };
-        needs
-            .iter()
-            .filter(|(_, has)| !has)
-            .map(|(name, _)| *name)
-            .collect()
-    }
-
-    /// Whether this backend can run on this CPU.
-    pub fn is_supported(self) -> bool {
-        let f = cpu_features();
-        match self {
-            Backend::Portable => true,
-            Backend::AesNi => cfg!(target_arch = "x86_64") && f.aes,
-            Backend::Vaes => cfg!(target_arch = "x86_64") && f.aes && f.avx2 && f.vaes,
-        }
-    }
-
-    /// The fastest backend this CPU supports (detected once).
-    pub fn best() -> Backend {
-        static BEST: OnceLock<Backend> = OnceLock::new();
-        *BEST.get_or_init(|| {
-            ALL_BACKENDS
-                .iter()
-                .rev()
-                .copied()
-                .find(|b| b.is_supported())
-                .unwrap_or(Backend::Portable)
-        })
-    }
-
-    /// Every backend this CPU supports, `Portable` first.
-    pub fn all_supported() -> Vec<Backend> {
-        ALL_BACKENDS
-            .iter()
-            .copied()
-            .filter(|b| b.is_supported())
-            .collect()
-    }
-
-    fn unsupported_error(self) -> EngineError {
-        EngineError::Unsupported {
-            backend: self,
-            missing: self.missing_features().join(", "),
-        }
-    }
-}
-
-impl fmt::Display for Backend {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl FromStr for Backend {
-    type Err = EngineError;
-
-    fn from_str(s: &str) -> Result<Backend, EngineError> {
-        ALL_BACKENDS
-            .iter()
-            .copied()
-            .find(|b| b.name() == s)
-            .ok_or_else(|| EngineError::UnknownBackend {
-                value: s.to_owned(),
-            })
-    }
-}
-
-/// Errors of the trial-decryption engine.
-#[derive(Debug, thiserror::Error)]
-pub enum EngineError {
-    /// A backend name that is not one of the accepted values.
-    #[error("unknown AES backend {value:?}: expected one of \"portable\", \"aesni\", \"vaes\"")]
-    UnknownBackend {
-        /// The rejected name.
-        value: String,
-    },
-    /// The backend needs CPU features this CPU lacks.
-    #[error("AES backend {backend} is not supported: this CPU lacks {missing}")]
-    Unsupported {
-        /// The requested backend.
-        backend: Backend,
-        /// The missing CPU features, comma-separated.
-        missing: String,
-    },
-    /// The value of [`BACKEND_ENV`] was rejected.
-    #[error("{var}={value:?}: {reason}")]
-    Env {
-        /// The environment variable ([`BACKEND_ENV`]).
-        var: &'static str,
-        /// Its value.
-        value: String,
-        /// Why it was rejected ([`EngineError::UnknownBackend`] or [`EngineError::Unsupported`]).
-        reason: Box<EngineError>,
-    },
-}
-
-/// Chooses the backend from [`BACKEND_ENV`] if it is set and not empty, else [`Backend::best`].
-///
-/// Errors if the value is not a backend name, or names a backend this CPU does not support;
-/// the message names the variable, the value and what the CPU lacks.
-pub fn backend_from_env() -> Result<Backend, EngineError> {
-    match std::env::var_os(BACKEND_ENV) {
-        None => backend_from_value(None),
-        Some(v) => backend_from_value(Some(&v.to_string_lossy())),
-    }
-}
-
-/// [`backend_from_env`] on an explicit value of [`BACKEND_ENV`] (`None` = unset).
-pub fn backend_from_value(value: Option<&str>) -> Result<Backend, EngineError> {
-    let value = match value {
-        None | Some("") => return Ok(Backend::best()),
-        Some(v) => v,
-    };
-    let env_err = |reason| EngineError::Env {
-        var: BACKEND_ENV,
-        value: value.to_owned(),
-        reason: Box::new(reason),
-    };
-    let backend: Backend = value.parse().map_err(env_err)?;
-    if backend.is_supported() {
-        Ok(backend)
-    } else {
-        Err(env_err(backend.unsupported_error()))
-    }
-}
-
-/// The backend of this process for the fast paths that have no backend handed to them
-/// ([`block::FastAes128`]'s `KeyInit`, [`gcm::SessionGcm::new`], [`sha256::compress_x2`]):
-/// [`BACKEND_ENV`] read once, see [`process_backend_from_value`].
-pub fn process_backend() -> Backend {
-    static PROCESS: OnceLock<Backend> = OnceLock::new();
-    *PROCESS.get_or_init(|| {
-        let value = std::env::var_os(BACKEND_ENV).map(|v| v.to_string_lossy().into_owned());
-        process_backend_from_value(value.as_deref())
-    })
-}
-
-/// [`backend_from_value`], except that a rejected value gives [`Backend::Portable`]: the
-/// portable code is always correct, and someone who set the variable meant to leave the
-/// default. The entry points (the gateway, `conformance`) call [`backend_from_env`] first and
-/// refuse to start on such a value, so this only matters for code that runs without them.
-pub fn process_backend_from_value(value: Option<&str>) -> Backend {
-    backend_from_value(value).unwrap_or(Backend::Portable)
-}
-
-/// Whether `backend` lets the non-engine fast paths (AES-NI, PCLMULQDQ, SHA-NI) run: every
-/// backend but [`Backend::Portable`]. The CPU must have the instructions too.
-fn fast_paths_allowed(backend: Backend) -> bool {
-    backend != Backend::Portable
-}
 
 /// One candidate: its S ciphertext slots (S*16 bytes, slot 0 first) and the packet's t.
 #[derive(Clone, Copy, Debug)]
@@ -567,6 +331,7 @@ fn first_block<'a>(input: &TrialInput<'a>) -> &'a [u8; 16] {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::crypto::cpu::{ALL_BACKENDS, fast_paths_allowed};
     use aes::Aes128;
     use aes::cipher::{Array, BlockCipherDecrypt, BlockCipherEncrypt, KeyInit};
     use proptest::prelude::*;

@@ -24,12 +24,12 @@ use siphasher::sip::SipHasher13;
 use super::metrics::{C, H, WorkerMetrics};
 use super::ratelimit::{Limited, Limiter, Rate};
 use super::store::{StoreOp, StoredConn};
-use super::tx::{MAX_CLIENT_DATAGRAM, Rx, TxQueue, Via};
 use crate::engine::{TrialKeys, TrialOutput};
 use crate::hostlink::{
     self, Control as LinkMsg, HANDSHAKE_MAC_LEN, HandshakeMac, LinkError, LinkKey, LinkType,
     RegisterFailure, ReplayGuard,
 };
+use crate::io::batch::{MAX_CLIENT_DATAGRAM, Rx, TxQueue, Via};
 use crate::keys::EpochKeys;
 use crate::rebind::RebindSecret;
 use crate::registry::{Freshness, HostId, Registry, RegistryError};
@@ -821,7 +821,7 @@ impl WorkerCore {
             self.metrics.inc(C::DropNoRoute);
             return;
         }
-        if 1 + MAX_TUPLE_LEN + d.data.len() + HANDSHAKE_MAC_LEN > super::tx::SLOT_LEN {
+        if 1 + MAX_TUPLE_LEN + d.data.len() + HANDSHAKE_MAC_LEN > crate::io::batch::SLOT_LEN {
             self.metrics.inc(C::HandshakeLong);
             return;
         }
@@ -1485,8 +1485,8 @@ impl WorkerCore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::crypto::gcm::SessionGcm;
     use crate::engine::Backend;
-    use crate::engine::gcm::SessionGcm;
     use crate::hostlink::LinkKey;
     use crate::keys::MasterSecret;
     use crate::rebind::{
@@ -2333,7 +2333,7 @@ mod tests {
             let feed: Vec<(Via, SocketAddr, &[u8])> =
                 owned.iter().map(|(v, a, b)| (*v, *a, &b[..])).collect();
             for (_, _, reply) in h.feed(&feed) {
-                prop_assert!(reply.len() <= crate::gateway::tx::SLOT_LEN);
+                prop_assert!(reply.len() <= crate::io::batch::SLOT_LEN);
             }
         }
     }

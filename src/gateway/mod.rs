@@ -13,4 +13,3 @@ pub mod ratelimit;
 pub mod reload;
 pub mod run;
 pub mod store;
-pub mod tx;

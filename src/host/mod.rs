@@ -35,6 +35,7 @@
 //!   [`MAX_UNPROVEN_PER_CLIENT`] at once, and connections idle for `idle_timeout` are closed.
 #![forbid(unsafe_code)]
 
+pub mod clients;
 mod sansio;
 #[cfg(test)]
 mod tests;
@@ -51,10 +52,10 @@ use anyhow::Context as _;
 use serde::Serialize;
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::clients::ClientsFile;
-use crate::gateway::tx::{SLOT_LEN, TxQueue, Via};
+use crate::host::clients::ClientsFile;
 use crate::hostlink::LinkKey;
 use crate::io::BatchSocket;
+use crate::io::batch::{SLOT_LEN, TxQueue, Via};
 use crate::time::Ticks;
 
 pub use self::sansio::{
@@ -67,7 +68,7 @@ pub use self::sansio::{
 pub struct HostOptions {
     /// Host-link address the gateway sends to (port 0 picks one; see [`HostHandle::local_addr`]).
     pub listen: SocketAddr,
-    /// The enrolled-clients file (see [`crate::clients`]).
+    /// The enrolled-clients file (see [`crate::host::clients`]).
     pub clients: PathBuf,
     /// This host's link key, shared with the gateway.
     pub link_key: LinkKey,

@@ -10,8 +10,8 @@ use crate::crypto::Gcm;
 use serde::Serialize;
 use zeroize::Zeroizing;
 
-use crate::clients::ClientsFile;
 use crate::crypto;
+use crate::host::clients::ClientsFile;
 use crate::hostlink::{
     self, Control, DATA_HEADER_LEN as LINK_DATA_HEADER, HandshakeMac, LinkError, LinkKey, LinkType,
     ReplayGuard,

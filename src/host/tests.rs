@@ -7,8 +7,8 @@ use crate::crypto::Gcm;
 use proptest::prelude::*;
 
 use super::*;
-use crate::clients::{ClientEntry, ClientsFile, enroll};
 use crate::crypto;
+use crate::host::clients::{ClientEntry, ClientsFile, enroll};
 use crate::host::sansio::MAX_UNPROVEN_PER_CLIENT;
 use crate::hostlink::{self, Control, LinkKey, LinkType, RegisterFailure};
 use crate::keys::{EpochKeys, MasterSecret};
@@ -820,7 +820,7 @@ proptest! {
 #[test]
 fn spawned_host_over_udp() {
     let start = Instant::now();
-    let dir = crate::clients::tests::TempDir::new("host");
+    let dir = crate::host::clients::tests::TempDir::new("host");
     let path = dir.0.join("clients.toml");
     let alice = enroll(&path, "alice").unwrap();
     let link = LinkKey::generate();
@@ -909,7 +909,7 @@ fn spawned_host_over_udp() {
 #[test]
 fn spawn_refuses_exposed_clients_file() {
     use std::os::unix::fs::PermissionsExt;
-    let dir = crate::clients::tests::TempDir::new("host-perm");
+    let dir = crate::host::clients::tests::TempDir::new("host-perm");
     let path = dir.0.join("clients.toml");
     enroll(&path, "alice").unwrap();
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();

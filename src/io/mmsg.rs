@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use super::{Handler, IoStats, LoopOptions, Rx, Ticker, WorkerSockets, recycle};
-use crate::gateway::tx::TxQueue;
+use crate::io::batch::TxQueue;
 use crate::wire::canonical;
 
 /// `sizeof(struct sockaddr_storage)`.

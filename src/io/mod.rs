@@ -11,6 +11,7 @@
 //! (`deny`, not `forbid`: a `forbid` here would make the backends' `allow` an error, E0453).
 #![deny(unsafe_code)]
 
+pub mod batch;
 pub mod ids;
 mod mmsg;
 mod uring;
@@ -28,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::gateway::tx::{TxQueue, Via};
+use batch::{TxQueue, Via};
 
 /// Which I/O loop a worker runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
@@ -120,7 +121,7 @@ impl WorkerSockets {
     }
 }
 
-pub use crate::gateway::tx::Rx;
+pub use batch::Rx;
 
 /// What a worker loop drives. Both backends call it identically.
 pub trait Handler {

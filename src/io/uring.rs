@@ -34,7 +34,7 @@ use io_uring::{IoUring, cqueue, opcode, squeue, types};
 
 use super::mmsg::{sockaddr_from_bytes, write_sockaddr};
 use super::{Handler, IoStats, LoopOptions, Rx, Ticker, WorkerSockets, recycle};
-use crate::gateway::tx::TxQueue;
+use crate::io::batch::TxQueue;
 use crate::wire::canonical;
 
 /// user_data layout: a tag in the top 16 bits, an index (socket or tx slot) below.

@@ -48,7 +48,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 
-use crate::clients::{self, Enrolled};
+use crate::host::clients::{self, Enrolled};
 
 pub use addrs::AddrPool;
 pub use options::{

@@ -29,7 +29,7 @@ use crate::wire::ClientCredentials;
 
 use super::addrs::AddrPool;
 use super::options::{KICK_EVERY, LoadMode, LoadgenOptions, MoveKind, OnMove};
-use super::report::LatencyHist;
+use super::report::{Counters, LatencyHist, StormStat};
 use super::stamp::{STAMP_LEN, Stamp};
 use super::sys::{Epoll, Events};
 
@@ -119,91 +119,6 @@ pub struct Progress {
     pub p99_us: AtomicU64,
     /// The phase whose work this shard has finished publishing (all counters include it).
     pub phase_seen: AtomicU8,
-}
-
-/// Final counters of one shard.
-#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
-pub struct Counters {
-    pub connected: u64,
-    pub conn_failed: u64,
-    pub failed_later: u64,
-    pub sent: u64,
-    pub received: u64,
-    pub sent_bytes: u64,
-    pub sent_during_outage: u64,
-    pub in_flight_at_move: u64,
-    pub late_echoes: u64,
-    pub moves: u64,
-    pub outages: u64,
-    pub move_errors: u64,
-    pub storms: u64,
-    pub rebinds_ok: u64,
-    pub rebinds_failed: u64,
-    pub unrecovered: u64,
-    pub extra: u64,
-    pub abandoned: u64,
-    pub echo_timeouts: u64,
-    pub pacer_skipped: u64,
-    pub send_errors: u64,
-    pub stray: u64,
-    pub misdelivered: u64,
-    pub foreign: u64,
-}
-
-impl Counters {
-    pub fn merge(&mut self, o: &Counters) {
-        macro_rules! add {
-            ($($f:ident),*) => { $( self.$f += o.$f; )* };
-        }
-        add!(
-            connected,
-            conn_failed,
-            failed_later,
-            sent,
-            received,
-            sent_bytes,
-            sent_during_outage,
-            in_flight_at_move,
-            late_echoes,
-            moves,
-            outages,
-            move_errors,
-            storms,
-            rebinds_ok,
-            rebinds_failed,
-            unrecovered,
-            extra,
-            abandoned,
-            echo_timeouts,
-            pacer_skipped,
-            send_errors,
-            stray,
-            misdelivered,
-            foreign
-        );
-    }
-}
-
-/// One storm as one shard saw it. Times are offsets from the storm's scheduled instant.
-#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct StormStat {
-    /// Connected clients this storm moved.
-    pub moved: u64,
-    /// ... of which recovered (a `Rebound` to the moved-to tuple).
-    pub recovered: u64,
-    /// When the last of its moves was made.
-    pub last_move_s: f64,
-    /// When the last of its clients recovered.
-    pub last_recovery_s: f64,
-}
-
-impl StormStat {
-    pub fn merge(&mut self, o: &StormStat) {
-        self.moved += o.moved;
-        self.recovered += o.recovered;
-        self.last_move_s = self.last_move_s.max(o.last_move_s);
-        self.last_recovery_s = self.last_recovery_s.max(o.last_recovery_s);
-    }
 }
 
 /// What a shard hands back when it stops.

@@ -7,8 +7,8 @@
 //! ```
 
 use super::{MAX_SLOTS, MIN_SLOTS, MsgType, WireError, array, be_u64, check_exact};
+use crate::crypto::gcm::{SessionGcm, SessionNonce};
 use crate::crypto::{AuthError, TAG_LEN};
-use crate::engine::gcm::{SessionGcm, SessionNonce};
 use crate::time::Ticks;
 
 /// Bytes of a REBIND that do not depend on S: type, epoch, t, cookie, sealed conn_id.

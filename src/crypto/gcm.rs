@@ -9,7 +9,7 @@
 //! GHASH runs as POLYVAL (RFC 8452 Appendix A) four blocks per reduction with `H^1..H^4`.
 //! The multiplication is the polyval crate's R/F method. Without those CPU features, or when
 //! the backend is `portable` ([`super::process_backend`], `REBINDGW_AES_BACKEND`), the
-//! `aes-gcm` crate over a portable [`FastAes128`](super::block::FastAes128) does the work.
+//! `aes-gcm` crate over a portable [`FastAes128`] does the work.
 #![allow(unsafe_code)]
 
 use zeroize::{Zeroize, ZeroizeOnDrop};
@@ -68,7 +68,7 @@ impl std::fmt::Debug for SessionGcm {
     }
 }
 
-/// Whether the CPU has AES-NI, PCLMULQDQ, SSSE3 and SSE4.1 (the engine's one probe).
+/// Whether the CPU has AES-NI, PCLMULQDQ, SSSE3 and SSE4.1 (the one CPU probe, [`super::cpu`]).
 #[cfg(target_arch = "x86_64")]
 fn clmul_supported() -> bool {
     super::cpu_features().clmul
@@ -274,7 +274,7 @@ mod clmul {
         /// The CPU must have AES-NI, PCLMULQDQ, SSSE3 and SSE4.1.
         #[target_feature(enable = "aes,pclmulqdq,sse2,ssse3")]
         pub(super) unsafe fn new(key: &[u8; 16], rebind: &[u8; 12], ack: &[u8; 12]) -> State {
-            let mut rk = crate::engine::aesni::expand_enc(key);
+            let mut rk = crate::crypto::aes_ni::expand_enc(key);
             let inputs = [
                 [0u8; 16],
                 counter_block(rebind, 1),

@@ -1,16 +1,44 @@
 //! Thin wrappers over the primitives of PROTOCOL.md §2: AES-128 blocks, AES-128-GCM with the
 //! protocol's fixed nonces, HKDF-SHA256, constant-time comparison and the OS RNG.
-#![forbid(unsafe_code)]
+//!
+//! Beside them live the hand-written SIMD paths of these primitives, each with a portable
+//! fallback: [`block::FastAes128`] (AES-NI blocks for the cookie and for the `aes-gcm` crate's
+//! GCM of HANDSHAKE, DATA and host-link packets), [`gcm::SessionGcm`] (the REBIND session
+//! key's GCM: AES-NI + PCLMULQDQ) and [`sha256::compress_x2`] (two SHA-NI compressions
+//! interleaved, for the KDF), and the CPU probe and backend choice they and the trial engine
+//! ([`crate::engine`]) share ([`cpu`]). Each takes a [`Backend`] explicitly (`with_backend`,
+//! or [`sha256::compress_x2_with`]); their plain constructors use [`process_backend`], so
+//! `REBINDGW_AES_BACKEND=portable` switches every fast path of the process off, not only the
+//! trial engine's, without a rebuild.
+//!
+//! `unsafe` is confined to `aes_ni.rs`, `block.rs`, `gcm.rs` and `sha256.rs` (intrinsics,
+//! unaligned loads and stores).
 
-pub use crate::engine::block::FastAes128;
-use crate::engine::sha256::compress_x2;
+// `forbid` would also bind the SIMD child modules, which need `allow(unsafe_code)`;
+// `deny` keeps this file free of unsafe code while letting them opt in.
+#![deny(unsafe_code)]
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod aes_ni;
+pub mod block;
+pub mod cpu;
+pub mod gcm;
+pub mod sha256;
+
 use aes::cipher::consts::U12;
 use aes::cipher::{BlockCipherEncrypt, KeyInit};
 use aes_gcm::AesGcm;
 use aes_gcm::aead::AeadInOut;
+pub use block::FastAes128;
+pub use cpu::{
+    BACKEND_ENV, Backend, EngineError, backend_from_env, backend_from_value, process_backend,
+    process_backend_from_value,
+};
+use cpu::{cpu_features, fast_paths_allowed};
 use hkdf::Hkdf;
 use sha2::Sha256;
 use sha2::block_api::compress256;
+use sha256::compress_x2;
 use subtle::ConstantTimeEq;
 use zeroize::{Zeroize, ZeroizeOnDrop};
 

@@ -50,8 +50,8 @@ pub fn compress_x2_portable(
     compress256(b, std::slice::from_ref(b_block));
 }
 
-/// Whether the SHA-NI path runs under `backend` (the engine's one probe; SSE2 is x86_64's
-/// baseline).
+/// Whether the SHA-NI path runs under `backend` (the one CPU probe, [`super::cpu`]; SSE2 is
+/// x86_64's baseline).
 #[cfg(target_arch = "x86_64")]
 fn uses_sha_ni(backend: super::Backend) -> bool {
     super::fast_paths_allowed(backend) && super::cpu_features().sha_ni
@@ -215,7 +215,7 @@ mod shani {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::Backend;
+    use crate::crypto::Backend;
     use proptest::prelude::*;
 
     const SHA256_IV: [u32; 8] = [
@@ -362,7 +362,7 @@ mod tests {
                 !uses_sha_ni(Backend::Portable),
                 "portable must switch SHA-NI off"
             );
-            assert!(!uses_sha_ni(crate::engine::process_backend_from_value(
+            assert!(!uses_sha_ni(crate::crypto::process_backend_from_value(
                 Some("portable")
             )));
             if uses_sha_ni(Backend::AesNi) {

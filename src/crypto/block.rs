@@ -116,7 +116,7 @@ mod ni {
         /// The CPU must support AES-NI.
         pub(super) unsafe fn new(key: &[u8; 16]) -> EncKeys {
             // SAFETY: the caller guarantees AES-NI.
-            let ek = unsafe { super::super::aesni::expand_enc(key) };
+            let ek = unsafe { super::super::aes_ni::expand_enc(key) };
             let mut out = EncKeys([0; 11]);
             for (dst, k) in out.0.iter_mut().zip(ek) {
                 // SAFETY: `dst` is valid for a 16-byte write; storeu has no alignment need.
