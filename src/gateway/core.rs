@@ -1569,6 +1569,11 @@ mod tests {
                 })
                 .collect();
             self.worker.handle_batch(self.now, &rx, &mut self.tx);
+            self.drain()
+        }
+
+        /// What the core queued, emptying the queue.
+        fn drain(&mut self) -> Vec<(Via, SocketAddr, Vec<u8>)> {
             let out = self
                 .tx
                 .iter()
@@ -1581,13 +1586,7 @@ mod tests {
         /// Runs the worker's timer and returns what it queued.
         fn tick(&mut self) -> Vec<(Via, SocketAddr, Vec<u8>)> {
             self.worker.tick(self.now, &mut self.tx);
-            let out = self
-                .tx
-                .iter()
-                .map(|(m, b)| (m.via, m.to, b.to_vec()))
-                .collect();
-            self.tx.clear();
-            out
+            self.drain()
         }
 
         fn client(&mut self, from: SocketAddr, data: &[u8]) -> Vec<(Via, SocketAddr, Vec<u8>)> {
