@@ -103,12 +103,22 @@ pub fn check_private_file(path: &Path, file: &File) -> Result<(), SecretFileErro
         });
     }
     check_owner(path, &meta)?;
-    let mode = meta.mode() & 0o777;
+    owner_only(path, meta.mode(), |path, mode| SecretFileError::TooOpen {
+        path,
+        mode,
+    })
+}
+
+/// `Ok` when group and others have no permission bits in `mode`; else the error `too_open`
+/// builds from the path and the permission bits.
+fn owner_only(
+    path: &Path,
+    mode: u32,
+    too_open: fn(PathBuf, u32) -> SecretFileError,
+) -> Result<(), SecretFileError> {
+    let mode = mode & 0o777;
     if mode & 0o077 != 0 {
-        return Err(SecretFileError::TooOpen {
-            path: path.to_path_buf(),
-            mode,
-        });
+        return Err(too_open(path.to_path_buf(), mode));
     }
     Ok(())
 }
@@ -127,27 +137,19 @@ pub fn check_private_dir(path: &Path) -> Result<(), SecretFileError> {
         });
     }
     check_owner(path, &meta)?;
-    let mode = meta.mode() & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(SecretFileError::DirTooOpen {
-            path: path.to_path_buf(),
-            mode,
-        });
-    }
-    Ok(())
+    owner_only(path, meta.mode(), |path, mode| {
+        SecretFileError::DirTooOpen { path, mode }
+    })
 }
 
 /// Refuses files that group or others may read or write (a check by path, for files read
 /// by other tools; the key files here are checked on the open descriptor instead).
 pub fn check_private(path: &Path) -> Result<(), SecretFileError> {
-    let mode = fs::metadata(path).map_err(io_err(path))?.mode() & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(SecretFileError::TooOpen {
-            path: path.to_path_buf(),
-            mode,
-        });
-    }
-    Ok(())
+    owner_only(
+        path,
+        fs::metadata(path).map_err(io_err(path))?.mode(),
+        |path, mode| SecretFileError::TooOpen { path, mode },
+    )
 }
 
 /// Opens a secret file for reading without following a symbolic link, and checks it.
