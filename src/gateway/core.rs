@@ -25,19 +25,16 @@ use super::metrics::{C, H, WorkerMetrics};
 use super::ratelimit::{Limited, Limiter, Rate};
 use super::store::{StoreOp, StoredConn};
 use super::tx::{MAX_CLIENT_DATAGRAM, Rx, TxQueue, Via};
-use crate::engine::{TrialKeys, TrialOutput};
 use crate::hostlink::{
     self, Control as LinkMsg, HANDSHAKE_MAC_LEN, HandshakeMac, LinkError, LinkKey, LinkType,
     RegisterFailure, ReplayGuard,
 };
-use crate::keys::EpochKeys;
 use crate::rebind::RebindSecret;
-use crate::registry::{Freshness, HostId, Registry, RegistryError};
+use crate::registry::{HostId, Registry, RegistryError};
 use crate::table::{ConnRef, ConnRoute, ConnTable, ConnWriter, TupleTable, TupleWriter};
 use crate::time::{TICKS_PER_SECOND, Ticks, duration_ticks};
-use crate::verify::{
-    BatchItem, Keyed, Prechecked, RejectReason, derive_keys, open_keyed, precheck_batch,
-};
+pub use crate::verify::EpochCrypto;
+use crate::verify::{self, Outcome, Registries};
 use crate::wire::{
     HANDSHAKE_LEN, MAX_TUPLE_LEN, MsgType, Unrecognized, emit_tuple, unrecognized_len,
 };
@@ -142,12 +139,6 @@ pub struct Live {
     /// append hosts.
     pub hosts: Vec<HostPeer>,
     pub rates: Rates,
-}
-
-/// The keys of one accepted epoch, as the engine and cookie checks use them.
-pub struct EpochCrypto {
-    pub keys: EpochKeys,
-    pub trial: TrialKeys,
 }
 
 /// The current epoch and, during a rotation's grace period, the previous one.
@@ -524,7 +515,6 @@ pub struct WorkerCore {
     /// `Via::Client` index of the socket for IPv4 and for IPv6 clients.
     client_via: [Option<u8>; 2],
     rebinds: Vec<usize>,
-    trial_out: Vec<Option<TrialOutput>>,
     /// The gateway time issued for the current batch, once needed.
     issued: Option<Ticks>,
     /// The batch's wall clock in whole seconds, for [`Shared::touch`].
@@ -673,7 +663,6 @@ impl WorkerCore {
             ),
             client_via,
             rebinds: Vec::with_capacity(64),
-            trial_out: Vec::with_capacity(64),
             issued: None,
             secs: 0,
             recent_handshakes: RecentHandshakes::new(cfg.reply_slots),
@@ -890,139 +879,85 @@ impl WorkerCore {
             .get_or_insert_with(|| self.shared.issue_ticks(wall))
     }
 
+    /// Verifies the batch's REBINDs ([`verify::trial_batch`], then checks 5–7 under the
+    /// control lock taken once) and applies the outcomes: metrics, UNRECOGNIZED for those that
+    /// draw one, then REBOUND and the REBIND_ACK for the verified ones, in packet order.
     fn verify_rebinds(&mut self, wall: Ticks, rx: &[Rx<'_>], tx: &mut TxQueue) {
         let now = self.issued(wall);
         let epochs = self.epochs.clone();
-        let keys: Vec<&EpochKeys> = epochs.all().map(|e| &e.keys).collect();
-        let window = self.shared.window_ticks;
-        let slots = self.shared.cfg.slots;
-
-        // Checks 1–3 per packet.
-        let mut passed: Vec<(usize, Prechecked<'_>)> = Vec::with_capacity(self.rebinds.len());
+        let crypto: Vec<&EpochCrypto> = epochs.all().map(|e| &**e).collect();
         let rebinds = std::mem::take(&mut self.rebinds);
         let packets: Vec<(&[u8], &SocketAddr)> =
             rebinds.iter().map(|&i| (rx[i].data, &rx[i].from)).collect();
-        let prechecked = precheck_batch(&packets, now, window, slots, &keys);
-        for (&i, result) in rebinds.iter().zip(prechecked) {
-            let d = &rx[i];
-            match result {
-                Ok(p) => passed.push((i, p)),
-                Err(r) => {
-                    //= PROTOCOL.md §6: a cookie request is a REBIND of the right length whose
-                    //# bytes after the type are all zero; count it apart from real rejects.
-                    let cookie_request =
-                        r != RejectReason::Length && d.data[1..].iter().all(|b| *b == 0);
-                    self.metrics.inc(if cookie_request {
-                        C::CookieRequest
-                    } else {
-                        C::reject(r)
-                    });
-                    if r.draws_unrecognized() {
-                        self.unrecognized(now, d.via, d.from, d.data.len(), tx);
-                    }
+        let pending = verify::trial_batch(
+            &packets,
+            now,
+            self.shared.window_ticks,
+            self.shared.cfg.slots,
+            &crypto,
+        );
+        let outcomes = match pending.decided() {
+            Ok(outcomes) => outcomes,
+            Err(pending) => {
+                let shared = self.shared.clone();
+                let mut ctl = shared.control();
+                pending.finish(&mut self.committer(&mut ctl))
+            }
+        };
+        // Rejections first, as checks 1–3 decide them before any commit.
+        for (&i, outcome) in rebinds.iter().zip(&outcomes) {
+            if let Outcome::Rejected {
+                reason,
+                cookie_request,
+                unrecognized,
+            } = *outcome
+            {
+                let d = &rx[i];
+                self.metrics.inc(if cookie_request {
+                    C::CookieRequest
+                } else {
+                    C::reject(reason)
+                });
+                if unrecognized {
+                    self.unrecognized(now, d.via, d.from, d.data.len(), tx);
                 }
+            }
+        }
+        for (&i, outcome) in rebinds.iter().zip(&outcomes) {
+            let d = &rx[i];
+            let v = match *outcome {
+                Outcome::Rejected { .. } => continue,
+                Outcome::Accepted {
+                    rebind, host, old, ..
+                } => {
+                    self.send_rebound(host, rebind.conn_id, rebind.t, old, d.from, tx);
+                    self.metrics.inc(C::RebindAccepted);
+                    rebind
+                }
+                Outcome::Duplicate { rebind, .. } => {
+                    self.metrics.inc(C::RebindDuplicate);
+                    rebind
+                }
+            };
+            if tx.push_bytes(d.via, d.from, &v.ack) {
+                self.metrics.inc(C::TxClientAck);
+                self.metrics.add(C::TxClientBytes, v.ack.len() as u64);
             }
         }
         self.rebinds = rebinds;
-        if passed.is_empty() {
-            return;
-        }
-
-        // Check 4: one engine call per epoch for the whole batch.
-        self.trial_out.clear();
-        self.trial_out.resize(passed.len(), None);
-        for (e, crypto) in epochs.all().enumerate() {
-            let picked: Vec<usize> = (0..passed.len())
-                .filter(|&j| passed[j].1.epoch == e)
-                .collect();
-            if picked.is_empty() {
-                continue;
-            }
-            let inputs: Vec<_> = picked.iter().map(|&j| passed[j].1.trial_input()).collect();
-            let mut out = vec![None; inputs.len()];
-            crypto.trial.trial_batch(&inputs, &mut out);
-            for (&j, o) in picked.iter().zip(out) {
-                self.trial_out[j] = o;
-            }
-        }
-
-        // Checks 5–7 and the commit, under the control lock once for the batch: check 5,
-        // the early freshness rule and the KDF per epoch (two keys at a time), then checks
-        // 6–7 packet by packet, each seeing the commits before it.
-        let shared = self.shared.clone();
-        let mut ctl = shared.control();
-        let mut keyed: Vec<Option<Result<Keyed, RejectReason>>> =
-            (0..passed.len()).map(|_| None).collect();
-        for (e, state) in epochs.all().enumerate() {
-            let picked: Vec<usize> = (0..passed.len())
-                .filter(|&j| passed[j].1.epoch == e)
-                .collect();
-            let Some(registry) = ctl.registry_mut(state.keys.epoch()) else {
-                continue;
-            };
-            let items: Vec<BatchItem<'_, '_>> = picked
-                .iter()
-                .map(|&j| {
-                    let (i, pre) = &passed[j];
-                    (pre, self.trial_out[j].as_ref(), &rx[*i].from)
-                })
-                .collect();
-            for (&j, k) in picked.iter().zip(derive_keys(&items, registry)) {
-                keyed[j] = Some(k);
-            }
-        }
-        for (j, (i, pre)) in passed.iter().enumerate() {
-            let d = &rx[*i];
-            let epoch = keys[pre.epoch].epoch();
-            let (Some(registry), Some(k)) = (ctl.registry_mut(epoch), keyed[j].take()) else {
-                self.metrics.inc(C::RejectEpoch);
-                continue;
-            };
-            match k.and_then(|k| open_keyed(pre, &k, registry, &d.from)) {
-                Err(r) => self.metrics.inc(C::reject(r)),
-                Ok(v) => {
-                    if v.freshness == Freshness::Accept {
-                        self.commit_rebind(&mut ctl, epoch, v.index, v.t, d.from, tx);
-                        self.metrics.inc(C::RebindAccepted);
-                    } else {
-                        self.metrics.inc(C::RebindDuplicate);
-                    }
-                    if tx.push_bytes(d.via, d.from, &v.ack) {
-                        self.metrics.inc(C::TxClientAck);
-                        self.metrics.add(C::TxClientBytes, v.ack.len() as u64);
-                    }
-                }
-            }
-        }
     }
 
-    /// Binds connection `index` of `epoch` to `to` (§6, check 7, `t > L`).
-    fn commit_rebind(
+    /// Tells the host that a connection moved (§6, check 7, `t > L`). Sent from this
+    /// worker's host socket, so the host's replies now come here.
+    fn send_rebound(
         &mut self,
-        ctl: &mut Control,
-        epoch: u32,
-        index: u32,
+        host: HostId,
+        conn_id: u64,
         t: Ticks,
+        old: Option<SocketAddr>,
         to: SocketAddr,
         tx: &mut TxQueue,
     ) {
-        let Some(registry) = ctl.registry_mut(epoch) else {
-            return;
-        };
-        let Some(conn) = registry.get(index) else {
-            return;
-        };
-        let (conn_id, host) = (conn.conn_id, conn.host);
-        let old = registry.commit_rebind(index, t, to);
-        self.shared.touch(epoch as u8, index, self.secs);
-        self.bind_tuple(ctl, epoch, index, conn_id, host, old, to);
-        self.shared.persist(StoreOp::Rebind {
-            epoch,
-            index,
-            last_rebind: t,
-            tuple: to,
-        });
-        // Sent from this worker's host socket, so the host's replies now come here.
         if let Some(peer) = self.live.hosts.get(usize::from(host)) {
             let msg = LinkMsg::Rebound {
                 conn_id,
@@ -1041,11 +976,10 @@ impl WorkerCore {
         }
     }
 
-    /// Points the tables at `to` for a connection. A tuple belongs to at most one connection:
-    /// if a NAT handed `to` on from another connection, that connection loses it.
+    /// Points the tables at `to` for a connection (see [`Committer::bind_tuple`]).
     #[allow(clippy::too_many_arguments)]
     fn bind_tuple(
-        &mut self,
+        &self,
         ctl: &mut Control,
         epoch: u32,
         index: u32,
@@ -1054,44 +988,19 @@ impl WorkerCore {
         old: Option<SocketAddr>,
         to: SocketAddr,
     ) {
-        if let Some(old) = old.filter(|o| *o != to)
-            && ctl.tuples.get(&old).is_some_and(|r| r.conn_id == conn_id)
-        {
-            ctl.tuples.remove(&old);
+        self.committer(ctl)
+            .bind_tuple(epoch, index, conn_id, host, old, to);
+    }
+
+    /// The tables and store kept in step with `ctl`'s registries, by this worker.
+    fn committer<'a>(&'a self, ctl: &'a mut Control) -> Committer<'a> {
+        Committer {
+            ctl,
+            shared: &self.shared,
+            worker: self.id,
+            secs: self.secs,
+            metrics: &self.metrics,
         }
-        if let Some(prev) = ctl.tuples.get(&to).filter(|p| p.conn_id != conn_id) {
-            self.metrics.inc(C::TupleTakenOver);
-            if let Some((prev_epoch, reg)) = ctl.registry_by_byte(prev.epoch_byte) {
-                reg.unbind_tuple(prev.index);
-                self.shared.persist(StoreOp::Unbind {
-                    epoch: prev_epoch,
-                    index: prev.index,
-                });
-            }
-            if let Some(mut route) = ctl.conns.get(prev.conn_id) {
-                route.tuple = None;
-                let _ = ctl.conns.insert(prev.conn_id, route);
-            }
-        }
-        let cref = ConnRef {
-            conn_id,
-            index,
-            host,
-            owner: self.id,
-            epoch_byte: epoch as u8,
-        };
-        // Neither insert can overflow: each connection holds at most one tuple and one route.
-        let tuple = ctl.tuples.insert(to, cref).is_ok().then_some(to);
-        let _ = ctl.conns.insert(
-            conn_id,
-            ConnRoute {
-                tuple,
-                owner: self.id,
-                index,
-                epoch_byte: epoch as u8,
-                host,
-            },
-        );
     }
 
     fn host_datagram(&mut self, now: Ticks, d: &Rx<'_>, tx: &mut TxQueue) {
@@ -1482,13 +1391,108 @@ impl WorkerCore {
     }
 }
 
+/// The gateway's [`Registries`]: the registries under the control lock, with the tuple
+/// tables, the activity clock and the store kept in step at each commit.
+struct Committer<'a> {
+    ctl: &'a mut Control,
+    shared: &'a Shared,
+    /// The worker that commits: it becomes the connection's owner.
+    worker: u8,
+    secs: u32,
+    metrics: &'a WorkerMetrics,
+}
+
+impl Committer<'_> {
+    /// Points the tables at `to` for a connection. A tuple belongs to at most one connection:
+    /// if a NAT handed `to` on from another connection, that connection loses it.
+    fn bind_tuple(
+        &mut self,
+        epoch: u32,
+        index: u32,
+        conn_id: u64,
+        host: HostId,
+        old: Option<SocketAddr>,
+        to: SocketAddr,
+    ) {
+        if let Some(old) = old.filter(|o| *o != to)
+            && self
+                .ctl
+                .tuples
+                .get(&old)
+                .is_some_and(|r| r.conn_id == conn_id)
+        {
+            self.ctl.tuples.remove(&old);
+        }
+        if let Some(prev) = self.ctl.tuples.get(&to).filter(|p| p.conn_id != conn_id) {
+            self.metrics.inc(C::TupleTakenOver);
+            if let Some((prev_epoch, reg)) = self.ctl.registry_by_byte(prev.epoch_byte) {
+                reg.unbind_tuple(prev.index);
+                self.shared.persist(StoreOp::Unbind {
+                    epoch: prev_epoch,
+                    index: prev.index,
+                });
+            }
+            if let Some(mut route) = self.ctl.conns.get(prev.conn_id) {
+                route.tuple = None;
+                let _ = self.ctl.conns.insert(prev.conn_id, route);
+            }
+        }
+        let cref = ConnRef {
+            conn_id,
+            index,
+            host,
+            owner: self.worker,
+            epoch_byte: epoch as u8,
+        };
+        // Neither insert can overflow: each connection holds at most one tuple and one route.
+        let tuple = self.ctl.tuples.insert(to, cref).is_ok().then_some(to);
+        let _ = self.ctl.conns.insert(
+            conn_id,
+            ConnRoute {
+                tuple,
+                owner: self.worker,
+                index,
+                epoch_byte: epoch as u8,
+                host,
+            },
+        );
+    }
+}
+
+impl Registries for Committer<'_> {
+    fn registry(&self, epoch: u32) -> Option<&Registry> {
+        self.ctl
+            .registries
+            .iter()
+            .find(|(e, _)| *e == epoch)
+            .map(|(_, r)| r)
+    }
+
+    /// Binds connection `index` of `epoch` to `to` (§6, check 7, `t > L`).
+    fn commit(&mut self, epoch: u32, index: u32, t: Ticks, to: SocketAddr) -> Option<SocketAddr> {
+        let registry = self.ctl.registry_mut(epoch)?;
+        let conn = registry.get(index)?;
+        let (conn_id, host) = (conn.conn_id, conn.host);
+        let old = registry.commit_rebind(index, t, to);
+        self.shared.touch(epoch as u8, index, self.secs);
+        self.bind_tuple(epoch, index, conn_id, host, old, to);
+        self.shared.persist(StoreOp::Rebind {
+            epoch,
+            index,
+            last_rebind: t,
+            tuple: to,
+        });
+        old
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::Backend;
     use crate::engine::gcm::SessionGcm;
+    use crate::engine::{Backend, TrialKeys};
     use crate::hostlink::LinkKey;
-    use crate::keys::MasterSecret;
+    use crate::keys::{EpochKeys, MasterSecret};
     use crate::rebind::{
         RebindCredentials, RebindSecret, build_rebind, cookie_request, fresh_nonces,
     };
