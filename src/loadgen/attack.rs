@@ -108,9 +108,7 @@ pub fn wrong_slot(victim: &HandshakeReply, u: &Unrecognized, slot: usize) -> Vec
 pub fn recookie(captured: &[u8], u: &Unrecognized) -> Option<Vec<u8>> {
     wire::slots_for_rebind_len(captured.len())?;
     let mut out = captured.to_vec();
-    out[1] = u.epoch_byte;
-    out[2..10].copy_from_slice(&u.t.0.to_be_bytes());
-    out[10..26].copy_from_slice(&u.cookie);
+    wire::emit_rebind_prefix(&mut out, u.epoch_byte, u.t, &u.cookie);
     Some(out)
 }
 
