@@ -3,7 +3,6 @@
 //! host datagrams (replies and control messages go on to `hostlink.rs`).
 #![forbid(unsafe_code)]
 
-use super::WorkerCore;
 use std::net::SocketAddr;
 
 use crate::gateway::metrics::{C, H, WorkerMetrics};
@@ -14,6 +13,8 @@ use crate::registry::HostId;
 use crate::table::{ConnRef, ConnRoute};
 use crate::time::Ticks;
 use crate::wire::{MsgType, Unrecognized, unrecognized_len};
+
+use super::WorkerCore;
 
 impl WorkerCore {
     pub(super) fn client_datagram(&mut self, now: Ticks, d: &Rx<'_>, tx: &mut TxQueue) {

@@ -2,8 +2,6 @@
 //! control messages (REGISTER, CLOSE, HELLO), host restarts and idle expiry.
 #![forbid(unsafe_code)]
 
-use super::shared::{Control, HostBoot, RECENT_REGISTERS, RecentRegister};
-use super::{WorkerCore, secs};
 use std::hash::Hasher;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -18,6 +16,9 @@ use crate::hostlink::{self, Control as LinkMsg, HANDSHAKE_MAC_LEN, RegisterFailu
 use crate::registry::{HostId, RegistryError};
 use crate::time::Ticks;
 use crate::wire::{HANDSHAKE_LEN, MAX_TUPLE_LEN, emit_tuple};
+
+use super::shared::{Control, HostBoot, RECENT_REGISTERS, RecentRegister};
+use super::{WorkerCore, secs};
 
 /// How long a forwarded HANDSHAKE lets its host answer the tuple: the host answers within
 /// its REGISTER retries (2.5 s at most).

@@ -3,8 +3,6 @@
 //! REBIND_ACK or UNRECOGNIZED to the client.
 #![forbid(unsafe_code)]
 
-use super::WorkerCore;
-use super::shared::{Control, Shared};
 use std::net::SocketAddr;
 
 use crate::gateway::metrics::{C, H, WorkerMetrics};
@@ -14,8 +12,10 @@ use crate::hostlink::Control as LinkMsg;
 use crate::registry::{HostId, Registry};
 use crate::table::{ConnRef, ConnRoute};
 use crate::time::Ticks;
-use crate::verify::EpochCrypto;
-use crate::verify::{self, Outcome, Registries};
+use crate::verify::{self, EpochCrypto, Outcome, Registries};
+
+use super::WorkerCore;
+use super::shared::{Control, Shared};
 
 impl WorkerCore {
     /// Verifies the batch's REBINDs ([`verify::trial_batch`], then checks 5–7 under the

@@ -2,7 +2,6 @@
 //! settings behind generation counters, and the slow-path [`Control`] state behind one mutex.
 #![forbid(unsafe_code)]
 
-use super::{CoreConfig, HostPeer, Rates, secs};
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
@@ -19,6 +18,8 @@ use crate::registry::{HostId, Registry, RegistryError};
 use crate::table::{ConnRef, ConnRoute, ConnTable, ConnWriter, TupleTable, TupleWriter};
 use crate::time::{Ticks, duration_ticks};
 use crate::verify::EpochCrypto;
+
+use super::{CoreConfig, HostPeer, Rates, secs};
 
 /// A host's boot id as the gateway knows it, and the `sent` time of the HELLO that set it
 /// (zero when it was taken from another message, e.g. after a gateway restart).
