@@ -3,7 +3,8 @@
 //! [`TxQueue`]; it never touches a socket or the clock.
 //!
 //! State is split by how often it changes:
-//! - the fast-path tables ([`TupleTable`], [`ConnTable`]) are read lock-free by every worker;
+//! - the fast-path tables ([`TupleTable`](crate::table::TupleTable),
+//!   [`ConnTable`](crate::table::ConnTable)) are read lock-free by every worker;
 //! - the epoch keys are read through a per-worker `Arc` snapshot, refreshed when a generation
 //!   counter moves;
 //! - the registries and the tables' writers sit in [`Control`] behind one mutex, taken only on
