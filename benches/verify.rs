@@ -18,12 +18,12 @@ use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use hkdf::Hkdf;
-use rebindgw::engine::{Backend, TrialKeys, TrialOutput};
+use rebindgw::engine::{Backend, TrialKeys};
 use rebindgw::keys::{EpochKeys, MasterSecret};
 use rebindgw::rebind::{RebindCredentials, RebindSecret, build_rebind};
 use rebindgw::registry::Registry;
 use rebindgw::time::{TICKS_PER_SECOND, Ticks};
-use rebindgw::verify::{BatchItem, Prechecked, derive_keys, open_keyed, precheck, precheck_batch};
+use rebindgw::verify::{EpochCrypto, ReadOnly, precheck, verify_batch};
 use sha2::Sha256;
 
 const S: usize = 16;
@@ -73,58 +73,37 @@ fn world() -> World {
     }
 }
 
-/// precheck → one trial batch → KDFs two at a time → open, as `gateway::core` runs it.
-/// Returns the accepted count.
-fn pipeline(
-    w: &World,
-    trial: &TrialKeys,
-    batch: &[(SocketAddr, Vec<u8>)],
-    out: &mut Vec<Option<TrialOutput>>,
-) -> usize {
-    let keys = [&w.keys];
+/// The gateway's path (`verify::verify_batch`: precheck → one trial batch → KDFs two at a
+/// time → open), against the registry without committing. Returns the verified count.
+fn pipeline(w: &World, crypto: &EpochCrypto, batch: &[(SocketAddr, Vec<u8>)]) -> usize {
     let packets: Vec<(&[u8], &SocketAddr)> = batch.iter().map(|(f, d)| (&d[..], f)).collect();
-    let passed: Vec<(usize, Prechecked<'_>)> =
-        precheck_batch(&packets, Ticks(NOW), WINDOW, S, &keys)
-            .into_iter()
-            .enumerate()
-            .filter_map(|(i, p)| p.ok().map(|p| (i, p)))
-            .collect();
-    if passed.is_empty() {
-        return 0;
-    }
-    let inputs: Vec<_> = passed.iter().map(|(_, p)| p.trial_input()).collect();
-    out.clear();
-    out.resize(inputs.len(), None);
-    trial.trial_batch(&inputs, out);
-    let items: Vec<BatchItem<'_, '_>> = passed
+    let mut registry = ReadOnly(&w.registry);
+    verify_batch(&packets, Ticks(NOW), WINDOW, S, &[crypto], &mut registry)
         .iter()
-        .zip(out.iter())
-        .map(|((i, p), o)| (p, o.as_ref(), &batch[*i].0))
-        .collect();
-    derive_keys(&items, &w.registry)
-        .into_iter()
-        .zip(&items)
-        .filter(|(k, (p, _, from))| {
-            k.as_ref()
-                .is_ok_and(|k| open_keyed(p, k, &w.registry, from).is_ok())
-        })
+        .filter(|o| o.verified().is_some())
         .count()
+}
+
+/// The epoch's keys and engine keys for `backend`.
+fn epoch_crypto(backend: Backend) -> EpochCrypto {
+    let keys = EpochKeys::derive(&MasterSecret::from_bytes([7; 32]), 1, S).unwrap();
+    let trial = TrialKeys::new(backend, keys.slot_key_pairs()).unwrap();
+    EpochCrypto::new(keys, trial)
 }
 
 fn full_verify(c: &mut Criterion) {
     let w = world();
     let mut g = c.benchmark_group("full_verify");
     g.throughput(Throughput::Elements(BATCH as u64));
-    let mut out = Vec::with_capacity(BATCH);
     for backend in Backend::all_supported() {
-        let trial = TrialKeys::new(backend, w.keys.slot_key_pairs()).unwrap();
+        let trial = epoch_crypto(backend);
         assert_eq!(
-            pipeline(&w, &trial, &w.valid, &mut out),
+            pipeline(&w, &trial, &w.valid),
             BATCH,
             "every REBIND verifies"
         );
         g.bench_function(BenchmarkId::new("pipeline", backend.name()), |b| {
-            b.iter(|| black_box(pipeline(&w, &trial, black_box(&w.valid), &mut out)))
+            b.iter(|| black_box(pipeline(&w, &trial, black_box(&w.valid))))
         });
     }
     // Baseline for the KDF share: the session key with the hkdf crate, keyed from R each time.
@@ -154,8 +133,7 @@ fn full_verify(c: &mut Criterion) {
 
 fn rejects(c: &mut Criterion) {
     let mut w = world();
-    let trial = TrialKeys::new(Backend::best(), w.keys.slot_key_pairs()).unwrap();
-    let mut out = Vec::with_capacity(BATCH);
+    let trial = epoch_crypto(Backend::best());
 
     // Garbage: random bytes of the right length and type.
     let mut x = 0x1234_5678_9abc_def0u64;
@@ -184,13 +162,13 @@ fn rejects(c: &mut Criterion) {
         w.registry
             .commit_rebind(index, t, SocketAddr::from(([192, 0, 2, 1], 1)));
     }
-    assert_eq!(pipeline(&w, &trial, &replay, &mut out), 0);
-    assert_eq!(pipeline(&w, &trial, &garbage, &mut out), 0);
+    assert_eq!(pipeline(&w, &trial, &replay), 0);
+    assert_eq!(pipeline(&w, &trial, &garbage), 0);
 
     let mut g = c.benchmark_group("reject");
     g.throughput(Throughput::Elements(BATCH as u64));
     g.bench_function("garbage", |b| {
-        b.iter(|| black_box(pipeline(&w, &trial, black_box(&garbage), &mut out)))
+        b.iter(|| black_box(pipeline(&w, &trial, black_box(&garbage))))
     });
     g.bench_function("stale", |b| {
         let keys = [&w.keys];
@@ -202,7 +180,7 @@ fn rejects(c: &mut Criterion) {
         })
     });
     g.bench_function("replay_in_window", |b| {
-        b.iter(|| black_box(pipeline(&w, &trial, black_box(&replay), &mut out)))
+        b.iter(|| black_box(pipeline(&w, &trial, black_box(&replay))))
     });
     g.finish();
 }

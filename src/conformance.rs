@@ -14,8 +14,9 @@ use serde_json::Value;
 use crate::engine::{Backend, TrialKeys};
 use crate::keys::{EpochKeys, MasterSecret};
 use crate::rebind::{RebindCredentials, RebindKdf, RebindSecret, build_rebind};
+use crate::registry::Registry;
 use crate::time::Ticks;
-use crate::verify::{EpochState, RejectReason, verify_one};
+use crate::verify::{EpochCrypto, RejectReason, verify_one};
 use crate::wire::{
     ClientCredentials, DataView, HandshakeReply, HandshakeView, Unrecognized, build_handshake,
     build_handshake_reply, open_handshake, open_handshake_reply, seal_data,
@@ -360,13 +361,15 @@ pub fn check_json(text: &str, backend: Backend) -> Res<Report> {
                 };
                 let (built, _) = build_rebind(&creds, keys.epoch_byte(), t, &got_cookie, &nonces);
                 expect_eq("rebind datagram", &rebind, &built)?;
-                let mut state = gateway_state(keys, backend)?;
-                state
-                    .registry
+                let state = gateway_state(keys, backend)?;
+                let mut registry = Registry::new(slots);
+                registry
                     .restore(index, conn_id, &secret, Ticks(0), None, 0)
                     .map_err(|e| e.to_string())?;
-                let (_, verified) = verify_one(&rebind, &from, now, window, slots, &[&state])
-                    .map_err(|r| format!("gateway rejected the rebind at check `{r}`"))?;
+                let verified =
+                    verify_one(&rebind, &from, now, window, slots, &[&state], &mut registry)
+                        .into_result()
+                        .map_err(|r| format!("gateway rejected the rebind at check `{r}`"))?;
                 if verified.index != index || verified.conn_id != conn_id {
                     return Err(format!(
                         "gateway recovered index {} conn_id {}",
@@ -408,14 +411,16 @@ pub fn check_json(text: &str, backend: Backend) -> Res<Report> {
             path.clone(),
             (|| {
                 let keys = EpochKeys::derive(&master, epoch, slots).map_err(|e| e.to_string())?;
-                let mut state = gateway_state(keys, backend)?;
+                let state = gateway_state(keys, backend)?;
+                let mut registry = Registry::new(slots);
                 for (index, conn_id, secret, last) in &conns {
-                    state
-                        .registry
+                    registry
                         .restore(*index, *conn_id, secret, *last, None, 0)
                         .map_err(|e| e.to_string())?;
                 }
-                match verify_one(&rebind, &from, now, window, slots, &[&state]) {
+                let outcome =
+                    verify_one(&rebind, &from, now, window, slots, &[&state], &mut registry);
+                match outcome.into_result() {
                     Ok(_) => Err(format!("accepted; expected rejection at `{expected}`")),
                     Err(r) if r == expected => Ok(()),
                     Err(r) => Err(format!("rejected at `{r}`, expected `{expected}`")),
@@ -524,9 +529,9 @@ const SECTIONS: [&str; 7] = [
     "data",
 ];
 
-fn gateway_state(keys: EpochKeys, backend: Backend) -> Result<EpochState, String> {
+fn gateway_state(keys: EpochKeys, backend: Backend) -> Result<EpochCrypto, String> {
     let trial = TrialKeys::new(backend, keys.slot_key_pairs()).map_err(|e| e.to_string())?;
-    Ok(EpochState::new(keys, trial))
+    Ok(EpochCrypto::new(keys, trial))
 }
 
 #[cfg(test)]

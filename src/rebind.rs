@@ -13,7 +13,7 @@ use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
 use crate::crypto::{self, HmacSha256Midstate};
 use crate::time::Ticks;
-use crate::wire::{MAX_SLOTS, MsgType, rebind_len};
+use crate::wire::{MAX_SLOTS, MsgType, REBIND_SLOTS_AT, emit_rebind_prefix, rebind_len};
 
 /// A connection's 32-byte rebind secret `R`, made by the gateway at registration.
 #[derive(Clone, PartialEq, Eq, Zeroize, ZeroizeOnDrop)]
@@ -124,14 +124,10 @@ pub fn build_rebind(
         "one nonce per slot key, 1..=32 of them"
     );
     let mut out = vec![0u8; rebind_len(s)];
-    out[0] = MsgType::Rebind as u8;
-    out[1] = epoch_byte;
-    out[2..10].copy_from_slice(&t.0.to_be_bytes());
-    out[10..26].copy_from_slice(cookie);
+    emit_rebind_prefix(&mut out, epoch_byte, t, cookie);
     for (i, (key, nonce)) in creds.slot_keys.iter().zip(nonces).enumerate() {
-        let block: &mut [u8; 16] = (&mut out[26 + 16 * i..42 + 16 * i])
-            .try_into()
-            .expect("16-byte slot");
+        let at = REBIND_SLOTS_AT + 16 * i;
+        let block: &mut [u8; 16] = (&mut out[at..at + 16]).try_into().expect("16-byte slot");
         block[..8].copy_from_slice(nonce);
         block[8..].copy_from_slice(&t.0.to_be_bytes());
         crypto::aes_encrypt_block(&crypto::aes128(key), block);

@@ -1,8 +1,14 @@
 //! Gateway-side REBIND verification, every check of PROTOCOL.md §6 in order, cheap ones first.
 //!
-//! Verification is split around the trial-decryption engine so the gateway can batch it:
-//! [`precheck`] runs checks 1–3 per packet, the engine runs check 4 over the whole batch, and
-//! [`finish`] runs checks 5–7. [`verify_one`] chains them for a single packet.
+//! One path for every caller (the gateway's workers, `rebindgw conformance`, the fuzz targets):
+//! [`verify_batch`] takes a batch of REBINDs and returns one [`Outcome`] per packet, and
+//! commits the accepted ones through [`Registries`] as it goes; the caller applies the
+//! effects (tables, store, REBOUND, the REBIND_ACK). Inside, the batch is grouped by epoch
+//! once: [`trial_batch`] runs checks 1–3 (the cookies eight at a time, [`precheck_batch`])
+//! and one engine call per epoch (check 4), touching no registry; [`Pending::finish`] runs
+//! check 5, the early freshness rule and the KDFs two at a time per epoch, then checks 6–7
+//! packet by packet, each seeing the commits of the REBINDs before it.
+//! [`verify_one`] is the same path for a single packet.
 #![forbid(unsafe_code)]
 
 use std::net::SocketAddr;
@@ -14,7 +20,7 @@ use crate::crypto::gcm::{SessionGcm, SessionNonce};
 use crate::engine::{TrialInput, TrialKeys, TrialOutput};
 use crate::keys::EpochKeys;
 use crate::rebind::RebindKdf;
-use crate::registry::{Conn, Freshness, Registry};
+use crate::registry::{Conn, Freshness, HostId, Registry};
 use crate::time::Ticks;
 use crate::wire::{REBIND_ACK_LEN, RebindView, build_rebind_ack};
 
@@ -89,20 +95,126 @@ impl std::fmt::Display for RejectReason {
     }
 }
 
-/// The keys, engine keys and registry of one accepted epoch.
-pub struct EpochState {
+/// The keys of one accepted epoch, as the cookie checks and the trial-decryption engine use
+/// them. Its registry is held apart (the gateway keeps it under its control lock): see
+/// [`Registries`].
+pub struct EpochCrypto {
     pub keys: EpochKeys,
     pub trial: TrialKeys,
-    pub registry: Registry,
 }
 
-impl EpochState {
+impl EpochCrypto {
     pub fn new(keys: EpochKeys, trial: TrialKeys) -> Self {
-        let registry = Registry::new(keys.slots());
-        EpochState {
-            keys,
-            trial,
-            registry,
+        EpochCrypto { keys, trial }
+    }
+}
+
+/// The registries [`verify_batch`] checks against, and the commit of an accepted REBIND.
+///
+/// The commit happens between the per-packet checks 6–7, so a later REBIND of the same batch
+/// sees it (its `L` and tuple). An implementation keeps whatever else it holds in step with
+/// the registry there (the gateway: its tuple tables and the store).
+pub trait Registries {
+    /// The registry of epoch `epoch`, if it is still held.
+    fn registry(&self, epoch: u32) -> Option<&Registry>;
+    /// Check 7, `t > L`: sets `L = t` for connection `index` of `epoch` and binds it to `to`
+    /// ([`Registry::commit_rebind`]). Returns the tuple it was bound to before.
+    fn commit(&mut self, epoch: u32, index: u32, t: Ticks, to: SocketAddr) -> Option<SocketAddr>;
+}
+
+/// A lone registry serves whichever epoch is asked: for callers that hold one epoch.
+impl Registries for Registry {
+    fn registry(&self, _epoch: u32) -> Option<&Registry> {
+        Some(self)
+    }
+
+    fn commit(&mut self, _epoch: u32, index: u32, t: Ticks, to: SocketAddr) -> Option<SocketAddr> {
+        self.commit_rebind(index, t, to)
+    }
+}
+
+/// A registry checked against but never changed: an accepted REBIND is reported as
+/// [`Outcome::Accepted`], but its `L` and tuple stay as they were (benchmarks, and tests that
+/// verify one packet several ways).
+pub struct ReadOnly<'r>(pub &'r Registry);
+
+impl Registries for ReadOnly<'_> {
+    fn registry(&self, _epoch: u32) -> Option<&Registry> {
+        Some(self.0)
+    }
+
+    fn commit(
+        &mut self,
+        _epoch: u32,
+        index: u32,
+        _t: Ticks,
+        _to: SocketAddr,
+    ) -> Option<SocketAddr> {
+        self.0.get(index).and_then(|c| c.tuple())
+    }
+}
+
+/// What became of one REBIND of a batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Every check passed and `t > L`: committed through [`Registries::commit`] before the
+    /// next REBIND of the batch was checked. Answer with `rebind.ack` (and tell the host).
+    Accepted {
+        /// The epoch number of the connection.
+        epoch: u32,
+        rebind: Verified,
+        /// The connection's host, as its registry names it.
+        host: HostId,
+        /// The tuple the connection was bound to before.
+        old: Option<SocketAddr>,
+    },
+    /// Every check passed, `t == L` from the connection's tuple: answer with the same
+    /// REBIND_ACK again, change nothing.
+    Duplicate { epoch: u32, rebind: Verified },
+    /// Refused at the first check that failed.
+    Rejected {
+        reason: RejectReason,
+        /// A cookie request (§6: the right length, every byte after the type zero).
+        cookie_request: bool,
+        /// Whether the REBIND draws a fresh UNRECOGNIZED for its source (§6: failed at
+        /// check 1 for its epoch, at check 2 or at check 3).
+        unrecognized: bool,
+    },
+}
+
+impl Outcome {
+    /// The verified REBIND of an accepted or duplicate outcome.
+    pub fn verified(&self) -> Option<&Verified> {
+        match self {
+            Outcome::Accepted { rebind, .. } | Outcome::Duplicate { rebind, .. } => Some(rebind),
+            Outcome::Rejected { .. } => None,
+        }
+    }
+
+    /// The verified REBIND, or the check it failed.
+    pub fn into_result(self) -> Result<Verified, RejectReason> {
+        match self {
+            Outcome::Accepted { rebind, .. } | Outcome::Duplicate { rebind, .. } => Ok(rebind),
+            Outcome::Rejected { reason, .. } => Err(reason),
+        }
+    }
+
+    /// Whether the REBIND draws a fresh UNRECOGNIZED (under the limits of §5).
+    pub fn draws_unrecognized(&self) -> bool {
+        matches!(
+            self,
+            Outcome::Rejected {
+                unrecognized: true,
+                ..
+            }
+        )
+    }
+
+    fn rejected(reason: RejectReason) -> Outcome {
+        Outcome::Rejected {
+            reason,
+            cookie_request: false,
+            unrecognized: false,
         }
     }
 }
@@ -237,16 +349,16 @@ pub struct Verified {
 }
 
 /// A REBIND that passed check 5 and the early freshness rule, with its session key `k`.
-/// It borrows nothing, so the caller may commit other REBINDs before [`open_keyed`].
-pub struct Keyed {
-    pub index: u32,
-    pub conn_id: u64,
+/// It borrows nothing, so other REBINDs may be committed before [`open_keyed`].
+struct Keyed {
+    index: u32,
+    conn_id: u64,
     key: Zeroizing<[u8; 16]>,
 }
 
 /// One REBIND of a batch as [`derive_keys`] takes it: prechecked, its trial result, its
 /// source.
-pub type BatchItem<'p, 'd> = (&'p Prechecked<'d>, Option<&'p TrialOutput>, &'p SocketAddr);
+type BatchItem<'p, 'd> = (&'p Prechecked<'d>, Option<&'p TrialOutput>, &'p SocketAddr);
 
 /// Check 5 and the freshness rule ahead of the KDF: the connection and its nonces.
 fn lookup<'r, 'p>(
@@ -271,7 +383,7 @@ fn lookup<'r, 'p>(
 /// Check 5, the early freshness rule and the KDF for a batch of one epoch: session keys
 /// are derived two at a time ([`RebindKdf::session_keys_x2`]), which costs about one.
 /// Changes nothing; one result per item, in order.
-pub fn derive_keys(
+fn derive_keys(
     items: &[BatchItem<'_, '_>],
     registry: &Registry,
 ) -> Vec<Result<Keyed, RejectReason>> {
@@ -312,7 +424,7 @@ pub fn derive_keys(
 /// Checks 6 and 7 for a keyed REBIND, against the registry as it is now (an earlier REBIND
 /// of the same batch may have moved `L`). Changes nothing: on `Accept` the caller commits
 /// with [`Registry::commit_rebind`] and moves the tuple.
-pub fn open_keyed(
+fn open_keyed(
     pre: &Prechecked<'_>,
     keyed: &Keyed,
     registry: &Registry,
@@ -351,7 +463,8 @@ pub fn open_keyed(
 
 /// Checks 5–7 for one prechecked REBIND and its trial result ([`derive_keys`] then
 /// [`open_keyed`]). Changes nothing.
-pub fn finish(
+#[cfg(test)]
+fn finish(
     pre: &Prechecked<'_>,
     trial: Option<&TrialOutput>,
     registry: &Registry,
@@ -363,20 +476,177 @@ pub fn finish(
     open_keyed(pre, &keyed?, registry, from)
 }
 
-/// All checks for one REBIND, with the engine called for this packet alone.
+/// A batch of REBINDs after checks 1–4, which need no registry ([`trial_batch`]). Checks
+/// 5–7 and the commits follow in [`Pending::finish`].
+pub struct Pending<'p, 'a> {
+    packets: &'p [(&'a [u8], &'a SocketAddr)],
+    /// One per packet; a placeholder for those in `passed`.
+    outcomes: Vec<Outcome>,
+    /// The packets that passed checks 1–3 (position in `packets`), in order.
+    passed: Vec<(usize, Prechecked<'a>)>,
+    /// Check 4 for each of `passed`.
+    trials: Vec<Option<TrialOutput>>,
+    /// `passed` grouped by epoch: the epoch number and positions in `passed`, per epoch.
+    groups: Vec<(u32, Vec<usize>)>,
+}
+
+/// Checks 1–4 for a batch of `(datagram, source)`: checks 1–2 per packet, the cookies eight
+/// at a time ([`precheck_batch`]), then one engine call per epoch over the survivors.
+/// Touches no registry, so the gateway runs it outside its control lock.
+pub fn trial_batch<'p, 'a>(
+    packets: &'p [(&'a [u8], &'a SocketAddr)],
+    now: Ticks,
+    window_ticks: u64,
+    slots: usize,
+    epochs: &[&EpochCrypto],
+) -> Pending<'p, 'a> {
+    let keys: Vec<&EpochKeys> = epochs.iter().map(|e| &e.keys).collect();
+    let mut outcomes = Vec::with_capacity(packets.len());
+    let mut passed = Vec::with_capacity(packets.len());
+    for (i, result) in precheck_batch(packets, now, window_ticks, slots, &keys)
+        .into_iter()
+        .enumerate()
+    {
+        match result {
+            Ok(p) => {
+                passed.push((i, p));
+                outcomes.push(Outcome::rejected(RejectReason::Trial));
+            }
+            Err(reason) => outcomes.push(Outcome::Rejected {
+                reason,
+                //= PROTOCOL.md §6: a cookie request is a REBIND of the right length whose
+                //# bytes after the type are all zero; count it apart from real rejects.
+                cookie_request: RebindView::new_checked(packets[i].0, slots)
+                    .is_ok_and(|v| v.is_cookie_request()),
+                unrecognized: reason.draws_unrecognized(),
+            }),
+        }
+    }
+    let mut trials = vec![None; passed.len()];
+    let mut groups = Vec::new();
+    if !passed.is_empty() {
+        for (e, crypto) in epochs.iter().enumerate() {
+            let picked: Vec<usize> = (0..passed.len())
+                .filter(|&j| passed[j].1.epoch == e)
+                .collect();
+            if picked.is_empty() {
+                continue;
+            }
+            let inputs: Vec<_> = picked.iter().map(|&j| passed[j].1.trial_input()).collect();
+            let mut out = vec![None; inputs.len()];
+            crypto.trial.trial_batch(&inputs, &mut out);
+            for (&j, o) in picked.iter().zip(out) {
+                trials[j] = o;
+            }
+            groups.push((crypto.keys.epoch(), picked));
+        }
+    }
+    Pending {
+        packets,
+        outcomes,
+        passed,
+        trials,
+        groups,
+    }
+}
+
+impl Pending<'_, '_> {
+    /// The outcomes, if checks 1–3 already decided every REBIND (no registry needed).
+    pub fn decided(self) -> Result<Vec<Outcome>, Self> {
+        if self.passed.is_empty() {
+            Ok(self.outcomes)
+        } else {
+            Err(self)
+        }
+    }
+
+    /// Checks 5–7 and the commits: check 5, the early freshness rule and the KDF per epoch
+    /// (two keys at a time), then checks 6–7 packet by packet, each accepted REBIND committed
+    /// through `registries` before the next is checked. One outcome per packet, in order.
+    pub fn finish(mut self, registries: &mut impl Registries) -> Vec<Outcome> {
+        let mut keyed: Vec<Option<Result<Keyed, RejectReason>>> =
+            (0..self.passed.len()).map(|_| None).collect();
+        // Epoch number of each of `passed`.
+        let mut epoch_of = vec![0u32; self.passed.len()];
+        for (epoch, picked) in &self.groups {
+            for &j in picked {
+                epoch_of[j] = *epoch;
+            }
+            let Some(registry) = registries.registry(*epoch) else {
+                continue;
+            };
+            let items: Vec<BatchItem<'_, '_>> = picked
+                .iter()
+                .map(|&j| {
+                    let (i, pre) = &self.passed[j];
+                    (pre, self.trials[j].as_ref(), self.packets[*i].1)
+                })
+                .collect();
+            for (&j, k) in picked.iter().zip(derive_keys(&items, registry)) {
+                keyed[j] = Some(k);
+            }
+        }
+        for (j, (i, pre)) in self.passed.iter().enumerate() {
+            let from = self.packets[*i].1;
+            let epoch = epoch_of[j];
+            let (Some(registry), Some(k)) = (registries.registry(epoch), keyed[j].take()) else {
+                self.outcomes[*i] = Outcome::rejected(RejectReason::Epoch);
+                continue;
+            };
+            let verified = k.and_then(|k| open_keyed(pre, &k, registry, from));
+            self.outcomes[*i] = match verified {
+                Err(r) => Outcome::rejected(r),
+                Ok(rebind) if rebind.freshness == Freshness::Accept => {
+                    let host = registry.get(rebind.index).map_or(0, |c| c.host);
+                    let old = registries.commit(epoch, rebind.index, rebind.t, *from);
+                    Outcome::Accepted {
+                        epoch,
+                        rebind,
+                        host,
+                        old,
+                    }
+                }
+                Ok(rebind) => Outcome::Duplicate { epoch, rebind },
+            };
+        }
+        self.outcomes
+    }
+}
+
+/// Every check of §6 for a batch of `(datagram, source)`: [`trial_batch`] then
+/// [`Pending::finish`]. One outcome per packet, in order; accepted REBINDs are committed.
+pub fn verify_batch(
+    packets: &[(&[u8], &SocketAddr)],
+    now: Ticks,
+    window_ticks: u64,
+    slots: usize,
+    epochs: &[&EpochCrypto],
+    registries: &mut impl Registries,
+) -> Vec<Outcome> {
+    trial_batch(packets, now, window_ticks, slots, epochs).finish(registries)
+}
+
+/// [`verify_batch`] for one REBIND.
 pub fn verify_one(
     datagram: &[u8],
     from: &SocketAddr,
     now: Ticks,
     window_ticks: u64,
     slots: usize,
-    epochs: &[&EpochState],
-) -> Result<(usize, Verified), RejectReason> {
-    let keys: Vec<&EpochKeys> = epochs.iter().map(|e| &e.keys).collect();
-    let pre = precheck(datagram, from, now, window_ticks, slots, &keys)?;
-    let state = epochs[pre.epoch];
-    let trial = state.trial.trial_one(pre.trial_input());
-    finish(&pre, trial.as_ref(), &state.registry, from).map(|v| (pre.epoch, v))
+    epochs: &[&EpochCrypto],
+    registries: &mut impl Registries,
+) -> Outcome {
+    let [outcome] = verify_batch(
+        &[(datagram, from)],
+        now,
+        window_ticks,
+        slots,
+        epochs,
+        registries,
+    )
+    .try_into()
+    .expect("one outcome per packet");
+    outcome
 }
 
 #[cfg(test)]
@@ -522,6 +792,61 @@ mod tests {
         let again = open_keyed(&pres[2], &keyed[2], &w.registry, &a).unwrap();
         assert_eq!(again.freshness, Freshness::Duplicate);
         assert_eq!(again.ack, first.ack);
+    }
+
+    #[test]
+    fn verify_batch_commits_between_checks_and_reports_every_packet() {
+        let mut w = world(2);
+        let t = Ticks(NOW.0 - 10);
+        let (a, b) = (addr(1), addr(2));
+        let datagrams = [rebind(&w, 1, &a, t), rebind(&w, 1, &b, t)];
+        let mut request = vec![0u8; datagrams[0].len()];
+        request[0] = b'R';
+        let packets: Vec<(&[u8], &SocketAddr)> = vec![
+            (&datagrams[0], &a),
+            (&datagrams[1], &b),
+            (&datagrams[0], &a),
+            (&request, &a),
+            (&datagrams[0][..10], &a),
+        ];
+        let crypto = EpochCrypto::new(
+            EpochKeys::derive(&MasterSecret::from_bytes([3; 32]), 1, S).unwrap(),
+            TrialKeys::new(Backend::best(), w.keys.slot_key_pairs()).unwrap(),
+        );
+        let out = verify_batch(&packets, NOW, WINDOW, S, &[&crypto], &mut w.registry);
+        let Outcome::Accepted {
+            epoch: 1,
+            rebind: first,
+            host: 0,
+            old: None,
+        } = out[0]
+        else {
+            panic!("{:?}", out[0]);
+        };
+        assert_eq!((first.index, first.conn_id), (1, 101));
+        assert_eq!(out[1].into_result(), Err(RejectReason::Replay));
+        assert!(!out[1].draws_unrecognized());
+        match out[2] {
+            Outcome::Duplicate { rebind, .. } => assert_eq!(rebind.ack, first.ack),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            out[3],
+            Outcome::Rejected {
+                cookie_request: true,
+                unrecognized: true,
+                ..
+            }
+        ));
+        assert_eq!(
+            out[4],
+            Outcome::Rejected {
+                reason: RejectReason::Length,
+                cookie_request: false,
+                unrecognized: false
+            }
+        );
+        assert_eq!(w.registry.get(1).unwrap().tuple(), Some(a));
     }
 
     #[test]

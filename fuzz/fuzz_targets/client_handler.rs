@@ -26,9 +26,9 @@ use rebindgw::client::{Client, ClientConfig, ClientEvent, ClientState, MAX_DATAG
 use rebindgw::crypto;
 use rebindgw::engine::{Backend, TrialKeys};
 use rebindgw::keys::{EpochKeys, MasterSecret};
-use rebindgw::registry::Freshness;
+use rebindgw::registry::Registry;
 use rebindgw::time::Ticks;
-use rebindgw::verify::{EpochState, RejectReason, verify_one};
+use rebindgw::verify::{EpochCrypto, RejectReason, verify_one};
 use rebindgw::wire::{
     ClientCredentials, DataView, HANDSHAKE_LEN, HandshakeReply, HandshakeView, MAX_SLOTS, MsgType,
     RebindView, Unrecognized, build_handshake_reply, open_handshake, seal_data,
@@ -59,7 +59,8 @@ fn pool() -> [SocketAddr; 4] {
 
 struct World {
     client: Client,
-    gw: EpochState,
+    gw: EpochCrypto,
+    registry: Registry,
     slots: usize,
     index: u32,
     start: Instant,
@@ -134,12 +135,18 @@ impl World {
                         .find(|a| self.gw.keys.cookie_matches(a, t, &cookie))
                         .unwrap_or(pool()[0]);
                     let now = self.gw_now();
-                    match verify_one(d, &from, now, WINDOW_TICKS, self.slots, &[&self.gw]) {
-                        Ok((_, ver)) => {
+                    let outcome = verify_one(
+                        d,
+                        &from,
+                        now,
+                        WINDOW_TICKS,
+                        self.slots,
+                        &[&self.gw],
+                        &mut self.registry,
+                    );
+                    match outcome.into_result() {
+                        Ok(ver) => {
                             assert_eq!((ver.index, ver.conn_id), (self.index, CONN_ID));
-                            if ver.freshness == Freshness::Accept {
-                                self.gw.registry.commit_rebind(ver.index, ver.t, from);
-                            }
                             self.acks.push(ver.ack.to_vec());
                         }
                         Err(r) => {
@@ -224,10 +231,11 @@ fn run(u: &mut Unstructured<'_>) -> Result<()> {
     let slots = 1 + usize::from(u.int_in_range(0..=31u8)?) % MAX_SLOTS;
     let keys = EpochKeys::derive(&MasterSecret::from_bytes([0x33; 32]), EPOCH, slots).unwrap();
     let trial = TrialKeys::new(Backend::Portable, keys.slot_key_pairs()).unwrap();
-    let mut gw = EpochState::new(keys, trial);
+    let gw = EpochCrypto::new(keys, trial);
+    let mut registry = Registry::new(slots);
     // The registry is dense by index: keep the model's index small (its keys still vary).
     let index = (u.arbitrary::<u32>()? as u64 % gw.keys.index_space().min(1 << 12)) as u32;
-    gw.registry
+    registry
         .restore(
             index,
             CONN_ID,
@@ -242,6 +250,7 @@ fn run(u: &mut Unstructured<'_>) -> Result<()> {
     let mut w = World {
         client,
         gw,
+        registry,
         slots,
         index,
         start,

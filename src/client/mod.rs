@@ -908,8 +908,8 @@ mod tests {
     use super::*;
     use crate::engine::{Backend, TrialKeys};
     use crate::keys::{EpochKeys, MasterSecret};
-    use crate::registry::Freshness;
-    use crate::verify::{EpochState, RejectReason, verify_one};
+    use crate::registry::Registry;
+    use crate::verify::{EpochCrypto, Outcome, RejectReason, verify_one};
     use crate::wire::HandshakeReply;
     use proptest::prelude::*;
     use std::collections::HashMap;
@@ -948,7 +948,8 @@ mod tests {
 
     /// Gateway + reference echo host, one epoch.
     struct Gateway {
-        epoch: EpochState,
+        epoch: EpochCrypto,
+        registry: Registry,
         start: Instant,
         hosts: HashMap<u32, HostConn>,
         tuples: HashMap<SocketAddr, u32>,
@@ -966,7 +967,8 @@ mod tests {
                 EpochKeys::derive(&MasterSecret::from_bytes([0x33; 32]), EPOCH, SLOTS).unwrap();
             let trial = TrialKeys::new(Backend::Portable, keys.slot_key_pairs()).unwrap();
             Gateway {
-                epoch: EpochState::new(keys, trial),
+                epoch: EpochCrypto::new(keys, trial),
+                registry: Registry::new(SLOTS),
                 start,
                 hosts: HashMap::new(),
                 tuples: HashMap::new(),
@@ -987,7 +989,7 @@ mod tests {
             if let Some(other) = self.tuples.insert(tuple, index)
                 && other != index
             {
-                self.epoch.registry.unbind_tuple(other);
+                self.registry.unbind_tuple(other);
             }
         }
 
@@ -995,7 +997,6 @@ mod tests {
         fn register_other(&mut self, tuple: SocketAddr) -> u32 {
             self.next_conn_id += 1;
             let reg = self
-                .epoch
                 .registry
                 .register(self.next_conn_id, 0, Some(tuple))
                 .unwrap();
@@ -1055,11 +1056,7 @@ mod tests {
                     assert!(ticks.abs_diff(self.ticks(now)) < 600 * 10_000_000);
                     self.next_conn_id += 1;
                     let conn_id = self.next_conn_id;
-                    let reg = self
-                        .epoch
-                        .registry
-                        .register(conn_id, 0, Some(from))
-                        .unwrap();
+                    let reg = self.registry.register(conn_id, 0, Some(from)).unwrap();
                     let (kd_c2s, kd_s2c) = (crypto::random_array(), crypto::random_array());
                     self.hosts.insert(
                         reg.index,
@@ -1100,7 +1097,7 @@ mod tests {
                         let seq = host.seq;
                         host.seq += 1;
                         let echo = self.host_data(index, seq, &p);
-                        if let Some(to) = self.epoch.registry.get(index).and_then(|c| c.tuple()) {
+                        if let Some(to) = self.registry.get(index).and_then(|c| c.tuple()) {
                             out.push((to, echo));
                         }
                     }
@@ -1112,17 +1109,25 @@ mod tests {
                 },
                 Ok(MsgType::Rebind) => {
                     let ticks = self.ticks(now);
-                    match verify_one(d, &from, ticks, WINDOW_TICKS, SLOTS, &[&self.epoch]) {
-                        Ok((_, v)) => {
-                            if v.freshness == Freshness::Accept {
-                                let old = self.epoch.registry.commit_rebind(v.index, v.t, from);
-                                if let Some(old) = old
-                                    && self.tuples.get(&old) == Some(&v.index)
-                                {
-                                    self.tuples.remove(&old);
-                                }
-                                self.bind(from, v.index);
-                            }
+                    let outcome = verify_one(
+                        d,
+                        &from,
+                        ticks,
+                        WINDOW_TICKS,
+                        SLOTS,
+                        &[&self.epoch],
+                        &mut self.registry,
+                    );
+                    if let Outcome::Accepted { rebind, old, .. } = outcome {
+                        if let Some(old) = old
+                            && self.tuples.get(&old) == Some(&rebind.index)
+                        {
+                            self.tuples.remove(&old);
+                        }
+                        self.bind(from, rebind.index);
+                    }
+                    match outcome.into_result() {
+                        Ok(v) => {
                             self.acks_sent += 1;
                             out.push((from, v.ack.to_vec()));
                         }
@@ -1317,7 +1322,7 @@ mod tests {
         let hs = w.sent_of(MsgType::Handshake);
         assert_eq!(hs.len(), 1);
         assert_eq!(hs[0].len(), wire::HANDSHAKE_LEN);
-        assert_eq!(w.gw.epoch.registry.get(w.index()).unwrap().conn_id, conn_id);
+        assert_eq!(w.gw.registry.get(w.index()).unwrap().conn_id, conn_id);
     }
 
     #[test]
@@ -1477,7 +1482,7 @@ mod tests {
         assert_eq!(w.rebound(), vec![(None, t1)]);
         assert_eq!(w.client.state(), ClientState::Connected);
         assert_eq!(w.client.public_tuple(), Some(t1));
-        assert_eq!(w.gw.epoch.registry.get(x).unwrap().tuple(), Some(t1));
+        assert_eq!(w.gw.registry.get(x).unwrap().tuple(), Some(t1));
         let r = w.sent_of(MsgType::Rebind);
         assert_eq!(r.len(), 1);
         assert_eq!(r[0].len(), wire::rebind_len(SLOTS));
@@ -1645,10 +1650,7 @@ mod tests {
         }
         let took = w.now - moved_at;
         assert_eq!(w.rebound(), vec![(None, t1)]);
-        assert_eq!(
-            w.gw.epoch.registry.get(w.index()).unwrap().tuple(),
-            Some(t1)
-        );
+        assert_eq!(w.gw.registry.get(w.index()).unwrap().tuple(), Some(t1));
         // DATA, UNRECOGNIZED, REBIND and ACK each take one LATENCY; pacing adds at most `pace`.
         assert!(took <= pace + 4 * LATENCY + ms(2), "took {took:?}");
         w.echo_roundtrip(b"moved");
@@ -1725,11 +1727,8 @@ mod tests {
         assert!(req[1..].iter().all(|b| *b == 0));
         w.drive(ms(300));
         assert_eq!(w.rebound(), vec![(None, t2)]);
-        assert_eq!(
-            w.gw.epoch.registry.get(w.index()).unwrap().tuple(),
-            Some(t2)
-        );
-        assert_eq!(w.gw.epoch.registry.get(other).unwrap().tuple(), None);
+        assert_eq!(w.gw.registry.get(w.index()).unwrap().tuple(), Some(t2));
+        assert_eq!(w.gw.registry.get(other).unwrap().tuple(), None);
         w.echo_roundtrip(b"back on track");
     }
 

@@ -108,9 +108,7 @@ pub fn wrong_slot(victim: &HandshakeReply, u: &Unrecognized, slot: usize) -> Vec
 pub fn recookie(captured: &[u8], u: &Unrecognized) -> Option<Vec<u8>> {
     wire::slots_for_rebind_len(captured.len())?;
     let mut out = captured.to_vec();
-    out[1] = u.epoch_byte;
-    out[2..10].copy_from_slice(&u.t.0.to_be_bytes());
-    out[10..26].copy_from_slice(&u.cookie);
+    wire::emit_rebind_prefix(&mut out, u.epoch_byte, u.t, &u.cookie);
     Some(out)
 }
 
@@ -500,13 +498,15 @@ mod tests {
     use super::*;
     use crate::engine::{Backend, TrialKeys};
     use crate::keys::{EpochKeys, MasterSecret};
-    use crate::verify::{EpochState, RejectReason, verify_one};
+    use crate::registry::Registry;
+    use crate::verify::{EpochCrypto, ReadOnly, RejectReason, verify_one};
 
     const S: usize = 16;
     const W: u64 = 300_000_000;
 
     struct Gw {
-        epoch: EpochState,
+        epoch: EpochCrypto,
+        registry: Registry,
         now: Ticks,
     }
 
@@ -515,7 +515,8 @@ mod tests {
             let keys = EpochKeys::derive(&MasterSecret::from_bytes([7; 32]), 3, S).unwrap();
             let trial = TrialKeys::new(Backend::Portable, keys.slot_key_pairs()).unwrap();
             Gw {
-                epoch: EpochState::new(keys, trial),
+                epoch: EpochCrypto::new(keys, trial),
+                registry: Registry::new(S),
                 now: Ticks::wall_clock(),
             }
         }
@@ -523,7 +524,6 @@ mod tests {
         /// A registered connection and the HANDSHAKE_REPLY contents its client would hold.
         fn victim(&mut self, conn_id: u64) -> HandshakeReply {
             let reg = self
-                .epoch
                 .registry
                 .register(conn_id, 0, Some("192.0.2.1:1000".parse().unwrap()))
                 .unwrap();
@@ -548,7 +548,10 @@ mod tests {
         }
 
         fn verify(&self, d: &[u8], from: SocketAddr) -> Result<u64, RejectReason> {
-            verify_one(d, &from, self.now, W, S, &[&self.epoch]).map(|(_, v)| v.conn_id)
+            let mut registry = ReadOnly(&self.registry);
+            verify_one(d, &from, self.now, W, S, &[&self.epoch], &mut registry)
+                .into_result()
+                .map(|v| v.conn_id)
         }
     }
 

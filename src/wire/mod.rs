@@ -14,8 +14,8 @@ pub use handshake::{
     build_handshake_reply, handshake_reply_len, open_handshake, open_handshake_reply,
 };
 pub use rebind::{
-    REBIND_ACK_LEN, REBIND_FIXED_LEN, RebindAckView, RebindView, build_rebind_ack, rebind_len,
-    slots_for_rebind_len,
+    REBIND_ACK_LEN, REBIND_FIXED_LEN, REBIND_SLOTS_AT, RebindAckView, RebindView, build_rebind_ack,
+    emit_rebind_prefix, rebind_len, slots_for_rebind_len,
 };
 pub use tuple::{
     MAX_TUPLE_LEN, TUPLE_V4_LEN, TUPLE_V6_LEN, addr16, canonical, emit_tuple, parse_tuple,

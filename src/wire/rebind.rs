@@ -14,7 +14,9 @@ use crate::time::Ticks;
 /// Bytes of a REBIND that do not depend on S: type, epoch, t, cookie, sealed conn_id.
 pub const REBIND_FIXED_LEN: usize = 1 + 1 + 8 + 16 + 8 + TAG_LEN;
 pub const REBIND_ACK_LEN: usize = 1 + 8 + 8 + TAG_LEN;
-const SLOTS_AT: usize = 26;
+/// Where slot 0 starts: after the type, the epoch byte, `t` and the cookie.
+pub const REBIND_SLOTS_AT: usize = 26;
+const SLOTS_AT: usize = REBIND_SLOTS_AT;
 
 /// `50 + 16*S`.
 pub const fn rebind_len(slots: usize) -> usize {
@@ -26,6 +28,15 @@ pub fn slots_for_rebind_len(len: usize) -> Option<usize> {
     let body = len.checked_sub(REBIND_FIXED_LEN)?;
     let s = body / 16;
     (body % 16 == 0 && (MIN_SLOTS..=MAX_SLOTS).contains(&s)).then_some(s)
+}
+
+/// Writes the first [`REBIND_SLOTS_AT`] bytes of a REBIND into `out`: its type, epoch byte,
+/// `t` and cookie.
+pub fn emit_rebind_prefix(out: &mut [u8], epoch_byte: u8, t: Ticks, cookie: &[u8; 16]) {
+    out[0] = MsgType::Rebind as u8;
+    out[1] = epoch_byte;
+    out[2..10].copy_from_slice(&t.0.to_be_bytes());
+    out[10..SLOTS_AT].copy_from_slice(cookie);
 }
 
 /// A REBIND whose type and length (for the gateway's S) have been checked.

@@ -1,0 +1,855 @@
+use super::*;
+use crate::crypto::gcm::SessionGcm;
+use crate::engine::{Backend, TrialKeys};
+use crate::gateway::store::{StoreOp, StoredConn};
+use crate::hostlink::{self, Control as LinkMsg, LinkKey, LinkType};
+use crate::keys::{EpochKeys, MasterSecret};
+use crate::rebind::{RebindCredentials, RebindSecret, build_rebind, cookie_request, fresh_nonces};
+use crate::registry::RegistryError;
+use crate::time::TICKS_PER_SECOND;
+use crate::wire::{HANDSHAKE_LEN, Unrecognized};
+use crate::wire::{RebindAckView, rebind_len};
+use crossbeam::channel::Sender;
+use proptest::prelude::*;
+
+const S: usize = 8;
+const T0: u64 = 639_028_224_000_000_000;
+
+struct Harness {
+    shared: Arc<Shared>,
+    worker: WorkerCore,
+    host_addr: SocketAddr,
+    link: Gcm,
+    now: Ticks,
+    tx: TxQueue,
+}
+
+/// What a client learned from REGISTERED.
+struct Issued {
+    conn_id: u64,
+    secret: RebindSecret,
+    keys: Vec<[u8; 16]>,
+}
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+impl Harness {
+    fn new(cfg: CoreConfig) -> Harness {
+        Harness::with_hosts(cfg, &[])
+    }
+
+    /// Host 0 is `host_addr` with `link`; `more` are further hosts.
+    fn with_hosts(cfg: CoreConfig, more: &[(SocketAddr, LinkKey)]) -> Harness {
+        Harness::build(cfg, more, None)
+    }
+
+    fn build(
+        cfg: CoreConfig,
+        more: &[(SocketAddr, LinkKey)],
+        store: Option<Sender<StoreOp>>,
+    ) -> Harness {
+        let keys = EpochKeys::derive(&MasterSecret::from_bytes([5; 32]), 3, cfg.slots).unwrap();
+        let trial = TrialKeys::new(Backend::Portable, keys.slot_key_pairs()).unwrap();
+        let host_addr = addr("127.0.0.1:7000");
+        let key = LinkKey([9; 16]);
+        let mut hosts = vec![HostPeer::new(host_addr, &key)];
+        for (a, k) in more {
+            hosts.push(HostPeer::new(*a, k));
+        }
+        let shared = Shared::new(cfg, EpochCrypto { keys, trial }, hosts, store);
+        let worker = WorkerCore::new(0, shared.clone(), &[false, true]);
+        Harness {
+            shared,
+            worker,
+            host_addr,
+            link: key.cipher(),
+            now: Ticks(T0),
+            tx: TxQueue::new(256),
+        }
+    }
+
+    fn default() -> Harness {
+        Harness::new(CoreConfig::new(S))
+    }
+
+    /// Feeds datagrams and returns what the core queued.
+    fn feed(&mut self, batch: &[(Via, SocketAddr, &[u8])]) -> Vec<(Via, SocketAddr, Vec<u8>)> {
+        let rx: Vec<Rx<'_>> = batch
+            .iter()
+            .map(|(via, from, data)| Rx {
+                via: *via,
+                from: *from,
+                data,
+            })
+            .collect();
+        self.worker.handle_batch(self.now, &rx, &mut self.tx);
+        let out = self
+            .tx
+            .iter()
+            .map(|(m, b)| (m.via, m.to, b.to_vec()))
+            .collect();
+        self.tx.clear();
+        out
+    }
+
+    /// Runs the worker's timer and returns what it queued.
+    fn tick(&mut self) -> Vec<(Via, SocketAddr, Vec<u8>)> {
+        self.worker.tick(self.now, &mut self.tx);
+        let out = self
+            .tx
+            .iter()
+            .map(|(m, b)| (m.via, m.to, b.to_vec()))
+            .collect();
+        self.tx.clear();
+        out
+    }
+
+    fn client(&mut self, from: SocketAddr, data: &[u8]) -> Vec<(Via, SocketAddr, Vec<u8>)> {
+        let via = Via::Client(u8::from(from.is_ipv6()));
+        self.feed(&[(via, from, data)])
+    }
+
+    fn register(&mut self, conn_id: u64, client: SocketAddr) -> Issued {
+        let msg = LinkMsg::Register {
+            boot: 1,
+            request: conn_id,
+            conn_id,
+            client,
+        }
+        .seal(&self.link, self.now);
+        let out = self.feed(&[(Via::Host, self.host_addr, &msg)]);
+        assert_eq!(out.len(), 1);
+        assert_eq!((out[0].0, out[0].1), (Via::Host, self.host_addr));
+        match &LinkMsg::open(&out[0].2, &self.link, self.now).unwrap() {
+            LinkMsg::Registered {
+                conn_id: c,
+                rebind_secret,
+                slot_keys,
+                ..
+            } => {
+                assert_eq!(*c, conn_id);
+                Issued {
+                    conn_id,
+                    secret: RebindSecret(*rebind_secret),
+                    keys: slot_keys.clone(),
+                }
+            }
+            other => panic!("expected REGISTERED, got {other:?}"),
+        }
+    }
+
+    fn count(&self, c: C) -> u64 {
+        self.worker.metrics().get(c)
+    }
+}
+
+fn data(n: usize) -> Vec<u8> {
+    let mut d = vec![0xAB; n];
+    d[0] = b'D';
+    d
+}
+
+/// Builds a REBIND from an UNRECOGNIZED the core sent.
+fn rebind_from(issued: &Issued, unrecognized: &[u8]) -> (Vec<u8>, SessionGcm) {
+    let u = Unrecognized::parse(unrecognized).unwrap();
+    let creds = RebindCredentials {
+        conn_id: issued.conn_id,
+        secret: &issued.secret,
+        slot_keys: &issued.keys,
+    };
+    build_rebind(&creds, u.epoch_byte, u.t, &u.cookie, &fresh_nonces(S))
+}
+
+#[test]
+fn fast_path_both_directions() {
+    let mut h = Harness::default();
+    let a = addr("10.0.0.1:4000");
+    h.register(77, a);
+    let out = h.client(a, &data(60));
+    assert_eq!(out.len(), 1);
+    assert_eq!((out[0].0, out[0].1), (Via::Host, h.host_addr));
+    assert_eq!(
+        hostlink::parse_conn_data(&out[0].2).unwrap(),
+        (77, &data(60)[..])
+    );
+
+    let mut back = [0u8; 100];
+    let n = hostlink::emit_conn_data(LinkType::ToClientData, 77, &data(40), &mut back);
+    let host = h.host_addr;
+    let out = h.feed(&[(Via::Host, host, &back[..n])]);
+    assert_eq!(out, vec![(Via::Client(0), a, data(40))]);
+
+    // Unknown conn_id from the host: no route.
+    let n = hostlink::emit_conn_data(LinkType::ToClientData, 78, &data(40), &mut back);
+    assert!(h.feed(&[(Via::Host, host, &back[..n])]).is_empty());
+    assert_eq!(h.count(C::DropNoRoute), 1);
+}
+
+#[test]
+fn unknown_tuple_gets_unrecognized_never_larger_than_trigger() {
+    let mut h = Harness::default();
+    let v4 = addr("10.0.0.1:4000");
+    let v6 = addr("[2001:db8::1]:4000");
+    assert!(h.client(v4, &data(32)).is_empty(), "32 < 33 bytes");
+    let out = h.client(v4, &data(33));
+    assert_eq!(out.len(), 1);
+    let u = Unrecognized::parse(&out[0].2).unwrap();
+    assert_eq!((u.observed, u.t, u.epoch_byte), (v4, h.now, 3));
+    assert!(h.client(v6, &data(44)).is_empty(), "44 < 45 bytes");
+    let out = h.client(v6, &data(45));
+    assert_eq!(out[0].2.len(), 45);
+    assert_eq!(out[0].0, Via::Client(1));
+    assert_eq!(h.count(C::UnrecognizedSmall), 2);
+    for (_, _, reply) in h.client(v4, &data(49)) {
+        assert!(reply.len() <= 49);
+    }
+}
+
+#[test]
+fn tuple_change_then_rebind_then_replay_and_duplicate() {
+    let mut h = Harness::default();
+    let old = addr("10.0.0.1:4000");
+    let new = addr("10.0.0.9:5555");
+    let issued = h.register(42, old);
+    h.now = Ticks(h.now.0 + TICKS_PER_SECOND);
+    let u = h.client(new, &data(49));
+    let (rebind, session) = rebind_from(&issued, &u[0].2);
+    let out = h.client(new, &rebind);
+    // REBIND_ACK to the client and REBOUND to the host.
+    let ack = out.iter().find(|(v, _, _)| *v == Via::Client(0)).unwrap();
+    assert_eq!(ack.1, new);
+    assert_eq!(
+        RebindAckView::new_checked(&ack.2).unwrap().open(&session),
+        Ok(42)
+    );
+    let rebound = out.iter().find(|(v, _, _)| *v == Via::Host).unwrap();
+    match LinkMsg::open(&rebound.2, &h.link, h.now).unwrap() {
+        LinkMsg::Rebound {
+            conn_id,
+            old: o,
+            new: n,
+            ..
+        } => {
+            assert_eq!((conn_id, o, n), (42, Some(old), new));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(h.shared.tuples.get(&new).unwrap().conn_id, 42);
+    assert!(h.shared.tuples.get(&old).is_none());
+    assert_eq!(h.shared.conns.get(42).unwrap().tuple, Some(new));
+
+    // The same REBIND again from the same tuple: a duplicate, the same ACK.
+    let again = h.client(new, &rebind);
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].2, ack.2);
+    assert_eq!(h.count(C::RebindDuplicate), 1);
+
+    // Replayed from another tuple: the cookie binds the tuple.
+    let thief = addr("10.6.6.6:6666");
+    let out = h.client(thief, &rebind);
+    assert!(
+        out.iter()
+            .all(|(_, _, b)| b[0] == MsgType::Unrecognized as u8)
+    );
+    assert_eq!(h.count(C::RejectCookie), 1);
+    assert!(h.shared.tuples.get(&thief).is_none());
+
+    // Replayed from the old tuple after moving back is stale by L.
+    h.now = Ticks(h.now.0 + TICKS_PER_SECOND);
+    let u = h.client(old, &data(49));
+    let (back, _) = rebind_from(&issued, &u[0].2);
+    assert!(
+        h.client(old, &back)
+            .iter()
+            .any(|(v, _, _)| *v == Via::Client(0))
+    );
+    assert!(
+        h.client(new, &rebind).is_empty(),
+        "t == L from another tuple"
+    );
+    assert_eq!(h.count(C::RejectReplay), 1);
+    assert_eq!(h.count(C::RebindAccepted), 2);
+}
+
+#[test]
+fn tuple_handed_on_by_nat_moves_to_rebinding_connection() {
+    let mut h = Harness::default();
+    let a = addr("10.0.0.1:4000");
+    let b = addr("10.0.0.2:4000");
+    let first = h.register(1, a);
+    h.register(2, b);
+    // The NAT gives connection 1's client the tuple b; its DATA would reach host as conn 2,
+    // so it sends a cookie request.
+    let u = h.client(b, &cookie_request(S));
+    assert_eq!(u.len(), 1, "cookie request draws an UNRECOGNIZED");
+    assert_eq!(h.count(C::CookieRequest), 1);
+    assert_eq!(h.count(C::RejectEpoch), 0);
+    let (rebind, _) = rebind_from(&first, &u[0].2);
+    assert!(!h.client(b, &rebind).is_empty());
+    assert_eq!(h.shared.tuples.get(&b).unwrap().conn_id, 1);
+    assert!(h.shared.tuples.get(&a).is_none());
+    assert_eq!(
+        h.shared.conns.get(2).unwrap().tuple,
+        None,
+        "connection 2 lost its tuple"
+    );
+    assert_eq!(h.count(C::TupleTakenOver), 1);
+}
+
+#[test]
+fn batch_of_rebinds_with_garbage_and_forgeries() {
+    let mut h = Harness::default();
+    let mut issued = Vec::new();
+    for i in 0..20u64 {
+        issued.push(h.register(100 + i, SocketAddr::from(([10, 0, 1, i as u8], 1000))));
+    }
+    h.now = Ticks(h.now.0 + TICKS_PER_SECOND);
+    let mut good = Vec::new();
+    let mut batch_bytes = Vec::new();
+    for (i, iss) in issued.iter().enumerate() {
+        let from = SocketAddr::from(([10, 0, 2, i as u8], 2000));
+        let u = h.client(from, &data(49));
+        let (mut r, _) = rebind_from(iss, &u[0].2);
+        if i % 3 == 1 {
+            let last = r.len() - 1;
+            r[last] ^= 1; // AEAD fails
+        } else if i % 3 == 2 {
+            r[40] ^= 0x80; // a slot breaks
+        } else {
+            good.push(from);
+        }
+        batch_bytes.push((from, r));
+    }
+    let mut garbage = vec![0x5Au8; rebind_len(S)];
+    garbage[0] = b'R';
+    let gfrom = addr("10.9.9.9:9");
+    let mut feed: Vec<(Via, SocketAddr, &[u8])> = batch_bytes
+        .iter()
+        .map(|(f, r)| (Via::Client(0), *f, &r[..]))
+        .collect();
+    feed.push((Via::Client(0), gfrom, &garbage));
+    let out = h.feed(&feed);
+    let acks = out
+        .iter()
+        .filter(|(_, _, b)| b[0] == MsgType::RebindAck as u8)
+        .count();
+    assert_eq!(acks, good.len());
+    assert_eq!(h.count(C::RebindAccepted), good.len() as u64);
+    assert_eq!(h.count(C::RejectAead), 7);
+    assert_eq!(h.count(C::RejectTrial), 6);
+    assert_eq!(
+        h.count(C::RejectEpoch) + h.count(C::RejectStale) + h.count(C::RejectCookie),
+        1
+    );
+    for g in good {
+        assert!(h.shared.tuples.get(&g).is_some());
+    }
+}
+
+#[test]
+fn unrecognized_rate_limits_hold() {
+    // Per prefix: one /24, so no hash collision can blur the count.
+    let mut cfg = CoreConfig::new(S);
+    cfg.unrecognized_prefix = Rate::new(1.0, 10.0);
+    let mut h = Harness::new(cfg);
+    let sent = (0..50u16)
+        .filter(|p| {
+            !h.client(SocketAddr::from(([10, 0, 0, 1], *p)), &data(49))
+                .is_empty()
+        })
+        .count();
+    assert_eq!(sent, 10, "per-/24 burst");
+    assert_eq!(h.count(C::UnrecognizedPrefixRate), 40);
+    assert!(
+        !h.client(SocketAddr::from(([10, 0, 1, 1], 1)), &data(49))
+            .is_empty()
+            || h.count(C::UnrecognizedPrefixRate) == 41,
+        "another /24 has its own bucket unless it shares the slot"
+    );
+
+    // Globally: every source in its own /24.
+    let mut cfg = CoreConfig::new(S);
+    cfg.unrecognized_global = Rate::new(1.0, 25.0);
+    let mut h = Harness::new(cfg);
+    let sent = (0..50u8)
+        .filter(|i| {
+            !h.client(SocketAddr::from(([10, *i, 7, 1], 1)), &data(49))
+                .is_empty()
+        })
+        .count();
+    assert_eq!(sent, 25, "the global burst");
+    assert_eq!(h.count(C::UnrecognizedGlobalRate), 25);
+}
+
+#[test]
+fn a_reload_takes_effect_at_the_next_batch() {
+    let mut cfg = CoreConfig::new(S);
+    cfg.handshake_prefix = Rate::new(1.0, 1.0);
+    let mut h = Harness::new(cfg);
+    let a = addr("10.0.0.1:4000");
+    let mut hs = vec![0u8; HANDSHAKE_LEN];
+    hs[0] = b'H';
+    let host2 = addr("127.0.0.1:7001");
+    let mut buf = [0u8; 64];
+    let n = hostlink::emit_conn_data(LinkType::ToClientData, 77, b"x", &mut buf);
+    h.feed(&[(Via::Host, host2, &buf[..n])]);
+    assert_eq!(h.count(C::DropHostBadSource), 1, "host2 is not a host yet");
+
+    let old = h.shared.live();
+    let mut rates = old.rates;
+    rates.handshake_prefix = Rate::new(50.0, 100.0);
+    h.shared.set_live(Live {
+        hosts: vec![
+            HostPeer::new(h.host_addr, &LinkKey([9; 16])),
+            HostPeer::new(host2, &LinkKey([10; 16])),
+        ],
+        rates,
+    });
+    h.now = Ticks(h.now.0 + TICKS_PER_SECOND);
+    let forwarded = (0..10).filter(|_| !h.client(a, &hs).is_empty()).count();
+    assert_eq!(forwarded, 10, "1/s would have allowed 1");
+    h.feed(&[(Via::Host, host2, &buf[..n])]);
+    assert_eq!(h.count(C::DropHostBadSource), 1, "host2 is a host now");
+    assert_eq!(h.count(C::DropNoRoute), 1);
+}
+
+#[test]
+fn handshakes_forwarded_when_padded_and_rate_limited() {
+    let mut cfg = CoreConfig::new(S);
+    cfg.handshake_prefix = Rate::new(1.0, 3.0);
+    let mut h = Harness::new(cfg);
+    let a = addr("10.0.0.1:4000");
+    // Protocol 1.1 pads to 640 bytes: one byte less, or a 1.0-sized 256, is dropped.
+    let mut hs = vec![0u8; 640];
+    hs[0] = b'H';
+    assert!(h.client(a, &hs[..639]).is_empty());
+    assert!(h.client(a, &hs[..256]).is_empty());
+    let out = h.client(a, &hs);
+    let framed = hostlink::verify_handshake(&LinkKey([9; 16]).handshake_mac(), &out[0].2);
+    assert_eq!(
+        hostlink::parse_tuple_data(framed.unwrap()).unwrap(),
+        (a, &hs[..])
+    );
+    h.client(a, &hs);
+    h.client(a, &hs);
+    assert!(h.client(a, &hs).is_empty());
+    assert_eq!(h.count(C::HandshakeForwarded), 3);
+    assert_eq!(
+        (h.count(C::HandshakeShort), h.count(C::HandshakeRate)),
+        (2, 1)
+    );
+    // The host's reply is relayed to the tuple, but only if it is a HANDSHAKE_REPLY.
+    let mut buf = [0u8; 400];
+    let n = hostlink::emit_tuple_data(LinkType::ToClientReply, &a, b"hreply", &mut buf);
+    let host = h.host_addr;
+    assert_eq!(
+        h.feed(&[(Via::Host, host, &buf[..n])]),
+        vec![(Via::Client(0), a, b"hreply".to_vec())]
+    );
+    let n = hostlink::emit_tuple_data(LinkType::ToClientReply, &a, b"Dsneaky", &mut buf);
+    assert!(h.feed(&[(Via::Host, host, &buf[..n])]).is_empty());
+}
+
+#[test]
+fn host_link_checks_source_tag_and_duplicates() {
+    let mut h = Harness::default();
+    let a = addr("10.0.0.1:4000");
+    let msg = LinkMsg::Register {
+        boot: 1,
+        request: 1,
+        conn_id: 5,
+        client: a,
+    };
+    let good = msg.seal(&h.link, h.now);
+    let forged = msg.seal(&LinkKey([1; 16]).cipher(), h.now);
+    assert!(
+        h.feed(&[(Via::Host, addr("127.0.0.1:7001"), &good)])
+            .is_empty()
+    );
+    assert_eq!(h.count(C::DropHostBadSource), 1);
+    let host = h.host_addr;
+    assert!(h.feed(&[(Via::Host, host, &forged)]).is_empty());
+    assert_eq!(h.count(C::DropHostBadTag), 1);
+    let first = h.feed(&[(Via::Host, host, &good)]);
+    // A copy of the same datagram is a replay; a host retransmits by sealing afresh.
+    assert!(h.feed(&[(Via::Host, host, &good)]).is_empty());
+    assert_eq!(h.count(C::DropHostReplay), 1);
+    let retransmit = h.feed(&[(Via::Host, host, &msg.seal(&h.link, h.now))]);
+    let open =
+        |out: &[(Via, SocketAddr, Vec<u8>)]| LinkMsg::open(&out[0].2, &h.link, h.now).unwrap();
+    assert_eq!(
+        open(&first),
+        open(&retransmit),
+        "a retransmitted REGISTER gets the same answer"
+    );
+    assert!(matches!(open(&first), LinkMsg::Registered { .. }));
+    assert_eq!(h.count(C::RegisterRepeat), 1);
+    assert_eq!(h.shared.connections(), 1);
+    let dup = LinkMsg::Register {
+        boot: 1,
+        request: 2,
+        conn_id: 5,
+        client: a,
+    }
+    .seal(&h.link, h.now);
+    let out = h.feed(&[(Via::Host, host, &dup)]);
+    assert!(matches!(
+        LinkMsg::open(&out[0].2, &h.link, h.now).unwrap(),
+        LinkMsg::RegisterFailed { reason: 2, .. }
+    ));
+    // Close frees the tuple and the route.
+    let close = LinkMsg::Close {
+        boot: 1,
+        request: 3,
+        conn_id: 5,
+    }
+    .seal(&h.link, h.now);
+    let out = h.feed(&[(Via::Host, host, &close)]);
+    assert!(matches!(
+        LinkMsg::open(&out[0].2, &h.link, h.now).unwrap(),
+        LinkMsg::Closed { found: true, .. }
+    ));
+    assert!(h.shared.tuples.get(&a).is_none());
+    assert!(h.shared.conns.get(5).is_none());
+    assert_eq!(h.shared.connections(), 0);
+}
+
+#[test]
+fn replayed_close_cannot_close_a_later_connection() {
+    let mut h = Harness::default();
+    let a = addr("10.0.0.1:4000");
+    let host = h.host_addr;
+    h.register(5, a);
+    let close = LinkMsg::Close {
+        boot: 1,
+        request: 9,
+        conn_id: 5,
+    }
+    .seal(&h.link, h.now);
+    h.feed(&[(Via::Host, host, &close)]);
+    assert!(h.shared.conns.get(5).is_none());
+    let again = LinkMsg::Register {
+        boot: 1,
+        request: 10,
+        conn_id: 5,
+        client: a,
+    }
+    .seal(&h.link, h.now);
+    h.feed(&[(Via::Host, host, &again)]);
+    assert!(h.shared.conns.get(5).is_some());
+    // A captured CLOSE sent again, within its validity: nothing happens.
+    assert!(h.feed(&[(Via::Host, host, &close)]).is_empty());
+    assert!(
+        h.shared.conns.get(5).is_some(),
+        "a replayed CLOSE closes nothing"
+    );
+}
+
+#[test]
+fn handshake_replies_go_only_to_recent_handshakes_and_are_no_larger() {
+    let mut h = Harness::default();
+    let a = addr("10.0.0.1:4000");
+    let host = h.host_addr;
+    let mut reply = vec![0xEE; 200];
+    reply[0] = MsgType::HandshakeReply as u8;
+    let framed = |r: &[u8]| {
+        let mut buf = vec![0u8; r.len() + 40];
+        let n = hostlink::emit_tuple_data(LinkType::ToClientReply, &a, r, &mut buf);
+        buf.truncate(n);
+        buf
+    };
+    // No HANDSHAKE came from `a`: a host cannot aim a reply at it.
+    assert!(h.feed(&[(Via::Host, host, &framed(&reply))]).is_empty());
+    let mut hs = vec![0u8; HANDSHAKE_LEN];
+    hs[0] = b'H';
+    assert_eq!(h.client(a, &hs).len(), 1);
+    // Larger than the HANDSHAKE that drew it: refused.
+    let mut big = vec![0xEE; HANDSHAKE_LEN + 1];
+    big[0] = MsgType::HandshakeReply as u8;
+    assert!(h.feed(&[(Via::Host, host, &framed(&big))]).is_empty());
+    assert_eq!(
+        h.feed(&[(Via::Host, host, &framed(&reply))]),
+        vec![(Via::Client(0), a, reply.clone())]
+    );
+    assert!(
+        h.feed(&[(Via::Host, host, &framed(&reply))]).is_empty(),
+        "one reply per HANDSHAKE"
+    );
+    // A HANDSHAKE's permission expires.
+    h.client(a, &hs);
+    h.now = Ticks(h.now.0 + 11 * TICKS_PER_SECOND);
+    assert!(h.feed(&[(Via::Host, host, &framed(&reply))]).is_empty());
+}
+
+#[test]
+fn data_and_close_only_from_the_owning_host() {
+    let other = addr("127.0.0.2:7000");
+    let other_key = LinkKey([8; 16]);
+    let mut h = Harness::with_hosts(CoreConfig::new(S), &[(other, other_key.clone())]);
+    let a = addr("10.0.0.1:4000");
+    h.register(77, a);
+    let mut back = [0u8; 100];
+    let n = hostlink::emit_conn_data(LinkType::ToClientData, 77, &data(40), &mut back);
+    assert!(h.feed(&[(Via::Host, other, &back[..n])]).is_empty());
+    let close = LinkMsg::Close {
+        boot: 1,
+        request: 1,
+        conn_id: 77,
+    }
+    .seal(&other_key.cipher(), h.now);
+    let out = h.feed(&[(Via::Host, other, &close)]);
+    assert!(out.iter().all(|(_, _, b)| !matches!(
+        LinkMsg::open(b, &other_key.cipher(), h.now),
+        Ok(LinkMsg::Closed { found: true, .. })
+    )));
+    assert!(h.shared.conns.get(77).is_some(), "another host's CLOSE");
+    // The owner still reaches its client.
+    let host = h.host_addr;
+    assert_eq!(h.feed(&[(Via::Host, host, &back[..n])]).len(), 1);
+}
+
+#[test]
+fn idle_connections_expire_are_unstored_and_their_host_is_told() {
+    let mut cfg = CoreConfig::new(S);
+    cfg.idle_timeout = Duration::from_secs(60);
+    let (store, stored) = crossbeam::channel::unbounded();
+    let mut h = Harness::build(cfg, &[], Some(store));
+    let (a, b) = (addr("10.0.0.1:4000"), addr("10.0.0.2:4000"));
+    h.register(1, a);
+    h.register(2, b);
+    assert!(h.tick().is_empty(), "nothing idle yet");
+    // b's client keeps talking; a's goes quiet.
+    h.now = Ticks(h.now.0 + 40 * TICKS_PER_SECOND);
+    assert_eq!(h.client(b, &data(60)).len(), 1);
+    h.now = Ticks(h.now.0 + 30 * TICKS_PER_SECOND);
+    let out = h.tick();
+    assert_eq!(out.len(), 1);
+    assert_eq!((out[0].0, out[0].1), (Via::Host, h.host_addr));
+    assert_eq!(
+        LinkMsg::open(&out[0].2, &h.link, h.now),
+        Ok(LinkMsg::Expired { conn_id: 1 })
+    );
+    assert!(h.shared.conns.get(1).is_none());
+    assert!(h.shared.tuples.get(&a).is_none());
+    assert!(h.shared.conns.get(2).is_some());
+    assert_eq!(h.shared.connections(), 1);
+    assert_eq!(h.count(C::Expired), 1);
+    let removed: Vec<_> = stored
+        .try_iter()
+        .filter(|op| matches!(op, StoreOp::Remove { .. }))
+        .collect();
+    assert_eq!(removed.len(), 1, "the removal is persisted");
+    // The next sweep is not due yet; when it is, b (active 30 s ago) stays.
+    assert!(h.tick().is_empty());
+    h.now = Ticks(h.now.0 + 15 * TICKS_PER_SECOND);
+    assert!(h.tick().is_empty());
+    assert!(h.shared.conns.get(2).is_some());
+}
+
+#[test]
+fn idle_sweep_that_fills_tx_goes_on_at_the_next_tick() {
+    let mut cfg = CoreConfig::new(S);
+    cfg.idle_timeout = Duration::from_secs(60);
+    let mut h = Harness::new(cfg);
+    for i in 0..5u64 {
+        h.register(i, SocketAddr::from(([10, 0, 0, i as u8], 1)));
+    }
+    h.now = Ticks(h.now.0 + 61 * TICKS_PER_SECOND);
+    h.tx = TxQueue::new(2);
+    assert_eq!(h.tick().len(), 2);
+    assert_eq!(h.tick().len(), 2);
+    assert_eq!(h.tick().len(), 1);
+    assert_eq!(h.shared.connections(), 0);
+}
+
+#[test]
+fn a_restarted_host_releases_its_old_connections() {
+    let other = addr("127.0.0.2:7000");
+    let other_key = LinkKey([8; 16]);
+    let mut h = Harness::with_hosts(CoreConfig::new(S), &[(other, other_key.clone())]);
+    let host = h.host_addr;
+    let (a, b, c) = (addr("10.0.0.1:1"), addr("10.0.0.2:1"), addr("10.0.0.3:1"));
+    h.register(1, a);
+    h.register(2, b);
+    let theirs = LinkMsg::Register {
+        boot: 7,
+        request: 1,
+        conn_id: 3,
+        client: c,
+    }
+    .seal(&other_key.cipher(), h.now);
+    assert_eq!(h.feed(&[(Via::Host, other, &theirs)]).len(), 1);
+    // Host 0 restarts with boot 2: nothing of its new run is taken before its HELLO.
+    let register = |request: u64, conn_id: u64, h: &Harness| {
+        LinkMsg::Register {
+            boot: 2,
+            request,
+            conn_id,
+            client: addr("10.0.0.9:1"),
+        }
+        .seal(&h.link, h.now)
+    };
+    let early = register(5, 9, &h);
+    assert!(h.feed(&[(Via::Host, host, &early)]).is_empty());
+    assert_eq!(h.count(C::DropHostStaleBoot), 1);
+    let hello = LinkMsg::Hello { boot: 2 }.seal(&h.link, h.now);
+    let out = h.feed(&[(Via::Host, host, &hello)]);
+    assert_eq!(
+        LinkMsg::open(&out[0].2, &h.link, h.now),
+        Ok(LinkMsg::HelloAck {
+            boot: 2,
+            released: 2
+        })
+    );
+    assert!(h.shared.conns.get(1).is_none() && h.shared.conns.get(2).is_none());
+    assert!(h.shared.tuples.get(&a).is_none() && h.shared.tuples.get(&b).is_none());
+    assert!(
+        h.shared.conns.get(3).is_some(),
+        "another host's connection stays"
+    );
+    assert_eq!((h.count(C::HostRestarts), h.count(C::Released)), (1, 2));
+    // A retransmitted HELLO of the same boot releases nothing more.
+    let again = LinkMsg::Hello { boot: 2 }.seal(&h.link, h.now);
+    let out = h.feed(&[(Via::Host, host, &again)]);
+    assert!(matches!(
+        LinkMsg::open(&out[0].2, &h.link, h.now),
+        Ok(LinkMsg::HelloAck { released: 0, .. })
+    ));
+    // A delayed HELLO of the old run (sent before the new one) is refused.
+    let old = LinkMsg::Hello { boot: 1 }.seal(&h.link, Ticks(h.now.0 - TICKS_PER_SECOND));
+    assert!(h.feed(&[(Via::Host, host, &old)]).is_empty());
+    assert_eq!(h.count(C::DropHostStaleBoot), 2);
+    // The new run registers.
+    let out = h.feed(&[(Via::Host, host, &register(6, 9, &h))]);
+    assert!(matches!(
+        LinkMsg::open(&out[0].2, &h.link, h.now),
+        Ok(LinkMsg::Registered { conn_id: 9, .. })
+    ));
+}
+
+#[test]
+fn registry_full_is_reported() {
+    let mut cfg = CoreConfig::new(2);
+    cfg.max_connections = 4;
+    let mut h = Harness::new(cfg);
+    for i in 0..4u64 {
+        let msg = LinkMsg::Register {
+            boot: 1,
+            request: i,
+            conn_id: i,
+            client: SocketAddr::from(([10, 0, 0, i as u8], 1)),
+        }
+        .seal(&h.link, h.now);
+        let host = h.host_addr;
+        h.feed(&[(Via::Host, host, &msg)]);
+    }
+    let msg = LinkMsg::Register {
+        boot: 1,
+        request: 9,
+        conn_id: 9,
+        client: addr("10.0.0.9:1"),
+    }
+    .seal(&h.link, h.now);
+    let host = h.host_addr;
+    let out = h.feed(&[(Via::Host, host, &msg)]);
+    assert!(matches!(
+        LinkMsg::open(&out[0].2, &h.link, h.now).unwrap(),
+        LinkMsg::RegisterFailed { reason: 1, .. }
+    ));
+}
+
+#[test]
+fn ticks_never_run_backwards_and_respect_the_cap() {
+    let h = Harness::default();
+    assert_eq!(h.shared.issue_ticks(Ticks(100)), Ticks(100));
+    assert_eq!(
+        h.shared.issue_ticks(Ticks(50)),
+        Ticks(101),
+        "strictly later, even when the clock steps back"
+    );
+    assert_eq!(h.shared.issue_ticks(Ticks(100)), Ticks(102));
+    h.shared.set_issue_cap(Ticks(150));
+    assert_eq!(h.shared.issue_ticks(Ticks(200)), Ticks(150));
+    assert_eq!(
+        h.shared.issue_ticks(Ticks(200)),
+        Ticks(150),
+        "never past the reservation"
+    );
+    h.shared.set_issue_cap(Ticks(300));
+    assert_eq!(h.shared.issue_ticks(Ticks(200)), Ticks(200));
+}
+
+#[test]
+fn restored_connections_refuse_pre_restart_rebinds() {
+    let mut h = Harness::default();
+    let old = addr("10.0.0.1:4000");
+    let new = addr("10.0.0.2:4000");
+    let issued = h.register(42, old);
+    h.now = Ticks(h.now.0 + TICKS_PER_SECOND);
+    let u = h.client(new, &data(49));
+    let (rebind, _) = rebind_from(&issued, &u[0].2);
+    // The gateway "crashes" before this REBIND is seen; a new one restores connection 42
+    // with the floor at the last time it could have issued.
+    let mut fresh = Harness::default();
+    fresh.now = h.now;
+    let stored = StoredConn {
+        epoch: 3,
+        index: 0,
+        conn_id: 42,
+        secret: issued.secret.clone(),
+        last_rebind: Ticks(0),
+        tuple: Some(old),
+        host: 0,
+    };
+    // A connection of an epoch the gateway does not hold is refused as such.
+    let other_epoch = StoredConn {
+        epoch: 9,
+        ..stored.clone()
+    };
+    let err = fresh.shared.restore(&other_epoch, h.now).unwrap_err();
+    assert_eq!(err, RegistryError::UnknownEpoch(9));
+    assert_eq!(err.to_string(), "no registry for key epoch 9");
+    fresh.shared.restore(&stored, h.now).unwrap();
+    assert!(fresh.client(new, &rebind).is_empty());
+    assert_eq!(fresh.count(C::RejectReplay), 1);
+    // DATA from the restored tuple still flows at once.
+    assert_eq!(fresh.client(old, &data(60))[0].0, Via::Host);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+    #[test]
+    fn handler_never_panics(
+        datagrams in proptest::collection::vec(
+            (any::<bool>(), 0u8..4, proptest::collection::vec(any::<u8>(), 0..400)),
+            1..20,
+        ),
+        first_bytes in proptest::collection::vec(
+            proptest::sample::select(vec![b'D', b'H', b'R', b'h', b'U', b'r', 1, 2, 3, 4, 0x10, 0x13, 0]),
+            20,
+        ),
+    ) {
+        let mut h = Harness::default();
+        h.register(1, addr("10.0.0.1:1"));
+        let host = h.host_addr;
+        let owned: Vec<(Via, SocketAddr, Vec<u8>)> = datagrams
+            .into_iter()
+            .zip(first_bytes)
+            .map(|((from_host, src, mut bytes), first)| {
+                if let Some(b) = bytes.first_mut() { *b = first; }
+                if from_host {
+                    (Via::Host, host, bytes)
+                } else {
+                    (Via::Client(0), SocketAddr::from(([10, 0, 0, src], 1)), bytes)
+                }
+            })
+            .collect();
+        let feed: Vec<(Via, SocketAddr, &[u8])> =
+            owned.iter().map(|(v, a, b)| (*v, *a, &b[..])).collect();
+        for (_, _, reply) in h.feed(&feed) {
+            prop_assert!(reply.len() <= crate::io::batch::SLOT_LEN);
+        }
+    }
+}
