@@ -5,9 +5,11 @@
 //! [`Client::poll_event`] and [`Client::poll_received`].
 //!
 //! Design notes:
-//! - **Time.** Timers use the `now: Instant` of each call. The HANDSHAKE carries client ticks
-//!   (§7): they are the wall clock given to [`Client::new`] plus the `Instant` time elapsed
-//!   since then, so the core never reads a clock.
+//! - **Time.** Every call takes `now` as [`Ticks`], the crate's one time type (the gateway and
+//!   host cores take it too; see docs/architecture.md, "Sans-IO cores"). It is the client's
+//!   clock: timers run on it and the HANDSHAKE carries it as the client ticks (§7), so the
+//!   core never reads a clock. A driver maps its monotonic clock onto ticks at the edge
+//!   (wall clock at start plus elapsed time, as [`socket`] does).
 //! - **UNRECOGNIZED is only a hint** (§5). It never tears the connection down: it starts (or
 //!   feeds) a rebind, DATA keeps flowing in both directions meanwhile, and a rebind that
 //!   times out while authenticated packets were still arriving is abandoned (back to
@@ -38,7 +40,7 @@ pub mod socket;
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::crypto::Gcm;
 use crate::engine::gcm::SessionGcm;
@@ -221,8 +223,8 @@ pub struct ClientStats {
 struct Handshake {
     /// Nonces of recent attempts, oldest first.
     nonces: VecDeque<[u8; 16]>,
-    deadline: Instant,
-    next_retry: Instant,
+    deadline: Ticks,
+    next_retry: Ticks,
     backoff: Duration,
 }
 
@@ -245,9 +247,9 @@ struct RebindAttempt {
 }
 
 struct Rebind {
-    started: Instant,
-    deadline: Instant,
-    next_retry: Instant,
+    started: Ticks,
+    deadline: Ticks,
+    next_retry: Ticks,
     backoff: Duration,
     newest: Option<Unrecognized>,
     attempts: VecDeque<RebindAttempt>,
@@ -270,9 +272,6 @@ enum Phase {
 pub struct Client {
     config: ClientConfig,
     creds: ClientCredentials,
-    /// `(Instant, wall ticks)` at creation, for the HANDSHAKE's client ticks.
-    epoch_now: Instant,
-    epoch_wall: Ticks,
     phase: Phase,
     /// Control datagrams (HANDSHAKE, REBIND, cookie request), sent before DATA.
     control: VecDeque<Vec<u8>>,
@@ -280,8 +279,8 @@ pub struct Client {
     keepalive_due: bool,
     recv_queue: VecDeque<Vec<u8>>,
     events: VecDeque<ClientEvent>,
-    last_sent: Instant,
-    last_recv: Instant,
+    last_sent: Ticks,
+    last_recv: Ticks,
     /// DATA sent since the last authenticated packet received.
     unanswered: u32,
     public_tuple: Option<SocketAddr>,
@@ -303,13 +302,8 @@ impl std::fmt::Debug for Client {
 }
 
 impl Client {
-    /// A client that starts its handshake at `now`; `wall` is the wall clock at `now`.
-    pub fn new(
-        config: ClientConfig,
-        creds: ClientCredentials,
-        now: Instant,
-        wall: Ticks,
-    ) -> Client {
+    /// A client that starts its handshake at `now` (client ticks: the HANDSHAKE carries them).
+    pub fn new(config: ClientConfig, creds: ClientCredentials, now: Ticks) -> Client {
         let hs = Handshake {
             nonces: VecDeque::with_capacity(MAX_HANDSHAKE_ATTEMPTS),
             deadline: now + config.handshake_deadline,
@@ -320,8 +314,6 @@ impl Client {
         let mut c = Client {
             config,
             creds,
-            epoch_now: now,
-            epoch_wall: wall,
             phase: Phase::Handshaking(hs),
             control: VecDeque::new(),
             send_queue: VecDeque::new(),
@@ -409,14 +401,14 @@ impl Client {
     }
 
     /// The application knows its network changed: send a cookie request now (§6).
-    pub fn network_changed(&mut self, now: Instant) {
+    pub fn network_changed(&mut self, now: Ticks) {
         if self.session().is_some() {
             self.start_rebind(now, RebindReason::NetworkChanged, None);
         }
     }
 
     /// Feeds one datagram received from the gateway.
-    pub fn handle(&mut self, now: Instant, datagram: &[u8]) {
+    pub fn handle(&mut self, now: Ticks, datagram: &[u8]) {
         self.stats.datagrams_received += 1;
         if matches!(self.phase, Phase::Failed(_)) {
             self.stats.dropped_unexpected += 1;
@@ -434,7 +426,7 @@ impl Client {
 
     /// Writes the next datagram to send into `buf` (at least [`MAX_DATAGRAM_LEN`] bytes) and
     /// returns its length. Control datagrams go first, then queued DATA, then a keepalive.
-    pub fn poll_transmit(&mut self, now: Instant, buf: &mut [u8]) -> Option<usize> {
+    pub fn poll_transmit(&mut self, now: Ticks, buf: &mut [u8]) -> Option<usize> {
         loop {
             if let Some(d) = self.control.pop_front() {
                 let Some(out) = buf.get_mut(..d.len()) else {
@@ -475,7 +467,7 @@ impl Client {
     }
 
     /// The next instant at which [`Client::handle_timeout`] must run.
-    pub fn poll_timeout(&self) -> Option<Instant> {
+    pub fn poll_timeout(&self) -> Option<Ticks> {
         match &self.phase {
             Phase::Failed(_) => None,
             Phase::Handshaking(hs) => Some(hs.next_retry.min(hs.deadline)),
@@ -495,7 +487,7 @@ impl Client {
     }
 
     /// Runs the timers that expired at `now`.
-    pub fn handle_timeout(&mut self, now: Instant) {
+    pub fn handle_timeout(&mut self, now: Ticks) {
         match &mut self.phase {
             Phase::Failed(_) => {}
             Phase::Handshaking(hs) => {
@@ -509,7 +501,7 @@ impl Client {
                 if let Some(r) = rebind {
                     if now >= r.deadline {
                         if r.path_alive {
-                            let took = now.saturating_duration_since(r.started);
+                            let took = now.since(r.started);
                             *rebind = None;
                             self.stats.rebinds_abandoned += 1;
                             self.events.push_back(ClientEvent::RebindAbandoned { took });
@@ -547,13 +539,13 @@ impl Client {
         }
     }
 
-    fn sent(&mut self, now: Instant) {
+    fn sent(&mut self, now: Ticks) {
         self.stats.datagrams_sent += 1;
         self.last_sent = now;
     }
 
     /// An authenticated packet arrived: the path works.
-    fn answered(&mut self, now: Instant) {
+    fn answered(&mut self, now: Ticks) {
         self.unanswered = 0;
         self.last_recv = now;
         if let Phase::Connected {
@@ -572,13 +564,8 @@ impl Client {
         self.events.push_back(ClientEvent::Failed(e));
     }
 
-    fn wall_at(&self, now: Instant) -> Ticks {
-        self.epoch_wall
-            .saturating_add(now.saturating_duration_since(self.epoch_now))
-    }
-
-    fn queue_handshake(&mut self, now: Instant) {
-        let ticks = self.wall_at(now);
+    fn queue_handshake(&mut self, now: Ticks) {
+        let ticks = now;
         let Phase::Handshaking(hs) = &mut self.phase else {
             return;
         };
@@ -594,7 +581,7 @@ impl Client {
         self.stats.handshakes_sent += 1;
     }
 
-    fn on_handshake_reply(&mut self, now: Instant, datagram: &[u8]) {
+    fn on_handshake_reply(&mut self, now: Ticks, datagram: &[u8]) {
         let Phase::Handshaking(hs) = &self.phase else {
             self.stats.dropped_unexpected += 1;
             return;
@@ -640,7 +627,7 @@ impl Client {
         });
     }
 
-    fn on_data(&mut self, now: Instant, datagram: &[u8]) {
+    fn on_data(&mut self, now: Ticks, datagram: &[u8]) {
         let Phase::Connected { session, .. } = &mut self.phase else {
             self.stats.dropped_unexpected += 1;
             return;
@@ -672,7 +659,7 @@ impl Client {
         }
     }
 
-    fn on_unrecognized(&mut self, now: Instant, datagram: &[u8]) {
+    fn on_unrecognized(&mut self, now: Ticks, datagram: &[u8]) {
         let Ok(u) = Unrecognized::parse(datagram) else {
             self.stats.dropped_malformed += 1;
             return;
@@ -695,7 +682,7 @@ impl Client {
     /// Starts a rebind, or feeds the one in progress. With an UNRECOGNIZED it sends a REBIND
     /// at once if none went out yet in this rebind, or if the observed tuple moved since the
     /// last try; otherwise the retry timer uses it. Without one it sends a cookie request.
-    fn start_rebind(&mut self, now: Instant, reason: RebindReason, unrec: Option<Unrecognized>) {
+    fn start_rebind(&mut self, now: Ticks, reason: RebindReason, unrec: Option<Unrecognized>) {
         let Phase::Connected { rebind, .. } = &mut self.phase else {
             return;
         };
@@ -734,7 +721,7 @@ impl Client {
     /// Sends a rebind try now if the pacing budget allows, and otherwise owes one
     /// (`deferred`) for [`Client::handle_timeout`]. However many UNRECOGNIZEDs arrive, the
     /// client sends at most `rebind_burst` plus one REBIND per `rebind_pace`.
-    fn paced_rebind_try(&mut self, now: Instant) {
+    fn paced_rebind_try(&mut self, now: Ticks) {
         let Phase::Connected {
             rebind: Some(r), ..
         } = &mut self.phase
@@ -786,7 +773,7 @@ impl Client {
         self.stats.rebinds_sent += 1;
     }
 
-    fn on_rebind_ack(&mut self, now: Instant, datagram: &[u8]) {
+    fn on_rebind_ack(&mut self, now: Ticks, datagram: &[u8]) {
         let Ok(view) = RebindAckView::new_checked(datagram) else {
             self.stats.dropped_malformed += 1;
             return;
@@ -813,7 +800,7 @@ impl Client {
             return;
         };
         let new_tuple = a.observed;
-        let took = now.saturating_duration_since(r.started);
+        let took = now.since(r.started);
         *rebind = None;
         let old_tuple = self.public_tuple.replace(new_tuple);
         self.last_acked_t = Some(t);
@@ -831,41 +818,41 @@ impl Client {
     }
 
     /// Sends a cookie request when enough DATA went unanswered for long enough (§6).
-    fn maybe_probe(&mut self, now: Instant) {
+    fn maybe_probe(&mut self, now: Ticks) {
         let Phase::Connected { rebind: None, .. } = self.phase else {
             return;
         };
         if self.unanswered >= self.config.probe_after_unanswered
-            && now.saturating_duration_since(self.last_recv) >= self.config.probe_quiet
+            && now.since(self.last_recv) >= self.config.probe_quiet
         {
             self.start_rebind(now, RebindReason::Unanswered, None);
         }
     }
 }
 
-/// A token bucket over `Instant`s: up to `burst` tokens, one more every `pace`.
+/// A token bucket over [`Ticks`]: up to `burst` tokens, one more every `pace`.
 #[derive(Clone, Copy, Debug)]
 struct Pacer {
     tokens: u32,
     /// Tokens are counted as refilled up to this instant.
-    refilled_at: Instant,
+    refilled_at: Ticks,
 }
 
 impl Pacer {
-    fn new(now: Instant, burst: u32) -> Pacer {
+    fn new(now: Ticks, burst: u32) -> Pacer {
         Pacer {
             tokens: burst,
             refilled_at: now,
         }
     }
 
-    fn refill(&mut self, now: Instant, pace: Duration, burst: u32) {
+    fn refill(&mut self, now: Ticks, pace: Duration, burst: u32) {
         if self.tokens >= burst || pace.is_zero() {
             self.tokens = burst;
             self.refilled_at = now;
             return;
         }
-        let elapsed = now.saturating_duration_since(self.refilled_at);
+        let elapsed = now.since(self.refilled_at);
         let earned = elapsed.as_nanos() / pace.as_nanos();
         if earned == 0 {
             return;
@@ -881,7 +868,7 @@ impl Pacer {
     }
 
     /// Takes a token if one is available at `now`.
-    fn take(&mut self, now: Instant, pace: Duration, burst: u32) -> bool {
+    fn take(&mut self, now: Ticks, pace: Duration, burst: u32) -> bool {
         self.refill(now, pace, burst);
         if self.tokens == 0 {
             return false;
@@ -891,7 +878,7 @@ impl Pacer {
     }
 
     /// When the next token is available (now or in the past if one already is).
-    fn ready_at(&self, pace: Duration) -> Instant {
+    fn ready_at(&self, pace: Duration) -> Ticks {
         if self.tokens > 0 {
             self.refilled_at
         } else {
@@ -949,7 +936,7 @@ mod tests {
     /// Gateway + reference echo host, one epoch.
     struct Gateway {
         epoch: EpochState,
-        start: Instant,
+        start: Ticks,
         hosts: HashMap<u32, HostConn>,
         tuples: HashMap<SocketAddr, u32>,
         next_conn_id: u64,
@@ -961,7 +948,7 @@ mod tests {
     }
 
     impl Gateway {
-        fn new(start: Instant) -> Gateway {
+        fn new(start: Ticks) -> Gateway {
             let keys =
                 EpochKeys::derive(&MasterSecret::from_bytes([0x33; 32]), EPOCH, SLOTS).unwrap();
             let trial = TrialKeys::new(Backend::Portable, keys.slot_key_pairs()).unwrap();
@@ -978,8 +965,8 @@ mod tests {
             }
         }
 
-        fn ticks(&self, now: Instant) -> Ticks {
-            BASE_TICKS.saturating_add(now.saturating_duration_since(self.start))
+        fn ticks(&self, now: Ticks) -> Ticks {
+            BASE_TICKS.saturating_add(now.since(self.start))
         }
 
         /// Binds `tuple` to `index`, taking it from any other connection (§6).
@@ -1012,7 +999,7 @@ mod tests {
             reg.index
         }
 
-        fn unrecognized(&mut self, now: Instant, from: SocketAddr) -> Vec<u8> {
+        fn unrecognized(&mut self, now: Ticks, from: SocketAddr) -> Vec<u8> {
             let t = self.ticks(now);
             let u = Unrecognized {
                 epoch_byte: self.epoch.keys.epoch_byte(),
@@ -1034,12 +1021,7 @@ mod tests {
         }
 
         /// One datagram from `from`; returns `(destination, datagram)` pairs.
-        fn handle(
-            &mut self,
-            now: Instant,
-            from: SocketAddr,
-            d: &[u8],
-        ) -> Vec<(SocketAddr, Vec<u8>)> {
+        fn handle(&mut self, now: Ticks, from: SocketAddr, d: &[u8]) -> Vec<(SocketAddr, Vec<u8>)> {
             let mut out = Vec::new();
             match MsgType::of(d) {
                 Ok(MsgType::Handshake) => {
@@ -1145,12 +1127,12 @@ mod tests {
     struct World {
         client: Client,
         gw: Gateway,
-        now: Instant,
+        now: Ticks,
         client_tuple: SocketAddr,
         /// `(arrival, source tuple, datagram)`.
-        to_gw: Vec<(Instant, SocketAddr, Vec<u8>)>,
+        to_gw: Vec<(Ticks, SocketAddr, Vec<u8>)>,
         /// `(arrival, destination tuple, datagram)`.
-        to_client: Vec<(Instant, SocketAddr, Vec<u8>)>,
+        to_client: Vec<(Ticks, SocketAddr, Vec<u8>)>,
         /// Drops client -> gateway datagrams for which it returns true.
         drop_to_gw: DropFn,
         sent: Vec<Vec<u8>>,
@@ -1165,9 +1147,9 @@ mod tests {
         }
 
         fn with_config(config: ClientConfig) -> World {
-            let now = Instant::now();
+            let now = BASE_TICKS;
             World {
-                client: Client::new(config, creds(), now, BASE_TICKS),
+                client: Client::new(config, creds(), now),
                 gw: Gateway::new(now),
                 now,
                 client_tuple: addr("198.51.100.7:40001"),
@@ -1344,8 +1326,8 @@ mod tests {
 
     #[test]
     fn late_reply_to_an_earlier_attempt_is_accepted() {
-        let t0 = Instant::now();
-        let mut c = Client::new(ClientConfig::default(), creds(), t0, BASE_TICKS);
+        let t0 = BASE_TICKS;
+        let mut c = Client::new(ClientConfig::default(), creds(), t0);
         let mut gw = Gateway::new(t0);
         let mut buf = [0u8; MAX_DATAGRAM_LEN];
         let n = c.poll_transmit(t0, &mut buf).unwrap();
@@ -1610,7 +1592,7 @@ mod tests {
 
     #[test]
     fn pacer_allows_a_burst_then_one_per_pace() {
-        let t0 = Instant::now();
+        let t0 = BASE_TICKS;
         let pace = ms(100);
         let mut p = Pacer::new(t0, 3);
         assert!((0..3).all(|_| p.take(t0, pace, 3)));
@@ -1643,7 +1625,7 @@ mod tests {
         while w.client.rebinds() == 0 && w.now < moved_at + ms(500) {
             w.drive(ms(1));
         }
-        let took = w.now - moved_at;
+        let took = w.now.since(moved_at);
         assert_eq!(w.rebound(), vec![(None, t1)]);
         assert_eq!(
             w.gw.epoch.registry.get(w.index()).unwrap().tuple(),
