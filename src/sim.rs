@@ -10,7 +10,7 @@
 //!   reorders them) and are lost with probability `loss` (seeded RNG); [`World::drop_if`]
 //!   drops chosen ones. The host link (gateway ↔ host) is a data-centre link: `link_latency`,
 //!   no loss.
-//! - **NAT moves.** [`World::move_client`] gives a client a new source tuple without telling
+//! - **NAT moves.** [`World::move_client`] (or [`World::move_client_to`]) gives a client a new source tuple without telling
 //!   its core; datagrams to its old tuple are then undeliverable.
 //! - **Gateway.** One worker; the registry changes it would persist are kept in memory, so
 //!   [`World::restart_gateway`] rebuilds the core from them as `gateway::run` does from the
@@ -118,6 +118,8 @@ pub struct SimClient {
     pub core: Client,
     pub creds: ClientCredentials,
     pub tuple: SocketAddr,
+    /// Every datagram the core sent, in order (lost ones included).
+    pub sent: Vec<Vec<u8>>,
     /// Payloads received, in order.
     pub received: Vec<Vec<u8>>,
     pub events: Vec<ClientEvent>,
@@ -270,6 +272,7 @@ impl World {
             core: Client::new(self.cfg.client.clone(), creds.clone(), self.now),
             creds,
             tuple,
+            sent: Vec::new(),
             received: Vec::new(),
             events: Vec::new(),
         });
@@ -303,6 +306,11 @@ impl World {
         let t = self.fresh_tuple();
         self.clients[i].tuple = t;
         t
+    }
+
+    /// A NAT move to a chosen tuple (IPv4 or IPv6), e.g. one another client held.
+    pub fn move_client_to(&mut self, i: usize, tuple: SocketAddr) {
+        self.clients[i].tuple = tuple;
     }
 
     /// Drops, from now on, every datagram for which `f` returns true (replaces any earlier
@@ -406,7 +414,7 @@ impl World {
                 .iter()
                 .map(|d| Rx {
                     via: if d.to == GATEWAY {
-                        Via::Client(0)
+                        Via::Client(u8::from(d.from.is_ipv6()))
                     } else {
                         Via::Host
                     },
@@ -436,6 +444,7 @@ impl World {
             let mut out = Vec::new();
             let mut buf = [0u8; MAX_DATAGRAM_LEN];
             while let Some(n) = c.core.poll_transmit(now, &mut buf) {
+                c.sent.push(buf[..n].to_vec());
                 out.push(Datagram {
                     from: c.tuple,
                     to: GATEWAY,
@@ -609,7 +618,7 @@ fn build_gateway(
         Some(store_tx),
     );
     shared.set_started(now);
-    let worker = WorkerCore::new(0, shared.clone(), &[false]);
+    let worker = WorkerCore::new(0, shared.clone(), &[false, true]);
     SimGateway {
         shared,
         worker,
