@@ -1035,3 +1035,73 @@ fn idle_connections_are_closed() {
     assert_eq!(s.core.connections(), 1);
     assert_eq!(s.core.counters().idle_closed, 1);
 }
+
+#[test]
+fn undrained_echo_is_queued_not_lost() {
+    let mut s = sim();
+    let (reply, _, _) = s.handshake(T0, 1, [3; 16]);
+    // Two DATA handled before the driver polls: the first echo moves to the owned queue.
+    for (seq, p) in [(0u64, &b"one"[..]), (1, &b"two"[..])] {
+        let mut d = vec![0u8; p.len() + 25];
+        seal_data(&crypto::gcm(&reply.kd_c2s), seq, p, &mut d);
+        let mut framed = vec![0u8; d.len() + 9];
+        hostlink::emit_conn_data(LinkType::ToHostData, reply.conn_id, &d, &mut framed);
+        s.core.handle(T0, gw(), &framed);
+    }
+    let out = drain(&mut s.core, T0);
+    assert_eq!(out.len(), 2);
+    let echoes: Vec<_> = out
+        .iter()
+        .map(|t| open_echo(&t.payload, &reply.kd_s2c))
+        .collect();
+    assert_eq!(
+        echoes,
+        vec![
+            (reply.conn_id, 0, b"one".to_vec()),
+            (reply.conn_id, 1, b"two".to_vec())
+        ]
+    );
+    // A buffer too small for the echo: dropped and counted, not written past.
+    let mut d = vec![0u8; 3 + 25];
+    seal_data(&crypto::gcm(&reply.kd_c2s), 2, b"abc", &mut d);
+    let mut framed = vec![0u8; d.len() + 9];
+    hostlink::emit_conn_data(LinkType::ToHostData, reply.conn_id, &d, &mut framed);
+    s.core.handle(T0, gw(), &framed);
+    assert_eq!(s.core.poll_transmit(T0, &mut [0u8; 20]), None);
+    assert_eq!(s.core.counters().out_too_small, 1);
+}
+
+/// Against the real gateway (`crate::sim`): a client whose first HANDSHAKE_REPLY is lost
+/// completes on its retry, and once it uses that connection the host closes the first
+/// attempt, which the gateway then releases.
+#[test]
+fn lost_reply_leaves_an_attempt_that_the_host_closes_through_the_gateway() {
+    use crate::sim::{GATEWAY, SimConfig, World};
+    use crate::wire::MsgType;
+    let mut w = World::new(SimConfig::default());
+    let mut dropped = false;
+    w.drop_if(move |d| {
+        let drop = d.from == GATEWAY && d.data[0] == MsgType::HandshakeReply as u8 && !dropped;
+        dropped |= drop;
+        drop
+    });
+    w.add_client();
+    assert!(w.drive_until(Duration::from_secs(2), |w| {
+        w.client(0).core.state() == crate::client::ClientState::Connected
+    }));
+    assert_eq!(w.host.connections(), 2, "both attempts registered");
+    assert_eq!(w.gateway.shared.connections(), 2);
+    w.send(0, b"the client picks its connection");
+    assert!(w.drive_until(Duration::from_secs(1), |w| w.client(0).received.len() == 1));
+    w.run_for(Duration::from_millis(100));
+    assert_eq!(w.host.counters().connections_replaced, 1);
+    assert_eq!(w.host.counters().closed_acks, 1);
+    assert_eq!(w.host.connections(), 1);
+    assert_eq!(
+        w.gateway.shared.connections(),
+        1,
+        "the gateway released the index"
+    );
+    let conn_id = w.client(0).core.conn_id().unwrap();
+    assert_eq!(w.host.gateway_of(conn_id), Some(crate::sim::GATEWAY_LINK));
+}
