@@ -479,6 +479,11 @@ impl HostCore {
             });
         }
         let e = self.echo.take()?;
+        self.write_echo(e, buf)
+    }
+
+    /// Seals `e` into `buf`: `None` if its connection is gone or `buf` is too short.
+    fn write_echo(&mut self, e: PendingEcho, buf: &mut [u8]) -> Option<Outgoing> {
         let conn = self.conns.get(&e.conn_id)?;
         let len = LINK_DATA_HEADER + e.len + DATA_OVERHEAD;
         let Some(out) = buf.get_mut(..len) else {
@@ -498,11 +503,11 @@ impl HostCore {
 
     /// Moves an undrained echo to the owned queue, so the next DATA can use `scratch`.
     fn park_echo(&mut self) {
-        let Some(e) = self.echo else {
+        let Some(e) = self.echo.take() else {
             return;
         };
         let mut buf = vec![0u8; LINK_DATA_HEADER + e.len + DATA_OVERHEAD];
-        if let Some(o) = self.poll_transmit(Ticks(0), &mut buf) {
+        if let Some(o) = self.write_echo(e, &mut buf) {
             buf.truncate(o.len);
             self.queue.push_back(Transmit {
                 to: o.to,

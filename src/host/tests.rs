@@ -1040,7 +1040,10 @@ fn idle_connections_are_closed() {
 fn undrained_echo_is_queued_not_lost() {
     let mut s = sim();
     let (reply, _, _) = s.handshake(T0, 1, [3; 16]);
-    // Two DATA handled before the driver polls: the first echo moves to the owned queue.
+    let (other, _, _) = s.handshake(T0, 2, [4; 16]);
+    // A CLOSE waiting, then two DATA handled before the driver polls: the first echo moves
+    // to the owned queue behind the CLOSE.
+    assert!(s.core.close(T0, other.conn_id));
     for (seq, p) in [(0u64, &b"one"[..]), (1, &b"two"[..])] {
         let mut d = vec![0u8; p.len() + 25];
         seal_data(&crypto::gcm(&reply.kd_c2s), seq, p, &mut d);
@@ -1049,8 +1052,12 @@ fn undrained_echo_is_queued_not_lost() {
         s.core.handle(T0, gw(), &framed);
     }
     let out = drain(&mut s.core, T0);
-    assert_eq!(out.len(), 2);
-    let echoes: Vec<_> = out
+    assert_eq!(out.len(), 3);
+    assert!(matches!(
+        Control::open(&out[0].payload, &s.link.cipher(), T0),
+        Ok(Control::Close { conn_id, .. }) if conn_id == other.conn_id
+    ));
+    let echoes: Vec<_> = out[1..]
         .iter()
         .map(|t| open_echo(&t.payload, &reply.kd_s2c))
         .collect();
