@@ -32,7 +32,7 @@ LAYERS = [
     ("tables", ["table"], False),
     ("os", ["io", "secrets"], True),
     ("endpoints", ["gateway", "host", "client"], False),
-    ("tools", ["loadgen", "conformance", "bench", "demo"], True),
+    ("tools", ["loadgen", "conformance", "bench", "demo", "sim"], True),
 ]
 
 ROOTS = {"lib", "main"}

@@ -28,6 +28,8 @@ pub mod rebind;
 pub mod registry;
 pub mod replay;
 pub mod secrets;
+#[cfg(any(test, feature = "testing"))]
+pub mod sim;
 pub mod table;
 pub mod time;
 pub mod verify;

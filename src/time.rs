@@ -44,6 +44,51 @@ impl Ticks {
     }
 }
 
+/// `now + d`, saturating: lets timers written for `Instant` read the same over ticks.
+impl std::ops::Add<Duration> for Ticks {
+    type Output = Ticks;
+    fn add(self, d: Duration) -> Ticks {
+        self.saturating_add(d)
+    }
+}
+
+/// Maps a driver's monotonic clock onto the ticks the sans-IO cores take: the wall clock at
+/// creation plus the `Instant` time elapsed since, so the ticks never run backwards. Drivers
+/// convert at the edge with it; the cores never see an `Instant`.
+#[derive(Clone, Copy, Debug)]
+pub struct TickClock {
+    base: std::time::Instant,
+    wall: Ticks,
+}
+
+impl TickClock {
+    /// Starts at `wall` (usually [`Ticks::wall_clock`]) at the instant `base`.
+    pub fn new(base: std::time::Instant, wall: Ticks) -> TickClock {
+        TickClock { base, wall }
+    }
+
+    /// Starts at the wall clock, now.
+    pub fn start() -> TickClock {
+        TickClock::new(std::time::Instant::now(), Ticks::wall_clock())
+    }
+
+    /// The ticks at `t`.
+    pub fn ticks(&self, t: std::time::Instant) -> Ticks {
+        self.wall
+            .saturating_add(t.saturating_duration_since(self.base))
+    }
+
+    /// The ticks now.
+    pub fn now(&self) -> Ticks {
+        self.ticks(std::time::Instant::now())
+    }
+
+    /// The instant of `t` (a deadline from a core), clamped to the base.
+    pub fn instant(&self, t: Ticks) -> std::time::Instant {
+        self.base + t.since(self.wall)
+    }
+}
+
 /// A duration in ticks, saturating.
 pub fn duration_ticks(d: Duration) -> u64 {
     d.as_secs()

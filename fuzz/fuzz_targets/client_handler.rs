@@ -18,7 +18,7 @@
 
 use std::collections::HashSet;
 use std::net::{Ipv6Addr, SocketAddr};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use arbitrary::{Result, Unstructured};
 use libfuzzer_sys::fuzz_target;
@@ -63,8 +63,7 @@ struct World {
     registry: Registry,
     slots: usize,
     index: u32,
-    start: Instant,
-    now: Instant,
+    now: Ticks,
     /// Nonces of the HANDSHAKEs the client sent.
     hs_nonces: Vec<[u8; 16]>,
     /// REBIND_ACKs the model gateway produced, not yet (or already) delivered.
@@ -85,7 +84,7 @@ struct World {
 
 impl World {
     fn gw_now(&self) -> Ticks {
-        Ticks(T0).saturating_add(self.now - self.start)
+        self.now
     }
 
     fn handle(&mut self, d: &[u8]) {
@@ -245,15 +244,14 @@ fn run(u: &mut Unstructured<'_>) -> Result<()> {
             0,
         )
         .unwrap();
-    let start = Instant::now();
-    let client = Client::new(ClientConfig::default(), creds(), start, Ticks(T0));
+    let start = Ticks(T0);
+    let client = Client::new(ClientConfig::default(), creds(), start);
     let mut w = World {
         client,
         gw,
         registry,
         slots,
         index,
-        start,
         now: start,
         hs_nonces: Vec::new(),
         acks: Vec::new(),
@@ -343,7 +341,7 @@ fn run(u: &mut Unstructured<'_>) -> Result<()> {
             7 => {
                 let step = Duration::from_millis(u64::from(u.arbitrary::<u16>()?))
                     * u32::from(u.int_in_range(1..=40u8)?);
-                w.now += step;
+                w.now = w.now + step;
                 if u.ratio(3, 4)? {
                     if let Some(t) = w.client.poll_timeout() {
                         if t <= w.now {

@@ -71,13 +71,21 @@ struct World {
 
 impl World {
     fn handle(&mut self, from: SocketAddr, d: &[u8], out_len: usize) {
+        self.host.handle(self.now, from, d);
+        self.drain(out_len, Some(d));
+    }
+
+    /// Takes everything the host has to send, into buffers of `out_len` bytes.
+    fn drain(&mut self, out_len: usize, trigger: Option<&[u8]>) {
         let out_len = out_len.min(self.out.len());
-        let Some(o) = self.host.handle(self.now, from, d, &mut self.out[..out_len]) else {
-            return;
-        };
-        assert!(o.len <= out_len);
-        let a = self.out[..o.len].to_vec();
-        self.answer(o.to, &a, Some(d));
+        let mut n = 0;
+        while let Some(o) = self.host.poll_transmit(self.now, &mut self.out[..out_len]) {
+            n += 1;
+            assert!(n < 4096, "poll_transmit never runs dry");
+            assert!(o.len <= out_len);
+            let a = self.out[..o.len].to_vec();
+            self.answer(o.to, &a, trigger);
+        }
     }
 
     /// Looks at what the host sent.
@@ -284,9 +292,8 @@ fn run(u: &mut Unstructured<'_>) -> Result<()> {
                 let step = u64::from(u.arbitrary::<u32>()?) << u.int_in_range(0..=16u8)?;
                 w.now = Ticks(w.now.0.saturating_add(step));
                 if u.ratio(3, 4)? || w.host.poll_timeout().is_some_and(|t| t <= w.now) {
-                    for t in w.host.handle_timeout(w.now) {
-                        w.answer(t.to, &t.payload, None);
-                    }
+                    w.host.handle_timeout(w.now);
+                    w.drain(MAX_DATAGRAM, None);
                 }
             }
             _ => {
@@ -294,8 +301,8 @@ fn run(u: &mut Unstructured<'_>) -> Result<()> {
                     Some(l) if u.arbitrary()? => l.conn_id,
                     _ => u.arbitrary()?,
                 };
-                if let Some(t) = w.host.close(w.now, conn_id) {
-                    w.answer(t.to, &t.payload, None);
+                if w.host.close(w.now, conn_id) {
+                    w.drain(MAX_DATAGRAM, None);
                 }
             }
         }

@@ -8,7 +8,7 @@ use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
 use super::{Client, ClientConfig, ClientEvent, ClientState, SendError};
-use crate::time::Ticks;
+use crate::time::{TickClock, Ticks};
 use crate::wire::ClientCredentials;
 
 /// Why [`UdpClient::connect`] gave up.
@@ -33,6 +33,8 @@ impl From<io::Error> for ConnectError {
 /// A client connection over a real UDP socket.
 pub struct UdpClient {
     client: Client,
+    /// The edge where `Instant`s become the core's ticks.
+    clock: TickClock,
     socket: UdpSocket,
     gateway: SocketAddr,
     buf: Vec<u8>,
@@ -50,8 +52,10 @@ impl UdpClient {
         timeout: Duration,
     ) -> Result<UdpClient, ConnectError> {
         let now = Instant::now();
+        let clock = TickClock::new(now, Ticks::wall_clock());
         let mut c = UdpClient {
-            client: Client::new(config, creds, now, Ticks::wall_clock()),
+            client: Client::new(config, creds, clock.ticks(now)),
+            clock,
             socket: UdpSocket::bind(bind)?,
             gateway,
             buf: vec![0u8; 2048],
@@ -143,12 +147,12 @@ impl UdpClient {
 
     /// The application knows the network changed: ask for a cookie at once.
     pub fn network_changed(&mut self) -> io::Result<()> {
-        self.client.network_changed(Instant::now());
+        self.client.network_changed(self.clock.now());
         self.flush()
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        let now = Instant::now();
+        let now = self.clock.now();
         while let Some(n) = self.client.poll_transmit(now, &mut self.buf) {
             match self.socket.send_to(&self.buf[..n], self.gateway) {
                 Ok(_) => {}
@@ -176,7 +180,7 @@ impl UdpClient {
         let wake = self
             .client
             .poll_timeout()
-            .map_or(deadline, |t| t.min(deadline));
+            .map_or(deadline, |t| self.clock.instant(t).min(deadline));
         let wait = wake
             .saturating_duration_since(now)
             .max(Duration::from_millis(1));
@@ -184,7 +188,7 @@ impl UdpClient {
         match self.socket.recv_from(&mut self.buf) {
             Ok((n, from)) if from == self.gateway => {
                 let datagram = self.buf[..n].to_vec();
-                self.client.handle(Instant::now(), &datagram);
+                self.client.handle(self.clock.now(), &datagram);
             }
             Ok(_) => {}
             Err(e)
@@ -198,7 +202,7 @@ impl UdpClient {
             Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {}
             Err(e) => return Err(e),
         }
-        let now = Instant::now();
+        let now = self.clock.now();
         if self.client.poll_timeout().is_some_and(|t| t <= now) {
             self.client.handle_timeout(now);
         }

@@ -258,9 +258,13 @@ impl Server {
             let now = Ticks::wall_clock();
             let core = &mut self.core;
             let received = sock.recv_batch(Some(Duration::from_millis(50)), |from, d| {
-                tx.push_from(Via::Host, |slot| {
-                    core.handle(now, from, d, slot).map(|o| (o.to, o.len))
-                });
+                core.handle(now, from, d);
+                // Output left when the queue is full waits in the core for the next drain.
+                while !tx.is_full()
+                    && tx.push_from(Via::Host, |slot| {
+                        core.poll_transmit(now, slot).map(|o| (o.to, o.len))
+                    })
+                {}
             });
             if received.is_err() {
                 // E.g. ECONNREFUSED reported for an earlier send: nothing to receive.
@@ -268,12 +272,7 @@ impl Server {
             }
             if now.0 >= next_tick.0 {
                 next_tick = Ticks(now.0.saturating_add(tick));
-                for t in self.core.handle_timeout(now) {
-                    if tx.is_full() {
-                        flush(&mut sock, &mut tx);
-                    }
-                    tx.push_bytes(Via::Host, t.to, &t.payload);
-                }
+                self.core.handle_timeout(now);
                 let hup = sighup.swap(false, Ordering::Relaxed);
                 if hup || now.0 >= next_reload.0 {
                     next_reload = Ticks(now.0.saturating_add(reload_every));
@@ -285,6 +284,18 @@ impl Server {
                     && let Ok(mut l) = live.lock()
                 {
                     *l = self.snapshot(&stats);
+                }
+            }
+            // Timer output, and any left over when the queue filled during the batch.
+            loop {
+                if tx.is_full() {
+                    flush(&mut sock, &mut tx);
+                }
+                let core = &mut self.core;
+                if !tx.push_from(Via::Host, |slot| {
+                    core.poll_transmit(now, slot).map(|o| (o.to, o.len))
+                }) {
+                    break;
                 }
             }
             flush(&mut sock, &mut tx);

@@ -1,5 +1,11 @@
 //! The sans-IO reference host: no sockets, no clock. Every entry point takes `now` and, for
 //! datagrams, the source address (a gateway worker's host-link socket).
+//!
+//! Same convention as the client core (docs/architecture.md, "Sans-IO cores"): input goes in
+//! through [`HostCore::handle`] and [`HostCore::handle_timeout`], output comes out of
+//! [`HostCore::poll_transmit`] into the caller's buffer, and [`HostCore::poll_timeout`] says
+//! when the timers are due. A DATA echo is sealed straight into the caller's buffer by
+//! `poll_transmit` (no allocation) when it is drained after each `handle`.
 #![forbid(unsafe_code)]
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -223,14 +229,16 @@ pub struct HostCounters {
     pub out_too_small: u64,
 }
 
-/// A datagram the core wrote into the caller's buffer: `out[..len]` goes to `to`.
+/// A datagram [`HostCore::poll_transmit`] wrote into the caller's buffer: `buf[..len]` goes
+/// to `to`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Outgoing {
     pub to: SocketAddr,
     pub len: usize,
 }
 
-/// An owned datagram (handshake and timer paths only).
+/// An owned datagram, queued inside the core until `poll_transmit` (handshake, control and
+/// timer paths only).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Transmit {
     pub to: SocketAddr,
@@ -314,6 +322,10 @@ pub struct HostCore {
     by_client: HashMap<[u8; 16], Vec<u64>>,
     /// CLOSEs to send at the next `handle_timeout`.
     deferred: Vec<Transmit>,
+    /// Datagrams waiting for `poll_transmit`, oldest first (not the echo).
+    queue: VecDeque<Transmit>,
+    /// The DATA echo waiting for `poll_transmit`: its plaintext is in `scratch`.
+    echo: Option<PendingEcho>,
     last_idle_scan: Ticks,
     /// Outstanding REGISTERs by request id.
     pending: HashMap<u64, Pending>,
@@ -330,6 +342,15 @@ pub struct HostCore {
     counters: HostCounters,
     /// Plaintext of the DATA being echoed; allocated once.
     scratch: Vec<u8>,
+}
+
+/// A DATA echo owed: `scratch[..len]` sealed under `conn_id`'s key with `seq`, to `to`.
+#[derive(Clone, Copy, Debug)]
+struct PendingEcho {
+    conn_id: u64,
+    seq: u64,
+    len: usize,
+    to: SocketAddr,
 }
 
 /// The HELLO exchange: no REGISTER or CLOSE goes out before the gateway acknowledged this
@@ -370,6 +391,8 @@ impl HostCore {
             conns: HashMap::new(),
             by_client: HashMap::new(),
             deferred: Vec::new(),
+            queue: VecDeque::new(),
+            echo: None,
             last_idle_scan: Ticks(0),
             pending: HashMap::new(),
             pending_ids: HashSet::new(),
@@ -428,16 +451,72 @@ impl HostCore {
         self.conns.get(&conn_id).map(|c| c.gateway)
     }
 
-    /// Handles one host-link datagram from `from`. An answer, if any, is written to `out`
-    /// (which should hold [`MAX_DATAGRAM`] bytes; an echo needs `datagram.len()`, a handshake
-    /// answer under 700). The DATA echo path does not allocate.
-    pub fn handle(
-        &mut self,
-        now: Ticks,
-        from: SocketAddr,
-        datagram: &[u8],
-        out: &mut [u8],
-    ) -> Option<Outgoing> {
+    /// Handles one host-link datagram from `from`. An answer, if any, waits for
+    /// [`HostCore::poll_transmit`]. The DATA echo path does not allocate as long as the caller
+    /// drains `poll_transmit` before the next `handle` (an echo still waiting then is moved to
+    /// the owned queue).
+    pub fn handle(&mut self, now: Ticks, from: SocketAddr, datagram: &[u8]) {
+        self.park_echo();
+        if let Some(t) = self.handle_inner(now, from, datagram) {
+            self.queue.push_back(t);
+        }
+    }
+
+    /// Writes the next datagram to send into `buf` (an echo needs the received DATA's length,
+    /// a handshake answer under 700 bytes, [`MAX_DATAGRAM`] always suffices). Queued control
+    /// and timer output goes first, then the echo. A datagram longer than `buf` is dropped and
+    /// counted (`out_too_small`).
+    pub fn poll_transmit(&mut self, _now: Ticks, buf: &mut [u8]) -> Option<Outgoing> {
+        while let Some(t) = self.queue.pop_front() {
+            let Some(dst) = buf.get_mut(..t.payload.len()) else {
+                self.counters.out_too_small += 1;
+                continue;
+            };
+            dst.copy_from_slice(&t.payload);
+            return Some(Outgoing {
+                to: t.to,
+                len: t.payload.len(),
+            });
+        }
+        let e = self.echo.take()?;
+        self.write_echo(e, buf)
+    }
+
+    /// Seals `e` into `buf`: `None` if its connection is gone or `buf` is too short.
+    fn write_echo(&mut self, e: PendingEcho, buf: &mut [u8]) -> Option<Outgoing> {
+        let conn = self.conns.get(&e.conn_id)?;
+        let len = LINK_DATA_HEADER + e.len + DATA_OVERHEAD;
+        let Some(out) = buf.get_mut(..len) else {
+            self.counters.out_too_small += 1;
+            return None;
+        };
+        out[0] = LinkType::ToClientData as u8;
+        out[1..LINK_DATA_HEADER].copy_from_slice(&e.conn_id.to_be_bytes());
+        seal_data(
+            &conn.tx,
+            e.seq,
+            &self.scratch[..e.len],
+            &mut out[LINK_DATA_HEADER..],
+        );
+        Some(Outgoing { to: e.to, len })
+    }
+
+    /// Moves an undrained echo to the owned queue, so the next DATA can use `scratch`.
+    fn park_echo(&mut self) {
+        let Some(e) = self.echo.take() else {
+            return;
+        };
+        let mut buf = vec![0u8; LINK_DATA_HEADER + e.len + DATA_OVERHEAD];
+        if let Some(o) = self.write_echo(e, &mut buf) {
+            buf.truncate(o.len);
+            self.queue.push_back(Transmit {
+                to: o.to,
+                payload: buf,
+            });
+        }
+    }
+
+    fn handle_inner(&mut self, now: Ticks, from: SocketAddr, datagram: &[u8]) -> Option<Transmit> {
         if !self.cfg.gateways.iter().any(|n| n.contains(from.ip())) {
             self.counters.link_unknown_source += 1;
             return None;
@@ -454,7 +533,10 @@ impl HostCore {
             self.hello.to = Some(from);
         }
         match ty {
-            LinkType::ToHostData => self.on_data(now, from, datagram, out),
+            LinkType::ToHostData => {
+                self.on_data(now, from, datagram);
+                None
+            }
             LinkType::ToHostHandshake => {
                 // The gateway vouches for the client tuple; a forged one could register a
                 // connection for (and aim the reply at) any tuple.
@@ -468,43 +550,22 @@ impl HostCore {
                     // goes in its place.
                     self.hello.to = Some(from);
                     self.hello.next = now;
-                    let hello = self.hello_msg(now)?;
-                    return self.write_out(hello, out);
+                    return self.hello_msg(now);
                 }
-                self.write_out(t, out)
+                Some(t)
             }
             LinkType::ToClientData | LinkType::ToClientReply => {
                 self.counters.link_malformed += 1;
                 None
             }
-            _ => {
-                let t = self.on_control(now, from, datagram)?;
-                self.write_out(t, out)
-            }
+            _ => self.on_control(now, from, datagram),
         }
-    }
-
-    fn write_out(&mut self, t: Transmit, out: &mut [u8]) -> Option<Outgoing> {
-        let Some(dst) = out.get_mut(..t.payload.len()) else {
-            self.counters.out_too_small += 1;
-            return None;
-        };
-        dst.copy_from_slice(&t.payload);
-        Some(Outgoing {
-            to: t.to,
-            len: t.payload.len(),
-        })
     }
 
     // --- DATA (§7) -------------------------------------------------------------------------
 
-    fn on_data(
-        &mut self,
-        now: Ticks,
-        from: SocketAddr,
-        datagram: &[u8],
-        out: &mut [u8],
-    ) -> Option<Outgoing> {
+    /// Opens a DATA into `scratch` and owes its echo (`self.echo`).
+    fn on_data(&mut self, now: Ticks, from: SocketAddr, datagram: &[u8]) -> Option<()> {
         let Ok((conn_id, inner)) = hostlink::parse_conn_data(datagram) else {
             self.counters.data_malformed += 1;
             return None;
@@ -518,8 +579,7 @@ impl HostCore {
             return None;
         };
         let n = view.payload_len();
-        let len = LINK_DATA_HEADER + n + DATA_OVERHEAD;
-        if out.len() < len || self.scratch.len() < n {
+        if self.scratch.len() < n {
             self.counters.out_too_small += 1;
             return None;
         }
@@ -540,14 +600,6 @@ impl HostCore {
         conn.used = true;
         let seq = conn.next_seq;
         conn.next_seq += 1;
-        out[0] = LinkType::ToClientData as u8;
-        out[1..LINK_DATA_HEADER].copy_from_slice(&conn_id.to_be_bytes());
-        seal_data(
-            &conn.tx,
-            seq,
-            &self.scratch[..n],
-            &mut out[LINK_DATA_HEADER..len],
-        );
         self.counters.echoes += 1;
         self.counters.echo_bytes += n as u64;
         let (to, client_id) = (conn.gateway, conn.client_id);
@@ -562,7 +614,13 @@ impl HostCore {
                 self.replace(now, other);
             }
         }
-        Some(Outgoing { to, len })
+        self.echo = Some(PendingEcho {
+            conn_id,
+            seq,
+            len: n,
+            to,
+        });
+        Some(())
     }
 
     // --- HANDSHAKE (§7) --------------------------------------------------------------------
@@ -882,8 +940,18 @@ impl HostCore {
         }
     }
 
-    /// Forgets a connection and tells its gateway (CLOSE). `None` if it is unknown.
-    pub fn close(&mut self, now: Ticks, conn_id: u64) -> Option<Transmit> {
+    /// Forgets a connection and tells its gateway: the CLOSE waits for `poll_transmit`.
+    /// False if the connection is unknown.
+    pub fn close(&mut self, now: Ticks, conn_id: u64) -> bool {
+        let Some(t) = self.close_msg(now, conn_id) else {
+            return false;
+        };
+        self.queue.push_back(t);
+        true
+    }
+
+    /// Forgets a connection and returns its CLOSE. `None` if it is unknown.
+    fn close_msg(&mut self, now: Ticks, conn_id: u64) -> Option<Transmit> {
         let conn = self.forget(conn_id)?;
         let request = self.next_request;
         self.next_request = self.next_request.wrapping_add(1);
@@ -914,6 +982,7 @@ impl HostCore {
     // --- Timers ----------------------------------------------------------------------------
 
     /// The earliest time [`HostCore::handle_timeout`] has work (a REGISTER retry or give-up).
+    /// Output already waiting is not a timer: drain [`HostCore::poll_transmit`].
     pub fn poll_timeout(&self) -> Option<Ticks> {
         if !self.deferred.is_empty() {
             return Some(Ticks(0));
@@ -923,8 +992,10 @@ impl HostCore {
     }
 
     /// Resends overdue REGISTERs, gives up on those sent `register_tries` times, and expires
-    /// old nonces and kept replies. Call at [`HostCore::poll_timeout`] or periodically.
-    pub fn handle_timeout(&mut self, now: Ticks) -> Vec<Transmit> {
+    /// old nonces and kept replies. Call at [`HostCore::poll_timeout`] or periodically; the
+    /// output waits for [`HostCore::poll_transmit`].
+    pub fn handle_timeout(&mut self, now: Ticks) {
+        self.park_echo();
         self.expire(now);
         let mut out = std::mem::take(&mut self.deferred);
         out.extend(self.hello_msg(now));
@@ -949,12 +1020,12 @@ impl HostCore {
                 out.push(self.register_msg(now, request));
             }
         }
-        out
+        self.queue.extend(out);
     }
 
     /// Closes a connection its client no longer uses, at the next `handle_timeout`.
     fn replace(&mut self, now: Ticks, conn_id: u64) {
-        if let Some(close) = self.close(now, conn_id) {
+        if let Some(close) = self.close_msg(now, conn_id) {
             self.counters.connections_replaced += 1;
             self.deferred.push(close);
         }
@@ -979,7 +1050,7 @@ impl HostCore {
             .map(|(id, _)| *id)
             .collect();
         for id in stale {
-            if let Some(t) = self.close(now, id) {
+            if let Some(t) = self.close_msg(now, id) {
                 self.counters.idle_closed += 1;
                 out.push(t);
             }

@@ -50,6 +50,37 @@ fn clients(ns: &[u8]) -> ClientsFile {
     )
 }
 
+/// One datagram in, the answer (if any) out: `handle` then one `poll_transmit`.
+fn handle(
+    core: &mut HostCore,
+    now: Ticks,
+    from: SocketAddr,
+    d: &[u8],
+    out: &mut [u8],
+) -> Option<Outgoing> {
+    core.handle(now, from, d);
+    core.poll_transmit(now, out)
+}
+
+/// Runs the timers and collects everything they sent.
+fn timeout(core: &mut HostCore, now: Ticks) -> Vec<Transmit> {
+    core.handle_timeout(now);
+    drain(core, now)
+}
+
+/// Everything waiting in `poll_transmit`.
+fn drain(core: &mut HostCore, now: Ticks) -> Vec<Transmit> {
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    let mut sent = Vec::new();
+    while let Some(o) = core.poll_transmit(now, &mut buf) {
+        sent.push(Transmit {
+            to: o.to,
+            payload: buf[..o.len].to_vec(),
+        });
+    }
+    sent
+}
+
 /// A gateway made from the real key schedule and registry, answering REGISTER.
 struct FakeGateway {
     keys: EpochKeys,
@@ -135,7 +166,7 @@ fn ack_hello(core: &mut HostCore, link: &LinkKey, now: Ticks) {
         released: 0,
     }
     .seal(&link.cipher(), now);
-    assert!(core.handle(now, gw(), &ack, &mut [0u8; 64]).is_none());
+    assert!(handle(core, now, gw(), &ack, &mut [0u8; 64]).is_none());
     assert!(core.hello_acked());
 }
 
@@ -157,7 +188,7 @@ fn to_host_handshake(c: &ClientCredentials, nonce: [u8; 16], ticks: Ticks) -> Ve
 
 impl Sim {
     fn feed(&mut self, now: Ticks, from: SocketAddr, d: &[u8]) -> Option<(SocketAddr, Vec<u8>)> {
-        let s = self.core.handle(now, from, d, &mut self.out)?;
+        let s = handle(&mut self.core, now, from, d, &mut self.out)?;
         Some((s.to, self.out[..s.len].to_vec()))
     }
 
@@ -298,11 +329,11 @@ fn replayed_nonce_rejected() {
     assert_eq!(s.core.counters().handshake_replayed_nonce, 1);
     // Nonces are forgotten only once no copy could pass the ticks check.
     let nine = T0.saturating_add(Duration::from_secs(9 * 60));
-    s.core.handle_timeout(nine);
+    timeout(&mut s.core, nine);
     assert!(s.feed(nine, gw(), &hs).is_none());
     assert_eq!(s.core.counters().handshake_replayed_nonce, 2);
     let much_later = T0.saturating_add(Duration::from_secs(25 * 60));
-    s.core.handle_timeout(much_later);
+    timeout(&mut s.core, much_later);
     assert!(s.feed(much_later, gw(), &hs).is_none());
     assert_eq!(s.core.counters().handshake_stale_ticks, 1);
 }
@@ -316,22 +347,18 @@ fn register_retransmitted_then_given_up() {
     let (req, conn_id, _) = s.gw.open_register(T0, &reg);
     let step = Duration::from_millis(500);
     assert_eq!(s.core.poll_timeout(), Some(T0.saturating_add(step)));
-    assert!(
-        s.core
-            .handle_timeout(T0.saturating_add(Duration::from_millis(499)))
-            .is_empty()
-    );
+    assert!(timeout(&mut s.core, T0.saturating_add(Duration::from_millis(499))).is_empty());
     let mut now = T0;
     for _ in 0..4 {
         now = now.saturating_add(step);
-        let t = s.core.handle_timeout(now);
+        let t = timeout(&mut s.core, now);
         assert_eq!(t.len(), 1);
         assert_eq!(t[0].to, gw());
         let (r2, c2, _) = s.gw.open_register(now, &t[0].payload);
         assert_eq!((r2, c2), (req, conn_id));
     }
     now = now.saturating_add(step);
-    assert!(s.core.handle_timeout(now).is_empty());
+    assert!(timeout(&mut s.core, now).is_empty());
     let c = s.core.counters();
     assert_eq!(
         (c.register_sent, c.register_retransmits, c.register_timeouts),
@@ -367,11 +394,7 @@ fn register_failed_drops_pending() {
     assert!(s.feed(T0, gw(), &failed).is_none());
     assert_eq!(s.core.counters().register_failed, 1);
     assert_eq!(s.core.pending(), 0);
-    assert!(
-        s.core
-            .handle_timeout(T0.saturating_add(Duration::from_secs(1)))
-            .is_empty()
-    );
+    assert!(timeout(&mut s.core, T0.saturating_add(Duration::from_secs(1))).is_empty());
 }
 
 #[test]
@@ -472,7 +495,7 @@ fn data_echo_roundtrip_replay_and_wrong_key() {
     seal_data(&crypto::gcm(&reply.kd_c2s), 10, b"hello", &mut d);
     let mut framed = vec![0u8; 39];
     hostlink::emit_conn_data(LinkType::ToHostData, id, &d, &mut framed);
-    assert!(s.core.handle(T0, gw(), &framed, &mut [0u8; 20]).is_none());
+    assert!(handle(&mut s.core, T0, gw(), &framed, &mut [0u8; 20]).is_none());
     assert_eq!(s.core.counters().out_too_small, 1);
 }
 
@@ -612,7 +635,7 @@ fn first_register_waits_for_the_hello_ack() {
     let mut core = HostCore::with_config(&link, clients(&[1]), sim_config());
     let mut out = vec![0u8; 2048];
     let hs = to_host_handshake(&creds(1), [1; 16], T0);
-    let o = core.handle(T0, gw(), &hs, &mut out).expect("HELLO");
+    let o = handle(&mut core, T0, gw(), &hs, &mut out).expect("HELLO");
     assert_eq!(o.to, gw());
     assert_eq!(
         Control::open(&out[..o.len], &link.cipher(), T0),
@@ -621,7 +644,7 @@ fn first_register_waits_for_the_hello_ack() {
     assert_eq!(core.pending(), 1);
     // Retransmitted until acknowledged; the REGISTER is held.
     let later = T0.saturating_add(Duration::from_secs(1));
-    let sent = core.handle_timeout(later);
+    let sent = timeout(&mut core, later);
     assert_eq!(sent.len(), 1);
     assert!(matches!(
         Control::open(&sent[0].payload, &link.cipher(), later),
@@ -632,12 +655,18 @@ fn first_register_waits_for_the_hello_ack() {
         boot: core.boot() ^ 1,
         released: 0,
     };
-    core.handle(later, gw(), &wrong.seal(&link.cipher(), later), &mut out);
+    handle(
+        &mut core,
+        later,
+        gw(),
+        &wrong.seal(&link.cipher(), later),
+        &mut out,
+    );
     assert!(!core.hello_acked());
     assert_eq!(core.counters().hello_ack_wrong_boot, 1);
     ack_hello(&mut core, &link, later);
     assert_eq!(core.poll_timeout(), Some(Ticks(0)));
-    let sent = core.handle_timeout(later);
+    let sent = timeout(&mut core, later);
     assert_eq!(sent.len(), 1, "the held REGISTER, and no more HELLO");
     assert!(matches!(
         Control::open(&sent[0].payload, &link.cipher(), later),
@@ -656,7 +685,7 @@ fn expired_connection_is_forgotten_without_a_close() {
     .seal(&s.link.cipher(), T0);
     assert!(s.feed(T0, gw(), &expired).is_none());
     assert_eq!(s.core.connections(), 0);
-    assert!(s.core.handle_timeout(T0).is_empty(), "no CLOSE for it");
+    assert!(timeout(&mut s.core, T0).is_empty(), "no CLOSE for it");
     assert_eq!(s.core.counters().expired_by_gateway, 1);
     let again = Control::Expired {
         conn_id: reply.conn_id,
@@ -670,13 +699,14 @@ fn expired_connection_is_forgotten_without_a_close() {
 fn close_sends_close_and_forgets() {
     let mut s = sim();
     let (reply, _, _) = s.handshake(T0, 1, [3; 16]);
-    let t = s.core.close(T0, reply.conn_id).unwrap();
+    assert!(s.core.close(T0, reply.conn_id));
+    let t = drain(&mut s.core, T0).pop().unwrap();
     assert_eq!(t.to, gw());
     match Control::open(&t.payload, &s.link.cipher(), T0).unwrap() {
         Control::Close { conn_id, .. } => assert_eq!(conn_id, reply.conn_id),
         other => panic!("{other:?}"),
     }
-    assert!(s.core.close(T0, reply.conn_id).is_none());
+    assert!(!s.core.close(T0, reply.conn_id));
     assert_eq!(s.core.connections(), 0);
     assert!(
         s.data(T0, gw(), reply.conn_id, &reply.kd_c2s, 0, b"x")
@@ -719,7 +749,8 @@ fn caps_refuse_instead_of_evicting() {
     ack_hello(&mut core, &link, T0);
     let mut out = vec![0u8; 2048];
     for i in 0..3u8 {
-        let r = core.handle(
+        let r = handle(
+            &mut core,
             T0,
             gw(),
             &to_host_handshake(&creds(1), [i; 16], T0),
@@ -747,14 +778,14 @@ fn one_client_flooding_nonces_cannot_lock_out_another() {
         let mut nonce = [0xf0; 16];
         nonce[..4].copy_from_slice(&i.to_be_bytes());
         let hs = to_host_handshake(&creds(1), nonce, T0);
-        answered += usize::from(core.handle(T0, gw(), &hs, &mut out).is_some());
+        answered += usize::from(handle(&mut core, T0, gw(), &hs, &mut out).is_some());
     }
     let quota = HostConfig::default().max_nonces_per_client;
     assert_eq!(answered, quota, "the flooder gets its quota of REGISTERs");
     assert_eq!(core.counters().handshake_client_quota, 1000 - quota as u64);
     let hs = to_host_handshake(&creds(2), [0x22; 16], T0);
     assert!(
-        core.handle(T0, gw(), &hs, &mut out).is_some(),
+        handle(&mut core, T0, gw(), &hs, &mut out).is_some(),
         "client 2 must still get a REGISTER"
     );
     assert_eq!(core.counters().handshake_busy, 0);
@@ -763,12 +794,12 @@ fn one_client_flooding_nonces_cannot_lock_out_another() {
     let mut now = T0;
     for _ in 0..8 {
         now = now.saturating_add(Duration::from_millis(500));
-        core.handle_timeout(now);
+        timeout(&mut core, now);
     }
     let later = T0.saturating_add(Duration::from_secs(21 * 60));
-    core.handle_timeout(later);
+    timeout(&mut core, later);
     let hs = to_host_handshake(&creds(1), [0x11; 16], later);
-    assert!(core.handle(later, gw(), &hs, &mut out).is_some());
+    assert!(handle(&mut core, later, gw(), &hs, &mut out).is_some());
     assert_eq!(core.counters().handshake_client_quota, 1000 - quota as u64);
 }
 
@@ -808,9 +839,9 @@ proptest! {
             } else {
                 SocketAddr::new([10, 0, 0, (port % 256) as u8].into(), port)
             };
-            let _ = s.core.handle(now, from, &d, &mut s.out);
-            let _ = s.core.handle(now, from, &d, &mut [0u8; 16]);
-            let _ = s.core.handle_timeout(now);
+            let _ = handle(&mut s.core, now, from, &d, &mut s.out);
+            let _ = handle(&mut s.core, now, from, &d, &mut [0u8; 16]);
+            let _ = timeout(&mut s.core, now);
         }
     }
 }
@@ -920,8 +951,7 @@ fn spawn_refuses_exposed_clients_file() {
 }
 
 fn closes_in(s: &mut Sim, now: Ticks) -> Vec<u64> {
-    s.core
-        .handle_timeout(now)
+    timeout(&mut s.core, now)
         .iter()
         .filter_map(|t| match Control::open(&t.payload, &s.link.cipher(), now) {
             Ok(Control::Close { conn_id, .. }) => Some(conn_id),
@@ -991,7 +1021,7 @@ fn idle_connections_are_closed() {
             .is_some()
     );
     let after = T0.saturating_add(HostConfig::default().idle_timeout + Duration::from_secs(11));
-    let out = s.core.handle_timeout(after);
+    let out = timeout(&mut s.core, after);
     let closed: Vec<u64> = out
         .iter()
         .filter_map(
@@ -1004,4 +1034,46 @@ fn idle_connections_are_closed() {
     assert_eq!(closed, vec![idle.conn_id]);
     assert_eq!(s.core.connections(), 1);
     assert_eq!(s.core.counters().idle_closed, 1);
+}
+
+#[test]
+fn undrained_echo_is_queued_not_lost() {
+    let mut s = sim();
+    let (reply, _, _) = s.handshake(T0, 1, [3; 16]);
+    let (other, _, _) = s.handshake(T0, 2, [4; 16]);
+    // A CLOSE waiting, then two DATA handled before the driver polls: the first echo moves
+    // to the owned queue behind the CLOSE.
+    assert!(s.core.close(T0, other.conn_id));
+    for (seq, p) in [(0u64, &b"one"[..]), (1, &b"two"[..])] {
+        let mut d = vec![0u8; p.len() + 25];
+        seal_data(&crypto::gcm(&reply.kd_c2s), seq, p, &mut d);
+        let mut framed = vec![0u8; d.len() + 9];
+        hostlink::emit_conn_data(LinkType::ToHostData, reply.conn_id, &d, &mut framed);
+        s.core.handle(T0, gw(), &framed);
+    }
+    let out = drain(&mut s.core, T0);
+    assert_eq!(out.len(), 3);
+    assert!(matches!(
+        Control::open(&out[0].payload, &s.link.cipher(), T0),
+        Ok(Control::Close { conn_id, .. }) if conn_id == other.conn_id
+    ));
+    let echoes: Vec<_> = out[1..]
+        .iter()
+        .map(|t| open_echo(&t.payload, &reply.kd_s2c))
+        .collect();
+    assert_eq!(
+        echoes,
+        vec![
+            (reply.conn_id, 0, b"one".to_vec()),
+            (reply.conn_id, 1, b"two".to_vec())
+        ]
+    );
+    // A buffer too small for the echo: dropped and counted, not written past.
+    let mut d = vec![0u8; 3 + 25];
+    seal_data(&crypto::gcm(&reply.kd_c2s), 2, b"abc", &mut d);
+    let mut framed = vec![0u8; d.len() + 9];
+    hostlink::emit_conn_data(LinkType::ToHostData, reply.conn_id, &d, &mut framed);
+    s.core.handle(T0, gw(), &framed);
+    assert_eq!(s.core.poll_transmit(T0, &mut [0u8; 20]), None);
+    assert_eq!(s.core.counters().out_too_small, 1);
 }

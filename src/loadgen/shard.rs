@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::client::{Client, ClientError, ClientEvent, ClientState, MAX_DATAGRAM_LEN};
-use crate::time::Ticks;
+use crate::time::{TickClock, Ticks};
 use crate::wire::ClientCredentials;
 
 use super::addrs::AddrPool;
@@ -247,6 +247,8 @@ pub struct Shard<'a> {
     epoll: Epoll,
     slots: Vec<Slot>,
     heap: BinaryHeap<Reverse<(Instant, u32)>>,
+    /// Maps `Instant`s onto the client cores' ticks.
+    clock: TickClock,
     rng: Rng,
     buf: Vec<u8>,
     payload: Vec<u8>,
@@ -306,6 +308,7 @@ impl<'a> Shard<'a> {
             shared,
             epoll: Epoll::new()?,
             heap: BinaryHeap::new(),
+            clock: TickClock::new(shared.base, Ticks::wall_clock()),
             rng: Rng::new(),
             buf: vec![0u8; MAX_DATAGRAM_LEN.max(2048)],
             payload: vec![0u8; crate::client::MAX_PAYLOAD],
@@ -480,8 +483,7 @@ impl<'a> Shard<'a> {
             let client = Client::new(
                 self.opts.client_config.clone(),
                 self.spec.creds[i].clone(),
-                now,
-                Ticks::wall_clock(),
+                self.clock.ticks(now),
             );
             self.slots.push(Slot {
                 client,
@@ -522,8 +524,9 @@ impl<'a> Shard<'a> {
             }
             self.slots[i].timer = None;
             let s = &mut self.slots[i];
-            if s.client.poll_timeout().is_some_and(|d| d <= now) {
-                s.client.handle_timeout(now);
+            let ticks = self.clock.ticks(now);
+            if s.client.poll_timeout().is_some_and(|d| d <= ticks) {
+                s.client.handle_timeout(ticks);
             }
             if s.app_deadline.is_some_and(|d| d <= now) {
                 s.app_deadline = None;
@@ -552,7 +555,8 @@ impl<'a> Shard<'a> {
 
     fn reschedule(&mut self, i: usize) {
         let s = &mut self.slots[i];
-        let t = earliest(s.client.poll_timeout(), s.app_deadline);
+        let client_t = s.client.poll_timeout().map(|t| self.clock.instant(t));
+        let t = earliest(client_t, s.app_deadline);
         let Some(t) = earliest(t, s.kick_at) else {
             return;
         };
@@ -581,7 +585,7 @@ impl<'a> Shard<'a> {
                         self.c.stray += 1;
                         continue;
                     }
-                    s.client.handle(now, &self.buf[..n]);
+                    s.client.handle(self.clock.ticks(now), &self.buf[..n]);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 // ICMP errors reported on the socket (e.g. refused): nothing to read.
@@ -738,7 +742,7 @@ impl<'a> Shard<'a> {
     /// Sends everything slot `i`'s client has to send.
     fn flush(&mut self, i: usize, now: Instant) {
         let s = &mut self.slots[i];
-        while let Some(n) = s.client.poll_transmit(now, &mut self.buf) {
+        while let Some(n) = s.client.poll_transmit(self.clock.ticks(now), &mut self.buf) {
             let d = &self.buf[..n];
             if let Some(tap) = &self.shared.tap
                 && d[0] == crate::wire::MsgType::Rebind as u8
@@ -981,7 +985,7 @@ impl<'a> Shard<'a> {
                     s.kick_at = Some(now + KICK_EVERY);
                     self.queue_payload(i, now);
                 }
-                OnMove::Notify => s.client.network_changed(now),
+                OnMove::Notify => s.client.network_changed(self.clock.ticks(now)),
             }
             self.flush(i, now);
             self.reschedule(i);

@@ -1,0 +1,631 @@
+//! A simulated world for tests and fuzz targets (quinn-proto's `Pair` is the model): the real
+//! client cores ([`Client`]), the real gateway core ([`Shared`] + [`WorkerCore`]) and the real
+//! echo host ([`HostCore`]), wired by an in-memory network over a virtual clock.
+//!
+//! - **Clock.** [`World::now`] only moves in [`World::step`]'s callers ([`World::drive_until`],
+//!   [`World::run_for`]), jumping to the next event (a datagram's arrival or a core's timer).
+//!   Every core gets the same `now`, so runs are deterministic for a given seed (the cores'
+//!   nonces are random, but no outcome depends on their values).
+//! - **Network.** Client ↔ gateway datagrams take `latency` plus a uniform `jitter` (which
+//!   reorders them) and are lost with probability `loss` (seeded RNG); [`World::drop_if`]
+//!   drops chosen ones. The host link (gateway ↔ host) is a data-centre link: `link_latency`,
+//!   no loss.
+//! - **NAT moves.** [`World::move_client`] (or [`World::move_client_to`]) gives a client a new source tuple without telling
+//!   its core; datagrams to its old tuple are then undeliverable.
+//! - **Gateway.** One worker; the registry changes it would persist are kept in memory, so
+//!   [`World::restart_gateway`] rebuilds the core from them as `gateway::run` does from the
+//!   store (every `L` raised to the last time issued before the restart).
+//!
+//! Compiled for the crate's tests and with the `testing` feature (integration tests in
+//! `tests/`, fuzz targets).
+#![forbid(unsafe_code)]
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crossbeam::channel::{Receiver, unbounded};
+
+use crate::client::{Client, ClientConfig, ClientEvent, ClientState, MAX_DATAGRAM_LEN};
+use crate::engine::{Backend, TrialKeys};
+use crate::gateway::core::{CoreConfig, EpochCrypto, HostPeer, Shared, WorkerCore};
+use crate::gateway::metrics::C;
+use crate::gateway::store::{StoreOp, StoredConn};
+use crate::host::clients::{ClientEntry, ClientsFile};
+use crate::host::{GatewayNet, HostConfig, HostCore, MAX_DATAGRAM};
+use crate::hostlink::LinkKey;
+use crate::io::batch::{Rx, TxQueue, Via};
+use crate::keys::{EpochKeys, MasterSecret};
+use crate::time::Ticks;
+use crate::wire::ClientCredentials;
+
+/// 2026-01-01T00:00:00Z.
+pub const T0: Ticks = Ticks(639_028_224_000_000_000);
+/// The gateway's client-facing address.
+pub const GATEWAY: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(203, 0, 113, 1)), 443);
+/// The gateway worker's host-link address.
+pub const GATEWAY_LINK: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)), 7000);
+/// The echo host's address.
+pub const HOST: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 100)), 9000);
+
+/// The world's settings.
+#[derive(Clone, Debug)]
+pub struct SimConfig {
+    /// Seeds the network's RNG (loss, jitter, new tuples).
+    pub seed: u64,
+    /// Client ↔ gateway one-way latency.
+    pub latency: Duration,
+    /// Extra client ↔ gateway delay, uniform in `[0, jitter)`: reorders datagrams.
+    pub jitter: Duration,
+    /// Client ↔ gateway loss probability, each direction.
+    pub loss: f64,
+    /// Gateway ↔ host one-way latency.
+    pub link_latency: Duration,
+    /// S, slot keys per connection.
+    pub slots: usize,
+    /// The gateway's first epoch.
+    pub epoch: u32,
+    pub client: ClientConfig,
+    /// Gateway settings (`slots` is taken from above).
+    pub core: CoreConfig,
+    /// Enrolled clients (the host's clients file); [`World::add_client`] uses them in order.
+    pub enrolled: usize,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        let slots = 8;
+        SimConfig {
+            seed: 1,
+            latency: Duration::from_millis(20),
+            jitter: Duration::ZERO,
+            loss: 0.0,
+            link_latency: Duration::from_micros(200),
+            slots,
+            epoch: 0x107,
+            client: ClientConfig::default(),
+            core: CoreConfig::new(slots),
+            enrolled: 1024,
+        }
+    }
+}
+
+/// A datagram on the simulated network.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Datagram {
+    pub from: SocketAddr,
+    pub to: SocketAddr,
+    pub data: Vec<u8>,
+}
+
+/// What the network did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NetStats {
+    pub sent: u64,
+    pub delivered: u64,
+    /// Lost to `loss` or [`World::drop_if`].
+    pub lost: u64,
+    /// Addressed to a tuple nobody holds (a client's old tuple after a move).
+    pub no_route: u64,
+    /// In flight to the gateway when it restarted.
+    pub lost_in_restart: u64,
+}
+
+/// One simulated client: its real core, its current tuple, and what it got.
+pub struct SimClient {
+    pub core: Client,
+    pub creds: ClientCredentials,
+    pub tuple: SocketAddr,
+    /// Every datagram the core sent, in order (lost ones included).
+    pub sent: Vec<Vec<u8>>,
+    /// Payloads received, in order.
+    pub received: Vec<Vec<u8>>,
+    pub events: Vec<ClientEvent>,
+}
+
+/// The gateway: its shared state, one worker, and the registry as it would be persisted.
+pub struct SimGateway {
+    pub shared: Arc<Shared>,
+    pub worker: WorkerCore,
+    store_rx: Receiver<StoreOp>,
+    tx: TxQueue,
+    /// The epoch keys the gateway holds, newest last.
+    epochs: Vec<u32>,
+    /// What the store holds: connections by `(epoch, index)`.
+    pub persisted: HashMap<(u32, u32), StoredConn>,
+    /// Restarts so far.
+    pub restarts: u32,
+}
+
+impl SimGateway {
+    /// The worker's counter `c` (since the last restart).
+    pub fn count(&self, c: C) -> u64 {
+        self.worker.metrics().get(c)
+    }
+
+    /// Applies the store operations the core queued, as the store writer would.
+    fn persist(&mut self) {
+        while let Ok(op) = self.store_rx.try_recv() {
+            match op {
+                StoreOp::Register(c) => {
+                    self.persisted.insert((c.epoch, c.index), c);
+                }
+                StoreOp::Rebind {
+                    epoch,
+                    index,
+                    last_rebind,
+                    tuple,
+                } => {
+                    if let Some(c) = self.persisted.get_mut(&(epoch, index)) {
+                        c.last_rebind = last_rebind;
+                        c.tuple = Some(tuple);
+                    }
+                }
+                StoreOp::Unbind { epoch, index } => {
+                    if let Some(c) = self.persisted.get_mut(&(epoch, index)) {
+                        c.tuple = None;
+                    }
+                }
+                StoreOp::Remove { epoch, index } => {
+                    self.persisted.remove(&(epoch, index));
+                }
+                StoreOp::Reserve { .. } | StoreOp::SetEpoch { .. } => {}
+            }
+        }
+    }
+}
+
+/// A small deterministic RNG (splitmix64).
+#[derive(Clone, Debug)]
+pub struct SimRng(u64);
+
+impl SimRng {
+    pub fn new(seed: u64) -> SimRng {
+        SimRng(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `[0, 1)`.
+    pub fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+type DropFn = Box<dyn FnMut(&Datagram) -> bool>;
+
+/// The simulated world. See the module docs.
+pub struct World {
+    pub cfg: SimConfig,
+    pub now: Ticks,
+    pub clients: Vec<SimClient>,
+    pub gateway: SimGateway,
+    pub host: HostCore,
+    pub net: NetStats,
+    rng: SimRng,
+    master: MasterSecret,
+    link_key: LinkKey,
+    enrolled: Vec<ClientCredentials>,
+    /// `(arrival, sequence)` → datagram.
+    in_flight: BinaryHeap<Reverse<(Ticks, u64)>>,
+    packets: HashMap<u64, Datagram>,
+    next_seq: u64,
+    drop_if: Option<DropFn>,
+    buf: Vec<u8>,
+}
+
+impl World {
+    pub fn new(cfg: SimConfig) -> World {
+        let master = MasterSecret::from_bytes([0x33; 32]);
+        let link_key = LinkKey([9; 16]);
+        let enrolled: Vec<ClientCredentials> = (0..cfg.enrolled).map(creds).collect();
+        let clients = ClientsFile::from_entries(
+            enrolled
+                .iter()
+                .enumerate()
+                .map(|(i, c)| ClientEntry {
+                    name: format!("c{i}"),
+                    creds: c.clone(),
+                })
+                .collect(),
+        );
+        let host_cfg = HostConfig {
+            gateways: vec![GatewayNet::new(GATEWAY_LINK.ip(), 24).expect("a /24")],
+            ..HostConfig::default()
+        };
+        let mut host = HostCore::with_config(&link_key, clients, host_cfg);
+        host.set_start(T0);
+        let gateway = build_gateway(&cfg, &master, &link_key, &[cfg.epoch], T0);
+        World {
+            now: T0,
+            clients: Vec::new(),
+            gateway,
+            host,
+            net: NetStats::default(),
+            rng: SimRng::new(cfg.seed),
+            master,
+            link_key,
+            enrolled,
+            in_flight: BinaryHeap::new(),
+            packets: HashMap::new(),
+            next_seq: 0,
+            drop_if: None,
+            buf: vec![0u8; MAX_DATAGRAM],
+            cfg,
+        }
+    }
+
+    /// Adds a client (the next enrolled one) at a fresh tuple; it starts its handshake now.
+    pub fn add_client(&mut self) -> usize {
+        let i = self.clients.len();
+        let creds = self.enrolled[i].clone();
+        let tuple = self.fresh_tuple();
+        self.clients.push(SimClient {
+            core: Client::new(self.cfg.client.clone(), creds.clone(), self.now),
+            creds,
+            tuple,
+            sent: Vec::new(),
+            received: Vec::new(),
+            events: Vec::new(),
+        });
+        i
+    }
+
+    /// Adds `n` clients and drives until all are connected (or `limit` passes).
+    pub fn connect_clients(&mut self, n: usize, limit: Duration) -> bool {
+        let first = self.clients.len();
+        for _ in 0..n {
+            self.add_client();
+        }
+        self.drive_until(limit, |w| {
+            w.clients[first..]
+                .iter()
+                .all(|c| c.core.state() == ClientState::Connected)
+        })
+    }
+
+    pub fn client(&self, i: usize) -> &SimClient {
+        &self.clients[i]
+    }
+
+    /// Queues `payload` on client `i` (sent at the next step).
+    pub fn send(&mut self, i: usize, payload: &[u8]) {
+        self.clients[i].core.send(payload).expect("client can send");
+    }
+
+    /// A NAT move: client `i` gets a new source tuple; its core is not told.
+    pub fn move_client(&mut self, i: usize) -> SocketAddr {
+        let t = self.fresh_tuple();
+        self.clients[i].tuple = t;
+        t
+    }
+
+    /// A NAT move to a chosen tuple (IPv4 or IPv6), e.g. one another client held.
+    pub fn move_client_to(&mut self, i: usize, tuple: SocketAddr) {
+        self.clients[i].tuple = tuple;
+    }
+
+    /// Drops, from now on, every datagram for which `f` returns true (replaces any earlier
+    /// filter); [`World::clear_drop`] removes it.
+    pub fn drop_if(&mut self, f: impl FnMut(&Datagram) -> bool + 'static) {
+        self.drop_if = Some(Box::new(f));
+    }
+
+    pub fn clear_drop(&mut self) {
+        self.drop_if = None;
+    }
+
+    /// Puts a datagram on the wire as if `from` had sent it (e.g. a forged or hand-built one).
+    pub fn inject(&mut self, from: SocketAddr, to: SocketAddr, data: Vec<u8>) {
+        self.transmit(Datagram { from, to, data });
+    }
+
+    /// Epoch rotation: the gateway takes `epoch` (its keys from the same master secret) and
+    /// keeps the current one as the previous (grace).
+    pub fn rotate_epoch(&mut self, epoch: u32) {
+        self.gateway
+            .shared
+            .rotate(epoch_crypto(&self.master, epoch, self.cfg.slots));
+        self.gateway.epochs.push(epoch);
+    }
+
+    /// The keys of `epoch` under the world's master secret (to build what a gateway of that
+    /// epoch would send).
+    pub fn epoch_keys(&self, epoch: u32) -> EpochKeys {
+        EpochKeys::derive(&self.master, epoch, self.cfg.slots).expect("epoch keys")
+    }
+
+    /// Restarts the gateway: a new core from the persisted registry, every `L` raised to the
+    /// last time issued before the restart (as `gateway::run` does with its reservation).
+    /// Datagrams in flight to it are lost.
+    pub fn restart_gateway(&mut self) {
+        self.gateway.persist();
+        let floor = self.gateway.shared.last_issued();
+        let epochs: Vec<u32> = self.gateway.epochs.iter().rev().take(1).copied().collect();
+        let mut g = build_gateway(&self.cfg, &self.master, &self.link_key, &epochs, self.now);
+        let current = epochs[0];
+        for c in self.gateway.persisted.values() {
+            if c.epoch != current {
+                g.shared.add_epoch_registry(c.epoch);
+            }
+            // A connection of an epoch whose keys are gone is not restored (as in `run`).
+            let _ = g.shared.restore(c, floor);
+        }
+        g.shared.set_floor(Ticks(floor.0.saturating_add(1)));
+        g.persisted = std::mem::take(&mut self.gateway.persisted);
+        g.restarts = self.gateway.restarts + 1;
+        self.gateway = g;
+        let lost: Vec<u64> = self
+            .packets
+            .iter()
+            .filter(|(_, d)| d.to == GATEWAY || d.to == GATEWAY_LINK)
+            .map(|(s, _)| *s)
+            .collect();
+        for s in lost {
+            self.packets.remove(&s);
+            self.net.lost_in_restart += 1;
+        }
+    }
+
+    /// Does everything due at `now`: delivers arrived datagrams (the gateway's as one batch),
+    /// runs due timers, and puts every core's output on the wire. Returns whether anything
+    /// happened.
+    pub fn step(&mut self) -> bool {
+        let mut progress = false;
+        let now = self.now;
+        // Deliveries.
+        let mut to_gateway: Vec<Datagram> = Vec::new();
+        while let Some(&Reverse((at, seq))) = self.in_flight.peek() {
+            if at > now {
+                break;
+            }
+            self.in_flight.pop();
+            let Some(d) = self.packets.remove(&seq) else {
+                continue; // lost in a restart
+            };
+            progress = true;
+            if d.to == GATEWAY || d.to == GATEWAY_LINK {
+                self.net.delivered += 1;
+                to_gateway.push(d);
+            } else if d.to == HOST {
+                self.net.delivered += 1;
+                self.host.handle(now, d.from, &d.data);
+                self.drain_host();
+            } else if let Some(c) = self.clients.iter_mut().find(|c| c.tuple == d.to) {
+                self.net.delivered += 1;
+                if d.from == GATEWAY {
+                    c.core.handle(now, &d.data);
+                }
+            } else {
+                self.net.no_route += 1;
+            }
+        }
+        // In receive batches of at most 64, as a worker reaps them.
+        for batch in to_gateway.chunks(64) {
+            let rx: Vec<Rx<'_>> = batch
+                .iter()
+                .map(|d| Rx {
+                    via: if d.to == GATEWAY {
+                        Via::Client(u8::from(d.from.is_ipv6()))
+                    } else {
+                        Via::Host
+                    },
+                    from: d.from,
+                    data: &d.data,
+                })
+                .collect();
+            self.gateway
+                .worker
+                .handle_batch(now, &rx, &mut self.gateway.tx);
+            self.drain_gateway();
+        }
+        // Timers.
+        self.gateway.worker.tick(now, &mut self.gateway.tx);
+        progress |= self.drain_gateway();
+        if self.host.poll_timeout().is_some_and(|t| t <= now) {
+            self.host.handle_timeout(now);
+            progress = true;
+        }
+        progress |= self.drain_host();
+        for i in 0..self.clients.len() {
+            let c = &mut self.clients[i];
+            if c.core.poll_timeout().is_some_and(|t| t <= now) {
+                c.core.handle_timeout(now);
+                progress = true;
+            }
+            let mut out = Vec::new();
+            let mut buf = [0u8; MAX_DATAGRAM_LEN];
+            while let Some(n) = c.core.poll_transmit(now, &mut buf) {
+                c.sent.push(buf[..n].to_vec());
+                out.push(Datagram {
+                    from: c.tuple,
+                    to: GATEWAY,
+                    data: buf[..n].to_vec(),
+                });
+            }
+            while let Some(e) = c.core.poll_event() {
+                c.events.push(e);
+            }
+            while let Some(p) = c.core.poll_received() {
+                c.received.push(p);
+            }
+            progress |= !out.is_empty();
+            for d in out {
+                self.transmit(d);
+            }
+        }
+        self.gateway.persist();
+        progress
+    }
+
+    /// The next time something is due: an arrival or a core's timer.
+    pub fn next_event(&self) -> Option<Ticks> {
+        let arrival = self.in_flight.peek().map(|Reverse((t, _))| *t);
+        let clients = self
+            .clients
+            .iter()
+            .filter_map(|c| c.core.poll_timeout())
+            .min();
+        [arrival, clients, self.host.poll_timeout()]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    /// Steps and advances the clock from event to event until `cond` holds (true) or
+    /// `limit` of simulated time has passed (false).
+    pub fn drive_until(&mut self, limit: Duration, mut cond: impl FnMut(&World) -> bool) -> bool {
+        let end = self.now.saturating_add(limit);
+        let mut spins = 0u32;
+        loop {
+            while self.step() {
+                spins += 1;
+                assert!(spins < 1_000_000, "the world never settles");
+            }
+            if cond(self) {
+                return true;
+            }
+            match self.next_event() {
+                Some(t) if t <= end => self.now = self.now.max(t),
+                _ => {
+                    self.now = end;
+                    self.step();
+                    return cond(self);
+                }
+            }
+        }
+    }
+
+    /// Runs for `d` of simulated time.
+    pub fn run_for(&mut self, d: Duration) {
+        self.drive_until(d, |_| false);
+    }
+
+    fn fresh_tuple(&mut self) -> SocketAddr {
+        loop {
+            let r = self.rng.next_u64();
+            let ip = Ipv4Addr::new(198, 51, (r >> 8) as u8 % 100, (r >> 16) as u8 | 1);
+            let port = 1024 + ((r >> 32) as u16 % 60_000);
+            let t = SocketAddr::new(IpAddr::V4(ip), port);
+            if !self.clients.iter().any(|c| c.tuple == t) {
+                return t;
+            }
+        }
+    }
+
+    fn transmit(&mut self, d: Datagram) {
+        self.net.sent += 1;
+        let client_side = d.to == GATEWAY || d.from == GATEWAY;
+        if client_side && self.cfg.loss > 0.0 && self.rng.unit() < self.cfg.loss {
+            self.net.lost += 1;
+            return;
+        }
+        if let Some(f) = &mut self.drop_if
+            && f(&d)
+        {
+            self.net.lost += 1;
+            return;
+        }
+        let delay = if client_side {
+            let jitter = self.cfg.jitter.mul_f64(self.rng.unit());
+            self.cfg.latency + jitter
+        } else {
+            self.cfg.link_latency
+        };
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.in_flight
+            .push(Reverse((self.now.saturating_add(delay), seq)));
+        self.packets.insert(seq, d);
+    }
+
+    fn drain_gateway(&mut self) -> bool {
+        let out: Vec<Datagram> = self
+            .gateway
+            .tx
+            .iter()
+            .map(|(m, b)| Datagram {
+                from: match m.via {
+                    Via::Client(_) => GATEWAY,
+                    Via::Host => GATEWAY_LINK,
+                },
+                to: m.to,
+                data: b.to_vec(),
+            })
+            .collect();
+        self.gateway.tx.clear();
+        let any = !out.is_empty();
+        for d in out {
+            self.transmit(d);
+        }
+        any
+    }
+
+    fn drain_host(&mut self) -> bool {
+        let mut any = false;
+        while let Some(o) = self.host.poll_transmit(self.now, &mut self.buf) {
+            let data = self.buf[..o.len].to_vec();
+            self.transmit(Datagram {
+                from: HOST,
+                to: o.to,
+                data,
+            });
+            any = true;
+        }
+        any
+    }
+}
+
+/// Enrolled client `i`'s credentials.
+pub fn creds(i: usize) -> ClientCredentials {
+    let mut client_id = [0xc1; 16];
+    client_id[..8].copy_from_slice(&(i as u64).to_be_bytes());
+    let mut psk = [0x5a; 32];
+    psk[..8].copy_from_slice(&(i as u64).to_be_bytes());
+    ClientCredentials { client_id, psk }
+}
+
+fn epoch_crypto(master: &MasterSecret, epoch: u32, slots: usize) -> EpochCrypto {
+    let keys = EpochKeys::derive(master, epoch, slots).expect("epoch keys");
+    let trial = TrialKeys::new(Backend::Portable, keys.slot_key_pairs()).expect("trial keys");
+    EpochCrypto { keys, trial }
+}
+
+/// A gateway whose current epoch is `epochs[0]`, started at `now`.
+fn build_gateway(
+    cfg: &SimConfig,
+    master: &MasterSecret,
+    link_key: &LinkKey,
+    epochs: &[u32],
+    now: Ticks,
+) -> SimGateway {
+    let mut core = cfg.core.clone();
+    core.slots = cfg.slots;
+    core.workers = 1;
+    let (store_tx, store_rx) = unbounded();
+    let shared = Shared::new(
+        core,
+        epoch_crypto(master, epochs[0], cfg.slots),
+        vec![HostPeer::new(HOST, link_key)],
+        Some(store_tx),
+    );
+    shared.set_started(now);
+    let worker = WorkerCore::new(0, shared.clone(), &[false, true]);
+    SimGateway {
+        shared,
+        worker,
+        store_rx,
+        tx: TxQueue::new(1024),
+        epochs: epochs.to_vec(),
+        persisted: HashMap::new(),
+        restarts: 0,
+    }
+}
