@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
-"""Checks that the crate's top-level modules only import downwards.
+"""Checks that each crate's top-level modules only import downwards.
 
-Reads every `src/**/*.rs` file (comments stripped), collects the `crate::X` paths of each
-top-level module (`src/X.rs` or `src/X/`), and fails (exit 1) when
+Two crates: the library (`src/`, LAYERS) and the tools (`tools/src/`, TOOLS_LAYERS), which
+sits above the whole library and can reach it only through its public API (`rebindgw::`; the
+compiler enforces that). For each crate it reads every `.rs` file (comments stripped),
+collects the `crate::X` paths of each top-level module (`X.rs` or `X/`), and fails (exit 1) when
   - a module imports a module of a higher layer of LAYERS (an upward import),
   - a module imports another module of its own layer where LAYERS does not allow it,
   - modules import each other in a cycle (possible within one layer),
@@ -11,7 +13,7 @@ top-level module (`src/X.rs` or `src/X/`), and fails (exit 1) when
     (e.g. `loadgen/report.rs` <-> `loadgen/shard.rs`; `mod.rs` is not a sibling).
 
 Test modules count too: a test that needs a higher layer belongs in that layer or in tests/.
-`src/main.rs` and `src/lib.rs` are the roots and may use everything.
+`lib.rs` and `main.rs` are the roots and may use everything.
 
 Usage: scripts/check-layers.py [--graph] [REPO_ROOT]   (tests/layers.rs runs it under `cargo test`)
 """
@@ -32,12 +34,19 @@ LAYERS = [
     ("tables", ["table"], False),
     ("os", ["io", "secrets"], True),
     ("endpoints", ["gateway", "host", "client"], False),
-    ("tools", ["loadgen", "conformance", "bench", "demo", "sim"], True),
+    ("test harness", ["sim"], False),
+]
+
+# The tools crate (tools/src), above every layer of the library.
+TOOLS_LAYERS = [
+    ("tools", ["loadgen", "conformance", "bench", "demo"], True),
 ]
 
 ROOTS = {"lib", "main"}
 
 PATH_RE = re.compile(r"\bcrate::(\{|[a-z_][a-z0-9_]*)")
+# The tools crate's paths into the library (shown by --graph, checked by the compiler).
+LIB_PATH_RE = re.compile(r"\brebindgw::(\{|[a-z_][a-z0-9_]*)")
 SUPER_RE = re.compile(r"\bsuper::([a-z_][a-z0-9_]*)")
 
 
@@ -108,9 +117,9 @@ def group_heads(text, start):
     return out
 
 
-def crate_refs(code):
-    """(line, first segment) of every `crate::` path in `code`."""
-    for m in PATH_RE.finditer(code):
+def crate_refs(code, path_re=PATH_RE):
+    """(line, first segment) of every `crate::` path (or `path_re` path) in `code`."""
+    for m in path_re.finditer(code):
         line = code.count("\n", 0, m.start()) + 1
         if m.group(1) == "{":
             for head in group_heads(code, m.end() - 1):
@@ -146,14 +155,10 @@ def find_cycle(graph):
     return None
 
 
-def main(argv):
-    show_graph = "--graph" in argv
-    args = [a for a in argv if not a.startswith("--")]
-    root = args[0] if args else os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-    src = os.path.join(root, "src")
-
+def check_crate(src, layers, label, show_graph):
+    """The errors of one crate rooted at `src` against `layers`; prints its graph if asked."""
     layer_of = {}
-    for i, (_, mods, _) in enumerate(LAYERS):
+    for i, (_, mods, _) in enumerate(layers):
         for m in mods:
             layer_of[m] = i
 
@@ -167,11 +172,12 @@ def main(argv):
     present = {f.split("/")[0].removesuffix(".rs") for f in files} - ROOTS
     errors = []
     for m in sorted(present - set(layer_of)):
-        errors.append(f"module `{m}` is not in the layer table of {sys.argv[0]}")
+        errors.append(f"module `{m}` of {label} is not in its layer table in {sys.argv[0]}")
     for m in sorted(set(layer_of) - present):
-        errors.append(f"the layer table names `{m}`, which is not a module of src/")
+        errors.append(f"the layer table names `{m}`, which is not a module of {label}")
 
     graph = {m: set() for m in present}
+    lib_uses = {m: set() for m in present}
     where = {}
     siblings = {}  # folder module -> {file stem -> set of sibling stems it imports}
     for rel in files:
@@ -184,8 +190,9 @@ def main(argv):
         for line, target in crate_refs(code):
             if target in present and target != top:
                 graph[top].add(target)
-                where.setdefault((top, target), []).append(f"src/{rel}:{line}")
-        # Sibling files of a folder module (src/top/x.rs, not mod.rs or deeper files).
+                where.setdefault((top, target), []).append(f"{label}/{rel}:{line}")
+        lib_uses[top].update(t for _, t in crate_refs(code, LIB_PATH_RE))
+        # Sibling files of a folder module (top/x.rs, not mod.rs or deeper files).
         if len(parts) == 2 and parts[1] != "mod.rs":
             stem = parts[1].removesuffix(".rs")
             deps = siblings.setdefault(top, {}).setdefault(stem, set())
@@ -197,13 +204,13 @@ def main(argv):
         for b in sorted(graph[a]):
             if a in layer_of and b in layer_of and layer_of[b] > layer_of[a]:
                 errors.append(
-                    f"upward import: `{a}` ({LAYERS[layer_of[a]][0]}) uses `{b}` "
-                    f"({LAYERS[layer_of[b]][0]}) at " + ", ".join(where[(a, b)][:5])
+                    f"upward import: `{a}` ({layers[layer_of[a]][0]}) uses `{b}` "
+                    f"({layers[layer_of[b]][0]}) at " + ", ".join(where[(a, b)][:5])
                 )
             elif a in layer_of and b in layer_of and layer_of[b] == layer_of[a]:
-                if not LAYERS[layer_of[a]][2]:
+                if not layers[layer_of[a]][2]:
                     errors.append(
-                        f"`{a}` uses `{b}` of its own layer ({LAYERS[layer_of[a]][0]}), "
+                        f"`{a}` uses `{b}` of its own layer ({layers[layer_of[a]][0]}), "
                         "which the layer table does not allow, at "
                         + ", ".join(where[(a, b)][:5])
                     )
@@ -218,20 +225,35 @@ def main(argv):
         cycle = find_cycle(sub)
         if cycle:
             errors.append(
-                f"import cycle between files of `{top}/`: "
+                f"import cycle between files of `{label}/{top}/`: "
                 + " -> ".join(f"{top}/{s}.rs" for s in cycle)
             )
 
     if show_graph:
-        for i, (name, mods, open_) in reversed(list(enumerate(LAYERS))):
+        print(f"{label}:")
+        for i, (name, mods, open_) in reversed(list(enumerate(layers))):
             print(f"{i} {name}{'' if open_ else ' (no imports within the layer)'}:")
             for m in mods:
-                print(f"    {m} -> {' '.join(sorted(graph.get(m, ()))) or '-'}")
+                uses = sorted(graph.get(m, ())) + [f"rebindgw::{u}" for u in sorted(lib_uses[m])]
+                print(f"    {m} -> {' '.join(uses) or '-'}")
+    return errors, len(present)
+
+
+def main(argv):
+    show_graph = "--graph" in argv
+    args = [a for a in argv if not a.startswith("--")]
+    root = args[0] if args else os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    errors, count = [], 0
+    for sub, layers in (("src", LAYERS), ("tools/src", TOOLS_LAYERS)):
+        e, n = check_crate(os.path.join(root, sub), layers, sub, show_graph)
+        errors += e
+        count += n
     for e in errors:
         print(f"check-layers: {e}", file=sys.stderr)
     if errors:
         return 1
-    print(f"check-layers: {len(present)} modules in {len(LAYERS)} layers, all imports point down")
+    layers = len(LAYERS) + len(TOOLS_LAYERS)
+    print(f"check-layers: {count} modules of 2 crates in {layers} layers, all imports point down")
     return 0
 
 

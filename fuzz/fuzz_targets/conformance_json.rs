@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use rebindgw::conformance::check_json;
+use rebindgw_tools::conformance::check_json;
 use rebindgw::engine::Backend;
 
 fuzz_target!(|data: &[u8]| {

@@ -10,9 +10,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crate::hostlink::{self, LinkType};
-use crate::io::batch::{Rx, TxQueue, Via};
-use crate::io::{self, BatchSocket, Handler, IoBackend, LoopOptions, WorkerSockets};
+use rebindgw::hostlink::{self, LinkType};
+use rebindgw::io::batch::{Rx, TxQueue, Via};
+use rebindgw::io::{self, BatchSocket, Handler, IoBackend, LoopOptions, WorkerSockets};
 
 /// A thread that runs until stopped.
 pub struct Running {

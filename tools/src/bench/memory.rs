@@ -7,12 +7,12 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use crate::engine::{Backend, TrialKeys};
-use crate::gateway::core::{CoreConfig, EpochCrypto, HostPeer, Shared, WorkerCore};
-use crate::hostlink::{Control, LinkKey};
-use crate::io::batch::{Rx, TxQueue, Via};
-use crate::keys::{EpochKeys, MasterSecret};
-use crate::time::{TICKS_PER_SECOND, Ticks};
+use rebindgw::engine::{Backend, TrialKeys};
+use rebindgw::gateway::core::{CoreConfig, EpochCrypto, HostPeer, Shared, WorkerCore};
+use rebindgw::hostlink::{Control, LinkKey};
+use rebindgw::io::batch::{Rx, TxQueue, Via};
+use rebindgw::keys::{EpochKeys, MasterSecret};
+use rebindgw::time::{TICKS_PER_SECOND, Ticks};
 
 #[derive(Debug, Serialize)]
 pub struct MemoryReport {
@@ -45,7 +45,7 @@ pub fn measure(n: usize, slots: usize) -> anyhow::Result<MemoryReport> {
     let mut cfg = CoreConfig::new(slots);
     cfg.max_connections = n;
     // Register messages are built before the baseline so they don't count.
-    let now = Ticks(crate::time::UNIX_EPOCH_TICKS + 1_800_000_000 * TICKS_PER_SECOND);
+    let now = Ticks(rebindgw::time::UNIX_EPOCH_TICKS + 1_800_000_000 * TICKS_PER_SECOND);
     let cipher = link.cipher();
     let msgs: Vec<Vec<u8>> = (0..n)
         .map(|i| {

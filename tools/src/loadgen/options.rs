@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::client::{ClientConfig, MAX_PAYLOAD};
+use rebindgw::client::{ClientConfig, MAX_PAYLOAD};
 
 use super::addrs::AddrPool;
 use super::stamp::STAMP_LEN;
@@ -433,7 +433,7 @@ impl LoadgenOptions {
     }
 }
 
-pub use crate::time::parse_duration;
+pub use rebindgw::time::parse_duration;
 
 /// `rebindgw loadgen`: drive a gateway with many clients, NAT churn and attack traffic, and
 /// report throughput, loss, echo RTT and rebind-recovery percentiles.

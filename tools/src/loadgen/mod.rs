@@ -1,6 +1,6 @@
 //! `rebindgw loadgen`: the traffic generator the gateway is judged with.
 //!
-//! Many clients (up to 65,536 and more from one machine), each a [`crate::client::Client`]
+//! Many clients (up to 65,536 and more from one machine), each a [`rebindgw::client::Client`]
 //! state machine with its own UDP socket and source tuple, spread over 127.0.0.0/8 (at most
 //! 254 per /24) or over `--source-addrs`. They are enrolled in bulk into the host's clients
 //! file (or reuse saved credentials), handshake at a paced rate, then send stamped DATA that
@@ -48,7 +48,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 
-use crate::host::clients::{self, Enrolled};
+use rebindgw::host::clients::{self, Enrolled};
 
 pub use addrs::AddrPool;
 pub use options::{
@@ -328,7 +328,7 @@ fn obtain_n_credentials(
             format!(
                 "loadgen-{}-{}-",
                 std::process::id(),
-                hex::encode(crate::crypto::random_array::<3>())
+                hex::encode(rebindgw::crypto::random_array::<3>())
             )
         });
         let t = Instant::now();
@@ -354,7 +354,7 @@ fn obtain_n_credentials(
 
 /// Reads JSON lines of `{name, client_id, psk}`.
 pub fn load_credentials(path: &Path) -> anyhow::Result<Vec<Enrolled>> {
-    crate::secrets::check_private(path)
+    rebindgw::secrets::check_private(path)
         .with_context(|| format!("credentials file {}", path.display()))?;
     let text = zeroize::Zeroizing::new(
         std::fs::read_to_string(path)
@@ -377,7 +377,7 @@ pub fn save_credentials(path: &Path, creds: &[Enrolled]) -> anyhow::Result<()> {
         s.push_str(&serde_json::to_string(c)?);
         s.push('\n');
     }
-    crate::secrets::write_private(path, s.as_bytes())
+    rebindgw::secrets::write_private(path, s.as_bytes())
         .with_context(|| format!("writing credentials file {}", path.display()))?;
     Ok(())
 }
@@ -770,14 +770,14 @@ pub(crate) fn build_report(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wire::ClientCredentials;
+    use rebindgw::wire::ClientCredentials;
 
     #[test]
     fn credentials_roundtrip_private_file() {
         let dir = std::env::temp_dir().join(format!(
             "loadgen-creds-{}-{}",
             std::process::id(),
-            hex::encode(crate::crypto::random_array::<4>())
+            hex::encode(rebindgw::crypto::random_array::<4>())
         ));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("creds.jsonl");

@@ -11,13 +11,13 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use crate::engine::{Backend, TrialKeys};
-use crate::keys::{EpochKeys, MasterSecret};
-use crate::rebind::{RebindCredentials, RebindKdf, RebindSecret, build_rebind};
-use crate::registry::Registry;
-use crate::time::Ticks;
-use crate::verify::{EpochCrypto, RejectReason, verify_one};
-use crate::wire::{
+use rebindgw::engine::{Backend, TrialKeys};
+use rebindgw::keys::{EpochKeys, MasterSecret};
+use rebindgw::rebind::{RebindCredentials, RebindKdf, RebindSecret, build_rebind};
+use rebindgw::registry::Registry;
+use rebindgw::time::Ticks;
+use rebindgw::verify::{EpochCrypto, RejectReason, verify_one};
+use rebindgw::wire::{
     ClientCredentials, DataView, HandshakeReply, HandshakeView, Unrecognized, build_handshake,
     build_handshake_reply, open_handshake, open_handshake_reply, seal_data,
 };
@@ -491,8 +491,8 @@ pub fn check_json(text: &str, backend: Backend) -> Res<Report> {
         report.record(
             path.clone(),
             (|| {
-                let cipher = crate::crypto::gcm(&key);
-                let mut buf = vec![0u8; payload.len() + crate::wire::DATA_OVERHEAD];
+                let cipher = rebindgw::crypto::gcm(&key);
+                let mut buf = vec![0u8; payload.len() + rebindgw::wire::DATA_OVERHEAD];
                 let n = seal_data(&cipher, seq, &payload, &mut buf);
                 expect_eq("datagram", &want, &buf[..n])?;
                 let view = DataView::new_checked(&want).map_err(|e| e.to_string())?;
@@ -538,7 +538,7 @@ fn gateway_state(keys: EpochKeys, backend: Backend) -> Result<EpochCrypto, Strin
 mod tests {
     use super::*;
 
-    const V1: &str = include_str!("../tests/data/v1.json");
+    const V1: &str = include_str!("../../tests/data/v1.json");
 
     #[test]
     fn shipped_vectors_pass_on_every_backend() {

@@ -23,9 +23,9 @@ use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::client::{Client, ClientError, ClientEvent, ClientState, MAX_DATAGRAM_LEN};
-use crate::time::{TickClock, Ticks};
-use crate::wire::ClientCredentials;
+use rebindgw::client::{Client, ClientError, ClientEvent, ClientState, MAX_DATAGRAM_LEN};
+use rebindgw::time::{TickClock, Ticks};
+use rebindgw::wire::ClientCredentials;
 
 use super::addrs::AddrPool;
 use super::options::{KICK_EVERY, LoadMode, LoadgenOptions, MoveKind, OnMove};
@@ -187,7 +187,7 @@ pub struct Rng(u64);
 
 impl Rng {
     pub fn new() -> Rng {
-        Rng(u64::from_le_bytes(crate::crypto::random_array()) | 1)
+        Rng(u64::from_le_bytes(rebindgw::crypto::random_array()) | 1)
     }
 
     pub fn next_u64(&mut self) -> u64 {
@@ -311,7 +311,7 @@ impl<'a> Shard<'a> {
             clock: TickClock::new(shared.base, Ticks::wall_clock()),
             rng: Rng::new(),
             buf: vec![0u8; MAX_DATAGRAM_LEN.max(2048)],
-            payload: vec![0u8; crate::client::MAX_PAYLOAD],
+            payload: vec![0u8; rebindgw::client::MAX_PAYLOAD],
             c: Counters::default(),
             rtt: LatencyHist::default(),
             rtt_window: LatencyHist::default(),
@@ -745,7 +745,7 @@ impl<'a> Shard<'a> {
         while let Some(n) = s.client.poll_transmit(self.clock.ticks(now), &mut self.buf) {
             let d = &self.buf[..n];
             if let Some(tap) = &self.shared.tap
-                && d[0] == crate::wire::MsgType::Rebind as u8
+                && d[0] == rebindgw::wire::MsgType::Rebind as u8
                 && d[1..].iter().any(|b| *b != 0)
                 && let Ok(mut q) = tap.try_lock()
             {

@@ -9,15 +9,15 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use crate::gateway::config::{GatewayConfig, HostEntry};
-use crate::gateway::run::spawn_gateway;
-use crate::host::{HostOptions, spawn_host};
 use crate::loadgen::{self, LoadReport, LoadgenOptions, options::AttackMode};
+use rebindgw::gateway::config::{GatewayConfig, HostEntry};
+use rebindgw::gateway::run::spawn_gateway;
+use rebindgw::host::{HostOptions, spawn_host};
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct DemoArgs {
     /// Length of the traffic phase (e.g. 20s, 1m; a plain number is seconds).
-    #[arg(long, default_value = "20s", value_parser = crate::time::parse_duration)]
+    #[arg(long, default_value = "20s", value_parser = rebindgw::time::parse_duration)]
     pub duration: Duration,
     /// Clients, each with its own source tuple on 127.0.0.0/8.
     #[arg(long, default_value_t = 300)]
@@ -43,13 +43,13 @@ pub fn run_demo(args: &DemoArgs) -> anyhow::Result<LoadReport> {
     let dir = TempDir(std::env::temp_dir().join(format!(
         "rebindgw-demo-{}-{}",
         std::process::id(),
-        hex::encode(crate::crypto::random_array::<4>())
+        hex::encode(rebindgw::crypto::random_array::<4>())
     )));
     std::fs::create_dir_all(&dir.0).context("creating the demo's temporary directory")?;
     let key_file = dir.0.join("host.key");
-    let link_key = crate::secrets::generate_link_key(&key_file)?;
+    let link_key = rebindgw::secrets::generate_link_key(&key_file)?;
     let clients_file = dir.0.join("clients.toml");
-    crate::host::clients::enroll(&clients_file, "demo-first")?;
+    rebindgw::host::clients::enroll(&clients_file, "demo-first")?;
 
     let host = spawn_host(HostOptions::new(
         SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -95,11 +95,11 @@ pub fn run_demo(args: &DemoArgs) -> anyhow::Result<LoadReport> {
     let report = loadgen::run_with(opts, gateway.client_addrs(), true);
 
     if let Some(admin) = gateway.admin_addr()
-        && let Ok(text) = crate::gateway::admin::fetch_metrics(admin, Duration::from_secs(2))
+        && let Ok(text) = rebindgw::gateway::admin::fetch_metrics(admin, Duration::from_secs(2))
     {
         eprintln!(
             "\ngateway metrics (rebindgw stats):\n{}",
-            crate::gateway::admin::summarize(&text)
+            rebindgw::gateway::admin::summarize(&text)
         );
     }
     gateway.stop()?;

@@ -3,7 +3,7 @@
 
 #[test]
 fn packaging_and_perf_script_checks() {
-    let root = env!("CARGO_MANIFEST_DIR");
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
     let out = std::process::Command::new("bash")
         .arg(format!("{root}/scripts/check-packaging.sh"))
         .env("REBINDGW_BIN", env!("CARGO_BIN_EXE_rebindgw"))

@@ -10,7 +10,8 @@ use clap::{CommandFactory, Parser, Subcommand};
 
 use rebindgw::logging::LogFormat;
 use rebindgw::time::parse_duration;
-use rebindgw::{conformance, engine, gateway, host, secrets};
+use rebindgw::{engine, gateway, host, secrets};
+use rebindgw_tools::conformance;
 
 #[derive(Parser)]
 #[command(
@@ -61,9 +62,9 @@ enum Command {
         out: PathBuf,
     },
     /// Gateway, echo host and load generator on loopback with embedded defaults.
-    Demo(rebindgw::demo::DemoArgs),
+    Demo(rebindgw_tools::demo::DemoArgs),
     /// Load-test a gateway with many clients, NAT churn and attacks.
-    Loadgen(Box<rebindgw::loadgen::LoadgenArgs>),
+    Loadgen(Box<rebindgw_tools::loadgen::LoadgenArgs>),
     /// System benchmarks (see perf/RESULTS.md).
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -274,7 +275,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo(args) => {
-            let report = rebindgw::demo::run_demo(&args)?;
+            let report = rebindgw_tools::demo::run_demo(&args)?;
             println!("{}", report.to_human());
             Ok(if report.passed() {
                 ExitCode::SUCCESS
@@ -282,7 +283,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 ExitCode::FAILURE
             })
         }
-        Command::Loadgen(args) => Ok(if rebindgw::loadgen::run_cli(*args)? {
+        Command::Loadgen(args) => Ok(if rebindgw_tools::loadgen::run_cli(*args)? {
             ExitCode::SUCCESS
         } else {
             ExitCode::FAILURE
@@ -296,7 +297,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             io,
             json,
         }) => {
-            let opts = rebindgw::bench::fastpath::FastpathOptions {
+            let opts = rebindgw_tools::bench::fastpath::FastpathOptions {
                 clients,
                 window,
                 payload,
@@ -304,7 +305,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 rounds,
                 io,
             };
-            let r = rebindgw::bench::fastpath::run_fastpath(&opts)?;
+            let r = rebindgw_tools::bench::fastpath::run_fastpath(&opts)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             } else {
@@ -320,7 +321,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench(BenchCommand::Memory { connections, slots }) => {
-            let r = rebindgw::bench::memory::measure(connections, slots)?;
+            let r = rebindgw_tools::bench::memory::measure(connections, slots)?;
             println!("{}", serde_json::to_string_pretty(&r)?);
             Ok(ExitCode::SUCCESS)
         }

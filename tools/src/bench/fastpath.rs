@@ -15,11 +15,11 @@ use serde::Serialize;
 
 use super::pin;
 use super::relay::{Running, spawn_bare_relay, spawn_reflector};
-use crate::gateway::config::{GatewayConfig, HostEntry};
-use crate::gateway::run::{GatewayHandle, spawn_gateway};
-use crate::hostlink::{Control, LinkKey};
-use crate::io::{BatchSocket, IoBackend};
-use crate::time::Ticks;
+use rebindgw::gateway::config::{GatewayConfig, HostEntry};
+use rebindgw::gateway::run::{GatewayHandle, spawn_gateway};
+use rebindgw::hostlink::{Control, LinkKey};
+use rebindgw::io::{BatchSocket, IoBackend};
+use rebindgw::time::Ticks;
 
 #[derive(Clone, Debug)]
 pub struct FastpathOptions {
@@ -119,10 +119,10 @@ fn setup(path: Path, opts: &FastpathOptions, clients: &[SocketAddr]) -> anyhow::
     let dir = std::env::temp_dir().join(format!(
         "rebindgw-fastpath-{}-{}",
         std::process::id(),
-        hex::encode(crate::crypto::random_array::<6>())
+        hex::encode(rebindgw::crypto::random_array::<6>())
     ));
     std::fs::create_dir_all(&dir)?;
-    let host_sock = crate::io::bind_udp(SocketAddr::from(([127, 0, 0, 1], 0)), false, 4 << 20)?;
+    let host_sock = rebindgw::io::bind_udp(SocketAddr::from(([127, 0, 0, 1], 0)), false, 4 << 20)?;
     let host_addr = host_sock.local_addr()?;
     let mut s = Setup {
         target: host_addr,
@@ -141,7 +141,7 @@ fn setup(path: Path, opts: &FastpathOptions, clients: &[SocketAddr]) -> anyhow::
         }
         Path::Gateway => {
             let key_file = s.dir.join("link.key");
-            let key = crate::secrets::generate_link_key(&key_file)?;
+            let key = rebindgw::secrets::generate_link_key(&key_file)?;
             let cfg = GatewayConfig {
                 listen: vec![SocketAddr::from(([127, 0, 0, 1], 0))],
                 hosts: vec![HostEntry {
@@ -308,7 +308,7 @@ fn one_run(path: Path, opts: &FastpathOptions, rate: Option<u64>) -> anyhow::Res
     let mut addrs = Vec::with_capacity(opts.clients);
     for i in 0..opts.clients {
         let ip = [127, 0, 2, 1 + (i % 200) as u8];
-        let s = crate::io::bind_udp(SocketAddr::from((ip, 0)), false, 1 << 20)?;
+        let s = rebindgw::io::bind_udp(SocketAddr::from((ip, 0)), false, 1 << 20)?;
         addrs.push(s.local_addr()?);
         socks.push(BatchSocket::new(s)?);
     }

@@ -25,12 +25,12 @@ use std::io;
 use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
-use crate::crypto::Gcm;
+use rebindgw::crypto::Gcm;
 
-use crate::crypto;
-use crate::rebind::{self, RebindCredentials, RebindSecret};
-use crate::time::Ticks;
-use crate::wire::{
+use rebindgw::crypto;
+use rebindgw::rebind::{self, RebindCredentials, RebindSecret};
+use rebindgw::time::Ticks;
+use rebindgw::wire::{
     self, ClientCredentials, DataView, HANDSHAKE_LEN, HandshakeReply, MsgType, Unrecognized,
 };
 
@@ -496,10 +496,10 @@ fn cookie_request(s: &mut AtkSock, now: Instant, slots: usize) -> Option<Vec<u8>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::{Backend, TrialKeys};
-    use crate::keys::{EpochKeys, MasterSecret};
-    use crate::registry::Registry;
-    use crate::verify::{EpochCrypto, ReadOnly, RejectReason, verify_one};
+    use rebindgw::engine::{Backend, TrialKeys};
+    use rebindgw::keys::{EpochKeys, MasterSecret};
+    use rebindgw::registry::Registry;
+    use rebindgw::verify::{EpochCrypto, ReadOnly, RejectReason, verify_one};
 
     const S: usize = 16;
     const W: u64 = 300_000_000;

@@ -10,8 +10,8 @@ use rebindgw::gateway::config::{GatewayConfig, HostEntry};
 use rebindgw::gateway::run::spawn_gateway;
 use rebindgw::host::clients;
 use rebindgw::host::{HostOptions, spawn_host};
-use rebindgw::loadgen::{self, AttackMode, LoadMode, LoadgenOptions, MoveKind};
 use rebindgw::secrets;
+use rebindgw_tools::loadgen::{self, AttackMode, LoadMode, LoadgenOptions, MoveKind};
 
 fn temp_dir(tag: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!(

@@ -324,7 +324,7 @@ pub fn run_multi(opts: LoadgenOptions, n: usize, progress: bool) -> anyhow::Resu
     let dir = std::env::temp_dir().join(format!(
         "rebindgw-loadgen-{}-{}",
         std::process::id(),
-        hex::encode(crate::crypto::random_array::<4>())
+        hex::encode(rebindgw::crypto::random_array::<4>())
     ));
     {
         use std::os::unix::fs::DirBuilderExt as _;
