@@ -533,10 +533,16 @@ pub fn trial_batch<'p, 'a>(
                 continue;
             }
             let inputs: Vec<_> = picked.iter().map(|&j| passed[j].1.trial_input()).collect();
-            let mut out = vec![None; inputs.len()];
-            crypto.trial.trial_batch(&inputs, &mut out);
-            for (&j, o) in picked.iter().zip(out) {
-                trials[j] = o;
+            if picked.len() == passed.len() {
+                // One epoch in the batch (the usual case): the engine writes in place, no
+                // copy of the 260-byte outputs.
+                crypto.trial.trial_batch(&inputs, &mut trials);
+            } else {
+                let mut out = vec![None; inputs.len()];
+                crypto.trial.trial_batch(&inputs, &mut out);
+                for (&j, o) in picked.iter().zip(out) {
+                    trials[j] = o;
+                }
             }
             groups.push((crypto.keys.epoch(), picked));
         }
