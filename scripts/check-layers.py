@@ -32,7 +32,7 @@ LAYERS = [
     ("keys and host link", ["keys", "rebind", "hostlink"], False),
     ("protocol state", ["registry", "verify"], True),
     ("tables", ["table"], False),
-    ("os", ["io", "secrets"], True),
+    ("os", ["io", "secrets", "cluster"], True),
     ("endpoints", ["gateway", "host", "client"], False),
     ("test harness", ["sim"], False),
 ]

@@ -13,6 +13,7 @@
 #![deny(unsafe_code)]
 
 pub mod client;
+pub mod cluster;
 pub mod crypto;
 pub mod engine;
 pub mod gateway;

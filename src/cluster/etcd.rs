@@ -1,0 +1,317 @@
+//! The cluster's registry in etcd v3 (feature `cluster`): range read and watch into a
+//! [`Mirror`], race-free index allocation and compare-and-swap REBIND commits, and the
+//! gateway's lease. Async (the etcd client is tonic); the gateway runs it on a thread of its
+//! own, so the packet path never waits on it.
+
+use std::time::Duration;
+
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse,
+    WatchOptions, WatchResponse, Watcher,
+};
+
+pub use etcd_client::WatchStream;
+
+use super::mirror::{Change, Entry, Mirror};
+use super::record::{ConnRecord, GatewayId, conn_key, conn_prefix};
+
+/// An etcd failure, with what the gateway was doing.
+#[derive(Debug, thiserror::Error)]
+#[error("etcd: {what}: {source}")]
+pub struct ClusterError {
+    what: &'static str,
+    #[source]
+    source: etcd_client::Error,
+}
+
+fn ctx(what: &'static str) -> impl FnOnce(etcd_client::Error) -> ClusterError {
+    move |source| ClusterError { what, source }
+}
+
+/// How a REGISTER's index allocation ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Registered {
+    /// The record was created at `revision`: the index is this connection's.
+    Done { revision: i64 },
+    /// Another gateway created a record at that index first: pick another.
+    Taken,
+}
+
+/// How a REBIND commit ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Committed {
+    /// Written at `revision`: send REBIND_ACK and REBOUND.
+    Done { revision: i64 },
+    /// The record changed since the mirror read it (another gateway accepted a REBIND of the
+    /// connection, or it was removed): `current` is what etcd holds now. Send nothing.
+    Conflict { current: Option<Entry> },
+}
+
+pub struct EtcdRegistry {
+    client: Client,
+    prefix: String,
+    me: GatewayId,
+}
+
+impl EtcdRegistry {
+    /// Connects to the cluster's etcd endpoints (`http://host:port`, several for failover).
+    pub async fn connect(
+        endpoints: &[String],
+        prefix: &str,
+        me: GatewayId,
+        timeout: Duration,
+    ) -> Result<EtcdRegistry, ClusterError> {
+        let options = ConnectOptions::new()
+            .with_connect_timeout(timeout)
+            .with_timeout(timeout)
+            .with_keep_alive(Duration::from_secs(2), timeout);
+        let client = Client::connect(endpoints, Some(options))
+            .await
+            .map_err(ctx("connecting"))?;
+        Ok(EtcdRegistry {
+            client,
+            prefix: prefix.trim_end_matches('/').to_owned(),
+            me,
+        })
+    }
+
+    pub fn gateway(&self) -> GatewayId {
+        self.me
+    }
+
+    /// Reads every connection record into `mirror` (at start and after losing the watch).
+    pub async fn load(&mut self, mirror: &mut Mirror) -> Result<(), ClusterError> {
+        let mut resp = self
+            .client
+            .get(
+                conn_prefix(&self.prefix),
+                Some(GetOptions::new().with_prefix()),
+            )
+            .await
+            .map_err(ctx("reading the registry"))?;
+        let revision = resp.header().map_or(0, |h| h.revision());
+        for kv in resp.take_kvs() {
+            let mod_revision = kv.mod_revision();
+            let (key, value) = kv.into_key_value();
+            mirror.apply(Change::Put {
+                key,
+                value,
+                mod_revision,
+            });
+        }
+        mirror.advance(revision);
+        Ok(())
+    }
+
+    /// Watches every connection record from the revision after `mirror`'s.
+    pub async fn watch(&mut self, mirror: &Mirror) -> Result<(Watcher, WatchStream), ClusterError> {
+        self.client
+            .watch(
+                conn_prefix(&self.prefix),
+                Some(
+                    WatchOptions::new()
+                        .with_prefix()
+                        .with_start_revision(mirror.revision() + 1),
+                ),
+            )
+            .await
+            .map_err(ctx("watching the registry"))
+    }
+
+    /// The changes of one watch response, in order, and its header revision.
+    pub fn changes(resp: &WatchResponse) -> (Vec<Change>, i64) {
+        let changes = resp
+            .events()
+            .iter()
+            .filter_map(|ev| {
+                let kv = ev.kv()?;
+                Some(match ev.event_type() {
+                    etcd_client::EventType::Put => Change::Put {
+                        key: kv.key().to_vec(),
+                        value: kv.value().to_vec(),
+                        mod_revision: kv.mod_revision(),
+                    },
+                    etcd_client::EventType::Delete => Change::Delete {
+                        key: kv.key().to_vec(),
+                        mod_revision: kv.mod_revision(),
+                    },
+                })
+            })
+            .collect();
+        (changes, resp.header().map_or(0, |h| h.revision()))
+    }
+
+    /// Creates the record of a new connection at `(epoch, index)` if no gateway has: one
+    /// transaction comparing the key's create revision with 0 (absent).
+    pub async fn register(
+        &mut self,
+        epoch: u32,
+        index: u32,
+        record: &ConnRecord,
+    ) -> Result<Registered, ClusterError> {
+        let key = conn_key(&self.prefix, epoch, index);
+        let txn = Txn::new()
+            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(key, record.encode(), None)]);
+        let resp = self
+            .client
+            .txn(txn)
+            .await
+            .map_err(ctx("registering a connection"))?;
+        Ok(if resp.succeeded() {
+            Registered::Done {
+                revision: resp.header().map_or(0, |h| h.revision()),
+            }
+        } else {
+            Registered::Taken
+        })
+    }
+
+    /// Writes `record` (new `L`, tuple, owner) at `(epoch, index)` only if the stored record
+    /// is still the one read at `expected` (its mod revision): the REBIND's one
+    /// compare-and-swap. On conflict, returns what etcd holds now.
+    pub async fn commit(
+        &mut self,
+        epoch: u32,
+        index: u32,
+        expected: i64,
+        record: &ConnRecord,
+    ) -> Result<Committed, ClusterError> {
+        let key = conn_key(&self.prefix, epoch, index);
+        let txn = Txn::new()
+            .when([Compare::mod_revision(
+                key.clone(),
+                CompareOp::Equal,
+                expected,
+            )])
+            .and_then([TxnOp::put(key.clone(), record.encode(), None)])
+            .or_else([TxnOp::get(key, None)]);
+        let resp = self
+            .client
+            .txn(txn)
+            .await
+            .map_err(ctx("committing a rebind"))?;
+        if resp.succeeded() {
+            return Ok(Committed::Done {
+                revision: resp.header().map_or(0, |h| h.revision()),
+            });
+        }
+        let current = resp.op_responses().into_iter().find_map(|op| match op {
+            TxnOpResponse::Get(g) => g.kvs().first().and_then(|kv| {
+                Some(Entry {
+                    record: ConnRecord::decode(kv.value()).ok()?,
+                    mod_revision: kv.mod_revision(),
+                })
+            }),
+            _ => None,
+        });
+        Ok(Committed::Conflict { current })
+    }
+
+    /// Deletes the record at `(epoch, index)` if it is still the one read at `expected`.
+    pub async fn remove(
+        &mut self,
+        epoch: u32,
+        index: u32,
+        expected: i64,
+    ) -> Result<bool, ClusterError> {
+        let key = conn_key(&self.prefix, epoch, index);
+        let txn = Txn::new()
+            .when([Compare::mod_revision(
+                key.clone(),
+                CompareOp::Equal,
+                expected,
+            )])
+            .and_then([TxnOp::delete(key, None)]);
+        let resp = self
+            .client
+            .txn(txn)
+            .await
+            .map_err(ctx("removing a connection"))?;
+        Ok(resp.succeeded())
+    }
+
+    /// Announces this gateway under `<prefix>/gateways/<id>` with a lease of `ttl`: while the
+    /// caller keeps the lease alive ([`EtcdRegistry::keep_alive`]) the others see it; when
+    /// this gateway dies the key expires with the lease. Fails if another live gateway holds
+    /// the id. Returns the lease id.
+    pub async fn announce(&mut self, ttl: Duration) -> Result<Option<i64>, ClusterError> {
+        let lease = self
+            .client
+            .lease_grant(ttl.as_secs().max(1) as i64, None)
+            .await
+            .map_err(ctx("granting the gateway's lease"))?
+            .id();
+        let key = format!("{}/gateways/{}", self.prefix, self.me);
+        let txn = Txn::new()
+            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(
+                key,
+                format!("gateway {}", self.me),
+                Some(PutOptions::new().with_lease(lease)),
+            )]);
+        let resp = self
+            .client
+            .txn(txn)
+            .await
+            .map_err(ctx("announcing the gateway"))?;
+        if resp.succeeded() {
+            Ok(Some(lease))
+        } else {
+            self.client
+                .lease_revoke(lease)
+                .await
+                .map_err(ctx("revoking an unused lease"))?;
+            Ok(None)
+        }
+    }
+
+    /// Renews `lease` once (call at a third of its TTL).
+    pub async fn keep_alive(&mut self, lease: i64) -> Result<(), ClusterError> {
+        let (mut keeper, mut stream) = self
+            .client
+            .lease_keep_alive(lease)
+            .await
+            .map_err(ctx("keeping the gateway's lease"))?;
+        keeper
+            .keep_alive()
+            .await
+            .map_err(ctx("keeping the gateway's lease"))?;
+        stream
+            .message()
+            .await
+            .map_err(ctx("keeping the gateway's lease"))?;
+        Ok(())
+    }
+
+    /// Ends this gateway's lease (a clean shutdown: the others see it leave at once).
+    pub async fn leave(&mut self, lease: i64) -> Result<(), ClusterError> {
+        self.client
+            .lease_revoke(lease)
+            .await
+            .map_err(ctx("revoking the gateway's lease"))?;
+        Ok(())
+    }
+
+    /// The ids of the gateways whose lease is alive.
+    pub async fn gateways(&mut self) -> Result<Vec<GatewayId>, ClusterError> {
+        let prefix = format!("{}/gateways/", self.prefix);
+        let resp = self
+            .client
+            .get(prefix.clone(), Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(ctx("listing gateways"))?;
+        let mut ids: Vec<GatewayId> = resp
+            .kvs()
+            .iter()
+            .filter_map(|kv| {
+                std::str::from_utf8(kv.key().strip_prefix(prefix.as_bytes())?)
+                    .ok()?
+                    .parse()
+                    .ok()
+            })
+            .collect();
+        ids.sort_unstable();
+        Ok(ids)
+    }
+}
