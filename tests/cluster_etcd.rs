@@ -11,6 +11,9 @@ use std::time::{Duration, Instant};
 use rebindgw::cluster::etcd::{Committed, EtcdRegistry, Registered};
 use rebindgw::cluster::mirror::{Applied, Change, Mirror};
 use rebindgw::cluster::record::{ConnRecord, GatewayId, RecordSeal, conn_key};
+use rebindgw::cluster::sync::{
+    ClusterHandle, ClusterSettings, Event, Refusal, Request, Response, StartError,
+};
 use rebindgw::keys::MasterSecret;
 use rebindgw::rebind::RebindSecret;
 use rebindgw::time::Ticks;
@@ -18,16 +21,57 @@ use rebindgw::time::Ticks;
 const PREFIX: &str = "/mesh/test";
 
 struct Etcd {
-    child: Child,
+    child: Option<Child>,
     dir: std::path::PathBuf,
     endpoint: String,
+    client_port: u16,
+    peer_port: u16,
 }
 
 impl Drop for Etcd {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.stop();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Etcd {
+    /// Kills the member (as kill -9 would).
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it (again, on its data) and waits until it accepts connections.
+    fn start(&mut self) {
+        let peer_url = format!("http://127.0.0.1:{}", self.peer_port);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("etcd.log"))
+            .unwrap();
+        self.child = Some(
+            Command::new("etcd")
+                .args(["--name", "t", "--data-dir"])
+                .arg(self.dir.join("data"))
+                .args(["--listen-client-urls", &self.endpoint])
+                .args(["--advertise-client-urls", &self.endpoint])
+                .args(["--listen-peer-urls", &peer_url])
+                .args(["--initial-advertise-peer-urls", &peer_url])
+                .args(["--initial-cluster", &format!("t={peer_url}")])
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let addr: SocketAddr = format!("127.0.0.1:{}", self.client_port).parse().unwrap();
+        while std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_err() {
+            assert!(Instant::now() < deadline, "etcd did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 }
 
@@ -57,32 +101,15 @@ fn start_etcd(test: &str) -> Option<Etcd> {
     let dir = std::env::temp_dir().join(format!("rebindgw-etcd-{}-{test}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    let (client, peer) = (free_port(), free_port());
-    let endpoint = format!("http://127.0.0.1:{client}");
-    let peer_url = format!("http://127.0.0.1:{peer}");
-    let child = Command::new("etcd")
-        .args(["--name", "t", "--data-dir"])
-        .arg(dir.join("data"))
-        .args(["--listen-client-urls", &endpoint])
-        .args(["--advertise-client-urls", &endpoint])
-        .args(["--listen-peer-urls", &peer_url])
-        .args(["--initial-advertise-peer-urls", &peer_url])
-        .args(["--initial-cluster", &format!("t={peer_url}")])
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.join("etcd.log")).unwrap())
-        .spawn()
-        .unwrap();
-    let etcd = Etcd {
-        child,
+    let (client_port, peer_port) = (free_port(), free_port());
+    let mut etcd = Etcd {
+        child: None,
         dir,
-        endpoint,
+        endpoint: format!("http://127.0.0.1:{client_port}"),
+        client_port,
+        peer_port,
     };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let addr: SocketAddr = format!("127.0.0.1:{client}").parse().unwrap();
-    while std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_err() {
-        assert!(Instant::now() < deadline, "etcd did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    etcd.start();
     Some(etcd)
 }
 
@@ -313,4 +340,228 @@ fn gateway_ids_are_leased() {
                 .is_some()
         );
     });
+}
+
+// ---- the gateway's link (cluster::sync) ----
+
+fn settings(etcd: &Etcd, gateway: GatewayId) -> ClusterSettings {
+    ClusterSettings {
+        endpoints: vec![etcd.endpoint.clone()],
+        name: "test".into(),
+        gateway,
+        lease_ttl: Duration::from_secs(3),
+        timeout: Duration::from_secs(1),
+    }
+}
+
+fn link(etcd: &Etcd, gateway: GatewayId) -> ClusterHandle {
+    ClusterHandle::start(settings(etcd, gateway), &MasterSecret::from_bytes([5; 32])).unwrap()
+}
+
+fn response(h: &ClusterHandle) -> Response {
+    h.responses
+        .recv_timeout(Duration::from_secs(10))
+        .expect("a response within 10 s")
+}
+
+/// Events until `until` says stop (or 10 s pass).
+fn events_until(h: &ClusterHandle, mut until: impl FnMut(&Event) -> bool) -> Vec<Event> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut seen = Vec::new();
+    while Instant::now() < deadline {
+        if let Ok(ev) = h.events.recv_timeout(Duration::from_millis(100)) {
+            let done = until(&ev);
+            seen.push(ev);
+            if done {
+                return seen;
+            }
+        }
+    }
+    panic!("events so far: {seen:?}");
+}
+
+fn register(h: &ClusterHandle, ticket: u64, tuple: &str) -> u32 {
+    h.submit(Request::Register {
+        ticket,
+        epoch: 1,
+        capacity: 4096,
+        conn_id: 0xA000 + ticket,
+        secret: RebindSecret([ticket as u8; 32]),
+        host: 0,
+        tuple: Some(tuple.parse().unwrap()),
+        now: Ticks(1_000),
+    });
+    match response(h) {
+        Response::Registered {
+            ticket: t, index, ..
+        } if t == ticket => index,
+        r => panic!("{r:?}"),
+    }
+}
+
+/// Two gateways' links: registrations are unique and seen by the other; a REBIND committed by
+/// one is reported to the first owner as lost; the §6 duplicate and stale REBINDs are told
+/// apart; two gateways racing on one connection commit once.
+#[test]
+fn links_commit_once_and_tell_each_other() {
+    let Some(etcd) = start_etcd("link") else {
+        return;
+    };
+    let a = link(&etcd, 1);
+    let b = link(&etcd, 2);
+    events_until(&a, |e| matches!(e, Event::Up { .. }));
+    events_until(&b, |e| matches!(e, Event::Up { .. }));
+    let mut indices: Vec<u32> = (0..20).map(|t| register(&a, t, "192.0.2.1:1000")).collect();
+    indices.sort_unstable();
+    indices.dedup();
+    assert_eq!(indices.len(), 20);
+    let mut added = 0;
+    events_until(&b, |e| {
+        if let Event::Changed {
+            applied: Applied::Added { .. },
+            entry: Some(entry),
+        } = e
+        {
+            assert_eq!(entry.record.owner, 1);
+            added += 1;
+        }
+        added == 20
+    });
+
+    // Gateway 2 commits a REBIND of one of gateway 1's connections.
+    let x = indices[0];
+    let moved: SocketAddr = "198.51.100.2:2000".parse().unwrap();
+    let rebind = |ticket, t, tuple| Request::Rebind {
+        ticket,
+        epoch: 1,
+        index: x,
+        t: Ticks(t),
+        tuple,
+    };
+    b.submit(rebind(100, 2_000, moved));
+    assert!(matches!(
+        response(&b),
+        Response::Rebound { ticket: 100, old: Some(old), .. } if old == "192.0.2.1:1000".parse().unwrap()
+    ));
+    events_until(
+        &a,
+        |e| matches!(e, Event::Changed { applied: Applied::Updated { index, lost: true, .. }, .. } if *index == x),
+    );
+    b.submit(rebind(101, 2_000, moved));
+    assert_eq!(response(&b), Response::Duplicate { ticket: 101 });
+    a.submit(rebind(102, 1_500, "203.0.113.1:1".parse().unwrap()));
+    assert_eq!(
+        response(&a),
+        Response::Refused {
+            ticket: 102,
+            why: Refusal::Stale
+        }
+    );
+
+    // Both accept a REBIND of another connection at once: one commit.
+    let y = indices[1];
+    for (h, ticket, tuple) in [(&a, 200, "203.0.113.7:7"), (&b, 201, "203.0.113.8:8")] {
+        h.submit(Request::Rebind {
+            ticket,
+            epoch: 1,
+            index: y,
+            t: Ticks(3_000),
+            tuple: tuple.parse().unwrap(),
+        });
+    }
+    let outcomes = [response(&a), response(&b)];
+    let won = outcomes
+        .iter()
+        .filter(|r| matches!(r, Response::Rebound { .. }))
+        .count();
+    assert_eq!(won, 1, "{outcomes:?}");
+    for r in &outcomes {
+        assert!(
+            matches!(
+                r,
+                Response::Rebound { .. }
+                    | Response::Refused {
+                        why: Refusal::Conflict | Refusal::Stale,
+                        ..
+                    }
+            ),
+            "{r:?}"
+        );
+    }
+    a.shutdown();
+    b.shutdown();
+}
+
+/// With etcd down, requests are refused (never accepted without a commit); when it returns,
+/// the link reloads and commits again.
+#[test]
+fn link_refuses_while_etcd_is_down_and_resumes() {
+    let Some(mut etcd) = start_etcd("down") else {
+        return;
+    };
+    let a = link(&etcd, 1);
+    events_until(&a, |e| matches!(e, Event::Up { .. }));
+    let x = register(&a, 1, "192.0.2.1:1000");
+    etcd.stop();
+    events_until(&a, |e| matches!(e, Event::Down { .. }));
+    let started = Instant::now();
+    a.submit(Request::Rebind {
+        ticket: 2,
+        epoch: 1,
+        index: x,
+        t: Ticks(5_000),
+        tuple: "198.51.100.1:1".parse().unwrap(),
+    });
+    assert!(matches!(
+        response(&a),
+        Response::Refused {
+            ticket: 2,
+            why: Refusal::Unavailable(_)
+        }
+    ));
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "refused at once"
+    );
+    etcd.start();
+    let seen = events_until(&a, |e| matches!(e, Event::Up { .. }));
+    assert!(matches!(seen.last(), Some(Event::Up { records: 1 })));
+    a.submit(Request::Rebind {
+        ticket: 3,
+        epoch: 1,
+        index: x,
+        t: Ticks(6_000),
+        tuple: "198.51.100.1:1".parse().unwrap(),
+    });
+    assert!(matches!(response(&a), Response::Rebound { ticket: 3, .. }));
+    assert!(
+        a.counters
+            .unavailable
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 1
+    );
+    assert!(
+        a.counters
+            .reloads
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 1
+    );
+    a.shutdown();
+}
+
+/// A second gateway with a live gateway's id is refused with a clear error; after a clean
+/// shutdown the id is free at once.
+#[test]
+fn a_gateway_id_in_use_is_refused() {
+    let Some(etcd) = start_etcd("ids") else {
+        return;
+    };
+    let a = link(&etcd, 9);
+    let err = ClusterHandle::start(settings(&etcd, 9), &MasterSecret::from_bytes([5; 32]))
+        .err()
+        .expect("id in use");
+    assert!(matches!(err, StartError::IdInUse(9)), "{err}");
+    assert!(err.to_string().contains("gateway id 9"), "{err}");
+    a.shutdown();
+    ClusterHandle::start(settings(&etcd, 9), &MasterSecret::from_bytes([5; 32])).unwrap();
 }

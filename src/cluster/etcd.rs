@@ -47,6 +47,7 @@ pub enum Committed {
     Conflict { current: Option<Entry> },
 }
 
+#[derive(Clone)]
 pub struct EtcdRegistry {
     client: Client,
     prefix: String,
@@ -79,8 +80,8 @@ impl EtcdRegistry {
         self.me
     }
 
-    /// Reads every connection record into `mirror` (at start and after losing the watch).
-    pub async fn load(&mut self, mirror: &mut Mirror) -> Result<(), ClusterError> {
+    /// Every connection record, as changes, and the revision of the read.
+    pub async fn read_all(&mut self) -> Result<(Vec<Change>, i64), ClusterError> {
         let mut resp = self
             .client
             .get(
@@ -90,14 +91,27 @@ impl EtcdRegistry {
             .await
             .map_err(ctx("reading the registry"))?;
         let revision = resp.header().map_or(0, |h| h.revision());
-        for kv in resp.take_kvs() {
-            let mod_revision = kv.mod_revision();
-            let (key, value) = kv.into_key_value();
-            mirror.apply(Change::Put {
-                key,
-                value,
-                mod_revision,
-            });
+        let changes = resp
+            .take_kvs()
+            .into_iter()
+            .map(|kv| {
+                let mod_revision = kv.mod_revision();
+                let (key, value) = kv.into_key_value();
+                Change::Put {
+                    key,
+                    value,
+                    mod_revision,
+                }
+            })
+            .collect();
+        Ok((changes, revision))
+    }
+
+    /// Reads every connection record into `mirror` (at start).
+    pub async fn load(&mut self, mirror: &mut Mirror) -> Result<(), ClusterError> {
+        let (changes, revision) = self.read_all().await?;
+        for c in changes {
+            mirror.apply(c);
         }
         mirror.advance(revision);
         Ok(())

@@ -164,6 +164,48 @@ impl Mirror {
         }
     }
 
+    /// Replaces the whole copy with a fresh range read (after the watch was lost): applies
+    /// `puts` and removes every connection the read did not return. Says what changed, as
+    /// [`Mirror::apply`] would have, so the gateway catches up on what it missed.
+    pub fn reload(&mut self, puts: Vec<Change>, revision: i64) -> Vec<Applied> {
+        let mut seen = std::collections::HashSet::new();
+        let mut applied = Vec::new();
+        for change in puts {
+            if let Change::Put { key, .. } = &change
+                && let Some(at) = parse_conn_key(&self.prefix, key)
+            {
+                seen.insert(at);
+            }
+            match self.apply(change) {
+                Applied::Stale | Applied::Foreign => {}
+                a => applied.push(a),
+            }
+        }
+        let gone: Vec<(u32, u32)> = self
+            .conns
+            .keys()
+            .filter(|at| !seen.contains(at))
+            .copied()
+            .collect();
+        for (epoch, index) in gone {
+            self.conns.remove(&(epoch, index));
+            applied.push(Applied::Removed { epoch, index });
+        }
+        self.advance(revision);
+        applied
+    }
+
+    /// Records this gateway's own successful write (the watch's copy is then stale).
+    pub fn record_own(&mut self, epoch: u32, index: u32, entry: Entry) {
+        self.revision = self.revision.max(entry.mod_revision);
+        self.conns.insert((epoch, index), entry);
+    }
+
+    /// Records this gateway's own removal (the watch's delete is then stale).
+    pub fn forget(&mut self, epoch: u32, index: u32) {
+        self.conns.remove(&(epoch, index));
+    }
+
     /// An index of `epoch` below `capacity` that no record holds, starting the search at
     /// `hint` (gateways start at different hints so that their REGISTERs rarely collide;
     /// the etcd transaction decides when they do).
@@ -277,6 +319,31 @@ mod tests {
         assert_eq!(m.apply(bad), Applied::Malformed(RecordError::Short));
         assert_eq!(m.malformed(), 1);
         assert!(m.get(1, 9).is_none());
+    }
+
+    #[test]
+    fn reload_reports_what_was_missed_while_the_watch_was_down() {
+        let mut m = Mirror::new(PREFIX, 1);
+        m.apply(put(1, 1, 1));
+        m.apply(put(2, 1, 2));
+        m.apply(put(3, 1, 3));
+        // Meanwhile: 1 unchanged, 2 taken by gateway 2, 3 removed, 4 added.
+        let applied = m.reload(vec![put(1, 1, 1), put(2, 2, 7), put(4, 2, 8)], 9);
+        assert_eq!(
+            applied,
+            vec![
+                Applied::Updated {
+                    epoch: 1,
+                    index: 2,
+                    owner_changed: true,
+                    lost: true
+                },
+                Applied::Added { epoch: 1, index: 4 },
+                Applied::Removed { epoch: 1, index: 3 },
+            ]
+        );
+        assert_eq!(m.len(), 3);
+        assert_eq!(m.revision(), 9);
     }
 
     #[test]

@@ -6,7 +6,9 @@
 //!   watch, which says when another gateway took a connection; the packet path reads only it;
 //! - `etcd` (feature `cluster`): the etcd v3 client side: race-free index allocation
 //!   (a transaction per REGISTER), one compare-and-swap per accepted REBIND, the lease that
-//!   tells the others this gateway is alive.
+//!   tells the others this gateway is alive;
+//! - `sync` (feature `cluster`): the link thread the gateway talks to without waiting:
+//!   requests in, responses and registry events out, reconnect and reload when etcd returns.
 //!
 //! Not yet wired into the gateway (docs/cluster.md says what is missing).
 #![forbid(unsafe_code)]
@@ -15,3 +17,5 @@
 pub mod etcd;
 pub mod mirror;
 pub mod record;
+#[cfg(feature = "cluster")]
+pub mod sync;

@@ -1,0 +1,726 @@
+//! The gateway's link to the cluster registry (feature `cluster`): one thread with its own
+//! async runtime that owns the etcd client, the [`Mirror`] and the gateway's lease. The
+//! gateway's threads never wait on it: they [`ClusterHandle::submit`] requests (REGISTER,
+//! accepted REBIND, close) and later take the [`Response`]s and the registry's [`Event`]s
+//! with non-blocking receives.
+//!
+//! - Every request is an etcd transaction of its own, run concurrently with the others (one
+//!   receive batch's REBINDs go out together), each bounded by the operation timeout.
+//! - A REBIND commit is re-checked against the freshest copy (`t > L`, or the §6 duplicate)
+//!   and written by compare-and-swap on the record's mod revision: of two gateways that accept
+//!   REBINDs of one connection, one commit wins; the other gets [`Refusal::Conflict`].
+//! - While etcd is unreachable or without quorum, requests are refused
+//!   ([`Refusal::Unavailable`]), never accepted without a commit. The thread reconnects with
+//!   backoff, reloads the whole registry (reporting what it missed) and watches again.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::Duration;
+
+use tokio::sync::mpsc as tmpsc;
+
+use super::etcd::{ClusterError, Committed, EtcdRegistry, Registered};
+use super::mirror::{Applied, Entry, Mirror};
+use super::record::{ConnRecord, GatewayId, RecordSeal};
+use crate::keys::MasterSecret;
+use crate::rebind::RebindSecret;
+use crate::registry::HostId;
+use crate::time::Ticks;
+
+/// Where the cluster is and who this gateway is in it.
+#[derive(Clone, Debug)]
+pub struct ClusterSettings {
+    /// etcd client URLs (`http://host:port`).
+    pub endpoints: Vec<String>,
+    /// The cluster's name: its keys live under `/rebindgw/<name>`.
+    pub name: String,
+    /// This gateway's id, unique in the cluster while its lease lives.
+    pub gateway: GatewayId,
+    /// The lease's TTL: the others see this gateway gone this long after it dies.
+    pub lease_ttl: Duration,
+    /// Bound on each etcd operation.
+    pub timeout: Duration,
+}
+
+impl ClusterSettings {
+    pub fn prefix(&self) -> String {
+        format!("/rebindgw/{}", self.name)
+    }
+}
+
+/// A request to the registry. `ticket` comes back in its [`Response`].
+#[derive(Debug)]
+pub enum Request {
+    /// A new connection: allocate an index of `epoch` below `capacity` and store it.
+    Register {
+        ticket: u64,
+        epoch: u32,
+        capacity: u32,
+        conn_id: u64,
+        secret: RebindSecret,
+        host: HostId,
+        tuple: Option<SocketAddr>,
+        now: Ticks,
+    },
+    /// A REBIND of `(epoch, index)` at time `t` from `tuple` passed checks 1–6 here.
+    Rebind {
+        ticket: u64,
+        epoch: u32,
+        index: u32,
+        t: Ticks,
+        tuple: SocketAddr,
+    },
+    /// The connection closed.
+    Remove { ticket: u64, epoch: u32, index: u32 },
+}
+
+impl Request {
+    pub fn ticket(&self) -> u64 {
+        match self {
+            Request::Register { ticket, .. }
+            | Request::Rebind { ticket, .. }
+            | Request::Remove { ticket, .. } => *ticket,
+        }
+    }
+}
+
+/// Why a request did not commit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// Another gateway changed the record first (it accepted a REBIND of the connection).
+    Conflict,
+    /// The freshest copy already has `L >= t` (and it is not the §6 duplicate).
+    Stale,
+    /// No such connection in the registry.
+    Unknown,
+    /// Every index of the epoch is taken.
+    Full,
+    /// etcd did not answer in time, or has no quorum.
+    Unavailable(String),
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Response {
+    Registered {
+        ticket: u64,
+        index: u32,
+        revision: i64,
+    },
+    /// The REBIND is committed: send REBIND_ACK and REBOUND.
+    Rebound {
+        ticket: u64,
+        revision: i64,
+        /// The tuple the connection had before.
+        old: Option<SocketAddr>,
+    },
+    /// The same REBIND again from the same tuple (§6): answer again, change nothing.
+    Duplicate {
+        ticket: u64,
+    },
+    Removed {
+        ticket: u64,
+    },
+    Refused {
+        ticket: u64,
+        why: Refusal,
+    },
+}
+
+/// What changed in the registry by other gateways' hands (or while the link was down).
+#[derive(Debug)]
+pub enum Event {
+    Changed {
+        applied: Applied,
+        /// The record now stored (`None` once removed), `R` still sealed: open it with the
+        /// gateway's [`RecordSeal`].
+        entry: Option<Entry>,
+    },
+    /// The link is up again after a reload; what was missed came as `Changed` before it.
+    Up { records: usize },
+    /// etcd became unreachable; requests are refused until `Up`.
+    Down { error: String },
+}
+
+/// Counters of the link (exported by the gateway as metrics).
+#[derive(Debug, Default)]
+pub struct ClusterCounters {
+    pub registered: AtomicU64,
+    pub register_collisions: AtomicU64,
+    pub rebinds_committed: AtomicU64,
+    pub duplicates: AtomicU64,
+    pub conflicts: AtomicU64,
+    pub stale: AtomicU64,
+    pub unavailable: AtomicU64,
+    pub watch_events: AtomicU64,
+    pub reloads: AtomicU64,
+    pub malformed_records: AtomicU64,
+}
+
+/// The gateway's side of the link.
+pub struct ClusterHandle {
+    requests: tmpsc::UnboundedSender<Request>,
+    pub responses: mpsc::Receiver<Response>,
+    pub events: mpsc::Receiver<Event>,
+    pub counters: Arc<ClusterCounters>,
+    pub seal: Arc<RecordSeal>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    wake: Arc<tokio::sync::Notify>,
+}
+
+/// State shared by the link's tasks (short critical sections, never held across an await).
+struct Shared {
+    mirror: Mirror,
+    /// Indices being registered by this gateway's in-flight transactions.
+    allocating: HashSet<(u32, u32)>,
+    up: bool,
+}
+
+struct Link {
+    registry: EtcdRegistry,
+    shared: Arc<Mutex<Shared>>,
+    seal: Arc<RecordSeal>,
+    me: GatewayId,
+    timeout: Duration,
+    counters: Arc<ClusterCounters>,
+    responses: mpsc::Sender<Response>,
+}
+
+impl ClusterHandle {
+    /// Connects, claims the gateway id, loads the registry and starts the link's thread.
+    /// Fails (naming the step) if etcd cannot be reached within the timeout or the id is held
+    /// by a live gateway. The loaded records come first on `events`.
+    pub fn start(
+        settings: ClusterSettings,
+        master: &MasterSecret,
+    ) -> Result<ClusterHandle, StartError> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(StartError::Runtime)?;
+        let prefix = settings.prefix();
+        let seal = Arc::new(RecordSeal::new(master, &prefix));
+        let (ev_tx, ev_rx) = mpsc::channel();
+        let (resp_tx, resp_rx) = mpsc::channel();
+        let (req_tx, req_rx) = tmpsc::unbounded_channel();
+        let counters = Arc::new(ClusterCounters::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let wake = Arc::new(tokio::sync::Notify::new());
+
+        let (registry, lease, shared) = runtime.block_on(async {
+            let connect = EtcdRegistry::connect(
+                &settings.endpoints,
+                &prefix,
+                settings.gateway,
+                settings.timeout,
+            );
+            let mut registry = tokio::time::timeout(settings.timeout, connect)
+                .await
+                .map_err(|_| StartError::Timeout("connecting to etcd"))??;
+            let lease =
+                tokio::time::timeout(settings.timeout, registry.announce(settings.lease_ttl))
+                    .await
+                    .map_err(|_| StartError::Timeout("claiming the gateway id"))??
+                    .ok_or(StartError::IdInUse(settings.gateway))?;
+            let mut mirror = Mirror::new(&prefix, settings.gateway);
+            let (changes, revision) = tokio::time::timeout(settings.timeout, registry.read_all())
+                .await
+                .map_err(|_| StartError::Timeout("loading the registry"))??;
+            for a in mirror.reload(changes, revision) {
+                send_change(&ev_tx, &mirror, a, &counters);
+            }
+            let _ = ev_tx.send(Event::Up {
+                records: mirror.len(),
+            });
+            let shared = Arc::new(Mutex::new(Shared {
+                mirror,
+                allocating: HashSet::new(),
+                up: true,
+            }));
+            Ok::<_, StartError>((registry, lease, shared))
+        })?;
+
+        let link = Link {
+            registry,
+            shared,
+            seal: seal.clone(),
+            me: settings.gateway,
+            timeout: settings.timeout,
+            counters: counters.clone(),
+            responses: resp_tx,
+        };
+        let thread_stop = stop.clone();
+        let thread_wake = wake.clone();
+        let thread = std::thread::Builder::new()
+            .name("cluster".into())
+            .spawn(move || {
+                runtime.block_on(run(
+                    link,
+                    req_rx,
+                    ev_tx,
+                    lease,
+                    settings,
+                    thread_stop,
+                    thread_wake,
+                ))
+            })
+            .map_err(StartError::Thread)?;
+        Ok(ClusterHandle {
+            requests: req_tx,
+            responses: resp_rx,
+            events: ev_rx,
+            counters,
+            seal,
+            stop,
+            thread: Some(thread),
+            wake,
+        })
+    }
+
+    /// Queues a request; never blocks.
+    pub fn submit(&self, request: Request) {
+        // The thread only ends on shutdown; a request sent after it is dropped.
+        let _ = self.requests.send(request);
+    }
+
+    /// Ends the lease (the others see this gateway leave at once) and joins the thread.
+    pub fn shutdown(mut self) {
+        self.stop_thread();
+    }
+
+    fn stop_thread(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.wake.notify_one();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for ClusterHandle {
+    fn drop(&mut self) {
+        self.stop_thread();
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cluster: starting the async runtime: {0}")]
+    Runtime(std::io::Error),
+    #[error("cluster: starting its thread: {0}")]
+    Thread(std::io::Error),
+    #[error("cluster: {0} timed out (are the etcd endpoints right and is there a quorum?)")]
+    Timeout(&'static str),
+    #[error("cluster: gateway id {0} is held by a live gateway (each gateway needs its own id)")]
+    IdInUse(GatewayId),
+    #[error("cluster: {0}")]
+    Etcd(#[from] ClusterError),
+}
+
+fn send_change(ev: &mpsc::Sender<Event>, mirror: &Mirror, a: Applied, c: &ClusterCounters) {
+    let entry = match &a {
+        Applied::Added { epoch, index } | Applied::Updated { epoch, index, .. } => {
+            mirror.get(*epoch, *index).cloned()
+        }
+        Applied::Removed { .. } => None,
+        Applied::Malformed(_) => {
+            c.malformed_records.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        Applied::Stale | Applied::Foreign => return,
+    };
+    let _ = ev.send(Event::Changed { applied: a, entry });
+}
+
+async fn run(
+    link: Link,
+    mut requests: tmpsc::UnboundedReceiver<Request>,
+    events: mpsc::Sender<Event>,
+    mut lease: i64,
+    settings: ClusterSettings,
+    stop: Arc<AtomicBool>,
+    wake: Arc<tokio::sync::Notify>,
+) {
+    let link = Arc::new(link);
+    let mut registry = link.registry.clone();
+    let mut keepalive = tokio::time::interval(settings.lease_ttl / 3);
+    let mut backoff = Duration::from_millis(100);
+    'outer: while !stop.load(Ordering::SeqCst) {
+        // (Re)open the watch from the mirror's revision.
+        let watch = {
+            let mirror_rev = link.shared.lock().unwrap().mirror.revision();
+            let mut probe = Mirror::new(&settings.prefix(), settings.gateway);
+            probe.advance(mirror_rev);
+            tokio::time::timeout(settings.timeout, registry.watch(&probe)).await
+        };
+        let (_watcher, mut stream) = match watch {
+            Ok(Ok(w)) => w,
+            Ok(Err(e)) => {
+                link_down(&link, &events, e.to_string());
+                if !reconnect(
+                    &link,
+                    &mut registry,
+                    &mut requests,
+                    &events,
+                    &mut backoff,
+                    &stop,
+                )
+                .await
+                {
+                    break;
+                }
+                continue;
+            }
+            Err(_) => {
+                link_down(&link, &events, "watch: timed out".into());
+                if !reconnect(
+                    &link,
+                    &mut registry,
+                    &mut requests,
+                    &events,
+                    &mut backoff,
+                    &stop,
+                )
+                .await
+                {
+                    break;
+                }
+                continue;
+            }
+        };
+        loop {
+            tokio::select! {
+                _ = wake.notified() => {
+                    if stop.load(Ordering::SeqCst) {
+                        break 'outer;
+                    }
+                }
+                req = requests.recv() => {
+                    let Some(req) = req else { break 'outer };
+                    let link = link.clone();
+                    tokio::spawn(async move { link.handle(req).await });
+                }
+                msg = stream.message() => {
+                    match msg {
+                        Ok(Some(resp)) => {
+                            let (changes, rev) = EtcdRegistry::changes(&resp);
+                            let mut sh = link.shared.lock().unwrap();
+                            for c in changes {
+                                link.counters.watch_events.fetch_add(1, Ordering::Relaxed);
+                                let a = sh.mirror.apply(c);
+                                send_change(&events, &sh.mirror, a, &link.counters);
+                            }
+                            sh.mirror.advance(rev);
+                        }
+                        Ok(None) | Err(_) => {
+                            let why = match msg {
+                                Err(e) => e.to_string(),
+                                _ => "watch closed".into(),
+                            };
+                            link_down(&link, &events, why);
+                            if !reconnect(&link, &mut registry, &mut requests, &events, &mut backoff, &stop).await {
+                                break 'outer;
+                            }
+                            break;
+                        }
+                    }
+                }
+                _ = keepalive.tick() => {
+                    let ka = tokio::time::timeout(settings.timeout, registry.keep_alive(lease)).await;
+                    if !matches!(ka, Ok(Ok(()))) {
+                        // The lease may have expired while etcd was away: claim the id anew.
+                        if let Ok(Ok(Some(l))) = tokio::time::timeout(
+                            settings.timeout,
+                            registry.announce(settings.lease_ttl),
+                        ).await {
+                            lease = l;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let _ = tokio::time::timeout(settings.timeout, registry.leave(lease)).await;
+}
+
+fn link_down(link: &Link, events: &mpsc::Sender<Event>, error: String) {
+    let mut sh = link.shared.lock().unwrap();
+    if sh.up {
+        sh.up = false;
+        let _ = events.send(Event::Down { error });
+    }
+}
+
+/// Reloads the registry once etcd answers again (with backoff); false if asked to stop.
+/// Meanwhile every request is refused at once: nothing is accepted without a commit.
+async fn reconnect(
+    link: &Link,
+    registry: &mut EtcdRegistry,
+    requests: &mut tmpsc::UnboundedReceiver<Request>,
+    events: &mpsc::Sender<Event>,
+    backoff: &mut Duration,
+    stop: &AtomicBool,
+) -> bool {
+    loop {
+        if stop.load(Ordering::SeqCst) {
+            return false;
+        }
+        let pause = tokio::time::sleep(*backoff);
+        tokio::pin!(pause);
+        loop {
+            tokio::select! {
+                _ = &mut pause => break,
+                req = requests.recv() => match req {
+                    Some(req) => {
+                        link.counters.unavailable.fetch_add(1, Ordering::Relaxed);
+                        let _ = link.responses.send(Response::Refused {
+                            ticket: req.ticket(),
+                            why: Refusal::Unavailable("etcd unreachable".into()),
+                        });
+                    }
+                    None => return false,
+                },
+            }
+        }
+        *backoff = (*backoff * 2).min(Duration::from_secs(2));
+        if let Ok(Ok((changes, revision))) =
+            tokio::time::timeout(link.timeout, registry.read_all()).await
+        {
+            let mut sh = link.shared.lock().unwrap();
+            for a in sh.mirror.reload(changes, revision) {
+                send_change(events, &sh.mirror, a, &link.counters);
+            }
+            sh.up = true;
+            link.counters.reloads.fetch_add(1, Ordering::Relaxed);
+            let _ = events.send(Event::Up {
+                records: sh.mirror.len(),
+            });
+            *backoff = Duration::from_millis(100);
+            return true;
+        }
+    }
+}
+
+impl Link {
+    async fn handle(&self, req: Request) {
+        let response = match req {
+            Request::Register {
+                ticket,
+                epoch,
+                capacity,
+                conn_id,
+                secret,
+                host,
+                tuple,
+                now,
+            } => {
+                self.register(ticket, epoch, capacity, conn_id, &secret, host, tuple, now)
+                    .await
+            }
+            Request::Rebind {
+                ticket,
+                epoch,
+                index,
+                t,
+                tuple,
+            } => self.rebind(ticket, epoch, index, t, tuple).await,
+            Request::Remove {
+                ticket,
+                epoch,
+                index,
+            } => self.remove(ticket, epoch, index).await,
+        };
+        if let Response::Refused {
+            why: Refusal::Unavailable(_),
+            ..
+        } = &response
+        {
+            self.counters.unavailable.fetch_add(1, Ordering::Relaxed);
+        }
+        let _ = self.responses.send(response);
+    }
+
+    fn unavailable(ticket: u64, e: impl ToString) -> Response {
+        Response::Refused {
+            ticket,
+            why: Refusal::Unavailable(e.to_string()),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn register(
+        &self,
+        ticket: u64,
+        epoch: u32,
+        capacity: u32,
+        conn_id: u64,
+        secret: &RebindSecret,
+        host: HostId,
+        tuple: Option<SocketAddr>,
+        now: Ticks,
+    ) -> Response {
+        // Each gateway starts its search in its own part of the index space.
+        let mut hint = (u32::from(self.me)).wrapping_mul(0x9E37_79B9) % capacity.max(1);
+        for _ in 0..16 {
+            let index = {
+                let mut sh = self.shared.lock().unwrap();
+                let found = (0..capacity).find_map(|i| {
+                    let x = sh
+                        .mirror
+                        .free_index(epoch, capacity, hint.wrapping_add(i))?;
+                    (!sh.allocating.contains(&(epoch, x))).then_some(x)
+                });
+                let Some(x) = found else {
+                    return Response::Refused {
+                        ticket,
+                        why: Refusal::Full,
+                    };
+                };
+                sh.allocating.insert((epoch, x));
+                x
+            };
+            let record = ConnRecord {
+                conn_id,
+                secret: self.seal.seal(epoch, index, conn_id, secret),
+                last_rebind: now,
+                host,
+                owner: self.me,
+                tuple,
+            };
+            let mut registry = self.registry.clone();
+            let result =
+                tokio::time::timeout(self.timeout, registry.register(epoch, index, &record)).await;
+            let mut sh = self.shared.lock().unwrap();
+            sh.allocating.remove(&(epoch, index));
+            match result {
+                Ok(Ok(Registered::Done { revision })) => {
+                    sh.mirror.record_own(
+                        epoch,
+                        index,
+                        Entry {
+                            record,
+                            mod_revision: revision,
+                        },
+                    );
+                    self.counters.registered.fetch_add(1, Ordering::Relaxed);
+                    return Response::Registered {
+                        ticket,
+                        index,
+                        revision,
+                    };
+                }
+                Ok(Ok(Registered::Taken)) => {
+                    self.counters
+                        .register_collisions
+                        .fetch_add(1, Ordering::Relaxed);
+                    hint = index.wrapping_add(1);
+                }
+                Ok(Err(e)) => return Self::unavailable(ticket, e),
+                Err(_) => return Self::unavailable(ticket, "etcd timed out"),
+            }
+        }
+        Self::unavailable(ticket, "16 index collisions in a row")
+    }
+
+    async fn rebind(
+        &self,
+        ticket: u64,
+        epoch: u32,
+        index: u32,
+        t: Ticks,
+        tuple: SocketAddr,
+    ) -> Response {
+        let (expected, record, old) = {
+            let sh = self.shared.lock().unwrap();
+            let Some(entry) = sh.mirror.get(epoch, index) else {
+                return Response::Refused {
+                    ticket,
+                    why: Refusal::Unknown,
+                };
+            };
+            let cur = &entry.record;
+            if t == cur.last_rebind && cur.tuple == Some(tuple) {
+                self.counters.duplicates.fetch_add(1, Ordering::Relaxed);
+                return Response::Duplicate { ticket };
+            }
+            if t <= cur.last_rebind {
+                self.counters.stale.fetch_add(1, Ordering::Relaxed);
+                return Response::Refused {
+                    ticket,
+                    why: Refusal::Stale,
+                };
+            }
+            let mut next = cur.clone();
+            next.last_rebind = t;
+            next.tuple = Some(tuple);
+            next.owner = self.me;
+            (entry.mod_revision, next, cur.tuple)
+        };
+        let mut registry = self.registry.clone();
+        match tokio::time::timeout(
+            self.timeout,
+            registry.commit(epoch, index, expected, &record),
+        )
+        .await
+        {
+            Ok(Ok(Committed::Done { revision })) => {
+                self.shared.lock().unwrap().mirror.record_own(
+                    epoch,
+                    index,
+                    Entry {
+                        record,
+                        mod_revision: revision,
+                    },
+                );
+                self.counters
+                    .rebinds_committed
+                    .fetch_add(1, Ordering::Relaxed);
+                Response::Rebound {
+                    ticket,
+                    revision,
+                    old,
+                }
+            }
+            Ok(Ok(Committed::Conflict { .. })) => {
+                self.counters.conflicts.fetch_add(1, Ordering::Relaxed);
+                Response::Refused {
+                    ticket,
+                    why: Refusal::Conflict,
+                }
+            }
+            Ok(Err(e)) => Self::unavailable(ticket, e),
+            Err(_) => Self::unavailable(ticket, "etcd timed out"),
+        }
+    }
+
+    async fn remove(&self, ticket: u64, epoch: u32, index: u32) -> Response {
+        let Some(expected) = self
+            .shared
+            .lock()
+            .unwrap()
+            .mirror
+            .get(epoch, index)
+            .map(|e| e.mod_revision)
+        else {
+            return Response::Refused {
+                ticket,
+                why: Refusal::Unknown,
+            };
+        };
+        let mut registry = self.registry.clone();
+        match tokio::time::timeout(self.timeout, registry.remove(epoch, index, expected)).await {
+            Ok(Ok(true)) => {
+                self.shared.lock().unwrap().mirror.forget(epoch, index);
+                Response::Removed { ticket }
+            }
+            Ok(Ok(false)) => Response::Refused {
+                ticket,
+                why: Refusal::Conflict,
+            },
+            Ok(Err(e)) => Self::unavailable(ticket, e),
+            Err(_) => Self::unavailable(ticket, "etcd timed out"),
+        }
+    }
+}
