@@ -83,8 +83,8 @@ enum Command {
 
 #[derive(Subcommand)]
 enum BenchCommand {
-    /// Gateway fast path against a bare recvmmsg/sendmmsg relay, alternating, plus the RTT
-    /// each adds at half load.
+    /// Gateway fast path against a bare recvmmsg/sendmmsg relay and nginx's stream UDP proxy,
+    /// in rotating order, plus the RTT each adds at half load.
     Fastpath {
         /// Echo clients, each with its own socket.
         #[arg(long, default_value_t = 32)]
@@ -98,12 +98,15 @@ enum BenchCommand {
         /// Length of each run (e.g. 3s, 500ms; a plain number is seconds).
         #[arg(long, default_value = "3s", value_parser = parse_duration)]
         duration: Duration,
-        /// Alternating rounds of relay and gateway runs (the report takes medians).
+        /// Rounds of relay, gateway and nginx runs in rotating order (the report takes medians).
         #[arg(long, default_value_t = 5)]
         rounds: usize,
         /// I/O backend of the gateway and the relay.
         #[arg(long, default_value = "uring")]
         io: rebindgw::io::IoBackend,
+        /// Leave out nginx (measured by default when installed; REBINDGW_NGINX names the binary).
+        #[arg(long)]
+        no_nginx: bool,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -295,6 +298,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             duration,
             rounds,
             io,
+            no_nginx,
             json,
         }) => {
             let opts = rebindgw_tools::bench::fastpath::FastpathOptions {
@@ -304,6 +308,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 duration,
                 rounds,
                 io,
+                nginx: !no_nginx,
             };
             let r = rebindgw_tools::bench::fastpath::run_fastpath(&opts)?;
             if json {
@@ -313,9 +318,20 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                     "saturating echo rate, medians of {rounds}: bare relay {:.0}/s, gateway {:.0}/s, ratio {:.3}",
                     r.relay_median_eps, r.gateway_median_eps, r.ratio
                 );
+                match (r.nginx_median_eps, r.ratio_vs_nginx, &r.nginx_skipped) {
+                    (Some(n), Some(ratio), _) => {
+                        println!("nginx stream UDP proxy {n:.0}/s, gateway / nginx {ratio:.3}")
+                    }
+                    (_, _, Some(why)) => println!("nginx not measured: {why}"),
+                    _ => {}
+                }
                 println!(
-                    "at half load ({}/s): p99 added over direct: gateway {} us, bare relay {} us",
-                    r.half_load_rate, r.gateway_added_p99_us, r.relay_added_p99_us
+                    "at half load ({}/s): p99 added over direct: gateway {} us, bare relay {} us{}",
+                    r.half_load_rate,
+                    r.gateway_added_p99_us,
+                    r.relay_added_p99_us,
+                    r.nginx_added_p99_us
+                        .map_or(String::new(), |n| format!(", nginx {n} us"))
                 );
             }
             Ok(ExitCode::SUCCESS)

@@ -1,9 +1,10 @@
-//! The fast-path benchmark: echo throughput through the gateway and through a bare relay,
-//! run alternately on the same load generator and reflector, and the RTT each adds at half
-//! load against a direct (no hop) path.
+//! The fast-path benchmark: echo throughput through the gateway, through a bare relay and
+//! through nginx's `stream` UDP proxy (when nginx is installed), run in rotating order on the
+//! same load generator and reflector, and the RTT each adds at half load against a direct
+//! (no hop) path.
 //!
-//! Placement on this 2-core machine: the forwarder under test (gateway worker or bare relay)
-//! is pinned to core 0; the load generator and the reflector share core 1.
+//! Placement on this 2-core machine: the forwarder under test (gateway worker, bare relay or
+//! nginx's one worker) is pinned to core 0; the load generator and the reflector share core 1.
 #![forbid(unsafe_code)]
 
 use std::net::{SocketAddr, UdpSocket};
@@ -13,6 +14,7 @@ use anyhow::{Context, bail};
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
+use super::nginx::{Nginx, find_nginx};
 use super::pin;
 use super::relay::{Running, spawn_bare_relay, spawn_reflector};
 use rebindgw::gateway::config::{GatewayConfig, HostEntry};
@@ -30,9 +32,11 @@ pub struct FastpathOptions {
     /// DATA datagram size in bytes (at least 9).
     pub payload: usize,
     pub duration: Duration,
-    /// Alternating rounds of (relay, gateway).
+    /// Rounds of (relay, gateway[, nginx]) in rotating order.
     pub rounds: usize,
     pub io: IoBackend,
+    /// Measure nginx's stream UDP proxy too (skipped, with the reason, if nginx is missing).
+    pub nginx: bool,
 }
 
 impl Default for FastpathOptions {
@@ -44,6 +48,7 @@ impl Default for FastpathOptions {
             duration: Duration::from_secs(3),
             rounds: 5,
             io: IoBackend::Uring,
+            nginx: true,
         }
     }
 }
@@ -66,12 +71,18 @@ pub struct FastpathReport {
     pub gateway_median_eps: f64,
     /// Gateway ÷ bare relay, medians of the saturating runs.
     pub ratio: f64,
+    pub nginx_median_eps: Option<f64>,
+    /// Gateway ÷ nginx, medians of the saturating runs.
+    pub ratio_vs_nginx: Option<f64>,
+    /// Why nginx was not measured.
+    pub nginx_skipped: Option<String>,
     /// Open-loop runs at half the relay's median rate.
     pub half_load_rate: u64,
     pub half_load: Vec<RunResult>,
     /// Gateway p99 RTT minus direct p99 RTT at half load.
     pub gateway_added_p99_us: i64,
     pub relay_added_p99_us: i64,
+    pub nginx_added_p99_us: Option<i64>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -79,6 +90,7 @@ enum Path {
     Direct,
     Relay,
     Gateway,
+    Nginx,
 }
 
 impl Path {
@@ -87,6 +99,7 @@ impl Path {
             Path::Direct => "direct",
             Path::Relay => "bare-relay",
             Path::Gateway => "gateway",
+            Path::Nginx => "nginx",
         }
     }
 }
@@ -97,11 +110,13 @@ struct Setup {
     reflector: Option<Running>,
     relay: Option<Running>,
     gateway: Option<GatewayHandle>,
+    nginx: Option<Nginx>,
     dir: std::path::PathBuf,
 }
 
 impl Drop for Setup {
     fn drop(&mut self) {
+        drop(self.nginx.take());
         if let Some(g) = self.gateway.take() {
             let _ = g.stop();
         }
@@ -129,6 +144,7 @@ fn setup(path: Path, opts: &FastpathOptions, clients: &[SocketAddr]) -> anyhow::
         reflector: None,
         relay: None,
         gateway: None,
+        nginx: None,
         dir,
     };
     match path {
@@ -159,8 +175,16 @@ fn setup(path: Path, opts: &FastpathOptions, clients: &[SocketAddr]) -> anyhow::
             s.target = g.client_addrs()[0];
             s.gateway = Some(g);
         }
+        Path::Nginx => {}
     }
     s.reflector = Some(spawn_reflector(host_sock)?);
+    if path == Path::Nginx {
+        // nginx's probe needs the reflector running.
+        let binary = find_nginx().map_err(anyhow::Error::msg)?;
+        let n = Nginx::start(&binary, &s.dir.join("nginx"), host_addr)?;
+        s.target = n.addr;
+        s.nginx = Some(n);
+    }
     Ok(s)
 }
 
@@ -352,14 +376,23 @@ pub fn run_fastpath(opts: &FastpathOptions) -> anyhow::Result<FastpathReport> {
     if opts.payload < 9 {
         bail!("--payload must be at least 9 bytes (type and a timestamp)");
     }
+    let nginx_skipped = if opts.nginx {
+        find_nginx().err()
+    } else {
+        Some("not asked for (--no-nginx)".to_string())
+    };
+    if let Some(why) = &nginx_skipped {
+        eprintln!("nginx: skipped: {why}");
+    }
+    let mut paths = vec![Path::Relay, Path::Gateway];
+    if nginx_skipped.is_none() {
+        paths.push(Path::Nginx);
+    }
     let mut saturating = Vec::new();
     for round in 0..opts.rounds {
-        // Alternate which goes first, so drift in the machine's load favours neither.
-        let order = if round % 2 == 0 {
-            [Path::Relay, Path::Gateway]
-        } else {
-            [Path::Gateway, Path::Relay]
-        };
+        // Rotate which goes first, so drift in the machine's load favours none.
+        let mut order = paths.clone();
+        order.rotate_left(round % paths.len());
         for p in order {
             let r = one_run(p, opts, None)?;
             eprintln!(
@@ -380,9 +413,14 @@ pub fn run_fastpath(opts: &FastpathOptions) -> anyhow::Result<FastpathReport> {
     };
     let relay = med("bare-relay");
     let gateway = med("gateway");
+    let nginx = nginx_skipped.is_none().then(|| med("nginx"));
     let half = (relay / 2.0) as u64;
     let mut half_load = Vec::new();
-    for p in [Path::Direct, Path::Relay, Path::Gateway] {
+    let mut half_paths = vec![Path::Direct, Path::Relay, Path::Gateway];
+    if nginx.is_some() {
+        half_paths.push(Path::Nginx);
+    }
+    for p in half_paths {
         let r = one_run(p, opts, Some(half))?;
         eprintln!(
             "half load {half}/s {:<10} received {:>8}  p50 {} us  p99 {} us  p99.9 {} us",
@@ -398,6 +436,10 @@ pub fn run_fastpath(opts: &FastpathOptions) -> anyhow::Result<FastpathReport> {
     };
     Ok(FastpathReport {
         ratio: if relay > 0.0 { gateway / relay } else { 0.0 },
+        nginx_median_eps: nginx,
+        ratio_vs_nginx: nginx.filter(|n| *n > 0.0).map(|n| gateway / n),
+        nginx_skipped,
+        nginx_added_p99_us: nginx.map(|_| p99("nginx") - p99("direct")),
         relay_median_eps: relay,
         gateway_median_eps: gateway,
         half_load_rate: half,

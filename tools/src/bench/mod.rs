@@ -1,12 +1,14 @@
 //! `rebindgw bench`: system benchmarks that need the real data path.
 //!
 //! - `fastpath`: the gateway's forwarding path against a bare recvmmsg/sendmmsg relay, run
-//!   alternately on the same load, and the RTT each hop adds at half load;
+//!   and nginx's `stream` UDP proxy (the peer a user would pick instead), run alternately on
+//!   the same load, and the RTT each hop adds at half load;
 //! - `memory`: resident memory per registered connection.
 #![forbid(unsafe_code)]
 
 pub mod fastpath;
 pub mod memory;
+pub mod nginx;
 pub mod relay;
 
 /// Pins the calling thread to `core` (modulo the cores present).
