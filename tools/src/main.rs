@@ -101,9 +101,10 @@ enum BenchCommand {
         /// Rounds of relay, gateway and nginx runs in rotating order (the report takes medians).
         #[arg(long, default_value_t = 5)]
         rounds: usize,
-        /// I/O backend of the gateway and the relay.
-        #[arg(long, default_value = "uring")]
-        io: rebindgw::io::IoBackend,
+        /// I/O backends to run the gateway and the relay on, comma-separated (uring, mmsg);
+        /// the first is the headline and the half-load runs'.
+        #[arg(long, default_value = "uring", value_delimiter = ',')]
+        io: Vec<rebindgw::io::IoBackend>,
         /// Leave out nginx (measured by default when installed; REBINDGW_NGINX names the binary).
         #[arg(long)]
         no_nginx: bool,
@@ -314,10 +315,12 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             } else {
-                println!(
-                    "saturating echo rate, medians of {rounds}: bare relay {:.0}/s, gateway {:.0}/s, ratio {:.3}",
-                    r.relay_median_eps, r.gateway_median_eps, r.ratio
-                );
+                for b in &r.backends {
+                    println!(
+                        "saturating echo rate on {}, medians of {rounds}: bare relay {:.0}/s, gateway {:.0}/s, ratio {:.3}",
+                        b.io, b.relay_median_eps, b.gateway_median_eps, b.ratio
+                    );
+                }
                 match (r.nginx_median_eps, r.ratio_vs_nginx, &r.nginx_skipped) {
                     (Some(n), Some(ratio), _) => {
                         println!("nginx stream UDP proxy {n:.0}/s, gateway / nginx {ratio:.3}")

@@ -32,9 +32,11 @@ pub struct FastpathOptions {
     /// DATA datagram size in bytes (at least 9).
     pub payload: usize,
     pub duration: Duration,
-    /// Rounds of (relay, gateway[, nginx]) in rotating order.
+    /// Rounds of (relay, gateway per I/O backend[, nginx]) in rotating order.
     pub rounds: usize,
-    pub io: IoBackend,
+    /// The I/O backends to measure the gateway and the bare relay on (the first one is the
+    /// report's headline and the half-load runs').
+    pub io: Vec<IoBackend>,
     /// Measure nginx's stream UDP proxy too (skipped, with the reason, if nginx is missing).
     pub nginx: bool,
 }
@@ -47,7 +49,7 @@ impl Default for FastpathOptions {
             payload: 100,
             duration: Duration::from_secs(3),
             rounds: 5,
-            io: IoBackend::Uring,
+            io: vec![IoBackend::Uring],
             nginx: true,
         }
     }
@@ -64,9 +66,21 @@ pub struct RunResult {
     pub rtt_p999_us: u64,
 }
 
+/// Medians of one I/O backend's saturating runs.
+#[derive(Clone, Debug, Serialize)]
+pub struct BackendMedians {
+    pub io: String,
+    pub relay_median_eps: f64,
+    pub gateway_median_eps: f64,
+    /// Gateway ÷ bare relay on this backend.
+    pub ratio: f64,
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct FastpathReport {
     pub saturating: Vec<RunResult>,
+    /// Per I/O backend, in the order asked; the fields below are the first backend's.
+    pub backends: Vec<BackendMedians>,
     pub relay_median_eps: f64,
     pub gateway_median_eps: f64,
     /// Gateway ÷ bare relay, medians of the saturating runs.
@@ -88,18 +102,27 @@ pub struct FastpathReport {
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Path {
     Direct,
-    Relay,
-    Gateway,
+    Relay(IoBackend),
+    Gateway(IoBackend),
     Nginx,
 }
 
 impl Path {
-    fn name(self) -> &'static str {
+    /// `bare-relay` and `gateway` on the first backend (`first`), `bare-relay/mmsg` and
+    /// the like on the others.
+    fn name(self, first: IoBackend) -> String {
+        let on = |base: &str, io: IoBackend| {
+            if io == first {
+                base.to_string()
+            } else {
+                format!("{base}/{}", io.name())
+            }
+        };
         match self {
-            Path::Direct => "direct",
-            Path::Relay => "bare-relay",
-            Path::Gateway => "gateway",
-            Path::Nginx => "nginx",
+            Path::Direct => "direct".into(),
+            Path::Relay(io) => on("bare-relay", io),
+            Path::Gateway(io) => on("gateway", io),
+            Path::Nginx => "nginx".into(),
         }
     }
 }
@@ -130,7 +153,7 @@ impl Drop for Setup {
     }
 }
 
-fn setup(path: Path, opts: &FastpathOptions, clients: &[SocketAddr]) -> anyhow::Result<Setup> {
+fn setup(path: Path, clients: &[SocketAddr]) -> anyhow::Result<Setup> {
     let dir = std::env::temp_dir().join(format!(
         "rebindgw-fastpath-{}-{}",
         std::process::id(),
@@ -149,13 +172,12 @@ fn setup(path: Path, opts: &FastpathOptions, clients: &[SocketAddr]) -> anyhow::
     };
     match path {
         Path::Direct => {}
-        Path::Relay => {
-            let relay =
-                spawn_bare_relay(SocketAddr::from(([127, 0, 0, 1], 0)), host_addr, opts.io)?;
+        Path::Relay(io) => {
+            let relay = spawn_bare_relay(SocketAddr::from(([127, 0, 0, 1], 0)), host_addr, io)?;
             s.target = relay.addr;
             s.relay = Some(relay);
         }
-        Path::Gateway => {
+        Path::Gateway(io) => {
             let key_file = s.dir.join("link.key");
             let key = rebindgw::secrets::generate_link_key(&key_file)?;
             let cfg = GatewayConfig {
@@ -167,7 +189,7 @@ fn setup(path: Path, opts: &FastpathOptions, clients: &[SocketAddr]) -> anyhow::
                 admin: None,
                 state_dir: s.dir.join("state"),
                 workers: 1,
-                io: opts.io,
+                io,
                 ..GatewayConfig::default()
             };
             let g = spawn_gateway(cfg)?;
@@ -336,7 +358,7 @@ fn one_run(path: Path, opts: &FastpathOptions, rate: Option<u64>) -> anyhow::Res
         addrs.push(s.local_addr()?);
         socks.push(BatchSocket::new(s)?);
     }
-    let setup = setup(path, opts, &addrs)?;
+    let setup = setup(path, &addrs)?;
     let (sent, received, hist) = std::thread::scope(|scope| {
         scope
             .spawn(|| {
@@ -348,7 +370,7 @@ fn one_run(path: Path, opts: &FastpathOptions, rate: Option<u64>) -> anyhow::Res
     });
     drop(setup);
     Ok(RunResult {
-        path: path.name().to_string(),
+        path: path.name(opts.io[0]),
         sent,
         received,
         echoes_per_sec: received as f64 / opts.duration.as_secs_f64(),
@@ -376,6 +398,9 @@ pub fn run_fastpath(opts: &FastpathOptions) -> anyhow::Result<FastpathReport> {
     if opts.payload < 9 {
         bail!("--payload must be at least 9 bytes (type and a timestamp)");
     }
+    let Some(&first) = opts.io.first() else {
+        bail!("--io names no backend");
+    };
     let nginx_skipped = if opts.nginx {
         find_nginx().err()
     } else {
@@ -384,7 +409,11 @@ pub fn run_fastpath(opts: &FastpathOptions) -> anyhow::Result<FastpathReport> {
     if let Some(why) = &nginx_skipped {
         eprintln!("nginx: skipped: {why}");
     }
-    let mut paths = vec![Path::Relay, Path::Gateway];
+    let mut paths: Vec<Path> = opts
+        .io
+        .iter()
+        .flat_map(|&io| [Path::Relay(io), Path::Gateway(io)])
+        .collect();
     if nginx_skipped.is_none() {
         paths.push(Path::Nginx);
     }
@@ -396,7 +425,7 @@ pub fn run_fastpath(opts: &FastpathOptions) -> anyhow::Result<FastpathReport> {
         for p in order {
             let r = one_run(p, opts, None)?;
             eprintln!(
-                "round {round} {:<10} {:>9.0} echoes/s  p50 {} us  p99 {} us",
+                "round {round} {:<16} {:>9.0} echoes/s  p50 {} us  p99 {} us",
                 r.path, r.echoes_per_sec, r.rtt_p50_us, r.rtt_p99_us
             );
             saturating.push(r);
@@ -411,19 +440,33 @@ pub fn run_fastpath(opts: &FastpathOptions) -> anyhow::Result<FastpathReport> {
                 .collect(),
         )
     };
-    let relay = med("bare-relay");
-    let gateway = med("gateway");
+    let backends: Vec<BackendMedians> = opts
+        .io
+        .iter()
+        .map(|&io| {
+            let relay = med(&Path::Relay(io).name(first));
+            let gateway = med(&Path::Gateway(io).name(first));
+            BackendMedians {
+                io: io.name().into(),
+                relay_median_eps: relay,
+                gateway_median_eps: gateway,
+                ratio: if relay > 0.0 { gateway / relay } else { 0.0 },
+            }
+        })
+        .collect();
+    let relay = backends[0].relay_median_eps;
+    let gateway = backends[0].gateway_median_eps;
     let nginx = nginx_skipped.is_none().then(|| med("nginx"));
     let half = (relay / 2.0) as u64;
     let mut half_load = Vec::new();
-    let mut half_paths = vec![Path::Direct, Path::Relay, Path::Gateway];
+    let mut half_paths = vec![Path::Direct, Path::Relay(first), Path::Gateway(first)];
     if nginx.is_some() {
         half_paths.push(Path::Nginx);
     }
     for p in half_paths {
         let r = one_run(p, opts, Some(half))?;
         eprintln!(
-            "half load {half}/s {:<10} received {:>8}  p50 {} us  p99 {} us  p99.9 {} us",
+            "half load {half}/s {:<16} received {:>8}  p50 {} us  p99 {} us  p99.9 {} us",
             r.path, r.received, r.rtt_p50_us, r.rtt_p99_us, r.rtt_p999_us
         );
         half_load.push(r);
@@ -436,6 +479,7 @@ pub fn run_fastpath(opts: &FastpathOptions) -> anyhow::Result<FastpathReport> {
     };
     Ok(FastpathReport {
         ratio: if relay > 0.0 { gateway / relay } else { 0.0 },
+        backends,
         nginx_median_eps: nginx,
         ratio_vs_nginx: nginx.filter(|n| *n > 0.0).map(|n| gateway / n),
         nginx_skipped,
