@@ -164,7 +164,7 @@ fn concurrent_registrations_never_share_an_index() {
                 let mut reg = registry(etcd, me).await;
                 let mut mirror = Mirror::new(PREFIX, me);
                 reg.load(&mut mirror).await.unwrap();
-                let (_w, mut stream) = reg.watch(&mirror).await.unwrap();
+                let (_w, mut stream) = reg.watch(mirror.revision()).await.unwrap();
                 let mut mine = Vec::new();
                 let mut taken = 0;
                 let mut hint = 0;
@@ -254,7 +254,7 @@ fn one_rebind_sent_to_three_gateways_commits_once() {
         for (reg, m) in regs.iter_mut().zip(mirrors.iter_mut()) {
             reg.load(m).await.unwrap();
         }
-        let (_w, mut stream) = regs[0].watch(&mirrors[0]).await.unwrap();
+        let (_w, mut stream) = regs[0].watch(mirrors[0].revision()).await.unwrap();
         let expected = mirrors[1].get(1, 7).unwrap().mod_revision;
         let [r1, r2, r3] = &mut regs[..] else {
             unreachable!()

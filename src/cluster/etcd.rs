@@ -117,15 +117,16 @@ impl EtcdRegistry {
         Ok(())
     }
 
-    /// Watches every connection record from the revision after `mirror`'s.
-    pub async fn watch(&mut self, mirror: &Mirror) -> Result<(Watcher, WatchStream), ClusterError> {
+    /// Watches every connection record from the revision after `after` (a mirror's
+    /// [`Mirror::revision`]).
+    pub async fn watch(&mut self, after: i64) -> Result<(Watcher, WatchStream), ClusterError> {
         self.client
             .watch(
                 conn_prefix(&self.prefix),
                 Some(
                     WatchOptions::new()
                         .with_prefix()
-                        .with_start_revision(mirror.revision() + 1),
+                        .with_start_revision(after + 1),
                 ),
             )
             .await

@@ -349,42 +349,25 @@ async fn run(
     let mut backoff = Duration::from_millis(100);
     'outer: while !stop.load(Ordering::SeqCst) {
         // (Re)open the watch from the mirror's revision.
-        let watch = {
-            let mirror_rev = link.shared.lock().unwrap().mirror.revision();
-            let mut probe = Mirror::new(&settings.prefix(), settings.gateway);
-            probe.advance(mirror_rev);
-            tokio::time::timeout(settings.timeout, registry.watch(&probe)).await
-        };
+        let after = link.shared.lock().unwrap().mirror.revision();
+        let watch = tokio::time::timeout(settings.timeout, registry.watch(after)).await;
         let (_watcher, mut stream) = match watch {
             Ok(Ok(w)) => w,
-            Ok(Err(e)) => {
-                link_down(&link, &events, e.to_string());
-                if !reconnect(
+            failed => {
+                let why = match failed {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => "watch: timed out".into(),
+                };
+                link_down(&link, &events, why);
+                let back = reconnect(
                     &link,
                     &mut registry,
                     &mut requests,
                     &events,
                     &mut backoff,
                     &stop,
-                )
-                .await
-                {
-                    break;
-                }
-                continue;
-            }
-            Err(_) => {
-                link_down(&link, &events, "watch: timed out".into());
-                if !reconnect(
-                    &link,
-                    &mut registry,
-                    &mut requests,
-                    &events,
-                    &mut backoff,
-                    &stop,
-                )
-                .await
-                {
+                );
+                if !back.await {
                     break;
                 }
                 continue;
