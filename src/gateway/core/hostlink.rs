@@ -431,6 +431,9 @@ impl WorkerCore {
     /// One worker at a time sweeps, at most every `idle_timeout / 4` (1–10 s), taking the
     /// control lock once; a sweep stops when `tx` is full and goes on at the next tick.
     pub fn tick(&mut self, now: Ticks, tx: &mut TxQueue) {
+        if self.shared.retired_pending.load(Ordering::Acquire) {
+            self.tell_retired(now, tx);
+        }
         let idle = self.shared.cfg.idle_timeout;
         if idle.is_zero() {
             return;
@@ -455,6 +458,27 @@ impl WorkerCore {
             // More to do: come back at the next tick.
             self.shared.next_sweep.store(now.0, Ordering::Release);
         }
+    }
+
+    /// Sends EXPIRED for connections whose epoch was rotated out, as far as `tx` has room.
+    fn tell_retired(&mut self, now: Ticks, tx: &mut TxQueue) {
+        let shared = self.shared.clone();
+        let mut ctl = shared.control();
+        let room = tx.capacity().saturating_sub(tx.len());
+        let take = ctl.retired.len().min(room);
+        for (host, conn_id) in ctl.retired.drain(..take) {
+            self.metrics.inc(C::Expired);
+            if let Some(peer) = self.live.hosts.get(usize::from(host)) {
+                let msg = LinkMsg::Expired { conn_id }.seal(&peer.key, now);
+                if tx.push_bytes(Via::Host, peer.addr, &msg) {
+                    self.metrics.inc(C::TxHostControl);
+                    self.metrics.add(C::TxHostBytes, msg.len() as u64);
+                }
+            }
+        }
+        shared
+            .retired_pending
+            .store(!ctl.retired.is_empty(), Ordering::Release);
     }
 
     /// Returns false if it stopped because `tx` filled up.

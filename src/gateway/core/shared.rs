@@ -3,7 +3,7 @@
 #![forbid(unsafe_code)]
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
@@ -72,6 +72,9 @@ pub struct Control {
     pub(super) guard: ReplayGuard,
     /// Each host's boot id, by `HostId`.
     pub(super) boots: Vec<Option<HostBoot>>,
+    /// Connections released because their epoch was rotated out, whose hosts get EXPIRED at
+    /// a worker's next tick.
+    pub(super) retired: Vec<(HostId, u64)>,
 }
 
 /// REGISTERED replies kept for retransmits. A host retries within ~2.5 s, so a bounded FIFO
@@ -144,6 +147,8 @@ pub struct Shared {
     pub(super) activity: Box<[AtomicU32]>,
     /// When the next idle sweep is due (ticks); a worker's `tick` claims it.
     pub(super) next_sweep: AtomicU64,
+    /// `Control::retired` is not empty (read without the lock at each tick).
+    pub(super) retired_pending: AtomicBool,
 }
 
 impl Shared {
@@ -185,6 +190,7 @@ impl Shared {
                 recent_order: VecDeque::new(),
                 guard: ReplayGuard::default(),
                 boots: vec![None; host_count],
+                retired: Vec::new(),
             }),
             store,
             last_issued: AtomicU64::new(0),
@@ -197,6 +203,7 @@ impl Shared {
                 .map(|_| AtomicU32::new(0))
                 .collect(),
             next_sweep: AtomicU64::new(0),
+            retired_pending: AtomicBool::new(false),
             cfg,
         })
     }
@@ -286,7 +293,26 @@ impl Shared {
                 ctl.registries
                     .insert(0, (epoch, Registry::with_capacity(self.cfg.slots, cap)));
             }
-            ctl.registries.truncate(2);
+            // The epoch before the previous one is over: its connections go from the
+            // registry, both tables and the store, and their hosts are told at the next tick.
+            let keep = ctl.registries.len().min(2);
+            for (old_epoch, reg) in ctl.registries.split_off(keep) {
+                for (index, c) in reg.iter() {
+                    let route = ctl.conns.remove(c.conn_id);
+                    if let Some(t) = route.and_then(|r| r.tuple)
+                        && ctl.tuples.get(&t).is_some_and(|r| r.conn_id == c.conn_id)
+                    {
+                        ctl.tuples.remove(&t);
+                    }
+                    ctl.retired.push((c.host, c.conn_id));
+                    self.persist(StoreOp::Remove {
+                        epoch: old_epoch,
+                        index,
+                    });
+                }
+            }
+            self.retired_pending
+                .store(!ctl.retired.is_empty(), Ordering::Release);
         }
         let mut guard = self.epochs.write().unwrap_or_else(|e| e.into_inner());
         let previous = Some(guard.current.clone());
@@ -357,7 +383,18 @@ impl Shared {
         };
         reg.restore(c.index, c.conn_id, &c.secret, last, c.tuple, c.host)?;
         let mut tuple = None;
-        if let Some(t) = c.tuple {
+        // Two stored connections never hold one tuple, but if they do (a store written by an
+        // older version), the first keeps it and this one waits for its client's rebind.
+        let taken = c
+            .tuple
+            .is_some_and(|t| ctl.tuples.get(&t).is_some_and(|r| r.conn_id != c.conn_id));
+        if taken {
+            reg_unbind(&mut ctl, c.epoch, c.index);
+            self.persist(StoreOp::Unbind {
+                epoch: c.epoch,
+                index: c.index,
+            });
+        } else if let Some(t) = c.tuple {
             let cref = ConnRef {
                 conn_id: c.conn_id,
                 index: c.index,
@@ -395,5 +432,11 @@ impl Shared {
 
     pub fn window_ticks(&self) -> u64 {
         self.window_ticks
+    }
+}
+
+fn reg_unbind(ctl: &mut Control, epoch: u32, index: u32) {
+    if let Some(reg) = ctl.registry_mut(epoch) {
+        reg.unbind_tuple(index);
     }
 }

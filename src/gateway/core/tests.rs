@@ -818,6 +818,82 @@ fn restored_connections_refuse_pre_restart_rebinds() {
     assert_eq!(fresh.client(old, &data(60))[0].0, Via::Host);
 }
 
+fn epoch_crypto(epoch: u32) -> EpochCrypto {
+    let keys = EpochKeys::derive(&MasterSecret::from_bytes([5; 32]), epoch, S).unwrap();
+    let trial = TrialKeys::new(Backend::Portable, keys.slot_key_pairs()).unwrap();
+    EpochCrypto { keys, trial }
+}
+
+#[test]
+fn an_epoch_rotated_out_takes_its_connections_from_tables_and_store_and_tells_hosts() {
+    let (store, stored) = crossbeam::channel::unbounded();
+    let mut h = Harness::build(CoreConfig::new(S), &[], Some(store));
+    let (a, b) = (addr("10.0.0.1:4000"), addr("10.0.0.2:4000"));
+    h.register(1, a);
+    h.shared.rotate(epoch_crypto(4));
+    h.register(2, b);
+    let _ = stored.try_iter().count();
+    // Epoch 3 is the previous one: still held.
+    assert!(h.tick().is_empty());
+    assert!(h.shared.conns.get(1).is_some());
+    // Epoch 3 is rotated out: connection 1 goes, connection 2 (epoch 4) stays.
+    h.shared.rotate(epoch_crypto(5));
+    assert!(h.shared.conns.get(1).is_none());
+    assert!(h.shared.tuples.get(&a).is_none());
+    assert_eq!(h.shared.tuples.get(&b).map(|r| r.conn_id), Some(2));
+    assert_eq!(h.shared.connections(), 1);
+    let removed: Vec<_> = stored
+        .try_iter()
+        .filter_map(|op| match op {
+            StoreOp::Remove { epoch, index } => Some((epoch, index)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(removed, vec![(3, 0)], "the removal is persisted");
+    // Its host hears at the next tick, once.
+    let out = h.tick();
+    assert_eq!(out.len(), 1);
+    assert_eq!(
+        LinkMsg::open(&out[0].2, &h.link, h.now),
+        Ok(LinkMsg::Expired { conn_id: 1 })
+    );
+    assert!(h.tick().is_empty());
+    // Its tuple is unknown now: DATA from it draws UNRECOGNIZED.
+    let out = h.client(a, &data(60));
+    assert_eq!(out[0].2[0], MsgType::Unrecognized as u8);
+}
+
+#[test]
+fn restoring_two_connections_with_one_tuple_keeps_the_first_bound() {
+    let (store, stored) = crossbeam::channel::unbounded();
+    let h = Harness::build(CoreConfig::new(S), &[], Some(store));
+    let t = addr("10.0.0.1:4000");
+    let first = StoredConn {
+        epoch: 3,
+        index: 0,
+        conn_id: 41,
+        secret: crate::rebind::RebindSecret([1; 32]),
+        last_rebind: Ticks(0),
+        tuple: Some(t),
+        host: 0,
+    };
+    let second = StoredConn {
+        index: 1,
+        conn_id: 42,
+        ..first.clone()
+    };
+    h.shared.restore(&first, Ticks(T0)).unwrap();
+    h.shared.restore(&second, Ticks(T0)).unwrap();
+    assert_eq!(h.shared.tuples.get(&t).map(|r| r.conn_id), Some(41));
+    assert_eq!(h.shared.conns.get(41).and_then(|r| r.tuple), Some(t));
+    assert_eq!(h.shared.conns.get(42).and_then(|r| r.tuple), None);
+    assert!(
+        stored
+            .try_iter()
+            .any(|op| matches!(op, StoreOp::Unbind { epoch: 3, index: 1 }))
+    );
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(512))]
     #[test]
