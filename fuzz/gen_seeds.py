@@ -6,10 +6,8 @@ vectors or a target's input format change. The sealed host-link seeds need the
 `cryptography` package; without it they are skipped (the hostlink target also seals bodies
 itself, mode byte odd, so those seeds need no crypto).
 
-The structured targets (gateway_handler, client_handler, host_handler) read their input
-with `arbitrary::Unstructured`: `int_in_range` over a u8 range takes one byte and reduces it
-modulo the range size, `ratio(n, d)` takes one byte b and is true when b % d < n, and
-`arbitrary::<uN>()` takes N/8 bytes. The helpers below write op programs in that encoding.
+The targets over the simulated world (gateway_handler, client_handler, host_handler,
+sim_world) get their seeds from their own minimized runs instead (see below).
 """
 
 import json
@@ -95,62 +93,9 @@ try:
 except ImportError:
     pass
 
-# --- gateway_handler: [S-1] then ops (see the target); 12 = flush ------------------------
-G_RAW, G_RLEN, G_COOKIE_OK, G_VALID, G_CREQ, G_DATA, G_HOSTCTL, G_HOSTDATA, G_ROTATE, G_FLUSH = 0, 2, 3, 4, 6, 7, 8, 9, 10, 12
-def flush(step_ms=1000):
-    return [G_FLUSH] + list(struct.pack("<H", step_ms)) + [1]
-
-def g_raw(src, via_sel, data):
-    n = len(data)
-    return [G_RAW, src, via_sel] + list(struct.pack(">H", n)) + list(data)
-
-def g_valid(conn, src, nonces8, flip=False):
-    # conn index, source, ratio(3,4) true (t = now - b%4), that byte, S nonces, ratio(1,4) flip
-    return [G_VALID, conn, src, 0, 1] + nonces8 + [0 if flip else 3] + ([5, 0] if flip else [])
-
-S = 8
-nonces = list(range(8 * S))
-write("gateway_handler", "unknown_data_then_valid_rebind",
-      [S - 1] + [G_DATA, 2, 0, 60] + [0xAB] * 60 + [3] + flush()
-      + g_valid(0, 2, nonces) + flush() + g_valid(0, 2, nonces) + flush()
-      + g_valid(0, 0, nonces) + flush())
-write("gateway_handler", "rebind_length_garbage",
-      [S - 1, G_RLEN, 3, 0, 2] + [0x5A] * (50 + 16 * S) + [G_COOKIE_OK, 5, 0, 0, 0, 0, 0, 0] + [0x11] * (16 * S + 24) + flush())
-write("gateway_handler", "cookie_request_and_flip",
-      [S - 1, G_CREQ, 1] + flush() + g_valid(1, 1, nonces, flip=True) + flush())
-write("gateway_handler", "host_register_close",
-      [S - 1, G_HOSTCTL, 0, 2, 0, 3, 0, 0, 0, 0, G_HOSTCTL, 0, 2, 0, 0, 2, 0, 0] + flush()
-      + [G_HOSTDATA, 1, 0, 40] + [0x44] * 40 + [0, 0] + flush())
-write("gateway_handler", "rotate_then_rebind",
-      [S - 1, G_ROTATE] + flush() + g_valid(0, 3, nonces) + flush())
-write("gateway_handler", "s1_raw", [0] + g_raw(0, 2, [0x52] + [0] * 65) + flush())
-write("gateway_handler", "s32_raw", [31] + g_raw(4, 2, list(hx(as_list(v1["rebind"])[0]["rebind"]))) + flush())
-
-# --- client_handler: [S-1], index u32, ratio(7,8) connect, then ops -----------------------
-C_RAW, C_DATA, C_UNREC, C_DRAIN, C_ACK, C_TIME, C_SEND, C_NETCH, C_HSREPLY, C_REPLAY = 0, 1, 3, 5, 6, 7, 8, 9, 10, 11
-def c_data(seq_mode, payload):
-    return [C_DATA, seq_mode, 1] + list(struct.pack(">H", len(payload))) + list(payload)
-
-connect = [15] + u32(10844)[::-1] + [0]
-write("client_handler", "connected_data_unrecognized_ack",
-      connect + c_data(2, b"hello mesh") + [C_UNREC, 1, 2, 0, 3] + [C_DRAIN, C_ACK, 0, 3, C_ACK, 0, 3, C_DRAIN])
-write("client_handler", "keepalive_and_timeouts",
-      connect + [C_SEND, 0, 5] + list(b"hello") + [C_DRAIN, C_TIME, 0x10, 0x27, 39, 0, C_DRAIN, C_TIME, 0xff, 0xff, 39, 0, C_DRAIN])
-write("client_handler", "handshaking_fuzzed_reply", [3] + u32(5)[::-1] + [7, C_HSREPLY, 0, 1, 3, C_TIME, 0xff, 0xff, 39, 0])
-write("client_handler", "network_change_probe",
-      connect + [C_NETCH, C_DRAIN, C_UNREC, 0, 2, 0, 3, C_DRAIN, C_ACK, 0, 3, C_REPLAY, 0])
-
-# --- host_handler: ratio(1,4) small caps, then per op: ratio(1,16) out_len, op ------------
-H_RAW, H_HS, H_HSAGAIN, H_CTL, H_DATA, H_TIME, H_CLOSE = 0, 2, 4, 5, 7, 9, 10
-def h_hs(who, nonce_byte):
-    # out_len ratio false, op, who, 16-byte nonce, ratio(3,4) ticks=now, ratio(1,8) no extra, client addr sel 0 + gw 0, gw sel
-    return [15, H_HS, who] + [nonce_byte] * 16 + [0, 7, 0, 0, 0]
-
-write("host_handler", "handshake_registered_data",
-      [3] + h_hs(0, 0x50) + [15, H_CTL, 0, 0, 4] + [7] * 4 + [9] * 4 + [0x40] * 32 + [0x53] * (16 * 5) + [0, 0, 0]
-      + [15, H_DATA, 0, 10] + list(b"0123456789") + [0, 0, 0] + [15, H_HSAGAIN, 0])
-write("host_handler", "raw_from_gateway", [3, 15, H_RAW, 0, 0, 0, 40] + [0x01] + [0] * 8 + list(hx(as_list(v1["data"])[1]["datagram"]))[:31])
-write("host_handler", "timeouts", [3] + h_hs(1, 0x60) + [15, H_TIME, 0xff, 0xff, 0xff, 0x0f, 8, 3] * 6 + [15, H_CLOSE, 0])
+# gateway_handler, client_handler, host_handler and sim_world drive `rebindgw::sim::World`
+# with programs read by `arbitrary::Unstructured`; their seeds in corpus/ are a minimized
+# corpus from runs of the targets themselves (`cargo fuzz cmin`), not written here.
 
 # --- conformance_json: the vectors file, whole and trimmed -------------------------------
 text = open(V1).read()

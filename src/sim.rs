@@ -72,6 +72,8 @@ pub struct SimConfig {
     pub core: CoreConfig,
     /// Enrolled clients (the host's clients file); [`World::add_client`] uses them in order.
     pub enrolled: usize,
+    /// Host settings (`gateways` is set to the world's gateway).
+    pub host: HostConfig,
 }
 
 impl Default for SimConfig {
@@ -88,6 +90,7 @@ impl Default for SimConfig {
             client: ClientConfig::default(),
             core: CoreConfig::new(slots),
             enrolled: 1024,
+            host: HostConfig::default(),
         }
     }
 }
@@ -120,9 +123,39 @@ pub struct SimClient {
     pub tuple: SocketAddr,
     /// Every datagram the core sent, in order (lost ones included).
     pub sent: Vec<Vec<u8>>,
+    /// Every datagram handed to the core, in order (injected ones included).
+    pub delivered: Vec<Vec<u8>>,
     /// Payloads received, in order.
     pub received: Vec<Vec<u8>>,
     pub events: Vec<ClientEvent>,
+}
+
+impl SimClient {
+    /// Hands `datagram` to the core at `now` and collects what it yields.
+    fn handle(&mut self, now: Ticks, datagram: &[u8]) {
+        self.core.handle(now, datagram);
+        self.delivered.push(datagram.to_vec());
+        self.collect();
+    }
+
+    fn collect(&mut self) {
+        while let Some(e) = self.core.poll_event() {
+            self.events.push(e);
+        }
+        while let Some(p) = self.core.poll_received() {
+            self.received.push(p);
+        }
+    }
+}
+
+/// One call of the gateway core, as [`World::watch_gateway`] sees it.
+pub struct GatewayCall<'a> {
+    pub now: Ticks,
+    /// The receive batch (empty for a timer tick).
+    pub rx: &'a [Datagram],
+    /// What the core queued in answer, in order.
+    pub tx: &'a [Datagram],
+    pub shared: &'a Shared,
 }
 
 /// The gateway: its shared state, one worker, and the registry as it would be persisted.
@@ -201,6 +234,7 @@ impl SimRng {
 }
 
 type DropFn = Box<dyn FnMut(&Datagram) -> bool>;
+type WatchFn = Box<dyn FnMut(&GatewayCall<'_>)>;
 
 /// The simulated world. See the module docs.
 pub struct World {
@@ -219,6 +253,15 @@ pub struct World {
     packets: HashMap<u64, Datagram>,
     next_seq: u64,
     drop_if: Option<DropFn>,
+    hold_if: Option<DropFn>,
+    /// Datagrams [`World::hold_if`] took off the wire, oldest first.
+    held: Vec<Datagram>,
+    watch: Option<WatchFn>,
+    /// Every datagram put on the wire (before loss), when `record` is on.
+    pub wire_log: Vec<Datagram>,
+    pub record: bool,
+    /// The buffer the host's `poll_transmit` gets (at most [`MAX_DATAGRAM`]).
+    pub host_out_len: usize,
     buf: Vec<u8>,
 }
 
@@ -239,7 +282,7 @@ impl World {
         );
         let host_cfg = HostConfig {
             gateways: vec![GatewayNet::new(GATEWAY_LINK.ip(), 24).expect("a /24")],
-            ..HostConfig::default()
+            ..cfg.host.clone()
         };
         let mut host = HostCore::with_config(&link_key, clients, host_cfg);
         host.set_start(T0);
@@ -258,6 +301,12 @@ impl World {
             packets: HashMap::new(),
             next_seq: 0,
             drop_if: None,
+            hold_if: None,
+            held: Vec::new(),
+            watch: None,
+            wire_log: Vec::new(),
+            record: false,
+            host_out_len: MAX_DATAGRAM,
             buf: vec![0u8; MAX_DATAGRAM],
             cfg,
         }
@@ -273,6 +322,7 @@ impl World {
             creds,
             tuple,
             sent: Vec::new(),
+            delivered: Vec::new(),
             received: Vec::new(),
             events: Vec::new(),
         });
@@ -321,6 +371,47 @@ impl World {
 
     pub fn clear_drop(&mut self) {
         self.drop_if = None;
+    }
+
+    /// Takes off the wire, from now on, every datagram for which `f` returns true, keeping it
+    /// for [`World::take_held`] (replaces any earlier filter; `clear_hold` removes it).
+    pub fn hold_if(&mut self, f: impl FnMut(&Datagram) -> bool + 'static) {
+        self.hold_if = Some(Box::new(f));
+    }
+
+    pub fn clear_hold(&mut self) {
+        self.hold_if = None;
+    }
+
+    /// The held datagrams, oldest first; put them back with [`World::inject`] or
+    /// [`World::deliver`].
+    pub fn take_held(&mut self) -> Vec<Datagram> {
+        std::mem::take(&mut self.held)
+    }
+
+    /// Calls `f` after every call of the gateway core (each receive batch and each timer
+    /// tick) with what went in and what came out, e.g. to check invariants.
+    pub fn watch_gateway(&mut self, f: impl FnMut(&GatewayCall<'_>) + 'static) {
+        self.watch = Some(Box::new(f));
+    }
+
+    /// Hands `datagram` straight to client `i`'s core now, as if the gateway had sent it
+    /// (forged, replayed or hand-built input), bypassing the network.
+    pub fn deliver(&mut self, i: usize, datagram: &[u8]) {
+        let now = self.now;
+        self.clients[i].handle(now, datagram);
+    }
+
+    /// DATA from the host to client `i` on its current connection, sealed with a chosen
+    /// `seq` (to replay, reorder or jump); `None` before it is connected.
+    pub fn host_data(&self, i: usize, seq: u64, payload: &[u8]) -> Option<Vec<u8>> {
+        let conn_id = self.clients[i].core.conn_id()?;
+        self.host.seal_data_for(conn_id, seq, payload)
+    }
+
+    /// The host link's key (to build or forge host-link messages).
+    pub fn link_key(&self) -> &LinkKey {
+        &self.link_key
     }
 
     /// Puts a datagram on the wire as if `from` had sent it (e.g. a forged or hand-built one).
@@ -402,7 +493,7 @@ impl World {
             } else if let Some(c) = self.clients.iter_mut().find(|c| c.tuple == d.to) {
                 self.net.delivered += 1;
                 if d.from == GATEWAY {
-                    c.core.handle(now, &d.data);
+                    c.handle(now, &d.data);
                 }
             } else {
                 self.net.no_route += 1;
@@ -425,11 +516,11 @@ impl World {
             self.gateway
                 .worker
                 .handle_batch(now, &rx, &mut self.gateway.tx);
-            self.drain_gateway();
+            self.drain_gateway(batch);
         }
         // Timers.
         self.gateway.worker.tick(now, &mut self.gateway.tx);
-        progress |= self.drain_gateway();
+        progress |= self.drain_gateway(&[]);
         if self.host.poll_timeout().is_some_and(|t| t <= now) {
             self.host.handle_timeout(now);
             progress = true;
@@ -451,12 +542,7 @@ impl World {
                     data: buf[..n].to_vec(),
                 });
             }
-            while let Some(e) = c.core.poll_event() {
-                c.events.push(e);
-            }
-            while let Some(p) = c.core.poll_received() {
-                c.received.push(p);
-            }
+            c.collect();
             progress |= !out.is_empty();
             for d in out {
                 self.transmit(d);
@@ -523,6 +609,15 @@ impl World {
 
     fn transmit(&mut self, d: Datagram) {
         self.net.sent += 1;
+        if self.record {
+            self.wire_log.push(d.clone());
+        }
+        if let Some(f) = &mut self.hold_if
+            && f(&d)
+        {
+            self.held.push(d);
+            return;
+        }
         let client_side = d.to == GATEWAY || d.from == GATEWAY;
         if client_side && self.cfg.loss > 0.0 && self.rng.unit() < self.cfg.loss {
             self.net.lost += 1;
@@ -547,7 +642,8 @@ impl World {
         self.packets.insert(seq, d);
     }
 
-    fn drain_gateway(&mut self) -> bool {
+    /// Puts the gateway's queued output on the wire; `rx` is the batch it answers.
+    fn drain_gateway(&mut self, rx: &[Datagram]) -> bool {
         let out: Vec<Datagram> = self
             .gateway
             .tx
@@ -562,6 +658,14 @@ impl World {
             })
             .collect();
         self.gateway.tx.clear();
+        if let Some(f) = &mut self.watch {
+            f(&GatewayCall {
+                now: self.now,
+                rx,
+                tx: &out,
+                shared: &self.gateway.shared,
+            });
+        }
         let any = !out.is_empty();
         for d in out {
             self.transmit(d);
@@ -571,7 +675,9 @@ impl World {
 
     fn drain_host(&mut self) -> bool {
         let mut any = false;
-        while let Some(o) = self.host.poll_transmit(self.now, &mut self.buf) {
+        let len = self.host_out_len.min(MAX_DATAGRAM);
+        while let Some(o) = self.host.poll_transmit(self.now, &mut self.buf[..len]) {
+            assert!(o.len <= len, "the host wrote past its buffer");
             let data = self.buf[..o.len].to_vec();
             self.transmit(Datagram {
                 from: HOST,

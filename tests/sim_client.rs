@@ -1,8 +1,7 @@
 //! The client's protocol behaviour against the real gateway and echo host cores
-//! (`rebindgw::sim`). What stays on the model gateway in `client::tests` needs hand-made
-//! gateway output: forged UNRECOGNIZEDs, host DATA with chosen sequence numbers, a
-//! rate-limited gateway that never answers, a late reply to an earlier handshake, arbitrary
-//! input.
+//! (`rebindgw::sim`), including hand-made input: forged UNRECOGNIZEDs, host DATA with chosen
+//! sequence numbers, a gateway whose UNRECOGNIZEDs never arrive, a late reply to an earlier
+//! handshake, arbitrary bytes.
 
 use std::net::SocketAddr;
 
@@ -17,9 +16,13 @@ fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
 }
 
+use proptest::prelude::*;
 use rebindgw::client::*;
+use rebindgw::crypto;
+use rebindgw::gateway::metrics::C;
 use rebindgw::sim::{GATEWAY, SimConfig, World};
-use rebindgw::wire::{self, MsgType};
+use rebindgw::verify::RejectReason;
+use rebindgw::wire::{self, MsgType, Unrecognized};
 use std::time::Duration;
 
 fn world() -> World {
@@ -324,4 +327,301 @@ fn network_changed_requests_a_cookie_at_once() {
     );
     assert_eq!(rebound(&w), vec![(None, t3)]);
     echo_roundtrip(&mut w, b"new network");
+}
+
+#[test]
+fn late_reply_to_an_earlier_attempt_is_accepted() {
+    let mut w = world();
+    // Both attempts reach the host; both replies are held back.
+    w.hold_if(|d| d.from == GATEWAY && d.data[0] == MsgType::HandshakeReply as u8);
+    w.run_for(ms(300));
+    assert_eq!(
+        sent_of(&w, MsgType::Handshake).len(),
+        2,
+        "one retry at 250 ms"
+    );
+    let held = w.take_held();
+    assert_eq!(held.len(), 2);
+    assert_ne!(held[0].data, held[1].data);
+    w.clear_hold();
+    // The reply to the first attempt completes the handshake ...
+    w.deliver(0, &held[0].data);
+    assert_eq!(w.client(0).core.state(), ClientState::Connected);
+    // ... and the reply to the other attempt is dropped, not fatal.
+    w.deliver(0, &held[1].data);
+    assert_eq!(w.client(0).core.stats().dropped_unexpected, 1);
+    assert_eq!(w.client(0).core.state(), ClientState::Connected);
+    // The gateway bound the client's tuple to the newest registration (the second
+    // attempt's), so the host cannot open the first connection's DATA; the silent-path probe
+    // (cookie request, REBIND under the first connection's keys) moves the tuple back.
+    let start = w.now;
+    let mut recovered = false;
+    for _ in 0..100 {
+        w.send(0, b"on the first connection");
+        if w.drive_until(ms(100), |w| !w.client(0).received.is_empty()) {
+            recovered = true;
+            break;
+        }
+    }
+    assert!(recovered, "traffic never recovered");
+    assert!(w.host.counters().data_bad_aead >= 1);
+    let tuple = w.client(0).tuple;
+    assert_eq!(rebound(&w), vec![(None, tuple)]);
+    let took = w.now.since(start);
+    assert!(took < Duration::from_secs(3), "recovered after {took:?}");
+    echo_roundtrip(&mut w, b"on the first connection");
+}
+
+// ---- 2. DATA: replays, reordering, tampering ----
+
+#[test]
+fn replayed_data_dropped_reordered_accepted() {
+    let mut w = connected();
+    echo_roundtrip(&mut w, b"first payload");
+    let echo = w.client(0).delivered.last().unwrap().clone();
+    w.deliver(0, &echo);
+    assert_eq!(w.client(0).core.stats().dropped_replay, 1);
+    assert_eq!(w.client(0).received.len(), 1);
+
+    let data = |w: &World, seq: u64, p: &[u8]| w.host_data(0, seq, p).expect("connected");
+    let (d5, d3, d4) = (
+        data(&w, 5, b"five"),
+        data(&w, 3, b"three"),
+        data(&w, 4, b"four"),
+    );
+    w.clients[0].received.clear();
+    for d in [&d5, &d3, &d4] {
+        w.deliver(0, d);
+    }
+    assert_eq!(
+        w.client(0).received,
+        vec![b"five".to_vec(), b"three".to_vec(), b"four".to_vec()]
+    );
+    w.deliver(0, &d3);
+    assert_eq!(w.client(0).core.stats().dropped_replay, 2);
+    // Far behind the window.
+    let jump = data(&w, 5000, b"jump");
+    w.deliver(0, &jump);
+    let stale = data(&w, 6, b"stale");
+    w.deliver(0, &stale);
+    assert_eq!(w.client(0).core.stats().dropped_replay, 3);
+    // Tampered: dropped as an auth failure, and the window does not move.
+    let mut bad = data(&w, 9000, b"forged");
+    bad[12] ^= 1;
+    w.deliver(0, &bad);
+    assert_eq!(w.client(0).core.stats().dropped_auth, 1);
+    let ok = data(&w, 5001, b"ok");
+    w.deliver(0, &ok);
+    assert_eq!(w.client(0).received.last().unwrap(), b"ok");
+}
+
+// ---- 5. forged UNRECOGNIZED ----
+
+/// An UNRECOGNIZED of the gateway's epoch and time naming `observed`, with a random cookie.
+fn forged_unrecognized(w: &World, observed: SocketAddr) -> Vec<u8> {
+    let u = Unrecognized {
+        epoch_byte: w.epoch_keys(w.cfg.epoch).epoch_byte(),
+        t: w.now,
+        observed,
+        cookie: crypto::random_array(),
+    };
+    let mut out = vec![0u8; u.len()];
+    u.emit(&mut out);
+    out
+}
+
+/// The gateway's REBIND rejections so far, by reason.
+fn rejects(w: &World) -> Vec<(RejectReason, u64)> {
+    RejectReason::ALL
+        .into_iter()
+        .map(|r| (r, w.gateway.count(C::reject(r))))
+        .filter(|(_, n)| *n > 0)
+        .collect()
+}
+
+#[test]
+fn forged_unrecognized_does_not_tear_down() {
+    let mut w = connected();
+    let conn_id = w.client(0).core.conn_id();
+    let tuple = w.client(0).tuple;
+    let forged = forged_unrecognized(&w, addr("192.0.2.66:666"));
+    w.deliver(0, &forged);
+    assert_eq!(w.client(0).core.state(), ClientState::Rebinding);
+    // DATA still flows while rebinding.
+    w.send(0, b"still here");
+    w.run_for(ms(100));
+    assert_eq!(w.client(0).received, vec![b"still here".to_vec()]);
+    // The forged cookie fails check 3; the gateway's real UNRECOGNIZED drives a rebind to
+    // the tuple the client actually has.
+    w.run_for(ms(500));
+    assert_eq!(rejects(&w), vec![(RejectReason::Cookie, 1)]);
+    assert_eq!(rebound(&w), vec![(None, tuple)]);
+    assert_eq!(w.client(0).core.state(), ClientState::Connected);
+    assert_eq!(w.client(0).core.conn_id(), conn_id);
+    echo_roundtrip(&mut w, b"and after");
+
+    // Wrong epoch byte: ignored outright.
+    let mut other = forged_unrecognized(&w, tuple);
+    other[1] ^= 1;
+    w.deliver(0, &other);
+    assert_eq!(w.client(0).core.state(), ClientState::Connected);
+    assert_eq!(w.client(0).core.stats().dropped_unrecognized, 1);
+}
+
+/// `n` forged UNRECOGNIZEDs, each naming another tuple, one every `gap`.
+fn forged_flood(w: &mut World, n: u16, gap: Duration) {
+    for i in 0..n {
+        let observed = SocketAddr::new([192, 0, 2, (i % 250) as u8].into(), 1000 + i);
+        let forged = forged_unrecognized(w, observed);
+        w.deliver(0, &forged);
+        w.run_for(gap);
+    }
+}
+
+fn drop_rebinds(w: &mut World) {
+    w.drop_if(|d| d.to == GATEWAY && d.data[0] == MsgType::Rebind as u8);
+}
+
+#[test]
+fn forged_unrecognized_flood_cannot_drive_one_rebind_per_packet() {
+    // Security item 10: each 33-byte forged UNRECOGNIZED with a new tuple used to draw a
+    // REBIND at once (9x the attacker's bytes). REBINDs are paced.
+    let mut w = connected();
+    drop_rebinds(&mut w);
+    forged_flood(&mut w, 1000, ms(1));
+    let sent = sent_of(&w, MsgType::Rebind).len();
+    let (pace, burst) = (
+        ClientConfig::default().rebind_pace,
+        ClientConfig::default().rebind_burst,
+    );
+    let bound = burst as usize + 1000 / pace.as_millis() as usize;
+    // ... and still about one per `pace`: a paced client keeps trying the newest one.
+    assert!(
+        (bound - 2..=bound).contains(&sent),
+        "{sent} REBINDs for 1000 forged UNRECOGNIZEDs in 1 s (bound {bound})"
+    );
+    let stats = w.client(0).core.stats();
+    assert!(stats.rebinds_paced > 900);
+    assert_eq!(stats.unrecognized_received, 1000);
+    // A postponed REBIND goes out with the newest UNRECOGNIZED: its epoch, t and cookie.
+    w.run_for(pace);
+    let newest = forged_unrecognized(&w, addr("192.0.2.1:1"));
+    w.deliver(0, &newest);
+    w.run_for(pace);
+    let last = sent_of(&w, MsgType::Rebind).last().unwrap().to_vec();
+    assert_eq!(last[1..10], newest[1..10], "epoch byte and t");
+    assert_eq!(last[10..26], newest[17..33], "cookie");
+}
+
+#[test]
+fn real_rebind_completes_right_after_a_forged_flood() {
+    let pace = ClientConfig::default().rebind_pace;
+    let mut w = connected();
+    drop_rebinds(&mut w);
+    forged_flood(&mut w, 50, ms(1));
+    assert_eq!(w.client(0).core.state(), ClientState::Rebinding);
+    // Now the NAT really moves us, while the flood's last REBIND is under `pace` old.
+    w.clear_drop();
+    let t1 = addr("198.51.100.99:50000");
+    w.move_client_to(0, t1);
+    let moved_at = w.now;
+    w.send(0, b"draws a real UNRECOGNIZED");
+    let done = w.drive_until(ms(500), |w| w.client(0).core.rebinds() > 0);
+    let took = w.now.since(moved_at);
+    assert!(done, "no rebind within 500 ms");
+    assert_eq!(rebound(&w), vec![(None, t1)]);
+    let conn_id = w.client(0).core.conn_id().unwrap();
+    assert_eq!(routed(&w, conn_id), Some(t1));
+    // DATA, UNRECOGNIZED, REBIND and ACK each take one LATENCY; pacing adds at most `pace`.
+    assert!(took <= pace + 4 * LATENCY + ms(2), "took {took:?}");
+    echo_roundtrip(&mut w, b"moved");
+}
+
+#[test]
+fn unanswerable_rebind_is_abandoned_while_data_flows() {
+    let mut w = connected();
+    // The gateway's UNRECOGNIZEDs never arrive (rate-limited, or lost on this path).
+    w.drop_if(|d| d.from == GATEWAY && d.data[0] == MsgType::Unrecognized as u8);
+    let forged = forged_unrecognized(&w, w.client(0).tuple);
+    w.deliver(0, &forged);
+    for _ in 0..31 {
+        w.send(0, b"periodic traffic");
+        w.run_for(Duration::from_secs(1));
+        assert_ne!(
+            w.client(0).core.state(),
+            ClientState::Failed(ClientError::RebindTimeout)
+        );
+    }
+    assert_eq!(w.client(0).core.state(), ClientState::Connected);
+    assert!(matches!(
+        w.client(0).events.last(),
+        Some(ClientEvent::RebindAbandoned { .. })
+    ));
+    assert_eq!(w.client(0).received.len(), 31);
+    assert!(
+        sent_of(&w, MsgType::Rebind).len() > 10,
+        "retried with backoff"
+    );
+    w.clear_drop();
+    echo_roundtrip(&mut w, b"still usable");
+}
+
+// ---- 7. arbitrary input never panics ----
+
+fn interesting() -> impl Strategy<Value = Vec<u8>> {
+    let ty = prop::sample::select(vec![0x48u8, 0x68, 0x44, 0x55, 0x52, 0x72, 0x00, 0xff]);
+    let len = prop_oneof![
+        0usize..64,
+        prop::sample::select(vec![17, 25, 33, 45, 49, 127, 306, 383, 639, 640, 1225]),
+        0usize..1500,
+    ];
+    (ty, len, any::<u64>()).prop_map(|(ty, len, seed)| {
+        let mut v: Vec<u8> = (0..len)
+            .map(|i| (seed.rotate_left(i as u32 % 64) >> (i % 8)) as u8)
+            .collect();
+        if let Some(b) = v.first_mut() {
+            *b = ty;
+        }
+        // Plausible tuples inside UNRECOGNIZED-looking bytes.
+        if ty == 0x55 && v.len() > 10 {
+            v[10] = if len == 45 { 6 } else { 4 };
+        }
+        v
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+    #[test]
+    fn handle_never_panics(
+        phase in 0u8..3,
+        inputs in prop::collection::vec(interesting(), 1..24),
+        flips in prop::collection::vec((any::<usize>(), any::<u8>()), 0..8),
+    ) {
+        let mut w = world();
+        if phase >= 1 {
+            w.run_for(ms(100));
+            prop_assert_eq!(w.client(0).core.state(), ClientState::Connected);
+        }
+        if phase == 2 {
+            w.move_client_to(0, addr("198.51.100.1:1"));
+            w.send(0, b"drawing an UNRECOGNIZED");
+            w.run_for(ms(15));
+        }
+        // Mutations of real datagrams, then arbitrary bytes.
+        let real = w.client(0).delivered.clone();
+        for (i, x) in flips {
+            if real.is_empty() { break; }
+            let mut d = real[i % real.len()].clone();
+            let at = i % d.len().max(1);
+            if let Some(b) = d.get_mut(at) { *b ^= x.max(1); }
+            w.deliver(0, &d);
+        }
+        for d in &inputs {
+            w.deliver(0, d);
+            w.run_for(ms(7));
+        }
+        w.run_for(Duration::from_secs(1));
+        prop_assert!(!matches!(w.client(0).core.state(), ClientState::Failed(_)) || phase == 0);
+    }
 }

@@ -482,6 +482,16 @@ impl HostCore {
         self.write_echo(e, buf)
     }
 
+    /// DATA for `conn_id`'s client as the host would send it, with a chosen `seq` (tests:
+    /// replays, reordering, jumps). `None` if the connection is unknown.
+    #[cfg(any(test, feature = "testing"))]
+    pub fn seal_data_for(&self, conn_id: u64, seq: u64, payload: &[u8]) -> Option<Vec<u8>> {
+        let conn = self.conns.get(&conn_id)?;
+        let mut out = vec![0u8; payload.len() + DATA_OVERHEAD];
+        seal_data(&conn.tx, seq, payload, &mut out);
+        Some(out)
+    }
+
     /// Seals `e` into `buf`: `None` if its connection is gone or `buf` is too short.
     fn write_echo(&mut self, e: PendingEcho, buf: &mut [u8]) -> Option<Outgoing> {
         let conn = self.conns.get(&e.conn_id)?;
