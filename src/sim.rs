@@ -30,7 +30,10 @@ use crossbeam::channel::{Receiver, unbounded};
 
 use crate::client::{Client, ClientConfig, ClientEvent, ClientState, MAX_DATAGRAM_LEN};
 use crate::engine::{Backend, TrialKeys};
-use crate::gateway::core::{CoreConfig, EpochCrypto, HostPeer, Shared, WorkerCore};
+use crate::gateway::core::{
+    CommitMode, CommitRefusal, CommitRequest, CommitResult, CoreConfig, EpochCrypto, HostPeer,
+    Shared, WorkerCore,
+};
 use crate::gateway::metrics::C;
 use crate::gateway::store::{StoreOp, StoredConn};
 use crate::host::clients::{ClientEntry, ClientsFile};
@@ -74,6 +77,9 @@ pub struct SimConfig {
     pub enrolled: usize,
     /// Host settings (`gateways` is set to the world's gateway).
     pub host: HostConfig,
+    /// `Some(latency)`: the gateway defers its commits (`CommitMode::Deferred`, as in
+    /// cluster mode) to a shared store the world models, which answers after `latency`.
+    pub commit_latency: Option<Duration>,
 }
 
 impl Default for SimConfig {
@@ -91,6 +97,7 @@ impl Default for SimConfig {
             core: CoreConfig::new(slots),
             enrolled: 1024,
             host: HostConfig::default(),
+            commit_latency: None,
         }
     }
 }
@@ -170,12 +177,46 @@ pub struct SimGateway {
     pub persisted: HashMap<(u32, u32), StoredConn>,
     /// Restarts so far.
     pub restarts: u32,
+    /// Deferred commits on their way to the store model: `(due, request)`.
+    commits: Vec<(Ticks, CommitRequest)>,
+    /// The store model refuses every commit as `Unavailable` (a store without quorum).
+    pub store_down: bool,
 }
 
 impl SimGateway {
+    /// Deferred commits the worker holds unanswered.
+    pub fn pending_commits_of_worker(&self) -> usize {
+        self.worker.pending_commits()
+    }
+
     /// The worker's counter `c` (since the last restart).
     pub fn count(&self, c: C) -> u64 {
         self.worker.metrics().get(c)
+    }
+
+    /// The store model's decision on a deferred commit: a compare-and-swap on `L`, as the
+    /// cluster's etcd transaction makes it.
+    fn decide(&mut self, r: &CommitRequest) -> CommitResult {
+        if self.store_down {
+            return CommitResult::Refused(CommitRefusal::Unavailable);
+        }
+        self.persist();
+        let Some(c) = self.persisted.get_mut(&(r.epoch, r.index)) else {
+            return CommitResult::Refused(CommitRefusal::Unknown);
+        };
+        if c.conn_id != r.conn_id {
+            return CommitResult::Refused(CommitRefusal::Unknown);
+        }
+        if r.t > c.last_rebind {
+            let old = c.tuple;
+            c.last_rebind = r.t;
+            c.tuple = Some(r.to);
+            CommitResult::Committed { old }
+        } else if r.t == c.last_rebind && c.tuple == Some(r.to) {
+            CommitResult::Duplicate
+        } else {
+            CommitResult::Refused(CommitRefusal::Conflict)
+        }
     }
 
     /// Applies the store operations the core queued, as the store writer would.
@@ -453,6 +494,7 @@ impl World {
         g.shared.set_floor(Ticks(floor.0.saturating_add(1)));
         g.persisted = std::mem::take(&mut self.gateway.persisted);
         g.restarts = self.gateway.restarts + 1;
+        g.store_down = self.gateway.store_down;
         self.gateway = g;
         let lost: Vec<u64> = self
             .packets
@@ -521,6 +563,19 @@ impl World {
         // Timers.
         self.gateway.worker.tick(now, &mut self.gateway.tx);
         progress |= self.drain_gateway(&[]);
+        // The store model's answers to deferred commits.
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.gateway.commits)
+            .into_iter()
+            .partition(|(at, _)| *at <= now);
+        self.gateway.commits = later;
+        for (_, r) in due {
+            let result = self.gateway.decide(&r);
+            self.gateway
+                .worker
+                .handle_commit(r.ticket, result, &mut self.gateway.tx);
+            self.drain_gateway(&[]);
+            progress = true;
+        }
         if self.host.poll_timeout().is_some_and(|t| t <= now) {
             self.host.handle_timeout(now);
             progress = true;
@@ -560,7 +615,8 @@ impl World {
             .iter()
             .filter_map(|c| c.core.poll_timeout())
             .min();
-        [arrival, clients, self.host.poll_timeout()]
+        let commit = self.gateway.commits.iter().map(|(t, _)| *t).min();
+        [arrival, clients, self.host.poll_timeout(), commit]
             .into_iter()
             .flatten()
             .min()
@@ -644,6 +700,13 @@ impl World {
 
     /// Puts the gateway's queued output on the wire; `rx` is the batch it answers.
     fn drain_gateway(&mut self, rx: &[Datagram]) -> bool {
+        if let Some(latency) = self.cfg.commit_latency {
+            while let Some(r) = self.gateway.worker.poll_commit() {
+                self.gateway
+                    .commits
+                    .push((self.now.saturating_add(latency), r));
+            }
+        }
         let out: Vec<Datagram> = self
             .gateway
             .tx
@@ -716,6 +779,9 @@ fn build_gateway(
     let mut core = cfg.core.clone();
     core.slots = cfg.slots;
     core.workers = 1;
+    if cfg.commit_latency.is_some() {
+        core.commit = CommitMode::Deferred;
+    }
     let (store_tx, store_rx) = unbounded();
     let shared = Shared::new(
         core,
@@ -733,5 +799,7 @@ fn build_gateway(
         epochs: epochs.to_vec(),
         persisted: HashMap::new(),
         restarts: 0,
+        commits: Vec::new(),
+        store_down: false,
     }
 }

@@ -392,3 +392,75 @@ fn lost_reply_leaves_an_attempt_that_the_host_closes_through_the_gateway() {
         Some(rebindgw::sim::GATEWAY_LINK)
     );
 }
+
+// ---- Deferred commits (cluster mode's core): a shared store decides every REBIND ----
+
+fn deferred(latency: Duration) -> SimConfig {
+    SimConfig {
+        commit_latency: Some(latency),
+        ..SimConfig::default()
+    }
+}
+
+#[test]
+fn deferred_commits_add_one_store_round_trip_to_a_rebind() {
+    let store = ms(3);
+    let mut w = connected(deferred(store), 1);
+    echo(&mut w, 0, b"before");
+    w.move_client(0);
+    let moved_at = w.now;
+    w.send(0, b"lost in the move");
+    assert!(w.drive_until(ms(1_000), |w| w.client(0).core.rebinds() == 1));
+    // Two client round trips (DATA→UNRECOGNIZED, REBIND→ACK) plus the store's answer.
+    assert_eq!(w.now.since(moved_at), ms(80) + store);
+    assert_eq!(w.gateway.count(C::CommitProposed), 1);
+    assert_eq!(w.gateway.count(C::CommitCommitted), 1);
+    assert_eq!(w.gateway.count(C::RebindAccepted), 1);
+    echo(&mut w, 0, b"after");
+}
+
+#[test]
+fn deferred_storm_of_200_moves_all_recover_with_one_commit_each() {
+    let n = 200;
+    let mut w = connected(deferred(ms(5)), n);
+    for i in 0..n {
+        w.move_client(i);
+        w.send(i, b"first DATA from the new tuple");
+    }
+    assert!(
+        w.drive_until(Duration::from_secs(5), |w| w
+            .clients
+            .iter()
+            .all(|c| c.core.rebinds() == 1)),
+        "all rebind"
+    );
+    assert_eq!(w.gateway.count(C::CommitCommitted), n as u64);
+    assert_eq!(w.gateway.count(C::RebindAccepted), n as u64);
+    assert_eq!(w.gateway.pending_commits_of_worker(), 0);
+    for i in 0..n {
+        echo(&mut w, i, format!("echo {i}").as_bytes());
+    }
+}
+
+#[test]
+fn store_down_refuses_rebinds_known_tuples_keep_forwarding_and_service_resumes() {
+    let mut w = connected(deferred(ms(2)), 2);
+    w.gateway.store_down = true;
+    // Client 0 stays put: its DATA needs no commit.
+    echo(&mut w, 0, b"known tuple");
+    // Client 1 moves: its REBINDs are verified but every commit is refused; no ACK.
+    w.move_client(1);
+    w.send(1, b"from the new tuple");
+    w.run_for(Duration::from_secs(2));
+    assert_eq!(w.client(1).core.rebinds(), 0);
+    assert!(w.gateway.count(C::CommitUnavailable) >= 1);
+    assert_eq!(w.gateway.count(C::RebindAccepted), 0);
+    echo(&mut w, 0, b"still forwarding");
+    // The store returns: the client's next retry commits.
+    w.gateway.store_down = false;
+    assert!(
+        w.drive_until(Duration::from_secs(30), |w| w.client(1).core.rebinds() == 1),
+        "rebinds once the store is back"
+    );
+    echo_eventually(&mut w, 1, b"back", ms(200), Duration::from_secs(5));
+}

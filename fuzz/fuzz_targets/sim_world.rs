@@ -2,7 +2,8 @@
 //! virtual clock, driven by a little program the input describes: add clients, send
 //! payloads, NAT moves (to fresh tuples or to another client's), loss, jitter, targeted
 //! drops of one message type, garbage datagrams to the gateway, epoch rotation, gateway
-//! restart, time steps.
+//! restart, time steps; a third of the worlds defer their commits to a modelled shared
+//! store (cluster mode's core), which the program can take down and bring back.
 //!
 //! Invariants:
 //! - every payload a client receives is one it sent (the host only echoes, to the owner);
@@ -24,9 +25,15 @@ use rebindgw::sim::{GATEWAY, SimConfig, World};
 const MAX_CLIENTS: usize = 8;
 
 fn run(u: &mut Unstructured<'_>) -> Result<()> {
+    let commit_latency = if u.ratio(1, 3)? {
+        Some(Duration::from_millis(u.int_in_range(0..=50u64)?))
+    } else {
+        None
+    };
     let mut w = World::new(SimConfig {
         seed: u.arbitrary()?,
         enrolled: MAX_CLIENTS,
+        commit_latency,
         ..SimConfig::default()
     });
     let mut sent: Vec<HashSet<Vec<u8>>> = Vec::new();
@@ -91,6 +98,10 @@ fn run(u: &mut Unstructured<'_>) -> Result<()> {
                 rotated = true;
             }
             8 if u.ratio(1, 4)? => w.restart_gateway(),
+            // The shared store of deferred commits goes down or comes back.
+            9 if commit_latency.is_some() && u.ratio(1, 4)? => {
+                w.gateway.store_down = !w.gateway.store_down;
+            }
             _ => {
                 let ms = u64::from(u.arbitrary::<u16>()?) % 5_000;
                 w.run_for(Duration::from_millis(ms));
@@ -105,6 +116,7 @@ fn run(u: &mut Unstructured<'_>) -> Result<()> {
     w.cfg.loss = 0.0;
     w.cfg.jitter = Duration::ZERO;
     w.clear_drop();
+    w.gateway.store_down = false;
     // Let pending rebinds finish or time out, then each live client must echo.
     w.run_for(Duration::from_secs(40));
     check(&w, &sent, &mut was_connected, &mut failed);

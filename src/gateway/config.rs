@@ -540,6 +540,8 @@ impl GatewayConfig {
             limiter_slots: 4096,
             idle_timeout: Duration::from_secs(self.idle_timeout_secs),
             reply_slots: CoreConfig::new(self.slots).reply_slots,
+            // The single-node gateway owns its registry; cluster mode will defer.
+            commit: crate::gateway::core::CommitMode::Local,
         }
     }
 }

@@ -434,6 +434,7 @@ impl WorkerCore {
         if self.shared.retired_pending.load(Ordering::Acquire) {
             self.tell_retired(now, tx);
         }
+        self.expire_commits(now);
         let idle = self.shared.cfg.idle_timeout;
         if idle.is_zero() {
             return;

@@ -31,11 +31,15 @@ use crate::time::{TICKS_PER_SECOND, Ticks};
 pub use crate::verify::EpochCrypto;
 use crate::wire::MsgType;
 
+mod commit;
 mod fastpath;
 mod hostlink;
 mod rebind;
 mod shared;
 
+pub use commit::{
+    COMMIT_TIMEOUT, CommitMode, CommitRefusal, CommitRequest, CommitResult, MAX_PENDING_COMMITS,
+};
 use hostlink::RecentHandshakes;
 pub use shared::{Control, Epochs, Live, Shared};
 
@@ -59,6 +63,8 @@ pub struct CoreConfig {
     pub idle_timeout: Duration,
     /// Tuples that recently sent a HANDSHAKE, remembered per worker (a power of two).
     pub reply_slots: usize,
+    /// Whether an accepted REBIND is final at once or after a shared store agrees.
+    pub commit: CommitMode,
 }
 
 impl CoreConfig {
@@ -75,6 +81,7 @@ impl CoreConfig {
             limiter_slots: 4096,
             idle_timeout: Duration::from_secs(DEFAULT_IDLE_TIMEOUT_SECS),
             reply_slots: 16_384,
+            commit: CommitMode::Local,
         }
     }
 }
@@ -140,6 +147,8 @@ pub struct WorkerCore {
     /// Tuples this worker forwarded a HANDSHAKE from: only they may get a TO_CLIENT_REPLY.
     /// The host answers the worker that forwarded the HANDSHAKE, so per worker suffices.
     recent_handshakes: RecentHandshakes,
+    /// Accepted REBINDs waiting for the shared store ([`CommitMode::Deferred`]).
+    commits: commit::Commits,
 }
 
 /// The coarse clock of [`Shared::touch`]: whole seconds (wraps in 2106; compared wrapping).
@@ -181,6 +190,7 @@ impl WorkerCore {
             issued: None,
             secs: 0,
             recent_handshakes: RecentHandshakes::new(cfg.reply_slots),
+            commits: commit::Commits::default(),
             shared,
         }
     }

@@ -15,6 +15,7 @@ use crate::time::Ticks;
 use crate::verify::{self, EpochCrypto, Outcome, Registries};
 
 use super::WorkerCore;
+use super::commit::{CommitMode, Proposer};
 use super::shared::{Control, Shared};
 
 impl WorkerCore {
@@ -35,12 +36,17 @@ impl WorkerCore {
             self.shared.cfg.slots,
             &crypto,
         );
+        let deferred = self.shared.cfg.commit == CommitMode::Deferred;
         let outcomes = match pending.decided() {
             Ok(outcomes) => outcomes,
             Err(pending) => {
                 let shared = self.shared.clone();
                 let mut ctl = shared.control();
-                pending.finish(&mut self.committer(&mut ctl))
+                if deferred {
+                    pending.finish(&mut Proposer(&ctl))
+                } else {
+                    pending.finish(&mut self.committer(&mut ctl))
+                }
             }
         };
         // Rejections first, as checks 1–3 decide them before any commit.
@@ -66,6 +72,16 @@ impl WorkerCore {
             let d = &rx[i];
             let v = match *outcome {
                 Outcome::Rejected { .. } => continue,
+                Outcome::Accepted {
+                    epoch,
+                    rebind,
+                    host,
+                    ..
+                } if deferred => {
+                    // Final only once the shared store agrees (`handle_commit`).
+                    self.propose(now, epoch, &rebind, host, d.via, d.from);
+                    continue;
+                }
                 Outcome::Accepted {
                     rebind, host, old, ..
                 } => {

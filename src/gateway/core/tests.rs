@@ -894,6 +894,122 @@ fn restoring_two_connections_with_one_tuple_keeps_the_first_bound() {
     );
 }
 
+#[test]
+fn deferred_commit_answers_only_after_the_store_agrees() {
+    let mut cfg = CoreConfig::new(S);
+    cfg.commit = CommitMode::Deferred;
+    let mut h = Harness::new(cfg);
+    let old = addr("10.0.0.1:4000");
+    let new = addr("10.0.0.9:5555");
+    let issued = h.register(42, old);
+    h.now = Ticks(h.now.0 + TICKS_PER_SECOND);
+    let u = h.client(new, &data(49));
+    let (rebind, session) = rebind_from(&issued, &u[0].2);
+
+    // Verified, but nothing is sent and nothing moves until the store answers.
+    assert!(h.client(new, &rebind).is_empty());
+    let req = h.worker.poll_commit().expect("a commit request");
+    assert_eq!((req.conn_id, req.index, req.to), (42, 0, new));
+    assert!(h.worker.poll_commit().is_none());
+    assert_eq!(h.shared.tuples.get(&old).unwrap().conn_id, 42);
+    assert!(h.shared.tuples.get(&new).is_none());
+    assert_eq!(h.worker.pending_commits(), 1);
+
+    // The same REBIND again while the first is undecided: proposed again (the store decides).
+    assert!(h.client(new, &rebind).is_empty());
+    let again = h.worker.poll_commit().unwrap();
+    assert_ne!(again.ticket, req.ticket);
+
+    // Committed: REBOUND to the host and the ACK to the client; the tables follow.
+    h.worker.handle_commit(
+        req.ticket,
+        CommitResult::Committed { old: Some(old) },
+        &mut h.tx,
+    );
+    let out: Vec<_> =
+        h.tx.iter()
+            .map(|(m, b)| (m.via, m.to, b.to_vec()))
+            .collect();
+    h.tx.clear();
+    assert_eq!(out.len(), 2);
+    let ack = out.iter().find(|(v, _, _)| *v == Via::Client(0)).unwrap();
+    assert_eq!(ack.1, new);
+    assert_eq!(
+        RebindAckView::new_checked(&ack.2).unwrap().open(&session),
+        Ok(42)
+    );
+    let rebound = out.iter().find(|(v, _, _)| *v == Via::Host).unwrap();
+    assert!(matches!(
+        LinkMsg::open(&rebound.2, &h.link, h.now),
+        Ok(LinkMsg::Rebound { conn_id: 42, .. })
+    ));
+    assert_eq!(h.shared.tuples.get(&new).unwrap().conn_id, 42);
+    assert!(h.shared.tuples.get(&old).is_none());
+
+    // The store saw the second proposal as the same commit again: the same ACK, nothing else.
+    h.worker
+        .handle_commit(again.ticket, CommitResult::Duplicate, &mut h.tx);
+    let out: Vec<_> = h.tx.iter().map(|(_, b)| b.to_vec()).collect();
+    h.tx.clear();
+    assert_eq!(out, vec![ack.2.clone()]);
+    // Now L = t locally: the REBIND again is a local duplicate, answered at once.
+    assert_eq!(h.client(new, &rebind).len(), 1);
+    assert!(h.worker.poll_commit().is_none());
+    assert_eq!(h.count(C::CommitProposed), 2);
+    assert_eq!(h.count(C::CommitCommitted), 1);
+    assert_eq!(h.count(C::RebindAccepted), 1);
+    assert_eq!(h.count(C::RebindDuplicate), 2);
+}
+
+#[test]
+fn deferred_commit_refused_or_unanswered_sends_nothing() {
+    let mut cfg = CoreConfig::new(S);
+    cfg.commit = CommitMode::Deferred;
+    let mut h = Harness::new(cfg);
+    let old = addr("10.0.0.1:4000");
+    let issued = h.register(42, old);
+    for (i, refusal) in [CommitRefusal::Conflict, CommitRefusal::Unavailable]
+        .into_iter()
+        .enumerate()
+    {
+        h.now = Ticks(h.now.0 + TICKS_PER_SECOND);
+        let from = SocketAddr::from(([10, 0, 1, i as u8], 4000));
+        let u = h.client(from, &data(49));
+        let (rebind, _) = rebind_from(&issued, &u[0].2);
+        assert!(h.client(from, &rebind).is_empty());
+        let req = h.worker.poll_commit().unwrap();
+        h.worker
+            .handle_commit(req.ticket, CommitResult::Refused(refusal), &mut h.tx);
+        assert!(h.tx.is_empty(), "a refused commit sends nothing");
+        assert!(h.shared.tuples.get(&from).is_none());
+    }
+    assert_eq!(h.count(C::CommitConflict), 1);
+    assert_eq!(h.count(C::CommitUnavailable), 1);
+    assert_eq!(h.shared.tuples.get(&old).unwrap().conn_id, 42);
+
+    // Unanswered: dropped at a tick after COMMIT_TIMEOUT; a late answer does nothing.
+    h.now = Ticks(h.now.0 + TICKS_PER_SECOND);
+    let from = addr("10.0.2.1:4000");
+    let u = h.client(from, &data(49));
+    let (rebind, _) = rebind_from(&issued, &u[0].2);
+    assert!(h.client(from, &rebind).is_empty());
+    let req = h.worker.poll_commit().unwrap();
+    h.now = h
+        .now
+        .saturating_add(COMMIT_TIMEOUT + Duration::from_millis(1));
+    h.tick();
+    assert_eq!(h.worker.pending_commits(), 0);
+    assert_eq!(h.count(C::CommitTimedOut), 1);
+    h.worker.handle_commit(
+        req.ticket,
+        CommitResult::Committed { old: Some(old) },
+        &mut h.tx,
+    );
+    assert!(h.tx.is_empty());
+    assert_eq!(h.count(C::CommitLate), 1);
+    assert!(h.shared.tuples.get(&from).is_none());
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(512))]
     #[test]
