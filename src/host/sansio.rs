@@ -196,6 +196,10 @@ pub struct HostCounters {
     pub data_unknown_conn: u64,
     pub data_bad_aead: u64,
     pub data_replay: u64,
+    /// DATA for a connection its client never used that opened under another connection of
+    /// the same client: the handshake completed on an earlier attempt's reply while the
+    /// gateway bound the tuple to the newest registration.
+    pub data_sibling: u64,
 
     pub rebounds: u64,
     pub rebound_unknown_conn: u64,
@@ -584,7 +588,7 @@ impl HostCore {
             self.counters.data_malformed += 1;
             return None;
         };
-        let Some(conn) = self.conns.get_mut(&conn_id) else {
+        let Some(conn) = self.conns.get(&conn_id) else {
             self.counters.data_unknown_conn += 1;
             return None;
         };
@@ -595,10 +599,27 @@ impl HostCore {
         }
         //= PROTOCOL.md §7: "The receiver keeps a replay window"; the window moves only after
         //= the AEAD has verified the packet.
+        let mut conn_id = conn_id;
         if view.open(&conn.rx, &mut self.scratch).is_err() {
-            self.counters.data_bad_aead += 1;
-            return None;
+            // Only for a connection never used, so at most MAX_UNPROVEN_PER_CLIENT - 1 more
+            // opens, and only until its client's first DATA settles which one it uses.
+            let sibling = if conn.used {
+                None
+            } else {
+                self.sibling_that_opens(conn_id, &view)
+            };
+            let Some(sibling) = sibling else {
+                self.counters.data_bad_aead += 1;
+                return None;
+            };
+            // The client uses `sibling`; the first-use rule below closes the one the gateway
+            // routed to, which releases the tuple there, so the client's next DATA draws an
+            // UNRECOGNIZED and its REBIND binds the tuple to `sibling` (one round trip,
+            // instead of waiting for the silent-path probe).
+            self.counters.data_sibling += 1;
+            conn_id = sibling;
         }
+        let conn = self.conns.get_mut(&conn_id)?;
         if !conn.window.accept(view.seq()) {
             self.counters.data_replay += 1;
             return None;
@@ -631,6 +652,18 @@ impl HostCore {
             to,
         });
         Some(())
+    }
+
+    /// Another connection of `conn_id`'s client under whose key `view` opens (into
+    /// `scratch`), if any.
+    fn sibling_that_opens(&mut self, conn_id: u64, view: &DataView<'_>) -> Option<u64> {
+        let client_id = self.conns.get(&conn_id)?.client_id;
+        let held = self.by_client.get(&client_id)?;
+        held.iter().copied().filter(|c| *c != conn_id).find(|c| {
+            self.conns
+                .get(c)
+                .is_some_and(|other| view.open(&other.rx, &mut self.scratch).is_ok())
+        })
     }
 
     // --- HANDSHAKE (§7) --------------------------------------------------------------------
