@@ -72,6 +72,9 @@ pub struct SimConfig {
     pub core: CoreConfig,
     /// Enrolled clients (the host's clients file); [`World::add_client`] uses them in order.
     pub enrolled: usize,
+    /// The host echoes (the default), or runs in application mode (`HostConfig::echo`):
+    /// then [`World::set_host_app`] gives the application.
+    pub host_echo: bool,
 }
 
 impl Default for SimConfig {
@@ -88,6 +91,7 @@ impl Default for SimConfig {
             client: ClientConfig::default(),
             core: CoreConfig::new(slots),
             enrolled: 1024,
+            host_echo: true,
         }
     }
 }
@@ -201,6 +205,9 @@ impl SimRng {
 }
 
 type DropFn = Box<dyn FnMut(&Datagram) -> bool>;
+/// An application on the host core: runs after each delivery to the host and each host
+/// timer, before the host's output goes on the wire.
+type HostAppFn = Box<dyn FnMut(Ticks, &mut HostCore)>;
 
 /// The simulated world. See the module docs.
 pub struct World {
@@ -219,6 +226,7 @@ pub struct World {
     packets: HashMap<u64, Datagram>,
     next_seq: u64,
     drop_if: Option<DropFn>,
+    host_app: Option<HostAppFn>,
     buf: Vec<u8>,
 }
 
@@ -239,6 +247,7 @@ impl World {
         );
         let host_cfg = HostConfig {
             gateways: vec![GatewayNet::new(GATEWAY_LINK.ip(), 24).expect("a /24")],
+            echo: cfg.host_echo,
             ..HostConfig::default()
         };
         let mut host = HostCore::with_config(&link_key, clients, host_cfg);
@@ -258,6 +267,7 @@ impl World {
             packets: HashMap::new(),
             next_seq: 0,
             drop_if: None,
+            host_app: None,
             buf: vec![0u8; MAX_DATAGRAM],
             cfg,
         }
@@ -321,6 +331,18 @@ impl World {
 
     pub fn clear_drop(&mut self) {
         self.drop_if = None;
+    }
+
+    /// Runs `app` on the host core after each delivery to it and each host timer (with
+    /// `SimConfig { host_echo: false, .. }`: it reads `poll_event` and answers with `send`).
+    pub fn set_host_app(&mut self, app: impl FnMut(Ticks, &mut HostCore) + 'static) {
+        self.host_app = Some(Box::new(app));
+    }
+
+    fn run_host_app(&mut self) {
+        if let Some(app) = &mut self.host_app {
+            app(self.now, &mut self.host);
+        }
     }
 
     /// Puts a datagram on the wire as if `from` had sent it (e.g. a forged or hand-built one).
@@ -398,6 +420,7 @@ impl World {
             } else if d.to == HOST {
                 self.net.delivered += 1;
                 self.host.handle(now, d.from, &d.data);
+                self.run_host_app();
                 self.drain_host();
             } else if let Some(c) = self.clients.iter_mut().find(|c| c.tuple == d.to) {
                 self.net.delivered += 1;
@@ -434,6 +457,7 @@ impl World {
             self.host.handle_timeout(now);
             progress = true;
         }
+        self.run_host_app();
         progress |= self.drain_host();
         for i in 0..self.clients.len() {
             let c = &mut self.clients[i];
