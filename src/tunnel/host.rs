@@ -33,6 +33,60 @@ pub struct Service {
     pub backend: SocketAddr,
 }
 
+impl std::str::FromStr for Service {
+    type Err = String;
+
+    /// `ADDR` or `NAME=ADDR` (the name defaults to the address).
+    fn from_str(s: &str) -> Result<Service, String> {
+        let (name, addr) = match s.split_once('=') {
+            Some((n, a)) => (n.trim(), a.trim()),
+            None => (s.trim(), s.trim()),
+        };
+        let backend = addr
+            .parse()
+            .map_err(|_| format!("{addr:?} is not a socket address (e.g. 127.0.0.1:53)"))?;
+        if name.is_empty() {
+            return Err(format!("empty service name in {s:?}"));
+        }
+        Ok(Service {
+            name: name.to_owned(),
+            backend,
+        })
+    }
+}
+
+/// Parses a services file (TOML): the services in order, the first is service 0.
+///
+/// ```toml
+/// [[service]]
+/// name = "dns"
+/// backend = "10.0.0.53:53"
+/// ```
+pub fn parse_services(text: &str) -> Result<Vec<Service>, String> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct File {
+        service: Vec<Entry>,
+    }
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Entry {
+        name: String,
+        backend: SocketAddr,
+    }
+    let f: File = toml::from_str(text).map_err(|e| e.to_string())?;
+    if f.service.len() > 256 {
+        return Err(format!("{} services; at most 256", f.service.len()));
+    }
+    Ok(f.service
+        .into_iter()
+        .map(|e| Service {
+            name: e.name,
+            backend: e.backend,
+        })
+        .collect())
+}
+
 /// Host tunables.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TunnelHostConfig {
@@ -435,6 +489,23 @@ mod tests {
         assert_eq!((s.dropped_in_flight_limit, s.dropped_flow_limit), (1, 1));
         assert_eq!((s.dropped_unknown_service, s.dropped_malformed), (1, 1));
         assert_eq!((s.flows_idle_closed, s.dropped_unknown_flow), (2, 1));
+    }
+
+    #[test]
+    fn services_from_flags_and_file() {
+        let s: Service = "dns=127.0.0.1:53".parse().unwrap();
+        assert_eq!((s.name.as_str(), s.backend.port()), ("dns", 53));
+        let s: Service = "127.0.0.1:9".parse().unwrap();
+        assert_eq!(s.name, "127.0.0.1:9");
+        assert!("dns=nowhere".parse::<Service>().is_err());
+        let v = parse_services(
+            "[[service]]\nname = \"dns\"\nbackend = \"10.0.0.53:53\"\n\
+             [[service]]\nname = \"iperf\"\nbackend = \"[::1]:5001\"\n",
+        )
+        .unwrap();
+        assert_eq!(v.len(), 2);
+        assert_eq!(v[1].backend, "[::1]:5001".parse().unwrap());
+        assert!(parse_services("[[service]]\nname = \"x\"\n").is_err());
     }
 
     #[test]

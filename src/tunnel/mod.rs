@@ -14,10 +14,11 @@
 pub mod client;
 pub mod frame;
 pub mod host;
+pub mod run;
 
 pub use client::{TunnelClient, TunnelClientConfig, TunnelClientStats};
 pub use frame::{Frame, FrameError, Kind, MAX_APP_PAYLOAD, OVERHEAD};
-pub use host::{FlowKey, Service, TunnelHost, TunnelHostConfig, TunnelHostStats};
+pub use host::{FlowKey, Service, TunnelHost, TunnelHostConfig, TunnelHostStats, parse_services};
 
 // The frame fills a whole DATA payload, as the client and host cores size it.
 const _: () = assert!(frame::MAX_FRAME == crate::client::MAX_PAYLOAD);
