@@ -38,7 +38,7 @@ impl Default for TunnelClientConfig {
         TunnelClientConfig {
             service: 0,
             flow_idle: Duration::from_secs(180),
-            max_flows: 1024,
+            max_flows: 4096,
         }
     }
 }

@@ -108,7 +108,7 @@ impl Default for TunnelHostConfig {
         TunnelHostConfig {
             services: Vec::new(),
             flow_idle: Duration::from_secs(120),
-            max_flows_per_client: 256,
+            max_flows_per_client: 1024,
             max_bytes_in_flight: 1 << 20,
             ack_interval: Duration::from_millis(250),
         }

@@ -195,7 +195,7 @@ struct HostArgs {
     #[arg(long, default_value = "120s", value_parser = parse_duration)]
     flow_idle: Duration,
     /// Forwarding: flows one client connection may hold.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 1024)]
     max_flows_per_client: usize,
     /// Forwarding: bytes toward backends one client connection may have in flight.
     #[arg(long, default_value_t = 1 << 20)]
@@ -225,6 +225,9 @@ struct ConnectArgs {
     /// A local application flow unused this long is forgotten.
     #[arg(long, default_value = "180s", value_parser = parse_duration)]
     flow_idle: Duration,
+    /// Local application flows (source addresses) at once.
+    #[arg(long, default_value_t = 4096)]
+    max_flows: usize,
 }
 
 fn main() -> ExitCode {
@@ -457,6 +460,7 @@ fn connect_main(args: ConnectArgs) -> anyhow::Result<ExitCode> {
     let mut opts = tunnel::run::ConnectOptions::new(args.gateway, creds, args.local);
     opts.tunnel.service = args.service;
     opts.tunnel.flow_idle = args.flow_idle;
+    opts.tunnel.max_flows = args.max_flows;
     opts.rebind_tries = args.rebind_tries;
     let shutdown = shutdown_on_signals()?;
     let connector = tunnel::run::Connector::bind(opts)?;
@@ -475,6 +479,10 @@ fn connect_main(args: ConnectArgs) -> anyhow::Result<ExitCode> {
         let _ = if json {
             let mut v = serde_json::to_value(e).unwrap_or_default();
             v["t"] = serde_json::json!((t * 1e3).round() / 1e3);
+            let unix = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64());
+            v["unix"] = serde_json::json!((unix * 1e6).round() / 1e6);
             writeln!(out, "{v}")
         } else {
             writeln!(out, "[{t:9.3}s] {e}")
