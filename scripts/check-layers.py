@@ -34,6 +34,7 @@ LAYERS = [
     ("tables", ["table"], False),
     ("os", ["io", "secrets", "cluster"], True),
     ("endpoints", ["gateway", "host", "client"], False),
+    ("applications", ["tunnel"], False),
     ("test harness", ["sim"], False),
 ]
 

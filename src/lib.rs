@@ -9,7 +9,8 @@
 //! The modules form layers that only import downwards (docs/architecture.md, "Layers";
 //! `scripts/check-layers.py` checks it): `time`/`logging`/`replay` → `crypto` →
 //! `wire`/`engine` → `keys`/`rebind`/`hostlink` → `registry`/`verify` → `table` →
-//! `io`/`secrets` → `gateway`/`host`/`client` (→ `sim`, the test harness, and the tools crate).
+//! `io`/`secrets` → `gateway`/`host`/`client` → `tunnel` (applications) (→ `sim`, the test
+//! harness, and the tools crate).
 #![deny(unsafe_code)]
 
 pub mod client;
@@ -30,5 +31,6 @@ pub mod secrets;
 pub mod sim;
 pub mod table;
 pub mod time;
+pub mod tunnel;
 pub mod verify;
 pub mod wire;

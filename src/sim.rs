@@ -80,6 +80,9 @@ pub struct SimConfig {
     /// `Some(latency)`: the gateway defers its commits (`CommitMode::Deferred`, as in
     /// cluster mode) to a shared store the world models, which answers after `latency`.
     pub commit_latency: Option<Duration>,
+    /// The host echoes (the default), or runs in application mode (`HostConfig::echo`):
+    /// then [`World::set_host_app`] gives the application.
+    pub host_echo: bool,
 }
 
 impl Default for SimConfig {
@@ -98,6 +101,7 @@ impl Default for SimConfig {
             enrolled: 1024,
             host: HostConfig::default(),
             commit_latency: None,
+            host_echo: true,
         }
     }
 }
@@ -276,6 +280,9 @@ impl SimRng {
 
 type DropFn = Box<dyn FnMut(&Datagram) -> bool>;
 type WatchFn = Box<dyn FnMut(&GatewayCall<'_>)>;
+/// An application on the host core: runs after each delivery to the host and each host
+/// timer, before the host's output goes on the wire.
+type HostAppFn = Box<dyn FnMut(Ticks, &mut HostCore)>;
 
 /// The simulated world. See the module docs.
 pub struct World {
@@ -303,6 +310,7 @@ pub struct World {
     pub record: bool,
     /// The buffer the host's `poll_transmit` gets (at most [`MAX_DATAGRAM`]).
     pub host_out_len: usize,
+    host_app: Option<HostAppFn>,
     buf: Vec<u8>,
 }
 
@@ -323,6 +331,7 @@ impl World {
         );
         let host_cfg = HostConfig {
             gateways: vec![GatewayNet::new(GATEWAY_LINK.ip(), 24).expect("a /24")],
+            echo: cfg.host_echo,
             ..cfg.host.clone()
         };
         let mut host = HostCore::with_config(&link_key, clients, host_cfg);
@@ -348,6 +357,7 @@ impl World {
             wire_log: Vec::new(),
             record: false,
             host_out_len: MAX_DATAGRAM,
+            host_app: None,
             buf: vec![0u8; MAX_DATAGRAM],
             cfg,
         }
@@ -455,6 +465,18 @@ impl World {
         &self.link_key
     }
 
+    /// Runs `app` on the host core after each delivery to it and each host timer (with
+    /// `SimConfig { host_echo: false, .. }`: it reads `poll_event` and answers with `send`).
+    pub fn set_host_app(&mut self, app: impl FnMut(Ticks, &mut HostCore) + 'static) {
+        self.host_app = Some(Box::new(app));
+    }
+
+    fn run_host_app(&mut self) {
+        if let Some(app) = &mut self.host_app {
+            app(self.now, &mut self.host);
+        }
+    }
+
     /// Puts a datagram on the wire as if `from` had sent it (e.g. a forged or hand-built one).
     pub fn inject(&mut self, from: SocketAddr, to: SocketAddr, data: Vec<u8>) {
         self.transmit(Datagram { from, to, data });
@@ -531,6 +553,7 @@ impl World {
             } else if d.to == HOST {
                 self.net.delivered += 1;
                 self.host.handle(now, d.from, &d.data);
+                self.run_host_app();
                 self.drain_host();
             } else if let Some(c) = self.clients.iter_mut().find(|c| c.tuple == d.to) {
                 self.net.delivered += 1;
@@ -580,6 +603,7 @@ impl World {
             self.host.handle_timeout(now);
             progress = true;
         }
+        self.run_host_app();
         progress |= self.drain_host();
         for i in 0..self.clients.len() {
             let c = &mut self.clients[i];

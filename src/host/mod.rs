@@ -59,8 +59,8 @@ use crate::io::batch::{SLOT_LEN, TxQueue, Via};
 use crate::time::Ticks;
 
 pub use self::sansio::{
-    GatewayNet, HostConfig, HostCore, HostCounters, MAX_DATAGRAM, MAX_UNPROVEN_PER_CLIENT,
-    Outgoing, Transmit,
+    GatewayNet, HostConfig, HostCore, HostCounters, HostEvent, HostSendError, MAX_DATAGRAM,
+    MAX_SEND_PAYLOAD, MAX_UNPROVEN_PER_CLIENT, Outgoing, SEND_QUEUE_LIMIT, Transmit,
 };
 
 /// How the host driver runs.

@@ -58,7 +58,47 @@ pub struct HostConfig {
     /// Where host-link datagrams may come from: the gateways' addresses or networks, any
     /// port (a gateway's workers send from ephemeral ports). Others are dropped.
     pub gateways: Vec<GatewayNet>,
+    /// `true` (the default): the reference echo host, every DATA payload is sent back.
+    /// `false`: application mode, for a host that embeds the core. A received payload
+    /// surfaces as [`HostEvent::Data`] from [`HostCore::poll_event`], and the application
+    /// answers with [`HostCore::send`]. Keepalives (24 zero bytes, §7) are still answered by
+    /// the core and not surfaced.
+    pub echo: bool,
+    /// Application mode: events held for [`HostCore::poll_event`]; a DATA arriving when
+    /// the queue is full is dropped and counted (`app_events_dropped`).
+    pub max_events: usize,
 }
+
+/// What happened, for an application host (`HostConfig { echo: false, .. }`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HostEvent {
+    /// A connection is live (REGISTERED accepted, HANDSHAKE_REPLY sent). `client` is the
+    /// enrolled name of its client.
+    Connected { conn_id: u64, client: String },
+    /// An authenticated, fresh DATA payload from the client of `conn_id`.
+    Data { conn_id: u64, payload: Vec<u8> },
+    /// The connection is gone (closed by the host, idle, replaced, or expired by the
+    /// gateway); [`HostCore::send`] refuses it from now on.
+    Closed { conn_id: u64 },
+}
+
+/// Why [`HostCore::send`] refused a payload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum HostSendError {
+    #[error("unknown connection {0:#x} (closed or never registered)")]
+    UnknownConnection(u64),
+    #[error("payload of {len} bytes exceeds the maximum of {max}")]
+    TooLarge { len: usize, max: usize },
+    #[error("output queue full ({0} datagrams); drain poll_transmit")]
+    QueueFull(usize),
+}
+
+/// Largest payload [`HostCore::send`] takes: the client's [`crate::client::MAX_PAYLOAD`].
+pub const MAX_SEND_PAYLOAD: usize = 1200;
+/// Datagrams [`HostCore::send`] may leave waiting for `poll_transmit`.
+pub const SEND_QUEUE_LIMIT: usize = 4096;
+/// The keepalive payload (§7): 24 zero bytes.
+const KEEPALIVE_LEN: usize = 24;
 
 /// An IP network (`10.0.0.0/8`, `::1/128`, or a bare address for one host).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -154,6 +194,8 @@ impl Default for HostConfig {
             max_pending: 1 << 16,
             idle_timeout: Duration::from_secs(600),
             gateways: GatewayNet::loopback(),
+            echo: true,
+            max_events: 4096,
         }
     }
 }
@@ -231,6 +273,19 @@ pub struct HostCounters {
     pub hello_ack_wrong_boot: u64,
     /// The caller's output buffer could not hold the answer.
     pub out_too_small: u64,
+
+    /// Application mode: payloads surfaced as [`HostEvent::Data`], and their bytes.
+    pub app_received: u64,
+    pub app_received_bytes: u64,
+    /// Application mode: DATA dropped because the event queue was full.
+    pub app_events_dropped: u64,
+    /// Application mode: keepalives answered by the core.
+    pub keepalives_answered: u64,
+    /// Payloads sent with [`HostCore::send`], and their bytes.
+    pub app_sent: u64,
+    pub app_sent_bytes: u64,
+    /// [`HostCore::send`] refusals (unknown connection, too large, queue full).
+    pub app_send_refused: u64,
 }
 
 /// A datagram [`HostCore::poll_transmit`] wrote into the caller's buffer: `buf[..len]` goes
@@ -346,6 +401,8 @@ pub struct HostCore {
     counters: HostCounters,
     /// Plaintext of the DATA being echoed; allocated once.
     scratch: Vec<u8>,
+    /// Application mode: events for [`HostCore::poll_event`].
+    events: VecDeque<HostEvent>,
 }
 
 /// A DATA echo owed: `scratch[..len]` sealed under `conn_id`'s key with `seq`, to `to`.
@@ -407,7 +464,73 @@ impl HostCore {
             next_request: u64::from_be_bytes(crypto::random_array()),
             counters: HostCounters::default(),
             scratch: vec![0u8; MAX_DATAGRAM],
+            events: VecDeque::new(),
         }
+    }
+
+    /// Application mode (`HostConfig { echo: false, .. }`): the next event. Always `None` in
+    /// echo mode.
+    pub fn poll_event(&mut self) -> Option<HostEvent> {
+        self.events.pop_front()
+    }
+
+    /// Application mode: seals `payload` as DATA to the client of `conn_id`; the datagram
+    /// waits for [`HostCore::poll_transmit`]. Works in echo mode too (a server push).
+    pub fn send(&mut self, conn_id: u64, payload: &[u8]) -> Result<(), HostSendError> {
+        let r = self.send_inner(conn_id, payload);
+        if r.is_err() {
+            self.counters.app_send_refused += 1;
+        } else {
+            self.counters.app_sent += 1;
+            self.counters.app_sent_bytes += payload.len() as u64;
+        }
+        r
+    }
+
+    fn send_inner(&mut self, conn_id: u64, payload: &[u8]) -> Result<(), HostSendError> {
+        if payload.len() > MAX_SEND_PAYLOAD {
+            return Err(HostSendError::TooLarge {
+                len: payload.len(),
+                max: MAX_SEND_PAYLOAD,
+            });
+        }
+        if self.queue.len() >= SEND_QUEUE_LIMIT {
+            return Err(HostSendError::QueueFull(SEND_QUEUE_LIMIT));
+        }
+        let conn = self
+            .conns
+            .get_mut(&conn_id)
+            .ok_or(HostSendError::UnknownConnection(conn_id))?;
+        let seq = conn.next_seq;
+        conn.next_seq += 1;
+        let mut out = vec![0u8; LINK_DATA_HEADER + payload.len() + DATA_OVERHEAD];
+        out[0] = LinkType::ToClientData as u8;
+        out[1..LINK_DATA_HEADER].copy_from_slice(&conn_id.to_be_bytes());
+        seal_data(&conn.tx, seq, payload, &mut out[LINK_DATA_HEADER..]);
+        self.queue.push_back(Transmit {
+            to: conn.gateway,
+            payload: out,
+        });
+        Ok(())
+    }
+
+    /// The enrolled name of the client of `conn_id`.
+    pub fn client_name(&self, conn_id: u64) -> Option<&str> {
+        let c = self.conns.get(&conn_id)?;
+        self.clients.get(&c.client_id).map(|e| e.name.as_str())
+    }
+
+    /// Application mode: queues an event (Data may be dropped when full; the others are
+    /// always kept, they are bounded by the connections).
+    fn push_event(&mut self, e: HostEvent) {
+        if self.cfg.echo {
+            return;
+        }
+        if matches!(e, HostEvent::Data { .. }) && self.events.len() >= self.cfg.max_events {
+            self.counters.app_events_dropped += 1;
+            return;
+        }
+        self.events.push_back(e);
     }
 
     /// Swaps in a reloaded clients file. Live connections and handshakes in progress are kept;
@@ -629,11 +752,20 @@ impl HostCore {
         conn.last_active = now;
         let first_use = !conn.used;
         conn.used = true;
+        let keepalive = n == KEEPALIVE_LEN && self.scratch[..n].iter().all(|b| *b == 0);
+        let echo = self.cfg.echo || keepalive;
+        // Only an echo takes a send seq here; application answers take theirs in `send`.
         let seq = conn.next_seq;
-        conn.next_seq += 1;
-        self.counters.echoes += 1;
-        self.counters.echo_bytes += n as u64;
+        if echo {
+            conn.next_seq += 1;
+        }
         let (to, client_id) = (conn.gateway, conn.client_id);
+        if self.cfg.echo {
+            self.counters.echoes += 1;
+            self.counters.echo_bytes += n as u64;
+        } else if keepalive {
+            self.counters.keepalives_answered += 1;
+        }
         if first_use {
             // The client chose this connection: its others (earlier handshake attempts) go.
             let others: Vec<u64> = self
@@ -645,12 +777,21 @@ impl HostCore {
                 self.replace(now, other);
             }
         }
-        self.echo = Some(PendingEcho {
-            conn_id,
-            seq,
-            len: n,
-            to,
-        });
+        if echo {
+            self.echo = Some(PendingEcho {
+                conn_id,
+                seq,
+                len: n,
+                to,
+            });
+        } else if self.events.len() >= self.cfg.max_events {
+            self.counters.app_events_dropped += 1;
+        } else {
+            self.counters.app_received += 1;
+            self.counters.app_received_bytes += n as u64;
+            let payload = self.scratch[..n].to_vec();
+            self.push_event(HostEvent::Data { conn_id, payload });
+        }
         Some(())
     }
 
@@ -902,6 +1043,12 @@ impl HostCore {
                     self.reply_queue.push_back((keep_until, p.nonce));
                 }
                 self.counters.registrations += 1;
+                let client = self
+                    .clients
+                    .get(&p.client_id)
+                    .map(|e| e.name.clone())
+                    .unwrap_or_default();
+                self.push_event(HostEvent::Connected { conn_id, client });
                 Some(Transmit {
                     to: p.gateway,
                     payload: framed,
@@ -1013,6 +1160,7 @@ impl HostCore {
     /// Drops a connection from the core's maps.
     fn forget(&mut self, conn_id: u64) -> Option<Conn> {
         let conn = self.conns.remove(&conn_id)?;
+        self.push_event(HostEvent::Closed { conn_id });
         if let Some(held) = self.by_client.get_mut(&conn.client_id) {
             held.retain(|c| *c != conn_id);
             if held.is_empty() {

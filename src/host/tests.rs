@@ -1077,3 +1077,64 @@ fn undrained_echo_is_queued_not_lost() {
     assert_eq!(s.core.poll_transmit(T0, &mut [0u8; 20]), None);
     assert_eq!(s.core.counters().out_too_small, 1);
 }
+
+/// Application mode: DATA surfaces as events, `send` answers, keepalives are still echoed,
+/// and a closed connection is reported and refused.
+#[test]
+fn application_mode_surfaces_data_and_sends() {
+    let link = LinkKey([9; 16]);
+    let cfg = HostConfig {
+        echo: false,
+        ..sim_config()
+    };
+    let mut core = HostCore::with_config(&link, clients(&[1, 2]), cfg);
+    ack_hello(&mut core, &link, T0);
+    let mut s = Sim {
+        core,
+        gw: FakeGateway::new(&link),
+        link,
+        out: vec![0u8; MAX_DATAGRAM],
+    };
+    let (reply, _, _) = s.handshake(T0, 1, [3; 16]);
+    let id = reply.conn_id;
+    assert!(matches!(
+        s.core.poll_event(),
+        Some(HostEvent::Connected { conn_id, .. }) if conn_id == id
+    ));
+    assert!(s.data(T0, gw(), id, &reply.kd_c2s, 0, b"hello").is_none());
+    assert_eq!(
+        s.core.poll_event(),
+        Some(HostEvent::Data {
+            conn_id: id,
+            payload: b"hello".to_vec()
+        })
+    );
+    s.core.send(id, b"answer").unwrap();
+    let o = s.core.poll_transmit(T0, &mut s.out).unwrap();
+    assert_eq!(o.to, gw());
+    assert_eq!(
+        open_echo(&s.out[..o.len], &reply.kd_s2c),
+        (id, 0, b"answer".to_vec())
+    );
+    // A keepalive is answered by the core itself, with the next seq.
+    let (_, e) = s.data(T0, gw(), id, &reply.kd_c2s, 1, &[0; 24]).unwrap();
+    assert_eq!(open_echo(&e, &reply.kd_s2c), (id, 1, vec![0; 24]));
+    assert_eq!(s.core.poll_event(), None);
+    assert_eq!(
+        s.core.send(id, &[0; MAX_SEND_PAYLOAD + 1]),
+        Err(HostSendError::TooLarge {
+            len: MAX_SEND_PAYLOAD + 1,
+            max: MAX_SEND_PAYLOAD
+        })
+    );
+    assert!(s.core.close(T0, id));
+    assert_eq!(s.core.poll_event(), Some(HostEvent::Closed { conn_id: id }));
+    assert_eq!(
+        s.core.send(id, b"late"),
+        Err(HostSendError::UnknownConnection(id))
+    );
+    let c = s.core.counters();
+    assert_eq!((c.app_received, c.app_received_bytes), (1, 5));
+    assert_eq!((c.app_sent, c.app_send_refused), (1, 2));
+    assert_eq!((c.echoes, c.keepalives_answered), (0, 1));
+}

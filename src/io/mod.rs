@@ -14,6 +14,7 @@
 pub mod batch;
 pub mod ids;
 mod mmsg;
+pub mod poll;
 mod uring;
 
 pub use mmsg::BatchSocket;

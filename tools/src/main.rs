@@ -10,7 +10,7 @@ use clap::{CommandFactory, Parser, Subcommand};
 
 use rebindgw::logging::LogFormat;
 use rebindgw::time::parse_duration;
-use rebindgw::{engine, gateway, host, secrets};
+use rebindgw::{engine, gateway, host, secrets, tunnel};
 use rebindgw_tools::conformance;
 
 #[derive(Parser)]
@@ -43,8 +43,12 @@ enum Command {
     },
     /// Run the gateway (every config key is also a flag; flags win). SIGHUP reloads.
     Gateway(Box<GatewayArgs>),
-    /// Run the reference ECHO host (a test peer, not a real service; see docs/hostlink.md).
+    /// Run a host: the reference ECHO host (a test peer; see docs/hostlink.md), or with
+    /// --forward or --services a forwarder to real UDP services (docs/tunnel.md).
     Host(HostArgs),
+    /// Carry local applications' UDP datagrams to a host's service over a Mesh connection
+    /// (docs/tunnel.md): listen on --local, follow network changes, print state changes.
+    Connect(ConnectArgs),
     /// Add a client to a host's clients file and print its credentials as JSON.
     Enroll {
         /// The host's clients file (created with mode 0600 if missing).
@@ -179,6 +183,51 @@ struct HostArgs {
             .join(" and "),
     ))]
     gateways: Vec<host::GatewayNet>,
+    /// Forward client flows to this UDP service, as NAME=ADDR or ADDR (repeatable: the
+    /// first is service 0, the next 1, ...) instead of echoing [default: none, echo host].
+    #[arg(long = "forward", value_name = "[NAME=]ADDR")]
+    forward: Vec<tunnel::Service>,
+    /// A TOML file naming several services ([[service]] name, backend), after any --forward
+    /// [default: none].
+    #[arg(long, value_name = "FILE")]
+    services: Option<PathBuf>,
+    /// Forwarding: a flow unused this long is closed with its backend socket.
+    #[arg(long, default_value = "120s", value_parser = parse_duration)]
+    flow_idle: Duration,
+    /// Forwarding: flows one client connection may hold.
+    #[arg(long, default_value_t = 1024)]
+    max_flows_per_client: usize,
+    /// Forwarding: bytes toward backends one client connection may have in flight.
+    #[arg(long, default_value_t = 1 << 20)]
+    max_bytes_in_flight: usize,
+}
+
+#[derive(clap::Args)]
+struct ConnectArgs {
+    /// The gateway's client address.
+    #[arg(long)]
+    gateway: SocketAddr,
+    /// The credentials file: the JSON that rebindgw enroll prints.
+    #[arg(long)]
+    credentials: PathBuf,
+    /// Local UDP address applications send to (their answers come back from it).
+    #[arg(long)]
+    local: SocketAddr,
+    /// The host service to reach: its index in the host's --forward / services list.
+    #[arg(long, default_value_t = 0)]
+    service: u8,
+    /// Print state changes as JSON objects, one per line, on stdout.
+    #[arg(long)]
+    json: bool,
+    /// Handshake again after this many rebind tries without an ACK.
+    #[arg(long, default_value_t = 5)]
+    rebind_tries: u64,
+    /// A local application flow unused this long is forgotten.
+    #[arg(long, default_value = "180s", value_parser = parse_duration)]
+    flow_idle: Duration,
+    /// Local application flows (source addresses) at once.
+    #[arg(long, default_value_t = 4096)]
+    max_flows: usize,
 }
 
 fn main() -> ExitCode {
@@ -254,6 +303,10 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Gateway(_) => unreachable!("handled by gateway_main"),
+        Command::Host(args) if !args.forward.is_empty() || args.services.is_some() => {
+            forward_main(args)
+        }
+        Command::Connect(args) => connect_main(args),
         Command::Host(args) => {
             let key = secrets::load_link_key(&args.link_key)?;
             let mut opts = host::HostOptions::new(args.listen, args.clients, key);
@@ -362,6 +415,82 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Stops on SIGINT or SIGTERM.
+fn shutdown_on_signals() -> anyhow::Result<std::sync::Arc<std::sync::atomic::AtomicBool>> {
+    let shutdown = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, shutdown.clone())?;
+    }
+    Ok(shutdown)
+}
+
+/// `rebindgw host --forward`: the forwarding host; its counters go to stderr as JSON at exit.
+fn forward_main(args: HostArgs) -> anyhow::Result<ExitCode> {
+    let key = secrets::load_link_key(&args.link_key)?;
+    let mut services = args.forward;
+    if let Some(file) = &args.services {
+        services.extend(tunnel::run::load_services(file)?);
+    }
+    anyhow::ensure!(services.len() <= 256, "at most 256 services");
+    let cfg = tunnel::TunnelHostConfig {
+        services,
+        flow_idle: args.flow_idle,
+        max_flows_per_client: args.max_flows_per_client,
+        max_bytes_in_flight: args.max_bytes_in_flight,
+        ..tunnel::TunnelHostConfig::default()
+    };
+    let mut opts = tunnel::run::ForwardOptions::new(args.listen, args.clients, key, cfg);
+    if !args.gateways.is_empty() {
+        opts.host.gateways = args.gateways;
+    }
+    let shutdown = shutdown_on_signals()?;
+    let host = tunnel::run::ForwardHost::bind(opts)?;
+    let stats = host.run(&shutdown)?;
+    eprintln!("{}", serde_json::to_string(&stats)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `rebindgw connect`: state changes on stdout (lines, or JSON with --json); its counters go
+/// to stderr as JSON at exit.
+fn connect_main(args: ConnectArgs) -> anyhow::Result<ExitCode> {
+    use std::io::Write as _;
+    let creds = tunnel::run::load_credentials(&args.credentials)?;
+    let mut opts = tunnel::run::ConnectOptions::new(args.gateway, creds, args.local);
+    opts.tunnel.service = args.service;
+    opts.tunnel.flow_idle = args.flow_idle;
+    opts.tunnel.max_flows = args.max_flows;
+    opts.rebind_tries = args.rebind_tries;
+    let shutdown = shutdown_on_signals()?;
+    let connector = tunnel::run::Connector::bind(opts)?;
+    if !args.json {
+        println!(
+            "listening on {} for applications, gateway {}",
+            connector.local_addr()?,
+            args.gateway
+        );
+    }
+    let start = std::time::Instant::now();
+    let json = args.json;
+    let stats = connector.run(&shutdown, |e| {
+        let mut out = std::io::stdout().lock();
+        let t = start.elapsed().as_secs_f64();
+        let _ = if json {
+            let mut v = serde_json::to_value(e).unwrap_or_default();
+            v["t"] = serde_json::json!((t * 1e3).round() / 1e3);
+            let unix = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64());
+            v["unix"] = serde_json::json!((unix * 1e6).round() / 1e6);
+            writeln!(out, "{v}")
+        } else {
+            writeln!(out, "[{t:9.3}s] {e}")
+        };
+        let _ = out.flush();
+    })?;
+    eprintln!("{}", serde_json::to_string(&stats)?);
+    Ok(ExitCode::SUCCESS)
 }
 
 #[cfg(test)]
