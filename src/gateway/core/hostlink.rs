@@ -431,6 +431,7 @@ impl WorkerCore {
     /// One worker at a time sweeps, at most every `idle_timeout / 4` (1–10 s), taking the
     /// control lock once; a sweep stops when `tx` is full and goes on at the next tick.
     pub fn tick(&mut self, now: Ticks, tx: &mut TxQueue) {
+        self.send_expired_pending(now, tx);
         let idle = self.shared.cfg.idle_timeout;
         if idle.is_zero() {
             return;
@@ -454,6 +455,22 @@ impl WorkerCore {
         if !self.expire_idle(now, idle, tx) {
             // More to do: come back at the next tick.
             self.shared.next_sweep.store(now.0, Ordering::Release);
+        }
+    }
+
+    /// Tells hosts about connections released with an epoch (end of grace), as much as
+    /// `tx` has room for; the rest waits for the next tick.
+    fn send_expired_pending(&mut self, now: Ticks, tx: &mut TxQueue) {
+        let room = tx.capacity().saturating_sub(tx.len());
+        for (host, conn_id) in self.shared.take_expired_pending(room) {
+            self.metrics.inc(C::Expired);
+            if let Some(peer) = self.live.hosts.get(usize::from(host)) {
+                let msg = LinkMsg::Expired { conn_id }.seal(&peer.key, now);
+                if tx.push_bytes(Via::Host, peer.addr, &msg) {
+                    self.metrics.inc(C::TxHostControl);
+                    self.metrics.add(C::TxHostBytes, msg.len() as u64);
+                }
+            }
         }
     }
 

@@ -37,7 +37,7 @@ mod rebind;
 mod shared;
 
 use hostlink::RecentHandshakes;
-pub use shared::{Control, Epochs, Live, Shared};
+pub use shared::{Control, Epochs, Live, Rotation, Shared};
 
 /// Settings the core needs.
 #[derive(Clone, Debug)]
