@@ -293,6 +293,13 @@ impl World {
         i
     }
 
+    /// Client `i` starts over with a new handshake from its tuple (what an application does
+    /// when its client failed).
+    pub fn reconnect_client(&mut self, i: usize) {
+        let c = &mut self.clients[i];
+        c.core = Client::new(self.cfg.client.clone(), c.creds.clone(), self.now);
+    }
+
     /// Adds `n` clients and drives until all are connected (or `limit` passes).
     pub fn connect_clients(&mut self, n: usize, limit: Duration) -> bool {
         let first = self.clients.len();

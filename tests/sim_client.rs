@@ -294,7 +294,9 @@ fn silent_path_sends_cookie_request_and_recovers() {
     let req = &sent_of(&w, MsgType::Rebind)[0];
     assert_eq!(req.len(), 50 + 16 * SLOTS);
     assert_eq!(req[0], 0x52);
-    assert!(req[1..].iter().all(|b| *b == 0));
+    // §6 (1.1): type, the client's epoch byte, then zeros.
+    assert_eq!(req[1], w.cfg.epoch as u8);
+    assert!(req[2..].iter().all(|b| *b == 0));
     w.run_for(ms(300));
     assert_eq!(rebound(&w), vec![(None, t2)]);
     let conn_id = w.client(0).core.conn_id().unwrap();
@@ -314,7 +316,8 @@ fn network_changed_requests_a_cookie_at_once() {
     let r = sent_of(&w, MsgType::Rebind);
     assert_eq!(r.len(), 1, "sent at once");
     assert_eq!(r[0].len(), wire::rebind_len(SLOTS));
-    assert!(r[0][1..].iter().all(|b| *b == 0));
+    assert_eq!(r[0][1], w.cfg.epoch as u8);
+    assert!(r[0][2..].iter().all(|b| *b == 0));
     w.run_for(ms(100));
     assert_eq!(
         w.client(0).events[0],

@@ -681,6 +681,33 @@ mod tests {
     }
 
     #[test]
+    fn grace_and_rotation_schedule_are_checked() {
+        let mut c = with_host(GatewayConfig::default());
+        assert_eq!(c.grace(), Duration::from_secs(600));
+        c.window_secs = 600;
+        assert_eq!(
+            c.grace(),
+            Duration::from_secs(1200),
+            "at least 2 x W by default"
+        );
+        c.validate().unwrap();
+        c.grace_secs = Some(1199);
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("grace_secs") && e.contains("2 x window_secs = 1200"),
+            "{e}"
+        );
+        c.grace_secs = Some(1200);
+        c.rotate_every_secs = 1200;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("rotate_every_secs"), "{e}");
+        c.rotate_every_secs = 86_400;
+        c.validate().unwrap();
+        let t = GatewayConfig::from_toml("rotate_every_secs = 86400\ngrace_secs = 900").unwrap();
+        assert_eq!((t.rotate_every_secs, t.grace_secs), (86_400, Some(900)));
+    }
+
+    #[test]
     fn toml_roundtrip_and_errors_name_keys() {
         let text = r#"
             listen = ["127.0.0.1:9000"]

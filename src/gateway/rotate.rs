@@ -526,6 +526,50 @@ mod tests {
     }
 
     #[test]
+    fn schedule_rotates_and_a_command_waits_for_grace_unless_forced() {
+        use crate::gateway::core::CoreConfig;
+        let s = 8;
+        let master = MasterSecret::from_bytes([3; 32]);
+        let sec = Duration::from_secs(1);
+        let rot = Rotator::new(
+            master,
+            engine::Backend::Portable,
+            s,
+            60 * sec,
+            3600 * sec,
+            Ticks(0),
+        );
+        let shared = Shared::new(CoreConfig::new(s), rot.crypto(1).unwrap(), vec![], None);
+        let t0 = Ticks(1_000 * TICKS_PER_SECOND);
+        assert_eq!(rot.tick(&shared, t0), None, "the schedule starts counting");
+        assert_eq!(rot.tick(&shared, t0.saturating_add(3599 * sec)), None);
+        let t1 = t0.saturating_add(3600 * sec);
+        let r = rot.tick(&shared, t1).expect("scheduled rotation");
+        assert_eq!((r.epoch, r.dropped), (2, None));
+        assert_eq!(rot.started(), t1);
+        assert_eq!(shared.grace_until(), Some(t1.saturating_add(60 * sec)));
+        let e = rot.rotate(&shared, t1.saturating_add(sec), false);
+        assert!(matches!(
+            e,
+            Err(RotateError::InGrace {
+                previous: 1,
+                left_secs: 59
+            })
+        ));
+        // Once grace is over, a command needs no force.
+        let r = rot
+            .rotate(&shared, t1.saturating_add(61 * sec), false)
+            .unwrap();
+        assert_eq!((r.epoch, r.dropped), (3, None));
+        assert_eq!(shared.rotations(), 2);
+        // Forced during grace: the previous epoch goes at once.
+        let r = rot
+            .rotate(&shared, t1.saturating_add(62 * sec), true)
+            .unwrap();
+        assert_eq!((r.epoch, r.dropped), (4, Some(2)));
+    }
+
+    #[test]
     fn admin_key_file_is_private_and_loads() {
         use std::os::unix::fs::PermissionsExt;
         let dir = std::env::temp_dir().join(format!(
