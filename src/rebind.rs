@@ -151,8 +151,15 @@ pub fn fresh_nonces(slots: usize) -> Vec<[u8; 8]> {
 
 /// The cookie request of §6: a REBIND of the right length whose bytes after the type are zero.
 pub fn cookie_request(slots: usize) -> Vec<u8> {
+    cookie_request_for(slots, 0)
+}
+
+/// The cookie request of §6 (1.1) naming the sender's epoch: type, epoch byte, then zeros.
+/// During a grace period, one naming the previous epoch draws an UNRECOGNIZED of that epoch.
+pub fn cookie_request_for(slots: usize, epoch_byte: u8) -> Vec<u8> {
     let mut out = vec![0u8; rebind_len(slots)];
     out[0] = MsgType::Rebind as u8;
+    out[1] = epoch_byte;
     out
 }
 

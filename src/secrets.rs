@@ -153,7 +153,7 @@ pub fn check_private(path: &Path) -> Result<(), SecretFileError> {
 }
 
 /// Opens a secret file for reading without following a symbolic link, and checks it.
-fn open_private(path: &Path) -> Result<File, SecretFileError> {
+pub(crate) fn open_private(path: &Path) -> Result<File, SecretFileError> {
     let file = OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW)

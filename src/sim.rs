@@ -32,7 +32,7 @@ use crate::client::{Client, ClientConfig, ClientEvent, ClientState, MAX_DATAGRAM
 use crate::engine::{Backend, TrialKeys};
 use crate::gateway::core::{
     CommitMode, CommitRefusal, CommitRequest, CommitResult, CoreConfig, EpochCrypto, HostPeer,
-    Shared, WorkerCore,
+    Rotation, Shared, WorkerCore,
 };
 use crate::gateway::metrics::C;
 use crate::gateway::store::{StoreOp, StoredConn};
@@ -179,6 +179,8 @@ pub struct SimGateway {
     epochs: Vec<u32>,
     /// What the store holds: connections by `(epoch, index)`.
     pub persisted: HashMap<(u32, u32), StoredConn>,
+    /// The persisted grace deadline of the previous epoch (zero: none).
+    pub persisted_grace: Ticks,
     /// Restarts so far.
     pub restarts: u32,
     /// Deferred commits on their way to the store model: `(due, request)`.
@@ -248,6 +250,18 @@ impl SimGateway {
                 }
                 StoreOp::Remove { epoch, index } => {
                     self.persisted.remove(&(epoch, index));
+                }
+                StoreOp::Rotate {
+                    grace_until, drop, ..
+                } => {
+                    if let Some(d) = drop {
+                        self.persisted.retain(|(e, _), _| *e != d);
+                    }
+                    self.persisted_grace = grace_until;
+                }
+                StoreOp::EndGrace { epoch } => {
+                    self.persisted.retain(|(e, _), _| *e != epoch);
+                    self.persisted_grace = Ticks(0);
                 }
                 StoreOp::Reserve { .. } | StoreOp::SetEpoch { .. } => {}
             }
@@ -380,6 +394,13 @@ impl World {
         i
     }
 
+    /// Client `i` starts over with a new handshake from its tuple (what an application does
+    /// when its client failed).
+    pub fn reconnect_client(&mut self, i: usize) {
+        let c = &mut self.clients[i];
+        c.core = Client::new(self.cfg.client.clone(), c.creds.clone(), self.now);
+    }
+
     /// Adds `n` clients and drives until all are connected (or `limit` passes).
     pub fn connect_clients(&mut self, n: usize, limit: Duration) -> bool {
         let first = self.clients.len();
@@ -491,6 +512,20 @@ impl World {
         self.gateway.epochs.push(epoch);
     }
 
+    /// Epoch rotation with a grace period: the previous epoch is accepted for `grace`, then
+    /// dropped (its connections released, their hosts told) at the first step after it.
+    pub fn rotate_epoch_with_grace(&mut self, epoch: u32, grace: Duration) -> Rotation {
+        let until = self.now.saturating_add(grace);
+        let r = self.gateway.shared.rotate_with_grace(
+            epoch_crypto(&self.master, epoch, self.cfg.slots),
+            self.now,
+            until,
+        );
+        self.gateway.epochs.push(epoch);
+        self.gateway.persist();
+        r
+    }
+
     /// The keys of `epoch` under the world's master secret (to build what a gateway of that
     /// epoch would send).
     pub fn epoch_keys(&self, epoch: u32) -> EpochKeys {
@@ -506,8 +541,14 @@ impl World {
         let epochs: Vec<u32> = self.gateway.epochs.iter().rev().take(1).copied().collect();
         let mut g = build_gateway(&self.cfg, &self.master, &self.link_key, &epochs, self.now);
         let current = epochs[0];
+        let grace = self.gateway.persisted_grace;
+        let previous = current.wrapping_sub(1);
+        if grace.0 != 0 {
+            g.shared
+                .restore_previous(epoch_crypto(&self.master, previous, self.cfg.slots), grace);
+        }
         for c in self.gateway.persisted.values() {
-            if c.epoch != current {
+            if c.epoch != current && (grace.0 == 0 || c.epoch != previous) {
                 g.shared.add_epoch_registry(c.epoch);
             }
             // A connection of an epoch whose keys are gone is not restored (as in `run`).
@@ -515,6 +556,7 @@ impl World {
         }
         g.shared.set_floor(Ticks(floor.0.saturating_add(1)));
         g.persisted = std::mem::take(&mut self.gateway.persisted);
+        g.persisted_grace = grace;
         g.restarts = self.gateway.restarts + 1;
         g.store_down = self.gateway.store_down;
         self.gateway = g;
@@ -584,6 +626,9 @@ impl World {
             self.drain_gateway(batch);
         }
         // Timers.
+        if self.gateway.shared.end_grace(now).is_some() {
+            progress = true;
+        }
         self.gateway.worker.tick(now, &mut self.gateway.tx);
         progress |= self.drain_gateway(&[]);
         // The store model's answers to deferred commits.
@@ -640,7 +685,12 @@ impl World {
             .filter_map(|c| c.core.poll_timeout())
             .min();
         let commit = self.gateway.commits.iter().map(|(t, _)| *t).min();
-        [arrival, clients, self.host.poll_timeout(), commit]
+        let grace = self
+            .gateway
+            .shared
+            .grace_until()
+            .filter(|t| t.0 != u64::MAX);
+        [arrival, clients, self.host.poll_timeout(), commit, grace]
             .into_iter()
             .flatten()
             .min()
@@ -822,6 +872,7 @@ fn build_gateway(
         tx: TxQueue::new(1024),
         epochs: epochs.to_vec(),
         persisted: HashMap::new(),
+        persisted_grace: Ticks(0),
         restarts: 0,
         commits: Vec::new(),
         store_down: false,

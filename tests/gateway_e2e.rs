@@ -227,6 +227,109 @@ impl RawClient {
     }
 }
 
+impl RawClient {
+    /// Moves, asks for an UNRECOGNIZED of its own epoch with a cookie request naming it
+    /// (§6 1.1), and rebinds from it; returns the answer's type, if any.
+    fn move_and_rebind_in_own_epoch(&mut self) -> Option<u8> {
+        self.sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        self.sock
+            .set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        let slots = self.reply.slot_keys.len();
+        let req = rebindgw::rebind::cookie_request_for(slots, self.reply.epoch_byte);
+        let u = Unrecognized::parse(&self.exchange(&req)?).ok()?;
+        if u.epoch_byte != self.reply.epoch_byte {
+            return Some(MsgType::Unrecognized as u8);
+        }
+        let secret = RebindSecret(self.reply.rebind_secret);
+        let creds = RebindCredentials {
+            conn_id: self.reply.conn_id,
+            secret: &secret,
+            slot_keys: &self.reply.slot_keys,
+        };
+        let (rebind, _) = build_rebind(&creds, u.epoch_byte, u.t, &u.cookie, &fresh_nonces(slots));
+        self.exchange(&rebind).map(|r| r[0])
+    }
+}
+
+/// `rebindgw rotate` against a running gateway: refused without the admin key, refused
+/// during grace unless forced; the old epoch's clients keep working (also across a restart
+/// during grace) and rebind with their old keys; after grace they are released.
+#[test]
+fn authenticated_rotation_with_grace_and_restart() {
+    use rebindgw::gateway::rotate::{AdminKey, request_rotation};
+    let port = UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let tweak = |c: &mut GatewayConfig| {
+        c.admin = Some("127.0.0.1:0".parse().unwrap());
+        c.window_secs = 1;
+        c.grace_secs = Some(4);
+    };
+    let mut w = World::new(&listen, tweak);
+    let admin = w.gw().admin_addr().unwrap();
+    let key = w.dir.join("state/admin.key");
+    let t = Duration::from_secs(3);
+    let mut c = RawClient::connect(&w, &w.enroll("rot"));
+    assert!(c.echo_ok(b"epoch 1"));
+
+    // Another key is refused, and counted.
+    let wrong = w.dir.join("wrong.key");
+    AdminKey::generate(&wrong).unwrap();
+    let e = request_rotation(admin, &wrong, false, t).unwrap_err();
+    assert!(e.to_string().contains("401"), "{e}");
+    assert_eq!(scraped(&w, "rebindgw_admin_auth_failures_total"), 1.0);
+    assert_eq!(scraped(&w, "rebindgw_epoch"), 1.0);
+
+    let out = request_rotation(admin, &key, false, t).unwrap();
+    assert!(out.starts_with("rotated: epoch 2"), "{out}");
+    assert_eq!(scraped(&w, "rebindgw_epoch"), 2.0);
+    assert_eq!(scraped(&w, "rebindgw_epoch_rotations_total"), 1.0);
+    assert_eq!(scraped(&w, "rebindgw_epoch_connections{epoch=\"1\"}"), 1.0);
+    // During grace, a second rotation needs --force.
+    let e = request_rotation(admin, &key, false, t).unwrap_err();
+    assert!(e.to_string().contains("409"), "{e}");
+
+    // The old-epoch client keeps working, and rebinds with its old keys.
+    assert!(c.echo_ok(b"grace"));
+    assert_eq!(
+        c.move_and_rebind_in_own_epoch(),
+        Some(MsgType::RebindAck as u8)
+    );
+    assert!(c.echo_ok(b"moved in grace"));
+
+    // A restart during grace keeps the previous epoch.
+    w.stop_gateway();
+    w.start_gateway(&listen, tweak);
+    assert!(w.gw().shared().epochs().previous.is_some());
+    assert!(c.echo_ok(b"after restart"));
+    assert_eq!(
+        c.move_and_rebind_in_own_epoch(),
+        Some(MsgType::RebindAck as u8)
+    );
+    assert!(c.echo_ok(b"moved after restart"));
+
+    // After grace the old epoch is gone: its connection is released and a cookie request
+    // naming it gets an UNRECOGNIZED of the current epoch.
+    let deadline = Instant::now() + Duration::from_secs(8);
+    while w.gw().shared().epochs().previous.is_some() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(w.gw().shared().epochs().previous.is_none(), "grace ended");
+    assert_eq!(w.gw().shared().connections(), 0);
+    assert_eq!(
+        c.move_and_rebind_in_own_epoch(),
+        Some(MsgType::Unrecognized as u8)
+    );
+    // A new handshake lands in the new epoch.
+    let mut c2 = RawClient::connect(&w, &w.enroll("rot2"));
+    assert_eq!(c2.reply.epoch_byte, 2);
+    assert!(c2.echo_ok(b"epoch 2"));
+}
+
 #[test]
 fn fast_path_both_directions_and_rebind_after_tuple_change() {
     let w = World::new("127.0.0.1:0", |_| {});

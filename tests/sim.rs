@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use rebindgw::client::{ClientEvent, ClientState};
 use rebindgw::gateway::metrics::C;
-use rebindgw::rebind::cookie_request;
 use rebindgw::sim::{GATEWAY, SimConfig, World};
 use rebindgw::wire::{MsgType, Unrecognized};
 
@@ -213,19 +212,9 @@ fn epoch_rotation_both_epochs_verify_during_grace() {
     echo(&mut w, 1, b"new epoch, moved");
 
     // The old-epoch client moves: the UNRECOGNIZED its DATA draws carries the new epoch, which
-    // it holds no keys for, so it drops it.
-    let new0 = w.move_client(0);
-    w.send(0, b"first DATA from the new tuple");
-    w.run_for(ms(100));
-    assert_eq!(w.client(0).core.rebinds(), 0);
-    assert!(w.client(0).core.stats().dropped_unrecognized >= 1);
-
-    // PROTOCOL.md §6 (1.1) has it send a cookie request with its own epoch byte, answered
-    // with an UNRECOGNIZED of the previous epoch. Neither side does that yet: the client's
-    // cookie request carries epoch byte 0 and the gateway's UNRECOGNIZED always carries the
-    // current epoch (checked here, so this test flags the day it changes).
-    let mut req = cookie_request(w.cfg.slots);
-    req[1] = old_epoch_byte;
+    // it holds no keys for. PROTOCOL.md §6 (1.1): it sends a cookie request naming its own
+    // epoch, the gateway answers with an UNRECOGNIZED of the previous epoch (cookie under its
+    // `Kc`), and the client rebinds with its old keys, by itself.
     let unrec = Rc::new(RefCell::new(Vec::new()));
     let seen = unrec.clone();
     w.drop_if(move |d| {
@@ -235,29 +224,19 @@ fn epoch_rotation_both_epochs_verify_during_grace() {
         }
         false
     });
-    w.inject(new0, GATEWAY, req);
-    w.run_for(ms(100));
-    assert_eq!(*unrec.borrow(), vec![old_epoch_byte + 1]);
-    assert_eq!(w.client(0).core.rebinds(), 0);
-
-    // What the gateway does check: a REBIND under the previous epoch verifies during grace.
-    // Give the client the UNRECOGNIZED §6 describes (previous epoch, cookie under its `Kc`);
-    // the REBIND, the ACK and the echo are the real cores'.
-    let old_keys = w.epoch_keys(w.cfg.epoch);
-    let t = w.gateway.shared.issue_ticks(w.now);
-    let u = Unrecognized {
-        epoch_byte: old_epoch_byte,
-        t,
-        observed: new0,
-        cookie: old_keys.cookie(&new0, t),
-    };
-    let mut d = vec![0u8; u.len()];
-    u.emit(&mut d);
-    w.inject(GATEWAY, new0, d);
-    assert!(w.drive_until(ms(1_000), |w| w.client(0).core.rebinds() == 1));
+    let new0 = w.move_client(0);
+    w.send(0, b"first DATA from the new tuple");
+    assert!(w.drive_until(ms(2_000), |w| w.client(0).core.rebinds() == 1));
+    assert!(w.client(0).core.stats().dropped_unrecognized >= 1);
+    assert!(w.client(0).core.stats().cookie_requests_sent >= 1);
+    let seen = unrec.borrow().clone();
+    assert_eq!(seen.first(), Some(&(old_epoch_byte + 1)));
+    assert!(seen.contains(&old_epoch_byte), "{seen:?}");
+    w.clear_drop();
     assert_eq!(w.client(0).core.public_tuple(), Some(new0));
     assert_eq!(w.gateway.count(C::RebindAccepted), 2);
     echo(&mut w, 0, b"old epoch, moved");
+    let old_keys = w.epoch_keys(w.cfg.epoch);
 
     // After the grace period (the next rotation), the first epoch's REBINDs fail check 2.
     w.rotate_epoch(w.cfg.epoch + 2);
@@ -463,4 +442,82 @@ fn store_down_refuses_rebinds_known_tuples_keep_forwarding_and_service_resumes()
         "rebinds once the store is back"
     );
     echo_eventually(&mut w, 1, b"back", ms(200), Duration::from_secs(5));
+}
+
+/// A rotation with a grace period under NAT churn: every client of the old epoch moves
+/// during grace and rebinds with its old keys by itself (§6 1.1), with no new handshake,
+/// also across a gateway restart during grace. At the end of grace the old epoch is wiped:
+/// its connections are released (host told), and a client that comes back afterwards fails
+/// its rebind and connects again through a handshake, into the new epoch.
+#[test]
+fn rotation_grace_under_nat_churn_and_restart_then_handshake_after_grace() {
+    const N: usize = 12;
+    let mut w = connected(SimConfig::default(), N);
+    let handshakes = w.gateway.count(C::RxHandshake);
+    let old = w.cfg.epoch;
+    let r = w.rotate_epoch_with_grace(old + 1, Duration::from_secs(120));
+    assert_eq!((r.epoch, r.dropped), (old + 1, None));
+    let mut handshakes_before_restart = 0;
+    for round in 0..2 {
+        if round == 1 {
+            handshakes_before_restart = w.gateway.count(C::RxHandshake);
+            w.restart_gateway();
+            assert!(
+                w.gateway.shared.epochs().previous.is_some(),
+                "grace survives"
+            );
+        }
+        for i in 0..N {
+            w.move_client(i);
+            w.send(i, b"after the move");
+        }
+        assert!(
+            w.drive_until(Duration::from_secs(10), |w| (0..N).all(|i| w
+                .client(i)
+                .core
+                .rebinds()
+                == round + 1)),
+            "round {round}: every old-epoch client rebinds"
+        );
+        for i in 0..N {
+            echo(&mut w, i, b"old keys, new tuple");
+        }
+    }
+    // Counters restart with the gateway: none since the restart, none before it.
+    assert_eq!(w.gateway.restarts, 1);
+    assert_eq!(handshakes_before_restart, handshakes);
+    assert_eq!(
+        w.gateway.count(C::RxHandshake),
+        0,
+        "no handshake during grace"
+    );
+    assert_eq!(
+        w.gateway.shared.connections_per_epoch(),
+        vec![(old + 1, 0), (old, N)]
+    );
+
+    // Client 0 goes offline (no traffic) past the end of grace.
+    w.run_for(Duration::from_secs(121));
+    assert!(
+        w.gateway.shared.epochs().previous.is_none(),
+        "old epoch wiped"
+    );
+    assert_eq!(w.gateway.shared.connections(), 0);
+    assert_eq!(w.gateway.count(C::Expired), N as u64);
+    assert!(w.gateway.persisted.keys().all(|(e, _)| *e != old));
+    // It comes back from a new tuple: its rebind cannot succeed, so it fails, and connects
+    // again with a handshake, in the new epoch.
+    w.move_client(0);
+    w.send(0, b"back");
+    assert!(w.drive_until(Duration::from_secs(60), |w| matches!(
+        w.client(0).core.state(),
+        ClientState::Failed(_)
+    )));
+    w.reconnect_client(0);
+    assert!(
+        w.drive_until(Duration::from_secs(5), |w| w.client(0).core.state()
+            == ClientState::Connected)
+    );
+    echo(&mut w, 0, b"new epoch");
+    assert_eq!(w.gateway.shared.connections_per_epoch(), vec![(old + 1, 1)]);
 }

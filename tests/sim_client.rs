@@ -297,7 +297,9 @@ fn silent_path_sends_cookie_request_and_recovers() {
     let req = &sent_of(&w, MsgType::Rebind)[0];
     assert_eq!(req.len(), 50 + 16 * SLOTS);
     assert_eq!(req[0], 0x52);
-    assert!(req[1..].iter().all(|b| *b == 0));
+    // §6 (1.1): type, the client's epoch byte, then zeros.
+    assert_eq!(req[1], w.cfg.epoch as u8);
+    assert!(req[2..].iter().all(|b| *b == 0));
     w.run_for(ms(300));
     assert_eq!(rebound(&w), vec![(None, t2)]);
     let conn_id = w.client(0).core.conn_id().unwrap();
@@ -317,7 +319,8 @@ fn network_changed_requests_a_cookie_at_once() {
     let r = sent_of(&w, MsgType::Rebind);
     assert_eq!(r.len(), 1, "sent at once");
     assert_eq!(r[0].len(), wire::rebind_len(SLOTS));
-    assert!(r[0][1..].iter().all(|b| *b == 0));
+    assert_eq!(r[0][1], w.cfg.epoch as u8);
+    assert!(r[0][2..].iter().all(|b| *b == 0));
     w.run_for(ms(100));
     assert_eq!(
         w.client(0).events[0],
@@ -476,12 +479,17 @@ fn forged_unrecognized_does_not_tear_down() {
     assert_eq!(w.client(0).core.conn_id(), conn_id);
     echo_roundtrip(&mut w, b"and after");
 
-    // Wrong epoch byte: ignored outright.
+    // Wrong epoch byte: not used; the client asks for an UNRECOGNIZED of its own epoch (a
+    // cookie request naming it, §6 1.1) and stays on its connection.
     let mut other = forged_unrecognized(&w, tuple);
     other[1] ^= 1;
+    let requests = w.client(0).core.stats().cookie_requests_sent;
     w.deliver(0, &other);
-    assert_eq!(w.client(0).core.state(), ClientState::Connected);
     assert_eq!(w.client(0).core.stats().dropped_unrecognized, 1);
+    assert_eq!(w.client(0).core.stats().cookie_requests_sent, requests + 1);
+    w.run_for(ms(500));
+    assert_eq!(w.client(0).core.state(), ClientState::Connected);
+    assert_eq!(w.client(0).core.conn_id(), conn_id);
 }
 
 /// `n` forged UNRECOGNIZEDs, each naming another tuple, one every `gap`.

@@ -672,7 +672,17 @@ impl Client {
         };
         // Our slot keys belong to our epoch: a REBIND under another epoch byte cannot verify.
         // An UNRECOGNIZED older than our last acknowledged rebind predates our binding.
-        if u.epoch_byte != epoch_byte || self.last_acked_t.is_some_and(|l| u.t <= l) {
+        if u.epoch_byte != epoch_byte {
+            self.stats.dropped_unrecognized += 1;
+            // The gateway moved to a new epoch (§6, 1.1): a cookie request naming ours draws
+            // an UNRECOGNIZED of our epoch while its grace period lasts. After it, the rebind
+            // runs out and the client fails over to a new handshake.
+            if matches!(self.phase, Phase::Connected { rebind: None, .. }) {
+                self.start_rebind(now, RebindReason::Unrecognized, None);
+            }
+            return;
+        }
+        if self.last_acked_t.is_some_and(|l| u.t <= l) {
             self.stats.dropped_unrecognized += 1;
             return;
         }
@@ -750,7 +760,8 @@ impl Client {
         };
         let slots = session.slot_keys.len();
         let Some(u) = r.newest else {
-            self.control.push_back(rebind::cookie_request(slots));
+            self.control
+                .push_back(rebind::cookie_request_for(slots, session.epoch_byte));
             self.stats.cookie_requests_sent += 1;
             return;
         };

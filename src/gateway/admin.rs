@@ -40,7 +40,13 @@ pub struct AdminRoutes {
     pub ready: Box<dyn Fn() -> Vec<String> + Send>,
     /// Build information appended to `/healthz`.
     pub about: String,
+    /// `POST /rotate`: given the request's `X-Rebindgw-Auth` header, rotates the key epoch
+    /// if it authenticates (see [`super::rotate`]); answers (status, body). `None`: 404.
+    pub rotate: Option<RotateRoute>,
 }
+
+/// The handler of `POST /rotate`.
+pub type RotateRoute = Box<dyn Fn(Option<&str>) -> (u16, String) + Send>;
 
 /// The build information line of `/healthz` (the same facts as `rebindgw_build_info`).
 pub fn build_info(io_backend: &str, aes_backend: &str) -> String {
@@ -279,6 +285,26 @@ fn respond(head: &[u8], routes: &AdminRoutes) -> Vec<u8> {
     if !version.starts_with("HTTP/1.") {
         return response(400, "Bad Request", "text/plain", "HTTP/1.x only\n", false);
     }
+    let path = target.split('?').next().unwrap_or("");
+    if method == "POST" && path == "/rotate" {
+        let Some(rotate) = &routes.rotate else {
+            return response(404, "Not Found", "text/plain", "not found\n", false);
+        };
+        let header = text.lines().skip(1).find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim()
+                .eq_ignore_ascii_case(super::rotate::AUTH_HEADER)
+                .then_some(v.trim())
+        });
+        let (code, body) = rotate(header);
+        let reason = match code {
+            200 => "OK",
+            401 => "Unauthorized",
+            409 => "Conflict",
+            _ => "Internal Server Error",
+        };
+        return response(code, reason, "text/plain", &body, false);
+    }
     if method != "GET" {
         return response(
             405,
@@ -288,7 +314,7 @@ fn respond(head: &[u8], routes: &AdminRoutes) -> Vec<u8> {
             true,
         );
     }
-    match target.split('?').next().unwrap_or("") {
+    match path {
         "/metrics" => response(
             200,
             "OK",
@@ -747,6 +773,7 @@ mod tests {
             metrics: Box::new(metrics),
             ready: Box::new(ready),
             about: build_info("mmsg", "vaes"),
+            rotate: None,
         }
     }
 

@@ -347,6 +347,16 @@ settings! {
         /// told); 0 never.
         restart idle_timeout_secs: u64 = super::core::DEFAULT_IDLE_TIMEOUT_SECS,
             flag Option<u64>;
+        /// Start a new key epoch this many seconds after the last one (e.g. 86400); 0 only
+        /// on command (rebindgw rotate).
+        restart rotate_every_secs: u64 = 0, flag Option<u64>;
+        /// Seconds the previous key epoch stays accepted after a rotation; at least
+        /// 2 x window_secs.
+        restart grace_secs: Option<u64> = None, flag Option<u64>,
+            none = "max(600, 2 x window_secs)";
+        /// Admin key file authenticating rebindgw rotate (HMAC; docs/endpoints.md).
+        restart admin_key: Option<PathBuf> = None, flag Option<PathBuf>,
+            none = "STATE_DIR/admin.key, created on first start";
     }
     tables {
         /// Rate limits for UNRECOGNIZED replies and HANDSHAKE forwarding.
@@ -461,6 +471,35 @@ impl GatewayConfig {
                 format!("at most 30 days, got {}", self.idle_timeout_secs),
             ));
         }
+        let grace = self.grace();
+        if grace.as_secs() < 2 * self.window_secs {
+            return Err(invalid(
+                "grace_secs",
+                format!(
+                    "must be at least 2 x window_secs = {} (a client that last rebound just \
+                     before a rotation must get a whole window to rebind again), got {}",
+                    2 * self.window_secs,
+                    grace.as_secs()
+                ),
+            ));
+        }
+        if grace.as_secs() > 30 * 86_400 {
+            return Err(invalid(
+                "grace_secs",
+                format!("at most 30 days, got {}", grace.as_secs()),
+            ));
+        }
+        if self.rotate_every_secs != 0 && self.rotate_every_secs <= grace.as_secs() {
+            return Err(invalid(
+                "rotate_every_secs",
+                format!(
+                    "must be 0 or longer than the grace period ({} s), or each rotation would \
+                     cut the previous grace short; got {}",
+                    grace.as_secs(),
+                    self.rotate_every_secs
+                ),
+            ));
+        }
         let r = &self.rate_limits;
         for (key, rate) in [
             (
@@ -517,6 +556,20 @@ impl GatewayConfig {
         } else {
             self.max_connections
         }
+    }
+
+    /// The grace period after a rotation.
+    pub fn grace(&self) -> Duration {
+        Duration::from_secs(
+            self.grace_secs
+                .unwrap_or_else(|| (2 * self.window_secs).max(600)),
+        )
+    }
+
+    pub fn admin_key_path(&self) -> PathBuf {
+        self.admin_key
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("admin.key"))
     }
 
     pub fn master_key_path(&self) -> PathBuf {
@@ -627,6 +680,33 @@ mod tests {
             Err(ConfigError::Invalid { key: "hosts", .. })
         ));
         with_host(c).validate().unwrap();
+    }
+
+    #[test]
+    fn grace_and_rotation_schedule_are_checked() {
+        let mut c = with_host(GatewayConfig::default());
+        assert_eq!(c.grace(), Duration::from_secs(600));
+        c.window_secs = 600;
+        assert_eq!(
+            c.grace(),
+            Duration::from_secs(1200),
+            "at least 2 x W by default"
+        );
+        c.validate().unwrap();
+        c.grace_secs = Some(1199);
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("grace_secs") && e.contains("2 x window_secs = 1200"),
+            "{e}"
+        );
+        c.grace_secs = Some(1200);
+        c.rotate_every_secs = 1200;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("rotate_every_secs"), "{e}");
+        c.rotate_every_secs = 86_400;
+        c.validate().unwrap();
+        let t = GatewayConfig::from_toml("rotate_every_secs = 86400\ngrace_secs = 900").unwrap();
+        assert_eq!((t.rotate_every_secs, t.grace_secs), (86_400, Some(900)));
     }
 
     #[test]

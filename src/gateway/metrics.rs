@@ -350,6 +350,14 @@ pub struct GatewayFacts {
     pub table_bytes: u64,
     /// Configured hosts, in configuration order (the index the counters use).
     pub hosts: Vec<HostFacts>,
+    /// Key epoch rotations since the start.
+    pub rotations: u64,
+    /// Seconds left of the previous epoch's grace period (0: none kept).
+    pub grace_seconds_left: u64,
+    /// Live connections per accepted epoch.
+    pub connections_per_epoch: Vec<(u32, u64)>,
+    /// Refused `POST /rotate` requests.
+    pub admin_auth_failures: u64,
 }
 
 /// Bucket upper bounds (seconds) of the store commit duration histogram.
@@ -460,6 +468,44 @@ pub fn render(workers: &[std::sync::Arc<WorkerMetrics>], facts: &GatewayFacts) -
         family(&mut out, name, "gauge", help);
         let _ = writeln!(out, "{name} {v}");
     }
+    family(
+        &mut out,
+        "rebindgw_epoch_rotations_total",
+        "counter",
+        "Key epoch rotations since the start (schedule and rebindgw rotate).",
+    );
+    let _ = writeln!(out, "rebindgw_epoch_rotations_total {}", facts.rotations);
+    family(
+        &mut out,
+        "rebindgw_epoch_grace_seconds",
+        "gauge",
+        "Seconds left of the previous key epoch's grace period (0: none accepted).",
+    );
+    let _ = writeln!(
+        out,
+        "rebindgw_epoch_grace_seconds {}",
+        facts.grace_seconds_left
+    );
+    family(
+        &mut out,
+        "rebindgw_epoch_connections",
+        "gauge",
+        "Live connections per accepted key epoch.",
+    );
+    for (e, n) in &facts.connections_per_epoch {
+        let _ = writeln!(out, "rebindgw_epoch_connections{{epoch=\"{e}\"}} {n}");
+    }
+    family(
+        &mut out,
+        "rebindgw_admin_auth_failures_total",
+        "counter",
+        "Refused (unauthenticated, stale or replayed) admin requests to rotate.",
+    );
+    let _ = writeln!(
+        out,
+        "rebindgw_admin_auth_failures_total {}",
+        facts.admin_auth_failures
+    );
     family(
         &mut out,
         "rebindgw_build_info",
@@ -714,6 +760,9 @@ mod tests {
             engine_backend: "vaes".into(),
             io_backend: "uring".into(),
             store_commits: 9,
+            rotations: 1,
+            grace_seconds_left: 30,
+            connections_per_epoch: vec![(2, 4), (1, 1)],
             store_latency_buckets: STORE_LATENCY_BUCKETS.iter().map(|le| (*le, 9)).collect(),
             store_latency_sum_seconds: 0.0042,
             store_latency_count: 9,

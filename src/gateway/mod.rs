@@ -11,5 +11,6 @@ pub mod core;
 pub mod metrics;
 pub mod ratelimit;
 pub mod reload;
+pub mod rotate;
 pub mod run;
 pub mod store;

@@ -18,6 +18,7 @@ use super::admin::{AdminRoutes, StoreHealth, readiness, spawn_admin};
 use super::config::GatewayConfig;
 use super::core::{EpochCrypto, HostPeer, Shared, WorkerCore};
 use super::metrics::{GatewayFacts, HostFacts, STORE_LATENCY_BUCKETS, render};
+use super::rotate::{AdminAuth, AdminKey, Rotator, rotate_route};
 use super::store::{Store, StoreOp, open_and_load, run_writer};
 use crate::engine::{self, TrialKeys};
 use crate::io::batch::TxQueue;
@@ -326,15 +327,33 @@ fn start(
     let epoch = loaded.epoch.unwrap_or(1);
     store.apply(&[StoreOp::SetEpoch { epoch }])?;
 
+    // Created beside the state like the master key, unless configured.
+    let admin_auth = Arc::new(AdminAuth::new(AdminKey::load_or_generate(
+        &cfg.admin_key_path(),
+    )?));
+
     let keys = EpochKeys::derive(&master, epoch, cfg.slots)?;
     let trial = TrialKeys::new(engine_backend, keys.slot_key_pairs())?;
-    drop(master);
+    let rotator = Arc::new(Rotator::new(
+        master,
+        engine_backend,
+        cfg.slots,
+        cfg.grace(),
+        Duration::from_secs(cfg.rotate_every_secs),
+        loaded.rotated_at,
+    ));
 
     let (store_tx, store_rx) = crossbeam::channel::unbounded();
     let core_cfg = cfg.core();
     let workers = core_cfg.workers;
     let shared = Shared::new(core_cfg, EpochCrypto { keys, trial }, hosts, Some(store_tx));
     shared.set_started(Ticks::wall_clock());
+    // A restart during a grace period: the previous epoch is accepted again until its end
+    // (housekeeping ends it, and tells the hosts, if that is already past).
+    if loaded.grace_until.0 != 0 {
+        let previous = epoch.wrapping_sub(1);
+        shared.restore_previous(rotator.crypto(previous)?, loaded.grace_until);
+    }
 
     // Restore the registry. Every time issued before the restart is at most `reserved`, so
     // raising each L to it refuses every REBIND captured before the restart.
@@ -442,7 +461,10 @@ fn start(
         let shutdown = shutdown.clone();
         std::thread::Builder::new()
             .name("housekeeping".into())
-            .spawn(move || housekeeping(&shared, &store, &shutdown))?
+            .spawn({
+                let rotator = rotator.clone();
+                move || housekeeping(&shared, &store, &rotator, &shutdown)
+            })?
     });
 
     let admin_addr = match cfg.admin {
@@ -450,10 +472,11 @@ fn start(
             let shared = shared.clone();
             let stats = stats.clone();
             let (io_name, engine_name) = (io_backend.name(), engine_backend.name());
-            let (s2, st2) = (shared.clone(), stats.clone());
+            let (s2, st2, s3) = (shared.clone(), stats.clone(), shared.clone());
+            let auth1 = admin_auth.clone();
             let routes = AdminRoutes {
                 metrics: Box::new(move || {
-                    let facts = facts(&shared, &stats, io_name, engine_name);
+                    let facts = facts(&shared, &stats, &auth1, io_name, engine_name);
                     render(&shared.metrics, &facts)
                 }),
                 ready: Box::new(move || {
@@ -466,6 +489,11 @@ fn start(
                     readiness(&s2.metrics, &hosts, store, Ticks::wall_clock())
                 }),
                 about: super::admin::build_info(io_name, engine_name),
+                rotate: Some(Box::new(rotate_route(
+                    s3,
+                    rotator.clone(),
+                    admin_auth.clone(),
+                ))),
             };
             let (bound, handle) = spawn_admin(addr, routes, shutdown.clone())?;
             helpers.push(handle);
@@ -501,7 +529,13 @@ fn start(
     })
 }
 
-fn facts(shared: &Shared, stats: &StoreStats, io: &str, engine: &str) -> GatewayFacts {
+fn facts(
+    shared: &Shared,
+    stats: &StoreStats,
+    auth: &AdminAuth,
+    io: &str,
+    engine: &str,
+) -> GatewayFacts {
     let epochs = shared.epochs();
     let (buckets, sum, count) = {
         let h = stats.latency_us.lock().unwrap_or_else(|e| e.into_inner());
@@ -537,6 +571,17 @@ fn facts(shared: &Shared, stats: &StoreStats, io: &str, engine: &str) -> Gateway
         store_latency_sum_seconds: sum,
         store_latency_count: count,
         table_bytes: (shared.tuples.memory_bytes() + shared.conns.memory_bytes()) as u64,
+        rotations: shared.rotations(),
+        grace_seconds_left: shared.grace_until().map_or(0, |t| {
+            t.0.saturating_sub(Ticks::wall_clock().0)
+                .div_ceil(crate::time::TICKS_PER_SECOND)
+        }),
+        connections_per_epoch: shared
+            .connections_per_epoch()
+            .into_iter()
+            .map(|(e, n)| (e, n as u64))
+            .collect(),
+        admin_auth_failures: auth.failures.load(Ordering::Relaxed),
         hosts: shared
             .live()
             .hosts
@@ -551,13 +596,14 @@ fn facts(shared: &Shared, stats: &StoreStats, io: &str, engine: &str) -> Gateway
 }
 
 /// Renews the tick reservation before issued times reach it, and expires caches.
-fn housekeeping(shared: &Shared, store: &Store, shutdown: &AtomicBool) {
+fn housekeeping(shared: &Shared, store: &Store, rotator: &Rotator, shutdown: &AtomicBool) {
     let margin = duration_ticks(RESERVE_MARGIN);
     let mut last_expire = Instant::now();
     let mut warn = crate::logging::LogEvery::new(Duration::from_secs(10));
     while !shutdown.load(Ordering::Acquire) {
         std::thread::sleep(Duration::from_millis(100));
         let wall = Ticks::wall_clock();
+        rotator.tick(shared, wall);
         let cap = shared.issue_cap();
         if wall.0.max(shared.last_issued().0).saturating_add(margin) >= cap.0 {
             let next = wall.max(shared.last_issued()).saturating_add(RESERVE_AHEAD);

@@ -20,7 +20,8 @@ use crate::wire::{MAX_TUPLE_LEN, emit_tuple, parse_tuple};
 
 /// (epoch, index) → record.
 const CONNS: TableDefinition<(u32, u32), &[u8]> = TableDefinition::new("connections");
-/// Named u64 settings: "epoch", "reserved_ticks", "slots".
+/// Named u64 settings: "epoch", "reserved_ticks", "slots", "grace_until" (ticks; absent or 0:
+/// no previous epoch is kept), "rotated_at" (ticks; when the current epoch started).
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// Records `--set-aside-corrupt` moved out of `connections`, as they were stored.
 const QUARANTINE: TableDefinition<(u32, u32), &[u8]> = TableDefinition::new("quarantine");
@@ -65,6 +66,20 @@ pub enum StoreOp {
         ticks: Ticks,
     },
     SetEpoch {
+        epoch: u32,
+    },
+    /// A rotation, as one op so it lands in one transaction: `epoch` becomes the current
+    /// epoch, the previous one is accepted until `grace_until`, and every record of `drop`
+    /// (the epoch the rotation stops accepting, if any) is removed.
+    Rotate {
+        epoch: u32,
+        /// When the rotation happened (the schedule counts from it).
+        at: Ticks,
+        grace_until: Ticks,
+        drop: Option<u32>,
+    },
+    /// The grace period of `epoch` (the previous one) is over: its records go.
+    EndGrace {
         epoch: u32,
     },
 }
@@ -183,6 +198,10 @@ pub struct Loaded {
     pub epoch: Option<u32>,
     pub slots: Option<u64>,
     pub reserved: Ticks,
+    /// Until when the previous epoch is accepted (zero: no previous epoch).
+    pub grace_until: Ticks,
+    /// When the current epoch started (zero: unknown, never rotated).
+    pub rotated_at: Ticks,
     pub conns: Vec<StoredConn>,
     /// Damaged records moved into the `quarantine` table by this load.
     pub set_aside: usize,
@@ -362,6 +381,8 @@ impl Store {
                 epoch,
                 slots: stored_slots,
                 reserved: Ticks(get("reserved_ticks")?.unwrap_or(0)),
+                grace_until: Ticks(get("grace_until")?.unwrap_or(0)),
+                rotated_at: Ticks(get("rotated_at")?.unwrap_or(0)),
                 ..Loaded::default()
             };
             let current = epoch.unwrap_or(1);
@@ -500,11 +521,45 @@ impl Store {
                     StoreOp::SetEpoch { epoch } => {
                         meta.insert("epoch", u64::from(*epoch)).map_err(db_err)?;
                     }
+                    StoreOp::Rotate {
+                        epoch,
+                        at,
+                        grace_until,
+                        drop,
+                    } => {
+                        meta.insert("rotated_at", at.0).map_err(db_err)?;
+                        if let Some(d) = drop {
+                            remove_epoch(&mut conns, *d)?;
+                        }
+                        meta.insert("epoch", u64::from(*epoch)).map_err(db_err)?;
+                        meta.insert("grace_until", grace_until.0).map_err(db_err)?;
+                    }
+                    StoreOp::EndGrace { epoch } => {
+                        remove_epoch(&mut conns, *epoch)?;
+                        meta.insert("grace_until", 0).map_err(db_err)?;
+                    }
                 }
             }
         }
         txn.commit().map_err(db_err)
     }
+}
+
+/// Removes every record of `epoch`.
+fn remove_epoch(
+    conns: &mut redb::Table<'_, (u32, u32), &[u8]>,
+    epoch: u32,
+) -> Result<(), StoreError> {
+    let keys: Vec<(u32, u32)> = conns
+        .range((epoch, 0)..=(epoch, u32::MAX))
+        .map_err(db_err)?
+        .map(|row| row.map(|(k, _)| k.value()))
+        .collect::<Result<_, _>>()
+        .map_err(db_err)?;
+    for k in keys {
+        conns.remove(k).map_err(db_err)?;
+    }
+    Ok(())
 }
 
 /// Opens and loads `DIR/registry.redb` (see [`Store::open`] and [`Store::load`]). With
@@ -852,6 +907,56 @@ mod tests {
         );
         assert_eq!(std::fs::read(&moved).unwrap(), junk);
         open_load(&dir, false).unwrap();
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    /// A rotation is one op: the epoch, its grace deadline and the removal of the epoch it
+    /// stops accepting land together, so a restart never finds records of a foreign epoch.
+    #[test]
+    fn rotations_drop_the_epoch_they_stop_accepting() {
+        let dir = tempdir();
+        let at = |epoch: u32, index: u32| StoredConn {
+            epoch,
+            conn_id: u64::from(epoch) << 32 | u64::from(index),
+            ..conn(index, None)
+        };
+        {
+            let s = Store::open(&dir).unwrap();
+            s.apply(&[
+                StoreOp::SetEpoch { epoch: 1 },
+                StoreOp::Register(at(1, 0)),
+                StoreOp::Register(at(1, 5)),
+                StoreOp::Rotate {
+                    epoch: 2,
+                    at: Ticks(10),
+                    grace_until: Ticks(1_000),
+                    drop: None,
+                },
+                StoreOp::Register(at(2, 3)),
+            ])
+            .unwrap();
+            let l = s.load(12, false).unwrap();
+            assert_eq!((l.epoch, l.grace_until), (Some(2), Ticks(1_000)));
+            assert_eq!(l.conns.len(), 3);
+            s.apply(&[StoreOp::Rotate {
+                epoch: 3,
+                at: Ticks(20),
+                grace_until: Ticks(2_000),
+                drop: Some(1),
+            }])
+            .unwrap();
+        }
+        let s = Store::open(&dir).unwrap();
+        let l = s
+            .load(12, false)
+            .expect("no record of a foreign epoch is left");
+        assert_eq!((l.epoch, l.grace_until), (Some(3), Ticks(2_000)));
+        assert_eq!(l.rotated_at, Ticks(20));
+        assert_eq!(l.conns, vec![at(2, 3)]);
+        s.apply(&[StoreOp::EndGrace { epoch: 2 }]).unwrap();
+        let l = s.load(12, false).unwrap();
+        assert_eq!((l.epoch, l.grace_until), (Some(3), Ticks(0)));
+        assert!(l.conns.is_empty());
         std::fs::remove_dir_all(&dir).ok();
     }
 

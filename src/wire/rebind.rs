@@ -82,8 +82,9 @@ impl<'a> RebindView<'a> {
         &self.buf[SLOTS_AT + 16 * self.slots..]
     }
     /// True for the cookie request of §6: every byte after the type is zero.
+    /// Type, any epoch byte (1.1), then zeros.
     pub fn is_cookie_request(&self) -> bool {
-        self.buf[1..].iter().all(|b| *b == 0)
+        self.buf[2..].iter().all(|b| *b == 0)
     }
     pub fn as_bytes(&self) -> &'a [u8] {
         self.buf

@@ -74,6 +74,8 @@ enum Command {
     Bench(BenchCommand),
     /// Print a readable summary of a running gateway's metrics (per host, too).
     Stats(gateway::admin::StatsArgs),
+    /// Start a new key epoch on a running gateway now (authenticated with its admin key).
+    Rotate(gateway::rotate::RotateArgs),
     /// Print a shell completion script on stdout (e.g. rebindgw completions bash >
     /// /etc/bash_completion.d/rebindgw).
     Completions {
@@ -410,6 +412,10 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Rotate(args) => {
+            print!("{}", gateway::rotate::run_rotate(&args)?);
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Stats(args) => {
             print!("{}", gateway::admin::run_stats(&args)?);
             Ok(ExitCode::SUCCESS)
@@ -577,7 +583,7 @@ mod tests {
         let mut cli = Cli::command();
         let cmd = cli.find_subcommand_mut("gateway").unwrap();
         let shown = GatewayFlags::shown_defaults();
-        assert_eq!(shown.len(), 18, "every key but log_format has a flag");
+        assert_eq!(shown.len(), 21, "every key but log_format has a flag");
         for (id, default) in shown {
             let arg = cmd
                 .get_arguments()

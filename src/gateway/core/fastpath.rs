@@ -34,7 +34,7 @@ impl WorkerCore {
                     }
                     None => {
                         self.metrics.inc(C::UnknownTuple);
-                        self.unrecognized(now, d.via, d.from, d.data.len(), tx);
+                        self.unrecognized(now, d.via, d.from, d.data.len(), None, tx);
                     }
                 }
             }
@@ -75,13 +75,16 @@ impl WorkerCore {
     }
 
     /// Answers an unknown source with UNRECOGNIZED, never larger than the trigger and under
-    /// the rate limits (§5).
+    /// the rate limits (§5). It carries the current epoch, unless `rebind_epoch` (the epoch
+    /// byte of the REBIND or cookie request that drew it) names the previous epoch during
+    /// its grace period: then that epoch and a cookie under its `Kc` (§6, 1.1).
     pub(super) fn unrecognized(
         &mut self,
         now: Ticks,
         via: Via,
         from: SocketAddr,
         trigger: usize,
+        rebind_epoch: Option<u8>,
         tx: &mut TxQueue,
     ) {
         if trigger < unrecognized_len(&from) {
@@ -94,7 +97,10 @@ impl WorkerCore {
             Ok(()) => {}
         }
         let t = self.issued(now);
-        let keys = &self.epochs.current.keys;
+        let keys = match (&self.epochs.previous, rebind_epoch) {
+            (Some(p), Some(b)) if p.keys.epoch_byte() == b => &p.keys,
+            _ => &self.epochs.current.keys,
+        };
         let u = Unrecognized {
             epoch_byte: keys.epoch_byte(),
             t,

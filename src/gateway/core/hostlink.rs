@@ -431,9 +431,7 @@ impl WorkerCore {
     /// One worker at a time sweeps, at most every `idle_timeout / 4` (1–10 s), taking the
     /// control lock once; a sweep stops when `tx` is full and goes on at the next tick.
     pub fn tick(&mut self, now: Ticks, tx: &mut TxQueue) {
-        if self.shared.retired_pending.load(Ordering::Acquire) {
-            self.tell_retired(now, tx);
-        }
+        self.send_expired_pending(now, tx);
         self.expire_commits(now);
         let idle = self.shared.cfg.idle_timeout;
         if idle.is_zero() {
@@ -461,13 +459,11 @@ impl WorkerCore {
         }
     }
 
-    /// Sends EXPIRED for connections whose epoch was rotated out, as far as `tx` has room.
-    fn tell_retired(&mut self, now: Ticks, tx: &mut TxQueue) {
-        let shared = self.shared.clone();
-        let mut ctl = shared.control();
+    /// Tells hosts about connections released with an epoch (end of grace), as much as
+    /// `tx` has room for; the rest waits for the next tick.
+    fn send_expired_pending(&mut self, now: Ticks, tx: &mut TxQueue) {
         let room = tx.capacity().saturating_sub(tx.len());
-        let take = ctl.retired.len().min(room);
-        for (host, conn_id) in ctl.retired.drain(..take) {
+        for (host, conn_id) in self.shared.take_expired_pending(room) {
             self.metrics.inc(C::Expired);
             if let Some(peer) = self.live.hosts.get(usize::from(host)) {
                 let msg = LinkMsg::Expired { conn_id }.seal(&peer.key, now);
@@ -477,9 +473,6 @@ impl WorkerCore {
                 }
             }
         }
-        shared
-            .retired_pending
-            .store(!ctl.retired.is_empty(), Ordering::Release);
     }
 
     /// Returns false if it stopped because `tx` filled up.

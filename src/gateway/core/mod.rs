@@ -41,7 +41,7 @@ pub use commit::{
     COMMIT_TIMEOUT, CommitMode, CommitRefusal, CommitRequest, CommitResult, MAX_PENDING_COMMITS,
 };
 use hostlink::RecentHandshakes;
-pub use shared::{Control, Epochs, Live, Shared};
+pub use shared::{Control, Epochs, Live, Rotation, Shared};
 
 /// Settings the core needs.
 #[derive(Clone, Debug)]

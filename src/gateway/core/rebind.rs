@@ -64,7 +64,8 @@ impl WorkerCore {
                     C::reject(reason)
                 });
                 if unrecognized {
-                    self.unrecognized(now, d.via, d.from, d.data.len(), tx);
+                    let epoch = d.data.get(1).copied();
+                    self.unrecognized(now, d.via, d.from, d.data.len(), epoch, tx);
                 }
             }
         }

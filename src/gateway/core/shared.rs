@@ -72,9 +72,9 @@ pub struct Control {
     pub(super) guard: ReplayGuard,
     /// Each host's boot id, by `HostId`.
     pub(super) boots: Vec<Option<HostBoot>>,
-    /// Connections released because their epoch was rotated out, whose hosts get EXPIRED at
-    /// a worker's next tick.
-    pub(super) retired: Vec<(HostId, u64)>,
+    /// Connections released with an epoch (end of grace): their hosts are told EXPIRED by
+    /// the next worker tick.
+    pub(super) expired_pending: Vec<(HostId, u64)>,
 }
 
 /// REGISTERED replies kept for retransmits. A host retries within ~2.5 s, so a bounded FIFO
@@ -147,8 +147,24 @@ pub struct Shared {
     pub(super) activity: Box<[AtomicU32]>,
     /// When the next idle sweep is due (ticks); a worker's `tick` claims it.
     pub(super) next_sweep: AtomicU64,
-    /// `Control::retired` is not empty (read without the lock at each tick).
-    pub(super) retired_pending: AtomicBool,
+    /// Until when the previous epoch is accepted (ticks; 0: there is none, `u64::MAX`: until
+    /// the next rotation).
+    pub(super) grace_until: AtomicU64,
+    /// Rotations since the start.
+    pub(super) rotations: AtomicU64,
+    /// `Control::expired_pending` is not empty (checked without the lock).
+    pub(super) has_expired_pending: AtomicBool,
+}
+
+/// What a rotation did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rotation {
+    /// The new current epoch.
+    pub epoch: u32,
+    /// The epoch no longer accepted (the previous one, whose grace was cut short), if any.
+    pub dropped: Option<u32>,
+    /// Connections released with it (their hosts are told EXPIRED).
+    pub released: usize,
 }
 
 impl Shared {
@@ -190,8 +206,11 @@ impl Shared {
                 recent_order: VecDeque::new(),
                 guard: ReplayGuard::default(),
                 boots: vec![None; host_count],
-                retired: Vec::new(),
+                expired_pending: Vec::new(),
             }),
+            grace_until: AtomicU64::new(0),
+            rotations: AtomicU64::new(0),
+            has_expired_pending: AtomicBool::new(false),
             store,
             last_issued: AtomicU64::new(0),
             issue_cap: AtomicU64::new(u64::MAX),
@@ -203,7 +222,6 @@ impl Shared {
                 .map(|_| AtomicU32::new(0))
                 .collect(),
             next_sweep: AtomicU64::new(0),
-            retired_pending: AtomicBool::new(false),
             cfg,
         })
     }
@@ -284,45 +302,169 @@ impl Shared {
 
     /// Makes `next` the current epoch; the old one stays accepted (as `previous`) until the
     /// next rotation replaces it.
-    pub fn rotate(&self, next: EpochCrypto) {
+    pub fn rotate(&self, next: EpochCrypto) -> Rotation {
+        self.rotate_with_grace(next, Ticks(0), Ticks(u64::MAX))
+    }
+
+    /// Makes `next` the current epoch at `at` and keeps the old one accepted until `grace_until`
+    /// (see [`Shared::end_grace`]). An epoch still in its grace period is dropped now: its
+    /// keys go, its connections are released (hosts told EXPIRED) and, in the same store
+    /// op as the new epoch, its records are removed.
+    pub fn rotate_with_grace(&self, next: EpochCrypto, at: Ticks, grace_until: Ticks) -> Rotation {
         let epoch = next.keys.epoch();
-        {
-            let mut ctl = self.control();
-            if ctl.registry_mut(epoch).is_none() {
-                let cap = self.cfg.max_connections;
-                ctl.registries
-                    .insert(0, (epoch, Registry::with_capacity(self.cfg.slots, cap)));
-            }
-            // The epoch before the previous one is over: its connections go from the
-            // registry, both tables and the store, and their hosts are told at the next tick.
-            let keep = ctl.registries.len().min(2);
-            for (old_epoch, reg) in ctl.registries.split_off(keep) {
-                for (index, c) in reg.iter() {
-                    let route = ctl.conns.remove(c.conn_id);
-                    if let Some(t) = route.and_then(|r| r.tuple)
-                        && ctl.tuples.get(&t).is_some_and(|r| r.conn_id == c.conn_id)
-                    {
-                        ctl.tuples.remove(&t);
-                    }
-                    ctl.retired.push((c.host, c.conn_id));
-                    self.persist(StoreOp::Remove {
-                        epoch: old_epoch,
-                        index,
-                    });
-                }
-            }
-            self.retired_pending
-                .store(!ctl.retired.is_empty(), Ordering::Release);
-        }
+        let mut ctl = self.control();
         let mut guard = self.epochs.write().unwrap_or_else(|e| e.into_inner());
+        let current = guard.current.keys.epoch();
+        let mut released = 0;
+        let mut dropped = None;
+        // Every registry but the current one's goes (normally only the previous epoch's).
+        let stale: Vec<u32> = ctl
+            .registries
+            .iter()
+            .map(|(e, _)| *e)
+            .filter(|e| *e != current && *e != epoch)
+            .collect();
+        for e in stale {
+            released += self.release_epoch(&mut ctl, e);
+            dropped = Some(e);
+        }
+        if let Some(p) = &guard.previous
+            && p.keys.epoch() != epoch
+        {
+            dropped = Some(p.keys.epoch());
+        }
+        if ctl.registry_mut(epoch).is_none() {
+            let cap = self.cfg.max_connections;
+            ctl.registries
+                .insert(0, (epoch, Registry::with_capacity(self.cfg.slots, cap)));
+        }
         let previous = Some(guard.current.clone());
         *guard = Arc::new(Epochs {
             current: Arc::new(next),
             previous,
         });
         drop(guard);
+        self.grace_until.store(grace_until.0, Ordering::Release);
         self.epochs_generation.fetch_add(1, Ordering::AcqRel);
-        self.persist(StoreOp::SetEpoch { epoch });
+        self.rotations.fetch_add(1, Ordering::Relaxed);
+        self.persist(StoreOp::Rotate {
+            epoch,
+            at,
+            grace_until,
+            drop: dropped,
+        });
+        drop(ctl);
+        Rotation {
+            epoch,
+            dropped,
+            released,
+        }
+    }
+
+    /// Ends the grace period if it is over at `now`: the previous epoch's keys are dropped
+    /// (zeroized once no worker holds them) and its connections released (their hosts are
+    /// told EXPIRED, their clients handshake again). Returns what was dropped, if anything.
+    pub fn end_grace(&self, now: Ticks) -> Option<Rotation> {
+        let until = self.grace_until.load(Ordering::Acquire);
+        if until == 0 || now.0 < until {
+            return None;
+        }
+        let mut ctl = self.control();
+        let mut guard = self.epochs.write().unwrap_or_else(|e| e.into_inner());
+        let previous = guard.previous.as_ref()?.keys.epoch();
+        let released = self.release_epoch(&mut ctl, previous);
+        *guard = Arc::new(Epochs {
+            current: guard.current.clone(),
+            previous: None,
+        });
+        drop(guard);
+        self.grace_until.store(0, Ordering::Release);
+        self.epochs_generation.fetch_add(1, Ordering::AcqRel);
+        self.persist(StoreOp::EndGrace { epoch: previous });
+        drop(ctl);
+        Some(Rotation {
+            epoch: previous.wrapping_add(1),
+            dropped: Some(previous),
+            released,
+        })
+    }
+
+    /// Until when the previous epoch is accepted: `None` if there is no previous epoch,
+    /// `Some(Ticks(u64::MAX))` if until the next rotation.
+    pub fn grace_until(&self) -> Option<Ticks> {
+        match self.grace_until.load(Ordering::Acquire) {
+            0 => None,
+            t => Some(Ticks(t)),
+        }
+    }
+
+    /// Rotations since the start.
+    pub fn rotations(&self) -> u64 {
+        self.rotations.load(Ordering::Relaxed)
+    }
+
+    /// Live connections per accepted epoch, current first.
+    pub fn connections_per_epoch(&self) -> Vec<(u32, usize)> {
+        let ctl = self.control();
+        let mut v: Vec<(u32, usize)> = ctl.registries.iter().map(|(e, r)| (*e, r.len())).collect();
+        let current = self.epochs().current.keys.epoch();
+        v.sort_by_key(|(e, _)| *e != current);
+        v
+    }
+
+    /// Takes `epoch`'s registry out and removes its connections from both tables; queues an
+    /// EXPIRED for each. The store is not told: the caller's op removes the whole epoch.
+    fn release_epoch(&self, ctl: &mut Control, epoch: u32) -> usize {
+        let Some(pos) = ctl.registries.iter().position(|(e, _)| *e == epoch) else {
+            return 0;
+        };
+        let (_, reg) = ctl.registries.remove(pos);
+        let mut n = 0;
+        for (index, c) in reg.iter() {
+            let route = ctl.conns.get(c.conn_id);
+            if route.is_some_and(|r| r.epoch_byte == epoch as u8 && r.index == index) {
+                ctl.conns.remove(c.conn_id);
+            }
+            if let Some(t) = c.tuple()
+                && ctl.tuples.get(&t).is_some_and(|r| r.conn_id == c.conn_id)
+            {
+                ctl.tuples.remove(&t);
+            }
+            ctl.expired_pending.push((c.host, c.conn_id));
+            n += 1;
+        }
+        if n > 0 {
+            self.has_expired_pending.store(true, Ordering::Release);
+        }
+        n
+    }
+
+    /// Takes the EXPIRED notices queued by [`Shared::end_grace`] and rotations.
+    pub(super) fn take_expired_pending(&self, max: usize) -> Vec<(HostId, u64)> {
+        if !self.has_expired_pending.load(Ordering::Acquire) {
+            return Vec::new();
+        }
+        let mut ctl = self.control();
+        let n = ctl.expired_pending.len().min(max);
+        let taken: Vec<_> = ctl.expired_pending.drain(..n).collect();
+        if ctl.expired_pending.is_empty() {
+            self.has_expired_pending.store(false, Ordering::Release);
+        }
+        taken
+    }
+
+    /// Restores the previous epoch after a restart during its grace period (until `until`).
+    pub fn restore_previous(&self, previous: EpochCrypto, until: Ticks) {
+        let epoch = previous.keys.epoch();
+        self.add_epoch_registry(epoch);
+        let mut guard = self.epochs.write().unwrap_or_else(|e| e.into_inner());
+        *guard = Arc::new(Epochs {
+            current: guard.current.clone(),
+            previous: Some(Arc::new(previous)),
+        });
+        drop(guard);
+        self.grace_until.store(until.0.max(1), Ordering::Release);
+        self.epochs_generation.fetch_add(1, Ordering::AcqRel);
     }
 
     /// The hosts and rate limits in force.

@@ -818,12 +818,6 @@ fn restored_connections_refuse_pre_restart_rebinds() {
     assert_eq!(fresh.client(old, &data(60))[0].0, Via::Host);
 }
 
-fn epoch_crypto(epoch: u32) -> EpochCrypto {
-    let keys = EpochKeys::derive(&MasterSecret::from_bytes([5; 32]), epoch, S).unwrap();
-    let trial = TrialKeys::new(Backend::Portable, keys.slot_key_pairs()).unwrap();
-    EpochCrypto { keys, trial }
-}
-
 #[test]
 fn an_epoch_rotated_out_takes_its_connections_from_tables_and_store_and_tells_hosts() {
     let (store, stored) = crossbeam::channel::unbounded();
@@ -842,14 +836,15 @@ fn an_epoch_rotated_out_takes_its_connections_from_tables_and_store_and_tells_ho
     assert!(h.shared.tuples.get(&a).is_none());
     assert_eq!(h.shared.tuples.get(&b).map(|r| r.conn_id), Some(2));
     assert_eq!(h.shared.connections(), 1);
-    let removed: Vec<_> = stored
+    // The rotation's one store op drops epoch 3's records.
+    let dropped: Vec<_> = stored
         .try_iter()
         .filter_map(|op| match op {
-            StoreOp::Remove { epoch, index } => Some((epoch, index)),
+            StoreOp::Rotate { epoch, drop, .. } => Some((epoch, drop)),
             _ => None,
         })
         .collect();
-    assert_eq!(removed, vec![(3, 0)], "the removal is persisted");
+    assert_eq!(dropped, vec![(5, Some(3))], "the removal is persisted");
     // Its host hears at the next tick, once.
     let out = h.tick();
     assert_eq!(out.len(), 1);
@@ -1044,4 +1039,75 @@ proptest! {
             prop_assert!(reply.len() <= crate::io::batch::SLOT_LEN);
         }
     }
+}
+
+fn epoch_crypto(epoch: u32) -> EpochCrypto {
+    let keys = EpochKeys::derive(&MasterSecret::from_bytes([5; 32]), epoch, S).unwrap();
+    let trial = TrialKeys::new(Backend::Portable, keys.slot_key_pairs()).unwrap();
+    EpochCrypto { keys, trial }
+}
+
+/// The epoch a rotation stops accepting is removed from the store in the rotation's own op
+/// (it used to stay there: a restart then found records of a foreign epoch), and its
+/// connections leave both tables, their host told EXPIRED.
+#[test]
+fn rotation_drops_the_epoch_it_stops_accepting_everywhere() {
+    let (store, stored) = crossbeam::channel::unbounded();
+    let mut h = Harness::build(CoreConfig::new(S), &[], Some(store));
+    let a = addr("10.0.0.1:4000");
+    h.register(1, a);
+    let r = h.shared.rotate(epoch_crypto(4));
+    assert_eq!((r.epoch, r.dropped, r.released), (4, None, 0));
+    let b = addr("10.0.0.2:4000");
+    h.register(2, b);
+    assert_eq!(h.shared.connections_per_epoch(), vec![(4, 1), (3, 1)]);
+    assert!(h.tick().is_empty());
+    let r = h.shared.rotate(epoch_crypto(5));
+    assert_eq!((r.epoch, r.dropped, r.released), (5, Some(3), 1));
+    let ops: Vec<_> = stored
+        .try_iter()
+        .filter_map(|op| match op {
+            StoreOp::Rotate { epoch, drop, .. } => Some((epoch, drop)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(ops, vec![(4, None), (5, Some(3))]);
+    assert!(h.shared.conns.get(1).is_none());
+    assert!(h.shared.tuples.get(&a).is_none());
+    assert!(h.shared.conns.get(2).is_some());
+    assert_eq!(h.shared.connections_per_epoch(), vec![(5, 0), (4, 1)]);
+    let out = h.tick();
+    assert_eq!(out.len(), 1);
+    assert_eq!(
+        LinkMsg::open(&out[0].2, &h.link, h.now),
+        Ok(LinkMsg::Expired { conn_id: 1 })
+    );
+    assert!(h.tick().is_empty(), "told once");
+    assert_eq!(h.shared.rotations(), 2);
+}
+
+/// The grace period ends at its deadline, not before: then the previous epoch's keys and
+/// connections go, in one store op.
+#[test]
+fn grace_ends_at_its_deadline() {
+    let (store, stored) = crossbeam::channel::unbounded();
+    let mut h = Harness::build(CoreConfig::new(S), &[], Some(store));
+    h.register(1, addr("10.0.0.1:4000"));
+    let until = Ticks(h.now.0 + 60 * TICKS_PER_SECOND);
+    h.shared.rotate_with_grace(epoch_crypto(4), h.now, until);
+    assert_eq!(h.shared.grace_until(), Some(until));
+    assert!(h.shared.end_grace(Ticks(until.0 - 1)).is_none());
+    assert!(h.shared.epochs().previous.is_some());
+    let r = h.shared.end_grace(until).expect("grace over");
+    assert_eq!((r.dropped, r.released), (Some(3), 1));
+    assert!(h.shared.epochs().previous.is_none());
+    assert_eq!(h.shared.grace_until(), None);
+    assert!(h.shared.end_grace(until).is_none());
+    assert!(
+        stored
+            .try_iter()
+            .any(|op| matches!(op, StoreOp::EndGrace { epoch: 3 }))
+    );
+    assert_eq!(h.tick().len(), 1, "the host is told EXPIRED");
+    assert_eq!(h.shared.connections(), 0);
 }
