@@ -369,7 +369,8 @@ pub struct HostCore {
     guard: ReplayGuard,
     /// Random per run: a gateway that sees a new one releases the connections of the old.
     boot: u64,
-    hello: Hello,
+    /// The HELLO exchange per gateway IP (sources are limited to `cfg.gateways`).
+    hellos: HashMap<IpAddr, Hello>,
     clients: ClientsFile,
     conns: HashMap<u64, Conn>,
     /// Each client's connections, oldest first. A client uses one: the first DATA on a
@@ -414,13 +415,15 @@ struct PendingEcho {
     to: SocketAddr,
 }
 
-/// The HELLO exchange: no REGISTER or CLOSE goes out before the gateway acknowledged this
-/// run's boot id, so none can be taken for the previous run's.
-#[derive(Debug, Default)]
+/// The HELLO exchange with one gateway: no REGISTER goes to it before it acknowledged this
+/// run's boot id, so none can be taken for the previous run's. A host keeps one per gateway
+/// (by IP address: a gateway's workers share one boot table), so several gateways behind
+/// ECMP each learn the boot id (cluster mode, docs/cluster.md).
+#[derive(Debug)]
 struct Hello {
     acked: bool,
-    /// The gateway address to send it to: the first permitted source heard from.
-    to: Option<SocketAddr>,
+    /// The address to send it to: the first of that gateway's sockets heard from.
+    to: SocketAddr,
     next: Ticks,
 }
 
@@ -447,7 +450,7 @@ impl HostCore {
             mac: link_key.handshake_mac(),
             guard: ReplayGuard::default(),
             boot: u64::from_be_bytes(crypto::random_array()),
-            hello: Hello::default(),
+            hellos: HashMap::new(),
             clients,
             conns: HashMap::new(),
             by_client: HashMap::new(),
@@ -552,7 +555,7 @@ impl HostCore {
 
     /// Has the gateway acknowledged this run's HELLO?
     pub fn hello_acked(&self) -> bool {
-        self.hello.acked
+        !self.hellos.is_empty() && self.hellos.values().all(|h| h.acked)
     }
 
     pub fn clients(&self) -> &ClientsFile {
@@ -665,10 +668,12 @@ impl HostCore {
                 return None;
             }
         };
-        if self.hello.to.is_none() {
-            // The first gateway heard from is told this run's boot id (at the next timer).
-            self.hello.to = Some(from);
-        }
+        // Each gateway heard from is told this run's boot id (at the next timer).
+        self.hellos.entry(from.ip()).or_insert(Hello {
+            acked: false,
+            to: from,
+            next: now,
+        });
         match ty {
             LinkType::ToHostData => {
                 self.on_data(now, from, datagram);
@@ -682,12 +687,15 @@ impl HostCore {
                     return None;
                 };
                 let t = self.on_handshake(now, from, framed)?;
-                if t.payload.first() == Some(&(LinkType::Register as u8)) && !self.hello.acked {
-                    // Held until the HELLO is acknowledged (then resent at once); the HELLO
-                    // goes in its place.
-                    self.hello.to = Some(from);
-                    self.hello.next = now;
-                    return self.hello_msg(now);
+                if t.payload.first() == Some(&(LinkType::Register as u8))
+                    && !self.hello_acked_by(from.ip())
+                {
+                    // Held until this gateway acknowledges the HELLO (then resent at once);
+                    // the HELLO goes in its place.
+                    let h = self.hellos.get_mut(&from.ip())?;
+                    h.to = from;
+                    h.next = now;
+                    return self.hello_msg(now, from.ip());
                 }
                 Some(t)
             }
@@ -934,13 +942,18 @@ impl HostCore {
         }
     }
 
-    /// The HELLO to send now, if one is due; schedules the next.
-    fn hello_msg(&mut self, now: Ticks) -> Option<Transmit> {
-        let to = self
-            .hello
-            .to
-            .filter(|_| !self.hello.acked && now >= self.hello.next)?;
-        self.hello.next = now.saturating_add(self.cfg.register_retry);
+    fn hello_acked_by(&self, gateway: IpAddr) -> bool {
+        self.hellos.get(&gateway).is_some_and(|h| h.acked)
+    }
+
+    /// The HELLO to send `gateway` now, if one is due; schedules the next.
+    fn hello_msg(&mut self, now: Ticks, gateway: IpAddr) -> Option<Transmit> {
+        let h = self.hellos.get_mut(&gateway)?;
+        if h.acked || now < h.next {
+            return None;
+        }
+        h.next = now.saturating_add(self.cfg.register_retry);
+        let to = h.to;
         self.counters.hello_sent += 1;
         Some(Transmit {
             to,
@@ -1095,11 +1108,17 @@ impl HostCore {
                     self.counters.hello_ack_wrong_boot += 1;
                     return None;
                 }
-                if !self.hello.acked {
-                    self.hello.acked = true;
+                let h = self.hellos.get_mut(&from.ip())?;
+                if !h.acked {
+                    h.acked = true;
                     self.counters.hello_acked += 1;
-                    // REGISTERs held for the HELLO go out at the next timer.
-                    let held: Vec<u64> = self.pending.keys().copied().collect();
+                    // REGISTERs held for this gateway's HELLO go out at the next timer.
+                    let held: Vec<u64> = self
+                        .pending
+                        .iter()
+                        .filter(|(_, p)| p.gateway.ip() == from.ip())
+                        .map(|(r, _)| *r)
+                        .collect();
                     for request in held {
                         let t = self.register_msg(now, request);
                         self.deferred.push(t);
@@ -1178,8 +1197,12 @@ impl HostCore {
         if !self.deferred.is_empty() {
             return Some(Ticks(0));
         }
-        let hello = (!self.hello.acked && self.hello.to.is_some()).then_some(self.hello.next);
-        self.pending.values().map(|p| p.retry_at).chain(hello).min()
+        let hellos = self.hellos.values().filter(|h| !h.acked).map(|h| h.next);
+        self.pending
+            .values()
+            .map(|p| p.retry_at)
+            .chain(hellos)
+            .min()
     }
 
     /// Resends overdue REGISTERs, gives up on those sent `register_tries` times, and expires
@@ -1189,7 +1212,10 @@ impl HostCore {
         self.park_echo();
         self.expire(now);
         let mut out = std::mem::take(&mut self.deferred);
-        out.extend(self.hello_msg(now));
+        let gateways: Vec<IpAddr> = self.hellos.keys().copied().collect();
+        for g in gateways {
+            out.extend(self.hello_msg(now, g));
+        }
         self.close_idle(now, &mut out);
         let due: Vec<u64> = self
             .pending
@@ -1206,7 +1232,8 @@ impl HostCore {
             }
             p.sent += 1;
             p.retry_at = now.saturating_add(self.cfg.register_retry);
-            if self.hello.acked {
+            let gateway = p.gateway.ip();
+            if self.hello_acked_by(gateway) {
                 self.counters.register_retransmits += 1;
                 out.push(self.register_msg(now, request));
             }

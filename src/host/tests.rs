@@ -1138,3 +1138,60 @@ fn application_mode_surfaces_data_and_sends() {
     assert_eq!((c.app_sent, c.app_send_refused), (1, 2));
     assert_eq!((c.echoes, c.keepalives_answered), (0, 1));
 }
+
+#[test]
+fn each_gateway_gets_its_own_hello_and_holds_its_own_registers() {
+    let link = LinkKey([9; 16]);
+    let mut core = HostCore::with_config(&link, clients(&[1, 2]), sim_config());
+    let mut out = vec![0u8; 2048];
+    // Gateway 1 learns the boot id; its handshake's REGISTER goes out once it acknowledges.
+    let hs1 = to_host_handshake(&creds(1), [1; 16], T0);
+    let o = handle(&mut core, T0, gw(), &hs1, &mut out).expect("HELLO to gateway 1");
+    assert_eq!(o.to, gw());
+    ack_hello(&mut core, &link, T0);
+    let sent = timeout(&mut core, T0);
+    assert!(matches!(
+        Control::open(&sent[0].payload, &link.cipher(), T0),
+        Ok(Control::Register { .. })
+    ));
+    // A second gateway (another address) forwards a handshake: it gets its own HELLO, and
+    // its REGISTER waits for its own acknowledgement, not gateway 1's.
+    let hs2 = to_host_handshake(&creds(2), [2; 16], T0);
+    let o = handle(&mut core, T0, gw2(), &hs2, &mut out).expect("HELLO to gateway 2");
+    assert_eq!(o.to, gw2());
+    assert_eq!(
+        Control::open(&out[..o.len], &link.cipher(), T0),
+        Ok(Control::Hello { boot: core.boot() })
+    );
+    assert!(!core.hello_acked(), "gateway 2 has not acknowledged");
+    let later = T0.saturating_add(Duration::from_secs(1));
+    let sent = timeout(&mut core, later);
+    // Gateway 1's REGISTER is retransmitted (unanswered); gateway 2 gets only its HELLO.
+    let to_gw2: Vec<_> = sent.iter().filter(|t| t.to == gw2()).collect();
+    assert_eq!(to_gw2.len(), 1);
+    assert!(matches!(
+        Control::open(&to_gw2[0].payload, &link.cipher(), later),
+        Ok(Control::Hello { .. })
+    ));
+    assert!(sent.iter().filter(|t| t.to == gw()).all(|t| matches!(
+        Control::open(&t.payload, &link.cipher(), later),
+        Ok(Control::Register { .. })
+    )));
+    let ack = Control::HelloAck {
+        boot: core.boot(),
+        released: 0,
+    }
+    .seal(&link.cipher(), later);
+    assert!(handle(&mut core, later, gw2(), &ack, &mut out).is_none());
+    assert!(core.hello_acked());
+    let sent: Vec<_> = timeout(&mut core, later)
+        .into_iter()
+        .filter(|t| t.to == gw2())
+        .collect();
+    assert_eq!(sent.len(), 1);
+    assert!(matches!(
+        Control::open(&sent[0].payload, &link.cipher(), later),
+        Ok(Control::Register { boot, .. }) if boot == core.boot()
+    ));
+    assert_eq!(core.counters().hello_acked, 2);
+}
