@@ -32,7 +32,7 @@ use crate::client::{Client, ClientConfig, ClientEvent, ClientState, MAX_DATAGRAM
 use crate::engine::{Backend, TrialKeys};
 use crate::gateway::core::{
     CommitMode, CommitRefusal, CommitRequest, CommitResult, CoreConfig, EpochCrypto, HostPeer,
-    Rotation, Shared, WorkerCore,
+    RegisterRequest, RegisterResult, Rotation, Shared, WorkerCore,
 };
 use crate::gateway::metrics::C;
 use crate::gateway::store::{StoreOp, StoredConn};
@@ -185,6 +185,8 @@ pub struct SimGateway {
     pub restarts: u32,
     /// Deferred commits on their way to the store model: `(due, request)`.
     commits: Vec<(Ticks, CommitRequest)>,
+    /// Deferred registrations on their way to the store model.
+    registrations: Vec<(Ticks, RegisterRequest)>,
     /// The store model refuses every commit as `Unavailable` (a store without quorum).
     pub store_down: bool,
 }
@@ -223,6 +225,32 @@ impl SimGateway {
         } else {
             CommitResult::Refused(CommitRefusal::Conflict)
         }
+    }
+
+    /// The store model's decision on a deferred registration: the lowest free index of the
+    /// epoch below the capacity, taken at once (as the etcd create-if-absent transaction).
+    fn decide_registration(&mut self, r: &RegisterRequest) -> RegisterResult {
+        if self.store_down {
+            return RegisterResult::Refused(CommitRefusal::Unavailable);
+        }
+        self.persist();
+        let Some(index) = (0..r.capacity).find(|i| !self.persisted.contains_key(&(r.epoch, *i)))
+        else {
+            return RegisterResult::Full;
+        };
+        self.persisted.insert(
+            (r.epoch, index),
+            StoredConn {
+                epoch: r.epoch,
+                index,
+                conn_id: r.conn_id,
+                secret: r.secret.clone(),
+                last_rebind: Ticks(0),
+                tuple: Some(r.tuple),
+                host: r.host,
+            },
+        );
+        RegisterResult::Registered { index }
     }
 
     /// Applies the store operations the core queued, as the store writer would.
@@ -644,6 +672,18 @@ impl World {
             self.drain_gateway(&[]);
             progress = true;
         }
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.gateway.registrations)
+            .into_iter()
+            .partition(|(at, _)| *at <= now);
+        self.gateway.registrations = later;
+        for (_, r) in due {
+            let result = self.gateway.decide_registration(&r);
+            self.gateway
+                .worker
+                .handle_registration(now, r.ticket, result, &mut self.gateway.tx);
+            self.drain_gateway(&[]);
+            progress = true;
+        }
         if self.host.poll_timeout().is_some_and(|t| t <= now) {
             self.host.handle_timeout(now);
             progress = true;
@@ -684,7 +724,13 @@ impl World {
             .iter()
             .filter_map(|c| c.core.poll_timeout())
             .min();
-        let commit = self.gateway.commits.iter().map(|(t, _)| *t).min();
+        let commit = self
+            .gateway
+            .commits
+            .iter()
+            .map(|(t, _)| *t)
+            .chain(self.gateway.registrations.iter().map(|(t, _)| *t))
+            .min();
         let grace = self
             .gateway
             .shared
@@ -779,6 +825,10 @@ impl World {
                 self.gateway
                     .commits
                     .push((self.now.saturating_add(latency), r));
+            }
+            while let Some(r) = self.gateway.worker.poll_registration() {
+                let due = self.now.saturating_add(latency);
+                self.gateway.registrations.push((due, r));
             }
         }
         let out: Vec<Datagram> = self
@@ -875,6 +925,7 @@ fn build_gateway(
         persisted_grace: Ticks(0),
         restarts: 0,
         commits: Vec::new(),
+        registrations: Vec::new(),
         store_down: false,
     }
 }

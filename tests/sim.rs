@@ -392,8 +392,9 @@ fn deferred_commits_add_one_store_round_trip_to_a_rebind() {
     assert!(w.drive_until(ms(1_000), |w| w.client(0).core.rebinds() == 1));
     // Two client round trips (DATA→UNRECOGNIZED, REBIND→ACK) plus the store's answer.
     assert_eq!(w.now.since(moved_at), ms(80) + store);
-    assert_eq!(w.gateway.count(C::CommitProposed), 1);
-    assert_eq!(w.gateway.count(C::CommitCommitted), 1);
+    // One registration (at the handshake) and one rebind, each decided by the store.
+    assert_eq!(w.gateway.count(C::CommitProposed), 2);
+    assert_eq!(w.gateway.count(C::CommitCommitted), 2);
     assert_eq!(w.gateway.count(C::RebindAccepted), 1);
     echo(&mut w, 0, b"after");
 }
@@ -413,7 +414,8 @@ fn deferred_storm_of_200_moves_all_recover_with_one_commit_each() {
             .all(|c| c.core.rebinds() == 1)),
         "all rebind"
     );
-    assert_eq!(w.gateway.count(C::CommitCommitted), n as u64);
+    // n registrations and n rebinds.
+    assert_eq!(w.gateway.count(C::CommitCommitted), 2 * n as u64);
     assert_eq!(w.gateway.count(C::RebindAccepted), n as u64);
     assert_eq!(w.gateway.pending_commits_of_worker(), 0);
     for i in 0..n {
@@ -520,4 +522,23 @@ fn rotation_grace_under_nat_churn_and_restart_then_handshake_after_grace() {
     );
     echo(&mut w, 0, b"new epoch");
     assert_eq!(w.gateway.shared.connections_per_epoch(), vec![(old + 1, 1)]);
+}
+
+#[test]
+fn deferred_registration_waits_for_the_store_and_handshakes_resume_when_it_returns() {
+    let mut w = World::new(deferred(ms(2)));
+    w.gateway.store_down = true;
+    w.add_client();
+    w.run_for(Duration::from_secs(2));
+    // Every REGISTER is refused while the store is down: no connection, no index issued.
+    assert_eq!(w.client(0).core.state(), ClientState::Handshaking);
+    assert!(w.gateway.count(C::CommitUnavailable) >= 1);
+    assert_eq!(w.gateway.shared.connections(), 0);
+    w.gateway.store_down = false;
+    assert!(
+        w.drive_until(Duration::from_secs(30), |w| w.client(0).core.state()
+            == ClientState::Connected),
+        "connects once the store is back"
+    );
+    echo(&mut w, 0, b"registered through the store");
 }

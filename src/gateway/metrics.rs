@@ -91,7 +91,7 @@ counters! {
     HostRestarts => "rebindgw_host_restarts_total", "", "HELLOs with a new host boot id.";
     Released => "rebindgw_connections_released_total", "", "Connections released because their host restarted.";
     TupleTakenOver => "rebindgw_tuples_taken_over_total", "", "Tuples handed from one connection to another (NAT port reuse).";
-    CommitProposed => "rebindgw_commits_proposed_total", "", "Accepted REBINDs proposed to the shared store (cluster mode).";
+    CommitProposed => "rebindgw_commits_proposed_total", "", "Registrations and accepted REBINDs proposed to the shared store (cluster mode).";
     CommitCommitted => "rebindgw_commits_total", "result=\"committed\"", "Answers of the shared store to proposed commits, by result.";
     CommitConflict => "rebindgw_commits_total", "result=\"conflict\"", "";
     CommitUnavailable => "rebindgw_commits_total", "result=\"unavailable\"", "";

@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use crate::gateway::metrics::C;
 use crate::io::batch::{TxQueue, Via};
+use crate::rebind::RebindSecret;
 use crate::registry::{HostId, Registry};
 use crate::time::Ticks;
 use crate::verify::{Registries, Verified};
@@ -71,6 +72,32 @@ pub enum CommitResult {
     Refused(CommitRefusal),
 }
 
+/// A registration the store must decide: it picks a free index of `epoch` below `capacity`
+/// and stores the connection there, so two gateways never issue the same index.
+#[derive(Clone, Debug)]
+pub struct RegisterRequest {
+    /// Names the request in [`WorkerCore::handle_registration`]; unique per worker.
+    pub ticket: u64,
+    pub epoch: u32,
+    pub capacity: u32,
+    pub conn_id: u64,
+    /// `R`, drawn by this gateway (sealed before the store sees it).
+    pub secret: RebindSecret,
+    pub host: HostId,
+    pub tuple: SocketAddr,
+}
+
+/// The store's decision on a [`RegisterRequest`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RegisterResult {
+    Registered {
+        index: u32,
+    },
+    /// No free index below the capacity.
+    Full,
+    Refused(CommitRefusal),
+}
+
 /// Requests older than this get no answer any more (the client has retried by then).
 pub const COMMIT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -86,12 +113,25 @@ pub(super) struct Parked {
     at: Ticks,
 }
 
-/// The worker's deferred commits.
+/// A REGISTER waiting for the store.
+pub(super) struct ParkedRegistration {
+    pub(super) epoch: u32,
+    pub(super) host: HostId,
+    pub(super) request: u64,
+    pub(super) conn_id: u64,
+    pub(super) client: SocketAddr,
+    pub(super) secret: RebindSecret,
+    at: Ticks,
+}
+
+/// The worker's deferred commits and registrations.
 #[derive(Default)]
 pub(super) struct Commits {
     next_ticket: u64,
     outbox: Vec<CommitRequest>,
     parked: HashMap<u64, Parked>,
+    registrations_out: Vec<RegisterRequest>,
+    registering: HashMap<u64, ParkedRegistration>,
 }
 
 /// Verify's view in deferred mode: the registries as they are, and a "commit" that changes
@@ -204,8 +244,89 @@ impl WorkerCore {
         }
     }
 
+    /// Parks a REGISTER and queues its request to the store (one per host request at a
+    /// time: a retransmitted REGISTER while it is undecided is not proposed again).
+    pub(super) fn propose_registration(
+        &mut self,
+        now: Ticks,
+        epoch: u32,
+        host: HostId,
+        request: u64,
+        conn_id: u64,
+        client: SocketAddr,
+    ) {
+        if self
+            .commits
+            .registering
+            .values()
+            .any(|p| p.host == host && p.request == request)
+        {
+            self.metrics.inc(C::RegisterRepeat);
+            return;
+        }
+        if self.commits.registering.len() >= MAX_PENDING_COMMITS {
+            self.metrics.inc(C::CommitBacklogFull);
+            return;
+        }
+        let ticket = self.commits.next_ticket;
+        self.commits.next_ticket += 1;
+        let secret = RebindSecret::generate();
+        let capacity = u32::try_from(self.shared.cfg.max_connections).unwrap_or(u32::MAX);
+        self.commits.registrations_out.push(RegisterRequest {
+            ticket,
+            epoch,
+            capacity,
+            conn_id,
+            secret: secret.clone(),
+            host,
+            tuple: client,
+        });
+        self.commits.registering.insert(
+            ticket,
+            ParkedRegistration {
+                epoch,
+                host,
+                request,
+                conn_id,
+                client,
+                secret,
+                at: now,
+            },
+        );
+        self.metrics.inc(C::CommitProposed);
+    }
+
+    /// The next registration to send to the store.
+    pub fn poll_registration(&mut self) -> Option<RegisterRequest> {
+        self.commits.registrations_out.pop()
+    }
+
+    /// Applies the store's decision on registration `ticket`: REGISTERED (or
+    /// REGISTER_FAILED) to the host goes into `tx`.
+    pub fn handle_registration(
+        &mut self,
+        now: Ticks,
+        ticket: u64,
+        result: RegisterResult,
+        tx: &mut TxQueue,
+    ) {
+        let Some(p) = self.commits.registering.remove(&ticket) else {
+            self.metrics.inc(C::CommitLate);
+            return;
+        };
+        self.answer_registration(now, p, result, tx);
+    }
+
     /// Drops proposals the store left unanswered for [`COMMIT_TIMEOUT`].
     pub(super) fn expire_commits(&mut self, now: Ticks) {
+        let before = self.commits.registering.len();
+        self.commits
+            .registering
+            .retain(|_, p| now.since(p.at) < COMMIT_TIMEOUT);
+        let expired = before - self.commits.registering.len();
+        if expired > 0 {
+            self.metrics.add(C::CommitTimedOut, expired as u64);
+        }
         if self.commits.parked.is_empty() {
             return;
         }

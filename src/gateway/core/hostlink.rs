@@ -13,10 +13,12 @@ use crate::gateway::metrics::{C, H};
 use crate::gateway::store::{StoreOp, StoredConn};
 use crate::hostlink::{self, Control as LinkMsg, HANDSHAKE_MAC_LEN, RegisterFailure};
 use crate::io::batch::{Rx, TxQueue, Via};
+use crate::rebind::RebindSecret;
 use crate::registry::{HostId, RegistryError};
 use crate::time::Ticks;
 use crate::wire::{HANDSHAKE_LEN, MAX_TUPLE_LEN, emit_tuple};
 
+use super::commit::{CommitMode, CommitRefusal, ParkedRegistration, RegisterResult};
 use super::shared::{Control, HostBoot, RECENT_REGISTERS, RecentRegister};
 use super::{WorkerCore, secs};
 
@@ -224,7 +226,11 @@ impl WorkerCore {
                 if !self.boot_current(ctl, host, boot) {
                     return;
                 }
-                self.register(ctl, now, host, request, conn_id, client)
+                match self.register(ctl, now, host, request, conn_id, client) {
+                    Some(reply) => reply,
+                    // Proposed to the shared store; answered in `handle_registration`.
+                    None => return,
+                }
             }
             LinkMsg::Close {
                 boot,
@@ -302,7 +308,8 @@ impl WorkerCore {
         Some(owned.len() as u32)
     }
 
-    /// Registers a connection for a host and returns the sealed answer.
+    /// Registers a connection for a host and returns the sealed answer; `None` when the
+    /// registration was proposed to the shared store (`CommitMode::Deferred`).
     pub(super) fn register(
         &mut self,
         ctl: &mut Control,
@@ -311,7 +318,7 @@ impl WorkerCore {
         request: u64,
         conn_id: u64,
         client: SocketAddr,
-    ) -> Vec<u8> {
+    ) -> Option<Vec<u8>> {
         let shared = self.shared.clone();
         let live = self.live.clone();
         let peer = &live.hosts[usize::from(host)];
@@ -322,15 +329,17 @@ impl WorkerCore {
             && let Some(e) = epochs.all().find(|e| e.keys.epoch() == r.epoch)
         {
             self.metrics.inc(C::RegisterRepeat);
-            return LinkMsg::Registered {
-                request,
-                conn_id,
-                epoch: r.epoch,
-                index: r.index,
-                rebind_secret: r.secret.0,
-                slot_keys: e.keys.client_keys(r.index).to_vec(),
-            }
-            .seal(&peer.key, now);
+            return Some(
+                LinkMsg::Registered {
+                    request,
+                    conn_id,
+                    epoch: r.epoch,
+                    index: r.index,
+                    rebind_secret: r.secret.0,
+                    slot_keys: e.keys.client_keys(r.index).to_vec(),
+                }
+                .seal(&peer.key, now),
+            );
         }
         let fail = |reason: RegisterFailure| {
             LinkMsg::RegisterFailed {
@@ -342,18 +351,55 @@ impl WorkerCore {
         };
         if ctl.conns.get(conn_id).is_some() {
             self.metrics.inc(C::RegisterDuplicate);
-            return fail(RegisterFailure::DuplicateConnId);
+            return Some(fail(RegisterFailure::DuplicateConnId));
         }
         let epoch = keys.epoch();
         let at_capacity = ctl.connections() >= shared.cfg.max_connections;
+        if shared.cfg.commit == CommitMode::Deferred {
+            if at_capacity {
+                self.metrics.inc(C::RegisterFull);
+                return Some(fail(RegisterFailure::Full));
+            }
+            // The store picks the index (two gateways never issue the same one).
+            self.propose_registration(now, epoch, host, request, conn_id, client);
+            return None;
+        }
         let registered = match ctl.registry_mut(epoch) {
             Some(reg) if !at_capacity => reg.register(conn_id, host, Some(client)),
             _ => Err(RegistryError::Full(shared.cfg.max_connections as u64)),
         };
         let Ok(reg) = registered else {
             self.metrics.inc(C::RegisterFull);
-            return fail(RegisterFailure::Full);
+            return Some(fail(RegisterFailure::Full));
         };
+        Some(self.finish_registration(
+            ctl, now, host, request, conn_id, client, epoch, reg.index, reg.secret,
+        ))
+    }
+
+    /// Binds, stores and remembers a registration made at `index`, and returns REGISTERED.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn finish_registration(
+        &mut self,
+        ctl: &mut Control,
+        now: Ticks,
+        host: HostId,
+        request: u64,
+        conn_id: u64,
+        client: SocketAddr,
+        epoch: u32,
+        index: u32,
+        secret: RebindSecret,
+    ) -> Vec<u8> {
+        let shared = self.shared.clone();
+        let live = self.live.clone();
+        let peer = &live.hosts[usize::from(host)];
+        let epochs = self.epochs.clone();
+        let keys = epochs
+            .all()
+            .find(|e| e.keys.epoch() == epoch)
+            .map_or(&epochs.current.keys, |e| &e.keys);
+        let reg = crate::registry::Registered { index, secret };
         self.bind_tuple(ctl, epoch, reg.index, conn_id, host, None, client);
         shared.persist(StoreOp::Register(StoredConn {
             epoch,
@@ -394,6 +440,72 @@ impl WorkerCore {
             },
         );
         reply
+    }
+
+    /// Answers a registration the shared store decided: REGISTERED with the index it gave,
+    /// or REGISTER_FAILED.
+    pub(super) fn answer_registration(
+        &mut self,
+        now: Ticks,
+        p: ParkedRegistration,
+        result: RegisterResult,
+        tx: &mut TxQueue,
+    ) {
+        let shared = self.shared.clone();
+        let live = self.live.clone();
+        let Some(peer) = live.hosts.get(usize::from(p.host)) else {
+            return;
+        };
+        let fail = |reason: RegisterFailure| {
+            LinkMsg::RegisterFailed {
+                request: p.request,
+                conn_id: p.conn_id,
+                reason: reason as u8,
+            }
+            .seal(&peer.key, now)
+        };
+        let reply = match result {
+            RegisterResult::Registered { index } => {
+                let mut ctl = shared.control();
+                let restored = ctl.registry_mut(p.epoch).map(|reg| {
+                    reg.restore(
+                        index,
+                        p.conn_id,
+                        &p.secret,
+                        Ticks(0),
+                        Some(p.client),
+                        p.host,
+                    )
+                });
+                if matches!(restored, Some(Ok(()))) && ctl.conns.get(p.conn_id).is_none() {
+                    self.metrics.inc(C::CommitCommitted);
+                    self.finish_registration(
+                        &mut ctl, now, p.host, p.request, p.conn_id, p.client, p.epoch, index,
+                        p.secret,
+                    )
+                } else {
+                    // The epoch is gone, or the index or conn_id is held here already.
+                    self.metrics.inc(C::CommitConflict);
+                    fail(RegisterFailure::Refused)
+                }
+            }
+            RegisterResult::Full => {
+                self.metrics.inc(C::RegisterFull);
+                fail(RegisterFailure::Full)
+            }
+            RegisterResult::Refused(why) => {
+                self.metrics.inc(match why {
+                    CommitRefusal::Conflict => C::CommitConflict,
+                    CommitRefusal::Unavailable => C::CommitUnavailable,
+                    CommitRefusal::Unknown => C::CommitUnknown,
+                });
+                fail(RegisterFailure::Refused)
+            }
+        };
+        if tx.push_bytes(Via::Host, peer.addr, &reply) {
+            self.metrics.inc(C::TxHostControl);
+            self.metrics.add(C::TxHostBytes, reply.len() as u64);
+        }
     }
 
     /// Closes a connection for its owning host.

@@ -39,6 +39,7 @@ mod shared;
 
 pub use commit::{
     COMMIT_TIMEOUT, CommitMode, CommitRefusal, CommitRequest, CommitResult, MAX_PENDING_COMMITS,
+    RegisterRequest, RegisterResult,
 };
 use hostlink::RecentHandshakes;
 pub use shared::{Control, Epochs, Live, Rotation, Shared};

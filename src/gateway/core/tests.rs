@@ -2,7 +2,7 @@ use super::*;
 use crate::crypto::gcm::SessionGcm;
 use crate::engine::{Backend, TrialKeys};
 use crate::gateway::store::{StoreOp, StoredConn};
-use crate::hostlink::{self, Control as LinkMsg, LinkKey, LinkType};
+use crate::hostlink::{self, Control as LinkMsg, LinkKey, LinkType, RegisterFailure};
 use crate::keys::{EpochKeys, MasterSecret};
 use crate::rebind::{RebindCredentials, RebindSecret, build_rebind, cookie_request, fresh_nonces};
 use crate::registry::RegistryError;
@@ -119,7 +119,22 @@ impl Harness {
             client,
         }
         .seal(&self.link, self.now);
-        let out = self.feed(&[(Via::Host, self.host_addr, &msg)]);
+        let mut out = self.feed(&[(Via::Host, self.host_addr, &msg)]);
+        if out.is_empty()
+            && let Some(req) = self.worker.poll_registration()
+        {
+            // Deferred: a store that gives the next index.
+            let index = self.shared.connections() as u32;
+            let result = RegisterResult::Registered { index };
+            self.worker
+                .handle_registration(self.now, req.ticket, result, &mut self.tx);
+            out = self
+                .tx
+                .iter()
+                .map(|(m, b)| (m.via, m.to, b.to_vec()))
+                .collect();
+            self.tx.clear();
+        }
         assert_eq!(out.len(), 1);
         assert_eq!((out[0].0, out[0].1), (Via::Host, self.host_addr));
         match &LinkMsg::open(&out[0].2, &self.link, self.now).unwrap() {
@@ -950,8 +965,9 @@ fn deferred_commit_answers_only_after_the_store_agrees() {
     // Now L = t locally: the REBIND again is a local duplicate, answered at once.
     assert_eq!(h.client(new, &rebind).len(), 1);
     assert!(h.worker.poll_commit().is_none());
-    assert_eq!(h.count(C::CommitProposed), 2);
-    assert_eq!(h.count(C::CommitCommitted), 1);
+    // The registration and two rebind proposals; the registration and one rebind committed.
+    assert_eq!(h.count(C::CommitProposed), 3);
+    assert_eq!(h.count(C::CommitCommitted), 2);
     assert_eq!(h.count(C::RebindAccepted), 1);
     assert_eq!(h.count(C::RebindDuplicate), 2);
 }
@@ -1003,6 +1019,92 @@ fn deferred_commit_refused_or_unanswered_sends_nothing() {
     assert!(h.tx.is_empty());
     assert_eq!(h.count(C::CommitLate), 1);
     assert!(h.shared.tuples.get(&from).is_none());
+}
+
+#[test]
+fn deferred_registration_takes_the_index_the_store_gives() {
+    let mut cfg = CoreConfig::new(S);
+    cfg.commit = CommitMode::Deferred;
+    let mut h = Harness::new(cfg);
+    let client = addr("10.0.0.1:4000");
+    let register = |h: &Harness, request: u64, conn_id: u64| {
+        LinkMsg::Register {
+            boot: 1,
+            request,
+            conn_id,
+            client,
+        }
+        .seal(&h.link, h.now)
+    };
+    let host = h.host_addr;
+    let msg = register(&h, 7, 42);
+    assert!(
+        h.feed(&[(Via::Host, host, &msg)]).is_empty(),
+        "nothing before the store"
+    );
+    let req = h
+        .worker
+        .poll_registration()
+        .expect("a registration request");
+    assert_eq!((req.conn_id, req.tuple), (42, client));
+    // A retransmitted REGISTER while undecided is not proposed again.
+    let again = register(&h, 7, 42);
+    assert!(h.feed(&[(Via::Host, host, &again)]).is_empty());
+    assert!(h.worker.poll_registration().is_none());
+    assert!(h.shared.tuples.get(&client).is_none());
+
+    // The store gives index 5: REGISTERED carries it and the secret the request named.
+    h.worker.handle_registration(
+        h.now,
+        req.ticket,
+        RegisterResult::Registered { index: 5 },
+        &mut h.tx,
+    );
+    let out: Vec<_> = h.tx.iter().map(|(m, b)| (m.to, b.to_vec())).collect();
+    h.tx.clear();
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].0, host);
+    match LinkMsg::open(&out[0].1, &h.link, h.now).unwrap() {
+        LinkMsg::Registered {
+            request,
+            conn_id,
+            index,
+            rebind_secret,
+            ..
+        } => {
+            assert_eq!((request, conn_id, index), (7, 42, 5));
+            assert_eq!(rebind_secret, req.secret.0);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(h.shared.tuples.get(&client).unwrap().conn_id, 42);
+    assert_eq!(h.shared.conns.get(42).unwrap().index, 5);
+
+    // Refused (store down) and full: REGISTER_FAILED with the reason.
+    for (n, (result, want)) in [
+        (
+            RegisterResult::Refused(CommitRefusal::Unavailable),
+            RegisterFailure::Refused,
+        ),
+        (RegisterResult::Full, RegisterFailure::Full),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let msg = register(&h, 8 + n as u64, 43 + n as u64);
+        assert!(h.feed(&[(Via::Host, host, &msg)]).is_empty());
+        let req = h.worker.poll_registration().unwrap();
+        h.worker
+            .handle_registration(h.now, req.ticket, result, &mut h.tx);
+        let out: Vec<_> = h.tx.iter().map(|(_, b)| b.to_vec()).collect();
+        h.tx.clear();
+        assert!(matches!(
+            LinkMsg::open(&out[0], &h.link, h.now),
+            Ok(LinkMsg::RegisterFailed { reason, .. }) if reason == want as u8
+        ));
+        assert!(h.shared.conns.get(43 + n as u64).is_none());
+    }
+    assert_eq!(h.count(C::CommitUnavailable), 1);
 }
 
 proptest! {
