@@ -35,6 +35,7 @@ mod commit;
 mod fastpath;
 mod hostlink;
 mod rebind;
+mod remote;
 mod shared;
 
 pub use commit::{
@@ -42,6 +43,7 @@ pub use commit::{
     RegisterRequest, RegisterResult,
 };
 use hostlink::RecentHandshakes;
+pub use remote::{RemoteApplied, RemoteChange};
 pub use shared::{Control, Epochs, Live, Rotation, Shared};
 
 /// Settings the core needs.

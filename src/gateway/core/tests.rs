@@ -1107,6 +1107,86 @@ fn deferred_registration_takes_the_index_the_store_gives() {
     assert_eq!(h.count(C::CommitUnavailable), 1);
 }
 
+#[test]
+fn remote_changes_add_connections_move_owners_and_remove() {
+    let mut h = Harness::default();
+    let old = addr("10.0.0.1:4000");
+    let issued = h.register(42, old);
+    let stored = |index: u32, conn_id: u64, last: Ticks, tuple: &str| StoredConn {
+        epoch: 3,
+        index,
+        conn_id,
+        secret: RebindSecret([index as u8; 32]),
+        last_rebind: last,
+        tuple: Some(addr(tuple)),
+        host: 0,
+    };
+    // Another gateway registered a connection: held here (its REBINDs verify here), but its
+    // tuple is not this gateway's to serve.
+    let theirs = stored(3, 50, Ticks(0), "10.0.0.50:5000");
+    assert_eq!(
+        h.shared.apply_remote(RemoteChange::Stored {
+            conn: theirs.clone(),
+            ours: false
+        }),
+        RemoteApplied::Added
+    );
+    assert!(h.shared.conns.get(50).is_some_and(|r| r.tuple.is_none()));
+    assert!(h.shared.tuples.get(&addr("10.0.0.50:5000")).is_none());
+    assert_eq!(h.shared.connections(), 2);
+
+    // Connection 42 was rebound on another gateway at t1: this one keeps L = t1 and lets go.
+    h.now = Ticks(h.now.0 + TICKS_PER_SECOND);
+    let u = h.client(addr("10.0.0.9:5555"), &data(49));
+    let (stale, _) = rebind_from(&issued, &u[0].2);
+    let t1 = Ticks(h.now.0 + 10);
+    let moved = StoredConn {
+        secret: issued.secret.clone(),
+        ..stored(0, 42, t1, "10.0.0.77:7777")
+    };
+    assert_eq!(
+        h.shared.apply_remote(RemoteChange::Stored {
+            conn: moved.clone(),
+            ours: false
+        }),
+        RemoteApplied::Updated
+    );
+    assert!(h.shared.tuples.get(&old).is_none(), "the old owner lets go");
+    assert!(h.shared.conns.get(42).is_some_and(|r| r.tuple.is_none()));
+    // DATA from the old tuple is unknown here now; a REBIND older than t1 is a replay.
+    let out = h.client(old, &data(60));
+    assert_eq!(out[0].2[0], MsgType::Unrecognized as u8);
+    assert!(h.client(addr("10.0.0.9:5555"), &stale).is_empty());
+    assert_eq!(h.count(C::RejectReplay), 1);
+    // The same change again (or an older one) changes nothing.
+    assert_eq!(
+        h.shared.apply_remote(RemoteChange::Stored {
+            conn: moved,
+            ours: false
+        }),
+        RemoteApplied::Unchanged
+    );
+
+    // Removed by its owner; an epoch this gateway does not hold is reported as such.
+    assert_eq!(
+        h.shared.apply_remote(RemoteChange::Removed {
+            epoch: 3,
+            index: 3,
+            conn_id: 50
+        }),
+        RemoteApplied::Removed
+    );
+    assert!(h.shared.conns.get(50).is_none());
+    assert_eq!(
+        h.shared.apply_remote(RemoteChange::Stored {
+            conn: StoredConn { epoch: 9, ..theirs },
+            ours: false
+        }),
+        RemoteApplied::UnknownEpoch
+    );
+    assert_eq!(h.shared.connections(), 1);
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(512))]
     #[test]
