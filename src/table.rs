@@ -1171,9 +1171,14 @@ mod tests {
             cw.insert(stress_conn_id(n), stress_route(n, 0)).unwrap();
         }
         let stop = Arc::new(AtomicBool::new(false));
+        // Each reader's lookups so far: the writer goes on past `dur` until every reader has
+        // made progress (a loaded machine may not schedule one within `dur`), up to a bound
+        // that only a livelocked reader misses.
+        let progress: Arc<Vec<AtomicU64>> = Arc::new((0..3).map(|_| AtomicU64::new(0)).collect());
         let readers: Vec<_> = (0..3u32)
             .map(|t| {
                 let (tr, cr, stop) = (tw.reader(), cw.reader(), Arc::clone(&stop));
+                let progress = Arc::clone(&progress);
                 std::thread::spawn(move || {
                     let mut x = 0x1234_5678u32 ^ t;
                     let (mut lookups, mut churn_hits) = (0u64, 0u64);
@@ -1201,6 +1206,7 @@ mod tests {
                             }
                             lookups += 1;
                         }
+                        progress[t as usize].store(lookups, Ordering::Relaxed);
                     }
                     (lookups, churn_hits)
                 })
@@ -1211,7 +1217,8 @@ mod tests {
         let mut x = 0x9abc_def1u32;
         let mut gen_of = vec![None::<u32>; (stable + churn) as usize];
         let mut writes = 0u64;
-        while start.elapsed() < dur {
+        let starved = || progress.iter().any(|p| p.load(Ordering::Relaxed) <= 1_000);
+        while start.elapsed() < dur || (starved() && start.elapsed() < Duration::from_secs(30)) {
             for _ in 0..64 {
                 x ^= x << 13;
                 x ^= x >> 17;
