@@ -9,7 +9,8 @@
 #   --no-build  use the existing target/release/rebindgw (or $REBINDGW_BIN)
 #   --keep      keep the temporary directory (logs, report)
 #
-# No root needed. Ports: $RT_GW_PORT (17410), $RT_ADMIN_PORT (17490), $RT_HOST_PORT (17510).
+# $RT_CLIENTS overrides the client count, $RT_SLOTS the gateway's S (16; 2^S must exceed
+# the clients: the loadgen holds one more connection, its probe). No root needed. Ports: $RT_GW_PORT (17410), $RT_ADMIN_PORT (17490), $RT_HOST_PORT (17510).
 #
 # Timeline, in seconds of the loadgen's measured phase (churn $CHURN moves/s all along):
 #   2    rebindgw rotate (authenticated with STATE_DIR/admin.key): epoch 1 -> 2, grace 120 s
@@ -34,10 +35,12 @@ for a in "$@"; do
     --short) CLIENTS=1000 ;;
     --no-build) BUILD=0 ;;
     --keep) KEEP=1 ;;
-    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
     *) echo "unknown argument: $a" >&2; exit 2 ;;
   esac
 done
+CLIENTS=${RT_CLIENTS:-$CLIENTS}
+SLOTS=${RT_SLOTS:-16}
 CHURN=${RT_CHURN:-50}
 GW_PORT=${RT_GW_PORT:-17410}
 ADMIN_PORT=${RT_ADMIN_PORT:-17490}
@@ -85,7 +88,7 @@ wait_healthy() {
 }
 start_gateway() {
   "$BIN" gateway --listen "$GW" --host "$HOST=$T/host.key" --admin "$ADMIN" \
-    --state-dir "$T/state" --grace-secs $GRACE >>"$T/gateway.log" 2>&1 &
+    --state-dir "$T/state" --grace-secs $GRACE --slots "$SLOTS" >>"$T/gateway.log" 2>&1 &
   GW_PID=$!
   PIDS+=("$GW_PID")
 }
@@ -108,11 +111,11 @@ wait_healthy 20 || { echo "gateway did not start" >&2; cat "$T/gateway.log" >&2;
 
 "$BIN" loadgen --gateway "$GW" --clients-file "$T/clients.toml" --clients "$CLIENTS" \
   --rate "$RATE" --duration "${DURATION}s" --churn-per-sec "$CHURN" --storm-at "${STORM_AT}s" \
-  --settle 30s --connect-rate "${RT_CONNECT_RATE:-2000}" --connect-timeout 60s --json >"$T/report.json" 2>"$T/loadgen.err" &
+  --settle 30s --connect-rate "${RT_CONNECT_RATE:-2000}" --connect-timeout "${RT_CONNECT_TIMEOUT:-60}s" --json >"$T/report.json" 2>"$T/loadgen.err" &
 LG_PID=$!
 PIDS+=("$LG_PID")
 
-deadline=$(( $(date +%s) + 120 ))
+deadline=$(( $(date +%s) + ${RT_CONNECT_TIMEOUT:-60} + 60 ))
 until grep -q ' run t=' "$T/loadgen.err" 2>/dev/null; do
   kill -0 "$LG_PID" 2>/dev/null || { echo "loadgen exited while connecting" >&2; cat "$T/loadgen.err" >&2; exit 1; }
   [ "$(date +%s)" -lt $deadline ] || { echo "clients did not connect within 120 s" >&2; exit 1; }
