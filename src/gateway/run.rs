@@ -337,9 +337,13 @@ fn start(
     };
 
     // Created beside the state like the master key, unless configured.
-    let admin_auth = Arc::new(AdminAuth::new(AdminKey::load_or_generate(
-        &cfg.admin_key_path(),
-    )?));
+    let started_unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let admin_auth = Arc::new(AdminAuth::new(
+        AdminKey::load_or_generate(&cfg.admin_key_path())?,
+        started_unix,
+    ));
 
     let keys = EpochKeys::derive(&master, epoch, cfg.slots)?;
     let trial = TrialKeys::new(engine_backend, keys.slot_key_pairs())?;
