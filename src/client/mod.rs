@@ -218,6 +218,12 @@ pub struct ClientStats {
     pub dropped_recv_queue_full: u64,
     /// Datagrams dropped because the `poll_transmit` buffer was too small.
     pub dropped_small_buffer: u64,
+    /// KEYS (PROTOCOL-EXT.md "Key delivery") installed as the next epoch's keys.
+    pub keys_installed: u64,
+    /// KEYS_ACKs sent (re-acknowledgements of a retransmitted KEYS included).
+    pub keys_acks_sent: u64,
+    /// Switches to delivered keys, when an UNRECOGNIZED named their epoch.
+    pub keys_switched: u64,
 }
 
 struct Handshake {
@@ -238,6 +244,12 @@ struct Session {
     s2c: Gcm,
     send_seq: u64,
     window: ReplayWindow,
+    /// Keys delivered in-band for the next epoch (PROTOCOL-EXT.md "Key delivery").
+    next: Option<wire::NewKeys>,
+    /// The highest KEYS `kseq` installed.
+    keys_kseq: Option<u64>,
+    /// The next KEYS_ACK `aseq`.
+    ack_seq: u64,
 }
 
 struct RebindAttempt {
@@ -413,6 +425,9 @@ impl Client {
         if matches!(self.phase, Phase::Failed(_)) {
             self.stats.dropped_unexpected += 1;
             return;
+        }
+        if datagram.first() == Some(&wire::KEYS_TYPE) {
+            return self.on_keys(datagram);
         }
         match MsgType::of(datagram) {
             Ok(MsgType::HandshakeReply) => self.on_handshake_reply(now, datagram),
@@ -614,6 +629,9 @@ impl Client {
             s2c: crypto::gcm(&reply.kd_s2c),
             send_seq: 0,
             window: ReplayWindow::new(),
+            next: None,
+            keys_kseq: None,
+            ack_seq: 0,
         };
         // Stale handshake retries must not go out after the reply.
         self.control.clear();
@@ -672,6 +690,10 @@ impl Client {
         };
         // Our slot keys belong to our epoch: a REBIND under another epoch byte cannot verify.
         // An UNRECOGNIZED older than our last acknowledged rebind predates our binding.
+        if u.epoch_byte != epoch_byte && self.switch_to_delivered_keys(u.epoch_byte) {
+            self.start_rebind(now, RebindReason::Unrecognized, Some(u));
+            return;
+        }
         if u.epoch_byte != epoch_byte {
             self.stats.dropped_unrecognized += 1;
             // The gateway moved to a new epoch (§6, 1.1): a cookie request naming ours draws
@@ -687,6 +709,69 @@ impl Client {
             return;
         }
         self.start_rebind(now, RebindReason::Unrecognized, Some(u));
+    }
+
+    /// A KEYS from the host (PROTOCOL-EXT.md "Key delivery"): installs a newer one as the
+    /// next epoch's keys and acknowledges it; a retransmission is acknowledged again; an
+    /// older or forged one is dropped.
+    fn on_keys(&mut self, datagram: &[u8]) {
+        let Phase::Connected { session, .. } = &mut self.phase else {
+            self.stats.dropped_unexpected += 1;
+            return;
+        };
+        let (kseq, keys) = match wire::open_keys(&session.s2c, datagram) {
+            Ok(k) => k,
+            Err(wire::DeliveryError::Auth) => {
+                self.stats.dropped_auth += 1;
+                return;
+            }
+            Err(wire::DeliveryError::Malformed(_)) => {
+                self.stats.dropped_malformed += 1;
+                return;
+            }
+        };
+        match session.keys_kseq {
+            Some(k) if kseq < k => {
+                self.stats.dropped_replay += 1;
+                return;
+            }
+            Some(k) if kseq == k => {}
+            _ => {
+                if keys.slot_keys.len() != session.slot_keys.len()
+                    || keys.epoch as u8 == session.epoch_byte
+                {
+                    // S never changes, and keys for our own epoch make no sense.
+                    self.stats.dropped_malformed += 1;
+                    return;
+                }
+                session.keys_kseq = Some(kseq);
+                session.next = Some(keys.clone());
+                self.stats.keys_installed += 1;
+            }
+        }
+        let mut ack = vec![0u8; wire::KEYS_ACK_LEN];
+        wire::seal_keys_ack(&session.c2s, session.ack_seq, keys.epoch, kseq, &mut ack);
+        session.ack_seq += 1;
+        self.control.push_back(ack);
+        self.stats.keys_acks_sent += 1;
+    }
+
+    /// Makes the delivered keys of the epoch named by `epoch_byte` ours, if we hold them.
+    fn switch_to_delivered_keys(&mut self, epoch_byte: u8) -> bool {
+        let Phase::Connected { session, rebind } = &mut self.phase else {
+            return false;
+        };
+        let Some(n) = session.next.take_if(|n| n.epoch as u8 == epoch_byte) else {
+            return false;
+        };
+        session.epoch_byte = epoch_byte;
+        session.index = n.index;
+        session.secret = RebindSecret(n.rebind_secret);
+        session.slot_keys = Zeroizing::new(n.slot_keys.clone());
+        // Tries built with the old keys cannot be acknowledged any more.
+        *rebind = None;
+        self.stats.keys_switched += 1;
+        true
     }
 
     /// Starts a rebind, or feeds the one in progress. With an UNRECOGNIZED it sends a REBIND
@@ -1395,6 +1480,77 @@ mod tests {
         w.drive(ms(500));
         assert_eq!(w.client.state(), ClientState::Connected);
         assert_eq!(w.client.conn_id(), conn_id);
+    }
+
+    /// KEYS (PROTOCOL-EXT.md "Key delivery"): installed and acknowledged under `kd_c2s` in
+    /// the delivery nonce space, a retransmission acknowledged again, an older or forged one
+    /// dropped; an UNRECOGNIZED of the delivered epoch switches the client to those keys and
+    /// its REBIND names that epoch.
+    #[test]
+    fn delivered_keys_are_acknowledged_and_used_for_their_epoch() {
+        let mut w = World::connected();
+        let index = *w.gw.hosts.keys().next().unwrap();
+        let next =
+            EpochKeys::derive(&MasterSecret::from_bytes([0x33; 32]), EPOCH + 1, SLOTS).unwrap();
+        let keys = wire::NewKeys {
+            epoch: EPOCH + 1,
+            index: 5,
+            rebind_secret: [7; 32],
+            slot_keys: next.client_keys(5).to_vec(),
+        };
+        let seal = |w: &World, kseq: u64| {
+            let mut k = vec![0u8; wire::keys_len(SLOTS)];
+            wire::seal_keys(&w.gw.hosts[&index].s2c, kseq, &keys, &mut k);
+            k
+        };
+        let acks = |c: &mut Client, now: Ticks| {
+            let mut out = Vec::new();
+            let mut buf = [0u8; MAX_DATAGRAM_LEN];
+            while let Some(n) = c.poll_transmit(now, &mut buf) {
+                if buf[0] == wire::KEYS_ACK_TYPE {
+                    out.push(buf[..n].to_vec());
+                }
+            }
+            out
+        };
+        let k1 = seal(&w, 1);
+        w.client.handle(w.now, &k1);
+        let now = w.now;
+        let a = acks(&mut w.client, now);
+        assert_eq!(a.len(), 1);
+        let c2s = &w.gw.hosts[&index].c2s;
+        assert_eq!(wire::open_keys_ack(c2s, &a[0]), Ok((0, EPOCH + 1, 1)));
+        // A retransmission: acknowledged again (next aseq), nothing installed twice.
+        w.client.handle(w.now, &k1);
+        let a = acks(&mut w.client, now);
+        assert_eq!(wire::open_keys_ack(c2s, &a[0]), Ok((1, EPOCH + 1, 1)));
+        assert_eq!(w.client.stats().keys_installed, 1);
+        // Older: dropped. Forged (another key): dropped.
+        let k0 = seal(&w, 0);
+        w.client.handle(w.now, &k0);
+        let mut forged = vec![0u8; wire::keys_len(SLOTS)];
+        wire::seal_keys(&crypto::gcm(&[9; 16]), 2, &keys, &mut forged);
+        w.client.handle(w.now, &forged);
+        assert!(acks(&mut w.client, now).is_empty());
+        assert_eq!(w.client.stats().dropped_replay, 1);
+        assert_eq!(w.client.stats().dropped_auth, 1);
+        // An UNRECOGNIZED of the new epoch: the client switches and rebinds under it.
+        let t = w.gw.ticks(w.now);
+        let u = Unrecognized {
+            epoch_byte: (EPOCH + 1) as u8,
+            t,
+            observed: w.client_tuple,
+            cookie: next.cookie(&w.client_tuple, t),
+        };
+        let mut d = vec![0u8; u.len()];
+        u.emit(&mut d);
+        w.client.handle(w.now, &d);
+        assert_eq!(w.client.stats().keys_switched, 1);
+        let mut buf = [0u8; MAX_DATAGRAM_LEN];
+        let n = w.client.poll_transmit(now, &mut buf).unwrap();
+        assert_eq!(buf[0], MsgType::Rebind as u8);
+        assert_eq!(buf[1], (EPOCH + 1) as u8);
+        assert_eq!(n, wire::rebind_len(SLOTS));
     }
 
     /// `n` forged UNRECOGNIZEDs, each naming another tuple, one every `gap`.
