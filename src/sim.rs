@@ -291,7 +291,9 @@ impl SimGateway {
                     self.persisted.retain(|(e, _), _| *e != epoch);
                     self.persisted_grace = Ticks(0);
                 }
-                StoreOp::Reserve { .. } | StoreOp::SetEpoch { .. } => {}
+                StoreOp::Reserve { .. }
+                | StoreOp::SetEpoch { .. }
+                | StoreOp::ScheduleFrom { .. } => {}
             }
         }
     }

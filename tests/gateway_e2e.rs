@@ -598,3 +598,43 @@ fn idle_connection_expires_at_gateway_and_host() {
     // Its DATA now meets an unknown tuple.
     assert!(!c.echo_ok(b"again"));
 }
+
+/// `rotate_every_secs` on a running gateway: epochs follow each other on schedule, each
+/// grace period ends on time, and a connection made in one epoch is released when its grace
+/// ends (its host told), while a new handshake lands in the current epoch.
+#[test]
+fn scheduled_rotation_and_grace_end() {
+    let w = World::new("127.0.0.1:0", |c| {
+        c.admin = Some("127.0.0.1:0".parse().unwrap());
+        c.window_secs = 1;
+        c.grace_secs = Some(2);
+        c.rotate_every_secs = 6;
+    });
+    let later = w.enroll("sched2");
+    let mut c = RawClient::connect(&w, &w.enroll("sched"));
+    assert_eq!(c.reply.epoch_byte, 1);
+    assert!(c.echo_ok(b"epoch 1"));
+    let shared = w.gw().shared().clone();
+    let epoch = || shared.epochs().current.keys.epoch();
+    let deadline = Instant::now() + Duration::from_secs(8);
+    while epoch() < 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(epoch(), 2, "rotated on schedule");
+    assert!(
+        c.echo_ok(b"grace"),
+        "the old epoch's connection works during grace"
+    );
+    let deadline = Instant::now() + Duration::from_secs(4);
+    while shared.epochs().previous.is_some() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(shared.epochs().previous.is_none(), "grace ended");
+    assert_eq!(epoch(), 2, "not yet the next rotation");
+    assert_eq!(shared.connections(), 0, "released with its epoch");
+    assert!(scraped(&w, "rebindgw_connections_expired_total") >= 1.0);
+    let mut c2 = RawClient::connect(&w, &later);
+    assert_eq!(c2.reply.epoch_byte, 2);
+    assert!(c2.echo_ok(b"epoch 2"));
+    assert_eq!(scraped(&w, "rebindgw_epoch_rotations_total"), 1.0);
+}

@@ -542,3 +542,25 @@ fn deferred_registration_waits_for_the_store_and_handshakes_resume_when_it_retur
     );
     echo(&mut w, 0, b"registered through the store");
 }
+
+/// A gateway down across the end of its grace period: it comes back with the previous epoch
+/// (the store still says grace), ends the grace at its first step (the deadline has passed),
+/// releases that epoch's connections in one store op and tells their host.
+#[test]
+fn restart_after_the_grace_deadline_ends_grace_at_once() {
+    let mut w = connected(SimConfig::default(), 3);
+    let old = w.cfg.epoch;
+    w.rotate_epoch_with_grace(old + 1, Duration::from_secs(60));
+    w.now = w.now.saturating_add(Duration::from_secs(61));
+    w.restart_gateway();
+    assert!(
+        w.gateway.shared.epochs().previous.is_some(),
+        "restored from the store"
+    );
+    w.run_for(ms(10));
+    assert!(w.gateway.shared.epochs().previous.is_none());
+    assert_eq!(w.gateway.shared.connections(), 0);
+    assert_eq!(w.gateway.count(C::Expired), 3);
+    assert!(w.gateway.persisted.is_empty());
+    assert_eq!(w.gateway.persisted_grace.0, 0);
+}

@@ -649,3 +649,85 @@ proptest! {
         prop_assert!(!matches!(w.client(0).core.state(), ClientState::Failed(_)) || phase == 0);
     }
 }
+
+// ---- key delivery (tests/data/PROTOCOL-EXT.md "Key delivery"): the client's half ----
+
+/// KEYS sealed under the connection's `kd_s2c` (as a host delivers them) is installed and
+/// acknowledged under `kd_c2s` in the delivery nonce space; a retransmission is acknowledged
+/// again, an older or forged one dropped; an UNRECOGNIZED of the delivered epoch switches the
+/// client to those keys and its REBIND names that epoch.
+#[test]
+fn delivered_keys_are_acknowledged_and_used_for_their_epoch() {
+    let mut w = connected();
+    let conn_id = w.client(0).core.conn_id().unwrap();
+    let epoch = w.cfg.epoch;
+    let next = w.epoch_keys(epoch + 1);
+    let keys = wire::NewKeys {
+        epoch: epoch + 1,
+        index: 5,
+        rebind_secret: [7; 32],
+        slot_keys: next.client_keys(5).to_vec(),
+    };
+    let seal = |w: &World, kseq: u64| {
+        let (_, s2c) = w.host.data_keys_for(conn_id).unwrap();
+        let mut k = vec![0u8; wire::keys_len(SLOTS)];
+        wire::seal_keys(s2c, kseq, &keys, &mut k);
+        k
+    };
+    // The KEYS_ACKs the client sent since `from` (it sends them at its next step).
+    let acks = |w: &mut World, from: usize| {
+        w.step();
+        w.client(0).sent[from..]
+            .iter()
+            .filter(|d| d[0] == wire::KEYS_ACK_TYPE)
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    let open = |w: &World, a: &[u8]| {
+        let (c2s, _) = w.host.data_keys_for(conn_id).unwrap();
+        wire::open_keys_ack(c2s, a)
+    };
+    let k1 = seal(&w, 1);
+    let mark = w.client(0).sent.len();
+    w.deliver(0, &k1);
+    let a = acks(&mut w, mark);
+    assert_eq!(a.len(), 1);
+    assert_eq!(open(&w, &a[0]), Ok((0, epoch + 1, 1)));
+    // A retransmission: acknowledged again (next aseq), nothing installed twice.
+    let mark = w.client(0).sent.len();
+    w.deliver(0, &k1);
+    let a = acks(&mut w, mark);
+    assert_eq!(open(&w, &a[0]), Ok((1, epoch + 1, 1)));
+    assert_eq!(w.client(0).core.stats().keys_installed, 1);
+    // Older: dropped. Forged (another key): dropped.
+    let mark = w.client(0).sent.len();
+    let k0 = seal(&w, 0);
+    w.deliver(0, &k0);
+    let mut forged = vec![0u8; wire::keys_len(SLOTS)];
+    wire::seal_keys(&crypto::gcm(&[9; 16]), 2, &keys, &mut forged);
+    w.deliver(0, &forged);
+    assert!(acks(&mut w, mark).is_empty());
+    assert_eq!(w.client(0).core.stats().dropped_replay, 1);
+    assert_eq!(w.client(0).core.stats().dropped_auth, 1);
+    // An UNRECOGNIZED of the new epoch: the client switches and rebinds under it.
+    let tuple = w.client(0).tuple;
+    let u = Unrecognized {
+        epoch_byte: (epoch + 1) as u8,
+        t: w.now,
+        observed: tuple,
+        cookie: next.cookie(&tuple, w.now),
+    };
+    let mut d = vec![0u8; u.len()];
+    u.emit(&mut d);
+    let mark = w.client(0).sent.len();
+    w.deliver(0, &d);
+    assert_eq!(w.client(0).core.stats().keys_switched, 1);
+    w.step();
+    let rebind = w.client(0).sent[mark..]
+        .iter()
+        .find(|d| d[0] == MsgType::Rebind as u8)
+        .expect("a REBIND")
+        .clone();
+    assert_eq!(rebind[1], (epoch + 1) as u8);
+    assert_eq!(rebind.len(), wire::rebind_len(SLOTS));
+}

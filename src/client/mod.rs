@@ -218,6 +218,12 @@ pub struct ClientStats {
     pub dropped_recv_queue_full: u64,
     /// Datagrams dropped because the `poll_transmit` buffer was too small.
     pub dropped_small_buffer: u64,
+    /// KEYS (PROTOCOL-EXT.md "Key delivery") installed as the next epoch's keys.
+    pub keys_installed: u64,
+    /// KEYS_ACKs sent (re-acknowledgements of a retransmitted KEYS included).
+    pub keys_acks_sent: u64,
+    /// Switches to delivered keys, when an UNRECOGNIZED named their epoch.
+    pub keys_switched: u64,
 }
 
 struct Handshake {
@@ -238,6 +244,12 @@ struct Session {
     s2c: Gcm,
     send_seq: u64,
     window: ReplayWindow,
+    /// Keys delivered in-band for the next epoch (PROTOCOL-EXT.md "Key delivery").
+    next: Option<wire::NewKeys>,
+    /// The highest KEYS `kseq` installed.
+    keys_kseq: Option<u64>,
+    /// The next KEYS_ACK `aseq`.
+    ack_seq: u64,
 }
 
 struct RebindAttempt {
@@ -413,6 +425,9 @@ impl Client {
         if matches!(self.phase, Phase::Failed(_)) {
             self.stats.dropped_unexpected += 1;
             return;
+        }
+        if datagram.first() == Some(&wire::KEYS_TYPE) {
+            return self.on_keys(datagram);
         }
         match MsgType::of(datagram) {
             Ok(MsgType::HandshakeReply) => self.on_handshake_reply(now, datagram),
@@ -614,6 +629,9 @@ impl Client {
             s2c: crypto::gcm(&reply.kd_s2c),
             send_seq: 0,
             window: ReplayWindow::new(),
+            next: None,
+            keys_kseq: None,
+            ack_seq: 0,
         };
         // Stale handshake retries must not go out after the reply.
         self.control.clear();
@@ -672,6 +690,10 @@ impl Client {
         };
         // Our slot keys belong to our epoch: a REBIND under another epoch byte cannot verify.
         // An UNRECOGNIZED older than our last acknowledged rebind predates our binding.
+        if u.epoch_byte != epoch_byte && self.switch_to_delivered_keys(u.epoch_byte) {
+            self.start_rebind(now, RebindReason::Unrecognized, Some(u));
+            return;
+        }
         if u.epoch_byte != epoch_byte {
             self.stats.dropped_unrecognized += 1;
             // The gateway moved to a new epoch (§6, 1.1): a cookie request naming ours draws
@@ -687,6 +709,69 @@ impl Client {
             return;
         }
         self.start_rebind(now, RebindReason::Unrecognized, Some(u));
+    }
+
+    /// A KEYS from the host (PROTOCOL-EXT.md "Key delivery"): installs a newer one as the
+    /// next epoch's keys and acknowledges it; a retransmission is acknowledged again; an
+    /// older or forged one is dropped.
+    fn on_keys(&mut self, datagram: &[u8]) {
+        let Phase::Connected { session, .. } = &mut self.phase else {
+            self.stats.dropped_unexpected += 1;
+            return;
+        };
+        let (kseq, keys) = match wire::open_keys(&session.s2c, datagram) {
+            Ok(k) => k,
+            Err(wire::DeliveryError::Auth) => {
+                self.stats.dropped_auth += 1;
+                return;
+            }
+            Err(wire::DeliveryError::Malformed(_)) => {
+                self.stats.dropped_malformed += 1;
+                return;
+            }
+        };
+        match session.keys_kseq {
+            Some(k) if kseq < k => {
+                self.stats.dropped_replay += 1;
+                return;
+            }
+            Some(k) if kseq == k => {}
+            _ => {
+                if keys.slot_keys.len() != session.slot_keys.len()
+                    || keys.epoch as u8 == session.epoch_byte
+                {
+                    // S never changes, and keys for our own epoch make no sense.
+                    self.stats.dropped_malformed += 1;
+                    return;
+                }
+                session.keys_kseq = Some(kseq);
+                session.next = Some(keys.clone());
+                self.stats.keys_installed += 1;
+            }
+        }
+        let mut ack = vec![0u8; wire::KEYS_ACK_LEN];
+        wire::seal_keys_ack(&session.c2s, session.ack_seq, keys.epoch, kseq, &mut ack);
+        session.ack_seq += 1;
+        self.control.push_back(ack);
+        self.stats.keys_acks_sent += 1;
+    }
+
+    /// Makes the delivered keys of the epoch named by `epoch_byte` ours, if we hold them.
+    fn switch_to_delivered_keys(&mut self, epoch_byte: u8) -> bool {
+        let Phase::Connected { session, rebind } = &mut self.phase else {
+            return false;
+        };
+        let Some(n) = session.next.take_if(|n| n.epoch as u8 == epoch_byte) else {
+            return false;
+        };
+        session.epoch_byte = epoch_byte;
+        session.index = n.index;
+        session.secret = RebindSecret(n.rebind_secret);
+        session.slot_keys = Zeroizing::new(n.slot_keys.clone());
+        // Tries built with the old keys cannot be acknowledged any more.
+        *rebind = None;
+        self.stats.keys_switched += 1;
+        true
     }
 
     /// Starts a rebind, or feeds the one in progress. With an UNRECOGNIZED it sends a REBIND

@@ -30,6 +30,7 @@ counters! {
     RxRebind => "rebindgw_client_rx_packets_total", "type=\"rebind\"", "";
     RxWrongDirection => "rebindgw_client_rx_packets_total", "type=\"wrong_direction\"", "";
     RxUnknownType => "rebindgw_client_rx_packets_total", "type=\"unknown\"", "";
+    RxKeysAck => "rebindgw_client_rx_packets_total", "type=\"keys_ack\"", "";
     RxDataBytes => "rebindgw_client_rx_bytes_total", "type=\"data\"", "Bytes received from clients, by type.";
     RxHandshakeBytes => "rebindgw_client_rx_bytes_total", "type=\"handshake\"", "";
     RxRebindBytes => "rebindgw_client_rx_bytes_total", "type=\"rebind\"", "";
@@ -69,6 +70,7 @@ counters! {
     HandshakeRate => "rebindgw_handshakes_dropped_total", "reason=\"rate\"", "";
     HandshakeLong => "rebindgw_handshakes_dropped_total", "reason=\"too_long\"", "";
     DropOversize => "rebindgw_dropped_total", "reason=\"oversize\"", "Datagrams dropped, by reason.";
+    DropKeysAckUnknownTuple => "rebindgw_dropped_total", "reason=\"keys_ack_unknown_tuple\"", "";
     DropHostBadSource => "rebindgw_dropped_total", "reason=\"host_link_unknown_source\"", "";
     DropHostBadTag => "rebindgw_dropped_total", "reason=\"host_link_bad_tag\"", "";
     DropHostMalformed => "rebindgw_dropped_total", "reason=\"host_link_malformed\"", "";
@@ -426,7 +428,8 @@ pub fn render(workers: &[std::sync::Arc<WorkerMetrics>], facts: &GatewayFacts) -
             + w.get(C::RxHandshake)
             + w.get(C::RxRebind)
             + w.get(C::RxWrongDirection)
-            + w.get(C::RxUnknownType);
+            + w.get(C::RxUnknownType)
+            + w.get(C::RxKeysAck);
         let _ = writeln!(
             out,
             "rebindgw_worker_rx_packets_total{{worker=\"{i}\"}} {rx}"

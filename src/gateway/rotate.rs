@@ -16,7 +16,8 @@
 //!
 //! The gateway accepts it when the MAC matches (compared in constant time), `ts` is within
 //! [`AUTH_SKEW`] of its clock, and the nonce was not accepted before (nonces are remembered
-//! for twice the skew, so a captured request cannot be replayed). Anything else is a 401
+//! for twice the skew, and a request stamped before the gateway's start is refused, so a
+//! captured request cannot be replayed, not even across a restart). Anything else is a 401
 //! with no detail, counted in `rebindgw_admin_auth_failures_total`. The key never crosses
 //! the network and never appears in logs.
 #![forbid(unsafe_code)]
@@ -196,14 +197,20 @@ pub enum AuthError {
 pub struct AdminAuth {
     key: AdminKey,
     seen: Mutex<VecDeque<(u64, [u8; 16])>>,
+    /// Requests stamped before this (unix seconds) are refused: the nonces this run has not
+    /// seen include those an earlier run accepted, so a request captured before a restart
+    /// cannot be replayed after it.
+    not_before: u64,
     pub failures: AtomicU64,
 }
 
 impl AdminAuth {
-    pub fn new(key: AdminKey) -> AdminAuth {
+    /// `started`: this run's start (unix seconds).
+    pub fn new(key: AdminKey, started: u64) -> AdminAuth {
         AdminAuth {
             key,
             seen: Mutex::new(VecDeque::new()),
+            not_before: started,
             failures: AtomicU64::new(0),
         }
     }
@@ -225,7 +232,7 @@ impl AdminAuth {
         m.update(&mac_input(auth.ts, &auth.nonce, auth.force));
         // Constant time.
         m.verify_slice(&auth.mac).map_err(|_| AuthError::BadMac)?;
-        if auth.ts.abs_diff(now_secs) > AUTH_SKEW.as_secs() {
+        if auth.ts.abs_diff(now_secs) > AUTH_SKEW.as_secs() || auth.ts < self.not_before {
             return Err(AuthError::Stale);
         }
         let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
@@ -488,8 +495,8 @@ mod tests {
     #[test]
     fn only_a_fresh_request_signed_with_the_key_is_accepted() {
         let key = AdminKey::from_bytes([7; 32]);
-        let auth = AdminAuth::new(key.clone());
         let now = 1_800_000_000;
+        let auth = AdminAuth::new(key.clone(), now - 100);
         let good = RotateAuth::sign(&key, now, false);
         assert_eq!(RotateAuth::parse(&good.header()), Some(good.clone()));
         assert_eq!(auth.check(Some(&good.header()), now + 5), Ok(false));
@@ -523,6 +530,14 @@ mod tests {
             assert_eq!(auth.check(Some(junk), now), Err(AuthError::Malformed));
         }
         assert_eq!(auth.failures.load(Ordering::Relaxed), 10);
+        // A request from before this run started (captured, then replayed after a restart
+        // that forgot the nonces) is refused even within the skew.
+        let restarted = AdminAuth::new(key.clone(), now);
+        let captured = RotateAuth::sign(&key, now - 1, false);
+        assert_eq!(
+            restarted.check(Some(&captured.header()), now + 1),
+            Err(AuthError::Stale)
+        );
     }
 
     #[test]

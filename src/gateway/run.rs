@@ -326,11 +326,24 @@ fn start(
     store.set_slots(cfg.slots as u64)?;
     let epoch = loaded.epoch.unwrap_or(1);
     store.apply(&[StoreOp::SetEpoch { epoch }])?;
+    // The rotation schedule counts from the last rotation, or from the first start ever, so
+    // restarts never postpone it.
+    let rotated_at = if loaded.rotated_at.0 == 0 {
+        let at = Ticks::wall_clock();
+        store.apply(&[StoreOp::ScheduleFrom { at }])?;
+        at
+    } else {
+        loaded.rotated_at
+    };
 
     // Created beside the state like the master key, unless configured.
-    let admin_auth = Arc::new(AdminAuth::new(AdminKey::load_or_generate(
-        &cfg.admin_key_path(),
-    )?));
+    let started_unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let admin_auth = Arc::new(AdminAuth::new(
+        AdminKey::load_or_generate(&cfg.admin_key_path())?,
+        started_unix,
+    ));
 
     let keys = EpochKeys::derive(&master, epoch, cfg.slots)?;
     let trial = TrialKeys::new(engine_backend, keys.slot_key_pairs())?;
@@ -340,7 +353,7 @@ fn start(
         cfg.slots,
         cfg.grace(),
         Duration::from_secs(cfg.rotate_every_secs),
-        loaded.rotated_at,
+        rotated_at,
     ));
 
     let (store_tx, store_rx) = crossbeam::channel::unbounded();

@@ -82,6 +82,10 @@ pub enum StoreOp {
     EndGrace {
         epoch: u32,
     },
+    /// The first start of a gateway that never rotated: the schedule counts from `at`.
+    ScheduleFrom {
+        at: Ticks,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -538,6 +542,9 @@ impl Store {
                         remove_epoch(&mut conns, *epoch)?;
                         meta.insert("grace_until", 0).map_err(db_err)?;
                     }
+                    StoreOp::ScheduleFrom { at } => {
+                        meta.insert("rotated_at", at.0).map_err(db_err)?;
+                    }
                 }
             }
         }
@@ -922,6 +929,8 @@ mod tests {
         };
         {
             let s = Store::open(&dir).unwrap();
+            s.apply(&[StoreOp::ScheduleFrom { at: Ticks(5) }]).unwrap();
+            assert_eq!(s.load(12, false).unwrap().rotated_at, Ticks(5));
             s.apply(&[
                 StoreOp::SetEpoch { epoch: 1 },
                 StoreOp::Register(at(1, 0)),

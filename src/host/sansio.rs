@@ -612,6 +612,13 @@ impl HostCore {
         self.write_echo(e, buf)
     }
 
+    /// The connection's data keys `(c2s, s2c)`, e.g. to seal a KEYS message for its client
+    /// or open its KEYS_ACK (tests; the reference host does not deliver keys yet).
+    #[cfg(any(test, feature = "testing"))]
+    pub fn data_keys_for(&self, conn_id: u64) -> Option<(&Gcm, &Gcm)> {
+        self.conns.get(&conn_id).map(|c| (&c.rx, &c.tx))
+    }
+
     /// DATA for `conn_id`'s client as the host would send it, with a chosen `seq` (tests:
     /// replays, reordering, jumps). `None` if the connection is unknown.
     #[cfg(any(test, feature = "testing"))]

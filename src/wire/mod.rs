@@ -3,12 +3,19 @@
 #![forbid(unsafe_code)]
 
 mod data;
+mod delivery;
 mod handshake;
 mod rebind;
 mod tuple;
 mod unrecognized;
 
 pub use data::{DATA_HEADER_LEN, DATA_OVERHEAD, DataView, data_nonce, seal_data};
+pub use delivery::{
+    DELIVERY_HEADER_LEN, DeliveryError, EpochKeysEntry, KEYS_ACK_LEN, KEYS_ACK_TYPE, KEYS_TYPE,
+    NewKeys, delivery_nonce, emit_epoch_keys, emit_keys_delivered, epoch_keys_entry_len,
+    keys_body_len, keys_len, open_keys, open_keys_ack, parse_epoch_keys, parse_keys_delivered,
+    seal_keys, seal_keys_ack,
+};
 pub use handshake::{
     ClientCredentials, HANDSHAKE_LEN, HandshakeReply, HandshakeView, ReplyError, build_handshake,
     build_handshake_reply, handshake_reply_len, open_handshake, open_handshake_reply,

@@ -12,7 +12,7 @@ use crate::io::batch::{MAX_CLIENT_DATAGRAM, Rx, TxQueue, Via};
 use crate::registry::HostId;
 use crate::table::{ConnRef, ConnRoute};
 use crate::time::Ticks;
-use crate::wire::{MsgType, Unrecognized, unrecognized_len};
+use crate::wire::{KEYS_ACK_TYPE, MsgType, Unrecognized, unrecognized_len};
 
 use super::WorkerCore;
 
@@ -44,6 +44,15 @@ impl WorkerCore {
                 self.forward_handshake(now, d, tx);
             }
             Some(MsgType::Rebind) => unreachable!("REBINDs are batched"),
+            // PROTOCOL-EXT.md "Key delivery": forwarded like DATA, never answered.
+            None if d.data.first() == Some(&KEYS_ACK_TYPE) => {
+                self.metrics.inc(C::RxKeysAck);
+                self.metrics.add(C::RxOtherBytes, len);
+                match self.shared.tuples.get(&d.from) {
+                    Some(conn) => self.forward_to_host(conn, d.data, tx),
+                    None => self.metrics.inc(C::DropKeysAckUnknownTuple),
+                }
+            }
             Some(_) => {
                 self.metrics.inc(C::RxWrongDirection);
                 self.metrics.add(C::RxOtherBytes, len);

@@ -1293,3 +1293,45 @@ fn grace_ends_at_its_deadline() {
     assert_eq!(h.tick().len(), 1, "the host is told EXPIRED");
     assert_eq!(h.shared.connections(), 0);
 }
+
+/// KEYS and KEYS_ACK (PROTOCOL-EXT.md "Key delivery") cross the gateway like DATA: a KEYS
+/// from the owning host goes to the client's tuple, a KEYS_ACK from a bound tuple to the
+/// host; a KEYS_ACK from an unknown tuple is dropped, counted, and draws no UNRECOGNIZED.
+#[test]
+fn keys_and_keys_ack_are_forwarded_like_data() {
+    use crate::wire::{KEYS_ACK_LEN, NewKeys, keys_len, seal_keys, seal_keys_ack};
+    let mut h = Harness::default();
+    let a = addr("10.0.0.1:4000");
+    let issued = h.register(77, a);
+    let kd = crypto_key();
+    let keys = NewKeys {
+        epoch: 4,
+        index: 1,
+        rebind_secret: issued.secret.0,
+        slot_keys: issued.keys.clone(),
+    };
+    let mut k = vec![0u8; keys_len(S)];
+    let n = seal_keys(&kd, 0, &keys, &mut k);
+    let mut back = [0u8; 1024];
+    let m = hostlink::emit_conn_data(LinkType::ToClientData, 77, &k[..n], &mut back);
+    let host = h.host_addr;
+    let out = h.feed(&[(Via::Host, host, &back[..m])]);
+    assert_eq!(out, vec![(Via::Client(0), a, k[..n].to_vec())]);
+
+    let mut ack = [0u8; KEYS_ACK_LEN];
+    seal_keys_ack(&kd, 0, 4, 0, &mut ack);
+    let out = h.client(a, &ack);
+    assert_eq!(out.len(), 1);
+    assert_eq!(
+        hostlink::parse_conn_data(&out[0].2).unwrap(),
+        (77, &ack[..])
+    );
+    assert_eq!(h.count(C::RxKeysAck), 1);
+    assert!(h.client(addr("10.0.0.9:1"), &ack).is_empty());
+    assert_eq!(h.count(C::DropKeysAckUnknownTuple), 1);
+    assert_eq!(h.count(C::UnrecognizedSent), 0);
+}
+
+fn crypto_key() -> Gcm {
+    crate::crypto::gcm(&[0x33; 16])
+}
