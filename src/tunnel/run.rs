@@ -39,10 +39,6 @@ use crate::wire::ClientCredentials;
 
 /// Datagrams read from one socket before the loop looks at the others.
 const READ_BURST: usize = 256;
-/// Frames sent in this last stretch are kept, to resend those a rebind may have lost.
-const RECENT_KEEP: Duration = Duration::from_millis(250);
-/// ... at most this many.
-const RECENT_MAX: usize = 1024;
 
 /// Log the n-th occurrence of something frequent only when n is a power of two.
 fn worth_logging(n: u64) -> bool {
@@ -166,8 +162,6 @@ pub struct ConnectStats {
     pub dropped_not_connected: u64,
     /// Application datagrams the client core refused (send queue full).
     pub dropped_send_queue: u64,
-    /// Frames sent again after a rebind completed (see [`Connector`]).
-    pub resent_after_rebind: u64,
     /// Datagrams for applications that the local socket could not send.
     pub app_send_errors: u64,
     /// Received DATA the client core dropped (auth, replay, malformed, ...).
@@ -191,8 +185,6 @@ pub struct Connector {
     dropped_before: u64,
     /// When the current rebind started.
     rebind_started: Option<Ticks>,
-    /// Frames recently given to the client core, oldest first, with when.
-    recent: std::collections::VecDeque<(Ticks, Vec<u8>)>,
 }
 
 impl std::fmt::Debug for Connector {
@@ -230,7 +222,6 @@ impl Connector {
             stats: ConnectStats::default(),
             dropped_before: 0,
             rebind_started: None,
-            recent: std::collections::VecDeque::new(),
         })
     }
 
@@ -370,8 +361,6 @@ impl Connector {
                 Ok(len) => {
                     if self.client.send(&frame[..len]).is_err() {
                         self.stats.dropped_send_queue += 1;
-                    } else {
-                        self.remember(now, &frame[..len]);
                     }
                 }
                 Err(e @ AppDrop::TooBig { .. }) => {
@@ -444,39 +433,14 @@ impl Connector {
         }
     }
 
-    /// Keeps a copy of a frame sent, for [`Connector::resend_lost`].
-    fn remember(&mut self, now: Ticks, frame: &[u8]) {
-        while self.recent.len() >= RECENT_MAX
-            || self
-                .recent
-                .front()
-                .is_some_and(|(t, _)| now.since(*t) > RECENT_KEEP)
-        {
-            self.recent.pop_front();
-        }
-        self.recent.push_back((now, frame.to_vec()));
-    }
-
-    /// A rebind completed after `took`: the gateway dropped the DATA that reached it from
-    /// the new tuple before it accepted the REBIND (the ones that drew the UNRECOGNIZED, about
-    /// one round trip before the rebind started, and those sent during it). They are sent
-    /// again: the frames of the last round trip before the rebind started (estimated as the
-    /// REBIND's own round trip, doubled, plus 2 ms) and since. A few may arrive twice; UDP
-    /// applications take duplicates as they take loss.
+    /// A rebind completed: send again what it lost ([`TunnelClient::lost_in_rebind`]).
     fn resend_lost(&mut self, now: Ticks, took: Duration) {
         let Some(started) = self.rebind_started.take() else {
             return;
         };
-        let from = started.saturating_sub(took * 2 + Duration::from_millis(2));
-        let again: Vec<Vec<u8>> = self
-            .recent
-            .iter()
-            .filter(|(t, _)| *t >= from && *t <= now)
-            .map(|(_, f)| f.clone())
-            .collect();
-        for f in again {
-            if self.client.send(&f).is_ok() {
-                self.stats.resent_after_rebind += 1;
+        for f in self.tunnel.lost_in_rebind(now, started, took) {
+            if self.client.send(&f).is_err() {
+                self.stats.dropped_send_queue += 1;
             }
         }
     }
