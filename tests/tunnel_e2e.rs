@@ -150,7 +150,36 @@ fn applications_reach_an_unmodified_udp_service() {
     let (n, _) = apps[1].recv_from(&mut buf).unwrap();
     assert_eq!(n, MAX_APP_PAYLOAD);
 
+    // A client enrolled while the host runs: the host reloads its clients file.
+    std::thread::sleep(Duration::from_millis(1100)); // a new mtime second
+    let tablet = enroll(&clients, "tablet").unwrap().creds;
+    std::thread::sleep(Duration::from_millis(1200));
+    let second = Connector::bind(ConnectOptions::new(
+        gateway.client_addrs()[0],
+        tablet,
+        "127.0.0.1:0".parse().unwrap(),
+    ))
+    .unwrap();
+    let second_local = second.local_addr().unwrap();
+    let second_thread = {
+        let stop = stop.clone();
+        std::thread::spawn(move || second.run(&stop, |_| {}).unwrap())
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        apps[2].send_to(b"tablet", second_local).unwrap();
+        if let Ok((n, _)) = apps[2].recv_from(&mut buf) {
+            assert_eq!(&buf[..n], b"echo:tablet");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the newly enrolled client got no answer"
+        );
+    }
+
     stop.store(true, Ordering::Relaxed);
+    second_thread.join().unwrap();
     let client = client_thread.join().unwrap();
     let host = host_thread.join().unwrap();
     service.join().unwrap();
@@ -164,8 +193,9 @@ fn applications_reach_an_unmodified_udp_service() {
     );
     assert_eq!(client.tunnel.dropped_too_big, 1);
     assert_eq!(client.tunnel.flows_opened, 3);
-    assert_eq!(host.tunnel.flows_opened, 3);
-    assert!(host.tunnel.to_backend >= 151, "{host:?}");
+    assert_eq!(host.tunnel.flows_opened, 4, "three apps, and the tablet's");
+    assert!(host.tunnel.to_backend >= 152, "{host:?}");
+    assert_eq!(host.reloads, 1, "{host:?}");
     assert_eq!(host.tunnel.dropped_malformed, 0);
     // The JSON form of an event, as `rebindgw connect --json` prints it.
     let json = serde_json::to_value(&ev[0]).unwrap();

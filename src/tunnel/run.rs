@@ -4,10 +4,11 @@
 //!   changes by itself: a socket error or a changed local address toward the gateway makes a
 //!   new socket and starts a rebind (`Client::network_changed`); UNRECOGNIZED starts one in
 //!   the core; after `rebind_tries` REBINDs (or cookie requests) without an ACK, or a failed
-//!   connection, it handshakes again.
+//!   connection, it handshakes again. When a rebind completes, the frames it lost are sent
+//!   again ([`TunnelClient::lost_in_rebind`]).
 //! - [`ForwardHost`] (`rebindgw host --forward`): the host core in application mode on the
 //!   host-link socket, the [`TunnelHost`] on top, and one connected UDP socket per flow
-//!   toward its backend.
+//!   toward its backend. The clients file is reloaded when it changes on disk.
 //!
 //! Neither loop decides anything: the cores do. A datagram too big for the path is counted
 //! and logged (the first, then at powers of two), never truncated.
@@ -599,6 +600,18 @@ pub struct ForwardStats {
     pub link_send_errors: u64,
     /// Backend sockets that could not be opened.
     pub backend_open_errors: u64,
+    /// Clients file reloads (it changed on disk), and failed ones (the old list stays).
+    pub reloads: u64,
+    pub reload_errors: u64,
+}
+
+/// What identifies a version of the clients file: mtime, size, inode.
+type FileId = Option<(std::time::SystemTime, u64, u64)>;
+
+fn file_id(path: &std::path::Path) -> FileId {
+    use std::os::unix::fs::MetadataExt as _;
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len(), m.ino()))
 }
 
 /// `rebindgw host --forward`: see the module docs.
@@ -611,6 +624,9 @@ pub struct ForwardHost {
     sockets: Vec<(FlowKey, UdpSocket)>,
     index: HashMap<FlowKey, usize>,
     stats: ForwardStats,
+    /// The clients file as last loaded, checked every second.
+    clients_file: FileId,
+    next_reload_check: Ticks,
 }
 
 impl std::fmt::Debug for ForwardHost {
@@ -629,6 +645,7 @@ impl ForwardHost {
             !opts.tunnel.services.is_empty(),
             "no service to forward to (--forward ADDR or a services file)"
         );
+        let clients_file = file_id(&opts.clients);
         let clients = ClientsFile::load(&opts.clients)?;
         let link = udp_socket(opts.listen, None, opts.socket_buffer)
             .with_context(|| format!("binding the host-link socket to {}", opts.listen))?;
@@ -649,6 +666,8 @@ impl ForwardHost {
             sockets: Vec::new(),
             index: HashMap::new(),
             stats: ForwardStats::default(),
+            clients_file,
+            next_reload_check: Ticks(0),
         })
     }
 
@@ -683,6 +702,10 @@ impl ForwardHost {
                 self.core.handle_timeout(now);
                 self.tunnel.handle_timeout(now);
                 self.pump(now, &mut out);
+                if now >= self.next_reload_check {
+                    self.next_reload_check = now.saturating_add(Duration::from_secs(1));
+                    self.maybe_reload();
+                }
             }
             poller.clear();
             let il = poller.add(&self.link);
@@ -723,6 +746,27 @@ impl ForwardHost {
             "forwarding host stopped"
         );
         Ok(stats)
+    }
+
+    /// Reloads the clients file when it changed on disk (enrolling a client needs no
+    /// restart); live connections are kept.
+    fn maybe_reload(&mut self) {
+        let id = file_id(&self.opts.clients);
+        if id == self.clients_file {
+            return;
+        }
+        self.clients_file = id;
+        match ClientsFile::load(&self.opts.clients) {
+            Ok(f) => {
+                self.stats.reloads += 1;
+                tracing::info!(clients = f.len(), "clients file reloaded");
+                self.core.replace_clients(f);
+            }
+            Err(e) => {
+                self.stats.reload_errors += 1;
+                tracing::warn!(error = %e, "clients file reload failed; keeping the previous list");
+            }
+        }
     }
 
     fn read_backend(&mut self, now: Ticks, key: FlowKey, buf: &mut [u8], frame: &mut [u8]) {
