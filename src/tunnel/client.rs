@@ -209,7 +209,10 @@ impl TunnelClient {
     /// this gives back the frames framed since `started - (2 × took + 2 ms)`, oldest first. A
     /// few may arrive twice; UDP applications take duplicates as they take loss.
     pub fn lost_in_rebind(&mut self, now: Ticks, started: Ticks, took: Duration) -> Vec<Vec<u8>> {
-        let from = started.saturating_sub(took * 2 + Duration::from_millis(2));
+        let from = started.saturating_sub(
+            took.saturating_mul(2)
+                .saturating_add(Duration::from_millis(2)),
+        );
         let again: Vec<Vec<u8>> = self
             .recent
             .iter()
