@@ -201,3 +201,117 @@ fn applications_reach_an_unmodified_udp_service() {
     let json = serde_json::to_value(&ev[0]).unwrap();
     assert_eq!(json["event"], "connected");
 }
+
+/// When the gateway goes away, `connect`'s rebind tries go unanswered; after
+/// `rebind_tries` of them it handshakes again (and keeps trying), printing why.
+#[test]
+fn unanswered_rebinds_lead_to_a_new_handshake() {
+    let dir = tempdir();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (backend, service) = echo_service(stop.clone());
+    let key_file = dir.join("host.key");
+    let key = generate_link_key(&key_file).unwrap();
+    let clients = dir.join("clients.toml");
+    let creds = enroll(&clients, "phone").unwrap().creds;
+    let host = ForwardHost::bind(ForwardOptions::new(
+        "127.0.0.1:0".parse().unwrap(),
+        clients,
+        key,
+        TunnelHostConfig {
+            services: vec![Service {
+                name: "echo".into(),
+                backend,
+            }],
+            ..TunnelHostConfig::default()
+        },
+    ))
+    .unwrap();
+    let host_addr = host.local_addr().unwrap();
+    let host_thread = {
+        let stop = stop.clone();
+        std::thread::spawn(move || host.run(&stop).unwrap())
+    };
+    let gateway = spawn_gateway(GatewayConfig {
+        listen: vec!["127.0.0.1:0".parse().unwrap()],
+        hosts: vec![HostEntry {
+            addr: host_addr,
+            link_key_file: key_file,
+        }],
+        admin: None,
+        state_dir: dir.join("state"),
+        workers: 1,
+        ..GatewayConfig::default()
+    })
+    .unwrap();
+    let mut opts = ConnectOptions::new(
+        gateway.client_addrs()[0],
+        creds,
+        "127.0.0.1:0".parse().unwrap(),
+    );
+    // Fast probes and retries, so the test takes about a second.
+    opts.client.probe_quiet = Duration::from_millis(100);
+    opts.client.rebind_backoff = Duration::from_millis(20);
+    opts.client.rebind_backoff_max = Duration::from_millis(40);
+    opts.client.rebind_pace = Duration::from_millis(10);
+    opts.rebind_tries = 3;
+    let connector = Connector::bind(opts).unwrap();
+    let local = connector.local_addr().unwrap();
+    let events = Arc::new(Mutex::new(Vec::<TunnelEvent>::new()));
+    let client_thread = {
+        let (stop, events) = (stop.clone(), events.clone());
+        std::thread::spawn(move || {
+            connector
+                .run(&stop, |e| events.lock().unwrap().push(e.clone()))
+                .unwrap()
+        })
+    };
+    let app = UdpSocket::bind("127.0.0.1:0").unwrap();
+    app.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let mut buf = [0u8; 2048];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        app.send_to(b"ping", local).unwrap();
+        if app.recv_from(&mut buf).is_ok() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no answer before the gateway stops"
+        );
+    }
+    gateway.stop().unwrap();
+    // The application keeps sending into the void: unanswered DATA, then cookie requests.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !events
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|e| matches!(e, TunnelEvent::HandshakeAgain { .. }))
+    {
+        assert!(Instant::now() < deadline, "{:?}", events.lock().unwrap());
+        let _ = app.send_to(b"ping", local);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let stats = client_thread.join().unwrap();
+    host_thread.join().unwrap();
+    service.join().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let ev = events.lock().unwrap();
+    let again = ev
+        .iter()
+        .find_map(|e| match e {
+            TunnelEvent::HandshakeAgain { reason } => Some(reason.clone()),
+            _ => None,
+        })
+        .unwrap();
+    assert!(again.contains("3 rebind tries"), "{again}");
+    assert!(
+        ev.iter()
+            .any(|e| matches!(e, TunnelEvent::Rebinding { .. })),
+        "{ev:?}"
+    );
+    assert!(stats.handshakes >= 2, "{stats:?}");
+    assert!(stats.dropped_not_connected > 0, "{stats:?}");
+}
