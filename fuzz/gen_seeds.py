@@ -130,4 +130,6 @@ handshake_per_prefix = { per_second = 5.0, burst = 10.0 }
 write("text_configs", "rate", b"\x022000/4000")
 write("text_configs", "host", b"\x03127.0.0.1:7500=/etc/rebindgw/host1.key")
 write("text_configs", "metrics", b'\x04# HELP rebindgw_rx_total x\n# TYPE rebindgw_rx_total counter\nrebindgw_rx_total{kind="data"} 12\nrebindgw_up 1\n')
+# --- tunnel_frames: records len(u8) || frame --------------------------------------------------
+write("tunnel_frames", "data-ack", b"\x06\x01\x00\x00\x00hi\x04\x03\x00\x00\x00\x07\x01\x00\x00\x00abc")
 print("seeds written to", CORPUS)

@@ -17,13 +17,15 @@
 #   rebinds  the same through the tunnel while the NAT changes the client's port every second
 #            (new SNAT port range, then `conntrack -D`) and its address twice;
 #   dns      N queries with dig (its usual retries: +tries=3 +time=1) through a second
-#            connect (service 1) to dnsmasq, with the NAT changing every second too.
+#            connect (service 1) to dnsmasq, with the NAT changing every second too;
+#   address  the app namespace's own source address changes: connect notices (address
+#            check every second), opens a new socket and rebinds.
 # The outage of each rebind is the time from `conntrack -D` returning to the `rebound` event
 # of the iperf connect (its --json output). Loss per rebind = (rebinds run's lost datagrams
 # - tunnel run's) / NAT changes, also given in ms of traffic at the offered rate.
 #
 # Pass: tunnel and rebinds throughput >= 0.8 x direct, every DNS query answered, every NAT
-# change followed by a rebind. The per-rebind loss goal (<= one round trip) is reported.
+# change followed by a rebind, the local address change noticed and followed by a rebind. The per-rebind loss goal (<= one round trip) is reported.
 #
 # Usage: scripts/tunnel-test.sh [--short] [--keep] [--no-build] [--rate BW] [--time SECS]
 #                               [--queries N] [--len BYTES]
@@ -47,6 +49,7 @@ NS_GW=$PREFIX-gw
 NS_SVC=$PREFIX-svc
 APP_NET=10.201.1.0/24
 APP_ADDR=10.201.1.2
+APP_ADDR2=10.201.1.3
 NAT_IN=10.201.1.1
 NAT_PUBLIC=(10.201.2.1 10.201.2.11 10.201.2.12)
 GW_ADDR=10.201.2.2
@@ -314,6 +317,15 @@ for f in "$WORK"/batch.*; do
 done
 wait "$NAT_PID" || true
 
+# --- a changed local address ----------------------------------------------------------------
+# The app namespace's source address changes (a new address, the default route's src): the
+# connects notice on their next address check (every second), open a new socket and rebind.
+echo "== local address change: $APP_ADDR -> $APP_ADDR2 in $NS_APP"
+ip -n "$NS_APP" addr add "$APP_ADDR2/24" dev a0
+ip -n "$NS_APP" route replace default via "$NAT_IN" src "$APP_ADDR2"
+date +%s.%N >"$WORK/addr-change.txt"
+sleep 2.5
+
 # --- report -----------------------------------------------------------------------------------
 "$PY" - "$WORK" "$RATE" "$LEN" "$QUERIES" "$SHORT" <<'PYEOF'
 import json, os, re, sys
@@ -398,6 +410,22 @@ events_all = {}
 for e in events:
     events_all[e["event"]] = events_all.get(e["event"], 0) + 1
 print("  connect (iperf) events: %s" % ", ".join("%s %d" % kv for kv in sorted(events_all.items())))
+
+# The local address change: the iperf connect's network_changed, then its rebound.
+t_addr = float(open(os.path.join(work, "addr-change.txt")).read())
+events = [json.loads(l) for l in open(os.path.join(work, "connect-iperf.jsonl")) if l.strip()]
+changed = [e for e in events if e["event"] == "network_changed" and e["unix"] >= t_addr]
+if changed:
+    after = [e for e in events if e["event"] == "rebound" and e["unix"] >= changed[0]["unix"]]
+    print()
+    print("local address change: noticed %.0f ms after it (%s); %s"
+          % ((changed[0]["unix"] - t_addr) * 1e3, changed[0]["reason"],
+             "rebound %.1f ms later" % ((after[0]["unix"] - changed[0]["unix"]) * 1e3)
+             if after else "NO rebind after it"))
+    if not after:
+        fails.append("no rebind after the local address change")
+else:
+    fails.append("the local address change was not noticed")
 
 # DNS.
 out = open(os.path.join(work, "dig.out")).read()

@@ -150,7 +150,36 @@ fn applications_reach_an_unmodified_udp_service() {
     let (n, _) = apps[1].recv_from(&mut buf).unwrap();
     assert_eq!(n, MAX_APP_PAYLOAD);
 
+    // A client enrolled while the host runs: the host reloads its clients file.
+    std::thread::sleep(Duration::from_millis(1100)); // a new mtime second
+    let tablet = enroll(&clients, "tablet").unwrap().creds;
+    std::thread::sleep(Duration::from_millis(1200));
+    let second = Connector::bind(ConnectOptions::new(
+        gateway.client_addrs()[0],
+        tablet,
+        "127.0.0.1:0".parse().unwrap(),
+    ))
+    .unwrap();
+    let second_local = second.local_addr().unwrap();
+    let second_thread = {
+        let stop = stop.clone();
+        std::thread::spawn(move || second.run(&stop, |_| {}).unwrap())
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        apps[2].send_to(b"tablet", second_local).unwrap();
+        if let Ok((n, _)) = apps[2].recv_from(&mut buf) {
+            assert_eq!(&buf[..n], b"echo:tablet");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the newly enrolled client got no answer"
+        );
+    }
+
     stop.store(true, Ordering::Relaxed);
+    second_thread.join().unwrap();
     let client = client_thread.join().unwrap();
     let host = host_thread.join().unwrap();
     service.join().unwrap();
@@ -164,10 +193,125 @@ fn applications_reach_an_unmodified_udp_service() {
     );
     assert_eq!(client.tunnel.dropped_too_big, 1);
     assert_eq!(client.tunnel.flows_opened, 3);
-    assert_eq!(host.tunnel.flows_opened, 3);
-    assert!(host.tunnel.to_backend >= 151, "{host:?}");
+    assert_eq!(host.tunnel.flows_opened, 4, "three apps, and the tablet's");
+    assert!(host.tunnel.to_backend >= 152, "{host:?}");
+    assert_eq!(host.reloads, 1, "{host:?}");
     assert_eq!(host.tunnel.dropped_malformed, 0);
     // The JSON form of an event, as `rebindgw connect --json` prints it.
     let json = serde_json::to_value(&ev[0]).unwrap();
     assert_eq!(json["event"], "connected");
+}
+
+/// When the gateway goes away, `connect`'s rebind tries go unanswered; after
+/// `rebind_tries` of them it handshakes again (and keeps trying), printing why.
+#[test]
+fn unanswered_rebinds_lead_to_a_new_handshake() {
+    let dir = tempdir();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (backend, service) = echo_service(stop.clone());
+    let key_file = dir.join("host.key");
+    let key = generate_link_key(&key_file).unwrap();
+    let clients = dir.join("clients.toml");
+    let creds = enroll(&clients, "phone").unwrap().creds;
+    let host = ForwardHost::bind(ForwardOptions::new(
+        "127.0.0.1:0".parse().unwrap(),
+        clients,
+        key,
+        TunnelHostConfig {
+            services: vec![Service {
+                name: "echo".into(),
+                backend,
+            }],
+            ..TunnelHostConfig::default()
+        },
+    ))
+    .unwrap();
+    let host_addr = host.local_addr().unwrap();
+    let host_thread = {
+        let stop = stop.clone();
+        std::thread::spawn(move || host.run(&stop).unwrap())
+    };
+    let gateway = spawn_gateway(GatewayConfig {
+        listen: vec!["127.0.0.1:0".parse().unwrap()],
+        hosts: vec![HostEntry {
+            addr: host_addr,
+            link_key_file: key_file,
+        }],
+        admin: None,
+        state_dir: dir.join("state"),
+        workers: 1,
+        ..GatewayConfig::default()
+    })
+    .unwrap();
+    let mut opts = ConnectOptions::new(
+        gateway.client_addrs()[0],
+        creds,
+        "127.0.0.1:0".parse().unwrap(),
+    );
+    // Fast probes and retries, so the test takes about a second.
+    opts.client.probe_quiet = Duration::from_millis(100);
+    opts.client.rebind_backoff = Duration::from_millis(20);
+    opts.client.rebind_backoff_max = Duration::from_millis(40);
+    opts.client.rebind_pace = Duration::from_millis(10);
+    opts.rebind_tries = 3;
+    let connector = Connector::bind(opts).unwrap();
+    let local = connector.local_addr().unwrap();
+    let events = Arc::new(Mutex::new(Vec::<TunnelEvent>::new()));
+    let client_thread = {
+        let (stop, events) = (stop.clone(), events.clone());
+        std::thread::spawn(move || {
+            connector
+                .run(&stop, |e| events.lock().unwrap().push(e.clone()))
+                .unwrap()
+        })
+    };
+    let app = UdpSocket::bind("127.0.0.1:0").unwrap();
+    app.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let mut buf = [0u8; 2048];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        app.send_to(b"ping", local).unwrap();
+        if app.recv_from(&mut buf).is_ok() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no answer before the gateway stops"
+        );
+    }
+    gateway.stop().unwrap();
+    // The application keeps sending into the void: unanswered DATA, then cookie requests.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !events
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|e| matches!(e, TunnelEvent::HandshakeAgain { .. }))
+    {
+        assert!(Instant::now() < deadline, "{:?}", events.lock().unwrap());
+        let _ = app.send_to(b"ping", local);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let stats = client_thread.join().unwrap();
+    host_thread.join().unwrap();
+    service.join().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let ev = events.lock().unwrap();
+    let again = ev
+        .iter()
+        .find_map(|e| match e {
+            TunnelEvent::HandshakeAgain { reason } => Some(reason.clone()),
+            _ => None,
+        })
+        .unwrap();
+    assert!(again.contains("3 rebind tries"), "{again}");
+    assert!(
+        ev.iter()
+            .any(|e| matches!(e, TunnelEvent::Rebinding { .. })),
+        "{ev:?}"
+    );
+    assert!(stats.handshakes >= 2, "{stats:?}");
+    assert!(stats.dropped_not_connected > 0, "{stats:?}");
 }

@@ -10,7 +10,7 @@
 //! [`TunnelClientStats`].
 #![forbid(unsafe_code)]
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -31,6 +31,10 @@ pub struct TunnelClientConfig {
     /// Flows at once; a datagram from a new source beyond it is dropped
     /// (`dropped_flow_limit`).
     pub max_flows: usize,
+    /// Frames sent in this last stretch are kept (at most `resend_max` of them) so that
+    /// [`TunnelClient::lost_in_rebind`] can give back those a rebind lost. Zero turns it off.
+    pub resend_keep: Duration,
+    pub resend_max: usize,
 }
 
 impl Default for TunnelClientConfig {
@@ -39,6 +43,8 @@ impl Default for TunnelClientConfig {
             service: 0,
             flow_idle: Duration::from_secs(180),
             max_flows: 4096,
+            resend_keep: Duration::from_millis(250),
+            resend_max: 1024,
         }
     }
 }
@@ -67,6 +73,8 @@ pub struct TunnelClientStats {
     pub dropped_unknown_flow: u64,
     /// A frame kind a host never sends to a client.
     pub dropped_unexpected: u64,
+    /// Frames given back by [`TunnelClient::lost_in_rebind`] to send again.
+    pub resent_after_rebind: u64,
 }
 
 /// Why [`TunnelClient::handle_app`] did not frame a datagram.
@@ -94,6 +102,8 @@ pub struct TunnelClient {
     by_addr: HashMap<SocketAddr, u16>,
     flows: HashMap<u16, Flow>,
     next_flow: u16,
+    /// Frames recently framed, oldest first, with when.
+    recent: VecDeque<(Ticks, Vec<u8>)>,
     stats: TunnelClientStats,
 }
 
@@ -113,6 +123,7 @@ impl TunnelClient {
             by_addr: HashMap::new(),
             flows: HashMap::new(),
             next_flow: 0,
+            recent: VecDeque::new(),
             stats: TunnelClientStats::default(),
         }
     }
@@ -172,7 +183,44 @@ impl TunnelClient {
         };
         self.stats.to_tunnel += 1;
         self.stats.to_tunnel_bytes += payload.len() as u64;
+        self.remember(now, &out[..n]);
         Ok(n)
+    }
+
+    fn remember(&mut self, now: Ticks, frame: &[u8]) {
+        if self.cfg.resend_keep.is_zero() || self.cfg.resend_max == 0 {
+            return;
+        }
+        while self.recent.len() >= self.cfg.resend_max
+            || self
+                .recent
+                .front()
+                .is_some_and(|(t, _)| now.since(*t) > self.cfg.resend_keep)
+        {
+            self.recent.pop_front();
+        }
+        self.recent.push_back((now, frame.to_vec()));
+    }
+
+    /// A rebind that started at `started` completed at `now` (its REBIND round trip took
+    /// `took`): the frames to send again. The gateway dropped the DATA that reached it from
+    /// the new tuple before it accepted the REBIND: those that drew the UNRECOGNIZED (sent
+    /// about one round trip before the rebind started) and those sent during the rebind. So
+    /// this gives back the frames framed since `started - (2 × took + 2 ms)`, oldest first. A
+    /// few may arrive twice; UDP applications take duplicates as they take loss.
+    pub fn lost_in_rebind(&mut self, now: Ticks, started: Ticks, took: Duration) -> Vec<Vec<u8>> {
+        let from = started.saturating_sub(
+            took.saturating_mul(2)
+                .saturating_add(Duration::from_millis(2)),
+        );
+        let again: Vec<Vec<u8>> = self
+            .recent
+            .iter()
+            .filter(|(t, _)| *t >= from && *t <= now)
+            .map(|(_, f)| f.clone())
+            .collect();
+        self.stats.resent_after_rebind += again.len() as u64;
+        again
     }
 
     /// A payload the Mesh connection received: `Some((app, datagram))` to deliver `datagram`

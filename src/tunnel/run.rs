@@ -4,10 +4,11 @@
 //!   changes by itself: a socket error or a changed local address toward the gateway makes a
 //!   new socket and starts a rebind (`Client::network_changed`); UNRECOGNIZED starts one in
 //!   the core; after `rebind_tries` REBINDs (or cookie requests) without an ACK, or a failed
-//!   connection, it handshakes again.
+//!   connection, it handshakes again. When a rebind completes, the frames it lost are sent
+//!   again ([`TunnelClient::lost_in_rebind`]).
 //! - [`ForwardHost`] (`rebindgw host --forward`): the host core in application mode on the
 //!   host-link socket, the [`TunnelHost`] on top, and one connected UDP socket per flow
-//!   toward its backend.
+//!   toward its backend. The clients file is reloaded when it changes on disk.
 //!
 //! Neither loop decides anything: the cores do. A datagram too big for the path is counted
 //! and logged (the first, then at powers of two), never truncated.
@@ -39,10 +40,6 @@ use crate::wire::ClientCredentials;
 
 /// Datagrams read from one socket before the loop looks at the others.
 const READ_BURST: usize = 256;
-/// Frames sent in this last stretch are kept, to resend those a rebind may have lost.
-const RECENT_KEEP: Duration = Duration::from_millis(250);
-/// ... at most this many.
-const RECENT_MAX: usize = 1024;
 
 /// Log the n-th occurrence of something frequent only when n is a power of two.
 fn worth_logging(n: u64) -> bool {
@@ -166,8 +163,6 @@ pub struct ConnectStats {
     pub dropped_not_connected: u64,
     /// Application datagrams the client core refused (send queue full).
     pub dropped_send_queue: u64,
-    /// Frames sent again after a rebind completed (see [`Connector`]).
-    pub resent_after_rebind: u64,
     /// Datagrams for applications that the local socket could not send.
     pub app_send_errors: u64,
     /// Received DATA the client core dropped (auth, replay, malformed, ...).
@@ -191,8 +186,6 @@ pub struct Connector {
     dropped_before: u64,
     /// When the current rebind started.
     rebind_started: Option<Ticks>,
-    /// Frames recently given to the client core, oldest first, with when.
-    recent: std::collections::VecDeque<(Ticks, Vec<u8>)>,
 }
 
 impl std::fmt::Debug for Connector {
@@ -230,7 +223,6 @@ impl Connector {
             stats: ConnectStats::default(),
             dropped_before: 0,
             rebind_started: None,
-            recent: std::collections::VecDeque::new(),
         })
     }
 
@@ -370,8 +362,6 @@ impl Connector {
                 Ok(len) => {
                     if self.client.send(&frame[..len]).is_err() {
                         self.stats.dropped_send_queue += 1;
-                    } else {
-                        self.remember(now, &frame[..len]);
                     }
                 }
                 Err(e @ AppDrop::TooBig { .. }) => {
@@ -444,39 +434,14 @@ impl Connector {
         }
     }
 
-    /// Keeps a copy of a frame sent, for [`Connector::resend_lost`].
-    fn remember(&mut self, now: Ticks, frame: &[u8]) {
-        while self.recent.len() >= RECENT_MAX
-            || self
-                .recent
-                .front()
-                .is_some_and(|(t, _)| now.since(*t) > RECENT_KEEP)
-        {
-            self.recent.pop_front();
-        }
-        self.recent.push_back((now, frame.to_vec()));
-    }
-
-    /// A rebind completed after `took`: the gateway dropped the DATA that reached it from
-    /// the new tuple before it accepted the REBIND (the ones that drew the UNRECOGNIZED, about
-    /// one round trip before the rebind started, and those sent during it). They are sent
-    /// again: the frames of the last round trip before the rebind started (estimated as the
-    /// REBIND's own round trip, doubled, plus 2 ms) and since. A few may arrive twice; UDP
-    /// applications take duplicates as they take loss.
+    /// A rebind completed: send again what it lost ([`TunnelClient::lost_in_rebind`]).
     fn resend_lost(&mut self, now: Ticks, took: Duration) {
         let Some(started) = self.rebind_started.take() else {
             return;
         };
-        let from = started.saturating_sub(took * 2 + Duration::from_millis(2));
-        let again: Vec<Vec<u8>> = self
-            .recent
-            .iter()
-            .filter(|(t, _)| *t >= from && *t <= now)
-            .map(|(_, f)| f.clone())
-            .collect();
-        for f in again {
-            if self.client.send(&f).is_ok() {
-                self.stats.resent_after_rebind += 1;
+        for f in self.tunnel.lost_in_rebind(now, started, took) {
+            if self.client.send(&f).is_err() {
+                self.stats.dropped_send_queue += 1;
             }
         }
     }
@@ -635,6 +600,18 @@ pub struct ForwardStats {
     pub link_send_errors: u64,
     /// Backend sockets that could not be opened.
     pub backend_open_errors: u64,
+    /// Clients file reloads (it changed on disk), and failed ones (the old list stays).
+    pub reloads: u64,
+    pub reload_errors: u64,
+}
+
+/// What identifies a version of the clients file: mtime, size, inode.
+type FileId = Option<(std::time::SystemTime, u64, u64)>;
+
+fn file_id(path: &std::path::Path) -> FileId {
+    use std::os::unix::fs::MetadataExt as _;
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len(), m.ino()))
 }
 
 /// `rebindgw host --forward`: see the module docs.
@@ -647,6 +624,9 @@ pub struct ForwardHost {
     sockets: Vec<(FlowKey, UdpSocket)>,
     index: HashMap<FlowKey, usize>,
     stats: ForwardStats,
+    /// The clients file as last loaded, checked every second.
+    clients_file: FileId,
+    next_reload_check: Ticks,
 }
 
 impl std::fmt::Debug for ForwardHost {
@@ -665,6 +645,7 @@ impl ForwardHost {
             !opts.tunnel.services.is_empty(),
             "no service to forward to (--forward ADDR or a services file)"
         );
+        let clients_file = file_id(&opts.clients);
         let clients = ClientsFile::load(&opts.clients)?;
         let link = udp_socket(opts.listen, None, opts.socket_buffer)
             .with_context(|| format!("binding the host-link socket to {}", opts.listen))?;
@@ -685,6 +666,8 @@ impl ForwardHost {
             sockets: Vec::new(),
             index: HashMap::new(),
             stats: ForwardStats::default(),
+            clients_file,
+            next_reload_check: Ticks(0),
         })
     }
 
@@ -719,6 +702,10 @@ impl ForwardHost {
                 self.core.handle_timeout(now);
                 self.tunnel.handle_timeout(now);
                 self.pump(now, &mut out);
+                if now >= self.next_reload_check {
+                    self.next_reload_check = now.saturating_add(Duration::from_secs(1));
+                    self.maybe_reload();
+                }
             }
             poller.clear();
             let il = poller.add(&self.link);
@@ -759,6 +746,27 @@ impl ForwardHost {
             "forwarding host stopped"
         );
         Ok(stats)
+    }
+
+    /// Reloads the clients file when it changed on disk (enrolling a client needs no
+    /// restart); live connections are kept.
+    fn maybe_reload(&mut self) {
+        let id = file_id(&self.opts.clients);
+        if id == self.clients_file {
+            return;
+        }
+        self.clients_file = id;
+        match ClientsFile::load(&self.opts.clients) {
+            Ok(f) => {
+                self.stats.reloads += 1;
+                tracing::info!(clients = f.len(), "clients file reloaded");
+                self.core.replace_clients(f);
+            }
+            Err(e) => {
+                self.stats.reload_errors += 1;
+                tracing::warn!(error = %e, "clients file reload failed; keeping the previous list");
+            }
+        }
     }
 
     fn read_backend(&mut self, now: Ticks, key: FlowKey, buf: &mut [u8], frame: &mut [u8]) {
