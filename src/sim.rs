@@ -32,7 +32,7 @@ use crate::client::{Client, ClientConfig, ClientEvent, ClientState, MAX_DATAGRAM
 use crate::engine::{Backend, TrialKeys};
 use crate::gateway::core::{
     CommitMode, CommitRefusal, CommitRequest, CommitResult, CoreConfig, EpochCrypto, HostPeer,
-    RegisterRequest, RegisterResult, Rotation, Shared, WorkerCore,
+    RegisterRequest, RegisterResult, RemoteChange, Rotation, Shared, WorkerCore,
 };
 use crate::gateway::metrics::C;
 use crate::gateway::store::{StoreOp, StoredConn};
@@ -50,6 +50,11 @@ pub const T0: Ticks = Ticks(639_028_224_000_000_000);
 pub const GATEWAY: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(203, 0, 113, 1)), 443);
 /// The gateway worker's host-link address.
 pub const GATEWAY_LINK: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)), 7000);
+/// Gateway `g`'s host-link address (gateway 0's is [`GATEWAY_LINK`]).
+pub fn gateway_link(g: usize) -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1 + g as u8)), 7000)
+}
+
 /// The echo host's address.
 pub const HOST: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 100)), 9000);
 
@@ -80,6 +85,11 @@ pub struct SimConfig {
     /// `Some(latency)`: the gateway defers its commits (`CommitMode::Deferred`, as in
     /// cluster mode) to a shared store the world models, which answers after `latency`.
     pub commit_latency: Option<Duration>,
+    /// Gateways sharing the client-facing address behind ECMP (cluster mode: more than one
+    /// needs `commit_latency`). Gateway `g`'s host link is [`gateway_link`]`(g)`; the store's
+    /// watch tells the others of each change after `commit_latency`. Rotation and restart
+    /// are single-gateway only.
+    pub gateways: usize,
     /// The host echoes (the default), or runs in application mode (`HostConfig::echo`):
     /// then [`World::set_host_app`] gives the application.
     pub host_echo: bool,
@@ -102,6 +112,7 @@ impl Default for SimConfig {
             host: HostConfig::default(),
             commit_latency: None,
             host_echo: true,
+            gateways: 1,
         }
     }
 }
@@ -202,55 +213,16 @@ impl SimGateway {
         self.worker.metrics().get(c)
     }
 
-    /// The store model's decision on a deferred commit: a compare-and-swap on `L`, as the
-    /// cluster's etcd transaction makes it.
+    /// The store model's decision on a deferred commit (this gateway's own store).
     fn decide(&mut self, r: &CommitRequest) -> CommitResult {
-        if self.store_down {
-            return CommitResult::Refused(CommitRefusal::Unavailable);
-        }
         self.persist();
-        let Some(c) = self.persisted.get_mut(&(r.epoch, r.index)) else {
-            return CommitResult::Refused(CommitRefusal::Unknown);
-        };
-        if c.conn_id != r.conn_id {
-            return CommitResult::Refused(CommitRefusal::Unknown);
-        }
-        if r.t > c.last_rebind {
-            let old = c.tuple;
-            c.last_rebind = r.t;
-            c.tuple = Some(r.to);
-            CommitResult::Committed { old }
-        } else if r.t == c.last_rebind && c.tuple == Some(r.to) {
-            CommitResult::Duplicate
-        } else {
-            CommitResult::Refused(CommitRefusal::Conflict)
-        }
+        decide_in(&mut self.persisted, self.store_down, r)
     }
 
-    /// The store model's decision on a deferred registration: the lowest free index of the
-    /// epoch below the capacity, taken at once (as the etcd create-if-absent transaction).
+    /// The store model's decision on a deferred registration (this gateway's own store).
     fn decide_registration(&mut self, r: &RegisterRequest) -> RegisterResult {
-        if self.store_down {
-            return RegisterResult::Refused(CommitRefusal::Unavailable);
-        }
         self.persist();
-        let Some(index) = (0..r.capacity).find(|i| !self.persisted.contains_key(&(r.epoch, *i)))
-        else {
-            return RegisterResult::Full;
-        };
-        self.persisted.insert(
-            (r.epoch, index),
-            StoredConn {
-                epoch: r.epoch,
-                index,
-                conn_id: r.conn_id,
-                secret: r.secret.clone(),
-                last_rebind: Ticks(0),
-                tuple: Some(r.tuple),
-                host: r.host,
-            },
-        );
-        RegisterResult::Registered { index }
+        register_in(&mut self.persisted, self.store_down, r)
     }
 
     /// Applies the store operations the core queued, as the store writer would.
@@ -354,6 +326,17 @@ pub struct World {
     pub record: bool,
     /// The buffer the host's `poll_transmit` gets (at most [`MAX_DATAGRAM`]).
     pub host_out_len: usize,
+    /// Gateways 1.. of a cluster (`SimConfig::gateways`); `gateway` is gateway 0. Inside
+    /// [`World::step`] the gateway being run is swapped into `gateway`.
+    pub peers: Vec<SimGateway>,
+    /// Which gateways are down (their datagrams are lost; ECMP hashes over the others).
+    pub dead: Vec<bool>,
+    /// The index of the gateway in `gateway` (only not 0 inside `step`).
+    current: usize,
+    /// The cluster's shared store (more than one gateway), by `(epoch, index)`.
+    pub cluster_store: Option<HashMap<(u32, u32), StoredConn>>,
+    /// Watch events on their way: `(due, gateway, change)`.
+    remote_events: Vec<(Ticks, usize, RemoteChange)>,
     host_app: Option<HostAppFn>,
     buf: Vec<u8>,
 }
@@ -380,7 +363,14 @@ impl World {
         };
         let mut host = HostCore::with_config(&link_key, clients, host_cfg);
         host.set_start(T0);
+        assert!(
+            cfg.gateways <= 1 || cfg.commit_latency.is_some(),
+            "several gateways share a store: set commit_latency"
+        );
         let gateway = build_gateway(&cfg, &master, &link_key, &[cfg.epoch], T0);
+        let peers = (1..cfg.gateways)
+            .map(|_| build_gateway(&cfg, &master, &link_key, &[cfg.epoch], T0))
+            .collect();
         World {
             now: T0,
             clients: Vec::new(),
@@ -401,6 +391,11 @@ impl World {
             wire_log: Vec::new(),
             record: false,
             host_out_len: MAX_DATAGRAM,
+            peers,
+            dead: vec![false; cfg.gateways.max(1)],
+            current: 0,
+            cluster_store: (cfg.gateways > 1).then(HashMap::new),
+            remote_events: Vec::new(),
             host_app: None,
             buf: vec![0u8; MAX_DATAGRAM],
             cfg,
@@ -609,7 +604,7 @@ impl World {
         let mut progress = false;
         let now = self.now;
         // Deliveries.
-        let mut to_gateway: Vec<Datagram> = Vec::new();
+        let mut to_gateway: Vec<Vec<Datagram>> = vec![Vec::new(); self.dead.len()];
         while let Some(&Reverse((at, seq))) = self.in_flight.peek() {
             if at > now {
                 break;
@@ -619,9 +614,13 @@ impl World {
                 continue; // lost in a restart
             };
             progress = true;
-            if d.to == GATEWAY || d.to == GATEWAY_LINK {
-                self.net.delivered += 1;
-                to_gateway.push(d);
+            if let Some(g) = self.gateway_for(&d) {
+                if self.dead[g] {
+                    self.net.lost += 1;
+                } else {
+                    self.net.delivered += 1;
+                    to_gateway[g].push(d);
+                }
             } else if d.to == HOST {
                 self.net.delivered += 1;
                 self.host.handle(now, d.from, &d.data);
@@ -636,56 +635,12 @@ impl World {
                 self.net.no_route += 1;
             }
         }
-        // In receive batches of at most 64, as a worker reaps them.
-        for batch in to_gateway.chunks(64) {
-            let rx: Vec<Rx<'_>> = batch
-                .iter()
-                .map(|d| Rx {
-                    via: if d.to == GATEWAY {
-                        Via::Client(u8::from(d.from.is_ipv6()))
-                    } else {
-                        Via::Host
-                    },
-                    from: d.from,
-                    data: &d.data,
-                })
-                .collect();
-            self.gateway
-                .worker
-                .handle_batch(now, &rx, &mut self.gateway.tx);
-            self.drain_gateway(batch);
+        for (g, batch) in to_gateway.into_iter().enumerate() {
+            if !self.dead[g] {
+                progress |= self.with_gateway(g, |w| w.step_gateway(now, &batch));
+            }
         }
-        // Timers.
-        if self.gateway.shared.end_grace(now).is_some() {
-            progress = true;
-        }
-        self.gateway.worker.tick(now, &mut self.gateway.tx);
-        progress |= self.drain_gateway(&[]);
-        // The store model's answers to deferred commits.
-        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.gateway.commits)
-            .into_iter()
-            .partition(|(at, _)| *at <= now);
-        self.gateway.commits = later;
-        for (_, r) in due {
-            let result = self.gateway.decide(&r);
-            self.gateway
-                .worker
-                .handle_commit(r.ticket, result, &mut self.gateway.tx);
-            self.drain_gateway(&[]);
-            progress = true;
-        }
-        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.gateway.registrations)
-            .into_iter()
-            .partition(|(at, _)| *at <= now);
-        self.gateway.registrations = later;
-        for (_, r) in due {
-            let result = self.gateway.decide_registration(&r);
-            self.gateway
-                .worker
-                .handle_registration(now, r.ticket, result, &mut self.gateway.tx);
-            self.drain_gateway(&[]);
-            progress = true;
-        }
+        progress |= self.deliver_remote_events(now);
         if self.host.poll_timeout().is_some_and(|t| t <= now) {
             self.host.handle_timeout(now);
             progress = true;
@@ -715,7 +670,196 @@ impl World {
             }
         }
         self.gateway.persist();
+        for p in &mut self.peers {
+            p.persist();
+        }
         progress
+    }
+
+    /// Runs the gateway in `self.gateway` for `now`: its receive batches, timers and the
+    /// store's answers.
+    fn step_gateway(&mut self, now: Ticks, rx_all: &[Datagram]) -> bool {
+        let mut progress = false;
+        // In receive batches of at most 64, as a worker reaps them.
+        for batch in rx_all.chunks(64) {
+            let rx: Vec<Rx<'_>> = batch
+                .iter()
+                .map(|d| Rx {
+                    via: if d.to == GATEWAY {
+                        Via::Client(u8::from(d.from.is_ipv6()))
+                    } else {
+                        Via::Host
+                    },
+                    from: d.from,
+                    data: &d.data,
+                })
+                .collect();
+            self.gateway
+                .worker
+                .handle_batch(now, &rx, &mut self.gateway.tx);
+            self.drain_gateway(batch);
+        }
+        // Timers.
+        if self.gateway.shared.end_grace(now).is_some() {
+            progress = true;
+        }
+        self.gateway.worker.tick(now, &mut self.gateway.tx);
+        progress |= self.drain_gateway(&[]);
+        // The store model's answers to deferred commits.
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.gateway.commits)
+            .into_iter()
+            .partition(|(at, _)| *at <= now);
+        self.gateway.commits = later;
+        for (_, r) in due {
+            let result = self.decide_commit(&r);
+            self.gateway
+                .worker
+                .handle_commit(r.ticket, result, &mut self.gateway.tx);
+            self.drain_gateway(&[]);
+            progress = true;
+        }
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.gateway.registrations)
+            .into_iter()
+            .partition(|(at, _)| *at <= now);
+        self.gateway.registrations = later;
+        for (_, r) in due {
+            let result = self.decide_registration(&r);
+            self.gateway
+                .worker
+                .handle_registration(now, r.ticket, result, &mut self.gateway.tx);
+            self.drain_gateway(&[]);
+            progress = true;
+        }
+        progress
+    }
+
+    /// Runs `f` with gateway `g` swapped into `self.gateway`.
+    fn with_gateway<R>(&mut self, g: usize, f: impl FnOnce(&mut World) -> R) -> R {
+        if g > 0 {
+            std::mem::swap(&mut self.gateway, &mut self.peers[g - 1]);
+        }
+        self.current = g;
+        let r = f(self);
+        self.current = 0;
+        if g > 0 {
+            std::mem::swap(&mut self.gateway, &mut self.peers[g - 1]);
+        }
+        r
+    }
+
+    /// Gateway `g` (at rest: outside `step`).
+    pub fn gateway_at(&self, g: usize) -> &SimGateway {
+        if g == 0 {
+            &self.gateway
+        } else {
+            &self.peers[g - 1]
+        }
+    }
+
+    /// Gateway `g`, to change its settings (at rest).
+    pub fn gateway_at_mut(&mut self, g: usize) -> &mut SimGateway {
+        if g == 0 {
+            &mut self.gateway
+        } else {
+            &mut self.peers[g - 1]
+        }
+    }
+
+    /// The gateway a datagram goes to: ECMP over the live gateways for the client-facing
+    /// address (a hash of the source tuple), or the one whose host link it is addressed to.
+    fn gateway_for(&self, d: &Datagram) -> Option<usize> {
+        if d.to == GATEWAY {
+            return self.ecmp(d.from);
+        }
+        (0..self.dead.len()).find(|g| gateway_link(*g) == d.to)
+    }
+
+    /// The live gateway ECMP picks for source `from` (the hash of the 4-tuple; the
+    /// destination is the same for every client).
+    pub fn ecmp(&self, from: SocketAddr) -> Option<usize> {
+        let live: Vec<usize> = (0..self.dead.len()).filter(|g| !self.dead[*g]).collect();
+        if live.is_empty() {
+            return None;
+        }
+        let ip = match from.ip() {
+            IpAddr::V4(a) => u64::from(u32::from(a)),
+            IpAddr::V6(a) => u128::from(a) as u64,
+        };
+        let h = SimRng::new(ip ^ (u64::from(from.port()) << 40)).next_u64();
+        Some(live[(h % live.len() as u64) as usize])
+    }
+
+    /// Takes gateway `g` down: datagrams to it are lost and ECMP hashes over the others.
+    pub fn kill_gateway(&mut self, g: usize) {
+        self.dead[g] = true;
+    }
+
+    /// Sends `datagram` from `from` to gateway `g`'s client-facing socket, whatever ECMP
+    /// would pick (a copy sent to every gateway at once).
+    pub fn inject_to_gateway(&mut self, g: usize, from: SocketAddr, data: Vec<u8>) {
+        let now = self.now;
+        let rx = [Datagram {
+            from,
+            to: GATEWAY,
+            data,
+        }];
+        self.with_gateway(g, |w| w.step_gateway(now, &rx));
+    }
+
+    /// The store's decision on a commit: the gateway's own store model, or the cluster's
+    /// shared one (whose watch then tells the other gateways).
+    fn decide_commit(&mut self, r: &CommitRequest) -> CommitResult {
+        let Some(store) = self.cluster_store.as_mut() else {
+            return self.gateway.decide(r);
+        };
+        let result = decide_in(store, self.gateway.store_down, r);
+        if let CommitResult::Committed { .. } = result {
+            let conn = store[&(r.epoch, r.index)].clone();
+            self.tell_others(conn);
+        }
+        result
+    }
+
+    fn decide_registration(&mut self, r: &RegisterRequest) -> RegisterResult {
+        let Some(store) = self.cluster_store.as_mut() else {
+            return self.gateway.decide_registration(r);
+        };
+        let result = register_in(store, self.gateway.store_down, r);
+        if let RegisterResult::Registered { index } = result {
+            let conn = store[&(r.epoch, index)].clone();
+            self.tell_others(conn);
+        }
+        result
+    }
+
+    /// The store's watch: every other live gateway hears of `conn` after the store latency.
+    fn tell_others(&mut self, conn: StoredConn) {
+        let due = self
+            .now
+            .saturating_add(self.cfg.commit_latency.unwrap_or_default());
+        for g in 0..self.dead.len() {
+            if g != self.current && !self.dead[g] {
+                let change = RemoteChange::Stored {
+                    conn: conn.clone(),
+                    ours: false,
+                };
+                self.remote_events.push((due, g, change));
+            }
+        }
+    }
+
+    fn deliver_remote_events(&mut self, now: Ticks) -> bool {
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.remote_events)
+            .into_iter()
+            .partition(|(at, _, _)| *at <= now);
+        self.remote_events = later;
+        let any = !due.is_empty();
+        for (_, g, change) in due {
+            if !self.dead[g] {
+                self.gateway_at(g).shared.apply_remote(change);
+            }
+        }
+        any
     }
 
     /// The next time something is due: an arrival or a core's timer.
@@ -726,12 +870,15 @@ impl World {
             .iter()
             .filter_map(|c| c.core.poll_timeout())
             .min();
-        let commit = self
-            .gateway
-            .commits
-            .iter()
-            .map(|(t, _)| *t)
-            .chain(self.gateway.registrations.iter().map(|(t, _)| *t))
+        let commit = std::iter::once(&self.gateway)
+            .chain(&self.peers)
+            .flat_map(|g| {
+                g.commits
+                    .iter()
+                    .map(|(t, _)| *t)
+                    .chain(g.registrations.iter().map(|(t, _)| *t))
+            })
+            .chain(self.remote_events.iter().map(|(t, _, _)| *t))
             .min();
         let grace = self
             .gateway
@@ -840,7 +987,7 @@ impl World {
             .map(|(m, b)| Datagram {
                 from: match m.via {
                     Via::Client(_) => GATEWAY,
-                    Via::Host => GATEWAY_LINK,
+                    Via::Host => gateway_link(self.current),
                 },
                 to: m.to,
                 data: b.to_vec(),
@@ -930,4 +1077,60 @@ fn build_gateway(
         registrations: Vec::new(),
         store_down: false,
     }
+}
+
+/// A store's decision on a deferred commit: a compare-and-swap on `L`, as the cluster's etcd
+/// transaction makes it.
+fn decide_in(
+    store: &mut HashMap<(u32, u32), StoredConn>,
+    down: bool,
+    r: &CommitRequest,
+) -> CommitResult {
+    if down {
+        return CommitResult::Refused(CommitRefusal::Unavailable);
+    }
+    let Some(c) = store.get_mut(&(r.epoch, r.index)) else {
+        return CommitResult::Refused(CommitRefusal::Unknown);
+    };
+    if c.conn_id != r.conn_id {
+        return CommitResult::Refused(CommitRefusal::Unknown);
+    }
+    if r.t > c.last_rebind {
+        let old = c.tuple;
+        c.last_rebind = r.t;
+        c.tuple = Some(r.to);
+        CommitResult::Committed { old }
+    } else if r.t == c.last_rebind && c.tuple == Some(r.to) {
+        CommitResult::Duplicate
+    } else {
+        CommitResult::Refused(CommitRefusal::Conflict)
+    }
+}
+
+/// A store's decision on a deferred registration: the lowest free index of the epoch below
+/// the capacity, taken at once (as the etcd create-if-absent transaction).
+fn register_in(
+    store: &mut HashMap<(u32, u32), StoredConn>,
+    down: bool,
+    r: &RegisterRequest,
+) -> RegisterResult {
+    if down {
+        return RegisterResult::Refused(CommitRefusal::Unavailable);
+    }
+    let Some(index) = (0..r.capacity).find(|i| !store.contains_key(&(r.epoch, *i))) else {
+        return RegisterResult::Full;
+    };
+    store.insert(
+        (r.epoch, index),
+        StoredConn {
+            epoch: r.epoch,
+            index,
+            conn_id: r.conn_id,
+            secret: r.secret.clone(),
+            last_rebind: Ticks(0),
+            tuple: Some(r.tuple),
+            host: r.host,
+        },
+    );
+    RegisterResult::Registered { index }
 }

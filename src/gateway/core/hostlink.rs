@@ -276,6 +276,7 @@ impl WorkerCore {
         boot: u64,
         sent: Ticks,
     ) -> Option<u32> {
+        let deferred = self.shared.cfg.commit == CommitMode::Deferred;
         let slot = ctl.boot_slot(host);
         match slot {
             Some(b) if b.boot == boot => {
@@ -283,6 +284,16 @@ impl WorkerCore {
                 return Some(0);
             }
             Some(b) if sent <= b.hello_sent => return None,
+            // In a cluster a host greets each gateway once it hears from it: a first HELLO is
+            // no restart here. The gateway that knew the old boot releases, and the store
+            // tells the others.
+            None if deferred => {
+                *slot = Some(HostBoot {
+                    boot,
+                    hello_sent: sent,
+                });
+                return Some(0);
+            }
             _ => {}
         }
         *slot = Some(HostBoot {

@@ -1187,6 +1187,37 @@ fn remote_changes_add_connections_move_owners_and_remove() {
     assert_eq!(h.shared.connections(), 1);
 }
 
+#[test]
+fn in_a_cluster_a_host_s_first_hello_releases_nothing() {
+    for (mode, released) in [(CommitMode::Deferred, 0), (CommitMode::Local, 1)] {
+        let mut cfg = CoreConfig::new(S);
+        cfg.commit = mode;
+        let mut h = Harness::new(cfg);
+        // A connection of host 0 registered on another gateway, known here from the watch.
+        let conn = StoredConn {
+            epoch: 3,
+            index: 0,
+            conn_id: 77,
+            secret: RebindSecret([1; 32]),
+            last_rebind: Ticks(0),
+            tuple: Some(addr("10.0.0.1:4000")),
+            host: 0,
+        };
+        h.shared
+            .apply_remote(RemoteChange::Stored { conn, ours: false });
+        // The host greets this gateway the first time it hears from it.
+        let hello = LinkMsg::Hello { boot: 5 }.seal(&h.link, h.now);
+        let host = h.host_addr;
+        let out = h.feed(&[(Via::Host, host, &hello)]);
+        assert_eq!(
+            LinkMsg::open(&out[0].2, &h.link, h.now),
+            Ok(LinkMsg::HelloAck { boot: 5, released }),
+            "{mode:?}"
+        );
+        assert_eq!(h.shared.conns.get(77).is_some(), released == 0, "{mode:?}");
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(512))]
     #[test]
