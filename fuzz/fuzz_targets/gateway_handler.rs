@@ -327,10 +327,7 @@ fn run(u: &mut Unstructured<'_>) -> Result<()> {
                     common::trace(format_args!("  persisted {} e{} x{} {:?}", c.conn_id, c.epoch, c.index, c.tuple));
                 }
                 w.restart_gateway();
-                // The restarted gateway holds the current epoch only.
-                let keys = w.epoch_keys(epoch);
-                seen.borrow_mut().keys = vec![keys];
-                held = vec![epoch];
+                // A restart during grace keeps the previous epoch (its keys stay in `seen`).
                 continue;
             }
             _ => continue,
