@@ -248,7 +248,7 @@ impl SimGateway {
                         c.tuple = None;
                     }
                 }
-                StoreOp::Remove { epoch, index } => {
+                StoreOp::Remove { epoch, index, .. } => {
                     self.persisted.remove(&(epoch, index));
                 }
                 StoreOp::Rotate {

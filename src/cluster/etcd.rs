@@ -246,6 +246,39 @@ impl EtcdRegistry {
         Ok(resp.succeeded())
     }
 
+    /// The cluster's key epoch: `proposed` if none is stored yet (the first gateway's),
+    /// else the stored one. One transaction, so two first gateways agree.
+    pub async fn agree_epoch(&mut self, proposed: u32) -> Result<u32, ClusterError> {
+        let key = format!("{}/epoch", self.prefix);
+        let txn = Txn::new()
+            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(key.clone(), proposed.to_string(), None)])
+            .or_else([TxnOp::get(key, None)]);
+        let resp = self
+            .client
+            .txn(txn)
+            .await
+            .map_err(ctx("agreeing on the key epoch"))?;
+        if resp.succeeded() {
+            return Ok(proposed);
+        }
+        let stored = resp.op_responses().into_iter().find_map(|op| match op {
+            TxnOpResponse::Get(g) => g
+                .kvs()
+                .first()
+                .and_then(|kv| std::str::from_utf8(kv.value()).ok()?.parse().ok()),
+            _ => None,
+        });
+        // A value no gateway wrote: refuse rather than guess.
+        stored.ok_or(ClusterError {
+            what: "agreeing on the key epoch",
+            source: etcd_client::Error::InvalidArgs(format!(
+                "{}/epoch holds no epoch number",
+                self.prefix
+            )),
+        })
+    }
+
     /// Announces this gateway under `<prefix>/gateways/<id>` with a lease of `ttl`: while the
     /// caller keeps the lease alive ([`EtcdRegistry::keep_alive`]) the others see it; when
     /// this gateway dies the key expires with the lease. Fails if another live gateway holds

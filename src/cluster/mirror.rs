@@ -36,10 +36,7 @@ pub struct Entry {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Applied {
     /// A connection this mirror did not know.
-    Added {
-        epoch: u32,
-        index: u32,
-    },
+    Added { epoch: u32, index: u32 },
     /// A known connection changed. `owner_changed` with `lost` set: another gateway took the
     /// connection from this one, which must drop its old tuple and stop sending for it.
     Updated {
@@ -51,6 +48,8 @@ pub enum Applied {
     Removed {
         epoch: u32,
         index: u32,
+        /// The connection that was stored there (an index can be reused at once).
+        conn_id: u64,
     },
     /// Older than what the mirror holds (a replayed event after a reconnect): ignored.
     Stale,
@@ -132,8 +131,12 @@ impl Mirror {
         self.revision = self.revision.max(mod_revision);
         match change {
             Change::Delete { .. } => {
-                if self.conns.remove(&(epoch, index)).is_some() {
-                    Applied::Removed { epoch, index }
+                if let Some(old) = self.conns.remove(&(epoch, index)) {
+                    Applied::Removed {
+                        epoch,
+                        index,
+                        conn_id: old.record.conn_id,
+                    }
                 } else {
                     Applied::Stale
                 }
@@ -188,8 +191,13 @@ impl Mirror {
             .copied()
             .collect();
         for (epoch, index) in gone {
-            self.conns.remove(&(epoch, index));
-            applied.push(Applied::Removed { epoch, index });
+            if let Some(old) = self.conns.remove(&(epoch, index)) {
+                applied.push(Applied::Removed {
+                    epoch,
+                    index,
+                    conn_id: old.record.conn_id,
+                });
+            }
         }
         self.advance(revision);
         applied
@@ -296,7 +304,11 @@ mod tests {
         };
         assert_eq!(
             m.apply(del.clone()),
-            Applied::Removed { epoch: 1, index: 5 }
+            Applied::Removed {
+                epoch: 1,
+                index: 5,
+                conn_id: 105
+            }
         );
         assert!(m.is_empty());
         assert_eq!(m.apply(del), Applied::Stale);
@@ -339,7 +351,11 @@ mod tests {
                     lost: true
                 },
                 Applied::Added { epoch: 1, index: 4 },
-                Applied::Removed { epoch: 1, index: 3 },
+                Applied::Removed {
+                    epoch: 1,
+                    index: 3,
+                    conn_id: 103
+                },
             ]
         );
         assert_eq!(m.len(), 3);

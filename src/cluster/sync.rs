@@ -42,6 +42,9 @@ pub struct ClusterSettings {
     pub lease_ttl: Duration,
     /// Bound on each etcd operation.
     pub timeout: Duration,
+    /// The key epoch this gateway starts with if the cluster has none yet (the first
+    /// gateway's); the cluster's stored epoch wins otherwise ([`ClusterHandle::epoch`]).
+    pub epoch: u32,
 }
 
 impl ClusterSettings {
@@ -72,8 +75,13 @@ pub enum Request {
         t: Ticks,
         tuple: SocketAddr,
     },
-    /// The connection closed.
-    Remove { ticket: u64, epoch: u32, index: u32 },
+    /// The connection closed; removed only if `(epoch, index)` still holds `conn_id`.
+    Remove {
+        ticket: u64,
+        epoch: u32,
+        index: u32,
+        conn_id: u64,
+    },
 }
 
 impl Request {
@@ -156,6 +164,22 @@ pub struct ClusterCounters {
     pub watch_events: AtomicU64,
     pub reloads: AtomicU64,
     pub malformed_records: AtomicU64,
+    /// Range reads of the registry (the start's load and each reload after the watch
+    /// broke): nothing on the packet path reads etcd, so forwarding never moves this.
+    pub range_reads: AtomicU64,
+    /// Removals committed.
+    pub removed: AtomicU64,
+}
+
+/// A clonable way to queue requests (one per worker); never blocks.
+#[derive(Clone)]
+pub struct Submitter(tmpsc::UnboundedSender<Request>);
+
+impl Submitter {
+    pub fn submit(&self, request: Request) {
+        // The link's thread only ends on shutdown; a request sent after it is dropped.
+        let _ = self.0.send(request);
+    }
 }
 
 /// The gateway's side of the link.
@@ -165,6 +189,8 @@ pub struct ClusterHandle {
     pub events: mpsc::Receiver<Event>,
     pub counters: Arc<ClusterCounters>,
     pub seal: Arc<RecordSeal>,
+    /// The cluster's key epoch, agreed at start.
+    pub epoch: u32,
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
     wake: Arc<tokio::sync::Notify>,
@@ -209,7 +235,7 @@ impl ClusterHandle {
         let stop = Arc::new(AtomicBool::new(false));
         let wake = Arc::new(tokio::sync::Notify::new());
 
-        let (registry, lease, shared) = runtime.block_on(async {
+        let (registry, lease, shared, epoch) = runtime.block_on(async {
             let connect = EtcdRegistry::connect(
                 &settings.endpoints,
                 &prefix,
@@ -224,7 +250,12 @@ impl ClusterHandle {
                     .await
                     .map_err(|_| StartError::Timeout("claiming the gateway id"))??
                     .ok_or(StartError::IdInUse(settings.gateway))?;
+            let epoch =
+                tokio::time::timeout(settings.timeout, registry.agree_epoch(settings.epoch))
+                    .await
+                    .map_err(|_| StartError::Timeout("agreeing on the key epoch"))??;
             let mut mirror = Mirror::new(&prefix, settings.gateway);
+            counters.range_reads.fetch_add(1, Ordering::Relaxed);
             let (changes, revision) = tokio::time::timeout(settings.timeout, registry.read_all())
                 .await
                 .map_err(|_| StartError::Timeout("loading the registry"))??;
@@ -239,7 +270,7 @@ impl ClusterHandle {
                 allocating: HashSet::new(),
                 up: true,
             }));
-            Ok::<_, StartError>((registry, lease, shared))
+            Ok::<_, StartError>((registry, lease, shared, epoch))
         })?;
 
         let link = Link {
@@ -273,6 +304,7 @@ impl ClusterHandle {
             events: ev_rx,
             counters,
             seal,
+            epoch,
             stop,
             thread: Some(thread),
             wake,
@@ -283,6 +315,11 @@ impl ClusterHandle {
     pub fn submit(&self, request: Request) {
         // The thread only ends on shutdown; a request sent after it is dropped.
         let _ = self.requests.send(request);
+    }
+
+    /// A handle for another thread to submit with.
+    pub fn submitter(&self) -> Submitter {
+        Submitter(self.requests.clone())
     }
 
     /// Ends the lease (the others see this gateway leave at once) and joins the thread.
@@ -468,6 +505,7 @@ async fn reconnect(
             }
         }
         *backoff = (*backoff * 2).min(Duration::from_secs(2));
+        link.counters.range_reads.fetch_add(1, Ordering::Relaxed);
         if let Ok(Ok((changes, revision))) =
             tokio::time::timeout(link.timeout, registry.read_all()).await
         {
@@ -513,7 +551,8 @@ impl Link {
                 ticket,
                 epoch,
                 index,
-            } => self.remove(ticket, epoch, index).await,
+                conn_id,
+            } => self.remove(ticket, epoch, index, conn_id).await,
         };
         if let Response::Refused {
             why: Refusal::Unavailable(_),
@@ -678,13 +717,14 @@ impl Link {
         }
     }
 
-    async fn remove(&self, ticket: u64, epoch: u32, index: u32) -> Response {
+    async fn remove(&self, ticket: u64, epoch: u32, index: u32, conn_id: u64) -> Response {
         let Some(expected) = self
             .shared
             .lock()
             .unwrap()
             .mirror
             .get(epoch, index)
+            .filter(|e| e.record.conn_id == conn_id)
             .map(|e| e.mod_revision)
         else {
             return Response::Refused {
@@ -696,6 +736,7 @@ impl Link {
         match tokio::time::timeout(self.timeout, registry.remove(epoch, index, expected)).await {
             Ok(Ok(true)) => {
                 self.shared.lock().unwrap().mirror.forget(epoch, index);
+                self.counters.removed.fetch_add(1, Ordering::Relaxed);
                 Response::Removed { ticket }
             }
             Ok(Ok(false)) => Response::Refused {

@@ -193,7 +193,7 @@ macro_rules! show_by_display {
         }
     )*};
 }
-show_by_display!(u64, usize, bool, String, SocketAddr, IoBackend);
+show_by_display!(u16, u64, usize, bool, String, SocketAddr, IoBackend);
 
 impl ShowDefault for PathBuf {
     fn show(&self) -> String {
@@ -304,6 +304,106 @@ settings! {
 }
 
 settings! {
+    /// The `[cluster]` table: several gateways behind ECMP share one registry in etcd
+    /// (docs/cluster.md; needs a build with `--features cluster`). Without endpoints the
+    /// gateway is the single-node gateway with its registry in the state directory.
+    pub struct ClusterConfig, flags ClusterFlags {
+        /// etcd client URL, http://HOST:PORT (repeatable; several for failover). Setting it
+        /// turns cluster mode on.
+        #[arg(long = "etcd-endpoint")]
+        restart endpoints: Vec<String> = Vec::new(), flag Vec<String>,
+            none = "none: single node";
+        /// The cluster's name: its keys live under /rebindgw/NAME in etcd.
+        #[arg(long = "cluster-name")]
+        restart name: String = "default".to_string(), flag Option<String>;
+        /// This gateway's id in the cluster, 0..=65535, unique among the live gateways.
+        restart gateway_id: Option<u16> = None, flag Option<u16>,
+            none = "none; needed in cluster mode";
+        /// Seconds after a gateway dies until the others see its lease end.
+        #[arg(long = "cluster-lease-ttl-secs")]
+        restart lease_ttl_secs: u64 = 5, flag Option<u64>;
+        /// Bound on each etcd operation, in milliseconds; a REBIND or REGISTER not committed
+        /// in time is refused (the client retries).
+        #[arg(long = "etcd-timeout-ms")]
+        restart timeout_ms: u64 = 1000, flag Option<u64>;
+    }
+    tables {}
+    file_only {}
+}
+
+impl ClusterConfig {
+    /// Cluster mode is on.
+    pub fn enabled(&self) -> bool {
+        !self.endpoints.is_empty()
+    }
+
+    fn validate(&self, rotate_every_secs: u64) -> Result<(), ConfigError> {
+        if !self.enabled() {
+            return Ok(());
+        }
+        if !cfg!(feature = "cluster") {
+            return Err(invalid(
+                "cluster.endpoints",
+                "this rebindgw was built without cluster mode; build it with \
+                 `cargo build --release --features cluster` (needs protoc)",
+            ));
+        }
+        for e in &self.endpoints {
+            let rest = e
+                .strip_prefix("http://")
+                .or_else(|| e.strip_prefix("https://"));
+            if rest.is_none_or(|r| r.is_empty() || r.contains('/')) {
+                return Err(invalid(
+                    "cluster.endpoints",
+                    format!("`{e}` is not an etcd client URL like http://10.0.0.1:2379"),
+                ));
+            }
+        }
+        let name_ok = !self.name.is_empty()
+            && self.name.len() <= 64
+            && self
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if !name_ok {
+            return Err(invalid(
+                "cluster.name",
+                format!(
+                    "must be 1 to 64 of A-Z a-z 0-9 - _, got `{}`",
+                    self.name.escape_debug()
+                ),
+            ));
+        }
+        if self.gateway_id.is_none() {
+            return Err(invalid(
+                "cluster.gateway_id",
+                "cluster mode needs this gateway's id (unique among the cluster's gateways)",
+            ));
+        }
+        if !(1..=60).contains(&self.lease_ttl_secs) {
+            return Err(invalid(
+                "cluster.lease_ttl_secs",
+                format!("must be in 1..=60, got {}", self.lease_ttl_secs),
+            ));
+        }
+        if !(50..=30_000).contains(&self.timeout_ms) {
+            return Err(invalid(
+                "cluster.timeout_ms",
+                format!("must be in 50..=30000, got {}", self.timeout_ms),
+            ));
+        }
+        if rotate_every_secs != 0 {
+            return Err(invalid(
+                "rotate_every_secs",
+                "key rotation is not available in cluster mode yet (every gateway must switch \
+                 epochs together; docs/cluster.md); set it to 0",
+            ));
+        }
+        Ok(())
+    }
+}
+
+settings! {
     /// Everything `rebindgw gateway` reads: every key but log_format is also a flag.
     pub struct GatewayConfig, flags GatewayFlags {
         /// Client-facing address (repeatable; replaces the key listen). Every worker binds
@@ -361,6 +461,8 @@ settings! {
     tables {
         /// Rate limits for UNRECOGNIZED replies and HANDSHAKE forwarding.
         live rate_limits: RateLimits, flags RateLimitFlags;
+        /// Cluster mode: etcd endpoints, cluster name, this gateway's id.
+        restart cluster: ClusterConfig, flags ClusterFlags;
     }
     file_only {
         /// text or json (one object per line); a restart applies a change. The flag is the
@@ -500,6 +602,7 @@ impl GatewayConfig {
                 ),
             ));
         }
+        self.cluster.validate(self.rotate_every_secs)?;
         let r = &self.rate_limits;
         for (key, rate) in [
             (
@@ -593,8 +696,12 @@ impl GatewayConfig {
             limiter_slots: 4096,
             idle_timeout: Duration::from_secs(self.idle_timeout_secs),
             reply_slots: CoreConfig::new(self.slots).reply_slots,
-            // The single-node gateway owns its registry; cluster mode will defer.
-            commit: crate::gateway::core::CommitMode::Local,
+            // The single-node gateway owns its registry; in a cluster etcd decides.
+            commit: if self.cluster.enabled() {
+                crate::gateway::core::CommitMode::Deferred
+            } else {
+                crate::gateway::core::CommitMode::Local
+            },
         }
     }
 }

@@ -360,6 +360,136 @@ pub struct GatewayFacts {
     pub connections_per_epoch: Vec<(u32, u64)>,
     /// Refused `POST /rotate` requests.
     pub admin_auth_failures: u64,
+    /// Cluster mode's link to etcd (`None`: single node).
+    pub cluster: Option<ClusterFacts>,
+}
+
+/// Cluster mode's counters (docs/cluster.md, "Metrics").
+#[derive(Clone, Debug, Default)]
+pub struct ClusterFacts {
+    pub gateway_id: u16,
+    pub link_up: bool,
+    pub link_downs: u64,
+    /// Range reads of etcd (start and reloads); the packet path makes none.
+    pub range_reads: u64,
+    pub watch_events: u64,
+    pub reloads: u64,
+    pub registered: u64,
+    pub register_collisions: u64,
+    pub rebinds_committed: u64,
+    pub duplicates: u64,
+    pub conflicts: u64,
+    pub stale: u64,
+    pub unavailable: u64,
+    pub removed: u64,
+    pub removals_sent: u64,
+    pub malformed_records: u64,
+    pub remote_added: u64,
+    pub remote_updated: u64,
+    pub remote_removed: u64,
+    pub remote_unchanged: u64,
+    pub remote_unknown_epoch: u64,
+    pub remote_unopened: u64,
+}
+
+fn render_cluster(out: &mut String, c: &ClusterFacts) {
+    let gauges = [
+        (
+            "rebindgw_cluster_gateway_id",
+            "This gateway's id in the cluster.",
+            u64::from(c.gateway_id),
+        ),
+        (
+            "rebindgw_cluster_link_up",
+            "1 while the etcd link (watch) is up; 0: REBINDs and REGISTERs are refused.",
+            u64::from(c.link_up),
+        ),
+    ];
+    for (name, help, v) in gauges {
+        family(out, name, "gauge", help);
+        let _ = writeln!(out, "{name} {v}");
+    }
+    let counters = [
+        (
+            "rebindgw_cluster_link_downs_total",
+            "Times the etcd link went down.",
+            c.link_downs,
+        ),
+        (
+            "rebindgw_cluster_etcd_range_reads_total",
+            "Range reads of the registry in etcd (the start's load, reloads after the watch \
+             broke). The packet path reads only the local copy: forwarding never moves this.",
+            c.range_reads,
+        ),
+        (
+            "rebindgw_cluster_watch_events_total",
+            "Registry changes received from the etcd watch.",
+            c.watch_events,
+        ),
+        (
+            "rebindgw_cluster_reloads_total",
+            "Whole-registry reloads after the etcd link came back.",
+            c.reloads,
+        ),
+        (
+            "rebindgw_cluster_register_collisions_total",
+            "REGISTER index allocations that another gateway won first (retried).",
+            c.register_collisions,
+        ),
+        (
+            "rebindgw_cluster_removals_sent_total",
+            "Connection removals (expiry, CLOSE, host restart) sent to etcd.",
+            c.removals_sent,
+        ),
+        (
+            "rebindgw_cluster_removals_total",
+            "Connection removals committed in etcd.",
+            c.removed,
+        ),
+        (
+            "rebindgw_cluster_malformed_records_total",
+            "Records in etcd that do not parse (ignored, never trusted).",
+            c.malformed_records,
+        ),
+    ];
+    for (name, help, v) in counters {
+        family(out, name, "counter", help);
+        let _ = writeln!(out, "{name} {v}");
+    }
+    let name = "rebindgw_cluster_transactions_total";
+    family(
+        out,
+        name,
+        "counter",
+        "etcd transactions of this gateway by outcome.",
+    );
+    for (result, v) in [
+        ("registered", c.registered),
+        ("rebound", c.rebinds_committed),
+        ("duplicate", c.duplicates),
+        ("conflict", c.conflicts),
+        ("stale", c.stale),
+        ("unavailable", c.unavailable),
+    ] {
+        let _ = writeln!(out, "{name}{{result=\"{result}\"}} {v}");
+    }
+    let name = "rebindgw_cluster_remote_changes_total";
+    family(
+        out,
+        name,
+        "counter",
+        "Other gateways' registry changes applied to this gateway's copy, by effect.",
+    );
+    for (effect, v) in [
+        ("added", c.remote_added),
+        ("updated", c.remote_updated),
+        ("removed", c.remote_removed),
+        ("unchanged", c.remote_unchanged),
+        ("unknown_epoch", c.remote_unknown_epoch),
+        ("unopened", c.remote_unopened),
+    ] {
+        let _ = writeln!(out, "{name}{{effect=\"{effect}\"}} {v}");
+    }
 }
 
 /// Bucket upper bounds (seconds) of the store commit duration histogram.
@@ -509,6 +639,9 @@ pub fn render(workers: &[std::sync::Arc<WorkerMetrics>], facts: &GatewayFacts) -
         "rebindgw_admin_auth_failures_total {}",
         facts.admin_auth_failures
     );
+    if let Some(c) = &facts.cluster {
+        render_cluster(&mut out, c);
+    }
     family(
         &mut out,
         "rebindgw_build_info",
@@ -764,6 +897,11 @@ mod tests {
             io_backend: "uring".into(),
             store_commits: 9,
             rotations: 1,
+            cluster: Some(ClusterFacts {
+                link_up: true,
+                registered: 3,
+                ..ClusterFacts::default()
+            }),
             grace_seconds_left: 30,
             connections_per_epoch: vec![(2, 4), (1, 1)],
             store_latency_buckets: STORE_LATENCY_BUCKETS.iter().map(|le| (*le, 9)).collect(),
@@ -789,6 +927,8 @@ mod tests {
         let text = busy_render();
         let problems = exposition_problems(&text);
         assert!(problems.is_empty(), "{problems:#?}\n{text}");
+        assert!(text.contains("rebindgw_cluster_transactions_total{result=\"registered\"} 3"));
+        assert!(text.contains("rebindgw_cluster_link_up 1"));
     }
 
     #[test]

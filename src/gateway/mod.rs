@@ -6,6 +6,8 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+#[cfg(feature = "cluster")]
+pub mod cluster;
 pub mod config;
 pub mod core;
 pub mod metrics;

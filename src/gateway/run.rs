@@ -17,7 +17,7 @@ use hdrhistogram::Histogram;
 use super::admin::{AdminRoutes, StoreHealth, readiness, spawn_admin};
 use super::config::GatewayConfig;
 use super::core::{EpochCrypto, HostPeer, Shared, WorkerCore};
-use super::metrics::{GatewayFacts, HostFacts, STORE_LATENCY_BUCKETS, render};
+use super::metrics::{ClusterFacts, GatewayFacts, HostFacts, STORE_LATENCY_BUCKETS, render};
 use super::rotate::{AdminAuth, AdminKey, Rotator, rotate_route};
 use super::store::{Store, StoreOp, open_and_load, run_writer};
 use crate::engine::{self, TrialKeys};
@@ -66,6 +66,10 @@ pub struct GatewayHandle {
     workers: Vec<JoinHandle<std::io::Result<io::IoStats>>>,
     helpers: Vec<JoinHandle<()>>,
     writer: Option<JoinHandle<()>>,
+    /// Cluster mode's link to etcd.
+    #[cfg(feature = "cluster")]
+    cluster: Option<super::cluster::Bridge>,
+    cluster_facts: ClusterFactsSource,
     /// The state directory's lock, held (flock) until the gateway is gone.
     _state_lock: std::fs::File,
 }
@@ -90,6 +94,10 @@ impl GatewayHandle {
     }
     pub fn shutdown_flag(&self) -> Arc<AtomicBool> {
         self.shutdown.clone()
+    }
+    /// Cluster mode's counters (`None` on a single node).
+    pub fn cluster_facts(&self) -> Option<ClusterFacts> {
+        (self.cluster_facts)()
     }
     /// The shared state, for in-process inspection (tests, the demo).
     pub fn shared(&self) -> &Arc<Shared> {
@@ -121,6 +129,10 @@ impl GatewayHandle {
         if let Some(w) = self.writer.take() {
             let _ = w.join();
         }
+        #[cfg(feature = "cluster")]
+        if let Some(c) = self.cluster.take() {
+            c.shutdown();
+        }
         match first_err {
             Some(e) => Err(e),
             None => Ok(total),
@@ -139,17 +151,34 @@ struct Driver {
     core: WorkerCore,
     /// The I/O loop's counters as last copied into the metrics.
     io_seen: io::IoStats,
+    /// Cluster mode: this worker's end of the etcd link.
+    #[cfg(feature = "cluster")]
+    link: Option<super::cluster::WorkerLink>,
+}
+
+impl Driver {
+    /// Cluster mode: answers from etcd in, this batch's commit requests out.
+    #[cfg_attr(not(feature = "cluster"), allow(unused_variables))]
+    fn pump(&mut self, now: Ticks, tx: &mut TxQueue) {
+        #[cfg(feature = "cluster")]
+        if let Some(link) = &mut self.link {
+            link.pump(&mut self.core, now, tx);
+        }
+    }
 }
 
 impl Handler for Driver {
     fn handle_batch(&mut self, rx: &[Rx<'_>], tx: &mut TxQueue) {
-        self.core.handle_batch(Ticks::wall_clock(), rx, tx);
+        let now = Ticks::wall_clock();
+        self.core.handle_batch(now, rx, tx);
+        self.pump(now, tx);
     }
 
     fn tick(&mut self, tx: &mut TxQueue) {
         let now = Ticks::wall_clock();
         self.core.metrics().beat(now);
         self.core.tick(now, tx);
+        self.pump(now, tx);
     }
 
     fn on_io_stats(&mut self, s: &io::IoStats) {
@@ -174,6 +203,13 @@ fn load_master(cfg: &GatewayConfig) -> anyhow::Result<Option<MasterSecret>> {
     let key = cfg.master_key_path();
     match secrets::load_master(&key) {
         Ok(m) => Ok(Some(m)),
+        Err(e) if e.is_not_found() && cfg.cluster.enabled() => bail!(
+            "cluster mode: master key file {} does not exist; every gateway of a cluster needs \
+             the same master key: copy the first gateway's (mode 0600), or create one with \
+             `rebindgw keygen --out {}` and copy it to the others",
+            key.display(),
+            key.display()
+        ),
         Err(e) if e.is_not_found() && cfg.master_key.is_none() => Ok(None),
         Err(e) if e.is_not_found() => bail!(
             "master key file {} does not exist; create one with `rebindgw keygen --out {}`",
@@ -324,7 +360,34 @@ fn start(
     };
     let store = Arc::new(store);
     store.set_slots(cfg.slots as u64)?;
+    #[cfg(feature = "cluster")]
+    let link = if cfg.cluster.enabled() {
+        let c = &cfg.cluster;
+        let settings = crate::cluster::sync::ClusterSettings {
+            endpoints: c.endpoints.clone(),
+            name: c.name.clone(),
+            gateway: c.gateway_id.context("cluster.gateway_id")?,
+            lease_ttl: Duration::from_secs(c.lease_ttl_secs),
+            timeout: Duration::from_millis(c.timeout_ms),
+            epoch: loaded.epoch.unwrap_or(1),
+        };
+        let handle = crate::cluster::sync::ClusterHandle::start(settings, &master)?;
+        if !loaded.conns.is_empty() {
+            tracing::warn!(
+                connections = loaded.conns.len(),
+                "cluster mode: the connections in the local registry are ignored; the \
+                 registry is etcd's"
+            );
+        }
+        Some(handle)
+    } else {
+        None
+    };
+    #[cfg(feature = "cluster")]
+    let epoch = link.as_ref().map_or(loaded.epoch.unwrap_or(1), |l| l.epoch);
+    #[cfg(not(feature = "cluster"))]
     let epoch = loaded.epoch.unwrap_or(1);
+    let clustered = cfg.cluster.enabled();
     store.apply(&[StoreOp::SetEpoch { epoch }])?;
     // The rotation schedule counts from the last rotation, or from the first start ever, so
     // restarts never postpone it.
@@ -363,7 +426,7 @@ fn start(
     shared.set_started(Ticks::wall_clock());
     // A restart during a grace period: the previous epoch is accepted again until its end
     // (housekeeping ends it, and tells the hosts, if that is already past).
-    if loaded.grace_until.0 != 0 {
+    if loaded.grace_until.0 != 0 && !clustered {
         let previous = epoch.wrapping_sub(1);
         shared.restore_previous(rotator.crypto(previous)?, loaded.grace_until);
     }
@@ -373,7 +436,7 @@ fn start(
     let floor = loaded.reserved;
     let mut restored = 0usize;
     let mut warn = crate::logging::LogEvery::new(Duration::from_secs(1));
-    for c in &loaded.conns {
+    for c in loaded.conns.iter().filter(|_| !clustered) {
         if c.epoch != epoch {
             shared.add_epoch_registry(c.epoch);
         }
@@ -400,45 +463,79 @@ fn start(
     let io_backend = io::select_backend(cfg.io);
     let shutdown = Arc::new(AtomicBool::new(false));
 
+    #[cfg(feature = "cluster")]
+    let (cluster, mut links, store_rx) = match link {
+        Some(handle) => {
+            let me = cfg.cluster.gateway_id.context("cluster.gateway_id")?;
+            let counters = Arc::new(super::cluster::BridgeCounters::default());
+            let loaded = super::cluster::load_initial(&handle, &shared, me, &counters)?;
+            restored += loaded;
+            let (bridge, links) =
+                super::cluster::start(handle, shared.clone(), me, workers, store_rx, counters)?;
+            let links: Vec<Option<super::cluster::WorkerLink>> =
+                links.into_iter().map(Some).collect();
+            (Some(bridge), links, None)
+        }
+        None => (None, (0..workers).map(|_| None).collect(), Some(store_rx)),
+    };
+    #[cfg(not(feature = "cluster"))]
+    let store_rx = Some(store_rx);
+
     let stats = Arc::new(StoreStats::default());
     stats.writer_alive.store(true, Ordering::Relaxed);
-    let writer = {
-        let store = store.clone();
-        let stats = stats.clone();
-        std::thread::Builder::new()
-            .name("store-writer".into())
-            .spawn(move || {
-                let _alive = WriterAlive(stats.clone());
-                let s = run_writer(
-                    &store,
-                    store_rx,
-                    4096,
-                    Duration::from_millis(2),
-                    |took, _, result| {
-                        match result {
-                            Ok(()) => stats.commits.fetch_add(1, Ordering::Relaxed),
-                            Err(_) => stats.errors.fetch_add(1, Ordering::Relaxed),
-                        };
-                        stats.last_failed.store(result.is_err(), Ordering::Relaxed);
-                        let mut h = stats.latency_us.lock().unwrap_or_else(|e| e.into_inner());
-                        let h = h.get_or_insert_with(|| {
-                            Histogram::new(3).expect("3 significant digits")
-                        });
-                        let _ = h.record(took.as_micros() as u64);
-                    },
-                );
-                tracing::info!(
-                    commits = s.commits,
-                    ops = s.ops,
-                    errors = s.errors,
-                    "registry store flushed"
-                );
-            })?
+    // In cluster mode the registry lives in etcd: no writer (the bridge sends removals).
+    let writer = match store_rx {
+        None => None,
+        Some(store_rx) => Some({
+            let store = store.clone();
+            let stats = stats.clone();
+            std::thread::Builder::new()
+                .name("store-writer".into())
+                .spawn(move || {
+                    let _alive = WriterAlive(stats.clone());
+                    let s = run_writer(
+                        &store,
+                        store_rx,
+                        4096,
+                        Duration::from_millis(2),
+                        |took, _, result| {
+                            match result {
+                                Ok(()) => stats.commits.fetch_add(1, Ordering::Relaxed),
+                                Err(_) => stats.errors.fetch_add(1, Ordering::Relaxed),
+                            };
+                            stats.last_failed.store(result.is_err(), Ordering::Relaxed);
+                            let mut h = stats.latency_us.lock().unwrap_or_else(|e| e.into_inner());
+                            let h = h.get_or_insert_with(|| {
+                                Histogram::new(3).expect("3 significant digits")
+                            });
+                            let _ = h.record(took.as_micros() as u64);
+                        },
+                    );
+                    tracing::info!(
+                        commits = s.commits,
+                        ops = s.ops,
+                        errors = s.errors,
+                        "registry store flushed"
+                    );
+                })?
+        }),
     };
 
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let mut worker_threads = Vec::with_capacity(workers);
+    let loop_options = LoopOptions {
+        // Answers from etcd are taken after each batch and tick: tick often when they come.
+        tick: if clustered {
+            Duration::from_millis(2)
+        } else {
+            LoopOptions::default().tick
+        },
+        ..LoopOptions::default()
+    };
     for (i, socks) in sockets.into_iter().enumerate() {
+        #[cfg(feature = "cluster")]
+        let link = links[i].take();
+        let loop_options = loop_options.clone();
         let shared = shared.clone();
         let shutdown = shutdown.clone();
         let core_id = (!cores.is_empty()).then(|| cores[i % cores.len()]);
@@ -455,14 +552,10 @@ fn start(
                     let mut driver = Driver {
                         core,
                         io_seen: io::IoStats::default(),
+                        #[cfg(feature = "cluster")]
+                        link,
                     };
-                    io::run_loop(
-                        io_backend,
-                        &socks,
-                        &mut driver,
-                        &shutdown,
-                        &LoopOptions::default(),
-                    )
+                    io::run_loop(io_backend, &socks, &mut driver, &shutdown, &loop_options)
                 })?,
         );
     }
@@ -487,9 +580,15 @@ fn start(
             let (io_name, engine_name) = (io_backend.name(), engine_backend.name());
             let (s2, st2, s3) = (shared.clone(), stats.clone(), shared.clone());
             let auth1 = admin_auth.clone();
+            let cluster_facts = cluster_facts_source(
+                #[cfg(feature = "cluster")]
+                cluster.as_ref(),
+                cfg.cluster.gateway_id.unwrap_or(0),
+            );
             let routes = AdminRoutes {
                 metrics: Box::new(move || {
-                    let facts = facts(&shared, &stats, &auth1, io_name, engine_name);
+                    let mut facts = facts(&shared, &stats, &auth1, io_name, engine_name);
+                    facts.cluster = cluster_facts();
                     render(&shared.metrics, &facts)
                 }),
                 ready: Box::new(move || {
@@ -502,11 +601,18 @@ fn start(
                     readiness(&s2.metrics, &hosts, store, Ticks::wall_clock())
                 }),
                 about: super::admin::build_info(io_name, engine_name),
-                rotate: Some(Box::new(rotate_route(
-                    s3,
-                    rotator.clone(),
-                    admin_auth.clone(),
-                ))),
+                rotate: Some(if clustered {
+                    Box::new(|_: Option<&str>| {
+                        (
+                            409,
+                            "key rotation is not available in cluster mode yet \
+                             (docs/cluster.md)\n"
+                                .to_string(),
+                        )
+                    })
+                } else {
+                    Box::new(rotate_route(s3, rotator.clone(), admin_auth.clone()))
+                }),
             };
             let (bound, handle) = spawn_admin(addr, routes, shutdown.clone())?;
             helpers.push(handle);
@@ -537,9 +643,62 @@ fn start(
         shared: Some(shared),
         workers: worker_threads,
         helpers,
-        writer: Some(writer),
+        writer,
+        cluster_facts: cluster_facts_source(
+            #[cfg(feature = "cluster")]
+            cluster.as_ref(),
+            cfg.cluster.gateway_id.unwrap_or(0),
+        ),
+        #[cfg(feature = "cluster")]
+        cluster,
         _state_lock: state_lock,
     })
+}
+
+type ClusterFactsSource = Box<dyn Fn() -> Option<ClusterFacts> + Send + Sync>;
+
+/// Reads cluster mode's counters for the metrics (`None` on a single node).
+#[cfg(feature = "cluster")]
+fn cluster_facts_source(
+    bridge: Option<&super::cluster::Bridge>,
+    gateway_id: u16,
+) -> ClusterFactsSource {
+    let Some(b) = bridge else {
+        return Box::new(|| None);
+    };
+    let (bridge, link) = (b.counters.clone(), b.link.clone());
+    Box::new(move || {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        Some(ClusterFacts {
+            gateway_id,
+            link_up: bridge.link_up.load(Ordering::Relaxed),
+            link_downs: get(&bridge.link_downs),
+            range_reads: get(&link.range_reads),
+            watch_events: get(&link.watch_events),
+            reloads: get(&link.reloads),
+            registered: get(&link.registered),
+            register_collisions: get(&link.register_collisions),
+            rebinds_committed: get(&link.rebinds_committed),
+            duplicates: get(&link.duplicates),
+            conflicts: get(&link.conflicts),
+            stale: get(&link.stale),
+            unavailable: get(&link.unavailable),
+            removed: get(&link.removed),
+            removals_sent: get(&bridge.removals_sent),
+            malformed_records: get(&link.malformed_records),
+            remote_added: get(&bridge.remote_added),
+            remote_updated: get(&bridge.remote_updated),
+            remote_removed: get(&bridge.remote_removed),
+            remote_unchanged: get(&bridge.remote_unchanged),
+            remote_unknown_epoch: get(&bridge.remote_unknown_epoch),
+            remote_unopened: get(&bridge.remote_unopened),
+        })
+    })
+}
+
+#[cfg(not(feature = "cluster"))]
+fn cluster_facts_source(_gateway_id: u16) -> ClusterFactsSource {
+    Box::new(|| None)
 }
 
 fn facts(
@@ -595,6 +754,7 @@ fn facts(
             .map(|(e, n)| (e, n as u64))
             .collect(),
         admin_auth_failures: auth.failures.load(Ordering::Relaxed),
+        cluster: None,
         hosts: shared
             .live()
             .hosts

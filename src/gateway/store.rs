@@ -60,6 +60,8 @@ pub enum StoreOp {
     Remove {
         epoch: u32,
         index: u32,
+        /// The connection removed (cluster mode removes only if the index still holds it).
+        conn_id: u64,
     },
     /// No gateway time at or below `ticks` was issued before this is committed.
     Reserve {
@@ -516,7 +518,7 @@ impl Store {
                             conns.insert((*epoch, *index), &rec[..]).map_err(db_err)?;
                         }
                     }
-                    StoreOp::Remove { epoch, index } => {
+                    StoreOp::Remove { epoch, index, .. } => {
                         conns.remove((*epoch, *index)).map_err(db_err)?;
                     }
                     StoreOp::Reserve { ticks } => {
@@ -692,7 +694,11 @@ mod tests {
                     tuple: "10.0.0.2:6".parse().unwrap(),
                 },
                 StoreOp::Unbind { epoch: 1, index: 0 },
-                StoreOp::Remove { epoch: 1, index: 2 },
+                StoreOp::Remove {
+                    epoch: 1,
+                    index: 2,
+                    conn_id: 0,
+                },
                 StoreOp::Rebind {
                     epoch: 1,
                     index: 9,

@@ -214,12 +214,23 @@ impl WorkerCore {
                 let mut ctl = shared.control();
                 let mut committer = self.committer(&mut ctl);
                 // The store's watch may have brought this commit (or a later one) already.
-                let behind = committer
+                let held = committer
                     .registry(r.epoch)
                     .and_then(|reg| reg.get(r.index))
-                    .is_some_and(|c| c.conn_id == r.conn_id && c.last_rebind < r.t);
-                if behind {
-                    committer.commit(r.epoch, r.index, r.t, r.to);
+                    .filter(|c| c.conn_id == r.conn_id)
+                    .map(|c| (c.last_rebind, c.host));
+                match held {
+                    Some((last, _)) if last < r.t => {
+                        committer.commit(r.epoch, r.index, r.t, r.to);
+                    }
+                    // This very commit came through the watch first: the registry has it,
+                    // the tables still point at the old tuple (or none).
+                    Some((last, host)) if last == r.t => {
+                        let old = committer.ctl.conns.get(r.conn_id).and_then(|c| c.tuple);
+                        committer.bind_tuple(r.epoch, r.index, r.conn_id, host, old, r.to);
+                        self.shared.touch(r.epoch as u8, r.index, self.secs);
+                    }
+                    _ => {}
                 }
                 drop(ctl);
                 self.send_rebound(p.host, r.conn_id, r.t, old, r.to, tx);

@@ -478,6 +478,14 @@ impl WorkerCore {
         let reply = match result {
             RegisterResult::Registered { index } => {
                 let mut ctl = shared.control();
+                // The store's watch may have brought this very registration first: take
+                // it over as if it had not.
+                if let Some(reg) = ctl.registry_mut(p.epoch)
+                    && reg.get(index).is_some_and(|c| c.conn_id == p.conn_id)
+                {
+                    reg.remove(index);
+                    super::remote::let_go(&mut ctl, p.conn_id, true);
+                }
                 let restored = ctl.registry_mut(p.epoch).map(|reg| {
                     reg.restore(
                         index,
@@ -547,7 +555,11 @@ impl WorkerCore {
         {
             ctl.tuples.remove(&t);
         }
-        self.shared.persist(StoreOp::Remove { epoch, index });
+        self.shared.persist(StoreOp::Remove {
+            epoch,
+            index,
+            conn_id,
+        });
     }
 
     /// Timers: releases connections idle for `idle_timeout` and tells their hosts (EXPIRED).
@@ -607,8 +619,14 @@ impl WorkerCore {
         let mut ctl = shared.control();
         let mut idle_conns: Vec<(u32, u32, u64, HostId)> = Vec::new();
         let mut complete = true;
+        // In a cluster, connections another gateway owns (no tuple here) are that
+        // gateway's to expire; this one has no activity to judge them by.
+        let owned_only = shared.cfg.commit == CommitMode::Deferred;
         'scan: for (epoch, reg) in &ctl.registries {
             for (index, c) in reg.iter() {
+                if owned_only && c.tuple().is_none() {
+                    continue;
+                }
                 let seen = shared.activity(*epoch as u8, index).load(Ordering::Relaxed);
                 // Wrapping difference: a slot touched "ahead" of `now` reads as negative.
                 if i64::from(secs_now.wrapping_sub(seen) as i32) > limit {

@@ -62,6 +62,9 @@ impl Shared {
                 RemoteApplied::Removed
             }
             RemoteChange::Stored { conn, ours } => {
+                // Issue times above every L the cluster committed, so a connection that
+                // rebound on a gateway whose clock runs ahead can rebind here at once.
+                self.set_floor(conn.last_rebind);
                 let Some(reg) = ctl.registry_mut(conn.epoch) else {
                     return RemoteApplied::UnknownEpoch;
                 };
@@ -136,7 +139,7 @@ impl Shared {
 }
 
 /// Drops `conn_id`'s tuple from the tables (and its route when `forget`).
-fn let_go(ctl: &mut Control, conn_id: u64, forget: bool) {
+pub(super) fn let_go(ctl: &mut Control, conn_id: u64, forget: bool) {
     let route = if forget {
         ctl.conns.remove(conn_id)
     } else {

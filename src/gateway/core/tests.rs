@@ -973,6 +973,50 @@ fn deferred_commit_answers_only_after_the_store_agrees() {
 }
 
 #[test]
+fn deferred_commit_whose_watch_event_came_first_still_binds_the_new_tuple() {
+    let mut cfg = CoreConfig::new(S);
+    cfg.commit = CommitMode::Deferred;
+    let mut h = Harness::new(cfg);
+    let old = addr("10.0.0.1:4000");
+    let new = addr("10.0.0.9:5555");
+    let issued = h.register(42, old);
+    h.now = Ticks(h.now.0 + TICKS_PER_SECOND);
+    let u = h.client(new, &data(49));
+    let (rebind, _) = rebind_from(&issued, &u[0].2);
+    assert!(h.client(new, &rebind).is_empty());
+    let req = h.worker.poll_commit().expect("a commit request");
+    // etcd's watch reports this gateway's own commit before the transaction's answer does.
+    let mine = StoredConn {
+        epoch: 3,
+        index: req.index,
+        conn_id: 42,
+        secret: issued.secret.clone(),
+        last_rebind: req.t,
+        tuple: Some(new),
+        host: 0,
+    };
+    assert_eq!(
+        h.shared.apply_remote(RemoteChange::Stored {
+            conn: mine,
+            ours: true
+        }),
+        RemoteApplied::Updated
+    );
+    h.worker.handle_commit(
+        req.ticket,
+        CommitResult::Committed { old: Some(old) },
+        &mut h.tx,
+    );
+    h.tx.clear();
+    assert_eq!(h.shared.tuples.get(&new).unwrap().conn_id, 42);
+    assert!(h.shared.tuples.get(&old).is_none());
+    assert_eq!(h.shared.conns.get(42).unwrap().tuple, Some(new));
+    // DATA from the new tuple takes the fast path.
+    let out = h.client(new, &data(50));
+    assert!(out.iter().all(|(v, _, _)| *v == Via::Host), "{out:?}");
+}
+
+#[test]
 fn deferred_commit_refused_or_unanswered_sends_nothing() {
     let mut cfg = CoreConfig::new(S);
     cfg.commit = CommitMode::Deferred;
@@ -1019,6 +1063,62 @@ fn deferred_commit_refused_or_unanswered_sends_nothing() {
     assert!(h.tx.is_empty());
     assert_eq!(h.count(C::CommitLate), 1);
     assert!(h.shared.tuples.get(&from).is_none());
+}
+
+#[test]
+fn deferred_registration_whose_watch_event_came_first_is_still_registered() {
+    let mut cfg = CoreConfig::new(S);
+    cfg.commit = CommitMode::Deferred;
+    let mut h = Harness::new(cfg);
+    let client = addr("10.0.0.1:4000");
+    let msg = LinkMsg::Register {
+        boot: 1,
+        request: 7,
+        conn_id: 42,
+        client,
+    }
+    .seal(&h.link, h.now);
+    let host = h.host_addr;
+    assert!(h.feed(&[(Via::Host, host, &msg)]).is_empty());
+    let req = h.worker.poll_registration().unwrap();
+    // etcd's watch reports this gateway's own record before the transaction's answer does.
+    let mine = StoredConn {
+        epoch: 3,
+        index: 5,
+        conn_id: 42,
+        secret: req.secret.clone(),
+        last_rebind: Ticks(0),
+        tuple: Some(client),
+        host: 0,
+    };
+    assert_eq!(
+        h.shared.apply_remote(RemoteChange::Stored {
+            conn: mine,
+            ours: true
+        }),
+        RemoteApplied::Added
+    );
+    h.worker.handle_registration(
+        h.now,
+        req.ticket,
+        RegisterResult::Registered { index: 5 },
+        &mut h.tx,
+    );
+    let out: Vec<_> = h.tx.iter().map(|(_, b)| b.to_vec()).collect();
+    h.tx.clear();
+    assert!(
+        matches!(
+            LinkMsg::open(&out[0], &h.link, h.now),
+            Ok(LinkMsg::Registered {
+                conn_id: 42,
+                index: 5,
+                ..
+            })
+        ),
+        "REGISTERED, not REGISTER_FAILED"
+    );
+    assert_eq!(h.shared.tuples.get(&client).unwrap().conn_id, 42);
+    assert_eq!(h.shared.connections(), 1);
 }
 
 #[test]

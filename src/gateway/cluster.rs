@@ -1,0 +1,418 @@
+//! Cluster mode's wiring (feature `cluster`): the gateway core's deferred commits go to the
+//! etcd link ([`crate::cluster::sync`]) and its answers and registry events come back,
+//! without any thread of the packet path waiting on etcd.
+//!
+//! - Each worker's [`WorkerLink`] hands the requests its core queued
+//!   ([`WorkerCore::poll_commit`], [`WorkerCore::poll_registration`]) to the link after every
+//!   batch and tick, and feeds the responses routed to it back
+//!   ([`WorkerCore::handle_commit`], [`WorkerCore::handle_registration`]).
+//! - A router thread sends each response to the worker whose ticket it carries.
+//! - An event thread applies other gateways' changes (records opened with the cluster's
+//!   [`RecordSeal`]) to the shared copy ([`Shared::apply_remote`]).
+//! - A removal thread turns the core's removals (idle expiry, CLOSE, a host restart) into
+//!   etcd removals; registrations and rebinds are in etcd before the core applies them.
+#![forbid(unsafe_code)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam::channel::{Receiver, RecvTimeoutError, Sender};
+
+use super::core::{
+    CommitRefusal, CommitResult, RegisterResult, RemoteApplied, RemoteChange, Shared, WorkerCore,
+};
+use super::store::{StoreOp, StoredConn};
+use crate::cluster::mirror::Applied;
+use crate::cluster::record::{GatewayId, RecordSeal};
+use crate::cluster::sync::{
+    ClusterCounters, ClusterHandle, Event, Refusal, Request, Response, Submitter,
+};
+use crate::io::batch::TxQueue;
+use crate::logging::LogEvery;
+use crate::time::Ticks;
+
+/// Worker id in the top byte, the request kind below it, the core's ticket in the rest.
+const WORKER_SHIFT: u32 = 56;
+const REGISTRATION_BIT: u64 = 1 << 55;
+const CORE_TICKET_MASK: u64 = REGISTRATION_BIT - 1;
+
+fn link_ticket(worker: u8, registration: bool, core_ticket: u64) -> u64 {
+    (u64::from(worker) << WORKER_SHIFT)
+        | if registration { REGISTRATION_BIT } else { 0 }
+        | (core_ticket & CORE_TICKET_MASK)
+}
+
+/// `(worker, registration, core ticket)` of a link ticket.
+fn split_ticket(ticket: u64) -> (u8, bool, u64) {
+    (
+        (ticket >> WORKER_SHIFT) as u8,
+        ticket & REGISTRATION_BIT != 0,
+        ticket & CORE_TICKET_MASK,
+    )
+}
+
+/// What the gateway's cluster wiring did (exported as metrics).
+#[derive(Debug, Default)]
+pub struct BridgeCounters {
+    pub remote_added: AtomicU64,
+    pub remote_updated: AtomicU64,
+    pub remote_removed: AtomicU64,
+    pub remote_unchanged: AtomicU64,
+    /// Records of an epoch this gateway does not hold.
+    pub remote_unknown_epoch: AtomicU64,
+    /// Records whose sealed `R` did not open (another cluster's key, or tampered).
+    pub remote_unopened: AtomicU64,
+    /// Removals sent to etcd.
+    pub removals_sent: AtomicU64,
+    /// The link to etcd is up (watch running).
+    pub link_up: AtomicBool,
+    /// Times the link went down.
+    pub link_downs: AtomicU64,
+}
+
+/// One worker's end of the link.
+pub struct WorkerLink {
+    worker: u8,
+    submitter: Submitter,
+    responses: Receiver<Response>,
+}
+
+impl WorkerLink {
+    /// Feeds answered requests to `core` and sends the requests it queued. Called after
+    /// every batch and tick; never blocks.
+    pub fn pump(&mut self, core: &mut WorkerCore, now: Ticks, tx: &mut TxQueue) {
+        while let Ok(response) = self.responses.try_recv() {
+            answer(core, now, response, tx);
+        }
+        while let Some(r) = core.poll_commit() {
+            self.submitter.submit(Request::Rebind {
+                ticket: link_ticket(self.worker, false, r.ticket),
+                epoch: r.epoch,
+                index: r.index,
+                t: r.t,
+                tuple: r.to,
+            });
+        }
+        while let Some(r) = core.poll_registration() {
+            self.submitter.submit(Request::Register {
+                ticket: link_ticket(self.worker, true, r.ticket),
+                epoch: r.epoch,
+                capacity: r.capacity,
+                conn_id: r.conn_id,
+                secret: r.secret,
+                host: r.host,
+                tuple: Some(r.tuple),
+                now,
+            });
+        }
+    }
+}
+
+fn refusal(why: &Refusal) -> CommitRefusal {
+    match why {
+        Refusal::Conflict | Refusal::Stale => CommitRefusal::Conflict,
+        Refusal::Unknown => CommitRefusal::Unknown,
+        Refusal::Unavailable(_) | Refusal::Full => CommitRefusal::Unavailable,
+    }
+}
+
+fn answer(core: &mut WorkerCore, now: Ticks, response: Response, tx: &mut TxQueue) {
+    match response {
+        Response::Registered { ticket, index, .. } => {
+            let (_, _, t) = split_ticket(ticket);
+            core.handle_registration(now, t, RegisterResult::Registered { index }, tx);
+        }
+        Response::Rebound { ticket, old, .. } => {
+            let (_, _, t) = split_ticket(ticket);
+            core.handle_commit(t, CommitResult::Committed { old }, tx);
+        }
+        Response::Duplicate { ticket } => {
+            let (_, _, t) = split_ticket(ticket);
+            core.handle_commit(t, CommitResult::Duplicate, tx);
+        }
+        Response::Refused { ticket, why } => {
+            let (_, registration, t) = split_ticket(ticket);
+            if registration {
+                let result = match why {
+                    Refusal::Full => RegisterResult::Full,
+                    other => RegisterResult::Refused(refusal(&other)),
+                };
+                core.handle_registration(now, t, result, tx);
+            } else {
+                core.handle_commit(t, CommitResult::Refused(refusal(&why)), tx);
+            }
+        }
+        Response::Removed { .. } => {}
+    }
+}
+
+/// The running wiring: its threads end when the link's channels close or on `stop`.
+pub struct Bridge {
+    pub counters: Arc<BridgeCounters>,
+    pub link: Arc<ClusterCounters>,
+    threads: Vec<JoinHandle<()>>,
+    handle: Option<ClusterHandle>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Bridge {
+    /// Ends the link (the lease goes, so the others see this gateway leave) and joins the
+    /// threads. The removal thread ends when the core's store channel closes.
+    pub fn shutdown(mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(h) = self.handle.take() {
+            h.shutdown();
+        }
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Applies the records the link loaded at start (every one comes as an event before the
+/// first `Up`), so that the workers start with the cluster's registry. Returns how many.
+pub fn load_initial(
+    handle: &ClusterHandle,
+    shared: &Shared,
+    me: GatewayId,
+    counters: &BridgeCounters,
+) -> anyhow::Result<usize> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match handle.events.recv_timeout(left) {
+            Ok(Event::Up { records }) => {
+                counters.link_up.store(true, Ordering::Relaxed);
+                return Ok(records);
+            }
+            Ok(event) => apply_event(event, shared, &handle.seal, me, counters, &mut None),
+            Err(_) => anyhow::bail!("cluster: the registry did not load within 30 s"),
+        }
+    }
+}
+
+/// Starts the router, event and removal threads; returns the workers' ends of the link.
+pub fn start(
+    mut handle: ClusterHandle,
+    shared: Arc<Shared>,
+    me: GatewayId,
+    workers: usize,
+    removals: Receiver<StoreOp>,
+    counters: Arc<BridgeCounters>,
+) -> anyhow::Result<(Bridge, Vec<WorkerLink>)> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let (to_workers, links): (Vec<Sender<Response>>, Vec<WorkerLink>) = (0..workers)
+        .map(|w| {
+            let (s, r) = crossbeam::channel::unbounded();
+            (
+                s,
+                WorkerLink {
+                    worker: w as u8,
+                    submitter: handle.submitter(),
+                    responses: r,
+                },
+            )
+        })
+        .unzip();
+    // The link's receivers move to the threads that wait on them.
+    let responses = std::mem::replace(&mut handle.responses, std::sync::mpsc::channel().1);
+    let events = std::mem::replace(&mut handle.events, std::sync::mpsc::channel().1);
+    let mut threads = Vec::new();
+    threads.push(
+        std::thread::Builder::new()
+            .name("cluster-route".into())
+            .spawn({
+                let stop = stop.clone();
+                move || {
+                    while !stop.load(Ordering::Acquire) {
+                        match responses.recv_timeout(Duration::from_millis(100)) {
+                            Ok(r) => {
+                                let ticket = match &r {
+                                    Response::Registered { ticket, .. }
+                                    | Response::Rebound { ticket, .. }
+                                    | Response::Duplicate { ticket }
+                                    | Response::Removed { ticket }
+                                    | Response::Refused { ticket, .. } => *ticket,
+                                };
+                                let (w, _, _) = split_ticket(ticket);
+                                if let Some(tx) = to_workers.get(usize::from(w)) {
+                                    let _ = tx.send(r);
+                                }
+                            }
+                            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+                        }
+                    }
+                }
+            })?,
+    );
+    threads.push(
+        std::thread::Builder::new()
+            .name("cluster-events".into())
+            .spawn({
+                let stop = stop.clone();
+                let shared = shared.clone();
+                let seal = handle.seal.clone();
+                let counters = counters.clone();
+                move || {
+                    let mut warn = Some(LogEvery::new(Duration::from_secs(10)));
+                    while !stop.load(Ordering::Acquire) {
+                        match events.recv_timeout(Duration::from_millis(100)) {
+                            Ok(e) => apply_event(e, &shared, &seal, me, &counters, &mut warn),
+                            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+                        }
+                    }
+                }
+            })?,
+    );
+    threads.push(
+        std::thread::Builder::new()
+            .name("cluster-remove".into())
+            .spawn({
+                let submitter = handle.submitter();
+                let counters = counters.clone();
+                let stop = stop.clone();
+                move || {
+                    let mut ticket = 0u64;
+                    loop {
+                        match removals.recv_timeout(Duration::from_millis(100)) {
+                            Ok(StoreOp::Remove {
+                                epoch,
+                                index,
+                                conn_id,
+                            }) => {
+                                ticket += 1;
+                                // Worker 255's tickets are never routed to a worker.
+                                submitter.submit(Request::Remove {
+                                    ticket: link_ticket(u8::MAX, false, ticket),
+                                    epoch,
+                                    index,
+                                    conn_id,
+                                });
+                                counters.removals_sent.fetch_add(1, Ordering::Relaxed);
+                            }
+                            // Registrations and rebinds are in etcd already; the rest is
+                            // local (tuple bindings) or refused in cluster mode (rotation).
+                            Ok(_) => {}
+                            Err(RecvTimeoutError::Timeout) => {
+                                if stop.load(Ordering::Acquire) {
+                                    break;
+                                }
+                            }
+                            Err(RecvTimeoutError::Disconnected) => break,
+                        }
+                    }
+                }
+            })?,
+    );
+    let link = handle.counters.clone();
+    Ok((
+        Bridge {
+            counters,
+            link,
+            threads,
+            handle: Some(handle),
+            stop,
+        },
+        links,
+    ))
+}
+
+fn apply_event(
+    event: Event,
+    shared: &Shared,
+    seal: &RecordSeal,
+    me: GatewayId,
+    counters: &BridgeCounters,
+    warn: &mut Option<LogEvery>,
+) {
+    let change = match event {
+        Event::Up { records } => {
+            counters.link_up.store(true, Ordering::Relaxed);
+            tracing::info!(
+                records,
+                "cluster: etcd link up; REBINDs and REGISTERs resume"
+            );
+            return;
+        }
+        Event::Down { error } => {
+            counters.link_up.store(false, Ordering::Relaxed);
+            counters.link_downs.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                error,
+                "cluster: etcd link down; known tuples keep forwarding, REBINDs and \
+                 REGISTERs are refused until it returns"
+            );
+            return;
+        }
+        Event::Changed {
+            applied:
+                Applied::Removed {
+                    epoch,
+                    index,
+                    conn_id,
+                },
+            ..
+        } => RemoteChange::Removed {
+            epoch,
+            index,
+            conn_id,
+        },
+        Event::Changed {
+            applied: Applied::Added { epoch, index } | Applied::Updated { epoch, index, .. },
+            entry: Some(entry),
+        } => {
+            let record = &entry.record;
+            let secret = match seal.open(epoch, index, record) {
+                Ok(s) => s,
+                Err(e) => {
+                    counters.remote_unopened.fetch_add(1, Ordering::Relaxed);
+                    if let Some(held_back) = warn.as_mut().and_then(|w| w.check(Instant::now())) {
+                        tracing::warn!(epoch, index, error = %e, held_back, "cluster: a stored record's secret does not open; ignored");
+                    }
+                    return;
+                }
+            };
+            RemoteChange::Stored {
+                conn: StoredConn {
+                    epoch,
+                    index,
+                    conn_id: record.conn_id,
+                    secret,
+                    last_rebind: record.last_rebind,
+                    tuple: record.tuple,
+                    host: record.host,
+                },
+                ours: record.owner == me,
+            }
+        }
+        Event::Changed { .. } => return,
+    };
+    let c = match shared.apply_remote(change) {
+        RemoteApplied::Added => &counters.remote_added,
+        RemoteApplied::Updated => &counters.remote_updated,
+        RemoteApplied::Removed => &counters.remote_removed,
+        RemoteApplied::Unchanged => &counters.remote_unchanged,
+        RemoteApplied::UnknownEpoch => &counters.remote_unknown_epoch,
+    };
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tickets_round_trip() {
+        for (w, reg, t) in [
+            (0u8, false, 0u64),
+            (3, true, 12345),
+            (255, false, CORE_TICKET_MASK),
+        ] {
+            assert_eq!(split_ticket(link_ticket(w, reg, t)), (w, reg, t));
+        }
+    }
+}

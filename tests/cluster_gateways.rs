@@ -1,0 +1,370 @@
+//! Cluster mode end to end on loopback (feature `cluster`): real gateways sharing a real
+//! etcd, the reference host, and a client behind a small user-space "NAT + ECMP router" that
+//! gives each client source its own outside port and picks a gateway from the client's source
+//! address, as a router hashing the 4-tuple would. Without an `etcd` binary the tests print
+//! SKIPPED (and fail when `REBINDGW_REQUIRE_TOOLS` is set, as in CI).
+#![cfg(feature = "cluster")]
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rebindgw::client::socket::UdpClient;
+use rebindgw::client::{ClientConfig, ClientEvent};
+use rebindgw::crypto;
+use rebindgw::gateway::config::{ClusterConfig, GatewayConfig, HostEntry};
+use rebindgw::gateway::metrics::{C, ClusterFacts, total};
+use rebindgw::gateway::run::{GatewayHandle, spawn_gateway};
+use rebindgw::host::clients::enroll;
+use rebindgw::host::{HostHandle, HostOptions, spawn_host};
+use rebindgw::secrets::{generate_link_key, generate_master};
+use rebindgw::wire::ClientCredentials;
+
+mod etcd;
+use etcd::{Etcd, start_etcd};
+
+/// Client source IP → gateway: the last octet modulo the number of gateways (a stand-in for
+/// the router's hash, chosen so a test decides where a move lands).
+struct Router {
+    outside: SocketAddr,
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Router {
+    fn start(gateways: Arc<Mutex<Vec<SocketAddr>>>) -> Router {
+        let service = UdpSocket::bind("127.0.0.1:0").unwrap();
+        service
+            .set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        let outside = service.local_addr().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = std::thread::spawn({
+            let stop = stop.clone();
+            move || {
+                // Per client source: its own outside socket (a NAT mapping) and a thread
+                // carrying the gateway's replies back.
+                let mut flows: HashMap<SocketAddr, (UdpSocket, usize)> = HashMap::new();
+                let mut repliers = Vec::new();
+                let mut buf = [0u8; 2048];
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok((n, from)) = service.recv_from(&mut buf) else {
+                        continue;
+                    };
+                    let gws = gateways.lock().unwrap().clone();
+                    let (sock, g) = flows.entry(from).or_insert_with(|| {
+                        let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+                        s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+                        let back = s.try_clone().unwrap();
+                        let reply_to = service.try_clone().unwrap();
+                        let stop = stop.clone();
+                        repliers.push(std::thread::spawn(move || {
+                            let mut b = [0u8; 2048];
+                            while !stop.load(Ordering::Relaxed) {
+                                if let Ok((n, _)) = back.recv_from(&mut b) {
+                                    let _ = reply_to.send_to(&b[..n], from);
+                                }
+                            }
+                        }));
+                        let octet = match from.ip() {
+                            IpAddr::V4(v4) => usize::from(v4.octets()[3]),
+                            IpAddr::V6(_) => 0,
+                        };
+                        (s, octet % gws.len())
+                    });
+                    let _ = sock.send_to(&buf[..n], gws[*g]);
+                }
+                for r in repliers {
+                    let _ = r.join();
+                }
+            }
+        });
+        Router {
+            outside,
+            stop,
+            threads: vec![thread],
+        }
+    }
+}
+
+impl Drop for Router {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+struct Cluster {
+    dir: PathBuf,
+    etcd: Etcd,
+    host: Option<HostHandle>,
+    gateways: Vec<Option<GatewayHandle>>,
+    /// What the router sends to (a stopped gateway's address stays: its clients' packets
+    /// are lost until the router re-hashes, as ECMP does when the next hop goes).
+    addrs: Arc<Mutex<Vec<SocketAddr>>>,
+    key_file: PathBuf,
+    master_file: PathBuf,
+    clients_file: PathBuf,
+}
+
+impl Cluster {
+    fn new(etcd: Etcd, n: usize) -> Cluster {
+        let dir = std::env::temp_dir().join(format!(
+            "rebindgw-cluster-{}-{}",
+            std::process::id(),
+            hex::encode(crypto::random_array::<6>())
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key_file = dir.join("host.key");
+        let key = generate_link_key(&key_file).unwrap();
+        let master_file = dir.join("master.key");
+        generate_master(&master_file).unwrap();
+        let clients_file = dir.join("clients.toml");
+        enroll(&clients_file, "seed").unwrap();
+        let host = spawn_host(HostOptions::new(
+            "127.0.0.1:0".parse().unwrap(),
+            clients_file.clone(),
+            key,
+        ))
+        .unwrap();
+        let mut c = Cluster {
+            dir,
+            etcd,
+            host: Some(host),
+            gateways: Vec::new(),
+            addrs: Arc::new(Mutex::new(Vec::new())),
+            key_file,
+            master_file,
+            clients_file,
+        };
+        for id in 1..=n as u16 {
+            let g = c.spawn(id);
+            c.addrs.lock().unwrap().push(g.client_addrs()[0]);
+            c.gateways.push(Some(g));
+        }
+        c
+    }
+
+    fn config(&self, id: u16) -> GatewayConfig {
+        GatewayConfig {
+            listen: vec!["127.0.0.1:0".parse().unwrap()],
+            // One host-link address per gateway: the host tells gateways apart by address.
+            host_link: format!("127.0.0.{}:0", 10 + id).parse().unwrap(),
+            hosts: vec![HostEntry {
+                addr: self.host.as_ref().unwrap().local_addr(),
+                link_key_file: self.key_file.clone(),
+            }],
+            admin: None,
+            state_dir: self.dir.join(format!("gw{id}")),
+            master_key: Some(self.master_file.clone()),
+            slots: 12,
+            workers: 2,
+            cluster: ClusterConfig {
+                endpoints: vec![self.etcd.endpoint.clone()],
+                name: "e2e".into(),
+                gateway_id: Some(id),
+                lease_ttl_secs: 2,
+                timeout_ms: 1000,
+            },
+            ..GatewayConfig::default()
+        }
+    }
+
+    fn spawn(&self, id: u16) -> GatewayHandle {
+        spawn_gateway(self.config(id)).unwrap()
+    }
+
+    fn gw(&self, i: usize) -> &GatewayHandle {
+        self.gateways[i].as_ref().unwrap()
+    }
+
+    fn facts(&self, i: usize) -> ClusterFacts {
+        self.gw(i).cluster_facts().expect("cluster mode")
+    }
+
+    /// Every gateway's non-zero counters and the host's, for a failing test's output.
+    fn dump(&self) {
+        for (i, g) in self.gateways.iter().enumerate() {
+            let Some(g) = g else { continue };
+            let text = rebindgw::gateway::metrics::render(
+                &g.shared().metrics,
+                &rebindgw::gateway::metrics::GatewayFacts::default(),
+            );
+            for line in text.lines() {
+                if !line.starts_with('#') && !line.ends_with(" 0") {
+                    eprintln!("gateway {i}: {line}");
+                }
+            }
+            eprintln!("gateway {i}: {:?}", g.cluster_facts());
+        }
+        eprintln!("host: {:?}", self.host.as_ref().unwrap().stats());
+    }
+
+    fn enroll(&self, name: &str) -> ClientCredentials {
+        enroll(&self.clients_file, name).unwrap().creds.clone()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for g in self.gateways.iter_mut().filter_map(Option::take) {
+            let _ = g.stop();
+        }
+        if let Some(h) = self.host.take() {
+            let _ = h.stop();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn connect(router: &Router, creds: ClientCredentials, ip: &str) -> UdpClient {
+    let cfg = ClientConfig {
+        keepalive: Duration::from_millis(200),
+        ..ClientConfig::default()
+    };
+    UdpClient::connect(
+        router.outside,
+        format!("{ip}:0").parse().unwrap(),
+        creds,
+        cfg,
+        Duration::from_secs(8),
+    )
+    .expect("connects")
+}
+
+fn echo(cluster: &Cluster, c: &mut UdpClient, payload: &[u8]) -> Vec<u8> {
+    c.send(payload).unwrap();
+    let r = c.recv(Duration::from_secs(3)).unwrap();
+    if r.is_none() {
+        cluster.dump();
+    }
+    r.expect("echo")
+}
+
+/// Moves the client to source `ip` and waits until it rebinds; returns how long it took.
+fn move_and_rebind(c: &mut UdpClient, ip: &str) -> Duration {
+    let started = Instant::now();
+    c.move_socket(format!("{ip}:0").parse().unwrap()).unwrap();
+    c.send(b"after the move").unwrap();
+    c.wait_event(Duration::from_secs(8), |e| {
+        matches!(e, ClientEvent::Rebound { .. })
+    })
+    .unwrap()
+    .expect("rebound");
+    started.elapsed()
+}
+
+fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_rebind_onto_another_gateway_recovers_and_the_old_owner_lets_go() {
+    let Some(etcd) = start_etcd("cross_gateway") else {
+        return;
+    };
+    let cluster = Cluster::new(etcd, 2);
+    let router = Router::start(cluster.addrs.clone());
+    // 127.0.0.1 → gateway 1 (index 1), 127.0.0.2 → gateway 0.
+    let mut c = connect(&router, cluster.enroll("alice"), "127.0.0.1");
+    for i in 0..100u8 {
+        let p = vec![i; 64];
+        assert_eq!(echo(&cluster, &mut c, &p), p);
+    }
+    // (A handshake retried before the host saw the enrollment may register twice.)
+    let registered = cluster.facts(1).registered;
+    assert!(registered >= 1, "registered in etcd by gateway 1");
+    // Gateway 0 holds the connection too, from the watch, but no tuple for it.
+    wait_until("gateway 0 to learn the connection", || {
+        cluster.facts(0).remote_added == registered
+    });
+    assert_eq!(
+        cluster.gw(0).shared().connections(),
+        cluster.gw(1).shared().connections()
+    );
+    assert!(cluster.gw(0).shared().tuples.is_empty());
+    // The packet path never read etcd: one range read each, at start.
+    let forwarded = total(&cluster.gw(1).shared().metrics, C::TxHostData);
+    assert!(forwarded >= 100, "forwarded {forwarded}");
+    for i in 0..2 {
+        assert_eq!(cluster.facts(i).range_reads, 1, "gateway {i}");
+    }
+
+    let took = move_and_rebind(&mut c, "127.0.0.2");
+    assert_eq!(
+        echo(&cluster, &mut c, b"through gateway 0"),
+        b"through gateway 0"
+    );
+    assert_eq!(cluster.facts(0).rebinds_committed, 1);
+    assert_eq!(total(&cluster.gw(0).shared().metrics, C::RebindAccepted), 1);
+    // The old owner saw the new owner in its watch and dropped the old tuple.
+    wait_until("gateway 1 to let go", || {
+        cluster.facts(1).remote_updated >= 1 && cluster.gw(1).shared().tuples.is_empty()
+    });
+    println!("cross-gateway rebind recovered in {took:?}");
+
+    // Back onto gateway 1 (it has the newer L from the watch): a second cross move.
+    move_and_rebind(&mut c, "127.0.0.3");
+    assert_eq!(
+        echo(&cluster, &mut c, b"gateway 1 again"),
+        b"gateway 1 again"
+    );
+    assert_eq!(cluster.facts(1).rebinds_committed, 1);
+    for i in 0..2 {
+        assert_eq!(cluster.facts(i).range_reads, 1, "gateway {i}");
+        assert_eq!(cluster.facts(i).conflicts, 0);
+    }
+}
+
+#[test]
+fn a_dead_gateway_s_clients_recover_on_the_survivor_and_a_restart_reloads_from_etcd() {
+    let Some(etcd) = start_etcd("dead_gateway") else {
+        return;
+    };
+    let mut cluster = Cluster::new(etcd, 2);
+    let router = Router::start(cluster.addrs.clone());
+    let mut c = connect(&router, cluster.enroll("bob"), "127.0.0.1");
+    assert_eq!(echo(&cluster, &mut c, b"via gateway 1"), b"via gateway 1");
+
+    // Gateway 1 dies; the router's next hop for it goes, so its flows re-hash to gateway 0.
+    cluster.gateways[1].take().unwrap().stop().unwrap();
+    let survivor = cluster.addrs.lock().unwrap()[0];
+    cluster.addrs.lock().unwrap()[1] = survivor;
+    move_and_rebind(&mut c, "127.0.0.5");
+    assert_eq!(echo(&cluster, &mut c, b"via gateway 0"), b"via gateway 0");
+    assert_eq!(cluster.facts(0).rebinds_committed, 1);
+
+    // Gateway 1 comes back (same id, its lease ended with the clean stop): it rebuilds its
+    // copy from etcd, and the connection it no longer owns has no tuple there.
+    let back = cluster.spawn(2);
+    assert!(back.shared().connections() >= 1);
+    assert_eq!(
+        back.shared().connections(),
+        cluster.gw(0).shared().connections()
+    );
+    assert!(back.shared().tuples.is_empty());
+    assert_eq!(back.cluster_facts().unwrap().range_reads, 1);
+    cluster.gateways[1] = Some(back);
+}
+
+#[test]
+fn a_second_gateway_with_a_live_id_refuses_to_start() {
+    let Some(etcd) = start_etcd("live_id") else {
+        return;
+    };
+    let cluster = Cluster::new(etcd, 1);
+    let mut cfg = cluster.config(1);
+    cfg.state_dir = cluster.dir.join("other");
+    let err = spawn_gateway(cfg).err().expect("refused");
+    let text = format!("{err:#}");
+    assert!(text.contains("held by a live gateway"), "{text}");
+}
