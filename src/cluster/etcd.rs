@@ -15,6 +15,9 @@ pub use etcd_client::WatchStream;
 use super::mirror::{Change, Entry, Mirror};
 use super::record::{ConnRecord, GatewayId, conn_key, conn_prefix};
 
+/// HTTP/2 keep-alive pings on the etcd connection: above etcd's default minimum of 5 s.
+const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(10);
+
 /// An etcd failure, with what the gateway was doing.
 #[derive(Debug, thiserror::Error)]
 #[error("etcd: {what}: {source}")]
@@ -65,7 +68,9 @@ impl EtcdRegistry {
         let options = ConnectOptions::new()
             .with_connect_timeout(timeout)
             .with_timeout(timeout)
-            .with_keep_alive(Duration::from_secs(2), timeout);
+            // etcd answers pings more often than every 5 s (its default
+            // --grpc-keepalive-min-time) with GOAWAY, which broke the watch every 15 s.
+            .with_keep_alive(KEEP_ALIVE_INTERVAL, timeout.max(Duration::from_secs(2)));
         let client = Client::connect(endpoints, Some(options))
             .await
             .map_err(ctx("connecting"))?;

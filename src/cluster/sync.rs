@@ -157,6 +157,8 @@ pub struct ClusterCounters {
     pub registered: AtomicU64,
     pub register_collisions: AtomicU64,
     pub rebinds_committed: AtomicU64,
+    /// ... of which took the connection over from another gateway.
+    pub rebinds_taken_over: AtomicU64,
     pub duplicates: AtomicU64,
     pub conflicts: AtomicU64,
     pub stale: AtomicU64,
@@ -654,7 +656,7 @@ impl Link {
         t: Ticks,
         tuple: SocketAddr,
     ) -> Response {
-        let (expected, record, old) = {
+        let (expected, record, old, taken_over) = {
             let sh = self.shared.lock().unwrap();
             let Some(entry) = sh.mirror.get(epoch, index) else {
                 return Response::Refused {
@@ -678,7 +680,7 @@ impl Link {
             next.last_rebind = t;
             next.tuple = Some(tuple);
             next.owner = self.me;
-            (entry.mod_revision, next, cur.tuple)
+            (entry.mod_revision, next, cur.tuple, cur.owner != self.me)
         };
         let mut registry = self.registry.clone();
         match tokio::time::timeout(
@@ -699,6 +701,11 @@ impl Link {
                 self.counters
                     .rebinds_committed
                     .fetch_add(1, Ordering::Relaxed);
+                if taken_over {
+                    self.counters
+                        .rebinds_taken_over
+                        .fetch_add(1, Ordering::Relaxed);
+                }
                 Response::Rebound {
                     ticket,
                     revision,

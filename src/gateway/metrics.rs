@@ -369,6 +369,10 @@ pub struct GatewayFacts {
 pub struct ClusterFacts {
     pub gateway_id: u16,
     pub link_up: bool,
+    /// Connections whose tuple this gateway serves (the others are held for their REBINDs).
+    pub owned: u64,
+    /// Committed rebinds that took a connection over from another gateway.
+    pub rebinds_taken_over: u64,
     pub link_downs: u64,
     /// Range reads of etcd (start and reloads); the packet path makes none.
     pub range_reads: u64,
@@ -404,6 +408,12 @@ fn render_cluster(out: &mut String, c: &ClusterFacts) {
             "1 while the etcd link (watch) is up; 0: REBINDs and REGISTERs are refused.",
             u64::from(c.link_up),
         ),
+        (
+            "rebindgw_cluster_owned_connections",
+            "Connections whose tuple this gateway serves; the rest of the registry copy is \
+             held so that their REBINDs verify here.",
+            c.owned,
+        ),
     ];
     for (name, help, v) in gauges {
         family(out, name, "gauge", help);
@@ -430,6 +440,12 @@ fn render_cluster(out: &mut String, c: &ClusterFacts) {
             "rebindgw_cluster_reloads_total",
             "Whole-registry reloads after the etcd link came back.",
             c.reloads,
+        ),
+        (
+            "rebindgw_cluster_rebinds_taken_over_total",
+            "Committed rebinds of connections another gateway owned (the client's new tuple \
+             hashed here).",
+            c.rebinds_taken_over,
         ),
         (
             "rebindgw_cluster_register_collisions_total",

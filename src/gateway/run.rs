@@ -583,6 +583,7 @@ fn start(
             let cluster_facts = cluster_facts_source(
                 #[cfg(feature = "cluster")]
                 cluster.as_ref(),
+                &shared,
                 cfg.cluster.gateway_id.unwrap_or(0),
             );
             let routes = AdminRoutes {
@@ -633,6 +634,12 @@ fn start(
         engine = engine_backend.name(),
         "gateway running"
     );
+    let cluster_facts = cluster_facts_source(
+        #[cfg(feature = "cluster")]
+        cluster.as_ref(),
+        &shared,
+        cfg.cluster.gateway_id.unwrap_or(0),
+    );
     Ok(GatewayHandle {
         client_addrs,
         host_link_addrs,
@@ -644,11 +651,7 @@ fn start(
         workers: worker_threads,
         helpers,
         writer,
-        cluster_facts: cluster_facts_source(
-            #[cfg(feature = "cluster")]
-            cluster.as_ref(),
-            cfg.cluster.gateway_id.unwrap_or(0),
-        ),
+        cluster_facts,
         #[cfg(feature = "cluster")]
         cluster,
         _state_lock: state_lock,
@@ -661,17 +664,22 @@ type ClusterFactsSource = Box<dyn Fn() -> Option<ClusterFacts> + Send + Sync>;
 #[cfg(feature = "cluster")]
 fn cluster_facts_source(
     bridge: Option<&super::cluster::Bridge>,
+    shared: &Arc<Shared>,
     gateway_id: u16,
 ) -> ClusterFactsSource {
     let Some(b) = bridge else {
         return Box::new(|| None);
     };
     let (bridge, link) = (b.counters.clone(), b.link.clone());
+    // Weak: the handle outlives the shared state at shutdown.
+    let shared = Arc::downgrade(shared);
     Box::new(move || {
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
         Some(ClusterFacts {
             gateway_id,
             link_up: bridge.link_up.load(Ordering::Relaxed),
+            owned: shared.upgrade().map_or(0, |s| s.tuples.len() as u64),
+            rebinds_taken_over: get(&link.rebinds_taken_over),
             link_downs: get(&bridge.link_downs),
             range_reads: get(&link.range_reads),
             watch_events: get(&link.watch_events),
@@ -697,7 +705,7 @@ fn cluster_facts_source(
 }
 
 #[cfg(not(feature = "cluster"))]
-fn cluster_facts_source(_gateway_id: u16) -> ClusterFactsSource {
+fn cluster_facts_source(_shared: &Arc<Shared>, _gateway_id: u16) -> ClusterFactsSource {
     Box::new(|| None)
 }
 

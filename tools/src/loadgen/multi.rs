@@ -276,6 +276,9 @@ pub fn child_args(
     if o.storm_prebind {
         a.push("--storm-prebind".into());
     }
+    if o.behind_nat {
+        a.push("--behind-nat".into());
+    }
     a.push("--json".into());
     a
 }

@@ -267,6 +267,9 @@ pub struct LoadgenOptions {
     /// only after it, so a storm costs a descriptor swap per client instead of socket
     /// creation and teardown (two descriptors per client).
     pub storm_prebind: bool,
+    /// The clients are behind a NAT: the tuple a gateway acknowledges is the NAT's, never
+    /// the client's own, so a moved client has recovered at its first `Rebound`.
+    pub behind_nat: bool,
     /// Processes to spread the clients over (each has its own descriptor limit); 0 = as
     /// few as the RLIMIT_NOFILE hard limit allows. 1 runs everything in this process.
     pub processes: usize,
@@ -312,6 +315,7 @@ impl LoadgenOptions {
             socket_buffer: 256 << 10,
             on_move: OnMove::None,
             storm_prebind: false,
+            behind_nat: false,
             processes: 0,
             child: None,
             child_exe: None,
@@ -543,6 +547,10 @@ pub struct LoadgenArgs {
     /// so the storm itself only swaps descriptors; needs two descriptors per client.
     #[arg(long)]
     pub storm_prebind: bool,
+    /// The clients are behind a NAT: a moved client has recovered at its first rebind
+    /// acknowledgement (which names the NAT's tuple, not the client's own).
+    #[arg(long)]
+    pub behind_nat: bool,
     /// Processes to spread the clients over; each has its own RLIMIT_NOFILE, and a client
     /// needs a socket (0 = auto: as few as the hard limit allows; 1 = this process only).
     #[arg(long, default_value_t = 0)]
@@ -631,6 +639,7 @@ impl LoadgenArgs {
         o.max_loss_pct = self.max_loss;
         o.on_move = self.on_move;
         o.storm_prebind = self.storm_prebind;
+        o.behind_nat = self.behind_nat;
         o.processes = self.processes;
         o.child = self.shard;
         o.validate().map_err(anyhow::Error::msg)?;

@@ -609,7 +609,7 @@ impl<'a> Shard<'a> {
                 }
                 ClientEvent::Rebinding { .. } => s.kick_at = None,
                 ClientEvent::Rebound { new_tuple, .. } => {
-                    if new_tuple == s.local
+                    if (new_tuple == s.local || self.opts.behind_nat)
                         && let Some(t0) = s.outage.take()
                     {
                         s.kick_at = None;

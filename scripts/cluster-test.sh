@@ -1,0 +1,411 @@
+#!/usr/bin/env bash
+# Cluster mode on the test bed (scripts/lib/cluster-bed.sh): three real gateways share one
+# service address behind an ECMP router (fib_multipath_hash_policy=1: the UDP 4-tuple picks
+# the gateway) and one registry in a three-member etcd cluster; the reference host; clients
+# (rebindgw loadgen) behind a real nftables NAT. While the loadgen's traffic runs, a driver
+# (python, in the host namespace, polling every gateway's /metrics every 5 ms) does:
+#
+#  1. storm: the NAT gives every client a new public port at once (SNAT range swapped,
+#     conntrack entries deleted); the router re-hashes them, about two thirds onto another
+#     gateway. Recovery per class, from the moment `conntrack -D` returns: a REBIND committed
+#     by a gateway that already owned the connection (same) or taken over from another one
+#     (cross): rebindgw_cluster_transactions_total{result="rebound"} and
+#     rebindgw_cluster_rebinds_taken_over_total, summed over the gateways; the k-th commit of
+#     a class is the k-th recovery. Passes when every client rebound (commits >= clients).
+#  2. kill -9 of gateway 3 under load; its ECMP next hop is withdrawn at once (what a health
+#     check or BGP session loss does); its clients re-hash onto the survivors, get
+#     UNRECOGNIZED and rebind there. Time to the last: until the survivors own (serve the
+#     tuple of) every connection again.
+#  3. etcd member 2 killed: forwarding and a NAT rebind of every client go on unharmed;
+#     member 2 returns.
+#  4. all etcd members down for 5 s: forwarding continues (DATA forwarded in those 5 s,
+#     against the 5 s before), a NAT rebind in the outage is refused (no commit, counted as
+#     unavailable), and completes once etcd is back; nothing is accepted twice (every
+#     gateway's accepted REBINDs equal its committed transactions).
+#
+# Figures go to stdout and WORK/figures.json. Not here (covered elsewhere): one REBIND sent
+# to all three gateways at once (tests/cluster_etcd.rs against a real etcd, and
+# tests/sim_cluster.rs with the real gateway cores).
+#
+# Usage: scripts/cluster-test.sh [--short] [--keep] [--no-build] [--clients N] [--rate PPS]
+#   --short     CI size: 300 clients
+#   default     3000 clients
+#   --clients   any size (65536 needs a raised descriptor limit; the script raises it)
+# Needs root, iproute2, nftables, conntrack, python3, etcd and etcdctl, protoc for the build.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=scripts/lib/netns.sh
+. "$ROOT/scripts/lib/netns.sh"
+# shellcheck source=scripts/lib/cluster-bed.sh
+. "$ROOT/scripts/lib/cluster-bed.sh"
+
+P=${RBCL_PREFIX:-rbct}
+CLIENTS=3000
+RATE=6000
+KEEP=0
+BUILD=1
+while [ $# -gt 0 ]; do
+  case "$1" in
+  --short) CLIENTS=300; RATE=3000 ;;
+  --keep) KEEP=1 ;;
+  --no-build) BUILD=0 ;;
+  --clients) CLIENTS=$2; shift ;;
+  --rate) RATE=$2; shift ;;
+  -h | --help) sed -n '/^# Usage:/,/^# Needs root/p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  *) echo "cluster-test: unknown option $1" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+die() {
+  echo "cluster-test: FAIL: $*" >&2
+  exit 1
+}
+
+[ "$(id -u)" = 0 ] || die "needs root (network namespaces)"
+for tool in ip nft conntrack python3 etcd etcdctl; do
+  command -v "$tool" >/dev/null || die "$tool not found"
+done
+PY=$(command -v python3)
+[ -x /usr/bin/python3 ] && PY=/usr/bin/python3
+
+BIN=$ROOT/target/release/rebindgw
+if [ "$BUILD" = 1 ] || ! "$BIN" gateway --help 2>/dev/null | grep -q -- --etcd-endpoint; then
+  echo "== cargo build --release --features cluster"
+  (cd "$ROOT" && cargo build --release --quiet -p rebindgw-tools --features cluster) ||
+    die "cargo build --release --features cluster failed"
+fi
+"$BIN" gateway --help | grep -q -- --etcd-endpoint || die "$BIN has no cluster mode"
+
+WORK=$(mktemp -d /tmp/rebindgw-cluster-test.XXXXXX)
+PIDS=()
+cleanup() {
+  local rc=$?
+  trap - EXIT INT TERM
+  if [ "$KEEP" = 1 ]; then
+    echo "cluster-test: --keep: namespaces $P-* left up; files in $WORK" >&2
+    exit "$rc"
+  fi
+  local p
+  for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+  sleep 0.3
+  for p in "${PIDS[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
+  bed_down "$P"
+  if [ "$rc" = 0 ]; then rm -rf "$WORK"; else echo "cluster-test: logs in $WORK" >&2; fi
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+bed_down "$P"
+bed_up "$P"
+bed_nat "$P" 20000-29999 "${BED_NAT_OUT[0]}"
+for n in 1 2 3; do bed_etcd_start "$P" "$n" "$WORK"; done
+for _ in $(seq 150); do bed_etcdctl "$P" endpoint health >/dev/null 2>&1 && break; sleep 0.2; done
+bed_etcdctl "$P" endpoint health >/dev/null 2>&1 || die "etcd not healthy (see $WORK/etcd*.log)"
+echo "== bed up, etcd: 3 members healthy"
+
+# Keys: one link key for the host, one master key every gateway shares.
+"$BIN" link-keygen --out "$WORK/link.key" >/dev/null
+"$BIN" keygen --out "$WORK/master.key" >/dev/null
+: >"$WORK/clients.toml"
+chmod 600 "$WORK/clients.toml"
+ip netns exec "$P-host" "$BIN" host --listen "$BED_HOST:7500" --clients "$WORK/clients.toml" \
+  --link-key "$WORK/link.key" --gateway 10.211.0.0/24 >"$WORK/host.out" 2>"$WORK/host.log" &
+PIDS+=($!)
+
+endpoints=()
+IFS=, read -r -a eps <<<"$(bed_etcd_endpoints)"
+for e in "${eps[@]}"; do endpoints+=(--etcd-endpoint "$e"); done
+GW_PIDS=()
+for n in 1 2 3; do
+  mkdir -m 700 "$WORK/gw$n"
+  a=$(bed_gateway_addr "$n")
+  # All clients come through one NAT address: the per-prefix limits are raised so that a
+  # whole NAT's worth of clients can rebind at once.
+  ip netns exec "$P-gw$n" "$BIN" gateway --listen "$BED_SVC:7400" \
+    --host "$BED_HOST:7500=$WORK/link.key" --host-link "$a:0" --state-dir "$WORK/gw$n" \
+    --master-key "$WORK/master.key" --admin "$a:7480" --workers 1 \
+    --unrecognized-per-prefix 1000000/1000000 --handshake-per-prefix 100000/100000 \
+    "${endpoints[@]}" --cluster-name bed --gateway-id "$n" \
+    >"$WORK/gw$n.out" 2>"$WORK/gw$n.log" &
+  GW_PIDS+=($!)
+  PIDS+=($!)
+done
+
+ulimit -n $((CLIENTS * 2 + 4096)) 2>/dev/null || ulimit -n 1048576 2>/dev/null || true
+# Long enough for the four phases; the driver ends the run.
+DURATION=$((120 + CLIENTS / 500))
+ip netns exec "$P-cli" "$BIN" loadgen --gateway "$BED_SVC:7400" --clients "$CLIENTS" \
+  --source-addrs "$BED_CLI" --clients-file "$WORK/clients.toml" --rate "$RATE" \
+  --duration "${DURATION}s" --settle 1s --connect-rate 4000 --connect-timeout 120s \
+  --processes 1 --on-move send --behind-nat -q --json \
+  >"$WORK/loadgen.json" 2>"$WORK/loadgen.log" &
+LG_PID=$!
+PIDS+=("$LG_PID")
+
+cat >"$WORK/driver.py" <<'PYEOF'
+import json, math, os, re, socket, subprocess, sys, time
+from concurrent.futures import ThreadPoolExecutor
+
+cfg = json.loads(sys.argv[1])
+P, clients = cfg["prefix"], cfg["clients"]
+gws = {n: cfg["gateways"][str(n)] for n in (1, 2, 3)}
+alive_gws = [1, 2, 3]
+figures = {"clients": clients}
+POLL = 0.005
+
+
+def scrape(n):
+    s = socket.create_connection((gws[n], 7480), timeout=2)
+    s.sendall(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+    data = b""
+    while True:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    s.close()
+    vals = {}
+    for line in data.partition(b"\r\n\r\n")[2].decode().splitlines():
+        # Only the families the driver reads: parsing all of them slows the polling.
+        if not line.startswith(WANTED):
+            continue
+        key, _, v = line.rpartition(" ")
+        vals[key] = float(v)
+        name = key.split("{", 1)[0]
+        if "{" in key:
+            vals[name] = vals.get(name, 0.0) + float(v)
+    return vals
+
+
+POOL = ThreadPoolExecutor(3)
+WANTED = ("rebindgw_cluster_", "rebindgw_host_tx_packets_total", "rebindgw_rebinds_accepted",
+          "rebindgw_commits_total")
+
+
+def snapshot():
+    """Every live gateway's metrics, scraped at once."""
+    return list(POOL.map(scrape, alive_gws))
+
+
+def total(key, snap=None):
+    return int(sum(m.get(key, 0) for m in (snap or snapshot())))
+
+
+REBOUND = 'rebindgw_cluster_transactions_total{result="rebound"}'
+TAKEN = "rebindgw_cluster_rebinds_taken_over_total"
+OWNED = "rebindgw_cluster_owned_connections"
+FORWARDED = "rebindgw_host_tx_packets_total"
+
+
+def fail(msg):
+    print("driver: FAIL: " + msg, file=sys.stderr, flush=True)
+    figures["error"] = msg
+    json.dump(figures, open(cfg["figures"], "w"), indent=1)
+    sys.exit(1)
+
+
+def run(*args, stdin=None):
+    return subprocess.run(list(args), input=stdin, capture_output=True, text=True)
+
+
+def nat_rebind(ports, addr):
+    rule = ("flush chain ip bednat post\n"
+            'add rule ip bednat post oifname "n1" meta l4proto udp snat to %s:%s\n'
+            'add rule ip bednat post oifname "n1" snat to %s\n' % (addr, ports, addr))
+    r = run("ip", "netns", "exec", P + "-nat", "nft", "-f", "-", stdin=rule)
+    if r.returncode != 0:
+        fail("nft: " + r.stderr)
+    r = run("ip", "netns", "exec", P + "-nat", "conntrack", "-D", "-p", "udp", "-s", cfg["cli"])
+    m = re.search(r"(\d+) flow entries have been deleted", r.stderr)
+    return time.monotonic(), int(m.group(1)) if m else 0
+
+
+def pct(series, n, q):
+    """series: [(seconds, cumulative count)]; the time the count reached ceil(q * n)."""
+    need = max(1, math.ceil(q * n))
+    for t, c in series:
+        if c >= need:
+            return round(t * 1000, 1)
+    return None
+
+
+def recover(label, t0, base, timeout):
+    """Polls the commit counters until every client rebound; per-class series."""
+    series = {"all": [], "cross": [], "same": []}
+    last = {"all": 0, "cross": 0, "same": 0}
+    polls = 0
+    while time.monotonic() - t0 < timeout:
+        polls += 1
+        snap = snapshot()
+        reb = total(REBOUND, snap) - base[0]
+        taken = total(TAKEN, snap) - base[1]
+        now = time.monotonic() - t0
+        cur = {"all": reb, "cross": taken, "same": reb - taken}
+        for k in cur:
+            if cur[k] > last[k]:
+                series[k].append((now, cur[k]))
+                last[k] = cur[k]
+        if reb >= clients:
+            break
+        time.sleep(POLL)
+    if last["all"] < clients:
+        fail("%s: only %d of %d clients rebound within %d s" % (label, last["all"], clients, timeout))
+    # The precision of every figure: the mean time between two polls.
+    out = {"poll_ms": round((time.monotonic() - t0) * 1000 / max(polls, 1), 1)}
+    for k in series:
+        n = last[k]
+        out[k] = {"n": n, "p50_ms": pct(series[k], n, 0.5), "p99_ms": pct(series[k], n, 0.99),
+                  "max_ms": pct(series[k], n, 1.0)}
+    return out
+
+
+# 0. Every client connected (registered in etcd by whichever gateway its tuple hashes to).
+t_end = time.monotonic() + cfg["connect_wait"]
+while True:
+    owned = total(OWNED)
+    if owned >= clients:
+        break
+    if time.monotonic() > t_end:
+        fail("only %d of %d clients connected" % (owned, clients))
+    time.sleep(0.1)
+per_gw = {n: int(scrape(n).get(OWNED, 0)) for n in alive_gws}
+reads0 = {n: int(scrape(n).get("rebindgw_cluster_etcd_range_reads_total", 0)) for n in alive_gws}
+print("connected: %d clients, owned per gateway %s" % (clients, per_gw), flush=True)
+figures["owned_per_gateway"] = per_gw
+time.sleep(2)
+
+# 1. The storm: every client gets a new public port at once.
+snap = snapshot()
+base = (total(REBOUND, snap), total(TAKEN, snap))
+t0, deleted = nat_rebind("30000-39999", cfg["nat_out"][0])
+storm = recover("storm", t0, base, cfg["recover_timeout"])
+figures["storm"] = storm
+print("1. storm: %d clients moved by the NAT (conntrack entries deleted: %d); recovery from "
+      "conntrack -D: cross-gateway n=%d p50 %s p99 %s max %s ms; same-gateway n=%d p50 %s p99 %s "
+      "max %s ms (polled every %s ms)" % (clients, deleted, storm["cross"]["n"], storm["cross"]["p50_ms"],
+                     storm["cross"]["p99_ms"], storm["cross"]["max_ms"], storm["same"]["n"],
+                     storm["same"]["p50_ms"], storm["same"]["p99_ms"], storm["same"]["max_ms"],
+                     storm["poll_ms"]),
+      flush=True)
+fwd0 = total(FORWARDED)
+reads = {n: int(scrape(n).get("rebindgw_cluster_etcd_range_reads_total", 0)) for n in alive_gws}
+figures["etcd_range_reads_during_traffic"] = {n: reads[n] - reads0[n] for n in alive_gws}
+if any(reads[n] != reads0[n] for n in alive_gws):
+    fail("etcd range reads while forwarding: %s -> %s" % (reads0, reads))
+print("   store reads on the packet path: 0 range reads during the phase, %d datagrams "
+      "forwarded to the host in all" % fwd0, flush=True)
+time.sleep(2)
+
+# 2. kill -9 gateway 3; its next hop is withdrawn at once.
+victim = int(scrape(3).get(OWNED, 0))
+os.kill(cfg["gw_pids"][2], 9)
+t_kill = time.monotonic()
+r = run("ip", "-n", P + "-rt", "route", "replace", cfg["svc"] + "/32",
+        "nexthop", "via", "10.210.11.2", "dev", "r1", "weight", "1",
+        "nexthop", "via", "10.210.12.2", "dev", "r2", "weight", "1")
+if r.returncode != 0:
+    fail("route replace: " + r.stderr)
+alive_gws = [1, 2]
+while True:
+    owned = total(OWNED)
+    if owned >= clients:
+        break
+    if time.monotonic() - t_kill > cfg["recover_timeout"]:
+        fail("kill -9: survivors own %d of %d connections after %d s"
+             % (owned, clients, cfg["recover_timeout"]))
+    time.sleep(POLL)
+t_last = round((time.monotonic() - t_kill) * 1000, 1)
+figures["kill"] = {"victim_owned": victim, "all_owned_by_survivors_ms": t_last}
+print("2. kill -9 of gateway 3 (owned %d): the survivors serve all %d connections %s ms later"
+      % (victim, clients, t_last), flush=True)
+time.sleep(2)
+
+
+def forwarded_in(seconds):
+    a = total(FORWARDED)
+    time.sleep(seconds)
+    return total(FORWARDED) - a
+
+
+# 3. One etcd member down: forwarding and a rebind of everyone go on.
+before = forwarded_in(2)
+for pid in run("ip", "netns", "pids", P + "-etcd2").stdout.split():
+    os.kill(int(pid), 9)
+base = (total(REBOUND), total(TAKEN))
+t0, _ = nat_rebind("40000-49999", cfg["nat_out"][1])
+one_down = recover("etcd member down", t0, base, cfg["recover_timeout"])
+during = forwarded_in(2)
+figures["etcd_member_down"] = {"forwarded_2s_before": before, "forwarded_2s_during": during,
+                               "rebind": one_down["all"]}
+print("3. etcd member 2 killed: a rebind of all %d clients p50 %s p99 %s ms; forwarded in 2 s: "
+      "%d before, %d during" % (clients, one_down["all"]["p50_ms"], one_down["all"]["p99_ms"],
+                                before, during), flush=True)
+subprocess.run(["bash", "-c", cfg["etcd_start"] % 2])
+time.sleep(3)
+
+# 4. All etcd members down for 5 s, with a NAT rebind of everyone inside the outage.
+before = forwarded_in(5)
+unavail0 = total('rebindgw_cluster_transactions_total{result="unavailable"}')
+reb0 = total(REBOUND)
+for m in (1, 2, 3):
+    for pid in run("ip", "netns", "pids", "%s-etcd%d" % (P, m)).stdout.split():
+        os.kill(int(pid), 9)
+t_down = time.monotonic()
+during = forwarded_in(2.5)
+base = (total(REBOUND), total(TAKEN))
+t0, _ = nat_rebind("50000-59999", cfg["nat_out"][2])
+time.sleep(max(0, 5 - (time.monotonic() - t_down)))
+committed_in_outage = total(REBOUND) - reb0
+unavail = total('rebindgw_cluster_transactions_total{result="unavailable"}') - unavail0
+for m in (1, 2, 3):
+    subprocess.run(["bash", "-c", cfg["etcd_start"] % m])
+t_up = time.monotonic()
+after = recover("after the etcd outage", t0, base, cfg["recover_timeout"] + 10)
+accepted = total("rebindgw_rebinds_accepted_total")
+committed = total("rebindgw_commits_total")
+figures["etcd_outage"] = {
+    "forwarded_5s_before": before, "forwarded_first_2_5s_of_outage": during,
+    "commits_during_outage": committed_in_outage, "refused_unavailable": unavail,
+    "rebind_recovered_from_nat_move": after["all"],
+    "etcd_back_after_nat_move_ms": round((t_up - t0) * 1000, 1)}
+print("4. all etcd down 5 s: forwarded %d in the 5 s before, %d in the first 2.5 s of the outage; "
+      "a NAT rebind of all clients inside it: %d commits during the outage, %d transactions "
+      "refused as unavailable; etcd back %.0f ms after the move, all %d recovered %s ms after the "
+      "move (p50 %s)" % (before, during, committed_in_outage, unavail, (t_up - t0) * 1000,
+                         clients, after["all"]["max_ms"], after["all"]["p50_ms"]), flush=True)
+if committed_in_outage != 0:
+    fail("%d rebinds committed while etcd was down" % committed_in_outage)
+if during < before / 4:
+    fail("forwarding collapsed while etcd was down (%d vs %d)" % (during, before))
+# Nothing accepted twice: a REBIND is accepted only with its commit.
+per = {n: (int(scrape(n).get("rebindgw_rebinds_accepted_total", 0)),
+           int(scrape(n).get(REBOUND, 0))) for n in alive_gws}
+figures["accepted_vs_committed"] = per
+if any(a != c for a, c in per.values()):
+    fail("accepted REBINDs differ from committed ones: %s" % per)
+json.dump(figures, open(cfg["figures"], "w"), indent=1)
+print("passed", flush=True)
+PYEOF
+
+cfg=$(
+  cat <<EOF
+{"prefix": "$P", "clients": $CLIENTS, "cli": "$BED_CLI", "svc": "$BED_SVC",
+ "gateways": {"1": "$(bed_gateway_addr 1)", "2": "$(bed_gateway_addr 2)", "3": "$(bed_gateway_addr 3)"},
+ "gw_pids": [${GW_PIDS[0]}, ${GW_PIDS[1]}, ${GW_PIDS[2]}],
+ "nat_out": ["${BED_NAT_OUT[1]}", "${BED_NAT_OUT[2]}", "${BED_NAT_OUT[0]}"],
+ "connect_wait": $((60 + CLIENTS / 200)), "recover_timeout": $((20 + CLIENTS / 1000)),
+ "etcd_start": ". $ROOT/scripts/lib/netns.sh; . $ROOT/scripts/lib/cluster-bed.sh; bed_etcd_start $P %d $WORK",
+ "figures": "$WORK/figures.json"}
+EOF
+)
+echo "== $CLIENTS clients, $RATE datagrams/s; driver in $P-host"
+set +e
+ip netns exec "$P-host" "$PY" "$WORK/driver.py" "$cfg" 2>&1 | tee "$WORK/driver.log"
+rc=${PIPESTATUS[0]}
+set -e
+[ "$rc" = 0 ] || die "driver failed (see $WORK/driver.log, gw*.log, loadgen.log)"
+cp "$WORK/figures.json" "${FIGURES_OUT:-/dev/null}" 2>/dev/null || true
+echo "== cluster test passed"
