@@ -368,3 +368,106 @@ fn a_second_gateway_with_a_live_id_refuses_to_start() {
     let text = format!("{err:#}");
     assert!(text.contains("held by a live gateway"), "{text}");
 }
+
+/// One captured REBIND sent from its tuple to all three gateways at the same instant: etcd
+/// commits it once (one REBOUND reaches the host); a gateway that sees the commit before its
+/// own answers the §6 duplicate with the identical ACK, the others send nothing.
+#[test]
+fn one_rebind_sent_to_three_gateways_at_once_is_accepted_once() {
+    use rebindgw::rebind::{RebindCredentials, RebindSecret, build_rebind, fresh_nonces};
+    use rebindgw::time::Ticks;
+    use rebindgw::wire::{MsgType, Unrecognized, build_handshake, open_handshake_reply, seal_data};
+    let Some(etcd) = start_etcd("rebind_to_all") else {
+        return;
+    };
+    let cluster = Cluster::new(etcd, 3);
+    let gws: Vec<SocketAddr> = cluster.addrs.lock().unwrap().clone();
+    let creds = cluster.enroll("carol");
+    // Handshake straight to gateway 0 (the host picks up the enrollment within a second).
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let nonce: [u8; 16] = crypto::random_array();
+    let hs = build_handshake(&creds, &nonce, Ticks::wall_clock());
+    let mut buf = [0u8; 2048];
+    let deadline = Instant::now() + Duration::from_secs(8);
+    let reply = loop {
+        assert!(Instant::now() < deadline, "handshake timed out");
+        sock.send_to(&hs, gws[0]).unwrap();
+        if let Ok((n, _)) = sock.recv_from(&mut buf)
+            && let Ok(r) = open_handshake_reply(&buf[..n], &creds.psk, &nonce)
+        {
+            break r;
+        }
+    };
+    // Every gateway knows the connection before the REBIND is sent.
+    wait_until("the watch to reach every gateway", || {
+        (1..3).all(|i| cluster.gw(i).shared().connections() >= 1)
+    });
+
+    // The client moves; gateway 0 answers its DATA with UNRECOGNIZED; it builds a REBIND.
+    let moved = UdpSocket::bind("127.0.0.1:0").unwrap();
+    moved
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let mut probe = vec![0u8; 24 + 25];
+    seal_data(&crypto::gcm(&reply.kd_c2s), 0, &[0u8; 24], &mut probe);
+    moved.send_to(&probe, gws[0]).unwrap();
+    let (n, _) = moved.recv_from(&mut buf).expect("UNRECOGNIZED");
+    let u = Unrecognized::parse(&buf[..n]).expect("an UNRECOGNIZED");
+    let secret = RebindSecret(reply.rebind_secret);
+    let rc = RebindCredentials {
+        conn_id: reply.conn_id,
+        secret: &secret,
+        slot_keys: &reply.slot_keys,
+    };
+    let (rebind, _) = build_rebind(
+        &rc,
+        u.epoch_byte,
+        u.t,
+        &u.cookie,
+        &fresh_nonces(reply.slot_keys.len()),
+    );
+    for gw in &gws {
+        moved.send_to(&rebind, *gw).unwrap();
+    }
+    let mut acks = Vec::new();
+    while let Ok((n, from)) = moved.recv_from(&mut buf) {
+        assert_eq!(buf[0], MsgType::RebindAck as u8, "only ACKs, from {from}");
+        acks.push(buf[..n].to_vec());
+    }
+    let committed: u64 = (0..3).map(|i| cluster.facts(i).rebinds_committed).sum();
+    let refused: u64 = (0..3)
+        .map(|i| {
+            let f = cluster.facts(i);
+            f.conflicts + f.stale + f.duplicates
+        })
+        .sum();
+    println!(
+        "one REBIND to 3 gateways: {} committed, {} refused or duplicate, {} ACKs",
+        committed,
+        refused,
+        acks.len()
+    );
+    assert_eq!(committed, 1, "committed exactly once");
+    // The others lost the compare-and-swap, or saw the commit first (a §6 duplicate,
+    // answered with the same ACK, here or by the link).
+    let local_duplicates: u64 = (0..3)
+        .map(|i| total(&cluster.gw(i).shared().metrics, C::RebindDuplicate))
+        .sum();
+    assert!(
+        refused + local_duplicates >= 2,
+        "refused {refused}, local duplicates {local_duplicates}"
+    );
+    assert!(!acks.is_empty() && acks.len() <= 3);
+    assert!(acks.iter().all(|a| *a == acks[0]), "every ACK is the same");
+    wait_until("the host's REBOUND", || {
+        cluster.host.as_ref().unwrap().stats().counters.rebounds >= 1
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        cluster.host.as_ref().unwrap().stats().counters.rebounds,
+        1,
+        "one REBOUND"
+    );
+}
