@@ -110,10 +110,15 @@ struct Cluster {
     key_file: PathBuf,
     master_file: PathBuf,
     clients_file: PathBuf,
+    tweak: fn(&mut GatewayConfig),
 }
 
 impl Cluster {
     fn new(etcd: Etcd, n: usize) -> Cluster {
+        Cluster::with(etcd, n, |_| {})
+    }
+
+    fn with(etcd: Etcd, n: usize, tweak: fn(&mut GatewayConfig)) -> Cluster {
         let dir = std::env::temp_dir().join(format!(
             "rebindgw-cluster-{}-{}",
             std::process::id(),
@@ -141,6 +146,7 @@ impl Cluster {
             key_file,
             master_file,
             clients_file,
+            tweak,
         };
         for id in 1..=n as u16 {
             let g = c.spawn(id);
@@ -151,7 +157,7 @@ impl Cluster {
     }
 
     fn config(&self, id: u16) -> GatewayConfig {
-        GatewayConfig {
+        let mut cfg = GatewayConfig {
             listen: vec!["127.0.0.1:0".parse().unwrap()],
             // One host-link address per gateway: the host tells gateways apart by address.
             host_link: format!("127.0.0.{}:0", 10 + id).parse().unwrap(),
@@ -172,7 +178,9 @@ impl Cluster {
                 timeout_ms: 1000,
             },
             ..GatewayConfig::default()
-        }
+        };
+        (self.tweak)(&mut cfg);
+        cfg
     }
 
     fn spawn(&self, id: u16) -> GatewayHandle {
@@ -469,5 +477,38 @@ fn one_rebind_sent_to_three_gateways_at_once_is_accepted_once() {
         cluster.host.as_ref().unwrap().stats().counters.rebounds,
         1,
         "one REBOUND"
+    );
+}
+
+/// An idle connection expires at the gateway that owns it; the removal goes through etcd and
+/// the other gateways drop their copy.
+#[test]
+fn an_idle_connection_expires_at_its_owner_and_leaves_every_copy() {
+    let Some(etcd) = start_etcd("idle_removal") else {
+        return;
+    };
+    let cluster = Cluster::with(etcd, 2, |cfg| cfg.idle_timeout_secs = 2);
+    let router = Router::start(cluster.addrs.clone());
+    let mut c = connect(&router, cluster.enroll("dave"), "127.0.0.1");
+    assert_eq!(echo(&cluster, &mut c, b"hello"), b"hello");
+    wait_until("gateway 0 to learn the connection", || {
+        cluster.gw(0).shared().connections() >= 1
+    });
+    drop(c);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while (0..2).any(|i| cluster.gw(i).shared().connections() != 0) {
+        if Instant::now() > deadline {
+            cluster.dump();
+            panic!("an idle connection was not removed everywhere");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let owner = cluster.facts(1);
+    assert!(owner.removals_sent >= 1 && owner.removed >= 1, "{owner:?}");
+    assert!(cluster.facts(0).remote_removed >= 1);
+    assert_eq!(
+        cluster.facts(0).removals_sent,
+        0,
+        "only the owner expires it"
     );
 }
