@@ -218,13 +218,24 @@ impl Mirror {
     /// `hint` (gateways start at different hints so that their REGISTERs rarely collide;
     /// the etcd transaction decides when they do).
     pub fn free_index(&self, epoch: u32, capacity: u32, hint: u32) -> Option<u32> {
+        self.free_index_except(epoch, capacity, hint, |_| false)
+    }
+
+    /// [`Mirror::free_index`], also skipping every index `busy` names (being allocated).
+    pub fn free_index_except(
+        &self,
+        epoch: u32,
+        capacity: u32,
+        hint: u32,
+        busy: impl Fn(u32) -> bool,
+    ) -> Option<u32> {
         if capacity == 0 {
             return None;
         }
         let start = hint % capacity;
         (0..capacity)
             .map(|i| (start + i) % capacity)
-            .find(|&x| !self.conns.contains_key(&(epoch, x)))
+            .find(|&x| !busy(x) && !self.conns.contains_key(&(epoch, x)))
     }
 }
 

@@ -203,6 +203,10 @@ struct Shared {
     mirror: Mirror,
     /// Indices being registered by this gateway's in-flight transactions.
     allocating: HashSet<(u32, u32)>,
+    /// Where the next index search starts: after the last index this gateway took, so a
+    /// search does not walk over every index taken before (a 65,536-client connect storm
+    /// was quadratic).
+    cursor: Option<u32>,
     up: bool,
 }
 
@@ -270,6 +274,7 @@ impl ClusterHandle {
             let shared = Arc::new(Mutex::new(Shared {
                 mirror,
                 allocating: HashSet::new(),
+                cursor: None,
                 up: true,
             }));
             Ok::<_, StartError>((registry, lease, shared, epoch))
@@ -585,17 +590,19 @@ impl Link {
         tuple: Option<SocketAddr>,
         now: Ticks,
     ) -> Response {
-        // Each gateway starts its search in its own part of the index space.
-        let mut hint = (u32::from(self.me)).wrapping_mul(0x9E37_79B9) % capacity.max(1);
+        // Each gateway starts its search in its own part of the index space, then goes on
+        // from where its last search ended.
+        let first = (u32::from(self.me)).wrapping_mul(0x9E37_79B9) % capacity.max(1);
+        let mut hint = self.shared.lock().unwrap().cursor.unwrap_or(first);
         for _ in 0..16 {
             let index = {
                 let mut sh = self.shared.lock().unwrap();
-                let found = (0..capacity).find_map(|i| {
-                    let x = sh
-                        .mirror
-                        .free_index(epoch, capacity, hint.wrapping_add(i))?;
-                    (!sh.allocating.contains(&(epoch, x))).then_some(x)
-                });
+                let found = {
+                    let allocating = &sh.allocating;
+                    sh.mirror.free_index_except(epoch, capacity, hint, |x| {
+                        allocating.contains(&(epoch, x))
+                    })
+                };
                 let Some(x) = found else {
                     return Response::Refused {
                         ticket,
@@ -603,6 +610,7 @@ impl Link {
                     };
                 };
                 sh.allocating.insert((epoch, x));
+                sh.cursor = Some(x.wrapping_add(1) % capacity.max(1));
                 x
             };
             let record = ConnRecord {
