@@ -50,6 +50,42 @@ pub fn compress_x2_portable(
     compress256(b, std::slice::from_ref(b_block));
 }
 
+/// `states[i] = compress(states[i], blocks[i])` for `N` independent streams (2, 4 or 8):
+/// SHA-NI with the `N` chains interleaved when the CPU has it and `backend` is not
+/// `Portable`, else `N` `sha2` compressions. With SHA-NI, one chain is bound by the latency of
+/// `sha256rnds2`, so `N` chains in flight cost about one until the SHA unit's throughput is
+/// reached: see `cargo bench --bench kdf` (`sha256_block`) for where that is on this CPU.
+#[inline]
+pub fn compress_xn_with<const N: usize>(
+    backend: super::Backend,
+    states: &mut [[u32; 8]; N],
+    blocks: [&[u8; 64]; N],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if uses_sha_ni(backend) {
+        // SAFETY: `uses_sha_ni` checked that the CPU has every feature `shani::compress_xn`
+        // is compiled with (sha, sse2, ssse3, sse4.1).
+        unsafe { shani::compress_xn(states, blocks) };
+        return;
+    }
+    let _ = backend;
+    compress_xn_portable(states, blocks);
+}
+
+/// [`compress_xn_with`] under the process backend ([`super::process_backend`]).
+#[inline]
+pub fn compress_xn<const N: usize>(states: &mut [[u32; 8]; N], blocks: [&[u8; 64]; N]) {
+    compress_xn_with(super::process_backend(), states, blocks);
+}
+
+/// [`compress_xn_with`] as `N` `sha2` calls; public so that tests and benches can compare.
+#[doc(hidden)]
+pub fn compress_xn_portable<const N: usize>(states: &mut [[u32; 8]; N], blocks: [&[u8; 64]; N]) {
+    for (state, block) in states.iter_mut().zip(blocks) {
+        compress256(state, std::slice::from_ref(block));
+    }
+}
+
 /// Whether the SHA-NI path runs under `backend` (the one CPU probe, [`super::cpu`]; SSE2 is
 /// x86_64's baseline).
 #[cfg(target_arch = "x86_64")]
@@ -209,6 +245,76 @@ mod shani {
                 _mm_add_epi32(b_cdgh, b_saved[1]),
             ],
         );
+    }
+
+    /// [`compress_x2`] for `N` streams: each step of the compression is issued for every
+    /// stream before the next step, so up to `N` `sha256rnds2` chains are in flight. With
+    /// `N > 2` the message words do not all fit in xmm0-15 (SHA-NI is legacy-SSE encoded) and
+    /// some live on the stack; the loads and stores hide behind the rounds' latency.
+    #[inline]
+    #[target_feature(enable = "sha,sse2,ssse3,sse4.1")]
+    pub(super) fn compress_xn<const N: usize>(states: &mut [[u32; 8]; N], blocks: [&[u8; 64]; N]) {
+        let mut abef = [_mm_setzero_si128(); N];
+        let mut cdgh = [_mm_setzero_si128(); N];
+        let mut w = [[_mm_setzero_si128(); 4]; N];
+        for s in 0..N {
+            [abef[s], cdgh[s]] = load_state(&states[s]);
+            w[s] = load_block(blocks[s]);
+        }
+        let (abef_saved, cdgh_saved) = (abef, cdgh);
+
+        // Constant round and word indices (macros, not a loop over rounds), see compress_x2;
+        // the loops over streams have a constant trip count and are unrolled.
+        macro_rules! rounds_xn {
+            ($r:literal, $i:literal) => {{
+                let k = round_constants($r);
+                let mut wk = [_mm_setzero_si128(); N];
+                for s in 0..N {
+                    wk[s] = _mm_add_epi32(w[s][$i], k);
+                }
+                for s in 0..N {
+                    cdgh[s] = _mm_sha256rnds2_epu32(cdgh[s], abef[s], wk[s]);
+                }
+                for s in 0..N {
+                    abef[s] =
+                        _mm_sha256rnds2_epu32(abef[s], cdgh[s], _mm_shuffle_epi32(wk[s], 0x0E));
+                }
+            }};
+        }
+        macro_rules! scheduled_rounds_xn {
+            ($r:literal, $i0:literal, $i1:literal, $i2:literal, $i3:literal) => {{
+                for s in 0..N {
+                    w[s][$i0] = schedule(w[s][$i0], w[s][$i1], w[s][$i2], w[s][$i3]);
+                }
+                rounds_xn!($r, $i0);
+            }};
+        }
+        rounds_xn!(0, 0);
+        rounds_xn!(1, 1);
+        rounds_xn!(2, 2);
+        rounds_xn!(3, 3);
+        scheduled_rounds_xn!(4, 0, 1, 2, 3);
+        scheduled_rounds_xn!(5, 1, 2, 3, 0);
+        scheduled_rounds_xn!(6, 2, 3, 0, 1);
+        scheduled_rounds_xn!(7, 3, 0, 1, 2);
+        scheduled_rounds_xn!(8, 0, 1, 2, 3);
+        scheduled_rounds_xn!(9, 1, 2, 3, 0);
+        scheduled_rounds_xn!(10, 2, 3, 0, 1);
+        scheduled_rounds_xn!(11, 3, 0, 1, 2);
+        scheduled_rounds_xn!(12, 0, 1, 2, 3);
+        scheduled_rounds_xn!(13, 1, 2, 3, 0);
+        scheduled_rounds_xn!(14, 2, 3, 0, 1);
+        scheduled_rounds_xn!(15, 3, 0, 1, 2);
+
+        for s in 0..N {
+            store_state(
+                &mut states[s],
+                [
+                    _mm_add_epi32(abef[s], abef_saved[s]),
+                    _mm_add_epi32(cdgh[s], cdgh_saved[s]),
+                ],
+            );
+        }
     }
 }
 
