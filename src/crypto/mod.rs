@@ -24,6 +24,7 @@ pub mod block;
 pub mod cpu;
 pub mod gcm;
 pub mod sha256;
+pub mod sha256_x16;
 
 use aes::cipher::consts::U12;
 use aes::cipher::{BlockCipherEncrypt, KeyInit};
@@ -31,8 +32,8 @@ use aes_gcm::AesGcm;
 use aes_gcm::aead::AeadInOut;
 pub use block::FastAes128;
 pub use cpu::{
-    BACKEND_ENV, Backend, EngineError, backend_from_env, backend_from_value, process_backend,
-    process_backend_from_value,
+    BACKEND_ENV, Backend, EngineError, KDF_ENV, KdfPath, backend_from_env, backend_from_value,
+    kdf_path_from_value, process_backend, process_backend_from_value, process_kdf_path,
 };
 use cpu::{cpu_features, fast_paths_allowed};
 use hkdf::Hkdf;
