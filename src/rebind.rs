@@ -92,17 +92,23 @@ impl RebindKdf {
         items: &[(&RebindKdf, &[[u8; 8]], Ticks)],
         out: &mut [Zeroizing<[u8; 16]>],
     ) {
-        let infos: Vec<[u8; 14]> = items.iter().map(|&(_, _, t)| expand_info(t)).collect();
-        let lanes: Vec<crypto::sha256_x16::KdfLane<'_>> = items
-            .iter()
-            .zip(&infos)
-            .map(|(&(kdf, nonces, _), info)| crypto::sha256_x16::KdfLane {
+        use crypto::sha256_x16::{KdfLane, LANES};
+        assert!(items.len() <= LANES, "at most 16 keys per call");
+        let Some(&(kdf0, nonces0, _)) = items.first() else {
+            return;
+        };
+        let infos: [[u8; 14]; LANES] =
+            std::array::from_fn(|l| items.get(l).map_or([0; 14], |&(_, _, t)| expand_info(t)));
+        let lanes: [KdfLane<'_>; LANES] = std::array::from_fn(|l| {
+            let (kdf, nonces) = items.get(l).map_or((kdf0, nonces0), |&(k, n, _)| (k, n));
+            KdfLane {
                 extract: &kdf.keyed,
                 ikm: nonces.as_flattened(),
-                info,
-            })
-            .collect();
-        crypto::sha256_x16::hkdf_keyed_x16(&lanes, out);
+                info: &infos[l],
+            }
+        });
+        let lanes = &lanes[..items.len()];
+        crypto::sha256_x16::hkdf_keyed_x16(lanes, out);
     }
 }
 

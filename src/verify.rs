@@ -406,10 +406,14 @@ fn derive_keys(
             (0..LANES).map(|_| Zeroizing::new([0; 16])).collect();
         while rest.len() >= KdfPath::MIN_LANES {
             let (group, tail) = rest.split_at(rest.len().min(LANES));
-            // Every `ready` item has an input (found is Ok).
-            let inputs: Vec<_> = group.iter().filter_map(|&j| kdf_input(j)).collect();
-            let out = &mut out[..inputs.len()];
-            RebindKdf::session_keys_x16(&inputs, out);
+            // Every `ready` item has an input (found is Ok); stack arrays, no allocation.
+            let Some(first) = kdf_input(group[0]) else {
+                break;
+            };
+            let inputs: [_; LANES] =
+                std::array::from_fn(|l| group.get(l).and_then(|&j| kdf_input(j)).unwrap_or(first));
+            let out = &mut out[..group.len()];
+            RebindKdf::session_keys_x16(&inputs[..group.len()], out);
             for (&j, k) in group.iter().zip(out.iter()) {
                 keys[j] = Some(k.clone());
             }

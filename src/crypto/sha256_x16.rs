@@ -90,6 +90,11 @@ pub fn hkdf_portable(lanes: &[KdfLane<'_>], out: &mut [Zeroizing<[u8; 16]>]) {
 /// 64): message bytes, `0x80`, zeros, the 64-bit bit length.
 fn padded_block(msg: &[u8], done: u64, index: usize, out: &mut [u8; 64]) {
     let start = 64 * index;
+    if let Some(whole) = msg.get(start..start + 64) {
+        // A block of message bytes only: one fixed-size copy.
+        out.copy_from_slice(whole);
+        return;
+    }
     out.fill(0);
     if start < msg.len() {
         let n = (msg.len() - start).min(64);
@@ -146,6 +151,76 @@ mod avx512 {
         _mm512_set1_epi32(x as i32)
     }
 
+    /// One SHA-256 round on 16 lanes, `wk` = `W[t] + K[t]`; the caller rotates the names.
+    macro_rules! round_wk {
+        ($a:ident, $b:ident, $c:ident, $d:ident, $e:ident, $f:ident, $g:ident, $h:ident,
+         $wk:expr) => {{
+            let s1 = _mm512_ternarylogic_epi32(
+                _mm512_ror_epi32($e, 6),
+                _mm512_ror_epi32($e, 11),
+                _mm512_ror_epi32($e, 25),
+                0x96,
+            );
+            // Ch(e, f, g) = e ? f : g.
+            let ch = _mm512_ternarylogic_epi32($e, $f, $g, 0xCA);
+            let t1 = _mm512_add_epi32(_mm512_add_epi32($h, s1), _mm512_add_epi32(ch, $wk));
+            let s0 = _mm512_ternarylogic_epi32(
+                _mm512_ror_epi32($a, 2),
+                _mm512_ror_epi32($a, 13),
+                _mm512_ror_epi32($a, 22),
+                0x96,
+            );
+            // Maj(a, b, c).
+            let maj = _mm512_ternarylogic_epi32($a, $b, $c, 0xE8);
+            $d = _mm512_add_epi32($d, t1);
+            $h = _mm512_add_epi32(t1, _mm512_add_epi32(s0, maj));
+        }};
+    }
+
+    /// `state += compress(state, block)` for 16 lanes that all hash the same block, given as
+    /// its scalar schedule with the round constants added (`wk[t] = W[t] + K[t]`): no
+    /// message schedule in the vectors. Used for a block of padding only, which depends on
+    /// the message length alone.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    fn compress_same_block(state: &mut State, wk: &[u32; 64]) {
+        let [mut a, mut b, mut c, mut d, mut e, mut f, mut g, mut h] = *state;
+        for t in (0..64).step_by(8) {
+            round_wk!(a, b, c, d, e, f, g, h, splat(wk[t]));
+            round_wk!(h, a, b, c, d, e, f, g, splat(wk[t + 1]));
+            round_wk!(g, h, a, b, c, d, e, f, splat(wk[t + 2]));
+            round_wk!(f, g, h, a, b, c, d, e, splat(wk[t + 3]));
+            round_wk!(e, f, g, h, a, b, c, d, splat(wk[t + 4]));
+            round_wk!(d, e, f, g, h, a, b, c, splat(wk[t + 5]));
+            round_wk!(c, d, e, f, g, h, a, b, splat(wk[t + 6]));
+            round_wk!(b, c, d, e, f, g, h, a, splat(wk[t + 7]));
+        }
+        let new = [a, b, c, d, e, f, g, h];
+        for (s, n) in state.iter_mut().zip(new) {
+            *s = _mm512_add_epi32(*s, n);
+        }
+    }
+
+    /// The schedule of one block with the round constants added: `W[t] + K[t]`, `t < 64`.
+    fn schedule_wk(block: &[u8; 64]) -> [u32; 64] {
+        let mut w = [0u32; 64];
+        for (wt, chunk) in w.iter_mut().zip(block.chunks_exact(4)) {
+            *wt = u32::from_be_bytes(chunk.try_into().expect("4 bytes"));
+        }
+        for t in 16..64 {
+            let s0 = w[t - 15].rotate_right(7) ^ w[t - 15].rotate_right(18) ^ (w[t - 15] >> 3);
+            let s1 = w[t - 2].rotate_right(17) ^ w[t - 2].rotate_right(19) ^ (w[t - 2] >> 10);
+            w[t] = w[t - 16]
+                .wrapping_add(s0)
+                .wrapping_add(w[t - 7])
+                .wrapping_add(s1);
+        }
+        for (wt, k) in w.iter_mut().zip(K) {
+            *wt = wt.wrapping_add(k);
+        }
+        w
+    }
+
     /// `state += compress(state, w)` for the 16 lanes. `w` is consumed (it holds the message
     /// schedule afterwards).
     #[inline]
@@ -177,28 +252,17 @@ mod avx512 {
                         _mm512_add_epi32(w[($j + 9) % 16], s1),
                     );
                 }
-                let s1 = _mm512_ternarylogic_epi32(
-                    _mm512_ror_epi32($e, 6),
-                    _mm512_ror_epi32($e, 11),
-                    _mm512_ror_epi32($e, 25),
-                    0x96,
+                round_wk!(
+                    $a,
+                    $b,
+                    $c,
+                    $d,
+                    $e,
+                    $f,
+                    $g,
+                    $h,
+                    _mm512_add_epi32(w[$j], splat($k))
                 );
-                // Ch(e, f, g) = e ? f : g.
-                let ch = _mm512_ternarylogic_epi32($e, $f, $g, 0xCA);
-                let t1 = _mm512_add_epi32(
-                    _mm512_add_epi32($h, s1),
-                    _mm512_add_epi32(ch, _mm512_add_epi32(w[$j], splat($k))),
-                );
-                let s0 = _mm512_ternarylogic_epi32(
-                    _mm512_ror_epi32($a, 2),
-                    _mm512_ror_epi32($a, 13),
-                    _mm512_ror_epi32($a, 22),
-                    0x96,
-                );
-                // Maj(a, b, c).
-                let maj = _mm512_ternarylogic_epi32($a, $b, $c, 0xE8);
-                $d = _mm512_add_epi32($d, t1);
-                $h = _mm512_add_epi32(t1, _mm512_add_epi32(s0, maj));
             }};
         }
         // 16 rounds; after 8 the names are back in place.
@@ -345,12 +409,21 @@ mod avx512 {
         // Extract: HMAC(salt, ikm), the inner hash continued after the ipad block.
         let ikm_len = lanes[0].ikm.len();
         debug_assert!(ikm_len <= MAX_IKM);
-        let mut blocks = Zeroizing::new([[0u8; 64]; LANES]);
+        let mut buf = Wiped::<{ 64 * LANES }>::zeroed();
+        let blocks: &mut [[u8; 64]; LANES] =
+            buf.as_chunks_mut::<64>().0.try_into().expect("16 blocks");
         for b in 0..padded_len(ikm_len) / 64 {
+            if 64 * b >= ikm_len {
+                // Padding only: the same block in every lane (equal lengths). Public data.
+                let mut pad = [0u8; 64];
+                padded_block(lanes[0].ikm, 64, b, &mut pad);
+                compress_same_block(&mut state, &schedule_wk(&pad));
+                continue;
+            }
             for (l, block) in blocks.iter_mut().enumerate() {
                 padded_block(lane(l).ikm, 64, b, block);
             }
-            let mut w = load_blocks(&blocks);
+            let mut w = load_blocks(blocks);
             compress(&mut state, &mut w);
         }
         let mut prk = outer;
@@ -365,7 +438,7 @@ mod avx512 {
             msg[info.len()] = 1;
             padded_block(&msg[..=info.len()], 64, 0, block);
         }
-        compress(&mut inner, &mut load_blocks(&blocks));
+        compress(&mut inner, &mut load_blocks(blocks));
         compress(&mut t1, &mut digest_block(&inner));
 
         // k = the first 16 bytes of T(1), lane by lane.
