@@ -335,9 +335,15 @@ fn sha256_blocks_x2(
     }
 }
 
-/// Constant-time equality of two byte strings of equal length.
+/// Constant-time equality of two byte strings of equal length: the OR of the bytes' XORs,
+/// then one constant-time comparison with zero. (`subtle`'s slice `ct_eq` runs one
+/// optimization barrier per byte: 2.5% of the verify pipeline, for its 16-byte cookies.)
 pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && bool::from(a.ct_eq(b))
+    if a.len() != b.len() {
+        return false;
+    }
+    let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    bool::from(std::hint::black_box(diff).ct_eq(&0))
 }
 
 /// Fills `buf` from the OS RNG.
@@ -462,5 +468,22 @@ mod tests {
         assert!(ct_eq(b"abc", b"abc"));
         assert!(!ct_eq(b"abc", b"abd"));
         assert!(!ct_eq(b"abc", b"ab"));
+        assert!(ct_eq(b"", b""));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn ct_eq_matches_subtle(
+            a in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..40),
+            flip in proptest::prelude::any::<Option<(usize, u8)>>(),
+        ) {
+            let mut b = a.clone();
+            if let Some((i, x)) = flip && !b.is_empty() {
+                let i = i % b.len();
+                b[i] ^= x;
+            }
+            proptest::prop_assert_eq!(ct_eq(&a, &b), bool::from(a.ct_eq(&b[..])));
+            proptest::prop_assert_eq!(ct_eq(&a, &b), a == b);
+        }
     }
 }
