@@ -1,6 +1,8 @@
 //! The CPU probe and the AES backend choice: which of the hand-written SIMD paths (the
 //! trial engine's backends, [`super::block::FastAes128`], [`super::gcm::SessionGcm`],
-//! [`super::sha256::compress_x2`]) this CPU and [`BACKEND_ENV`] (`REBINDGW_AES_BACKEND`) allow.
+//! [`super::sha256::compress_x2`], [`super::sha256_x16`]) this CPU and [`BACKEND_ENV`]
+//! (`REBINDGW_AES_BACKEND`) allow, and the KDF path ([`KdfPath`], [`KDF_ENV`] =
+//! `REBINDGW_KDF`).
 #![forbid(unsafe_code)]
 
 use std::fmt;

@@ -4,15 +4,16 @@
 //! Beside them live the hand-written SIMD paths of these primitives, each with a portable
 //! fallback: [`block::FastAes128`] (AES-NI blocks for the cookie and for the `aes-gcm` crate's
 //! GCM of HANDSHAKE, DATA and host-link packets), [`gcm::SessionGcm`] (the REBIND session
-//! key's GCM: AES-NI + PCLMULQDQ) and [`sha256::compress_x2`] (two SHA-NI compressions
-//! interleaved, for the KDF), and the CPU probe and backend choice they and the trial engine
-//! ([`crate::engine`]) share ([`cpu`]). Each takes a [`Backend`] explicitly (`with_backend`,
+//! key's GCM: AES-NI + PCLMULQDQ), [`sha256::compress_x2`] (two SHA-NI compressions
+//! interleaved, for the KDF) and [`sha256_x16`] (the KDFs of a batch, 16 at a time across
+//! AVX-512 lanes; [`KdfPath`] and `REBINDGW_KDF` choose between the two), and the CPU probe
+//! and backend choice they and the trial engine ([`crate::engine`]) share ([`cpu`]). Each takes a [`Backend`] explicitly (`with_backend`,
 //! or [`sha256::compress_x2_with`]); their plain constructors use [`process_backend`], so
 //! `REBINDGW_AES_BACKEND=portable` switches every fast path of the process off, not only the
 //! trial engine's, without a rebuild.
 //!
-//! `unsafe` is confined to `aes_ni.rs`, `block.rs`, `gcm.rs` and `sha256.rs` (intrinsics,
-//! unaligned loads and stores).
+//! `unsafe` is confined to `aes_ni.rs`, `block.rs`, `gcm.rs`, `sha256.rs` and `sha256_x16.rs`
+//! (intrinsics, unaligned loads and stores, gathers).
 
 // `forbid` would also bind the SIMD child modules, which need `allow(unsafe_code)`;
 // `deny` keeps this file free of unsafe code while letting them opt in.
