@@ -86,16 +86,10 @@ impl SessionGcm {
     pub fn with_backend(key: &[u8; 16], backend: Backend) -> Self {
         #[cfg(target_arch = "x86_64")]
         if super::fast_paths_allowed(backend) && clmul_supported() {
-            // Built in place: a `State` returned by value and then moved into the enum cost
-            // a 192-byte `memmove` call per REBIND (3% of the verify pipeline).
-            let mut session = SessionGcm {
-                inner: Inner::Clmul(clmul::State::ZERO),
-            };
-            if let Inner::Clmul(state) = &mut session.inner {
+            return SessionGcm {
                 // SAFETY: the required CPU features were just detected.
-                unsafe { state.init(key, &ZERO_NONCE, &ACK_NONCE) };
-            }
-            return session;
+                inner: Inner::Clmul(unsafe { clmul::State::new(key, &ZERO_NONCE, &ACK_NONCE) }),
+            };
         }
         SessionGcm {
             inner: Inner::Soft(Box::new(Gcm::from(FastAes128::with_backend(key, backend)))),
@@ -278,27 +272,8 @@ mod clmul {
         ///
         /// # Safety
         /// The CPU must have AES-NI, PCLMULQDQ, SSSE3 and SSE4.1.
-        #[cfg(test)]
-        pub(super) unsafe fn new(key: &[u8; 16], rebind: &[u8; 12], ack: &[u8; 12]) -> State {
-            let mut state = State::ZERO;
-            // SAFETY: the caller's contract is `init`'s.
-            unsafe { state.init(key, rebind, ack) };
-            state
-        }
-
-        /// All zero, to be [`State::init`]ed in place.
-        pub(super) const ZERO: State = State {
-            h: [0; 4],
-            d: [0; 4],
-            ks: [0; 4],
-        };
-
-        /// [`State::new`] written into `self` (no move of the 192 bytes).
-        ///
-        /// # Safety
-        /// The CPU must have AES-NI, PCLMULQDQ, SSSE3 and SSE4.1.
         #[target_feature(enable = "aes,pclmulqdq,sse2,ssse3")]
-        pub(super) unsafe fn init(&mut self, key: &[u8; 16], rebind: &[u8; 12], ack: &[u8; 12]) {
+        pub(super) unsafe fn new(key: &[u8; 16], rebind: &[u8; 12], ack: &[u8; 12]) -> State {
             let mut rk = crate::crypto::aes_ni::expand_enc(key);
             let inputs = [
                 [0u8; 16],
@@ -326,14 +301,16 @@ mod clmul {
             let d2 = companion(h2);
             let h3 = mul(h2, h1, d1);
             let h4 = mul(h2, h2, d2);
-            self.h = [store(h1), store(h2), store(h3), store(h4)];
-            self.d = [
-                store(d1),
-                store(d2),
-                store(companion(h3)),
-                store(companion(h4)),
-            ];
-            self.ks = [store(j0), store(c1), store(aj0), store(ac1)];
+            State {
+                h: [store(h1), store(h2), store(h3), store(h4)],
+                d: [
+                    store(d1),
+                    store(d2),
+                    store(companion(h3)),
+                    store(companion(h4)),
+                ],
+                ks: [store(j0), store(c1), store(aj0), store(ac1)],
+            }
         }
 
         /// `E(J0)` and `E(J0 + 1)` of `nonce`.
