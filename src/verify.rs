@@ -6,8 +6,9 @@
 //! effects (tables, store, REBOUND, the REBIND_ACK). Inside, the batch is grouped by epoch
 //! once: [`trial_batch`] runs checks 1–3 (the cookies eight at a time, [`precheck_batch`])
 //! and one engine call per epoch (check 4), touching no registry; [`Pending::finish`] runs
-//! check 5, the early freshness rule and the KDFs two at a time per epoch, then checks 6–7
-//! packet by packet, each seeing the commits of the REBINDs before it.
+//! check 5, the early freshness rule and the KDFs per epoch (sixteen at a time across
+//! AVX-512 lanes, or two at a time on SHA-NI: [`KdfPath`]), then checks 6–7 packet by
+//! packet, each seeing the commits of the REBINDs before it.
 //! [`verify_one`] is the same path for a single packet.
 #![forbid(unsafe_code)]
 
@@ -592,8 +593,9 @@ impl Pending<'_, '_> {
     }
 
     /// Checks 5–7 and the commits: check 5, the early freshness rule and the KDF per epoch
-    /// (two keys at a time), then checks 6–7 packet by packet, each accepted REBIND committed
-    /// through `registries` before the next is checked. One outcome per packet, in order.
+    /// ([`crypto::process_kdf_path`]: 16 keys per AVX-512 pass or 2 per SHA-NI step), then
+    /// checks 6–7 packet by packet, each accepted REBIND committed through `registries`
+    /// before the next is checked. One outcome per packet, in order.
     pub fn finish(self, registries: &mut impl Registries) -> Vec<Outcome> {
         self.finish_with(registries, crypto::process_kdf_path())
     }
