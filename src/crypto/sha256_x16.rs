@@ -392,6 +392,33 @@ mod avx512 {
         (inner, outer)
     }
 
+    /// Plain SHA-256 of 16 messages of equal length, one per lane (tests: the NIST vectors
+    /// on the lane code alone).
+    #[cfg(test)]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(super) fn sha256_x16(msgs: &[&[u8]; LANES]) -> [[u8; 32]; LANES] {
+        let mut state = IV.map(|x| splat(x));
+        let mut blocks = [[0u8; 64]; LANES];
+        for b in 0..padded_len(msgs[0].len()) / 64 {
+            for (block, msg) in blocks.iter_mut().zip(msgs) {
+                padded_block(msg, 0, b, block);
+            }
+            compress(&mut state, &mut load_blocks(&blocks));
+        }
+        let mut words = [[0u32; LANES]; 8];
+        for (out, word) in words.iter_mut().zip(state) {
+            // SAFETY: `out` is 64 writable bytes; unaligned store.
+            unsafe { _mm512_storeu_si512(out.as_mut_ptr().cast(), word) };
+        }
+        core::array::from_fn(|l| {
+            let mut digest = [0u8; 32];
+            for (j, chunk) in digest.chunks_exact_mut(4).enumerate() {
+                chunk.copy_from_slice(&words[j][l].to_be_bytes());
+            }
+            digest
+        })
+    }
+
     /// See [`super::hkdf_keyed_x16_with`], which checked the lengths.
     #[target_feature(enable = "avx512f,avx512bw")]
     pub(super) fn hkdf_x16(lanes: &[KdfLane<'_>], out: &mut [Zeroizing<[u8; 16]>]) {
@@ -545,6 +572,45 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// FIPS 180-2 / NIST CAVP SHA-256 vectors ("abc", "", the 448-bit two-block message) in
+    /// all 16 lanes, and 16 different messages of one length against `sha2`.
+    #[test]
+    fn nist_vectors_on_every_lane() {
+        use sha2::Digest;
+        if !available(Backend::best()) {
+            eprintln!("skipped: the 16-lane AVX-512 SHA-256 (this CPU lacks avx512f or avx512bw)");
+            return;
+        }
+        let cases: [(&[u8], &str); 3] = [
+            (
+                b"abc",
+                "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad",
+            ),
+            (
+                b"",
+                "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
+            ),
+            (
+                b"abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq",
+                "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1",
+            ),
+        ];
+        for (msg, want) in cases {
+            // SAFETY: `available` checked avx512f and avx512bw.
+            let got = unsafe { avx512::sha256_x16(&[msg; LANES]) };
+            for (l, d) in got.iter().enumerate() {
+                assert_eq!(hex::encode(d), want, "lane {l}");
+            }
+        }
+        let msgs: Vec<Vec<u8>> = (0..LANES).map(|l| vec![l as u8 * 17; 130]).collect();
+        let refs: [&[u8]; LANES] = core::array::from_fn(|l| &msgs[l][..]);
+        // SAFETY: as above.
+        let got = unsafe { avx512::sha256_x16(&refs) };
+        for l in 0..LANES {
+            assert_eq!(got[l][..], sha2::Sha256::digest(&msgs[l])[..], "lane {l}");
         }
     }
 
