@@ -402,7 +402,9 @@ fn derive_keys(
         Some((&conn.kdf, &trial.nonces[..slots], items[j].0.view.t()))
     };
     let mut rest = &ready[..];
-    if kdf == KdfPath::Lanes16 {
+    // Lanes16 asked for where it cannot run (no AVX-512, or the portable backend) would be
+    // the per-key portable code: pairs are faster there.
+    if kdf == KdfPath::Lanes16 && crypto::sha256_x16::available(crypto::process_backend()) {
         let mut out: Vec<Zeroizing<[u8; 16]>> =
             (0..LANES).map(|_| Zeroizing::new([0; 16])).collect();
         while rest.len() >= KdfPath::MIN_LANES {
