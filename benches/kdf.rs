@@ -16,10 +16,13 @@ use std::time::Duration;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use rebindgw::crypto;
-use rebindgw::crypto::sha256::{compress_x2, compress_x2_portable};
+use rebindgw::crypto::Backend;
+use rebindgw::crypto::sha256::{compress_x2, compress_x2_portable, compress_xn};
+use rebindgw::crypto::sha256_x16::{KdfLane, LANES, hkdf_keyed_x16, hkdf_keyed_x16_with};
 use rebindgw::rebind::{RebindKdf, RebindSecret};
 use rebindgw::time::Ticks;
 use sha2::block_api::compress256;
+use zeroize::Zeroizing;
 
 const S: usize = 16;
 
@@ -125,6 +128,34 @@ fn kdf(c: &mut Criterion) {
             )
         })
     });
+    // The 16-lane AVX-512 KDF (the crypto-level call `derive_keys` makes through
+    // `RebindKdf::session_keys_x16`), 16 keys per call, and the same call forced portable.
+    let midstate = crypto::HmacSha256Midstate::new(&secret.0);
+    let mut info = [0u8; 14];
+    info[..6].copy_from_slice(b"rebind");
+    info[6..].copy_from_slice(&t.0.to_be_bytes());
+    let lanes: Vec<KdfLane<'_>> = (0..LANES)
+        .map(|l| KdfLane {
+            extract: &midstate,
+            ikm: if l % 2 == 0 {
+                nonces.as_flattened()
+            } else {
+                other_nonces.as_flattened()
+            },
+            info: &info,
+        })
+        .collect();
+    let mut out: Vec<Zeroizing<[u8; 16]>> = (0..LANES).map(|_| Zeroizing::new([0; 16])).collect();
+    hkdf_keyed_x16(&lanes, &mut out);
+    assert_eq!(*out[0], *keyed.session_key(&nonces, t));
+    assert_eq!(*out[1], *keyed.session_key(&other_nonces, t));
+    g.throughput(Throughput::Elements(LANES as u64));
+    g.bench_function("session_keys_x16", |b| {
+        b.iter(|| hkdf_keyed_x16(black_box(&lanes), &mut out))
+    });
+    g.bench_function("session_keys_x16_portable", |b| {
+        b.iter(|| hkdf_keyed_x16_with(Backend::Portable, black_box(&lanes), &mut out))
+    });
     g.finish();
 
     let mut g = c.benchmark_group("sha256_block");
@@ -140,6 +171,25 @@ fn kdf(c: &mut Criterion) {
         let (mut a, mut bs) = (SHA256_IV, SHA256_IV);
         b.iter(|| compress_x2(&mut a, black_box(&block_a), &mut bs, black_box(&block_b)))
     });
+    g.throughput(Throughput::Elements(4));
+    g.bench_function("compress_x4", |b| {
+        let mut states = [SHA256_IV; 4];
+        b.iter(|| {
+            compress_xn(
+                &mut states,
+                black_box([&block_a, &block_b, &block_a, &block_b]),
+            )
+        })
+    });
+    g.throughput(Throughput::Elements(8));
+    g.bench_function("compress_x8", |b| {
+        let mut states = [SHA256_IV; 8];
+        let blocks = [
+            &block_a, &block_b, &block_a, &block_b, &block_a, &block_b, &block_a, &block_b,
+        ];
+        b.iter(|| compress_xn(&mut states, black_box(blocks)))
+    });
+    g.throughput(Throughput::Elements(2));
     g.bench_function("compress_x2_portable", |b| {
         let (mut a, mut bs) = (SHA256_IV, SHA256_IV);
         b.iter(|| compress_x2_portable(&mut a, black_box(&block_a), &mut bs, black_box(&block_b)))

@@ -5,6 +5,9 @@
 //! - `full_verify`: 64 valid REBINDs from 64 connections of a 65,536-connection registry,
 //!   per backend; and the same pipeline with the `hkdf` crate's unkeyed HKDF as the KDF
 //!   baseline (`kdf_baseline`).
+//! - `full_verify/pipeline_kdf/{pairs,lanes16}`: the same pipeline on the best backend with
+//!   the session keys two at a time on SHA-NI (`pairs`, the previous default) or sixteen at a
+//!   time across AVX-512 lanes (`lanes16`, the default where the CPU has AVX-512), same run.
 //! - `reject`: per-packet cost of refusing a flood at the pipeline level: garbage (random
 //!   bytes of REBIND length and type), replays with an old `t` outside W (`stale`), and
 //!   replays inside W with `t <= L` from the bound tuple (`replay_in_window`, fails check 7
@@ -18,12 +21,13 @@ use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use hkdf::Hkdf;
+use rebindgw::crypto::KdfPath;
 use rebindgw::engine::{Backend, TrialKeys};
 use rebindgw::keys::{EpochKeys, MasterSecret};
 use rebindgw::rebind::{RebindCredentials, RebindSecret, build_rebind};
 use rebindgw::registry::Registry;
 use rebindgw::time::{TICKS_PER_SECOND, Ticks};
-use rebindgw::verify::{EpochCrypto, ReadOnly, precheck, verify_batch};
+use rebindgw::verify::{EpochCrypto, ReadOnly, precheck, verify_batch, verify_batch_with};
 use sha2::Sha256;
 
 const S: usize = 16;
@@ -84,6 +88,29 @@ fn pipeline(w: &World, crypto: &EpochCrypto, batch: &[(SocketAddr, Vec<u8>)]) ->
         .count()
 }
 
+/// [`pipeline`] with the KDF path given.
+fn pipeline_kdf(
+    w: &World,
+    crypto: &EpochCrypto,
+    batch: &[(SocketAddr, Vec<u8>)],
+    kdf: KdfPath,
+) -> usize {
+    let packets: Vec<(&[u8], &SocketAddr)> = batch.iter().map(|(f, d)| (&d[..], f)).collect();
+    let mut registry = ReadOnly(&w.registry);
+    verify_batch_with(
+        &packets,
+        Ticks(NOW),
+        WINDOW,
+        S,
+        &[crypto],
+        &mut registry,
+        kdf,
+    )
+    .iter()
+    .filter(|o| o.verified().is_some())
+    .count()
+}
+
 /// The epoch's keys and engine keys for `backend`.
 fn epoch_crypto(backend: Backend) -> EpochCrypto {
     let keys = EpochKeys::derive(&MasterSecret::from_bytes([7; 32]), 1, S).unwrap();
@@ -104,6 +131,15 @@ fn full_verify(c: &mut Criterion) {
         );
         g.bench_function(BenchmarkId::new("pipeline", backend.name()), |b| {
             b.iter(|| black_box(pipeline(&w, &trial, black_box(&w.valid))))
+        });
+    }
+    // The KDF paths on the best backend, old (`pairs`, SHA-NI two at a time) against new
+    // (`lanes16`, AVX-512 sixteen at a time), same run.
+    let best = epoch_crypto(Backend::best());
+    for kdf in [KdfPath::Pairs, KdfPath::Lanes16] {
+        assert_eq!(pipeline_kdf(&w, &best, &w.valid, kdf), BATCH);
+        g.bench_function(BenchmarkId::new("pipeline_kdf", kdf.name()), |b| {
+            b.iter(|| black_box(pipeline_kdf(&w, &best, black_box(&w.valid), kdf)))
         });
     }
     // Baseline for the KDF share: the session key with the hkdf crate, keyed from R each time.

@@ -83,6 +83,43 @@ impl RebindKdf {
     }
 }
 
+impl RebindKdf {
+    /// [`Self::session_key`] for up to 16 `(kdf, nonces, t)` at once, one per lane of the
+    /// AVX-512 registers ([`crypto::sha256_x16`]); `out[i]` gets the key of `items[i]`. Every
+    /// item must have the same nonce count (one registry's S). Without AVX-512, or under
+    /// `REBINDGW_AES_BACKEND=portable`, the keys are derived one at a time.
+    pub fn session_keys_x16(
+        items: &[(&RebindKdf, &[[u8; 8]], Ticks)],
+        out: &mut [Zeroizing<[u8; 16]>],
+    ) {
+        use crypto::sha256_x16::{KdfLane, LANES};
+        assert!(items.len() <= LANES, "at most 16 keys per call");
+        let Some(&(kdf0, nonces0, _)) = items.first() else {
+            return;
+        };
+        let infos: [[u8; 14]; LANES] =
+            std::array::from_fn(|l| items.get(l).map_or([0; 14], |&(_, _, t)| expand_info(t)));
+        let lanes: [KdfLane<'_>; LANES] = std::array::from_fn(|l| {
+            let (kdf, nonces) = items.get(l).map_or((kdf0, nonces0), |&(k, n, _)| (k, n));
+            KdfLane {
+                extract: &kdf.keyed,
+                ikm: nonces.as_flattened(),
+                info: &infos[l],
+            }
+        });
+        let lanes = &lanes[..items.len()];
+        crypto::sha256_x16::hkdf_keyed_x16(lanes, out);
+    }
+}
+
+/// `info = "rebind" || u64(t)`. Public data.
+fn expand_info(t: Ticks) -> [u8; 14] {
+    let mut info = [0u8; 14];
+    info[..6].copy_from_slice(b"rebind");
+    info[6..].copy_from_slice(&t.0.to_be_bytes());
+    info
+}
+
 /// The HMAC input of Expand's first block: `info || 0x01`, `info = "rebind" || u64(t)`.
 /// Public data (`t` is in the packet), so not wiped.
 fn expand_input(t: Ticks) -> [u8; 15] {
@@ -227,6 +264,28 @@ mod tests {
             prop_assert_eq!(*b, *kdf_b.session_key(&nonces_b, Ticks(t_b)));
             prop_assert_eq!(*a, hkdf_session_key(&secret_a, &nonces_a, t_a));
             prop_assert_eq!(*b, hkdf_session_key(&secret_b, &nonces_b, t_b));
+        }
+
+        #[test]
+        fn session_keys_x16_matches_hkdf(
+            secrets in vec(any::<[u8; 32]>(), 1..=16),
+            slots in 1usize..=MAX_SLOTS,
+            seed in any::<u64>(),
+        ) {
+            let nonces: Vec<Vec<[u8; 8]>> = (0..secrets.len())
+                .map(|l| (0..slots).map(|i| (seed ^ (l * 64 + i) as u64).to_be_bytes()).collect())
+                .collect();
+            let kdfs: Vec<RebindKdf> = secrets.iter().map(|s| kdf(*s)).collect();
+            let items: Vec<(&RebindKdf, &[[u8; 8]], Ticks)> = (0..secrets.len())
+                .map(|l| (&kdfs[l], &nonces[l][..], Ticks(seed.wrapping_add(l as u64))))
+                .collect();
+            let mut out: Vec<Zeroizing<[u8; 16]>> =
+                (0..items.len()).map(|_| Zeroizing::new([0; 16])).collect();
+            RebindKdf::session_keys_x16(&items, &mut out);
+            for l in 0..items.len() {
+                let t = seed.wrapping_add(l as u64);
+                prop_assert_eq!(*out[l], hkdf_session_key(&secrets[l], &nonces[l], t));
+            }
         }
 
         #[test]

@@ -6,8 +6,9 @@
 //! effects (tables, store, REBOUND, the REBIND_ACK). Inside, the batch is grouped by epoch
 //! once: [`trial_batch`] runs checks 1–3 (the cookies eight at a time, [`precheck_batch`])
 //! and one engine call per epoch (check 4), touching no registry; [`Pending::finish`] runs
-//! check 5, the early freshness rule and the KDFs two at a time per epoch, then checks 6–7
-//! packet by packet, each seeing the commits of the REBINDs before it.
+//! check 5, the early freshness rule and the KDFs per epoch (sixteen at a time across
+//! AVX-512 lanes, or two at a time on SHA-NI: [`KdfPath`]), then checks 6–7 packet by
+//! packet, each seeing the commits of the REBINDs before it.
 //! [`verify_one`] is the same path for a single packet.
 #![forbid(unsafe_code)]
 
@@ -16,7 +17,9 @@ use std::net::SocketAddr;
 use zeroize::Zeroizing;
 
 use crate::crypto;
+use crate::crypto::KdfPath;
 use crate::crypto::gcm::{SessionGcm, SessionNonce};
+use crate::crypto::sha256_x16::LANES;
 use crate::engine::{TrialInput, TrialKeys, TrialOutput};
 use crate::keys::EpochKeys;
 use crate::rebind::RebindKdf;
@@ -380,12 +383,15 @@ fn lookup<'r, 'p>(
     Ok((conn, trial))
 }
 
-/// Check 5, the early freshness rule and the KDF for a batch of one epoch: session keys
-/// are derived two at a time ([`RebindKdf::session_keys_x2`]), which costs about one.
-/// Changes nothing; one result per item, in order.
+/// Check 5, the early freshness rule and the KDF for a batch of one epoch, on `kdf`: with
+/// [`KdfPath::Lanes16`] sixteen keys per AVX-512 pass
+/// ([`RebindKdf::session_keys_x16`]) and a remainder under [`KdfPath::MIN_LANES`] in pairs;
+/// with [`KdfPath::Pairs`] two at a time ([`RebindKdf::session_keys_x2`]), which costs about
+/// one. Changes nothing; one result per item, in order.
 fn derive_keys(
     items: &[BatchItem<'_, '_>],
     registry: &Registry,
+    kdf: KdfPath,
 ) -> Vec<Result<Keyed, RejectReason>> {
     let slots = registry.slots();
     let found: Vec<_> = items.iter().map(|&item| lookup(item, registry)).collect();
@@ -395,7 +401,29 @@ fn derive_keys(
         let (conn, trial) = found[j].as_ref().ok()?;
         Some((&conn.kdf, &trial.nonces[..slots], items[j].0.view.t()))
     };
-    let (pairs, odd) = ready.as_chunks::<2>();
+    let mut rest = &ready[..];
+    // Lanes16 asked for where it cannot run (no AVX-512, or the portable backend) would be
+    // the per-key portable code: pairs are faster there.
+    if kdf == KdfPath::Lanes16 && crypto::sha256_x16::available(crypto::process_backend()) {
+        let mut out: Vec<Zeroizing<[u8; 16]>> =
+            (0..LANES).map(|_| Zeroizing::new([0; 16])).collect();
+        while rest.len() >= KdfPath::MIN_LANES {
+            let (group, tail) = rest.split_at(rest.len().min(LANES));
+            // Every `ready` item has an input (found is Ok); stack arrays, no allocation.
+            let Some(first) = kdf_input(group[0]) else {
+                break;
+            };
+            let inputs: [_; LANES] =
+                std::array::from_fn(|l| group.get(l).and_then(|&j| kdf_input(j)).unwrap_or(first));
+            let out = &mut out[..group.len()];
+            RebindKdf::session_keys_x16(&inputs[..group.len()], out);
+            for (&j, k) in group.iter().zip(out.iter()) {
+                keys[j] = Some(k.clone());
+            }
+            rest = tail;
+        }
+    }
+    let (pairs, odd) = rest.as_chunks::<2>();
     for &[a, b] in pairs {
         if let (Some(x), Some(y)) = (kdf_input(a), kdf_input(b)) {
             let [ka, kb] = RebindKdf::session_keys_x2(x, y);
@@ -470,7 +498,7 @@ fn finish(
     registry: &Registry,
     from: &SocketAddr,
 ) -> Result<Verified, RejectReason> {
-    let [keyed] = derive_keys(&[(pre, trial, from)], registry)
+    let [keyed] = derive_keys(&[(pre, trial, from)], registry, KdfPath::Pairs)
         .try_into()
         .map_err(|_| RejectReason::UnknownIndex)?;
     open_keyed(pre, &keyed?, registry, from)
@@ -567,9 +595,16 @@ impl Pending<'_, '_> {
     }
 
     /// Checks 5–7 and the commits: check 5, the early freshness rule and the KDF per epoch
-    /// (two keys at a time), then checks 6–7 packet by packet, each accepted REBIND committed
-    /// through `registries` before the next is checked. One outcome per packet, in order.
-    pub fn finish(mut self, registries: &mut impl Registries) -> Vec<Outcome> {
+    /// ([`crypto::process_kdf_path`]: 16 keys per AVX-512 pass or 2 per SHA-NI step), then
+    /// checks 6–7 packet by packet, each accepted REBIND committed through `registries`
+    /// before the next is checked. One outcome per packet, in order.
+    pub fn finish(self, registries: &mut impl Registries) -> Vec<Outcome> {
+        self.finish_with(registries, crypto::process_kdf_path())
+    }
+
+    /// [`Self::finish`] with the KDF path given (benchmarks and tests compare them; the
+    /// gateway uses the process's, [`crypto::process_kdf_path`]).
+    pub fn finish_with(mut self, registries: &mut impl Registries, kdf: KdfPath) -> Vec<Outcome> {
         let mut keyed: Vec<Option<Result<Keyed, RejectReason>>> =
             (0..self.passed.len()).map(|_| None).collect();
         // Epoch number of each of `passed`.
@@ -588,7 +623,7 @@ impl Pending<'_, '_> {
                     (pre, self.trials[j].as_ref(), self.packets[*i].1)
                 })
                 .collect();
-            for (&j, k) in picked.iter().zip(derive_keys(&items, registry)) {
+            for (&j, k) in picked.iter().zip(derive_keys(&items, registry, kdf)) {
                 keyed[j] = Some(k);
             }
         }
@@ -630,6 +665,19 @@ pub fn verify_batch(
     registries: &mut impl Registries,
 ) -> Vec<Outcome> {
     trial_batch(packets, now, window_ticks, slots, epochs).finish(registries)
+}
+
+/// [`verify_batch`] with the KDF path given ([`Pending::finish_with`]).
+pub fn verify_batch_with(
+    packets: &[(&[u8], &SocketAddr)],
+    now: Ticks,
+    window_ticks: u64,
+    slots: usize,
+    epochs: &[&EpochCrypto],
+    registries: &mut impl Registries,
+    kdf: KdfPath,
+) -> Vec<Outcome> {
+    trial_batch(packets, now, window_ticks, slots, epochs).finish_with(registries, kdf)
 }
 
 /// [`verify_batch`] for one REBIND.
@@ -731,11 +779,12 @@ mod tests {
         let items: Vec<BatchItem<'_, '_>> = (0..7)
             .map(|j| (&pres[j], trials[j].as_ref(), &froms[j]))
             .collect();
-        let batch: Vec<Result<Verified, RejectReason>> = derive_keys(&items, &w.registry)
-            .into_iter()
-            .zip(&items)
-            .map(|(k, (p, _, f))| k.and_then(|k| open_keyed(p, &k, &w.registry, f)))
-            .collect();
+        let batch: Vec<Result<Verified, RejectReason>> =
+            derive_keys(&items, &w.registry, KdfPath::Pairs)
+                .into_iter()
+                .zip(&items)
+                .map(|(k, (p, _, f))| k.and_then(|k| open_keyed(p, &k, &w.registry, f)))
+                .collect();
         for (j, got) in batch.iter().enumerate() {
             let alone = finish(&pres[j], trials[j].as_ref(), &w.registry, &froms[j]);
             assert_eq!(got, &alone, "item {j}");
@@ -756,6 +805,55 @@ mod tests {
         let accepted = batch[4].as_ref().unwrap();
         assert_eq!((accepted.index, accepted.conn_id), (4, 104));
         assert_eq!(accepted.freshness, Freshness::Accept);
+    }
+
+    /// Batches of 1..=40 REBINDs (16-lane groups, a remainder in pairs, an odd one) with
+    /// rejects mixed in: every KDF path gives the outcome of the one-by-one path.
+    #[test]
+    fn kdf_paths_agree_with_one_by_one() {
+        let w = world(40);
+        let froms: Vec<SocketAddr> = (0..40).map(addr).collect();
+        let datagrams: Vec<Vec<u8>> = (0..40)
+            .map(|j| {
+                let mut d = rebind(&w, j as u32, &froms[j], Ticks(NOW.0 - j as u64));
+                if j % 7 == 3 {
+                    let last = d.len() - 1;
+                    d[last] ^= 1; // check 6
+                }
+                d
+            })
+            .collect();
+        let epochs = [&w.keys];
+        let pres: Vec<Prechecked<'_>> = datagrams
+            .iter()
+            .zip(&froms)
+            .map(|(d, f)| precheck(d, f, NOW, WINDOW, S, &epochs).unwrap())
+            .collect();
+        let mut trials: Vec<Option<TrialOutput>> = pres
+            .iter()
+            .map(|p| w.trial.trial_one(p.trial_input()))
+            .collect();
+        trials[11] = None; // check 4
+        let alone: Vec<Result<Verified, RejectReason>> = (0..40)
+            .map(|j| finish(&pres[j], trials[j].as_ref(), &w.registry, &froms[j]))
+            .collect();
+        for n in [1, 2, 7, 8, 9, 16, 17, 23, 24, 31, 40] {
+            let items: Vec<BatchItem<'_, '_>> = (0..n)
+                .map(|j| (&pres[j], trials[j].as_ref(), &froms[j]))
+                .collect();
+            for kdf in [KdfPath::Pairs, KdfPath::Lanes16, KdfPath::best()] {
+                let got: Vec<Result<Verified, RejectReason>> =
+                    derive_keys(&items, &w.registry, kdf)
+                        .into_iter()
+                        .zip(&items)
+                        .map(|(k, (p, _, f))| k.and_then(|k| open_keyed(p, &k, &w.registry, f)))
+                        .collect();
+                assert_eq!(got[..], alone[..n], "{n} items, {kdf:?}");
+            }
+        }
+        assert_eq!(alone[3], Err(RejectReason::Aead));
+        assert_eq!(alone[11], Err(RejectReason::Trial));
+        assert!(alone[0].is_ok() && alone[39].is_ok());
     }
 
     #[test]
@@ -783,7 +881,7 @@ mod tests {
             .map(|j| (&pres[j], trials[j].as_ref(), &sources[j]))
             .collect();
         // All three pass the early freshness rule: nothing is committed yet.
-        let keyed: Vec<Keyed> = derive_keys(&items, &w.registry)
+        let keyed: Vec<Keyed> = derive_keys(&items, &w.registry, KdfPath::best())
             .into_iter()
             .map(|k| k.unwrap())
             .collect();

@@ -1,6 +1,8 @@
 //! The CPU probe and the AES backend choice: which of the hand-written SIMD paths (the
 //! trial engine's backends, [`super::block::FastAes128`], [`super::gcm::SessionGcm`],
-//! [`super::sha256::compress_x2`]) this CPU and [`BACKEND_ENV`] (`REBINDGW_AES_BACKEND`) allow.
+//! [`super::sha256::compress_x2`], [`super::sha256_x16`]) this CPU and [`BACKEND_ENV`]
+//! (`REBINDGW_AES_BACKEND`) allow, and the KDF path ([`KdfPath`], [`KDF_ENV`] =
+//! `REBINDGW_KDF`).
 #![forbid(unsafe_code)]
 
 use std::fmt;
@@ -34,6 +36,8 @@ pub(super) struct CpuFeatures {
     pub(super) clmul: bool,
     /// SHA-NI, SSSE3 and SSE4.1: [`sha256::compress_x2`]'s fast path.
     pub(super) sha_ni: bool,
+    /// AVX-512 F and BW: [`super::sha256_x16`]'s 16-lane SHA-256.
+    pub(super) avx512: bool,
 }
 
 pub(super) fn cpu_features() -> CpuFeatures {
@@ -50,6 +54,8 @@ pub(super) fn cpu_features() -> CpuFeatures {
                 vaes: std::arch::is_x86_feature_detected!("vaes"),
                 clmul: aes && sse41 && std::arch::is_x86_feature_detected!("pclmulqdq"),
                 sha_ni: sse41 && std::arch::is_x86_feature_detected!("sha"),
+                avx512: std::arch::is_x86_feature_detected!("avx512f")
+                    && std::arch::is_x86_feature_detected!("avx512bw"),
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
@@ -60,6 +66,7 @@ pub(super) fn cpu_features() -> CpuFeatures {
                 vaes: false,
                 clmul: false,
                 sha_ni: false,
+                avx512: false,
             }
         }
     })
@@ -236,4 +243,77 @@ pub fn process_backend_from_value(value: Option<&str>) -> Backend {
 /// backend but [`Backend::Portable`]. The CPU must have the instructions too.
 pub(crate) fn fast_paths_allowed(backend: Backend) -> bool {
     backend != Backend::Portable
+}
+
+/// Environment variable that picks the REBIND session-key KDF path (see [`KdfPath`]).
+pub const KDF_ENV: &str = "REBINDGW_KDF";
+
+/// How a batch's session keys are derived (PROTOCOL.md §6's HKDF, one per REBIND).
+///
+/// Both paths give the same keys; [`BACKEND_ENV`]`=portable` turns the SIMD inside either
+/// off (SHA-NI for `Pairs`, AVX-512 for `Lanes16`, which then runs the portable per-key code).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum KdfPath {
+    /// Two keys at a time, each SHA-256 step one [`super::sha256::compress_x2`] (SHA-NI).
+    Pairs,
+    /// Up to 16 keys at a time across the lanes of AVX-512 registers
+    /// ([`super::sha256_x16`]); a remainder of fewer than [`KdfPath::MIN_LANES`] keys goes in
+    /// pairs.
+    Lanes16,
+}
+
+impl KdfPath {
+    /// Below this many keys a 16-lane pass costs more than pairs (one pass ≈ 8 pairs here).
+    pub const MIN_LANES: usize = 8;
+
+    pub fn name(self) -> &'static str {
+        match self {
+            KdfPath::Pairs => "pairs",
+            KdfPath::Lanes16 => "lanes16",
+        }
+    }
+
+    /// `Lanes16` where the CPU has AVX-512 F and BW and the process backend allows fast
+    /// paths, else `Pairs` (detected once).
+    pub fn best() -> KdfPath {
+        if super::sha256_x16::available(process_backend()) {
+            KdfPath::Lanes16
+        } else {
+            KdfPath::Pairs
+        }
+    }
+}
+
+/// The KDF path of this process: [`KDF_ENV`] (`pairs` or `lanes16`) read once, else
+/// [`KdfPath::best`]. An unknown value, or `lanes16` on a CPU without AVX-512, gives `Pairs`
+/// (always correct; the portable fallback).
+pub fn process_kdf_path() -> KdfPath {
+    static PATH: OnceLock<KdfPath> = OnceLock::new();
+    *PATH.get_or_init(|| {
+        let value = std::env::var_os(KDF_ENV).map(|v| v.to_string_lossy().into_owned());
+        kdf_path_from_value(value.as_deref())
+    })
+}
+
+/// [`process_kdf_path`] on an explicit value of [`KDF_ENV`] (`None` = unset).
+pub fn kdf_path_from_value(value: Option<&str>) -> KdfPath {
+    match value {
+        None | Some("") => KdfPath::best(),
+        Some("lanes16") if KdfPath::best() == KdfPath::Lanes16 => KdfPath::Lanes16,
+        Some(_) => KdfPath::Pairs,
+    }
+}
+
+#[cfg(test)]
+mod kdf_path_tests {
+    use super::*;
+
+    #[test]
+    fn kdf_env_values() {
+        assert_eq!(kdf_path_from_value(Some("pairs")), KdfPath::Pairs);
+        assert_eq!(kdf_path_from_value(Some("bogus")), KdfPath::Pairs);
+        assert_eq!(kdf_path_from_value(None), KdfPath::best());
+        assert_eq!(kdf_path_from_value(Some("")), KdfPath::best());
+        assert_eq!(kdf_path_from_value(Some("lanes16")), KdfPath::best());
+    }
 }
