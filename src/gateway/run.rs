@@ -449,6 +449,8 @@ fn start(
             }
         }
     }
+    // Keys of the current epoch still owed to connections registered at its rotation.
+    shared.resume_key_delivery(Ticks::wall_clock());
     shared.set_floor(Ticks(floor.0.saturating_add(1)));
     let start = shared.issue_ticks(Ticks::wall_clock());
     let cap = start.saturating_add(RESERVE_AHEAD);
@@ -763,6 +765,7 @@ fn facts(
             .collect(),
         admin_auth_failures: auth.failures.load(Ordering::Relaxed),
         cluster: None,
+        keys_pending: shared.keys_pending() as u64,
         hosts: shared
             .live()
             .hosts
