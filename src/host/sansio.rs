@@ -643,7 +643,7 @@ impl HostCore {
     }
 
     /// The connection's data keys `(c2s, s2c)`, e.g. to seal a KEYS message for its client
-    /// or open its KEYS_ACK (tests; the reference host does not deliver keys yet).
+    /// or open its KEYS_ACK (tests).
     #[cfg(any(test, feature = "testing"))]
     pub fn data_keys_for(&self, conn_id: u64) -> Option<(&Gcm, &Gcm)> {
         self.conns.get(&conn_id).map(|c| (&c.rx, &c.tx))
