@@ -719,3 +719,27 @@ fn restart_after_the_grace_deadline_ends_grace_at_once() {
     );
     move_all_and_rebind(&mut w, N, 1, "after grace");
 }
+
+/// Two rotations with a gateway restart between them (after the first grace): the second
+/// delivery reaches every client too (each host numbers its KEYS on, each client takes the
+/// higher `kseq`), and the clients rebind under the newest epoch.
+#[test]
+fn two_rotations_with_a_restart_between_deliver_both() {
+    const N: usize = 4;
+    let mut w = connected(SimConfig::default(), N);
+    let e = w.cfg.epoch;
+    w.rotate_epoch_with_grace(e + 1, Duration::from_secs(6));
+    assert!(w.drive_until(Duration::from_secs(5), |w| keys_all_delivered(w, N, 0)));
+    w.run_for(Duration::from_secs(7));
+    w.restart_gateway();
+    w.run_for(ms(100));
+    w.rotate_epoch_with_grace(e + 2, Duration::from_secs(6));
+    assert!(
+        w.drive_until(Duration::from_secs(5), |w| keys_all_delivered(
+            w, N, N as u64
+        ))
+    );
+    w.run_for(Duration::from_secs(7));
+    move_all_and_rebind(&mut w, N, 1, "after both rotations");
+    assert!((0..N).all(|i| routed_epoch(&w, i) == Some((e + 2) as u8)));
+}

@@ -332,6 +332,7 @@ impl Rotator {
             epoch = r.epoch,
             dropped = ?r.dropped,
             released = r.released,
+            registered = r.registered,
             grace_secs = self.grace.as_secs(),
             "key epoch rotated"
         );
@@ -397,9 +398,10 @@ pub fn rotate_route(
         match rotator.rotate(&shared, now, force) {
             Ok(r) => {
                 let mut body = format!(
-                    "rotated: epoch {}, grace {} s",
+                    "rotated: epoch {}, grace {} s, {} connections registered for key delivery",
                     r.epoch,
-                    rotator.grace.as_secs()
+                    rotator.grace.as_secs(),
+                    r.registered
                 );
                 if let Some(d) = r.dropped {
                     body.push_str(&format!(
