@@ -15,14 +15,14 @@
 # the clients: the loadgen holds one more connection, its probe). No root needed. Ports: $RT_GW_PORT (17410), $RT_ADMIN_PORT (17490), $RT_HOST_PORT (17510).
 #
 # Timeline, in seconds of the loadgen's measured phase (churn $CHURN moves/s all along;
-# W = 2 s, grace 6 s):
+# W = 2 s, grace 8 s):
 #   2    rotate 1 (epoch 1 -> 2): every connection registered in epoch 2, keys delivered
 #        (the gateway's pending-keys gauge is sampled: delivery p99 and completion)
 #   6    kill -9 the gateway during the first grace period; 1.5 s later restart it
-#   8    grace 1 ends: epoch 1 wiped, connections move to their epoch-2 registrations
-#   11   rotate 2 (epoch 2 -> 3); 0.3 s later kill -9 during its key delivery; restart
-#   18   grace 2 over: storm, every client moves at once and rebinds with its epoch-3 keys
-#   24   load stops; the loadgen settles until every outage ended
+#   10   grace 1 ends: epoch 1 wiped, connections move to their epoch-2 registrations
+#   12   rotate 2 (epoch 2 -> 3); 0.3 s later kill -9 during its key delivery; restart
+#   22   grace 2 over: storm, every client moves at once and rebinds with its epoch-3 keys
+#   28   load stops; the loadgen settles until every outage ended
 # Pass: both rotations answered and delivered every key; after each restart the epochs and
 # registrations are intact; at the end epoch 3 holds every connection, every client is still
 # connected, no rebind failed, and the gateway registered no new connection (handshake)
@@ -54,12 +54,12 @@ ADMIN=127.0.0.1:$ADMIN_PORT
 HOST=127.0.0.1:$HOST_PORT
 ROTATE1_AT=2
 CRASH1_AT=6
-ROTATE2_AT=11
+ROTATE2_AT=12
 DOWN=1.5
-STORM_AT=18
-DURATION=24
+STORM_AT=22
+DURATION=28
 WINDOW=2
-GRACE=6
+GRACE=8
 
 command -v python3 >/dev/null || { echo "rotate-test: needs python3" >&2; exit 2; }
 command -v curl >/dev/null || { echo "rotate-test: needs curl" >&2; exit 2; }
@@ -195,7 +195,7 @@ start_gateway
 wait_healthy 30 || { echo "gateway did not restart" >&2; tail -5 "$T/gateway.log" >&2; exit 1; }
 EPOCH_AFTER2=$(metric rebindgw_epoch)
 E3_RESTORED=$(metric 'rebindgw_epoch_connections{epoch="3"}')
-read -r D2_P99 D2_DONE <<<"$(delivery "$R0" 5 "$CLIENTS" "$PROBES")"
+read -r D2_P99 D2_DONE <<<"$(delivery "$R0" 7 "$CLIENTS" "$PROBES")"
 log "restarted: epoch $EPOCH_AFTER2, epoch 3 $E3_RESTORED registrations; keys delivered p99 ${D2_P99}s, all ${D2_DONE}s after the command (kill -9 and restart included)"
 [ "$(echo "$(run_seconds) < $STORM_AT" | bc)" = 1 ] || { echo "rotate-test: the timeline slipped (key delivery 2 took too long)" >&2; exit 1; }
 

@@ -743,3 +743,30 @@ fn two_rotations_with_a_restart_between_deliver_both() {
     move_all_and_rebind(&mut w, N, 1, "after both rotations");
     assert!((0..N).all(|i| routed_epoch(&w, i) == Some((e + 2) as u8)));
 }
+
+/// A client that got the first rotation's keys but never used them (it did not move) and
+/// misses the second rotation's: when it moves during the second grace period, the gateway
+/// names the newest epoch, its own is gone, and it rebinds with the keys it was delivered
+/// (the previous epoch's, still accepted), by itself.
+#[test]
+fn a_client_that_missed_the_second_delivery_rebinds_with_the_first_during_grace() {
+    const N: usize = 2;
+    let mut w = connected(SimConfig::default(), N);
+    let handshakes = w.host.counters().handshakes_ok;
+    let e = w.cfg.epoch;
+    w.rotate_epoch_with_grace(e + 1, Duration::from_secs(6));
+    assert!(w.drive_until(Duration::from_secs(5), |w| keys_all_delivered(w, N, 0)));
+    w.run_for(Duration::from_secs(7));
+    assert!(w.gateway.shared.epochs().previous.is_none());
+    // Client 0 gets none of the second rotation's KEYS.
+    let t0 = w.client(0).tuple;
+    w.drop_if(move |d| d.to == t0 && d.data.first() == Some(&KEYS_TYPE));
+    w.rotate_epoch_with_grace(e + 2, Duration::from_secs(6));
+    w.run_for(Duration::from_secs(1));
+    w.clear_drop();
+    assert_eq!(w.client(0).core.stats().keys_installed, 1);
+    move_all_and_rebind(&mut w, N, 1, "during the second grace");
+    assert_eq!(routed_epoch(&w, 0), Some((e + 1) as u8));
+    assert_eq!(routed_epoch(&w, 1), Some((e + 2) as u8));
+    assert_eq!(w.host.counters().handshakes_ok, handshakes);
+}

@@ -1,6 +1,7 @@
 //! In-band key delivery, the host's half (tests/data/PROTOCOL-EXT.md "Key delivery"): an
 //! EPOCH_KEYS entry becomes a KEYS sealed for its client, resent with backoff until the
-//! client's KEYS_ACK, then reported to the gateway in a batched KEYS_DELIVERED.
+//! client's KEYS_ACK (and at once when the client moves: a REBOUND), then reported to the
+//! gateway in a batched KEYS_DELIVERED.
 #![forbid(unsafe_code)]
 
 use std::cmp::Reverse;
@@ -58,11 +59,23 @@ impl HostCore {
                 self.counters.epoch_keys_unknown_conn += 1;
                 continue;
             };
-            match &conn.keys.out {
+            // The gateway worker that sent this is alive (its ports change when it restarts):
+            // answers go through it until the client's next DATA picks a worker again.
+            conn.gateway = from;
+            match conn.keys.out.as_mut() {
                 Some(o) if o.epoch == epoch => {
                     self.counters.epoch_keys_duplicate += 1;
+                    o.reporter = from;
                     if o.acked {
                         self.keys_report.push((from, epoch, e.conn_id));
+                    } else {
+                        // Not a new delivery: the same KEYS once more, through a live worker
+                        // (the backoff goes on as it was).
+                        self.queue.push_back(Transmit {
+                            to: from,
+                            payload: o.framed.clone(),
+                        });
+                        self.counters.keys_resent += 1;
                     }
                     continue;
                 }

@@ -1126,6 +1126,15 @@ impl HostCore {
                         c.rebound_t = t;
                         c.gateway = from;
                         self.counters.rebounds += 1;
+                        // KEYS sent before the move went to the old tuple: the same KEYS
+                        // once more, to the new one (the backoff goes on as it was).
+                        if let Some(o) = c.keys.out.as_ref().filter(|o| !o.acked) {
+                            self.queue.push_back(Transmit {
+                                to: from,
+                                payload: o.framed.clone(),
+                            });
+                            self.counters.keys_resent += 1;
+                        }
                     }
                     Some(_) => self.counters.rebound_stale += 1,
                     None => self.counters.rebound_unknown_conn += 1,

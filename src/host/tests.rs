@@ -1244,13 +1244,18 @@ fn epoch_keys_become_keys_resent_until_acknowledged_then_reported() {
     assert!(timeout(&mut s.core, T0.saturating_add(Duration::from_millis(499))).is_empty());
     let t1 = T0.saturating_add(Duration::from_millis(500));
     assert_eq!(timeout(&mut s.core, t1)[0].payload, sent[0].payload);
-    s.core.handle(t1, gw(), &epoch_keys(t1, EPOCH + 1, &[id]));
-    assert!(drain(&mut s.core, t1).is_empty());
+    // A duplicate entry (the gateway resent it, from another worker) draws the same KEYS
+    // through its sender.
+    let worker = SocketAddr::new(gw().ip(), gw().port() + 1);
+    s.core.handle(t1, worker, &epoch_keys(t1, EPOCH + 1, &[id]));
+    let again = drain(&mut s.core, t1);
+    assert_eq!(again.len(), 1);
+    assert_eq!((again[0].to, &again[0].payload), (worker, &sent[0].payload));
     assert_eq!(s.core.counters().epoch_keys_duplicate, 1);
     assert!(timeout(&mut s.core, t1.saturating_add(Duration::from_millis(999))).is_empty());
     let t2 = t1.saturating_add(Duration::from_secs(1));
     assert_eq!(timeout(&mut s.core, t2).len(), 1);
-    assert_eq!(s.core.counters().keys_resent, 2);
+    assert_eq!(s.core.counters().keys_resent, 3);
     // KEYS_ACKs: forged, naming other keys, then the right one, then a replay.
     let ack = |aseq: u64, epoch: u32, kseq: u64, key: &[u8; 16]| {
         let mut a = [0u8; KEYS_ACK_LEN];

@@ -29,8 +29,11 @@ pub(super) const MAX_EPOCH_KEYS_DATAGRAM: usize = 1400;
 /// First retransmission of an unconfirmed entry; doubles up to [`RESEND_MAX`]. The host
 /// confirms only once its client acknowledged (which takes its own KEYS retransmissions,
 /// 0.5 s doubling to 8 s), so this is slower than those.
-const RESEND_FIRST: Duration = Duration::from_secs(2);
-const RESEND_MAX: Duration = Duration::from_secs(32);
+const RESEND_FIRST: Duration = Duration::from_secs(1);
+const RESEND_MAX: Duration = Duration::from_secs(16);
+/// EPOCH_KEYS datagrams one `tick` sends at most (a tick comes every 10 ms): a rotation of
+/// many connections is paced instead of overflowing the hosts' receive buffers at once.
+const MAX_PER_TICK: usize = 32;
 
 /// One connection's registration in the delivered epoch.
 pub(super) struct Entry {
@@ -227,7 +230,7 @@ impl WorkerCore {
         let keys = &epochs.current.keys;
         let slots = keys.slots();
         let per = (MAX_EPOCH_KEYS_DATAGRAM - SEAL_OVERHEAD - 8 - 7) / epoch_keys_entry_len(slots);
-        let mut room = tx.capacity().saturating_sub(tx.len());
+        let mut room = tx.capacity().saturating_sub(tx.len()).min(MAX_PER_TICK);
         let mut ctl = shared.control();
         if ctl.delivery.epoch != keys.epoch() {
             return;
