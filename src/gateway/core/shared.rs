@@ -142,7 +142,11 @@ impl Control {
             {
                 self.tuples.remove(&t);
             }
-            shared.persist(StoreOp::Remove { epoch: ep, index });
+            shared.persist(StoreOp::Remove {
+                epoch: ep,
+                index,
+                conn_id,
+            });
         }
         shared
             .keys_pending
