@@ -228,6 +228,7 @@ impl SimGateway {
     /// Applies the store operations the core queued, as the store writer would.
     fn persist(&mut self) {
         while let Ok(op) = self.store_rx.try_recv() {
+            self.shared.mark_durable(1);
             match op {
                 StoreOp::Register(c) => {
                     self.persisted.insert((c.epoch, c.index), c);
@@ -541,6 +542,7 @@ impl World {
             .shared
             .rotate(epoch_crypto(&self.master, epoch, self.cfg.slots));
         self.gateway.epochs.push(epoch);
+        self.gateway.persist();
     }
 
     /// Epoch rotation with a grace period: the previous epoch is accepted for `grace`, then

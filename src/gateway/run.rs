@@ -491,6 +491,7 @@ fn start(
         Some(store_rx) => Some({
             let store = store.clone();
             let stats = stats.clone();
+            let durable = shared.durable_ops();
             std::thread::Builder::new()
                 .name("store-writer".into())
                 .spawn(move || {
@@ -500,7 +501,9 @@ fn start(
                         store_rx,
                         4096,
                         Duration::from_millis(2),
-                        |took, _, result| {
+                        |took, ops, result| {
+                            // Key delivery waits for its rotation to be on disk.
+                            durable.fetch_add(ops as u64, Ordering::AcqRel);
                             match result {
                                 Ok(()) => stats.commits.fetch_add(1, Ordering::Relaxed),
                                 Err(_) => stats.errors.fetch_add(1, Ordering::Relaxed),

@@ -60,6 +60,8 @@ pub struct KeyDelivery {
     pub(super) pending: usize,
     /// Entries registered in both epochs (each counts once as a connection).
     pub(super) dual: usize,
+    /// The store op number of the rotation: nothing is sent before it is committed.
+    pub(super) durable_at: u64,
 }
 
 impl KeyDelivery {
@@ -232,7 +234,7 @@ impl WorkerCore {
         let per = (MAX_EPOCH_KEYS_DATAGRAM - SEAL_OVERHEAD - 8 - 7) / epoch_keys_entry_len(slots);
         let mut room = tx.capacity().saturating_sub(tx.len()).min(MAX_PER_TICK);
         let mut ctl = shared.control();
-        if ctl.delivery.epoch != keys.epoch() {
+        if ctl.delivery.epoch != keys.epoch() || !shared.is_durable(ctl.delivery.durable_at) {
             return;
         }
         let mut batches: HashMap<HostId, Vec<EpochKeysEntry>> = HashMap::new();

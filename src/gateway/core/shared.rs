@@ -198,6 +198,10 @@ pub struct Shared {
     pub(super) has_expired_pending: AtomicBool,
     /// `Control::delivery`'s unconfirmed keys (read without the lock).
     pub(super) keys_pending: AtomicUsize,
+    /// Store ops sent to the writer, and ops it has committed (or failed: a broken store is
+    /// reported by /readyz and must not stop key delivery for good).
+    pub(super) ops_sent: AtomicU64,
+    pub(super) ops_durable: Arc<AtomicU64>,
 }
 
 /// What a rotation did.
@@ -260,6 +264,8 @@ impl Shared {
             rotations: AtomicU64::new(0),
             has_expired_pending: AtomicBool::new(false),
             keys_pending: AtomicUsize::new(0),
+            ops_sent: AtomicU64::new(0),
+            ops_durable: Arc::new(AtomicU64::new(0)),
             store,
             last_issued: AtomicU64::new(0),
             issue_cap: AtomicU64::new(u64::MAX),
@@ -409,6 +415,9 @@ impl Shared {
             drop: dropped,
             register,
         });
+        // No key goes out before the registrations it names are on disk: after a kill -9
+        // the gateway must know every key a client may hold.
+        ctl.delivery.durable_at = self.ops_sent.load(Ordering::Acquire);
         drop(ctl);
         Rotation {
             epoch,
@@ -627,9 +636,33 @@ impl Shared {
 
     pub(super) fn persist(&self, op: StoreOp) {
         if let Some(s) = &self.store {
+            self.ops_sent.fetch_add(1, Ordering::AcqRel);
             // The writer thread outlives the workers; a send only fails during shutdown.
             let _ = s.send(op);
         }
+    }
+
+    /// The store writer committed `ops` more ops (in the order they were sent).
+    pub fn mark_durable(&self, ops: u64) {
+        self.ops_durable.fetch_add(ops, Ordering::AcqRel);
+    }
+
+    /// The counter the store writer adds its committed ops to. The writer holds this, not
+    /// `Shared`: `Shared` holds the writer's sender, and the writer ends when every sender
+    /// is dropped.
+    pub fn durable_ops(&self) -> Arc<AtomicU64> {
+        self.ops_durable.clone()
+    }
+
+    /// Whether the last rotation (with its registrations) is committed to the store.
+    pub fn rotation_durable(&self) -> bool {
+        let seq = self.control().delivery.durable_at;
+        self.is_durable(seq)
+    }
+
+    /// Whether every op sent up to number `seq` is committed.
+    pub(super) fn is_durable(&self, seq: u64) -> bool {
+        self.ops_durable.load(Ordering::Acquire) >= seq
     }
 
     pub fn store_queue_len(&self) -> usize {

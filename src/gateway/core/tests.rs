@@ -1445,6 +1445,9 @@ fn rotation_registers_live_connections_and_sends_their_keys_until_delivered() {
     let grace = Ticks(h.now.0 + 600 * TICKS_PER_SECOND);
     let r = h.shared.rotate_with_grace(epoch_crypto(4), h.now, grace);
     assert_eq!(r.registered, 3);
+    // Nothing goes out before the rotation is committed.
+    assert!(h.tick().is_empty());
+    h.shared.mark_durable(1 << 40);
     let register = stored
         .try_iter()
         .find_map(|op| match op {
