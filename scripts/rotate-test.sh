@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Key rotation under load: `rebindgw rotate` while clients churn through NAT moves, kill -9 of
-# the gateway during the grace period, restart on the same state; every client must keep its
-# connection (rebinding with its old epoch's keys, §6 1.1) with no new handshake.
+# Key rotation under load: two `rebindgw rotate` while clients churn through NAT moves, with
+# in-band key delivery (tests/data/PROTOCOL-EXT.md "Key delivery"), kill -9 of the gateway
+# during the first grace period and during the second rotation's key delivery, restarts on
+# the same state, and a storm after the second grace: every client must keep its connection
+# (rebinding under the new epochs with its delivered keys) with no new handshake.
 #
 #   scripts/rotate-test.sh [--short] [--no-build] [--keep]
 #
@@ -12,17 +14,19 @@
 # $RT_CLIENTS overrides the client count, $RT_SLOTS the gateway's S (16; 2^S must exceed
 # the clients: the loadgen holds one more connection, its probe). No root needed. Ports: $RT_GW_PORT (17410), $RT_ADMIN_PORT (17490), $RT_HOST_PORT (17510).
 #
-# Timeline, in seconds of the loadgen's measured phase (churn $CHURN moves/s all along):
-#   2    rebindgw rotate (authenticated with STATE_DIR/admin.key): epoch 1 -> 2, grace 120 s
-#   6    kill -9 the gateway during the grace period; 1.5 s later restart it
-#   11   storm: every client moves at once and must rebind, still with its epoch-1 keys
-#   18   load stops; the loadgen settles until every outage ended
-# Pass: the rotation answered; after the restart the epoch is 2, the previous epoch is still
-# accepted and holds every connection; every client still connected at the end, no rebind
-# failed, and the gateway registered no new connection after the connect phase.
-#
-# Not tested here (not implemented yet, see README "Honest limits"): in-band key delivery, so
-# no second rotation (it would end epoch 1's grace and make its clients handshake again).
+# Timeline, in seconds of the loadgen's measured phase (churn $CHURN moves/s all along;
+# W = 2 s, grace 12 s):
+#   2    rotate 1 (epoch 1 -> 2): every connection registered in epoch 2, keys delivered
+#        (the gateway's pending-keys gauge is sampled: delivery p99 and completion)
+#   5    kill -9 the gateway during the first grace period; 1.5 s later restart it
+#   14   grace 1 ends: epoch 1 wiped, connections move to their epoch-2 registrations
+#   16   rotate 2 (epoch 2 -> 3); 0.3 s later kill -9 during its key delivery; restart
+#   30   grace 2 over: storm, every client moves at once and rebinds with its epoch-3 keys
+#   36   load stops; the loadgen settles until every outage ended
+# Pass: both rotations answered and delivered every key; after each restart the epochs and
+# registrations are intact; at the end epoch 3 holds every connection, every client is still
+# connected, no rebind failed, and the gateway registered no new connection (handshake)
+# after the connect phase.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -35,7 +39,7 @@ for a in "$@"; do
     --short) CLIENTS=1000 ;;
     --no-build) BUILD=0 ;;
     --keep) KEEP=1 ;;
-    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
     *) echo "unknown argument: $a" >&2; exit 2 ;;
   esac
 done
@@ -48,12 +52,14 @@ HOST_PORT=${RT_HOST_PORT:-17510}
 GW=127.0.0.1:$GW_PORT
 ADMIN=127.0.0.1:$ADMIN_PORT
 HOST=127.0.0.1:$HOST_PORT
-ROTATE_AT=2
-CRASH_AT=6
+ROTATE1_AT=2
+CRASH1_AT=5
+ROTATE2_AT=16
 DOWN=1.5
-STORM_AT=11
-DURATION=18
-GRACE=120
+STORM_AT=30
+DURATION=36
+WINDOW=2
+GRACE=12
 
 command -v python3 >/dev/null || { echo "rotate-test: needs python3" >&2; exit 2; }
 command -v curl >/dev/null || { echo "rotate-test: needs curl" >&2; exit 2; }
@@ -88,11 +94,30 @@ wait_healthy() {
 }
 start_gateway() {
   "$BIN" gateway --listen "$GW" --host "$HOST=$T/host.key" --admin "$ADMIN" \
-    --state-dir "$T/state" --grace-secs $GRACE --slots "$SLOTS" >>"$T/gateway.log" 2>&1 &
+    --state-dir "$T/state" --window-secs $WINDOW --grace-secs $GRACE --slots "$SLOTS" >>"$T/gateway.log" 2>&1 &
   GW_PID=$!
   PIDS+=("$GW_PID")
 }
 run_seconds() { echo "$(now) - $RUN0" | bc; }
+# Samples the gateway's pending keys from $1 (a `now` stamp) for at most $2 s, and prints
+# "p99_s all_s": when at most 1% of the $3 clients still waited for their keys, and when all
+# did (NA: not within $2 s). $4 connections never acknowledge (the loadgen's probe is a
+# bare socket), so they stay pending.
+delivery() {
+  local from=$1 limit=$2 clients=$3 extra=$4 p99=NA done=NA pend t
+  local allowed=$(( clients / 100 + extra ))
+  while :; do
+    t=$(echo "$(now) - $from" | bc)
+    pend=$(metric rebindgw_epoch_keys_pending) || pend=NA  # the gateway may be down
+    if [ "$pend" != NA ]; then
+      if [ "$p99" = NA ] && [ "$pend" -le "$allowed" ]; then p99=$t; fi
+      if [ "$pend" -le "$extra" ]; then done=$t; break; fi
+    fi
+    [ "$(echo "$t > $limit" | bc)" = 1 ] && break
+    sleep 0.02
+  done
+  echo "$p99 $done"
+}
 wait_run() {
   while [ "$(echo "$(run_seconds) < $1" | bc)" = 1 ]; do
     kill -0 "$LG_PID" 2>/dev/null || { echo "rotate-test: loadgen exited early" >&2; tail -5 "$T/loadgen.err" >&2; exit 1; }
@@ -125,75 +150,140 @@ RUN0=$(echo "$(now) - 1" | bc)
 REG_CONNECTED=$(metric 'rebindgw_registrations_total{result="ok"}')
 log "all clients connected ($REG_CONNECTED registrations)"
 
-wait_run $ROTATE_AT
+wait_run $ROTATE1_AT
 R0=$(now)
-ROTATE_OUT=$("$BIN" rotate --admin "$ADMIN" --admin-key "$T/state/admin.key" 2>&1) || ROTATE_OUT="FAILED: $ROTATE_OUT"
-ROTATE_S=$(echo "$(now) - $R0" | bc)
-log "rotate (${ROTATE_S}s): $ROTATE_OUT"
+ROTATE1_OUT=$("$BIN" rotate --admin "$ADMIN" --admin-key "$T/state/admin.key" 2>&1) || ROTATE1_OUT="FAILED: $ROTATE1_OUT"
+ROTATE1_S=$(echo "$(now) - $R0" | bc)
+log "rotate 1 (${ROTATE1_S}s): $ROTATE1_OUT"
+# The loadgen holds one connection per client plus its probe(s); extra registrations of the
+# connect phase are retried handshakes whose connections the host closes.
+PROBES=${RT_PROBES:-1}
+LIVE=$(( CLIENTS + PROBES ))
+# Sampled in the background: the timeline goes on (kill -9 included).
+delivery "$R0" 10 "$CLIENTS" "$PROBES" >"$T/delivery1" &
+D1_PID=$!
+PIDS+=("$D1_PID")
+E2_REG=$(metric 'rebindgw_epoch_connections{epoch="2"}')
 
-wait_run $CRASH_AT
+wait_run $CRASH1_AT
 E1_BEFORE=$(metric 'rebindgw_epoch_connections{epoch="1"}')
-REG_BEFORE_KILL=$(metric 'rebindgw_registrations_total{result="ok"}')
+REG_BEFORE_KILL1=$(metric 'rebindgw_registrations_total{result="ok"}')
 kill -9 "$GW_PID"
 wait "$GW_PID" 2>/dev/null || true
-log "kill -9 gateway in grace: epoch 1 held $E1_BEFORE connections"
+log "kill -9 gateway in grace 1: epoch 1 held $E1_BEFORE, epoch 2 $E2_REG registrations"
 sleep "$DOWN"
 start_gateway
 wait_healthy 30 || { echo "gateway did not restart" >&2; tail -5 "$T/gateway.log" >&2; exit 1; }
-EPOCH_AFTER=$(metric rebindgw_epoch)
+EPOCH_AFTER1=$(metric rebindgw_epoch)
 E1_RESTORED=$(metric 'rebindgw_epoch_connections{epoch="1"}')
-GRACE_LEFT=$(metric rebindgw_epoch_grace_seconds)
-log "restarted: epoch $EPOCH_AFTER, epoch 1 connections $E1_RESTORED, grace left $GRACE_LEFT s"
+E2_RESTORED=$(metric 'rebindgw_epoch_connections{epoch="2"}')
+log "restarted: epoch $EPOCH_AFTER1, epoch 1 $E1_RESTORED, epoch 2 $E2_RESTORED connections"
+
+wait_run $ROTATE2_AT
+E2_BEFORE2=$(metric 'rebindgw_epoch_connections{epoch="2"}')
+E1_GONE=$(metric 'rebindgw_epoch_connections{epoch="1"}')
+R0=$(now)
+ROTATE2_OUT=$("$BIN" rotate --admin "$ADMIN" --admin-key "$T/state/admin.key" 2>&1) || ROTATE2_OUT="FAILED: $ROTATE2_OUT"
+ROTATE2_S=$(echo "$(now) - $R0" | bc)
+log "rotate 2 (${ROTATE2_S}s): $ROTATE2_OUT (epoch 2 held $E2_BEFORE2, epoch 1 $E1_GONE)"
+delivery "$R0" 12 "$CLIENTS" "$PROBES" >"$T/delivery2" &
+D2_PID=$!
+PIDS+=("$D2_PID")
+sleep 0.3
+PENDING_AT_KILL=$(metric rebindgw_epoch_keys_pending)
+# Registrations the gateway counted since its first restart are handshakes.
+REG_AFTER1=$(metric 'rebindgw_registrations_total{result="ok"}')
+kill -9 "$GW_PID"
+wait "$GW_PID" 2>/dev/null || true
+log "kill -9 gateway during key delivery: $PENDING_AT_KILL keys pending"
+sleep "$DOWN"
+start_gateway
+wait_healthy 30 || { echo "gateway did not restart" >&2; tail -5 "$T/gateway.log" >&2; exit 1; }
+EPOCH_AFTER2=$(metric rebindgw_epoch)
+E3_RESTORED=$(metric 'rebindgw_epoch_connections{epoch="3"}')
+log "restarted: epoch $EPOCH_AFTER2, epoch 3 $E3_RESTORED registrations"
+wait "$D1_PID" || true
+wait "$D2_PID" || true
+read -r D1_P99 D1_DONE <"$T/delivery1"
+read -r D2_P99 D2_DONE <"$T/delivery2"
+log "keys delivered: rotation 1 p99 ${D1_P99}s, all ${D1_DONE}s; rotation 2 p99 ${D2_P99}s, all ${D2_DONE}s after the command (kill -9 and restart included)"
+[ "$(echo "$(run_seconds) < $STORM_AT" | bc)" = 1 ] || { echo "rotate-test: the timeline slipped (restarts took too long)" >&2; exit 1; }
 
 log "waiting for the loadgen (storm at $STORM_AT s, settle up to 30 s)"
 LG_RC=0
 wait "$LG_PID" || LG_RC=$?
-REG_AFTER_RESTART=$(metric 'rebindgw_registrations_total{result="ok"}')
-E1_END=$(metric 'rebindgw_epoch_connections{epoch="1"}')
+REG_AFTER2=$(metric 'rebindgw_registrations_total{result="ok"}')
+E3_END=$(metric 'rebindgw_epoch_connections{epoch="3"}')
+E2_END=$(metric 'rebindgw_epoch_connections{epoch="2"}')
 REJ_EPOCH=$(metric 'rebindgw_rebinds_rejected_total{reason="epoch"}')
 ACCEPTED=$(metric rebindgw_rebinds_accepted_total)
+EXPIRED=$(metric rebindgw_connections_expired_total)
 "$BIN" stats --admin "$ADMIN" >"$T/stats.txt" 2>&1 || true
+curl -sf --max-time 2 "http://$ADMIN/metrics" >"$T/metrics.txt" || true
 
-python3 - "$T" "$CLIENTS" "$LG_RC" "$ROTATE_OUT" "$ROTATE_S" "$E1_BEFORE" "$EPOCH_AFTER" \
-  "$E1_RESTORED" "$E1_END" "$REG_CONNECTED" "$REG_BEFORE_KILL" "$REG_AFTER_RESTART" \
-  "$REJ_EPOCH" "$ACCEPTED" <<'EOF'
+python3 - "$T" "$CLIENTS" "$LG_RC" "$REG_CONNECTED" "$REG_BEFORE_KILL1" "$LIVE" \
+  "$ROTATE1_OUT" "$ROTATE1_S" "$D1_P99" "$D1_DONE" "$E2_REG" "$E1_BEFORE" "$EPOCH_AFTER1" "$E1_RESTORED" "$E2_RESTORED" \
+  "$E1_GONE" "$E2_BEFORE2" "$REG_AFTER1" \
+  "$ROTATE2_OUT" "$ROTATE2_S" "$PENDING_AT_KILL" "$EPOCH_AFTER2" "$E3_RESTORED" "$D2_P99" "$D2_DONE" \
+  "$REG_AFTER2" "$E3_END" "$E2_END" "$REJ_EPOCH" "$ACCEPTED" "$EXPIRED" <<'EOF'
 import json, sys
-(T, clients, lg_rc, rot_out, rot_s, e1_before, epoch_after, e1_restored, e1_end,
- reg_connected, reg_before_kill, reg_after, rej_epoch, accepted) = sys.argv[1:15]
+(T, clients, lg_rc, reg_connected, reg_before_kill1, reg_live,
+ rot1, rot1_s, d1_p99, d1_done, e2_reg, e1_before, epoch_after1, e1_restored, e2_restored,
+ e1_gone, e2_before2, reg_after1,
+ rot2, rot2_s, pending_at_kill, epoch_after2, e3_restored, d2_p99, d2_done,
+ reg_after2, e3_end, e2_end, rej_epoch, accepted, expired) = sys.argv[1:32]
 rep = json.load(open(f"{T}/report.json"))
 rb, c = rep["rebinds"], rep["clients"]
 p = lambda d: f"p50 {d['p50_ms']:.0f} ms, p99 {d['p99_ms']:.0f} ms, max {d['max_ms']:.0f} ms (n={d['count']})"
 num = lambda s: None if s == "NA" else int(float(s))
+sec = lambda s: "never" if s == "NA" else f"{float(s):.2f} s"
 fail = list(rep["failures"])
+conns = num(reg_connected)
 if lg_rc != "0":
     fail.append(f"loadgen exited {lg_rc}")
-if not rot_out.startswith("rotated: epoch 2"):
-    fail.append(f"rotation: {rot_out}")
+if not rot1.startswith("rotated: epoch 2"):
+    fail.append(f"rotation 1: {rot1}")
+if not rot2.startswith("rotated: epoch 3"):
+    fail.append(f"rotation 2: {rot2}")
 if c["connected"] != int(clients) or c["failed_after_connect"]:
     fail.append(f"{c['connected']} of {clients} connected, {c['failed_after_connect']} failed later")
-if num(epoch_after) != 2:
-    fail.append(f"epoch after restart {epoch_after}")
-# Every connection registered in the connect phase (the loadgen's clients and its probe).
-conns = num(reg_connected)
-if num(e1_restored) != num(e1_before) or num(e1_before) != conns:
-    fail.append(f"epoch 1 connections: {reg_connected} registered, {e1_before} before kill -9, "
-                f"{e1_restored} restored")
-if num(e1_end) != conns:
-    fail.append(f"epoch 1 connections at the end {e1_end}, registered {reg_connected}")
-new_before = (num(reg_before_kill) or 0) - (num(reg_connected) or 0)
-if new_before or num(reg_after):
-    fail.append(f"new registrations (handshakes): {new_before} before the kill, {reg_after} after the restart")
+if d1_done == "NA" or d2_done == "NA":
+    fail.append(f"keys not all delivered: rotation 1 {d1_done}, rotation 2 {d2_done}")
+# The connect phase may leave a few extra registrations (a retried handshake's connection,
+# closed by the host once the client uses another): every client's connection (and the
+# probe's) must be there, nothing more is required.
+need = num(reg_live)
+if (num(e2_reg) or 0) < need:
+    fail.append(f"epoch 2 registrations {e2_reg}, live connections {need}")
+if num(epoch_after1) != 2 or num(e1_restored) != num(e1_before) or (num(e2_restored) or 0) < need:
+    fail.append(f"after kill -9 in grace 1: epoch {epoch_after1}, epoch 1 {e1_restored} (held {e1_before}), epoch 2 {e2_restored}")
+if e1_gone != "NA" or (num(e2_before2) or 0) < need:
+    fail.append(f"after grace 1: epoch 1 {e1_gone}, epoch 2 {e2_before2}")
+if num(epoch_after2) != 3 or (num(e3_restored) or 0) < need:
+    fail.append(f"after kill -9 in delivery: epoch {epoch_after2}, epoch 3 {e3_restored}")
+if (num(e3_end) or 0) < need or e2_end != "NA":
+    fail.append(f"at the end: epoch 3 {e3_end}, epoch 2 {e2_end}, live connections {need}")
+new_before = (num(reg_before_kill1) or 0) - (conns or 0)
+handshakes = new_before + (num(reg_after1) or 0) + (num(reg_after2) or 0)
+if handshakes:
+    fail.append(f"new registrations (handshakes): {new_before} before the first kill, {reg_after1} "
+                f"after the first restart, {reg_after2} after the second")
 if rb["failed"] or rb["unrecovered"]:
     fail.append(f"rebinds failed {rb['failed']}, unrecovered {rb['unrecovered']}")
 print()
 print("== rotate-test summary")
 print(f"clients            {c['connected']}/{c['requested']} connected, {c['failed_after_connect']} failed later")
-print(f"rotation           '{rot_out.strip()}' in {float(rot_s) * 1000:.0f} ms (command round trip, {clients} connections)")
-print(f"kill -9 in grace   epoch 1 held {e1_before}; after restart epoch {epoch_after}, epoch 1 holds {e1_restored}; at the end {e1_end}")
-print(f"handshakes         {new_before} new registrations before the kill, {reg_after} after the restart")
+print(f"rotation 1         '{rot1.strip()}' in {float(rot1_s) * 1000:.0f} ms ({need} live connections; {e2_reg} registered in epoch 2)")
+print(f"key delivery 1     p99 {sec(d1_p99)}, all {sec(d1_done)} after the command (confirmed to the gateway: client KEYS_ACK, host KEYS_DELIVERED)")
+print(f"kill -9 in grace 1 epoch 1 held {e1_before}; after restart epoch {epoch_after1}, epoch 1 {e1_restored}, epoch 2 {e2_restored}; after grace epoch 2 {e2_before2}")
+print(f"rotation 2         '{rot2.strip()}' in {float(rot2_s) * 1000:.0f} ms; kill -9 0.3 s later with {pending_at_kill} keys pending")
+print(f"key delivery 2     p99 {sec(d2_p99)}, all {sec(d2_done)} after the command (kill -9 and restart included); epoch 3 restored {e3_restored}")
+print(f"handshakes         {handshakes} ({new_before} before the first kill, {reg_after1} after the first restart, "
+      f"{reg_after2} after the second); expired {expired}")
 print(f"rebinds            {rb['moves']} moves ({rb['storms']} storm), {rb['succeeded']} recovered, {rb['failed']} failed, "
-      f"{rb['unrecovered']} unrecovered; gateway after restart: {accepted} accepted, {rej_epoch} rejected for epoch")
+      f"{rb['unrecovered']} unrecovered; gateway since the last restart: {accepted} accepted, {rej_epoch} rejected for epoch")
 print(f"recovery           {p(rb['recovery'])}")
+print(f"at the end         epoch 3 holds {e3_end} ({need} live connections after the connect phase)")
 print("result             " + ("PASS" if not fail else "FAIL"))
 for f in fail:
     print(f"  - {f}")

@@ -16,6 +16,8 @@
 //!   0x16 EXPIRED            gateway -> host   u64 conn_id
 //!   0x17 HELLO              host -> gateway   u64 boot
 //!   0x18 HELLO_ACK          gateway -> host   u64 boot || u32 released
+//!   0x19 EPOCH_KEYS         gateway -> host   u32 e' || u8 S || u16 n || n x (u64 conn_id || u32 x' || R'(32) || keys(16*S))
+//!   0x1A KEYS_DELIVERED     host -> gateway   u32 e' || u16 n || n x u64 conn_id
 //! ```
 //!
 //! Control messages carry secrets (`R`, slot keys), so they are encrypted and authenticated
@@ -34,7 +36,10 @@ use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
 use crate::crypto::{self, TAG_LEN};
 use crate::time::{TICKS_PER_SECOND, Ticks};
-use crate::wire::{MAX_SLOTS, MAX_TUPLE_LEN, MIN_SLOTS, emit_tuple, parse_tuple};
+use crate::wire::{
+    EpochKeysEntry, MAX_SLOTS, MAX_TUPLE_LEN, MIN_SLOTS, emit_epoch_keys, emit_keys_delivered,
+    emit_tuple, parse_epoch_keys, parse_keys_delivered, parse_tuple,
+};
 
 /// Control messages sent longer ago (or further ahead) than this, by the receiver's clock,
 /// are refused: 60 s.
@@ -67,6 +72,8 @@ pub enum LinkType {
     Expired = 0x16,
     Hello = 0x17,
     HelloAck = 0x18,
+    EpochKeys = 0x19,
+    KeysDelivered = 0x1A,
 }
 
 impl LinkType {
@@ -86,6 +93,8 @@ impl LinkType {
             Expired,
             Hello,
             HelloAck,
+            EpochKeys,
+            KeysDelivered,
         ]
         .into_iter()
         .find(|t| *t as u8 == b)
@@ -222,6 +231,16 @@ pub enum Control {
     Hello { boot: u64 },
     /// The gateway took `boot` and released `released` connections of earlier boots.
     HelloAck { boot: u64, released: u32 },
+    /// Keys of a new epoch for connections the host owns (PROTOCOL-EXT.md "Key delivery").
+    EpochKeys {
+        epoch: u32,
+        slots: u8,
+        /// Zeroized on drop by `NewKeys` itself.
+        #[zeroize(skip)]
+        entries: Vec<EpochKeysEntry>,
+    },
+    /// Clients that acknowledged their keys of `epoch`.
+    KeysDelivered { epoch: u32, conn_ids: Vec<u64> },
 }
 
 impl std::fmt::Debug for Control {
@@ -290,6 +309,20 @@ impl std::fmt::Debug for Control {
             Control::HelloAck { boot, released } => {
                 write!(f, "HelloAck {{ boot: {boot}, released: {released} }}")
             }
+            Control::EpochKeys { epoch, entries, .. } => {
+                write!(
+                    f,
+                    "EpochKeys {{ epoch: {epoch}, entries: {} }}",
+                    entries.len()
+                )
+            }
+            Control::KeysDelivered { epoch, conn_ids } => {
+                write!(
+                    f,
+                    "KeysDelivered {{ epoch: {epoch}, conn_ids: {} }}",
+                    conn_ids.len()
+                )
+            }
         }
     }
 }
@@ -306,6 +339,8 @@ impl Control {
             Control::Expired { .. } => LinkType::Expired,
             Control::Hello { .. } => LinkType::Hello,
             Control::HelloAck { .. } => LinkType::HelloAck,
+            Control::EpochKeys { .. } => LinkType::EpochKeys,
+            Control::KeysDelivered { .. } => LinkType::KeysDelivered,
         }
     }
 
@@ -394,6 +429,17 @@ impl Control {
                 b.extend_from_slice(&boot.to_be_bytes());
                 b.extend_from_slice(&released.to_be_bytes());
             }
+            Control::EpochKeys {
+                epoch,
+                slots,
+                entries,
+            } => {
+                let body = Zeroizing::new(emit_epoch_keys(*epoch, usize::from(*slots), entries));
+                b.extend_from_slice(&body);
+            }
+            Control::KeysDelivered { epoch, conn_ids } => {
+                b.extend_from_slice(&emit_keys_delivered(*epoch, conn_ids));
+            }
         }
         b
     }
@@ -468,6 +514,21 @@ impl Control {
                 boot: r.u64()?,
                 released: r.u32()?,
             },
+            // These bodies fill the rest of the message; their parsers check the length.
+            LinkType::EpochKeys => {
+                let rest = r.take(b.len().saturating_sub(r.at))?;
+                let (epoch, entries) = parse_epoch_keys(rest).ok()?;
+                Control::EpochKeys {
+                    epoch,
+                    slots: *rest.get(4)?,
+                    entries,
+                }
+            }
+            LinkType::KeysDelivered => {
+                let rest = r.take(b.len().saturating_sub(r.at))?;
+                let (epoch, conn_ids) = parse_keys_delivered(rest).ok()?;
+                Control::KeysDelivered { epoch, conn_ids }
+            }
             _ => return None,
         };
         (r.at == b.len()).then_some((sent, msg))

@@ -228,6 +228,7 @@ impl SimGateway {
     /// Applies the store operations the core queued, as the store writer would.
     fn persist(&mut self) {
         while let Ok(op) = self.store_rx.try_recv() {
+            self.shared.mark_durable(1);
             match op {
                 StoreOp::Register(c) => {
                     self.persisted.insert((c.epoch, c.index), c);
@@ -252,10 +253,16 @@ impl SimGateway {
                     self.persisted.remove(&(epoch, index));
                 }
                 StoreOp::Rotate {
-                    grace_until, drop, ..
+                    grace_until,
+                    drop,
+                    register,
+                    ..
                 } => {
                     if let Some(d) = drop {
                         self.persisted.retain(|(e, _), _| *e != d);
+                    }
+                    for c in register {
+                        self.persisted.insert((c.epoch, c.index), c);
                     }
                     self.persisted_grace = grace_until;
                 }
@@ -535,6 +542,7 @@ impl World {
             .shared
             .rotate(epoch_crypto(&self.master, epoch, self.cfg.slots));
         self.gateway.epochs.push(epoch);
+        self.gateway.persist();
     }
 
     /// Epoch rotation with a grace period: the previous epoch is accepted for `grace`, then
@@ -579,6 +587,7 @@ impl World {
             // A connection of an epoch whose keys are gone is not restored (as in `run`).
             let _ = g.shared.restore(c, floor);
         }
+        g.shared.resume_key_delivery(self.now);
         g.shared.set_floor(Ticks(floor.0.saturating_add(1)));
         g.persisted = std::mem::take(&mut self.gateway.persisted);
         g.persisted_grace = grace;
@@ -885,10 +894,23 @@ impl World {
             .shared
             .grace_until()
             .filter(|t| t.0 != u64::MAX);
-        [arrival, clients, self.host.poll_timeout(), commit, grace]
-            .into_iter()
-            .flatten()
-            .min()
+        // A due send that found no room waits for the next step, not this wake-up.
+        let keys = self
+            .gateway
+            .shared
+            .next_key_send()
+            .filter(|t| *t > self.now);
+        [
+            arrival,
+            clients,
+            self.host.poll_timeout(),
+            commit,
+            grace,
+            keys,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// Steps and advances the clock from event to event until `cond` holds (true) or

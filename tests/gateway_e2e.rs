@@ -18,8 +18,9 @@ use rebindgw::rebind::{RebindCredentials, RebindSecret, build_rebind, fresh_nonc
 use rebindgw::secrets::generate_link_key;
 use rebindgw::time::Ticks;
 use rebindgw::wire::{
-    ClientCredentials, DataView, HandshakeReply, MsgType, RebindAckView, Unrecognized,
-    build_handshake, open_handshake_reply, seal_data,
+    ClientCredentials, DataView, HandshakeReply, KEYS_ACK_LEN, KEYS_TYPE, MsgType, NewKeys,
+    RebindAckView, Unrecognized, build_handshake, open_handshake_reply, open_keys, seal_data,
+    seal_keys_ack,
 };
 
 struct World {
@@ -142,6 +143,9 @@ struct RawClient {
     gw: SocketAddr,
     reply: HandshakeReply,
     seq: u64,
+    /// KEYS received (key delivery), oldest first, and the next KEYS_ACK's `aseq`.
+    keys: Vec<Vec<u8>>,
+    aseq: u64,
 }
 
 impl RawClient {
@@ -163,6 +167,8 @@ impl RawClient {
                     gw: w.addr(),
                     reply,
                     seq: 0,
+                    keys: Vec::new(),
+                    aseq: 0,
                 };
             }
         }
@@ -181,11 +187,50 @@ impl RawClient {
         out
     }
 
-    fn exchange(&self, datagram: &[u8]) -> Option<Vec<u8>> {
+    /// Sends `datagram` and returns the first answer that is not a KEYS (those are kept).
+    fn exchange(&mut self, datagram: &[u8]) -> Option<Vec<u8>> {
         self.sock.send_to(datagram, self.gw).unwrap();
         let mut buf = [0u8; 2048];
-        let (n, _) = self.sock.recv_from(&mut buf).ok()?;
-        Some(buf[..n].to_vec())
+        loop {
+            let (n, _) = self.sock.recv_from(&mut buf).ok()?;
+            if buf[0] != KEYS_TYPE {
+                return Some(buf[..n].to_vec());
+            }
+            self.keys.push(buf[..n].to_vec());
+        }
+    }
+
+    /// Waits for a KEYS (key delivery), opens it and acknowledges it (KEYS_ACK).
+    fn take_keys(&mut self, within: Duration) -> NewKeys {
+        let deadline = Instant::now() + within;
+        let mut buf = [0u8; 2048];
+        while self.keys.is_empty() && Instant::now() < deadline {
+            if let Ok((n, _)) = self.sock.recv_from(&mut buf)
+                && buf[0] == KEYS_TYPE
+            {
+                self.keys.push(buf[..n].to_vec());
+            }
+        }
+        let k = self.keys.first().expect("a KEYS arrives").clone();
+        let (kseq, keys) = open_keys(&crypto::gcm(&self.reply.kd_s2c), &k).expect("KEYS opens");
+        let mut ack = [0u8; KEYS_ACK_LEN];
+        seal_keys_ack(
+            &crypto::gcm(&self.reply.kd_c2s),
+            self.aseq,
+            keys.epoch,
+            kseq,
+            &mut ack,
+        );
+        self.aseq += 1;
+        self.sock.send_to(&ack, self.gw).unwrap();
+        keys
+    }
+
+    /// From now on rebinds with `keys` (its index, `R` and slot keys of their epoch).
+    fn adopt(&mut self, keys: &NewKeys) {
+        self.reply.epoch_byte = keys.epoch as u8;
+        self.reply.rebind_secret = keys.rebind_secret;
+        self.reply.slot_keys = keys.slot_keys.clone();
     }
 
     fn echo_ok(&mut self, payload: &[u8]) -> bool {
@@ -254,7 +299,8 @@ impl RawClient {
 
 /// `rebindgw rotate` against a running gateway: refused without the admin key, refused
 /// during grace unless forced; the old epoch's clients keep working (also across a restart
-/// during grace) and rebind with their old keys; after grace they are released.
+/// during grace) and rebind with their old keys; a client that takes its delivered keys
+/// rebinds with them after grace, one that ignored them can no longer rebind.
 #[test]
 fn authenticated_rotation_with_grace_and_restart() {
     use rebindgw::gateway::rotate::{AdminKey, request_rotation};
@@ -275,6 +321,9 @@ fn authenticated_rotation_with_grace_and_restart() {
     let t = Duration::from_secs(3);
     let mut c = RawClient::connect(&w, &w.enroll("rot"));
     assert!(c.echo_ok(b"epoch 1"));
+    // A client that takes its new keys (key delivery) and one (`c`) that ignores them.
+    let mut d = RawClient::connect(&w, &w.enroll("rot-keys"));
+    assert!(d.echo_ok(b"epoch 1"));
 
     // Another key is refused, and counted.
     let wrong = w.dir.join("wrong.key");
@@ -288,10 +337,24 @@ fn authenticated_rotation_with_grace_and_restart() {
     assert!(out.starts_with("rotated: epoch 2"), "{out}");
     assert_eq!(scraped(&w, "rebindgw_epoch"), 2.0);
     assert_eq!(scraped(&w, "rebindgw_epoch_rotations_total"), 1.0);
-    assert_eq!(scraped(&w, "rebindgw_epoch_connections{epoch=\"1\"}"), 1.0);
+    assert_eq!(scraped(&w, "rebindgw_epoch_connections{epoch=\"1\"}"), 2.0);
     // During grace, a second rotation needs --force.
     let e = request_rotation(admin, &key, false, t).unwrap_err();
     assert!(e.to_string().contains("409"), "{e}");
+    // Both connections were registered in epoch 2; `d` gets its keys through its host.
+    assert_eq!(scraped(&w, "rebindgw_epoch_connections{epoch=\"2\"}"), 2.0);
+    let new_keys = d.take_keys(Duration::from_secs(3));
+    assert_eq!(new_keys.epoch, 2);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while scraped(&w, "rebindgw_epoch_keys_acknowledged_total") < 1.0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(scraped(&w, "rebindgw_epoch_keys_acknowledged_total"), 1.0);
+    assert_eq!(
+        scraped(&w, "rebindgw_epoch_keys_pending"),
+        1.0,
+        "c never acknowledges"
+    );
 
     // The old-epoch client keeps working, and rebinds with its old keys.
     assert!(c.echo_ok(b"grace"));
@@ -319,11 +382,20 @@ fn authenticated_rotation_with_grace_and_restart() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(w.gw().shared().epochs().previous.is_none(), "grace ended");
-    assert_eq!(w.gw().shared().connections(), 0);
+    // Both connections live on in their epoch-2 registrations: `c`'s old keys no longer
+    // rebind (a cookie request naming epoch 1 gets an UNRECOGNIZED of epoch 2), `d`
+    // rebinds with its delivered keys, with no handshake.
+    assert_eq!(w.gw().shared().connections(), 2);
     assert_eq!(
         c.move_and_rebind_in_own_epoch(),
         Some(MsgType::Unrecognized as u8)
     );
+    d.adopt(&new_keys);
+    assert_eq!(
+        d.move_and_rebind_in_own_epoch(),
+        Some(MsgType::RebindAck as u8)
+    );
+    assert!(d.echo_ok(b"epoch 2 keys, moved"));
     // A new handshake lands in the new epoch.
     let mut c2 = RawClient::connect(&w, &w.enroll("rot2"));
     assert_eq!(c2.reply.epoch_byte, 2);
@@ -600,8 +672,8 @@ fn idle_connection_expires_at_gateway_and_host() {
 }
 
 /// `rotate_every_secs` on a running gateway: epochs follow each other on schedule, each
-/// grace period ends on time, and a connection made in one epoch is released when its grace
-/// ends (its host told), while a new handshake lands in the current epoch.
+/// grace period ends on time, a connection made in one epoch moves to the registration the
+/// rotation gave it when its grace ends, and a new handshake lands in the current epoch.
 #[test]
 fn scheduled_rotation_and_grace_end() {
     let w = World::new("127.0.0.1:0", |c| {
@@ -631,8 +703,10 @@ fn scheduled_rotation_and_grace_end() {
     }
     assert!(shared.epochs().previous.is_none(), "grace ended");
     assert_eq!(epoch(), 2, "not yet the next rotation");
-    assert_eq!(shared.connections(), 0, "released with its epoch");
-    assert!(scraped(&w, "rebindgw_connections_expired_total") >= 1.0);
+    // Registered in epoch 2 at the rotation, the connection moved there: not released.
+    assert_eq!(shared.connections(), 1);
+    assert_eq!(shared.connections_per_epoch(), vec![(2, 1)]);
+    assert!(c.echo_ok(b"after grace, same tuple"));
     let mut c2 = RawClient::connect(&w, &later);
     assert_eq!(c2.reply.epoch_byte, 2);
     assert!(c2.echo_ok(b"epoch 2"));

@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use rebindgw::client::{ClientEvent, ClientState};
 use rebindgw::gateway::metrics::C;
+use rebindgw::hostlink::LinkType;
 use rebindgw::sim::{GATEWAY, SimConfig, World};
-use rebindgw::wire::{MsgType, Unrecognized};
+use rebindgw::wire::{KEYS_ACK_TYPE, KEYS_TYPE, MsgType, Unrecognized};
 
 fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
@@ -198,6 +199,8 @@ fn reordering_around_a_rebind() {
 fn epoch_rotation_both_epochs_verify_during_grace() {
     let mut w = connected(SimConfig::default(), 1);
     let old_epoch_byte = (w.cfg.epoch & 0xff) as u8;
+    // Client 0 gets no new keys (its host never hears of them): it keeps its old ones.
+    w.drop_if(|d| d.data.first() == Some(&(LinkType::EpochKeys as u8)));
     w.rotate_epoch(w.cfg.epoch + 1);
     // A client that connects now gets the new epoch.
     assert!(w.connect_clients(1, Duration::from_secs(5)));
@@ -222,7 +225,7 @@ fn epoch_rotation_both_epochs_verify_during_grace() {
             seen.borrow_mut()
                 .push(Unrecognized::parse(&d.data).unwrap().epoch_byte);
         }
-        false
+        d.data.first() == Some(&(LinkType::EpochKeys as u8))
     });
     let new0 = w.move_client(0);
     w.send(0, b"first DATA from the new tuple");
@@ -446,71 +449,215 @@ fn store_down_refuses_rebinds_known_tuples_keep_forwarding_and_service_resumes()
     echo_eventually(&mut w, 1, b"back", ms(200), Duration::from_secs(5));
 }
 
-/// A rotation with a grace period under NAT churn: every client of the old epoch moves
-/// during grace and rebinds with its old keys by itself (§6 1.1), with no new handshake,
-/// also across a gateway restart during grace. At the end of grace the old epoch is wiped:
-/// its connections are released (host told), and a client that comes back afterwards fails
-/// its rebind and connects again through a handshake, into the new epoch.
+/// Every client has acknowledged its keys of the current epoch and the gateway holds no
+/// pending key.
+fn keys_all_delivered(w: &World, n: usize, acked_before: u64) -> bool {
+    w.host.counters().keys_acked >= acked_before + n as u64 && w.gateway.shared.keys_pending() == 0
+}
+
+/// Moves clients `from..n` to new tuples, has each send, and waits until all rebound.
+fn move_and_rebind(w: &mut World, from: usize, n: usize, rebinds: u64, what: &str) {
+    for i in from..n {
+        w.move_client(i);
+        w.send(i, b"after the move");
+    }
+    assert!(
+        w.drive_until(Duration::from_secs(10), |w| (from..n).all(|i| w
+            .client(i)
+            .core
+            .rebinds()
+            == rebinds)),
+        "{what}: every client rebinds"
+    );
+    for i in from..n {
+        echo(w, i, b"new tuple");
+    }
+}
+
+fn move_all_and_rebind(w: &mut World, n: usize, rebinds: u64, what: &str) {
+    move_and_rebind(w, 0, n, rebinds, what);
+}
+
+/// The epoch byte of the registration that routes client `i`'s tuple.
+fn routed_epoch(w: &World, i: usize) -> Option<u8> {
+    w.gateway
+        .shared
+        .tuples
+        .get(&w.client(i).tuple)
+        .map(|r| r.epoch_byte)
+}
+
+/// Key delivery (PROTOCOL-EXT.md "Key delivery"): a rotation registers every live
+/// connection in the new epoch and its host hands each client its new keys inside the
+/// connection. Clients then rebind under the new epoch (NAT churn) during grace, across a
+/// gateway restart during grace, and after grace, when the old epoch is wiped: no
+/// connection is released and no client handshakes again.
 #[test]
-fn rotation_grace_under_nat_churn_and_restart_then_handshake_after_grace() {
+fn rotation_delivers_keys_and_clients_rebind_under_the_new_epoch_without_handshakes() {
     const N: usize = 12;
     let mut w = connected(SimConfig::default(), N);
-    let handshakes = w.gateway.count(C::RxHandshake);
+    let handshakes = w.host.counters().handshakes_ok;
     let old = w.cfg.epoch;
-    let r = w.rotate_epoch_with_grace(old + 1, Duration::from_secs(120));
-    assert_eq!((r.epoch, r.dropped), (old + 1, None));
-    let mut handshakes_before_restart = 0;
-    for round in 0..2 {
-        if round == 1 {
-            handshakes_before_restart = w.gateway.count(C::RxHandshake);
-            w.restart_gateway();
-            assert!(
-                w.gateway.shared.epochs().previous.is_some(),
-                "grace survives"
-            );
-        }
-        for i in 0..N {
-            w.move_client(i);
-            w.send(i, b"after the move");
-        }
-        assert!(
-            w.drive_until(Duration::from_secs(10), |w| (0..N).all(|i| w
-                .client(i)
-                .core
-                .rebinds()
-                == round + 1)),
-            "round {round}: every old-epoch client rebinds"
-        );
-        for i in 0..N {
-            echo(&mut w, i, b"old keys, new tuple");
-        }
-    }
-    // Counters restart with the gateway: none since the restart, none before it.
-    assert_eq!(w.gateway.restarts, 1);
-    assert_eq!(handshakes_before_restart, handshakes);
+    let new = old + 1;
+    let r = w.rotate_epoch_with_grace(new, Duration::from_secs(120));
+    assert_eq!((r.epoch, r.dropped, r.registered), (new, None, N));
+    assert_eq!(w.gateway.shared.keys_pending(), N);
+    // Stored with the rotation: both registrations of every connection.
     assert_eq!(
-        w.gateway.count(C::RxHandshake),
-        0,
-        "no handshake during grace"
+        w.gateway
+            .persisted
+            .keys()
+            .filter(|(e, _)| *e == new)
+            .count(),
+        N
     );
-    assert_eq!(
-        w.gateway.shared.connections_per_epoch(),
-        vec![(old + 1, 0), (old, N)]
+    assert!(
+        w.drive_until(Duration::from_secs(2), |w| keys_all_delivered(w, N, 0)),
+        "keys delivered and confirmed"
     );
+    assert_eq!(w.gateway.count(C::KeysAcknowledged), N as u64);
+    assert_eq!(w.host.counters().keys_sent, N as u64);
+    // Still routed by the old registrations until the clients move.
+    assert!((0..N).all(|i| routed_epoch(&w, i) == Some(old as u8)));
+    move_all_and_rebind(&mut w, N, 1, "during grace");
+    assert!((0..N).all(|i| routed_epoch(&w, i) == Some(new as u8)));
+    assert_eq!(w.gateway.count(C::RebindAccepted), N as u64);
 
-    // Client 0 goes offline (no traffic) past the end of grace.
+    // A restart during grace keeps both registries; the clients move again.
+    w.restart_gateway();
+    assert!(
+        w.gateway.shared.epochs().previous.is_some(),
+        "grace survives"
+    );
+    assert_eq!(w.gateway.shared.connections(), N);
+    move_all_and_rebind(&mut w, N, 2, "after the restart");
+
+    // The end of grace wipes the old epoch and releases nobody.
     w.run_for(Duration::from_secs(121));
     assert!(
         w.gateway.shared.epochs().previous.is_none(),
         "old epoch wiped"
     );
-    assert_eq!(w.gateway.shared.connections(), 0);
-    assert_eq!(w.gateway.count(C::Expired), N as u64);
-    assert!(w.gateway.persisted.keys().all(|(e, _)| *e != old));
-    // It comes back from a new tuple: its rebind cannot succeed, so it fails, and connects
-    // again with a handshake, in the new epoch.
+    assert_eq!(w.gateway.shared.connections_per_epoch(), vec![(new, N)]);
+    assert_eq!(w.gateway.count(C::Expired), 0);
+    assert!(w.gateway.persisted.keys().all(|(e, _)| *e == new));
+    move_all_and_rebind(&mut w, N, 3, "after grace");
+    assert_eq!(
+        w.host.counters().handshakes_ok,
+        handshakes,
+        "no new handshake"
+    );
+    assert_eq!(w.host.counters().expired_by_gateway, 0);
+}
+
+/// Lost KEYS and lost KEYS_ACKs are repaired by the host's retransmissions (0.5 s, doubling):
+/// each client installs its keys once and acknowledges every copy; the host reports each
+/// connection once it has an acknowledgement.
+#[test]
+fn lost_keys_and_keys_acks_are_retransmitted() {
+    const N: usize = 8;
+    let mut w = connected(SimConfig::default(), N);
+    // Half the clients lose their first two KEYS, the other half their first KEYS_ACK.
+    let lost = Rc::new(RefCell::new(std::collections::HashMap::<_, u32>::new()));
+    let l = lost.clone();
+    let tuples: Vec<_> = (0..N).map(|i| w.client(i).tuple).collect();
+    w.drop_if(move |d| {
+        let keys = d.from == GATEWAY && d.data.first() == Some(&KEYS_TYPE);
+        let ack = d.to == GATEWAY && d.data.first() == Some(&KEYS_ACK_TYPE);
+        let who = if keys { d.to } else { d.from };
+        let Some(i) = tuples.iter().position(|t| *t == who) else {
+            return false;
+        };
+        let mut l = l.borrow_mut();
+        let n = l.entry((i, keys)).or_default();
+        let drop = (keys && i % 2 == 0 && *n < 2) || (ack && i % 2 == 1 && *n < 1);
+        *n += 1;
+        drop
+    });
+    let new = w.cfg.epoch + 1;
+    w.rotate_epoch_with_grace(new, Duration::from_secs(120));
+    assert!(
+        w.drive_until(Duration::from_secs(10), |w| keys_all_delivered(w, N, 0)),
+        "every key delivered in spite of the losses"
+    );
+    w.clear_drop();
+    let c = w.host.counters().clone();
+    assert!(c.keys_resent >= (N / 2 * 2 + N / 2) as u64, "{c:?}");
+    assert_eq!(c.keys_acked, N as u64);
+    assert_eq!(w.gateway.count(C::KeysAcknowledged), N as u64);
+    move_all_and_rebind(&mut w, N, 1, "after lossy delivery");
+    assert!((0..N).all(|i| routed_epoch(&w, i) == Some(new as u8)));
+}
+
+/// A gateway restart (kill -9: only what reached the store survives) in the middle of key
+/// delivery: the rotation's registrations come back from the store, the gateway sends
+/// every key again, the host answers for the clients that acknowledged already without
+/// delivering again, and nobody is lost or handshakes again.
+#[test]
+fn gateway_restart_during_key_delivery_loses_nobody() {
+    const N: usize = 10;
+    let mut w = connected(SimConfig::default(), N);
+    let handshakes = w.host.counters().handshakes_ok;
+    // The clients' acknowledgements of half of them are held back until after the restart.
+    let tuples: Vec<_> = (0..N / 2).map(|i| w.client(i).tuple).collect();
+    w.hold_if(move |d| {
+        d.to == GATEWAY && d.data.first() == Some(&KEYS_ACK_TYPE) && tuples.contains(&d.from)
+    });
+    let new = w.cfg.epoch + 1;
+    w.rotate_epoch_with_grace(new, Duration::from_secs(60));
+    w.run_for(ms(300));
+    assert_eq!(w.host.counters().keys_acked, (N / 2) as u64);
+    w.restart_gateway();
+    w.clear_hold();
+    let _ = w.take_held();
+    assert_eq!(
+        w.gateway.shared.keys_pending(),
+        N,
+        "all sent again after the restart"
+    );
+    assert!(
+        w.drive_until(Duration::from_secs(20), |w| keys_all_delivered(
+            w,
+            N / 2,
+            N as u64 / 2
+        )),
+        "delivery completes"
+    );
+    // Each client got one delivery (the host did not restart it for the repeated entries).
+    assert_eq!(w.host.counters().keys_sent, N as u64);
+    assert!(w.host.counters().epoch_keys_duplicate >= N as u64);
+    move_all_and_rebind(&mut w, N, 1, "after the restart");
+    w.run_for(Duration::from_secs(61));
+    assert_eq!(w.gateway.shared.connections_per_epoch(), vec![(new, N)]);
+    move_all_and_rebind(&mut w, N, 2, "after grace");
+    assert_eq!(w.host.counters().handshakes_ok, handshakes);
+}
+
+/// A client offline across two rotations misses both deliveries: its connection outlives
+/// the rotations (its registrations move on), but when it comes back from a new tuple it
+/// holds no key the gateway still accepts, so its rebind fails and it connects again with
+/// a handshake (what an application, e.g. `rebindgw connect`, does on `Failed`). The
+/// others, which got their keys, rebind with none.
+#[test]
+fn a_client_offline_across_two_rotations_handshakes_again() {
+    const N: usize = 3;
+    let mut w = connected(SimConfig::default(), N);
+    let handshakes = w.host.counters().handshakes_ok;
+    let away = w.client(0).tuple;
+    w.drop_if(move |d| d.to == away || d.from == away);
+    for k in 1..=2 {
+        w.rotate_epoch_with_grace(w.cfg.epoch + k, Duration::from_secs(60));
+        w.run_for(Duration::from_secs(61));
+        assert!(w.gateway.shared.epochs().previous.is_none());
+    }
+    w.clear_drop();
+    assert_eq!(w.host.counters().keys_acked, 2 * (N as u64 - 1));
+    move_and_rebind(&mut w, 1, N, 1, "clients that got their keys");
+    // Its unanswered keepalives may have sent it probing already; it comes back anyway.
     w.move_client(0);
-    w.send(0, b"back");
+    if w.client(0).core.state() == ClientState::Connected {
+        w.send(0, b"back");
+    }
     assert!(w.drive_until(Duration::from_secs(60), |w| matches!(
         w.client(0).core.state(),
         ClientState::Failed(_)
@@ -520,8 +667,8 @@ fn rotation_grace_under_nat_churn_and_restart_then_handshake_after_grace() {
         w.drive_until(Duration::from_secs(5), |w| w.client(0).core.state()
             == ClientState::Connected)
     );
-    echo(&mut w, 0, b"new epoch");
-    assert_eq!(w.gateway.shared.connections_per_epoch(), vec![(old + 1, 1)]);
+    echo(&mut w, 0, b"newest epoch");
+    assert_eq!(w.host.counters().handshakes_ok, handshakes + 1);
 }
 
 #[test]
@@ -543,12 +690,15 @@ fn deferred_registration_waits_for_the_store_and_handshakes_resume_when_it_retur
     echo(&mut w, 0, b"registered through the store");
 }
 
-/// A gateway down across the end of its grace period: it comes back with the previous epoch
-/// (the store still says grace), ends the grace at its first step (the deadline has passed),
-/// releases that epoch's connections in one store op and tells their host.
+/// A gateway down across the end of its grace period, before it could send any key: it
+/// comes back with the previous epoch (the store still says grace), ends the grace at its
+/// first step (the deadline has passed) by moving every connection to the registration the
+/// rotation made for it, releases nobody, and delivers the keys after grace; the clients
+/// then rebind under the new epoch.
 #[test]
 fn restart_after_the_grace_deadline_ends_grace_at_once() {
-    let mut w = connected(SimConfig::default(), 3);
+    const N: usize = 3;
+    let mut w = connected(SimConfig::default(), N);
     let old = w.cfg.epoch;
     w.rotate_epoch_with_grace(old + 1, Duration::from_secs(60));
     w.now = w.now.saturating_add(Duration::from_secs(61));
@@ -559,8 +709,64 @@ fn restart_after_the_grace_deadline_ends_grace_at_once() {
     );
     w.run_for(ms(10));
     assert!(w.gateway.shared.epochs().previous.is_none());
-    assert_eq!(w.gateway.shared.connections(), 0);
-    assert_eq!(w.gateway.count(C::Expired), 3);
-    assert!(w.gateway.persisted.is_empty());
+    assert_eq!(w.gateway.shared.connections_per_epoch(), vec![(old + 1, N)]);
+    assert_eq!(w.gateway.count(C::Expired), 0);
+    assert!(w.gateway.persisted.keys().all(|(e, _)| *e == old + 1));
     assert_eq!(w.gateway.persisted_grace.0, 0);
+    assert!(
+        w.drive_until(Duration::from_secs(5), |w| keys_all_delivered(w, N, 0)),
+        "keys delivered after grace"
+    );
+    move_all_and_rebind(&mut w, N, 1, "after grace");
+}
+
+/// Two rotations with a gateway restart between them (after the first grace): the second
+/// delivery reaches every client too (each host numbers its KEYS on, each client takes the
+/// higher `kseq`), and the clients rebind under the newest epoch.
+#[test]
+fn two_rotations_with_a_restart_between_deliver_both() {
+    const N: usize = 4;
+    let mut w = connected(SimConfig::default(), N);
+    let e = w.cfg.epoch;
+    w.rotate_epoch_with_grace(e + 1, Duration::from_secs(6));
+    assert!(w.drive_until(Duration::from_secs(5), |w| keys_all_delivered(w, N, 0)));
+    w.run_for(Duration::from_secs(7));
+    w.restart_gateway();
+    w.run_for(ms(100));
+    w.rotate_epoch_with_grace(e + 2, Duration::from_secs(6));
+    assert!(
+        w.drive_until(Duration::from_secs(5), |w| keys_all_delivered(
+            w, N, N as u64
+        ))
+    );
+    w.run_for(Duration::from_secs(7));
+    move_all_and_rebind(&mut w, N, 1, "after both rotations");
+    assert!((0..N).all(|i| routed_epoch(&w, i) == Some((e + 2) as u8)));
+}
+
+/// A client that got the first rotation's keys but never used them (it did not move) and
+/// misses the second rotation's: when it moves during the second grace period, the gateway
+/// names the newest epoch, its own is gone, and it rebinds with the keys it was delivered
+/// (the previous epoch's, still accepted), by itself.
+#[test]
+fn a_client_that_missed_the_second_delivery_rebinds_with_the_first_during_grace() {
+    const N: usize = 2;
+    let mut w = connected(SimConfig::default(), N);
+    let handshakes = w.host.counters().handshakes_ok;
+    let e = w.cfg.epoch;
+    w.rotate_epoch_with_grace(e + 1, Duration::from_secs(6));
+    assert!(w.drive_until(Duration::from_secs(5), |w| keys_all_delivered(w, N, 0)));
+    w.run_for(Duration::from_secs(7));
+    assert!(w.gateway.shared.epochs().previous.is_none());
+    // Client 0 gets none of the second rotation's KEYS.
+    let t0 = w.client(0).tuple;
+    w.drop_if(move |d| d.to == t0 && d.data.first() == Some(&KEYS_TYPE));
+    w.rotate_epoch_with_grace(e + 2, Duration::from_secs(6));
+    w.run_for(Duration::from_secs(1));
+    w.clear_drop();
+    assert_eq!(w.client(0).core.stats().keys_installed, 1);
+    move_all_and_rebind(&mut w, N, 1, "during the second grace");
+    assert_eq!(routed_epoch(&w, 0), Some((e + 1) as u8));
+    assert_eq!(routed_epoch(&w, 1), Some((e + 2) as u8));
+    assert_eq!(w.host.counters().handshakes_ok, handshakes);
 }

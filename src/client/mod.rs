@@ -696,6 +696,16 @@ impl Client {
         }
         if u.epoch_byte != epoch_byte {
             self.stats.dropped_unrecognized += 1;
+            // Delivered keys of an epoch between ours and the gateway's (it rotated again
+            // before we used them): ours may be wiped, theirs is still accepted while the
+            // newest epoch's grace lasts, so the cookie request names theirs.
+            if let Some(next) = self
+                .session()
+                .and_then(|s| s.next.as_ref())
+                .map(|n| n.epoch as u8)
+            {
+                self.switch_to_delivered_keys(next);
+            }
             // The gateway moved to a new epoch (§6, 1.1): a cookie request naming ours draws
             // an UNRECOGNIZED of our epoch while its grace period lasts. After it, the rebind
             // runs out and the client fails over to a new handshake.

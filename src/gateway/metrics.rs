@@ -54,6 +54,9 @@ counters! {
     UnrecognizedPrefixRate => "rebindgw_unrecognized_suppressed_total", "reason=\"prefix_rate\"", "";
     UnrecognizedGlobalRate => "rebindgw_unrecognized_suppressed_total", "reason=\"global_rate\"", "";
     RebindAccepted => "rebindgw_rebinds_accepted_total", "", "REBINDs accepted (connection moved).";
+    KeysDelivered => "rebindgw_epoch_keys_delivered_total", "", "Connections' new-epoch keys handed to their hosts (EPOCH_KEYS entries, first sends).";
+    KeysResent => "rebindgw_epoch_keys_resent_total", "", "EPOCH_KEYS entries sent again, not yet confirmed.";
+    KeysAcknowledged => "rebindgw_epoch_keys_acknowledged_total", "", "New-epoch keys their clients acknowledged (KEYS_DELIVERED entries).";
     RebindDuplicate => "rebindgw_rebind_duplicates_total", "", "Duplicate REBINDs answered again.";
     CookieRequest => "rebindgw_cookie_requests_total", "", "Cookie requests (all-zero REBINDs) answered with UNRECOGNIZED.";
     RejectLength => "rebindgw_rebinds_rejected_total", "reason=\"length\"", "REBINDs rejected, by the first check that failed.";
@@ -71,6 +74,8 @@ counters! {
     HandshakeLong => "rebindgw_handshakes_dropped_total", "reason=\"too_long\"", "";
     DropOversize => "rebindgw_dropped_total", "reason=\"oversize\"", "Datagrams dropped, by reason.";
     DropKeysAckUnknownTuple => "rebindgw_dropped_total", "reason=\"keys_ack_unknown_tuple\"", "";
+    DropKeysDeliveredEpoch => "rebindgw_dropped_total", "reason=\"keys_delivered_epoch\"", "";
+    DropKeysDeliveredUnknown => "rebindgw_dropped_total", "reason=\"keys_delivered_unknown\"", "";
     DropHostBadSource => "rebindgw_dropped_total", "reason=\"host_link_unknown_source\"", "";
     DropHostBadTag => "rebindgw_dropped_total", "reason=\"host_link_bad_tag\"", "";
     DropHostMalformed => "rebindgw_dropped_total", "reason=\"host_link_malformed\"", "";
@@ -360,6 +365,8 @@ pub struct GatewayFacts {
     pub connections_per_epoch: Vec<(u32, u64)>,
     /// Refused `POST /rotate` requests.
     pub admin_auth_failures: u64,
+    /// Keys of the current epoch not yet acknowledged by their clients (key delivery).
+    pub keys_pending: u64,
     /// Cluster mode's link to etcd (`None`: single node).
     pub cluster: Option<ClusterFacts>,
 }
@@ -644,6 +651,13 @@ pub fn render(workers: &[std::sync::Arc<WorkerMetrics>], facts: &GatewayFacts) -
     for (e, n) in &facts.connections_per_epoch {
         let _ = writeln!(out, "rebindgw_epoch_connections{{epoch=\"{e}\"}} {n}");
     }
+    family(
+        &mut out,
+        "rebindgw_epoch_keys_pending",
+        "gauge",
+        "Connections registered at the last rotation whose clients have not acknowledged their new keys.",
+    );
+    let _ = writeln!(out, "rebindgw_epoch_keys_pending {}", facts.keys_pending);
     family(
         &mut out,
         "rebindgw_admin_auth_failures_total",

@@ -327,11 +327,18 @@ impl Rotator {
         let next = shared.epochs().current.keys.epoch().wrapping_add(1);
         let crypto = self.crypto(next)?;
         let r = shared.rotate_with_grace(crypto, now, now.saturating_add(self.grace));
+        // Answer once the rotation (and its registrations) is on disk, so "rotated" survives
+        // a kill -9; key delivery waits for the same commit.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !shared.rotation_durable() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
         self.started.store(now.0, Ordering::Release);
         tracing::info!(
             epoch = r.epoch,
             dropped = ?r.dropped,
             released = r.released,
+            registered = r.registered,
             grace_secs = self.grace.as_secs(),
             "key epoch rotated"
         );
@@ -397,9 +404,10 @@ pub fn rotate_route(
         match rotator.rotate(&shared, now, force) {
             Ok(r) => {
                 let mut body = format!(
-                    "rotated: epoch {}, grace {} s",
+                    "rotated: epoch {}, grace {} s, {} connections registered for key delivery",
                     r.epoch,
-                    rotator.grace.as_secs()
+                    rotator.grace.as_secs(),
+                    r.registered
                 );
                 if let Some(d) = r.dropped {
                     body.push_str(&format!(

@@ -449,6 +449,8 @@ fn start(
             }
         }
     }
+    // Keys of the current epoch still owed to connections registered at its rotation.
+    shared.resume_key_delivery(Ticks::wall_clock());
     shared.set_floor(Ticks(floor.0.saturating_add(1)));
     let start = shared.issue_ticks(Ticks::wall_clock());
     let cap = start.saturating_add(RESERVE_AHEAD);
@@ -489,6 +491,7 @@ fn start(
         Some(store_rx) => Some({
             let store = store.clone();
             let stats = stats.clone();
+            let durable = shared.durable_ops();
             std::thread::Builder::new()
                 .name("store-writer".into())
                 .spawn(move || {
@@ -498,7 +501,9 @@ fn start(
                         store_rx,
                         4096,
                         Duration::from_millis(2),
-                        |took, _, result| {
+                        |took, ops, result| {
+                            // Key delivery waits for its rotation to be on disk.
+                            durable.fetch_add(ops as u64, Ordering::AcqRel);
                             match result {
                                 Ok(()) => stats.commits.fetch_add(1, Ordering::Relaxed),
                                 Err(_) => stats.errors.fetch_add(1, Ordering::Relaxed),
@@ -763,6 +768,7 @@ fn facts(
             .collect(),
         admin_auth_failures: auth.failures.load(Ordering::Relaxed),
         cluster: None,
+        keys_pending: shared.keys_pending() as u64,
         hosts: shared
             .live()
             .hosts

@@ -71,14 +71,16 @@ pub enum StoreOp {
         epoch: u32,
     },
     /// A rotation, as one op so it lands in one transaction: `epoch` becomes the current
-    /// epoch, the previous one is accepted until `grace_until`, and every record of `drop`
-    /// (the epoch the rotation stops accepting, if any) is removed.
+    /// epoch, the previous one is accepted until `grace_until`, every record of `drop`
+    /// (the epoch the rotation stops accepting, if any) is removed, and `register` (every
+    /// live connection, registered anew in `epoch` for key delivery) is added.
     Rotate {
         epoch: u32,
         /// When the rotation happened (the schedule counts from it).
         at: Ticks,
         grace_until: Ticks,
         drop: Option<u32>,
+        register: Vec<StoredConn>,
     },
     /// The grace period of `epoch` (the previous one) is over: its records go.
     EndGrace {
@@ -402,7 +404,9 @@ impl Store {
                     Err(e) => Some(e.to_string()),
                     Ok(c) => match check_record(&c, slots, current) {
                         Some(p) => Some(p),
-                        None if !ids.insert(c.conn_id) => {
+                        // A rotation registers a connection in the new epoch too (key
+                        // delivery): unique per epoch.
+                        None if !ids.insert((c.epoch, c.conn_id)) => {
                             Some("its connection ID is another record's".to_string())
                         }
                         None => {
@@ -532,10 +536,16 @@ impl Store {
                         at,
                         grace_until,
                         drop,
+                        register,
                     } => {
                         meta.insert("rotated_at", at.0).map_err(db_err)?;
                         if let Some(d) = drop {
                             remove_epoch(&mut conns, *d)?;
+                        }
+                        for c in register {
+                            conns
+                                .insert((c.epoch, c.index), &encode(c)[..])
+                                .map_err(db_err)?;
                         }
                         meta.insert("epoch", u64::from(*epoch)).map_err(db_err)?;
                         meta.insert("grace_until", grace_until.0).map_err(db_err)?;
@@ -946,8 +956,9 @@ mod tests {
                     at: Ticks(10),
                     grace_until: Ticks(1_000),
                     drop: None,
+                    // The connection registered anew for key delivery lands with it.
+                    register: vec![at(2, 3)],
                 },
-                StoreOp::Register(at(2, 3)),
             ])
             .unwrap();
             let l = s.load(12, false).unwrap();
@@ -958,6 +969,7 @@ mod tests {
                 at: Ticks(20),
                 grace_until: Ticks(2_000),
                 drop: Some(1),
+                register: Vec::new(),
             }])
             .unwrap();
         }

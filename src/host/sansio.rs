@@ -8,7 +8,8 @@
 //! `poll_transmit` (no allocation) when it is drained after each `handle`.
 #![forbid(unsafe_code)]
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
@@ -25,12 +26,15 @@ use crate::hostlink::{
 use crate::replay::ReplayWindow;
 use crate::time::{Ticks, duration_ticks};
 use crate::wire::{
-    DATA_OVERHEAD, DataView, HandshakeReply, HandshakeView, MAX_TUPLE_LEN, build_handshake_reply,
-    open_handshake, seal_data,
+    DATA_OVERHEAD, DataView, HandshakeReply, HandshakeView, KEYS_ACK_TYPE, MAX_TUPLE_LEN,
+    build_handshake_reply, open_handshake, seal_data,
 };
 
 /// Largest datagram the host handles: the UDP maximum.
 pub const MAX_DATAGRAM: usize = 65_536;
+
+#[path = "delivery.rs"]
+mod delivery;
 
 /// Tunables of the core. `Default` follows PROTOCOL.md §7 and the host-link rules.
 #[derive(Clone, Debug)]
@@ -286,6 +290,24 @@ pub struct HostCounters {
     pub app_sent_bytes: u64,
     /// [`HostCore::send`] refusals (unknown connection, too large, queue full).
     pub app_send_refused: u64,
+
+    /// Key delivery: KEYS sealed for new keys, and resent unacknowledged.
+    pub keys_sent: u64,
+    pub keys_resent: u64,
+    /// KEYS_ACK accepted (first for their KEYS), and re-acknowledgements.
+    pub keys_acked: u64,
+    pub keys_ack_repeated: u64,
+    /// KEYS_ACK that did not open, with an `aseq` not above the last, or naming other keys.
+    pub keys_ack_bad: u64,
+    pub keys_ack_replay: u64,
+    pub keys_ack_unexpected: u64,
+    /// Connections reported in KEYS_DELIVERED (repeats included).
+    pub keys_delivered_reported: u64,
+    /// EPOCH_KEYS entries for unknown connections, for keys under way already, or for an
+    /// epoch older than the one being delivered.
+    pub epoch_keys_unknown_conn: u64,
+    pub epoch_keys_duplicate: u64,
+    pub epoch_keys_stale: u64,
 }
 
 /// A datagram [`HostCore::poll_transmit`] wrote into the caller's buffer: `buf[..len]` goes
@@ -316,6 +338,8 @@ struct Conn {
     used: bool,
     /// `t` of the last REBOUND taken: an older one (reordered between workers) is ignored.
     rebound_t: Ticks,
+    /// Its client's keys for a new epoch, on their way (PROTOCOL-EXT.md "Key delivery").
+    keys: delivery::ConnKeys,
 }
 
 /// Connections one client may hold before the oldest is closed.
@@ -404,6 +428,10 @@ pub struct HostCore {
     scratch: Vec<u8>,
     /// Application mode: events for [`HostCore::poll_event`].
     events: VecDeque<HostEvent>,
+    /// KEYS resend times `(due, conn_id)`; stale ones are skipped when popped.
+    keys_due: BinaryHeap<Reverse<(Ticks, u64)>>,
+    /// Acknowledged deliveries not yet reported: `(gateway, epoch, conn_id)`.
+    keys_report: Vec<(SocketAddr, u32, u64)>,
 }
 
 /// A DATA echo owed: `scratch[..len]` sealed under `conn_id`'s key with `seq`, to `to`.
@@ -468,6 +496,8 @@ impl HostCore {
             counters: HostCounters::default(),
             scratch: vec![0u8; MAX_DATAGRAM],
             events: VecDeque::new(),
+            keys_due: BinaryHeap::new(),
+            keys_report: Vec::new(),
         }
     }
 
@@ -613,7 +643,7 @@ impl HostCore {
     }
 
     /// The connection's data keys `(c2s, s2c)`, e.g. to seal a KEYS message for its client
-    /// or open its KEYS_ACK (tests; the reference host does not deliver keys yet).
+    /// or open its KEYS_ACK (tests).
     #[cfg(any(test, feature = "testing"))]
     pub fn data_keys_for(&self, conn_id: u64) -> Option<(&Gcm, &Gcm)> {
         self.conns.get(&conn_id).map(|c| (&c.rx, &c.tx))
@@ -722,6 +752,10 @@ impl HostCore {
             self.counters.data_malformed += 1;
             return None;
         };
+        if inner.first() == Some(&KEYS_ACK_TYPE) {
+            self.on_keys_ack(conn_id, inner);
+            return None;
+        }
         let Ok(view) = DataView::new_checked(inner) else {
             self.counters.data_malformed += 1;
             return None;
@@ -1045,6 +1079,7 @@ impl HostCore {
                         last_active: now,
                         used: false,
                         rebound_t: Ticks(0),
+                        keys: delivery::ConnKeys::default(),
                     },
                 );
                 let held = self.by_client.entry(p.client_id).or_default();
@@ -1091,6 +1126,15 @@ impl HostCore {
                         c.rebound_t = t;
                         c.gateway = from;
                         self.counters.rebounds += 1;
+                        // KEYS sent before the move went to the old tuple: the same KEYS
+                        // once more, to the new one (the backoff goes on as it was).
+                        if let Some(o) = c.keys.out.as_ref().filter(|o| !o.acked) {
+                            self.queue.push_back(Transmit {
+                                to: from,
+                                payload: o.framed.clone(),
+                            });
+                            self.counters.keys_resent += 1;
+                        }
                     }
                     Some(_) => self.counters.rebound_stale += 1,
                     None => self.counters.rebound_unknown_conn += 1,
@@ -1133,7 +1177,16 @@ impl HostCore {
                 }
                 None
             }
-            Control::Register { .. } | Control::Close { .. } | Control::Hello { .. } => {
+            Control::EpochKeys {
+                epoch, ref entries, ..
+            } => {
+                self.on_epoch_keys(now, from, epoch, entries);
+                None
+            }
+            Control::Register { .. }
+            | Control::Close { .. }
+            | Control::Hello { .. }
+            | Control::KeysDelivered { .. } => {
                 self.counters.control_unexpected += 1;
                 None
             }
@@ -1209,6 +1262,7 @@ impl HostCore {
             .values()
             .map(|p| p.retry_at)
             .chain(hellos)
+            .chain(self.keys_timeout())
             .min()
     }
 
@@ -1224,6 +1278,8 @@ impl HostCore {
             out.extend(self.hello_msg(now, g));
         }
         self.close_idle(now, &mut out);
+        self.resend_keys(now);
+        self.flush_keys_report(now);
         let due: Vec<u64> = self
             .pending
             .iter()

@@ -1195,3 +1195,116 @@ fn each_gateway_gets_its_own_hello_and_holds_its_own_registers() {
     ));
     assert_eq!(core.counters().hello_acked, 2);
 }
+
+/// Key delivery, host side (PROTOCOL-EXT.md "Key delivery"): an EPOCH_KEYS entry becomes a
+/// KEYS for the client, resent byte for byte (0.5 s, doubling) until its KEYS_ACK; then a
+/// KEYS_DELIVERED goes to the gateway. A duplicate entry does not restart the delivery and,
+/// once acknowledged, is reported again; forged, replayed or mismatched KEYS_ACKs and
+/// entries of an older epoch are dropped and counted.
+#[test]
+fn epoch_keys_become_keys_resent_until_acknowledged_then_reported() {
+    use crate::wire::{EpochKeysEntry, KEYS_ACK_LEN, KEYS_TYPE, NewKeys, open_keys, seal_keys_ack};
+    let mut s = sim();
+    let (reply, _, _) = s.handshake(T0, 1, [1; 16]);
+    let id = reply.conn_id;
+    let link = s.link.cipher();
+    let next = EpochKeys::derive(&MasterSecret::from_bytes([5; 32]), EPOCH + 1, SLOTS).unwrap();
+    let entry = |epoch: u32| EpochKeysEntry {
+        conn_id: id,
+        keys: NewKeys {
+            epoch,
+            index: 7,
+            rebind_secret: [3; 32],
+            slot_keys: next.client_keys(7).to_vec(),
+        },
+    };
+    let epoch_keys = |now: Ticks, epoch: u32, ids: &[u64]| {
+        let mut entries: Vec<EpochKeysEntry> = ids.iter().map(|_| entry(epoch)).collect();
+        for (e, c) in entries.iter_mut().zip(ids) {
+            e.conn_id = *c;
+        }
+        Control::EpochKeys {
+            epoch,
+            slots: SLOTS as u8,
+            entries,
+        }
+        .seal(&link, now)
+    };
+    // The entry for an unknown connection is counted; the client's KEYS goes out at once.
+    s.core
+        .handle(T0, gw(), &epoch_keys(T0, EPOCH + 1, &[id, 999]));
+    let sent = drain(&mut s.core, T0);
+    assert_eq!(sent.len(), 1);
+    let (conn, keys) = hostlink::parse_conn_data(&sent[0].payload).unwrap();
+    assert_eq!((conn, keys[0]), (id, KEYS_TYPE));
+    let (kseq, got) = open_keys(&crypto::gcm(&reply.kd_s2c), keys).unwrap();
+    assert_eq!((kseq, &got), (0, &entry(EPOCH + 1).keys));
+    assert_eq!(s.core.counters().epoch_keys_unknown_conn, 1);
+    // Resent unchanged after 0.5 s, then after 1 s more; a duplicate entry changes nothing.
+    assert!(timeout(&mut s.core, T0.saturating_add(Duration::from_millis(499))).is_empty());
+    let t1 = T0.saturating_add(Duration::from_millis(500));
+    assert_eq!(timeout(&mut s.core, t1)[0].payload, sent[0].payload);
+    // A duplicate entry (the gateway resent it, from another worker) draws the same KEYS
+    // through its sender.
+    let worker = SocketAddr::new(gw().ip(), gw().port() + 1);
+    s.core.handle(t1, worker, &epoch_keys(t1, EPOCH + 1, &[id]));
+    let again = drain(&mut s.core, t1);
+    assert_eq!(again.len(), 1);
+    assert_eq!((again[0].to, &again[0].payload), (worker, &sent[0].payload));
+    assert_eq!(s.core.counters().epoch_keys_duplicate, 1);
+    assert!(timeout(&mut s.core, t1.saturating_add(Duration::from_millis(999))).is_empty());
+    let t2 = t1.saturating_add(Duration::from_secs(1));
+    assert_eq!(timeout(&mut s.core, t2).len(), 1);
+    assert_eq!(s.core.counters().keys_resent, 3);
+    // KEYS_ACKs: forged, naming other keys, then the right one, then a replay.
+    let ack = |aseq: u64, epoch: u32, kseq: u64, key: &[u8; 16]| {
+        let mut a = [0u8; KEYS_ACK_LEN];
+        seal_keys_ack(&crypto::gcm(key), aseq, epoch, kseq, &mut a);
+        let mut framed = vec![0u8; KEYS_ACK_LEN + 9];
+        hostlink::emit_conn_data(LinkType::ToHostData, id, &a, &mut framed);
+        framed
+    };
+    s.core
+        .handle(t2, gw(), &ack(0, EPOCH + 1, 0, &reply.kd_s2c));
+    s.core
+        .handle(t2, gw(), &ack(0, EPOCH + 1, 1, &reply.kd_c2s));
+    s.core
+        .handle(t2, gw(), &ack(1, EPOCH + 1, 0, &reply.kd_c2s));
+    s.core
+        .handle(t2, gw(), &ack(1, EPOCH + 1, 0, &reply.kd_c2s));
+    let c = s.core.counters().clone();
+    assert_eq!(
+        (
+            c.keys_ack_bad,
+            c.keys_ack_unexpected,
+            c.keys_acked,
+            c.keys_ack_replay
+        ),
+        (1, 1, 1, 1)
+    );
+    assert_eq!(c.data_malformed, 0);
+    // The acknowledgement is reported at the next timer, and nothing is resent any more.
+    let out = timeout(&mut s.core, t2);
+    assert_eq!(out.len(), 1);
+    assert_eq!(
+        Control::open(&out[0].payload, &link, t2),
+        Ok(Control::KeysDelivered {
+            epoch: EPOCH + 1,
+            conn_ids: vec![id]
+        })
+    );
+    assert!(timeout(&mut s.core, t2.saturating_add(Duration::from_secs(60))).is_empty());
+    // A repeated entry (the gateway restarted) is answered again without a new KEYS; an
+    // entry of an older epoch is dropped.
+    let t3 = t2.saturating_add(Duration::from_secs(61));
+    s.core.handle(t3, gw(), &epoch_keys(t3, EPOCH + 1, &[id]));
+    s.core.handle(t3, gw(), &epoch_keys(t3, EPOCH, &[id]));
+    let out = timeout(&mut s.core, t3);
+    assert_eq!(out.len(), 1);
+    assert!(matches!(
+        Control::open(&out[0].payload, &link, t3),
+        Ok(Control::KeysDelivered { .. })
+    ));
+    assert_eq!(s.core.counters().keys_sent, 1);
+    assert_eq!(s.core.counters().epoch_keys_stale, 1);
+}

@@ -254,6 +254,12 @@ impl WorkerCore {
                 };
                 LinkMsg::HelloAck { boot, released }.seal(&peer.key, now)
             }
+            LinkMsg::KeysDelivered {
+                epoch,
+                ref conn_ids,
+            } => {
+                return self.keys_delivered(ctl, host, epoch, conn_ids);
+            }
             _ => return self.metrics.inc(C::DropHostMalformed),
         };
         if tx.push_bytes(Via::Host, from, &reply) {
@@ -550,6 +556,8 @@ impl WorkerCore {
         if let Some(reg) = ctl.registry_mut(epoch) {
             reg.remove(index);
         }
+        // Its registration in the other epoch (a rotation's key delivery) goes too.
+        ctl.release_other(epoch, conn_id, &self.shared);
         if let Some(t) = route.and_then(|r| r.tuple)
             && ctl.tuples.get(&t).is_some_and(|r| r.conn_id == conn_id)
         {
@@ -567,6 +575,7 @@ impl WorkerCore {
     /// control lock once; a sweep stops when `tx` is full and goes on at the next tick.
     pub fn tick(&mut self, now: Ticks, tx: &mut TxQueue) {
         self.send_expired_pending(now, tx);
+        self.send_epoch_keys(now, tx);
         self.expire_commits(now);
         let idle = self.shared.cfg.idle_timeout;
         if idle.is_zero() {
@@ -629,7 +638,14 @@ impl WorkerCore {
                 }
                 let seen = shared.activity(*epoch as u8, index).load(Ordering::Relaxed);
                 // Wrapping difference: a slot touched "ahead" of `now` reads as negative.
-                if i64::from(secs_now.wrapping_sub(seen) as i32) > limit {
+                if i64::from(secs_now.wrapping_sub(seen) as i32) > limit
+                    // The registration that routes the connection keeps its clock; the
+                    // other one (key delivery) goes with it.
+                    && ctl
+                        .conns
+                        .get(c.conn_id)
+                        .is_none_or(|r| r.epoch_byte == *epoch as u8 && r.index == index)
+                {
                     if idle_conns.len() == room {
                         complete = false;
                         break 'scan;

@@ -32,6 +32,7 @@ pub use crate::verify::EpochCrypto;
 use crate::wire::MsgType;
 
 mod commit;
+mod delivery;
 mod fastpath;
 mod hostlink;
 mod rebind;
@@ -42,6 +43,7 @@ pub use commit::{
     COMMIT_TIMEOUT, CommitMode, CommitRefusal, CommitRequest, CommitResult, MAX_PENDING_COMMITS,
     RegisterRequest, RegisterResult,
 };
+pub use delivery::KeyDelivery;
 use hostlink::RecentHandshakes;
 pub use remote::{RemoteApplied, RemoteChange};
 pub use shared::{Control, Epochs, Live, Rotation, Shared};

@@ -183,6 +183,30 @@ impl Committer<'_> {
         old: Option<SocketAddr>,
         to: SocketAddr,
     ) {
+        // A connection registered in two epochs (key delivery) that rebinds under the other
+        // one: its old registration gives up the tuple, so only one ever holds it.
+        if let Some(r) = self.ctl.conns.get(conn_id)
+            && (r.epoch_byte != epoch as u8 || r.index != index)
+        {
+            if let Some((e, reg)) = self.ctl.registry_by_byte(r.epoch_byte)
+                && reg.get(r.index).is_some_and(|c| c.conn_id == conn_id)
+            {
+                reg.unbind_tuple(r.index);
+                self.shared.persist(StoreOp::Unbind {
+                    epoch: e,
+                    index: r.index,
+                });
+            }
+            if let Some(t) = r.tuple.filter(|t| *t != to)
+                && self
+                    .ctl
+                    .tuples
+                    .get(&t)
+                    .is_some_and(|p| p.conn_id == conn_id)
+            {
+                self.ctl.tuples.remove(&t);
+            }
+        }
         if let Some(old) = old.filter(|o| *o != to)
             && self
                 .ctl

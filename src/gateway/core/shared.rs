@@ -3,7 +3,7 @@
 #![forbid(unsafe_code)]
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
@@ -19,6 +19,7 @@ use crate::table::{ConnRef, ConnRoute, ConnTable, ConnWriter, TupleTable, TupleW
 use crate::time::{Ticks, duration_ticks};
 use crate::verify::EpochCrypto;
 
+use super::delivery::KeyDelivery;
 use super::{CoreConfig, HostPeer, Rates, secs};
 
 /// A host's boot id as the gateway knows it, and the `sent` time of the HELLO that set it
@@ -75,6 +76,8 @@ pub struct Control {
     /// Connections released with an epoch (end of grace): their hosts are told EXPIRED by
     /// the next worker tick.
     pub(super) expired_pending: Vec<(HostId, u64)>,
+    /// The current epoch's keys on their way to the clients registered at its rotation.
+    pub(super) delivery: KeyDelivery,
 }
 
 /// REGISTERED replies kept for retransmits. A host retries within ~2.5 s, so a bounded FIFO
@@ -106,9 +109,48 @@ impl Control {
             .map(|(e, r)| (*e, r))
     }
 
-    /// Live connections over every epoch.
+    /// Live connections over every epoch; one registered in two epochs (a rotation's key
+    /// delivery) counts once.
     pub fn connections(&self) -> usize {
-        self.registries.iter().map(|(_, r)| r.len()).sum()
+        let all: usize = self.registries.iter().map(|(_, r)| r.len()).sum();
+        all.saturating_sub(self.delivery.dual)
+    }
+
+    /// Forgets `conn_id`'s key delivery and removes its other registration (the one `epoch`
+    /// does not hold), with its store record.
+    pub(super) fn release_other(&mut self, epoch: u32, conn_id: u64, shared: &Shared) {
+        let Some(e) = self.delivery.remove(conn_id) else {
+            return;
+        };
+        let delivered = self.delivery.epoch;
+        let other = if epoch == delivered {
+            self.registries
+                .iter()
+                .map(|(ep, _)| *ep)
+                .find(|ep| *ep != delivered)
+                .zip(e.old_index)
+        } else {
+            e.index.map(|i| (delivered, i))
+        };
+        if let Some((ep, index)) = other
+            && let Some(reg) = self.registry_mut(ep)
+            && reg.get(index).is_some_and(|c| c.conn_id == conn_id)
+        {
+            let tuple = reg.remove(index).and_then(|c| c.tuple());
+            if let Some(t) = tuple
+                && self.tuples.get(&t).is_some_and(|r| r.conn_id == conn_id)
+            {
+                self.tuples.remove(&t);
+            }
+            shared.persist(StoreOp::Remove {
+                epoch: ep,
+                index,
+                conn_id,
+            });
+        }
+        shared
+            .keys_pending
+            .store(self.delivery.pending, Ordering::Release);
     }
 
     /// Expires cached REGISTERED replies older than 30 s.
@@ -154,6 +196,12 @@ pub struct Shared {
     pub(super) rotations: AtomicU64,
     /// `Control::expired_pending` is not empty (checked without the lock).
     pub(super) has_expired_pending: AtomicBool,
+    /// `Control::delivery`'s unconfirmed keys (read without the lock).
+    pub(super) keys_pending: AtomicUsize,
+    /// Store ops sent to the writer, and ops it has committed (or failed: a broken store is
+    /// reported by /readyz and must not stop key delivery for good).
+    pub(super) ops_sent: AtomicU64,
+    pub(super) ops_durable: Arc<AtomicU64>,
 }
 
 /// What a rotation did.
@@ -165,6 +213,9 @@ pub struct Rotation {
     pub dropped: Option<u32>,
     /// Connections released with it (their hosts are told EXPIRED).
     pub released: usize,
+    /// Live connections registered in the new epoch, whose keys go to their clients
+    /// (PROTOCOL-EXT.md "Key delivery").
+    pub registered: usize,
 }
 
 impl Shared {
@@ -207,10 +258,14 @@ impl Shared {
                 guard: ReplayGuard::default(),
                 boots: vec![None; host_count],
                 expired_pending: Vec::new(),
+                delivery: KeyDelivery::default(),
             }),
             grace_until: AtomicU64::new(0),
             rotations: AtomicU64::new(0),
             has_expired_pending: AtomicBool::new(false),
+            keys_pending: AtomicUsize::new(0),
+            ops_sent: AtomicU64::new(0),
+            ops_durable: Arc::new(AtomicU64::new(0)),
             store,
             last_issued: AtomicU64::new(0),
             issue_cap: AtomicU64::new(u64::MAX),
@@ -325,6 +380,10 @@ impl Shared {
             .filter(|e| *e != current && *e != epoch)
             .collect();
         for e in stale {
+            // Connections registered in `current` by the last rotation move there first.
+            for op in self.migrate(&mut ctl, e) {
+                self.persist(op);
+            }
             released += self.release_epoch(&mut ctl, e);
             dropped = Some(e);
         }
@@ -338,6 +397,8 @@ impl Shared {
             ctl.registries
                 .insert(0, (epoch, Registry::with_capacity(self.cfg.slots, cap)));
         }
+        let register = self.register_for_delivery(&mut ctl, current, epoch, at);
+        let registered = register.len();
         let previous = Some(guard.current.clone());
         *guard = Arc::new(Epochs {
             current: Arc::new(next),
@@ -352,13 +413,60 @@ impl Shared {
             at,
             grace_until,
             drop: dropped,
+            register,
         });
+        // No key goes out before the registrations it names are on disk: after a kill -9
+        // the gateway must know every key a client may hold.
+        ctl.delivery.durable_at = self.ops_sent.load(Ordering::Acquire);
         drop(ctl);
         Rotation {
             epoch,
             dropped,
             released,
+            registered,
         }
+    }
+
+    /// Registers every connection of `from` in `to` (new index and `R`, no tuple yet: the
+    /// route stays with the old registration until the client rebinds under `to` or grace
+    /// ends) and starts delivering their keys. Returns the records to store with the
+    /// rotation. A connection that finds `to` full keeps only its old registration.
+    fn register_for_delivery(
+        &self,
+        ctl: &mut Control,
+        from: u32,
+        to: u32,
+        now: Ticks,
+    ) -> Vec<StoredConn> {
+        ctl.delivery.start(to);
+        let live: Vec<(u32, u64, HostId)> = ctl
+            .registries
+            .iter()
+            .find(|(e, _)| *e == from)
+            .map(|(_, r)| r.iter().map(|(i, c)| (i, c.conn_id, c.host)).collect())
+            .unwrap_or_default();
+        let mut stored = Vec::with_capacity(live.len());
+        for (old, conn_id, host) in live {
+            let Some(reg) = ctl.registry_mut(to) else {
+                break;
+            };
+            let Ok(r) = reg.register(conn_id, host, None) else {
+                break;
+            };
+            stored.push(StoredConn {
+                epoch: to,
+                index: r.index,
+                conn_id,
+                secret: r.secret.clone(),
+                last_rebind: Ticks(0),
+                tuple: None,
+                host,
+            });
+            ctl.delivery.add(conn_id, old, r.index, r.secret, host, now);
+        }
+        self.keys_pending
+            .store(ctl.delivery.pending, Ordering::Release);
+        stored
     }
 
     /// Ends the grace period if it is over at `now`: the previous epoch's keys are dropped
@@ -372,7 +480,16 @@ impl Shared {
         let mut ctl = self.control();
         let mut guard = self.epochs.write().unwrap_or_else(|e| e.into_inner());
         let previous = guard.previous.as_ref()?.keys.epoch();
+        // Connections registered anew at the rotation move to that registration, in the
+        // store before the old epoch's records go.
+        for op in self.migrate(&mut ctl, previous) {
+            self.persist(op);
+        }
         let released = self.release_epoch(&mut ctl, previous);
+        for e in ctl.delivery.entries.values_mut() {
+            e.old_index = None;
+        }
+        ctl.delivery.dual = 0;
         *guard = Arc::new(Epochs {
             current: guard.current.clone(),
             previous: None,
@@ -386,6 +503,7 @@ impl Shared {
             epoch: previous.wrapping_add(1),
             dropped: Some(previous),
             released,
+            registered: 0,
         })
     }
 
@@ -422,17 +540,30 @@ impl Shared {
         let mut n = 0;
         for (index, c) in reg.iter() {
             let route = ctl.conns.get(c.conn_id);
-            if route.is_some_and(|r| r.epoch_byte == epoch as u8 && r.index == index) {
-                ctl.conns.remove(c.conn_id);
-            }
+            let here = |e: u8, i: u32| e == epoch as u8 && i == index;
             if let Some(t) = c.tuple()
-                && ctl.tuples.get(&t).is_some_and(|r| r.conn_id == c.conn_id)
+                && ctl
+                    .tuples
+                    .get(&t)
+                    .is_some_and(|r| r.conn_id == c.conn_id && here(r.epoch_byte, r.index))
             {
                 ctl.tuples.remove(&t);
+            }
+            // A connection routed by its registration in another epoch lives on there.
+            if route.is_some_and(|r| !here(r.epoch_byte, r.index)) {
+                continue;
+            }
+            if route.is_some() {
+                ctl.conns.remove(c.conn_id);
+            }
+            if ctl.delivery.epoch != epoch {
+                ctl.delivery.remove(c.conn_id);
             }
             ctl.expired_pending.push((c.host, c.conn_id));
             n += 1;
         }
+        self.keys_pending
+            .store(ctl.delivery.pending, Ordering::Release);
         if n > 0 {
             self.has_expired_pending.store(true, Ordering::Release);
         }
@@ -505,9 +636,33 @@ impl Shared {
 
     pub(super) fn persist(&self, op: StoreOp) {
         if let Some(s) = &self.store {
+            self.ops_sent.fetch_add(1, Ordering::AcqRel);
             // The writer thread outlives the workers; a send only fails during shutdown.
             let _ = s.send(op);
         }
+    }
+
+    /// The store writer committed `ops` more ops (in the order they were sent).
+    pub fn mark_durable(&self, ops: u64) {
+        self.ops_durable.fetch_add(ops, Ordering::AcqRel);
+    }
+
+    /// The counter the store writer adds its committed ops to. The writer holds this, not
+    /// `Shared`: `Shared` holds the writer's sender, and the writer ends when every sender
+    /// is dropped.
+    pub fn durable_ops(&self) -> Arc<AtomicU64> {
+        self.ops_durable.clone()
+    }
+
+    /// Whether the last rotation (with its registrations) is committed to the store.
+    pub fn rotation_durable(&self) -> bool {
+        let seq = self.control().delivery.durable_at;
+        self.is_durable(seq)
+    }
+
+    /// Whether every op sent up to number `seq` is committed.
+    pub(super) fn is_durable(&self, seq: u64) -> bool {
+        self.ops_durable.load(Ordering::Acquire) >= seq
     }
 
     pub fn store_queue_len(&self) -> usize {
@@ -555,13 +710,52 @@ impl Shared {
             epoch_byte,
             host: c.host,
         };
-        // The registry holds at most max_connections, and so does this table.
-        let _ = ctl.conns.insert(c.conn_id, route);
+        // A connection registered in two epochs (a rotation's key delivery) is routed by
+        // the registration that holds its tuple; the other one only waits.
+        let routed = ctl.conns.get(c.conn_id).is_some_and(|r| r.tuple.is_some());
+        if tuple.is_some() || !routed {
+            // The registry holds at most max_connections, and so does this table.
+            let _ = ctl.conns.insert(c.conn_id, route);
+        }
+        let epochs = self.epochs();
+        if let Some(p) = &epochs.previous {
+            if c.epoch == epochs.current.keys.epoch() {
+                ctl.delivery
+                    .restored(c.conn_id, c.host, None, Some((c.index, c.secret.clone())));
+            } else if c.epoch == p.keys.epoch() {
+                ctl.delivery
+                    .restored(c.conn_id, c.host, Some(c.index), None);
+            }
+        }
         drop(ctl);
         // A restored connection gets a whole idle period from the restart.
         self.activity(epoch_byte, c.index)
             .store(secs(floor), Ordering::Relaxed);
         Ok(())
+    }
+
+    /// After the restores of a restart during grace: resumes delivering the current epoch's
+    /// keys to every connection registered in both epochs (all are sent again at `now`).
+    pub fn resume_key_delivery(&self, now: Ticks) {
+        let mut ctl = self.control();
+        ctl.delivery.epoch = self.epochs().current.keys.epoch();
+        ctl.delivery.finish_restore(now);
+        self.keys_pending
+            .store(ctl.delivery.pending, Ordering::Release);
+    }
+
+    /// When the next EPOCH_KEYS is due (a worker's `tick` sends it), if any key is pending.
+    pub fn next_key_send(&self) -> Option<Ticks> {
+        if self.keys_pending() == 0 {
+            return None;
+        }
+        let ctl = self.control();
+        ctl.delivery.due.peek().map(|std::cmp::Reverse((t, _))| *t)
+    }
+
+    /// Keys of the current epoch not yet confirmed by their hosts (clients' KEYS_ACK).
+    pub fn keys_pending(&self) -> usize {
+        self.keys_pending.load(Ordering::Acquire)
     }
 
     /// Adds a restored registry for a non-current epoch (kept during grace).

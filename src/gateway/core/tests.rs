@@ -833,44 +833,59 @@ fn restored_connections_refuse_pre_restart_rebinds() {
     assert_eq!(fresh.client(old, &data(60))[0].0, Via::Host);
 }
 
+/// A rotation that stops accepting an epoch (forced during grace) first moves the
+/// connections registered anew at the last rotation to that registration: same tuple, new
+/// index, in the store before the old records go; nobody is released or told EXPIRED.
 #[test]
-fn an_epoch_rotated_out_takes_its_connections_from_tables_and_store_and_tells_hosts() {
+fn an_epoch_rotated_out_moves_its_connections_to_their_next_registration() {
     let (store, stored) = crossbeam::channel::unbounded();
     let mut h = Harness::build(CoreConfig::new(S), &[], Some(store));
     let (a, b) = (addr("10.0.0.1:4000"), addr("10.0.0.2:4000"));
     h.register(1, a);
-    h.shared.rotate(epoch_crypto(4));
+    let r = h.shared.rotate(epoch_crypto(4));
+    assert_eq!(r.registered, 1);
     h.register(2, b);
     let _ = stored.try_iter().count();
-    // Epoch 3 is the previous one: still held.
-    assert!(h.tick().is_empty());
-    assert!(h.shared.conns.get(1).is_some());
-    // Epoch 3 is rotated out: connection 1 goes, connection 2 (epoch 4) stays.
-    h.shared.rotate(epoch_crypto(5));
-    assert!(h.shared.conns.get(1).is_none());
-    assert!(h.shared.tuples.get(&a).is_none());
-    assert_eq!(h.shared.tuples.get(&b).map(|r| r.conn_id), Some(2));
-    assert_eq!(h.shared.connections(), 1);
-    // The rotation's one store op drops epoch 3's records.
-    let dropped: Vec<_> = stored
-        .try_iter()
-        .filter_map(|op| match op {
-            StoreOp::Rotate { epoch, drop, .. } => Some((epoch, drop)),
-            _ => None,
-        })
-        .collect();
-    assert_eq!(dropped, vec![(5, Some(3))], "the removal is persisted");
-    // Its host hears at the next tick, once.
-    let out = h.tick();
-    assert_eq!(out.len(), 1);
+    // Epoch 3 still routes connection 1.
+    assert_eq!(h.shared.conns.get(1).map(|r| r.epoch_byte), Some(3));
     assert_eq!(
-        LinkMsg::open(&out[0].2, &h.link, h.now),
-        Ok(LinkMsg::Expired { conn_id: 1 })
+        h.shared.connections(),
+        2,
+        "one registered twice counts once"
     );
-    assert!(h.tick().is_empty());
-    // Its tuple is unknown now: DATA from it draws UNRECOGNIZED.
-    let out = h.client(a, &data(60));
-    assert_eq!(out[0].2[0], MsgType::Unrecognized as u8);
+    let r = h.shared.rotate(epoch_crypto(5));
+    assert_eq!((r.dropped, r.released, r.registered), (Some(3), 0, 2));
+    let route = h.shared.conns.get(1).unwrap();
+    assert_eq!((route.epoch_byte, route.tuple), (4, Some(a)));
+    assert_eq!(
+        h.shared.tuples.get(&a).map(|r| (r.conn_id, r.epoch_byte)),
+        Some((1, 4))
+    );
+    assert_eq!(h.shared.tuples.get(&b).map(|r| r.conn_id), Some(2));
+    assert_eq!(h.shared.connections(), 2);
+    let ops: Vec<StoreOp> = stored.try_iter().collect();
+    let rebind = ops
+        .iter()
+        .position(|op| matches!(op, StoreOp::Rebind { epoch: 4, tuple, .. } if *tuple == a))
+        .expect("the move is stored");
+    let rotate = ops
+        .iter()
+        .position(|op| {
+            matches!(op, StoreOp::Rotate { epoch: 5, drop: Some(3), register, .. }
+                if register.len() == 2)
+        })
+        .expect("one op: the drop and the new registrations");
+    assert!(rebind < rotate);
+    // No EXPIRED: only EPOCH_KEYS for the new epoch go to the host.
+    for (_, _, m) in h.tick() {
+        assert!(matches!(
+            LinkMsg::open(&m, &h.link, h.now),
+            Ok(LinkMsg::EpochKeys { epoch: 5, .. })
+        ));
+    }
+    assert_eq!(h.count(C::Expired), 0);
+    // DATA from the moved tuple still reaches the host.
+    assert_eq!(h.client(a, &data(60))[0].0, Via::Host);
 }
 
 #[test]
@@ -1360,54 +1375,33 @@ fn epoch_crypto(epoch: u32) -> EpochCrypto {
     EpochCrypto { keys, trial }
 }
 
-/// The epoch a rotation stops accepting is removed from the store in the rotation's own op
-/// (it used to stay there: a restart then found records of a foreign epoch), and its
-/// connections leave both tables, their host told EXPIRED.
-#[test]
-fn rotation_drops_the_epoch_it_stops_accepting_everywhere() {
-    let (store, stored) = crossbeam::channel::unbounded();
-    let mut h = Harness::build(CoreConfig::new(S), &[], Some(store));
-    let a = addr("10.0.0.1:4000");
-    h.register(1, a);
-    let r = h.shared.rotate(epoch_crypto(4));
-    assert_eq!((r.epoch, r.dropped, r.released), (4, None, 0));
-    let b = addr("10.0.0.2:4000");
-    h.register(2, b);
-    assert_eq!(h.shared.connections_per_epoch(), vec![(4, 1), (3, 1)]);
-    assert!(h.tick().is_empty());
-    let r = h.shared.rotate(epoch_crypto(5));
-    assert_eq!((r.epoch, r.dropped, r.released), (5, Some(3), 1));
-    let ops: Vec<_> = stored
-        .try_iter()
-        .filter_map(|op| match op {
-            StoreOp::Rotate { epoch, drop, .. } => Some((epoch, drop)),
-            _ => None,
-        })
-        .collect();
-    assert_eq!(ops, vec![(4, None), (5, Some(3))]);
-    assert!(h.shared.conns.get(1).is_none());
-    assert!(h.shared.tuples.get(&a).is_none());
-    assert!(h.shared.conns.get(2).is_some());
-    assert_eq!(h.shared.connections_per_epoch(), vec![(5, 0), (4, 1)]);
-    let out = h.tick();
-    assert_eq!(out.len(), 1);
-    assert_eq!(
-        LinkMsg::open(&out[0].2, &h.link, h.now),
-        Ok(LinkMsg::Expired { conn_id: 1 })
-    );
-    assert!(h.tick().is_empty(), "told once");
-    assert_eq!(h.shared.rotations(), 2);
-}
-
 /// The grace period ends at its deadline, not before: then the previous epoch's keys and
-/// connections go, in one store op.
+/// registrations go, in one store op, after the connections registered at the rotation
+/// moved to their new registrations; a connection that had none (the new epoch was full)
+/// is released and its host told.
 #[test]
 fn grace_ends_at_its_deadline() {
     let (store, stored) = crossbeam::channel::unbounded();
     let mut h = Harness::build(CoreConfig::new(S), &[], Some(store));
-    h.register(1, addr("10.0.0.1:4000"));
+    let a = addr("10.0.0.1:4000");
+    h.register(1, a);
     let until = Ticks(h.now.0 + 60 * TICKS_PER_SECOND);
     h.shared.rotate_with_grace(epoch_crypto(4), h.now, until);
+    // A connection of epoch 3 only (as if epoch 4 had had no room for it).
+    h.shared
+        .restore(
+            &StoredConn {
+                epoch: 3,
+                index: 200,
+                conn_id: 9,
+                secret: RebindSecret([2; 32]),
+                last_rebind: Ticks(0),
+                tuple: Some(addr("10.0.0.9:4000")),
+                host: 0,
+            },
+            Ticks(0),
+        )
+        .unwrap();
     assert_eq!(h.shared.grace_until(), Some(until));
     assert!(h.shared.end_grace(Ticks(until.0 - 1)).is_none());
     assert!(h.shared.epochs().previous.is_some());
@@ -1421,8 +1415,118 @@ fn grace_ends_at_its_deadline() {
             .try_iter()
             .any(|op| matches!(op, StoreOp::EndGrace { epoch: 3 }))
     );
-    assert_eq!(h.tick().len(), 1, "the host is told EXPIRED");
-    assert_eq!(h.shared.connections(), 0);
+    let now = h.now;
+    let expired: Vec<u64> = h
+        .tick()
+        .into_iter()
+        .filter_map(|(_, _, m)| match LinkMsg::open(&m, &h.link, now) {
+            Ok(LinkMsg::Expired { conn_id }) => Some(conn_id),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(expired, vec![9], "only the one left behind is expired");
+    assert_eq!(h.shared.connections(), 1);
+    assert_eq!(h.shared.conns.get(1).map(|r| r.epoch_byte), Some(4));
+    assert_eq!(h.shared.connections_per_epoch(), vec![(4, 1)]);
+}
+
+/// Key delivery, gateway side: a rotation registers every live connection in the new epoch
+/// (stored with the rotation) and sends its index, `R'` and slot keys to its host in
+/// EPOCH_KEYS, again with backoff until the host's KEYS_DELIVERED; a KEYS_DELIVERED for
+/// another epoch or an unknown connection is dropped and counted.
+#[test]
+fn rotation_registers_live_connections_and_sends_their_keys_until_delivered() {
+    let (store, stored) = crossbeam::channel::unbounded();
+    let mut h = Harness::build(CoreConfig::new(S), &[], Some(store));
+    for c in 1..=3 {
+        h.register(c, addr(&format!("10.0.0.{c}:4000")));
+    }
+    let _ = stored.try_iter().count();
+    let grace = Ticks(h.now.0 + 600 * TICKS_PER_SECOND);
+    let r = h.shared.rotate_with_grace(epoch_crypto(4), h.now, grace);
+    assert_eq!(r.registered, 3);
+    // Nothing goes out before the rotation is committed.
+    assert!(h.tick().is_empty());
+    h.shared.mark_durable(1 << 40);
+    let register = stored
+        .try_iter()
+        .find_map(|op| match op {
+            StoreOp::Rotate { register, .. } => Some(register),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(register.len(), 3);
+    assert!(register.iter().all(|c| c.epoch == 4 && c.tuple.is_none()));
+    assert_eq!(h.shared.keys_pending(), 3);
+    let sent = |h: &mut Harness| -> Vec<(u64, crate::wire::NewKeys)> {
+        let now = h.now;
+        let (host, link) = (h.host_addr, h.link.clone());
+        h.tick()
+            .into_iter()
+            .flat_map(|(via, to, m)| {
+                assert_eq!((via, to), (Via::Host, host));
+                match LinkMsg::open(&m, &link, now).unwrap() {
+                    LinkMsg::EpochKeys {
+                        epoch,
+                        slots,
+                        ref entries,
+                    } => {
+                        assert_eq!((epoch, usize::from(slots)), (4, S));
+                        entries
+                            .iter()
+                            .map(|e| (e.conn_id, e.keys.clone()))
+                            .collect::<Vec<_>>()
+                    }
+                    other => panic!("expected EPOCH_KEYS, got {other:?}"),
+                }
+            })
+            .collect()
+    };
+    let first = sent(&mut h);
+    assert_eq!(first.len(), 3);
+    let keys4 = epoch_crypto(4).keys;
+    for (conn_id, k) in &first {
+        let stored = register.iter().find(|c| c.conn_id == *conn_id).unwrap();
+        assert_eq!((k.epoch, k.index), (4, stored.index));
+        assert_eq!(k.rebind_secret, stored.secret.0);
+        assert_eq!(k.slot_keys, keys4.client_keys(stored.index).to_vec());
+    }
+    assert_eq!(h.count(C::KeysDelivered), 3);
+    assert!(sent(&mut h).is_empty(), "not due again yet");
+    // The host confirms 1 and 2; a confirmation of another epoch or of an unknown
+    // connection changes nothing.
+    let confirm = |h: &mut Harness, epoch, conn_ids: Vec<u64>| {
+        let m = LinkMsg::KeysDelivered { epoch, conn_ids }.seal(&h.link, h.now);
+        let host = h.host_addr;
+        assert!(h.feed(&[(Via::Host, host, &m)]).is_empty());
+    };
+    confirm(&mut h, 4, vec![1, 2]);
+    confirm(&mut h, 3, vec![3]);
+    confirm(&mut h, 4, vec![77]);
+    assert_eq!(h.count(C::KeysAcknowledged), 2);
+    assert_eq!(h.count(C::DropKeysDeliveredEpoch), 1);
+    assert_eq!(h.count(C::DropKeysDeliveredUnknown), 1);
+    assert_eq!(h.shared.keys_pending(), 1);
+    h.now = Ticks(h.now.0 + 2 * TICKS_PER_SECOND);
+    let again = sent(&mut h);
+    assert_eq!(again.iter().map(|(c, _)| *c).collect::<Vec<_>>(), vec![3]);
+    assert_eq!(h.count(C::KeysResent), 1);
+    confirm(&mut h, 4, vec![3, 3]);
+    assert_eq!(h.shared.keys_pending(), 0);
+    h.now = Ticks(h.now.0 + 60 * TICKS_PER_SECOND);
+    assert!(sent(&mut h).is_empty());
+    // Closing a connection removes both of its registrations.
+    assert_eq!(h.shared.connections_per_epoch(), vec![(4, 3), (3, 3)]);
+    let close = LinkMsg::Close {
+        boot: 1,
+        request: 99,
+        conn_id: 2,
+    }
+    .seal(&h.link, h.now);
+    let host = h.host_addr;
+    h.feed(&[(Via::Host, host, &close)]);
+    assert_eq!(h.shared.connections_per_epoch(), vec![(4, 2), (3, 2)]);
+    assert_eq!(h.shared.connections(), 2);
 }
 
 /// KEYS and KEYS_ACK (PROTOCOL-EXT.md "Key delivery") cross the gateway like DATA: a KEYS
