@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 mod etcd;
 use etcd::{Etcd, start_etcd};
 
-use rebindgw::cluster::etcd::{Committed, EtcdRegistry, Registered};
+use rebindgw::cluster::etcd::{Committed, EtcdRegistry, MAX_COMMITS_PER_TXN, Registered};
 use rebindgw::cluster::mirror::{Applied, Change, Mirror};
 use rebindgw::cluster::record::{ConnRecord, GatewayId, RecordSeal, conn_key};
 use rebindgw::cluster::sync::{
@@ -222,6 +222,79 @@ fn one_rebind_sent_to_three_gateways_commits_once() {
                 .unwrap(),
             Committed::Conflict { .. }
         ));
+    });
+}
+
+/// Batched commits (one etcd transaction, a nested compare per REBIND): a stale compare
+/// fails alone and learns the stored record, the others are written at the transaction's one
+/// revision; a batch racing a single commit of one of its connections loses only that one.
+#[test]
+fn batched_commits_fail_alone() {
+    let Some(etcd) = start_etcd("batch") else {
+        return;
+    };
+    runtime().block_on(async {
+        let mut r1 = registry(&etcd, 1).await;
+        let mut r2 = registry(&etcd, 2).await;
+        let n = MAX_COMMITS_PER_TXN as u32;
+        for i in 0..n {
+            let rec = record(i, 1, 100, "192.0.2.1:1000");
+            assert!(matches!(
+                r1.register(1, i, &rec).await.unwrap(),
+                Registered::Done { .. }
+            ));
+        }
+        let mut m = Mirror::new(PREFIX, 2);
+        r2.load(&mut m).await.unwrap();
+        // Gateway 1 moves connection 5 first: gateway 2's compare for it is now stale.
+        let mut won = m.get(1, 5).unwrap().record.clone();
+        won.last_rebind = Ticks(150);
+        won.tuple = Some("203.0.113.5:5".parse().unwrap());
+        let expected5 = m.get(1, 5).unwrap().mod_revision;
+        assert!(matches!(
+            r1.commit(1, 5, expected5, &won).await.unwrap(),
+            Committed::Done { .. }
+        ));
+        let moved: Vec<ConnRecord> = (0..n)
+            .map(|i| {
+                let mut r = m.get(1, i).unwrap().record.clone();
+                r.last_rebind = Ticks(200);
+                r.owner = 2;
+                r.tuple = Some(format!("198.51.100.{}:6000", i % 250).parse().unwrap());
+                r
+            })
+            .collect();
+        let commits: Vec<(u32, u32, i64, &ConnRecord)> = (0..n)
+            .map(|i| (1, i, m.get(1, i).unwrap().mod_revision, &moved[i as usize]))
+            .collect();
+        let answers = r2.commit_many(&commits).await.unwrap();
+        assert_eq!(answers.len(), n as usize);
+        let mut revisions = std::collections::HashSet::new();
+        for (i, a) in answers.iter().enumerate() {
+            match a {
+                Committed::Done { revision } if i != 5 => {
+                    revisions.insert(*revision);
+                }
+                Committed::Conflict { current: Some(cur) } if i == 5 => {
+                    assert_eq!(cur.record.owner, 1);
+                    assert_eq!(cur.record.last_rebind, Ticks(150));
+                }
+                other => panic!("connection {i}: {other:?}"),
+            }
+        }
+        assert_eq!(revisions.len(), 1, "one transaction, one revision");
+        // What etcd holds: gateway 2's records, and gateway 1's for connection 5.
+        let mut after = Mirror::new(PREFIX, 1);
+        r1.load(&mut after).await.unwrap();
+        for i in 0..n {
+            let rec = &after.get(1, i).unwrap().record;
+            let (owner, l) = if i == 5 { (1, 150) } else { (2, 200) };
+            assert_eq!(
+                (rec.owner, rec.last_rebind),
+                (owner, Ticks(l)),
+                "connection {i}"
+            );
+        }
     });
 }
 

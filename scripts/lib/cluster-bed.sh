@@ -18,8 +18,16 @@
 
 BED_SVC=10.210.100.1
 BED_CLI=10.210.1.2
+# Client source addresses (the loadgen uses them round-robin: 65,536 clients need more
+# ephemeral ports than one address has).
+BED_CLIS=(10.210.1.2 10.210.1.3 10.210.1.4 10.210.1.5)
 BED_NAT_IN=10.210.1.1
 BED_NAT_OUT=(10.210.2.2 10.210.2.21 10.210.2.22)
+# Public address pairs, one per NAT rebind of a large run: a pair with ports 1024-65535 maps
+# 129,024 clients (one address alone cannot map 65,536).
+BED_NAT_POOLS=(10.210.2.30-10.210.2.31 10.210.2.32-10.210.2.33 10.210.2.34-10.210.2.35
+  10.210.2.36-10.210.2.37)
+BED_NAT_PORTS=1024-65535
 BED_HOST=10.211.0.5
 
 bed_namespaces() {
@@ -38,11 +46,12 @@ bed_up() {
 
   # Client -> NAT -> router.
   netns_veth "$p-cli" c0 "$p-nat" n0
-  ip -n "$p-cli" addr add "$BED_CLI/24" dev c0
+  for a in "${BED_CLIS[@]}"; do ip -n "$p-cli" addr add "$a/24" dev c0; done
   ip -n "$p-cli" route add default via "$BED_NAT_IN"
   ip -n "$p-nat" addr add "$BED_NAT_IN/24" dev n0
   netns_veth "$p-nat" n1 "$p-rt" r0
   for a in "${BED_NAT_OUT[@]}"; do ip -n "$p-nat" addr add "$a/24" dev n1; done
+  for a in $(seq 30 37); do ip -n "$p-nat" addr add "10.210.2.$a/24" dev n1; done
   ip -n "$p-nat" route add default via 10.210.2.1
   ip netns exec "$p-nat" sysctl -qw net.ipv4.ip_forward=1
   ip -n "$p-rt" addr add 10.210.2.1/24 dev r0
@@ -82,7 +91,8 @@ bed_down() {
   netns_delete $(bed_namespaces "$1")
 }
 
-# bed_nat P PORTS ADDR: the NAT maps the client to ADDR:PORTS (e.g. 20000-29999), then drops
+# bed_nat P PORTS ADDR: the NAT maps the client to ADDR:PORTS (e.g. 20000-29999; ADDR may be a
+# range such as 10.210.2.30-10.210.2.31), then drops
 # its conntrack entries so the next datagram gets the new mapping (a rebind).
 bed_nat() {
   local p=$1 ports=$2 addr=$3
@@ -97,7 +107,8 @@ table ip bednat {
   }
 }
 EOF
-  ip netns exec "$p-nat" conntrack -D -p udp -s "$BED_CLI" >/dev/null 2>&1 || true
+  # Only client flows cross the NAT namespace.
+  ip netns exec "$p-nat" conntrack -D -p udp >/dev/null 2>&1 || true
 }
 
 # bed_etcd_start P N DIR: starts etcd member N (1..3) of the bed's cluster, data in DIR/etcdN,

@@ -18,6 +18,9 @@ use super::record::{ConnRecord, GatewayId, conn_key, conn_prefix};
 /// HTTP/2 keep-alive pings on the etcd connection: above etcd's default minimum of 5 s.
 const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(10);
 
+/// Most REBIND commits in one etcd transaction (etcd's default `--max-txn-ops` is 128).
+pub const MAX_COMMITS_PER_TXN: usize = 64;
+
 /// An etcd failure, with what the gateway was doing.
 #[derive(Debug, thiserror::Error)]
 #[error("etcd: {what}: {source}")]
@@ -226,6 +229,61 @@ impl EtcdRegistry {
             _ => None,
         });
         Ok(Committed::Conflict { current })
+    }
+
+    /// Several [`EtcdRegistry::commit`]s in one etcd transaction (one raft entry, one fsync):
+    /// each is a nested transaction with its own compare, so one conflict does not fail the
+    /// others. Keys must be distinct (etcd refuses a transaction that writes a key twice) and
+    /// at most [`MAX_COMMITS_PER_TXN`]. The answers are in the order of `commits`.
+    pub async fn commit_many(
+        &mut self,
+        commits: &[(u32, u32, i64, &ConnRecord)],
+    ) -> Result<Vec<Committed>, ClusterError> {
+        let ops: Vec<TxnOp> = commits
+            .iter()
+            .map(|&(epoch, index, expected, record)| {
+                let key = conn_key(&self.prefix, epoch, index);
+                TxnOp::txn(
+                    Txn::new()
+                        .when([Compare::mod_revision(
+                            key.clone(),
+                            CompareOp::Equal,
+                            expected,
+                        )])
+                        .and_then([TxnOp::put(key.clone(), record.encode(), None)])
+                        .or_else([TxnOp::get(key, None)]),
+                )
+            })
+            .collect();
+        let resp = self
+            .client
+            .txn(Txn::new().and_then(ops))
+            .await
+            .map_err(ctx("committing rebinds"))?;
+        // Every write of a transaction has the transaction's revision.
+        let revision = resp.header().map_or(0, |h| h.revision());
+        let mut answers: Vec<Committed> = resp
+            .op_responses()
+            .into_iter()
+            .map(|op| match op {
+                TxnOpResponse::Txn(t) if t.succeeded() => Committed::Done { revision },
+                TxnOpResponse::Txn(t) => Committed::Conflict {
+                    current: t.op_responses().into_iter().find_map(|op| match op {
+                        TxnOpResponse::Get(g) => g.kvs().first().and_then(|kv| {
+                            Some(Entry {
+                                record: ConnRecord::decode(kv.value()).ok()?,
+                                mod_revision: kv.mod_revision(),
+                            })
+                        }),
+                        _ => None,
+                    }),
+                },
+                _ => Committed::Conflict { current: None },
+            })
+            .collect();
+        // A short answer would be an etcd bug; what it left out is not committed for us.
+        answers.resize(commits.len(), Committed::Conflict { current: None });
+        Ok(answers)
     }
 
     /// Deletes the record at `(epoch, index)` if it is still the one read at `expected`.

@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use tokio::sync::mpsc as tmpsc;
 
-use super::etcd::{ClusterError, Committed, EtcdRegistry, Registered};
+use super::etcd::{ClusterError, Committed, EtcdRegistry, MAX_COMMITS_PER_TXN, Registered};
 use super::mirror::{Applied, Entry, Mirror};
 use super::record::{ConnRecord, GatewayId, RecordSeal};
 use crate::keys::MasterSecret;
@@ -171,6 +171,9 @@ pub struct ClusterCounters {
     pub range_reads: AtomicU64,
     /// Removals committed.
     pub removed: AtomicU64,
+    /// etcd transactions that carried REBIND commits (one carries up to
+    /// [`MAX_COMMITS_PER_TXN`]).
+    pub commit_batches: AtomicU64,
 }
 
 /// A clonable way to queue requests (one per worker); never blocks.
@@ -208,6 +211,17 @@ struct Shared {
     /// was quadratic).
     cursor: Option<u32>,
     up: bool,
+}
+
+/// A REBIND commit ready to go: what it compares against and what it writes.
+struct PreparedRebind {
+    ticket: u64,
+    epoch: u32,
+    index: u32,
+    expected: i64,
+    record: ConnRecord,
+    old: Option<SocketAddr>,
+    taken_over: bool,
 }
 
 struct Link {
@@ -426,8 +440,26 @@ async fn run(
                 }
                 req = requests.recv() => {
                     let Some(req) = req else { break 'outer };
-                    let link = link.clone();
-                    tokio::spawn(async move { link.handle(req).await });
+                    // What queued up meanwhile goes with it: REBINDs in one transaction.
+                    let mut rebinds = Vec::new();
+                    let mut next = Some(req);
+                    while let Some(req) = next.take() {
+                        match req {
+                            Request::Rebind { ticket, epoch, index, t, tuple } => {
+                                rebinds.push((ticket, epoch, index, t, tuple));
+                            }
+                            other => {
+                                let link = link.clone();
+                                tokio::spawn(async move { link.handle(other).await });
+                            }
+                        }
+                        if rebinds.len() < MAX_COMMITS_PER_TXN {
+                            next = requests.try_recv().ok();
+                        }
+                    }
+                    if !rebinds.is_empty() {
+                        tokio::spawn(link.clone().rebind_batch(rebinds));
+                    }
                 }
                 msg = stream.message() => {
                     match msg {
@@ -561,6 +593,11 @@ impl Link {
                 conn_id,
             } => self.remove(ticket, epoch, index, conn_id).await,
         };
+        self.answer(response);
+    }
+
+    /// Sends an answer to the gateway's workers (counting refusals for unavailability).
+    fn answer(&self, response: Response) {
         if let Response::Refused {
             why: Refusal::Unavailable(_),
             ..
@@ -656,60 +693,71 @@ impl Link {
         Self::unavailable(ticket, "16 index collisions in a row")
     }
 
-    async fn rebind(
+    /// Reads what a REBIND commit compares against; a duplicate, stale or unknown REBIND is
+    /// answered at once.
+    fn prepare_rebind(
         &self,
         ticket: u64,
         epoch: u32,
         index: u32,
         t: Ticks,
         tuple: SocketAddr,
-    ) -> Response {
-        let (expected, record, old, taken_over) = {
-            let sh = self.shared.lock().unwrap();
-            let Some(entry) = sh.mirror.get(epoch, index) else {
-                return Response::Refused {
-                    ticket,
-                    why: Refusal::Unknown,
-                };
-            };
-            let cur = &entry.record;
-            if t == cur.last_rebind && cur.tuple == Some(tuple) {
-                self.counters.duplicates.fetch_add(1, Ordering::Relaxed);
-                return Response::Duplicate { ticket };
-            }
-            if t <= cur.last_rebind {
-                self.counters.stale.fetch_add(1, Ordering::Relaxed);
-                return Response::Refused {
-                    ticket,
-                    why: Refusal::Stale,
-                };
-            }
-            let mut next = cur.clone();
-            next.last_rebind = t;
-            next.tuple = Some(tuple);
-            next.owner = self.me;
-            (entry.mod_revision, next, cur.tuple, cur.owner != self.me)
+    ) -> Result<PreparedRebind, Response> {
+        let sh = self.shared.lock().unwrap();
+        let Some(entry) = sh.mirror.get(epoch, index) else {
+            return Err(Response::Refused {
+                ticket,
+                why: Refusal::Unknown,
+            });
         };
-        let mut registry = self.registry.clone();
-        match tokio::time::timeout(
-            self.timeout,
-            registry.commit(epoch, index, expected, &record),
-        )
-        .await
-        {
+        let cur = &entry.record;
+        if t == cur.last_rebind && cur.tuple == Some(tuple) {
+            self.counters.duplicates.fetch_add(1, Ordering::Relaxed);
+            return Err(Response::Duplicate { ticket });
+        }
+        if t <= cur.last_rebind {
+            self.counters.stale.fetch_add(1, Ordering::Relaxed);
+            return Err(Response::Refused {
+                ticket,
+                why: Refusal::Stale,
+            });
+        }
+        let mut next = cur.clone();
+        next.last_rebind = t;
+        next.tuple = Some(tuple);
+        next.owner = self.me;
+        Ok(PreparedRebind {
+            ticket,
+            epoch,
+            index,
+            expected: entry.mod_revision,
+            record: next,
+            old: cur.tuple,
+            taken_over: cur.owner != self.me,
+        })
+    }
+
+    /// The answer to a prepared REBIND, from etcd's.
+    fn finish_rebind(
+        &self,
+        p: PreparedRebind,
+        result: Result<Result<Committed, ClusterError>, tokio::time::error::Elapsed>,
+    ) -> Response {
+        let ticket = p.ticket;
+        match result {
             Ok(Ok(Committed::Done { revision })) => {
                 self.shared.lock().unwrap().mirror.record_own(
-                    epoch,
-                    index,
+                    p.epoch,
+                    p.index,
                     Entry {
-                        record,
+                        record: p.record,
                         mod_revision: revision,
                     },
                 );
                 self.counters
                     .rebinds_committed
                     .fetch_add(1, Ordering::Relaxed);
-                if taken_over {
+                if p.taken_over {
                     self.counters
                         .rebinds_taken_over
                         .fetch_add(1, Ordering::Relaxed);
@@ -717,7 +765,7 @@ impl Link {
                 Response::Rebound {
                     ticket,
                     revision,
-                    old,
+                    old: p.old,
                 }
             }
             Ok(Ok(Committed::Conflict { .. })) => {
@@ -729,6 +777,80 @@ impl Link {
             }
             Ok(Err(e)) => Self::unavailable(ticket, e),
             Err(_) => Self::unavailable(ticket, "etcd timed out"),
+        }
+    }
+
+    async fn rebind(
+        &self,
+        ticket: u64,
+        epoch: u32,
+        index: u32,
+        t: Ticks,
+        tuple: SocketAddr,
+    ) -> Response {
+        let p = match self.prepare_rebind(ticket, epoch, index, t, tuple) {
+            Ok(p) => p,
+            Err(answer) => return answer,
+        };
+        let mut registry = self.registry.clone();
+        let result = tokio::time::timeout(
+            self.timeout,
+            registry.commit(p.epoch, p.index, p.expected, &p.record),
+        )
+        .await;
+        self.finish_rebind(p, result)
+    }
+
+    /// REBINDs that queued up together, committed in one etcd transaction (each with its own
+    /// compare): under a storm, one raft entry and one fsync carry up to
+    /// [`MAX_COMMITS_PER_TXN`] of them. A second REBIND of a connection already in the batch
+    /// goes alone.
+    async fn rebind_batch(self: Arc<Self>, requests: Vec<(u64, u32, u32, Ticks, SocketAddr)>) {
+        let mut prepared = Vec::with_capacity(requests.len());
+        let mut keys = HashSet::with_capacity(requests.len());
+        for (ticket, epoch, index, t, tuple) in requests {
+            if !keys.insert((epoch, index)) {
+                let link = self.clone();
+                tokio::spawn(async move {
+                    let answer = link.rebind(ticket, epoch, index, t, tuple).await;
+                    link.answer(answer);
+                });
+                continue;
+            }
+            match self.prepare_rebind(ticket, epoch, index, t, tuple) {
+                Ok(p) => prepared.push(p),
+                Err(answer) => self.answer(answer),
+            }
+        }
+        if prepared.is_empty() {
+            return;
+        }
+        self.counters.commit_batches.fetch_add(1, Ordering::Relaxed);
+        let commits: Vec<(u32, u32, i64, &ConnRecord)> = prepared
+            .iter()
+            .map(|p| (p.epoch, p.index, p.expected, &p.record))
+            .collect();
+        let mut registry = self.registry.clone();
+        let result = tokio::time::timeout(self.timeout, registry.commit_many(&commits)).await;
+        drop(commits);
+        match result {
+            Ok(Ok(answers)) => {
+                for (p, a) in prepared.into_iter().zip(answers) {
+                    let answer = self.finish_rebind(p, Ok(Ok(a)));
+                    self.answer(answer);
+                }
+            }
+            Ok(Err(e)) => {
+                let why = e.to_string();
+                for p in prepared {
+                    self.answer(Self::unavailable(p.ticket, &why));
+                }
+            }
+            Err(_) => {
+                for p in prepared {
+                    self.answer(Self::unavailable(p.ticket, "etcd timed out"));
+                }
+            }
         }
     }
 

@@ -380,6 +380,8 @@ pub struct ClusterFacts {
     pub owned: u64,
     /// Committed rebinds that took a connection over from another gateway.
     pub rebinds_taken_over: u64,
+    /// etcd transactions that carried REBIND commits (several per transaction in a storm).
+    pub commit_batches: u64,
     pub link_downs: u64,
     /// Range reads of etcd (start and reloads); the packet path makes none.
     pub range_reads: u64,
@@ -453,6 +455,12 @@ fn render_cluster(out: &mut String, c: &ClusterFacts) {
             "Committed rebinds of connections another gateway owned (the client's new tuple \
              hashed here).",
             c.rebinds_taken_over,
+        ),
+        (
+            "rebindgw_cluster_commit_transactions_total",
+            "etcd transactions that carried REBIND commits: REBINDs that queue up together \
+             share one (each with its own compare), up to 64.",
+            c.commit_batches,
         ),
         (
             "rebindgw_cluster_register_collisions_total",

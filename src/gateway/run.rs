@@ -685,6 +685,7 @@ fn cluster_facts_source(
             link_up: bridge.link_up.load(Ordering::Relaxed),
             owned: shared.upgrade().map_or(0, |s| s.tuples.len() as u64),
             rebinds_taken_over: get(&link.rebinds_taken_over),
+            commit_batches: get(&link.commit_batches),
             link_downs: get(&bridge.link_downs),
             range_reads: get(&link.range_reads),
             watch_events: get(&link.watch_events),
