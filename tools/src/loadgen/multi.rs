@@ -14,7 +14,8 @@
 //! 3. **synchronizes** the phases: each child connects its clients, prints `@ready` on stderr
 //!    and waits; when all are ready the parent writes `go UNIX_MS` to every child's stdin,
 //!    and each child starts its measured phase at that wall-clock instant, so storms happen
-//!    at the same moment everywhere;
+//!    at the same moment everywhere (rotation mode: the parent sends the rotation commands
+//!    timed from that instant too, and the children time key delivery from it);
 //! 4. **shows progress**: children print `@progress {json}` on stderr twice a second; the
 //!    parent prints one merged line a second (other child stderr lines are passed through,
 //!    prefixed with the child number);
@@ -453,7 +454,12 @@ pub fn run_multi(opts: LoadgenOptions, n: usize, progress: bool) -> anyhow::Resu
             .and_then(|_| stdin.flush())
             .with_context(|| format!("starting loadgen child {i}"))?;
     }
-    std::thread::sleep(Duration::from_millis(250));
+    // Like the children, wake at the go instant itself: rotations are sent from here and
+    // timed from it in the children.
+    let go_at = UNIX_EPOCH + Duration::from_millis(go);
+    if let Ok(wait) = go_at.duration_since(SystemTime::now()) {
+        std::thread::sleep(wait);
+    }
     let start = Instant::now();
     // Rotation mode: the children time key delivery from the go instant, which `start` is.
     let rotations_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));

@@ -636,13 +636,15 @@ impl<'a> Shard<'a> {
     }
 
     /// Rotation mode: notes a new installation of delivered keys (timed from the rotation
-    /// in force) and a switch to them, from the client core's counters.
+    /// in force) and a switch to them, from the client core's counters. Installations are
+    /// attributed by time: keys that arrive only after the next rotation's instant count
+    /// for that one (the client core does not say which epoch it installed).
     fn track_keys(&mut self, i: usize, now: Instant) {
-        let k = self.rotation_at(now);
-        let s = &mut self.slots[i];
-        let st = s.client.stats();
+        let st = self.slots[i].client.stats();
         let (installed, switched) = (st.keys_installed, st.keys_switched);
-        if installed != s.keys_seen {
+        if installed != self.slots[i].keys_seen {
+            let k = self.rotation_at(now);
+            let s = &mut self.slots[i];
             s.keys_seen = installed;
             // Keys installed before the first rotation (a scheduled one of the gateway's)
             // belong to none of ours; a client counts once per rotation.
@@ -657,6 +659,7 @@ impl<'a> Shard<'a> {
                     .record(now.saturating_duration_since(self.run_start + self.rotations[k]));
             }
         }
+        let s = &mut self.slots[i];
         if switched != s.switched_seen {
             s.switched_seen = switched;
             // A switch is to the keys installed last.
