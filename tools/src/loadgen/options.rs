@@ -623,11 +623,12 @@ pub struct LoadgenArgs {
     /// rotation's keys. Needs --admin and --admin-key [default: no rotation].
     #[arg(long, value_delimiter = ',', value_parser = parse_duration)]
     pub rotate_at: Vec<Duration>,
-    /// With --rotate-at: the gateway's admin address, HOST:PORT.
+    /// With --rotate-at: the gateway's admin address, HOST:PORT [default: none; required
+    /// with --rotate-at].
     #[arg(long)]
     pub admin: Option<String>,
     /// With --rotate-at: the gateway's admin key file (its admin_key, e.g.
-    /// STATE_DIR/admin.key; mode 0600).
+    /// STATE_DIR/admin.key; mode 0600) [default: none; required with --rotate-at].
     #[arg(long)]
     pub admin_key: Option<PathBuf>,
     /// With --rotate-at: rotate even during the previous rotation's grace period (the
