@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Key rotation under load: two `rebindgw rotate` while clients churn through NAT moves, with
+# Key rotation under load: two rotations while clients churn through NAT moves, with
 # in-band key delivery (tests/data/PROTOCOL-EXT.md "Key delivery"), kill -9 of the gateway
 # during the first grace period and during the second rotation's key delivery, restarts on
 # the same state, and a storm after the second grace: every client must keep its connection
@@ -14,16 +14,21 @@
 # $RT_CLIENTS overrides the client count, $RT_SLOTS the gateway's S (16; 2^S must exceed
 # the clients: the loadgen holds one more connection, its probe). No root needed. Ports: $RT_GW_PORT (17410), $RT_ADMIN_PORT (17490), $RT_HOST_PORT (17510).
 #
+# The loadgen's rotation mode drives both rotations (`--rotate-at 2,16 --admin --admin-key`)
+# and times every client's installation of the delivered keys (client-side p50/p90/p99/max);
+# the script follows its `rotation K at` lines on stderr for the kills.
+#
 # Timeline, in seconds of the loadgen's measured phase (churn $CHURN moves/s all along;
 # W = 2 s, grace 12 s):
 #   2    rotate 1 (epoch 1 -> 2): every connection registered in epoch 2, keys delivered
-#        (the gateway's pending-keys gauge is sampled: delivery p99 and completion)
+#        (the gateway's pending-keys gauge is also sampled: when every KEYS was acknowledged)
 #   5    kill -9 the gateway during the first grace period; 1.5 s later restart it
 #   14   grace 1 ends: epoch 1 wiped, connections move to their epoch-2 registrations
-#   16   rotate 2 (epoch 2 -> 3); 0.3 s later kill -9 during its key delivery; restart
+#   16   rotate 2 (epoch 2 -> 3); 0.3 s after its answer kill -9 during its key delivery; restart
 #   30   grace 2 over: storm, every client moves at once and rebinds with its epoch-3 keys
 #   36   load stops; the loadgen settles until every outage ended
-# Pass: both rotations answered and delivered every key; after each restart the epochs and
+# Pass: both rotations answered and every live client installed both rotations' keys (and the
+# gateway saw every KEYS acknowledged); after each restart the epochs and
 # registrations are intact; at the end epoch 3 holds every connection, every client is still
 # connected, no rebind failed, and the gateway registered no new connection (handshake)
 # after the connect phase.
@@ -39,7 +44,7 @@ for a in "$@"; do
     --short) CLIENTS=1000 ;;
     --no-build) BUILD=0 ;;
     --keep) KEEP=1 ;;
-    -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,34p' "$0"; exit 0 ;;
     *) echo "unknown argument: $a" >&2; exit 2 ;;
   esac
 done
@@ -124,6 +129,18 @@ wait_run() {
     sleep 0.02
   done
 }
+# Waits (at most $2 s) for the loadgen's `rotation $1 at S s: answered in X ms: ANSWER` line
+# and prints it.
+wait_rotation() {
+  local deadline line
+  deadline=$(echo "$(now) + $2" | bc)
+  until line=$(grep -m1 "^rotation $1 at " "$T/loadgen.err" 2>/dev/null); do
+    kill -0 "$LG_PID" 2>/dev/null || { echo "rotate-test: loadgen exited early" >&2; tail -5 "$T/loadgen.err" >&2; exit 1; }
+    [ "$(echo "$(now) < $deadline" | bc)" = 1 ] || { echo "rotate-test: no rotation $1 from the loadgen within $2 s" >&2; exit 1; }
+    sleep 0.005
+  done
+  echo "$line"
+}
 
 T0=$(now)
 log "clients $CLIENTS, rate $RATE pps, churn $CHURN/s, grace $GRACE s, state in $T"
@@ -136,7 +153,9 @@ wait_healthy 20 || { echo "gateway did not start" >&2; cat "$T/gateway.log" >&2;
 
 "$BIN" loadgen --gateway "$GW" --clients-file "$T/clients.toml" --clients "$CLIENTS" \
   --rate "$RATE" --duration "${DURATION}s" --churn-per-sec "$CHURN" --storm-at "${STORM_AT}s" \
-  --settle 30s --connect-rate "${RT_CONNECT_RATE:-2000}" --connect-timeout "${RT_CONNECT_TIMEOUT:-60}s" --json >"$T/report.json" 2>"$T/loadgen.err" &
+  --settle 30s --connect-rate "${RT_CONNECT_RATE:-2000}" --connect-timeout "${RT_CONNECT_TIMEOUT:-60}s" \
+  --rotate-at "$ROTATE1_AT,$ROTATE2_AT" --admin "$ADMIN" --admin-key "$T/state/admin.key" \
+  --json >"$T/report.json" 2>"$T/loadgen.err" &
 LG_PID=$!
 PIDS+=("$LG_PID")
 
@@ -150,11 +169,10 @@ RUN0=$(echo "$(now) - 1" | bc)
 REG_CONNECTED=$(metric 'rebindgw_registrations_total{result="ok"}')
 log "all clients connected ($REG_CONNECTED registrations)"
 
-wait_run $ROTATE1_AT
+# The loadgen sends rotation 1 at $ROTATE1_AT s and prints its answer.
+ROTATE1_LINE=$(wait_rotation 1 30)
 R0=$(now)
-ROTATE1_OUT=$("$BIN" rotate --admin "$ADMIN" --admin-key "$T/state/admin.key" 2>&1) || ROTATE1_OUT="FAILED: $ROTATE1_OUT"
-ROTATE1_S=$(echo "$(now) - $R0" | bc)
-log "rotate 1 (${ROTATE1_S}s): $ROTATE1_OUT"
+log "loadgen: $ROTATE1_LINE"
 # The loadgen holds one connection per client plus its probe(s); extra registrations of the
 # connect phase are retried handshakes whose connections the host closes.
 PROBES=${RT_PROBES:-1}
@@ -179,13 +197,13 @@ E1_RESTORED=$(metric 'rebindgw_epoch_connections{epoch="1"}')
 E2_RESTORED=$(metric 'rebindgw_epoch_connections{epoch="2"}')
 log "restarted: epoch $EPOCH_AFTER1, epoch 1 $E1_RESTORED, epoch 2 $E2_RESTORED connections"
 
-wait_run $ROTATE2_AT
+wait_run "$(echo "$ROTATE2_AT - 0.2" | bc)"
 E2_BEFORE2=$(metric 'rebindgw_epoch_connections{epoch="2"}')
 E1_GONE=$(metric 'rebindgw_epoch_connections{epoch="1"}')
+# The loadgen sends rotation 2 at $ROTATE2_AT s; the kill -9 comes 0.3 s after its answer.
+ROTATE2_LINE=$(wait_rotation 2 30)
 R0=$(now)
-ROTATE2_OUT=$("$BIN" rotate --admin "$ADMIN" --admin-key "$T/state/admin.key" 2>&1) || ROTATE2_OUT="FAILED: $ROTATE2_OUT"
-ROTATE2_S=$(echo "$(now) - $R0" | bc)
-log "rotate 2 (${ROTATE2_S}s): $ROTATE2_OUT (epoch 2 held $E2_BEFORE2, epoch 1 $E1_GONE)"
+log "loadgen: $ROTATE2_LINE (epoch 2 held $E2_BEFORE2, epoch 1 $E1_GONE)"
 delivery "$R0" 12 "$CLIENTS" "$PROBES" >"$T/delivery2" &
 D2_PID=$!
 PIDS+=("$D2_PID")
@@ -206,7 +224,7 @@ wait "$D1_PID" || true
 wait "$D2_PID" || true
 read -r D1_P99 D1_DONE <"$T/delivery1"
 read -r D2_P99 D2_DONE <"$T/delivery2"
-log "keys delivered: rotation 1 p99 ${D1_P99}s, all ${D1_DONE}s; rotation 2 p99 ${D2_P99}s, all ${D2_DONE}s after the command (kill -9 and restart included)"
+log "gateway's pending-keys gauge: rotation 1 p99 ${D1_P99}s, all ${D1_DONE}s; rotation 2 p99 ${D2_P99}s, all ${D2_DONE}s after the answer (kill -9 and restart included)"
 [ "$(echo "$(run_seconds) < $STORM_AT" | bc)" = 1 ] || { echo "rotate-test: the timeline slipped (restarts took too long)" >&2; exit 1; }
 
 log "waiting for the loadgen (storm at $STORM_AT s, settle up to 30 s)"
@@ -222,16 +240,16 @@ EXPIRED=$(metric rebindgw_connections_expired_total)
 curl -sf --max-time 2 "http://$ADMIN/metrics" >"$T/metrics.txt" || true
 
 python3 - "$T" "$CLIENTS" "$LG_RC" "$REG_CONNECTED" "$REG_BEFORE_KILL1" "$LIVE" \
-  "$ROTATE1_OUT" "$ROTATE1_S" "$D1_P99" "$D1_DONE" "$E2_REG" "$E1_BEFORE" "$EPOCH_AFTER1" "$E1_RESTORED" "$E2_RESTORED" \
+  "$ROTATE1_LINE" "$D1_P99" "$D1_DONE" "$E2_REG" "$E1_BEFORE" "$EPOCH_AFTER1" "$E1_RESTORED" "$E2_RESTORED" \
   "$E1_GONE" "$E2_BEFORE2" "$REG_AFTER1" \
-  "$ROTATE2_OUT" "$ROTATE2_S" "$PENDING_AT_KILL" "$EPOCH_AFTER2" "$E3_RESTORED" "$D2_P99" "$D2_DONE" \
+  "$ROTATE2_LINE" "$PENDING_AT_KILL" "$EPOCH_AFTER2" "$E3_RESTORED" "$D2_P99" "$D2_DONE" \
   "$REG_AFTER2" "$E3_END" "$E2_END" "$REJ_EPOCH" "$ACCEPTED" "$EXPIRED" <<'EOF'
 import json, sys
 (T, clients, lg_rc, reg_connected, reg_before_kill1, reg_live,
- rot1, rot1_s, d1_p99, d1_done, e2_reg, e1_before, epoch_after1, e1_restored, e2_restored,
+ rot1_line, d1_p99, d1_done, e2_reg, e1_before, epoch_after1, e1_restored, e2_restored,
  e1_gone, e2_before2, reg_after1,
- rot2, rot2_s, pending_at_kill, epoch_after2, e3_restored, d2_p99, d2_done,
- reg_after2, e3_end, e2_end, rej_epoch, accepted, expired) = sys.argv[1:32]
+ rot2_line, pending_at_kill, epoch_after2, e3_restored, d2_p99, d2_done,
+ reg_after2, e3_end, e2_end, rej_epoch, accepted, expired) = sys.argv[1:30]
 rep = json.load(open(f"{T}/report.json"))
 rb, c = rep["rebinds"], rep["clients"]
 p = lambda d: f"p50 {d['p50_ms']:.0f} ms, p99 {d['p99_ms']:.0f} ms, max {d['max_ms']:.0f} ms (n={d['count']})"
@@ -241,10 +259,18 @@ fail = list(rep["failures"])
 conns = num(reg_connected)
 if lg_rc != "0":
     fail.append(f"loadgen exited {lg_rc}")
-if not rot1.startswith("rotated: epoch 2"):
-    fail.append(f"rotation 1: {rot1}")
-if not rot2.startswith("rotated: epoch 3"):
-    fail.append(f"rotation 2: {rot2}")
+# The loadgen's rotation mode: its commands and the client-side key delivery.
+rots = rep.get("rotations", [])
+def cmd(k):
+    c = (rots[k].get("command") or {}) if k < len(rots) else {}
+    return c.get("answer", "not reported"), c.get("took_ms", 0.0), c.get("sent_s", 0.0), c.get("ok", False)
+for k, epoch in ((0, 2), (1, 3)):
+    answer, _, _, ok = cmd(k)
+    if not ok or not answer.startswith(f"rotated: epoch {epoch}"):
+        fail.append(f"rotation {k + 1}: {answer}")
+    elif rots[k]["installed_live"] < rots[k]["live_clients"]:
+        fail.append(f"rotation {k + 1}: {rots[k]['installed_live']} of {rots[k]['live_clients']} "
+                    f"live clients installed its keys")
 if c["connected"] != int(clients) or c["failed_after_connect"]:
     fail.append(f"{c['connected']} of {clients} connected, {c['failed_after_connect']} failed later")
 if d1_done == "NA" or d2_done == "NA":
@@ -273,11 +299,22 @@ if rb["failed"] or rb["unrecovered"]:
 print()
 print("== rotate-test summary")
 print(f"clients            {c['connected']}/{c['requested']} connected, {c['failed_after_connect']} failed later")
-print(f"rotation 1         '{rot1.strip()}' in {float(rot1_s) * 1000:.0f} ms ({need} live connections; {e2_reg} registered in epoch 2)")
-print(f"key delivery 1     p99 {sec(d1_p99)}, all {sec(d1_done)} after the command (confirmed to the gateway: client KEYS_ACK, host KEYS_DELIVERED)")
+def keys(k):
+    if k >= len(rots):
+        return "not reported"
+    r, d = rots[k], rots[k]["delivery"]
+    return (f"installed by {r['installed_live']}/{r['live_clients']} live clients: p50 {d['p50_ms'] / 1000:.2f} s, "
+            f"p90 {d['p90_ms'] / 1000:.2f} s, p99 {d['p99_ms'] / 1000:.2f} s, max {d['max_ms'] / 1000:.2f} s after "
+            f"{r['at_s']:.0f} s; {r['switched']} switched, {r['handshakes']} handshakes after it (client-side, loadgen)")
+a1, t1, s1, _ = cmd(0)
+print(f"rotation 1         '{a1}' in {t1:.0f} ms, sent at {s1:.3f} s ({need} live connections; {e2_reg} registered in epoch 2)")
+print(f"key delivery 1     {keys(0)}")
+print(f"  gateway          KEYS_ACK/KEYS_DELIVERED pending-keys gauge: p99 {sec(d1_p99)}, all {sec(d1_done)} after the answer")
 print(f"kill -9 in grace 1 epoch 1 held {e1_before}; after restart epoch {epoch_after1}, epoch 1 {e1_restored}, epoch 2 {e2_restored}; after grace epoch 2 {e2_before2}")
-print(f"rotation 2         '{rot2.strip()}' in {float(rot2_s) * 1000:.0f} ms; kill -9 0.3 s later with {pending_at_kill} keys pending")
-print(f"key delivery 2     p99 {sec(d2_p99)}, all {sec(d2_done)} after the command (kill -9 and restart included); epoch 3 restored {e3_restored}")
+a2, t2, s2, _ = cmd(1)
+print(f"rotation 2         '{a2}' in {t2:.0f} ms, sent at {s2:.3f} s; kill -9 0.3 s after the answer with {pending_at_kill} keys pending")
+print(f"key delivery 2     {keys(1)}")
+print(f"  gateway          pending-keys gauge: p99 {sec(d2_p99)}, all {sec(d2_done)} after the answer (kill -9 and restart included); epoch 3 restored {e3_restored}")
 print(f"handshakes         {handshakes} ({new_before} before the first kill, {reg_after1} after the first restart, "
       f"{reg_after2} after the second); expired {expired}")
 print(f"rebinds            {rb['moves']} moves ({rb['storms']} storm), {rb['succeeded']} recovered, {rb['failed']} failed, "

@@ -202,6 +202,66 @@ fn two_processes_merge_into_one_report() {
     assert!(took < Duration::from_secs(15), "took {took:?}");
 }
 
+/// Rotation mode: the loadgen asks the gateway for a rotation 1 s into the run and times
+/// every client's installation of the delivered keys; first over two processes (the parent
+/// sends the command, the children time delivery on its clock), then in one process with
+/// `force` (the first rotation's grace period is still running).
+#[test]
+fn rotation_mode_times_key_delivery() {
+    let rig = Rig::start("loadgen-rotate");
+    let gateways = rig.gateways();
+    let admin = rig.gw.admin_addr().unwrap();
+    let key = rig.dir.join("state").join("admin.key");
+    let opts = |processes: usize, force: bool| {
+        let mut o = LoadgenOptions::new(gateways.clone());
+        o.clients = 100;
+        o.processes = processes;
+        o.child_exe = Some(env!("CARGO_BIN_EXE_rebindgw").into());
+        o.duration = Duration::from_secs(3);
+        o.load = LoadMode::Open { rate: 1000.0 };
+        o.churn_per_sec = 10.0;
+        o.clients_file = Some(rig.clients_file.clone());
+        o.settle = Duration::from_secs(5);
+        o.rotate_at = vec![Duration::from_secs(1)];
+        o.admin = Some(admin.to_string());
+        o.admin_key = Some(key.clone());
+        o.rotate_force = force;
+        o
+    };
+    let mut reports = Vec::new();
+    for (processes, force, epoch) in [(2, false, 2), (1, true, 3)] {
+        let t = Instant::now();
+        let report = loadgen::run(opts(processes, force), false).unwrap();
+        eprintln!("{}", report.to_human());
+        eprintln!("loadgen ({processes} processes) took {:?}", t.elapsed());
+        reports.push((report, processes, epoch));
+    }
+    rig.stop();
+
+    for (report, processes, epoch) in reports {
+        assert!(report.passed(), "failures: {:?}", report.failures);
+        assert_eq!(report.settings.processes, processes);
+        assert_eq!(report.clients.connected, 100);
+        assert_eq!(report.rotations.len(), 1);
+        let r = &report.rotations[0];
+        let c = r.command.as_ref().expect("the parent sent the command");
+        assert!(c.ok, "{c:?}");
+        assert_eq!(c.epoch, Some(epoch), "{c:?}");
+        assert!(c.sent_s >= 1.0 && c.sent_s < 1.5, "{c:?}");
+        assert_eq!(
+            (r.live_clients, r.installed, r.installed_live),
+            (100, 100, 100)
+        );
+        assert_eq!(r.installed_fraction, 1.0);
+        assert_eq!(r.delivery.count, 100, "histograms merged across processes");
+        assert!(r.delivery.max_ms < 10_000.0, "{:?}", r.delivery);
+        assert!(r.delivery.p50_ms * 1000.0 >= c.took_ms.min(1.0), "{r:?}");
+        assert_eq!(r.handshakes, 0);
+        let json: serde_json::Value = serde_json::from_str(&report.to_json()).unwrap();
+        assert_eq!(json["rotations"][0]["installed_live"], 100);
+    }
+}
+
 fn env<T: std::str::FromStr>(name: &str) -> Option<T> {
     std::env::var(name).ok().and_then(|v| v.parse().ok())
 }

@@ -37,13 +37,15 @@ pub mod attack;
 pub mod multi;
 pub mod options;
 pub mod report;
+pub mod rotation;
 pub mod shard;
 pub mod stamp;
 mod sys;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering::{self, Relaxed};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -59,9 +61,10 @@ pub use report::{LoadReport, Percentiles};
 
 use attack::{AttackResult, Attacker, MiniConn};
 use report::{
-    ClientsReport, RawResult, RebindsReport, RunSettings, StormReport, TrafficReport, fmt_ms,
-    fmt_rate,
+    ClientsReport, RawResult, RebindsReport, RotationCommand, RotationReport, RunSettings,
+    StormReport, TrafficReport, fmt_ms, fmt_rate,
 };
+use rotation::RotationPlan;
 use shard::{
     PHASE_CONNECT, PHASE_DRAIN, PHASE_RUN, PHASE_SETTLE, PHASE_STOP, Shard, ShardResult, ShardSpec,
     Shared,
@@ -117,6 +120,7 @@ pub fn run_with(
 ) -> anyhow::Result<LoadReport> {
     opts.gateways = gateways.to_vec();
     opts.validate().map_err(anyhow::Error::msg)?;
+    let plan = RotationPlan::from_options(&opts)?;
     let threads = opts.thread_count();
     let want_fds = opts.fds_per_client() * opts.clients
         + opts.attacks.len() * opts.attack_tuples
@@ -202,6 +206,7 @@ pub fn run_with(
 
     let opts = &opts;
     let shared = &shared;
+    let rotations_stop = &AtomicBool::new(false);
     std::thread::scope(|scope| -> anyhow::Result<LoadReport> {
         let _stop = StopOnDrop(shared);
         let shard_threads = specs
@@ -222,10 +227,33 @@ pub fn run_with(
                     .spawn_scoped(scope, move || a.run())?,
             )
         };
+        // Rotation mode: the commands go out from their own thread, timed from the
+        // measured phase's start (the instant the shards time key delivery from).
+        let rotator = match &plan {
+            Some(p) => Some(
+                std::thread::Builder::new()
+                    .name("loadgen-rotate".into())
+                    .spawn_scoped(scope, move || {
+                        while shared.phase() < PHASE_RUN {
+                            std::thread::sleep(Duration::from_millis(1));
+                        }
+                        p.run(shared.run_start(), rotations_stop)
+                    })?,
+            ),
+            None => None,
+        };
         let timeline = control(opts, shared, progress, &|| {
             shard_threads.iter().any(|h| h.is_finished())
         });
+        rotations_stop.store(true, Ordering::Release);
         shared.set_phase(PHASE_STOP);
+        let commands = match rotator {
+            Some(h) => Some(
+                h.join()
+                    .map_err(|_| anyhow::anyhow!("the rotation thread panicked"))?,
+            ),
+            None => None,
+        };
         let mut results = Vec::new();
         for h in shard_threads {
             let r = h
@@ -244,7 +272,15 @@ pub fn run_with(
         };
         let timeline = timeline?;
         let merged = ShardResult::merge_all(&results, opts.storm_times().len());
-        let mut report = build_report(opts, threads, 1, &timeline, &merged, attacks);
+        let mut report = build_report(
+            opts,
+            threads,
+            1,
+            &timeline,
+            &merged,
+            attacks,
+            commands.as_deref(),
+        );
         if opts.child.is_some() {
             report.raw = Some(RawResult {
                 counters: merged.counters.clone(),
@@ -258,6 +294,7 @@ pub fn run_with(
                 settle_s: timeline.settle.as_secs_f64(),
                 at_run_start: timeline.at_run_start,
                 at_run_end: timeline.at_run_end,
+                rotations: merged.rotations.iter().map(|r| r.to_raw()).collect(),
             });
         }
         Ok(report)
@@ -630,6 +667,12 @@ impl ShardResult {
         self.handshake.add(&o.handshake);
         self.recovery.add(&o.recovery);
         self.traffic_recovery.add(&o.traffic_recovery);
+        if self.rotations.len() < o.rotations.len() {
+            self.rotations.resize(o.rotations.len(), Default::default());
+        }
+        for (a, b) in self.rotations.iter_mut().zip(&o.rotations) {
+            a.merge(b);
+        }
     }
 
     /// All shards' results in one.
@@ -645,6 +688,8 @@ impl ShardResult {
     }
 }
 
+/// The run's report. `commands`: the rotation commands this process sent (`None` in a
+/// child of a multi-process run, whose parent sends them).
 pub(crate) fn build_report(
     opts: &LoadgenOptions,
     threads: usize,
@@ -652,6 +697,7 @@ pub(crate) fn build_report(
     tl: &Timeline,
     merged: &ShardResult,
     attacks: Option<AttackResult>,
+    commands: Option<&[RotationCommand]>,
 ) -> LoadReport {
     let c = &merged.counters;
     let storms = c.storms;
@@ -759,12 +805,51 @@ pub(crate) fn build_report(
         },
         attacks: attack_reports,
         victim,
+        rotations: rotation_reports(opts, merged, commands),
         measured_s: tl.measured.as_secs_f64(),
         settle_s: tl.settle.as_secs_f64(),
         raw: None,
     };
     report.judge(opts.max_loss_pct);
     report
+}
+
+/// One [`RotationReport`] per `--rotate-at` time, from the shards' merged statistics and the
+/// commands sent (a command the run ended before is reported as failed).
+fn rotation_reports(
+    opts: &LoadgenOptions,
+    merged: &ShardResult,
+    commands: Option<&[RotationCommand]>,
+) -> Vec<RotationReport> {
+    let c = &merged.counters;
+    let live = c.connected.saturating_sub(c.failed_later);
+    opts.rotate_at
+        .iter()
+        .enumerate()
+        .map(|(k, at)| {
+            let st = merged.rotations.get(k).cloned().unwrap_or_default();
+            RotationReport {
+                at_s: at.as_secs_f64(),
+                command: commands.map(|cs| {
+                    cs.get(k).cloned().unwrap_or_else(|| RotationCommand {
+                        answer: "not sent: the run ended first".into(),
+                        ..RotationCommand::default()
+                    })
+                }),
+                live_clients: live,
+                installed: st.installed,
+                installed_live: st.installed_live,
+                installed_fraction: if live == 0 {
+                    0.0
+                } else {
+                    st.installed_live as f64 / live as f64
+                },
+                delivery: st.delivery.summary(),
+                switched: st.switched,
+                handshakes: st.handshakes,
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]

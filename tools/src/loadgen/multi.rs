@@ -14,7 +14,8 @@
 //! 3. **synchronizes** the phases: each child connects its clients, prints `@ready` on stderr
 //!    and waits; when all are ready the parent writes `go UNIX_MS` to every child's stdin,
 //!    and each child starts its measured phase at that wall-clock instant, so storms happen
-//!    at the same moment everywhere;
+//!    at the same moment everywhere (rotation mode: the parent sends the rotation commands
+//!    timed from that instant too, and the children time key delivery from it);
 //! 4. **shows progress**: children print `@progress {json}` on stderr twice a second; the
 //!    parent prints one merged line a second (other child stderr lines are passed through,
 //!    prefixed with the child number);
@@ -36,7 +37,11 @@ use serde::{Deserialize, Serialize};
 use super::addrs::AddrPool;
 use super::attack::AttackResult;
 use super::options::{ChildRole, LoadMode, LoadgenOptions};
-use super::report::{AttackReport, LatencyHist, LoadReport, VictimReport, fmt_ms, fmt_rate};
+use super::report::{
+    AttackReport, LatencyHist, LoadReport, RotationCommand, RotationStat, VictimReport, fmt_ms,
+    fmt_rate,
+};
+use super::rotation::RotationPlan;
 use super::shard::ShardResult;
 use super::{Timeline, build_report, obtain_n_credentials, save_credentials, sys};
 
@@ -271,6 +276,11 @@ pub fn child_args(
         kv("max-loss", m.to_string());
     }
     kv("on-move", value_name(&o.on_move));
+    // The children time key delivery; only the parent sends the rotation commands.
+    if !o.rotate_at.is_empty() {
+        let at: Vec<String> = o.rotate_at.iter().map(|d| dur_arg(*d)).collect();
+        kv("rotate-at", at.join(","));
+    }
     kv("processes", "1".into());
     kv("shard", role.to_string());
     if o.storm_prebind {
@@ -316,6 +326,7 @@ struct ChildView {
 /// Runs the load over `n` child processes and merges their reports. See the module docs.
 pub fn run_multi(opts: LoadgenOptions, n: usize, progress: bool) -> anyhow::Result<LoadReport> {
     opts.validate().map_err(anyhow::Error::msg)?;
+    let plan = RotationPlan::from_options(&opts)?;
     let threads = child_threads(&opts, n);
     let exe = match &opts.child_exe {
         Some(p) => p.clone(),
@@ -443,8 +454,23 @@ pub fn run_multi(opts: LoadgenOptions, n: usize, progress: bool) -> anyhow::Resu
             .and_then(|_| stdin.flush())
             .with_context(|| format!("starting loadgen child {i}"))?;
     }
-    std::thread::sleep(Duration::from_millis(250));
+    // Like the children, wake at the go instant itself: rotations are sent from here and
+    // timed from it in the children.
+    let go_at = UNIX_EPOCH + Duration::from_millis(go);
+    if let Ok(wait) = go_at.duration_since(SystemTime::now()) {
+        std::thread::sleep(wait);
+    }
     let start = Instant::now();
+    // Rotation mode: the children time key delivery from the go instant, which `start` is.
+    let rotations_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let rotator = plan.map(|p| {
+        let stop = Arc::clone(&rotations_stop);
+        std::thread::spawn(move || p.run(start, &stop))
+    });
+    let stop_rotations = |r: Option<std::thread::JoinHandle<Vec<RotationCommand>>>| {
+        rotations_stop.store(true, std::sync::atomic::Ordering::Release);
+        r.map(|h| h.join().unwrap_or_default())
+    };
     line.reset(&views);
     loop {
         poll(&mut children);
@@ -462,6 +488,7 @@ pub fn run_multi(opts: LoadgenOptions, n: usize, progress: bool) -> anyhow::Resu
     for r in readers {
         let _ = r.join();
     }
+    let commands = stop_rotations(rotator);
 
     // Merge.
     let mut reports = Vec::with_capacity(n);
@@ -479,14 +506,16 @@ pub fn run_multi(opts: LoadgenOptions, n: usize, progress: bool) -> anyhow::Resu
         reports.push(r);
     }
     line.done(&views, start);
-    merge_reports(&opts, n, reports)
+    merge_reports(&opts, n, reports, commands.as_deref())
 }
 
-/// Merges the children's reports into the run's report.
+/// Merges the children's reports into the run's report; `commands` are the rotation
+/// commands the parent sent.
 pub fn merge_reports(
     opts: &LoadgenOptions,
     n: usize,
     reports: Vec<LoadReport>,
+    commands: Option<&[RotationCommand]>,
 ) -> anyhow::Result<LoadReport> {
     let storms = opts.storm_times().len();
     let mut merged = ShardResult {
@@ -511,6 +540,12 @@ pub fn merge_reports(
             handshake: hist(&raw.handshake)?,
             recovery: hist(&raw.recovery)?,
             traffic_recovery: hist(&raw.traffic_recovery)?,
+            rotations: raw
+                .rotations
+                .iter()
+                .map(RotationStat::from_raw)
+                .collect::<Result<_, _>>()
+                .map_err(|e| anyhow::anyhow!("loadgen child {i}: {e}"))?,
         });
         threads += r.settings.threads;
         let d = Duration::from_secs_f64;
@@ -557,7 +592,9 @@ pub fn merge_reports(
         reports: attacks,
         victim,
     });
-    Ok(build_report(opts, threads, n, &tl, &merged, attacks))
+    Ok(build_report(
+        opts, threads, n, &tl, &merged, attacks, commands,
+    ))
 }
 
 /// The parent's once-a-second line, from the children's latest `@progress`.
@@ -765,6 +802,22 @@ mod tests {
             .into_options()
             .unwrap();
         assert!(c.attacks.is_empty());
+        // Rotation mode: every child times the rotations; none sends them.
+        o.rotate_at = vec![Duration::from_secs(2), Duration::from_millis(2500)];
+        o.admin = Some("127.0.0.1:7480".into());
+        o.admin_key = Some("/tmp/admin.key".into());
+        o.rotate_force = true;
+        let argv: Vec<String> = std::iter::once("loadgen".to_owned())
+            .chain(child_args(&o, role1, 250, 1, Path::new("/tmp/y.jsonl")))
+            .collect();
+        assert!(!argv.iter().any(|a| a.starts_with("--admin")), "{argv:?}");
+        let c = Cli::try_parse_from(&argv)
+            .unwrap()
+            .args
+            .into_options()
+            .unwrap();
+        assert_eq!(c.rotate_at, o.rotate_at);
+        assert_eq!((c.admin, c.admin_key, c.rotate_force), (None, None, false));
         assert!(ChildRole::parse("4/4/0/10").is_err());
         assert!(ChildRole::parse("1/4/0").is_err());
     }

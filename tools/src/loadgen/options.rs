@@ -277,7 +277,20 @@ pub struct LoadgenOptions {
     pub child: Option<ChildRole>,
     /// The `rebindgw` executable the children run (default: this executable).
     pub child_exe: Option<PathBuf>,
+    /// Rotation mode: offsets into the measured phase at which this process (the parent of
+    /// a multi-process run, never its children) asks the gateway for a key rotation; every
+    /// shard measures when its clients install the new epoch's keys.
+    pub rotate_at: Vec<Duration>,
+    /// The gateway's admin address (HOST:PORT) the rotations are requested from.
+    pub admin: Option<String>,
+    /// The gateway's admin key file (its `admin_key`, mode 0600).
+    pub admin_key: Option<PathBuf>,
+    /// Ask for the rotations with `force` (a rotation during the previous grace period).
+    pub rotate_force: bool,
 }
+
+/// Rotations one run may ask for (each client remembers which it installed in a `u64`).
+pub const MAX_ROTATIONS: usize = 64;
 
 impl LoadgenOptions {
     pub fn new(gateways: Vec<SocketAddr>) -> LoadgenOptions {
@@ -319,6 +332,10 @@ impl LoadgenOptions {
             processes: 0,
             child: None,
             child_exe: None,
+            rotate_at: Vec::new(),
+            admin: None,
+            admin_key: None,
+            rotate_force: false,
         }
     }
 
@@ -432,6 +449,45 @@ impl LoadgenOptions {
             && !(0.0..=100.0).contains(&m)
         {
             return Err(format!("--max-loss: must be 0..=100, got {m}"));
+        }
+        self.validate_rotations()
+    }
+
+    fn validate_rotations(&self) -> Result<(), String> {
+        if self.rotate_at.is_empty() {
+            if self.admin.is_some() || self.admin_key.is_some() || self.rotate_force {
+                return Err(
+                    "--admin, --admin-key and --rotate-force only go with --rotate-at".into(),
+                );
+            }
+            return Ok(());
+        }
+        if self.rotate_at.len() > MAX_ROTATIONS {
+            return Err(format!(
+                "--rotate-at: at most {MAX_ROTATIONS} rotations, got {}",
+                self.rotate_at.len()
+            ));
+        }
+        if self.rotate_at.windows(2).any(|w| w[0] >= w[1]) {
+            return Err("--rotate-at: the times must be increasing".into());
+        }
+        if let Some(t) = self.rotate_at.iter().find(|t| **t >= self.duration) {
+            return Err(format!(
+                "--rotate-at: {:.3} s is not within the measured phase (--duration {:.3} s)",
+                t.as_secs_f64(),
+                self.duration.as_secs_f64()
+            ));
+        }
+        // The children of a multi-process run only measure; the parent rotates.
+        if self.child.is_none() {
+            if self.admin.as_deref().is_none_or(|a| a.trim().is_empty()) {
+                return Err(
+                    "--rotate-at needs --admin HOST:PORT (the gateway's admin endpoint)".into(),
+                );
+            }
+            if self.admin_key.is_none() {
+                return Err("--rotate-at needs --admin-key PATH (the gateway's admin.key)".into());
+            }
         }
         Ok(())
     }
@@ -558,6 +614,27 @@ pub struct LoadgenArgs {
     /// Internal: this process is child I of N, with clients FIRST.. of TOTAL.
     #[arg(long, hide = true, value_parser = ChildRole::parse)]
     pub shard: Option<ChildRole>,
+    /// Rotation mode: ask the gateway for a key rotation this far into the measured phase
+    /// (seconds, or e.g. 2s, 1500ms; comma-separated or repeated for several, increasing).
+    /// Each rotation's command latency and answer are reported, and every client's
+    /// installation of the new epoch's keys (delivered in-band) is timed from the rotation:
+    /// p50/p90/p99/max, how many live clients got them, how many switched to them. The run
+    /// fails if a rotation command fails or a live client never installed the last
+    /// rotation's keys. Needs --admin and --admin-key [default: no rotation].
+    #[arg(long, value_delimiter = ',', value_parser = parse_duration)]
+    pub rotate_at: Vec<Duration>,
+    /// With --rotate-at: the gateway's admin address, HOST:PORT [default: none; required
+    /// with --rotate-at].
+    #[arg(long)]
+    pub admin: Option<String>,
+    /// With --rotate-at: the gateway's admin key file (its admin_key, e.g.
+    /// STATE_DIR/admin.key; mode 0600) [default: none; required with --rotate-at].
+    #[arg(long)]
+    pub admin_key: Option<PathBuf>,
+    /// With --rotate-at: rotate even during the previous rotation's grace period (the
+    /// gateway drops the clients still on the epoch before; they handshake again).
+    #[arg(long)]
+    pub rotate_force: bool,
     /// Print the report as JSON on stdout (the human report is not printed).
     #[arg(long)]
     pub json: bool,
@@ -642,6 +719,10 @@ impl LoadgenArgs {
         o.behind_nat = self.behind_nat;
         o.processes = self.processes;
         o.child = self.shard;
+        o.rotate_at = self.rotate_at;
+        o.admin = self.admin;
+        o.admin_key = self.admin_key;
+        o.rotate_force = self.rotate_force;
         o.validate().map_err(anyhow::Error::msg)?;
         Ok(o)
     }
@@ -768,5 +849,77 @@ mod tests {
         assert!(
             err(&["--gateway=127.0.0.1:1", "--clients-file=f", "--payload=8"]).contains("outside")
         );
+    }
+
+    #[test]
+    fn rotation_mode_options() {
+        let base = [
+            "--gateway=127.0.0.1:1",
+            "--clients-file=f",
+            "--duration=36s",
+        ];
+        let with = |extra: &[&str]| {
+            let mut v = base.to_vec();
+            v.extend_from_slice(extra);
+            parse(&v)
+        };
+        let o = with(&[
+            "--rotate-at=2,16.5",
+            "--rotate-at",
+            "20s",
+            "--admin=localhost:7480",
+            "--admin-key=/var/lib/rebindgw/admin.key",
+        ])
+        .unwrap();
+        assert_eq!(
+            o.rotate_at,
+            vec![
+                Duration::from_secs(2),
+                Duration::from_millis(16_500),
+                Duration::from_secs(20)
+            ]
+        );
+        assert_eq!(o.admin.as_deref(), Some("localhost:7480"));
+        assert_eq!(
+            o.admin_key.as_deref(),
+            Some(std::path::Path::new("/var/lib/rebindgw/admin.key"))
+        );
+        assert!(!o.rotate_force);
+        let o = with(&[
+            "--rotate-at=1",
+            "--admin=a:1",
+            "--admin-key=k",
+            "--rotate-force",
+        ])
+        .unwrap();
+        assert!(o.rotate_force);
+        // No rotation: nothing set.
+        let o = with(&[]).unwrap();
+        assert!(o.rotate_at.is_empty() && o.admin.is_none() && o.admin_key.is_none());
+
+        let err = |a: &[&str]| with(a).unwrap_err().to_string();
+        assert!(err(&["--rotate-at=2"]).contains("--admin HOST:PORT"));
+        assert!(err(&["--rotate-at=2", "--admin=a:1"]).contains("--admin-key"));
+        assert!(err(&["--rotate-at=2", "--admin-key=k"]).contains("--admin HOST:PORT"));
+        assert!(err(&["--admin=a:1"]).contains("only go with --rotate-at"));
+        assert!(err(&["--admin-key=k"]).contains("only go with --rotate-at"));
+        assert!(err(&["--rotate-force"]).contains("only go with --rotate-at"));
+        let e = err(&["--rotate-at=16,2", "--admin=a:1", "--admin-key=k"]);
+        assert!(e.contains("--rotate-at") && e.contains("increasing"), "{e}");
+        let e = err(&["--rotate-at=2,2", "--admin=a:1", "--admin-key=k"]);
+        assert!(e.contains("increasing"), "{e}");
+        let e = err(&["--rotate-at=36", "--admin=a:1", "--admin-key=k"]);
+        assert!(e.contains("measured phase"), "{e}");
+        let e = err(&["--rotate-at=soon", "--admin=a:1", "--admin-key=k"]);
+        assert!(e.contains("--rotate-at"), "{e}");
+        let many: Vec<String> = (0..=MAX_ROTATIONS)
+            .map(|i| format!("{}ms", i + 1))
+            .collect();
+        let arg = format!("--rotate-at={}", many.join(","));
+        let e = err(&[&arg, "--admin=a:1", "--admin-key=k"]);
+        assert!(e.contains("at most 64"), "{e}");
+        // A child of a multi-process run measures only: it needs no admin endpoint.
+        let o = with(&["--rotate-at=2", "--shard=1/2/5/10"]).unwrap();
+        assert_eq!(o.rotate_at, vec![Duration::from_secs(2)]);
     }
 }

@@ -355,6 +355,113 @@ impl StormStat {
     }
 }
 
+/// What the generator saw of one rotation command (`POST /rotate` to the admin endpoint).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RotationCommand {
+    /// When it went out, in seconds into the measured phase (scheduled at `at_s` of its
+    /// [`RotationReport`]).
+    pub sent_s: f64,
+    /// From sending the request to the gateway's answer (the rotation and its registrations
+    /// are committed to the store by then).
+    pub took_ms: f64,
+    pub ok: bool,
+    /// The gateway's answer, or why the command failed.
+    pub answer: String,
+    /// The epoch the rotation started, read from the answer.
+    pub epoch: Option<u32>,
+}
+
+impl RotationCommand {
+    /// The epoch named by an answer such as `rotated: epoch 3, grace 12 s, ...`.
+    pub fn epoch_of(answer: &str) -> Option<u32> {
+        let rest = answer.split("epoch ").nth(1)?;
+        let digits: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
+        digits.parse().ok()
+    }
+}
+
+/// One rotation as one shard saw it. Times are from the rotation's scheduled instant.
+#[derive(Clone, Debug, Default)]
+pub struct RotationStat {
+    /// Clients that installed the next epoch's keys (a KEYS, `keys_installed` of the client
+    /// core) after this rotation and before the next.
+    pub installed: u64,
+    /// ... of which were still live (connected, not failed) at the end of the run.
+    pub installed_live: u64,
+    /// Clients that switched to the keys they installed after this rotation
+    /// (`keys_switched`: an UNRECOGNIZED named the new epoch).
+    pub switched: u64,
+    /// Handshakes completed (new connections) after this rotation and before the next.
+    pub handshakes: u64,
+    /// From the rotation to each client's installation.
+    pub delivery: LatencyHist,
+}
+
+/// [`RotationStat`] in a child's JSON report (the histogram as [`LatencyHist::to_hex`]).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct RawRotation {
+    pub installed: u64,
+    pub installed_live: u64,
+    pub switched: u64,
+    pub handshakes: u64,
+    pub delivery: String,
+}
+
+impl RotationStat {
+    pub fn merge(&mut self, o: &RotationStat) {
+        self.installed += o.installed;
+        self.installed_live += o.installed_live;
+        self.switched += o.switched;
+        self.handshakes += o.handshakes;
+        self.delivery.add(&o.delivery);
+    }
+
+    pub fn to_raw(&self) -> RawRotation {
+        RawRotation {
+            installed: self.installed,
+            installed_live: self.installed_live,
+            switched: self.switched,
+            handshakes: self.handshakes,
+            delivery: self.delivery.to_hex(),
+        }
+    }
+
+    pub fn from_raw(r: &RawRotation) -> Result<RotationStat, String> {
+        Ok(RotationStat {
+            installed: r.installed,
+            installed_live: r.installed_live,
+            switched: r.switched,
+            handshakes: r.handshakes,
+            delivery: LatencyHist::from_hex(&r.delivery)?,
+        })
+    }
+}
+
+/// One rotation of the run (`--rotate-at`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RotationReport {
+    /// Scheduled offset into the measured phase; delivery times are measured from it.
+    pub at_s: f64,
+    /// The command (`None` in the children of a multi-process run: the parent sends it).
+    pub command: Option<RotationCommand>,
+    /// Clients live (connected, not failed) at the end of the run.
+    pub live_clients: u64,
+    /// Clients that installed the new epoch's keys, and how many of those were live at the
+    /// end; `installed_fraction` is `installed_live / live_clients`.
+    pub installed: u64,
+    pub installed_live: u64,
+    pub installed_fraction: f64,
+    /// From the rotation's scheduled instant to each client's installation of its keys.
+    pub delivery: Percentiles,
+    /// Clients that switched to these keys (an UNRECOGNIZED named the new epoch: after the
+    /// previous epoch's grace, or at a rebind that the gateway sent to the new epoch).
+    pub switched: u64,
+    /// Handshakes completed (new connections) after this rotation and before the next one
+    /// (or the end of the run). The generator never reconnects a failed client, so a lost
+    /// connection shows in `clients.failed_after_connect` instead.
+    pub handshakes: u64,
+}
+
 /// A child process's raw results, in its JSON report, so that the parent of a
 /// multi-process run can merge counters and histograms exactly.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -373,6 +480,9 @@ pub struct RawResult {
     /// (sent, received, sent payload bytes) at the start and end of the measured phase.
     pub at_run_start: (u64, u64, u64),
     pub at_run_end: (u64, u64, u64),
+    /// One per `--rotate-at` time.
+    #[serde(default)]
+    pub rotations: Vec<RawRotation>,
 }
 
 fn one() -> usize {
@@ -420,6 +530,9 @@ pub struct LoadReport {
     pub rebinds: RebindsReport,
     pub attacks: Vec<AttackReport>,
     pub victim: Option<VictimReport>,
+    /// Rotation mode (`--rotate-at`): one entry per rotation, empty otherwise.
+    #[serde(default)]
+    pub rotations: Vec<RotationReport>,
     /// Seconds: measured phase, settle, drain.
     pub measured_s: f64,
     pub settle_s: f64,
@@ -506,6 +619,31 @@ impl LoadReport {
             f.push(format!(
                 "victim connection lost its binding {} times (a forged REBIND was accepted)",
                 v.unrecognized
+            ));
+        }
+        // The rotations are judged where the commands were sent (not in children).
+        for (k, r) in self.rotations.iter().enumerate() {
+            if let Some(c) = &r.command
+                && !c.ok
+            {
+                f.push(format!(
+                    "rotation {} at {:.2} s failed: {}",
+                    k + 1,
+                    r.at_s,
+                    c.answer.trim()
+                ));
+            }
+        }
+        if let Some((k, r)) = self.rotations.iter().enumerate().next_back()
+            && r.command.is_some()
+            && r.installed_live < r.live_clients
+        {
+            f.push(format!(
+                "{} of {} live clients never installed the keys of the last rotation ({} at                  {:.2} s)",
+                r.live_clients - r.installed_live,
+                r.live_clients,
+                k + 1,
+                r.at_s
             ));
         }
         self.failures = f;
@@ -668,6 +806,31 @@ impl LoadReport {
                 v.probes, v.echoes, v.unrecognized
             );
         }
+        for (k, r) in self.rotations.iter().enumerate() {
+            let cmd = match &r.command {
+                Some(c) => format!(
+                    "sent at {:.3} s, {} in {}: {}",
+                    c.sent_s,
+                    if c.ok { "answered" } else { "FAILED" },
+                    fmt_ms(c.took_ms),
+                    c.answer.trim()
+                ),
+                None => "sent by the parent process".into(),
+            };
+            let _ = writeln!(s, "rotation {} at {:.2} s: {cmd}", k + 1, r.at_s);
+            let _ = writeln!(
+                s,
+                "  keys     installed by {}/{} live clients ({:.1}%; {} in all), {} switched, \
+                 {} handshakes after it",
+                r.installed_live,
+                r.live_clients,
+                100.0 * r.installed_fraction,
+                r.installed,
+                r.switched,
+                r.handshakes
+            );
+            let _ = writeln!(s, "  delivery {}", r.delivery.line());
+        }
         if self.passed() {
             let _ = writeln!(s, "result     PASS");
         } else {
@@ -746,5 +909,110 @@ mod tests {
         let json: serde_json::Value = serde_json::from_str(&r.to_json()).unwrap();
         assert_eq!(json["passed"], false);
         assert_eq!(json["attacks"][0]["mode"], "replay");
+    }
+
+    #[test]
+    fn rotation_epoch_from_the_answer() {
+        let a = "rotated: epoch 3, grace 12 s, 1001 connections registered for key delivery\n";
+        assert_eq!(RotationCommand::epoch_of(a), Some(3));
+        assert_eq!(
+            RotationCommand::epoch_of("rotated: epoch 12, grace 1 s, epoch 10 dropped early"),
+            Some(12)
+        );
+        assert_eq!(RotationCommand::epoch_of("unauthorized"), None);
+    }
+
+    #[test]
+    fn rotation_stats_merge_exactly_through_the_raw_form() {
+        let mut a = RotationStat {
+            installed: 3,
+            installed_live: 3,
+            switched: 1,
+            handshakes: 0,
+            ..RotationStat::default()
+        };
+        for ms in [10, 20, 30] {
+            a.delivery.record(Duration::from_millis(ms));
+        }
+        let mut b = RotationStat {
+            installed: 2,
+            installed_live: 1,
+            switched: 2,
+            handshakes: 4,
+            ..RotationStat::default()
+        };
+        for ms in [40, 5000] {
+            b.delivery.record(Duration::from_millis(ms));
+        }
+        let json = serde_json::to_string(&b.to_raw()).unwrap();
+        let back = RotationStat::from_raw(&serde_json::from_str(&json).unwrap()).unwrap();
+        a.merge(&back);
+        assert_eq!(
+            (a.installed, a.installed_live, a.switched, a.handshakes),
+            (5, 4, 3, 4)
+        );
+        let p = a.delivery.summary();
+        assert_eq!(p.count, 5);
+        assert!((p.p50_ms - 30.0).abs() < 0.1, "{p:?}");
+        assert!((p.max_ms - 5000.0).abs() < 5.0, "{p:?}");
+        assert!(RotationStat::from_raw(&RawRotation::default()).is_err());
+    }
+
+    #[test]
+    fn rotation_verdict() {
+        let cmd = |ok: bool| RotationCommand {
+            sent_s: 2.0,
+            took_ms: 50.0,
+            ok,
+            answer: if ok {
+                "rotated: epoch 2, grace 12 s"
+            } else {
+                "refused (409)"
+            }
+            .into(),
+            epoch: ok.then_some(2),
+        };
+        let rot = |ok: bool, live: u64, got: u64| RotationReport {
+            at_s: 2.0,
+            command: Some(cmd(ok)),
+            live_clients: live,
+            installed: got,
+            installed_live: got,
+            installed_fraction: got as f64 / live as f64,
+            ..RotationReport::default()
+        };
+        let mut r = LoadReport {
+            rotations: vec![rot(true, 10, 9), rot(true, 10, 10)],
+            ..LoadReport::default()
+        };
+        r.judge(None);
+        assert!(
+            r.passed(),
+            "only the last rotation must reach everyone: {:?}",
+            r.failures
+        );
+        r.rotations[1].installed_live = 8;
+        r.judge(None);
+        assert_eq!(r.failures.len(), 1, "{:?}", r.failures);
+        assert!(
+            r.failures[0].contains("2 of 10 live clients"),
+            "{:?}",
+            r.failures
+        );
+        r.rotations = vec![rot(false, 10, 0)];
+        r.judge(None);
+        assert_eq!(r.failures.len(), 2, "{:?}", r.failures);
+        assert!(r.failures[0].contains("refused (409)"));
+        let human = r.to_human();
+        assert!(
+            human.contains("rotation 1 at 2.00 s") && human.contains("FAILED"),
+            "{human}"
+        );
+        let json: serde_json::Value = serde_json::from_str(&r.to_json()).unwrap();
+        assert_eq!(json["rotations"][0]["command"]["ok"], false);
+        // A child's report has no command: nothing to judge there.
+        r.rotations[0].command = None;
+        r.judge(None);
+        assert!(r.passed());
     }
 }

@@ -29,7 +29,7 @@ use rebindgw::wire::ClientCredentials;
 
 use super::addrs::AddrPool;
 use super::options::{KICK_EVERY, LoadMode, LoadgenOptions, MoveKind, OnMove};
-use super::report::{Counters, LatencyHist, StormStat};
+use super::report::{Counters, LatencyHist, RotationStat, StormStat};
 use super::stamp::{STAMP_LEN, Stamp};
 use super::sys::{Epoll, Events};
 
@@ -130,6 +130,8 @@ pub struct ShardResult {
     pub handshake: LatencyHist,
     pub recovery: LatencyHist,
     pub traffic_recovery: LatencyHist,
+    /// One per `--rotate-at` time.
+    pub rotations: Vec<RotationStat>,
 }
 
 /// Which clients a shard drives.
@@ -180,6 +182,14 @@ struct Slot {
     /// received but frees no window space, so slow echoes cannot inflate the load.
     outstanding: VecDeque<(u32, Instant)>,
     app_deadline: Option<Instant>,
+    /// Rotation mode: the client core's `keys_installed` and `keys_switched` when last
+    /// looked at, the rotations (bit k: `--rotate-at` k) whose keys it installed and those
+    /// it switched to, and the rotation of its latest installation.
+    keys_seen: u64,
+    switched_seen: u64,
+    installed_rots: u64,
+    switched_rots: u64,
+    last_installed: Option<usize>,
 }
 
 /// A small, fast, non-cryptographic generator (xorshift64*).
@@ -281,6 +291,9 @@ pub struct Shard<'a> {
     phase: u8,
     run_start: Instant,
     last_window: Instant,
+    /// Rotation mode: the `--rotate-at` offsets and what this shard saw of each.
+    rotations: Vec<Duration>,
+    rotation_stats: Vec<RotationStat>,
 }
 
 impl<'a> Shard<'a> {
@@ -328,6 +341,8 @@ impl<'a> Shard<'a> {
             phase: PHASE_CONNECT,
             run_start: now,
             last_window: now,
+            rotations: opts.rotate_at.clone(),
+            rotation_stats: vec![RotationStat::default(); opts.rotate_at.len()],
         })
     }
 
@@ -390,6 +405,11 @@ impl<'a> Shard<'a> {
             if s.outage.is_some() {
                 self.c.unrecovered += 1;
             }
+            if s.up && !s.failed {
+                for (k, st) in self.rotation_stats.iter_mut().enumerate() {
+                    st.installed_live += (s.installed_rots >> k) & 1;
+                }
+            }
         }
         self.publish(Instant::now());
         ShardResult {
@@ -399,6 +419,7 @@ impl<'a> Shard<'a> {
             handshake: self.handshake,
             recovery: self.recovery,
             traffic_recovery: self.traffic_recovery,
+            rotations: self.rotation_stats,
         }
     }
 
@@ -504,6 +525,11 @@ impl<'a> Shard<'a> {
                 storm_no: None,
                 outstanding: VecDeque::new(),
                 app_deadline: None,
+                keys_seen: 0,
+                switched_seen: 0,
+                installed_rots: 0,
+                switched_rots: 0,
+                last_installed: None,
             });
             self.flush(i, now);
             self.reschedule(i);
@@ -568,6 +594,9 @@ impl<'a> Shard<'a> {
 
     /// After anything touched slot `i`: events, received payloads, transmits, timer.
     fn after_io(&mut self, i: usize, now: Instant) {
+        if !self.rotations.is_empty() {
+            self.track_keys(i, now);
+        }
         self.drain_events(i, now);
         self.drain_received(i, now);
         self.flush(i, now);
@@ -595,6 +624,54 @@ impl<'a> Shard<'a> {
         self.after_io(i, now);
     }
 
+    /// The rotation in force at `now`: the last `--rotate-at` instant passed, in the
+    /// measured phase or after it.
+    fn rotation_at(&self, now: Instant) -> Option<usize> {
+        if self.phase < PHASE_RUN {
+            return None;
+        }
+        self.rotations
+            .iter()
+            .rposition(|t| self.run_start + *t <= now)
+    }
+
+    /// Rotation mode: notes a new installation of delivered keys (timed from the rotation
+    /// in force) and a switch to them, from the client core's counters. Installations are
+    /// attributed by time: keys that arrive only after the next rotation's instant count
+    /// for that one (the client core does not say which epoch it installed).
+    fn track_keys(&mut self, i: usize, now: Instant) {
+        let st = self.slots[i].client.stats();
+        let (installed, switched) = (st.keys_installed, st.keys_switched);
+        if installed != self.slots[i].keys_seen {
+            let k = self.rotation_at(now);
+            let s = &mut self.slots[i];
+            s.keys_seen = installed;
+            // Keys installed before the first rotation (a scheduled one of the gateway's)
+            // belong to none of ours; a client counts once per rotation.
+            if let Some(k) = k
+                && s.installed_rots & (1 << k) == 0
+            {
+                s.installed_rots |= 1 << k;
+                s.last_installed = Some(k);
+                let r = &mut self.rotation_stats[k];
+                r.installed += 1;
+                r.delivery
+                    .record(now.saturating_duration_since(self.run_start + self.rotations[k]));
+            }
+        }
+        let s = &mut self.slots[i];
+        if switched != s.switched_seen {
+            s.switched_seen = switched;
+            // A switch is to the keys installed last.
+            if let Some(k) = s.last_installed
+                && s.switched_rots & (1 << k) == 0
+            {
+                s.switched_rots |= 1 << k;
+                self.rotation_stats[k].switched += 1;
+            }
+        }
+    }
+
     fn drain_events(&mut self, i: usize, now: Instant) {
         while let Some(ev) = self.slots[i].client.poll_event() {
             let s = &mut self.slots[i];
@@ -603,6 +680,9 @@ impl<'a> Shard<'a> {
                     s.up = true;
                     self.c.connected += 1;
                     self.handshake.record(now - s.created);
+                    if let Some(k) = self.rotation_at(now) {
+                        self.rotation_stats[k].handshakes += 1;
+                    }
                     if matches!(self.phase, PHASE_RUN | PHASE_SETTLE) {
                         self.refill(i, now);
                     }
