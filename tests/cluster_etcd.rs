@@ -5,6 +5,7 @@
 #![cfg(feature = "cluster")]
 
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 mod etcd;
@@ -298,6 +299,47 @@ fn batched_commits_fail_alone() {
     });
 }
 
+/// Batched registrations: an index another gateway created first is refused alone; the
+/// rest are created at the transaction's one revision.
+#[test]
+fn batched_registrations_fail_alone() {
+    let Some(etcd) = start_etcd("regbatch") else {
+        return;
+    };
+    runtime().block_on(async {
+        let mut r1 = registry(&etcd, 1).await;
+        let mut r2 = registry(&etcd, 2).await;
+        let taken = record(3, 1, 100, "192.0.2.1:1000");
+        assert!(matches!(
+            r1.register(1, 3, &taken).await.unwrap(),
+            Registered::Done { .. }
+        ));
+        let mine: Vec<ConnRecord> = (0..8)
+            .map(|i| record(i, 2, 100, "192.0.2.2:2000"))
+            .collect();
+        let creates: Vec<(u32, u32, &ConnRecord)> =
+            (0..8u32).map(|i| (1, i, &mine[i as usize])).collect();
+        let answers = r2.register_many(&creates).await.unwrap();
+        let mut revisions = std::collections::HashSet::new();
+        for (i, a) in answers.iter().enumerate() {
+            match a {
+                Registered::Taken => assert_eq!(i, 3),
+                Registered::Done { revision } => {
+                    assert_ne!(i, 3);
+                    revisions.insert(*revision);
+                }
+            }
+        }
+        assert_eq!(revisions.len(), 1);
+        let mut m = Mirror::new(PREFIX, 1);
+        r1.load(&mut m).await.unwrap();
+        for i in 0..8 {
+            let owner = if i == 3 { 1 } else { 2 };
+            assert_eq!(m.get(1, i).unwrap().record.owner, owner, "index {i}");
+        }
+    });
+}
+
 /// A gateway's announcement lives with its lease: a second gateway cannot take the id while
 /// it lives, and the id is free again once the lease ends.
 #[test]
@@ -380,6 +422,50 @@ fn register(h: &ClusterHandle, ticket: u64, tuple: &str) -> u32 {
         } if t == ticket => index,
         r => panic!("{r:?}"),
     }
+}
+
+/// Two links register bursts at once (batched) into a small index space that they nearly
+/// fill: every registration ends with an index of its own (one that collides searches again
+/// alone), and none is issued twice.
+#[test]
+fn burst_registrations_of_two_links_stay_unique() {
+    let Some(etcd) = start_etcd("burst") else {
+        return;
+    };
+    let a = link(&etcd, 1);
+    let b = link(&etcd, 2);
+    events_until(&a, |e| matches!(e, Event::Up { .. }));
+    events_until(&b, |e| matches!(e, Event::Up { .. }));
+    for ticket in 0..30u64 {
+        for (h, t) in [(&a, ticket), (&b, 1000 + ticket)] {
+            h.submit(Request::Register {
+                ticket: t,
+                epoch: 1,
+                capacity: 64,
+                conn_id: 0xB000 + t,
+                secret: RebindSecret([t as u8; 32]),
+                host: 0,
+                tuple: Some("192.0.2.9:9".parse().unwrap()),
+                now: Ticks(1_000),
+            });
+        }
+    }
+    let mut indices = Vec::new();
+    for h in [&a, &b] {
+        for _ in 0..30 {
+            match response(h) {
+                Response::Registered { index, .. } => indices.push(index),
+                r => panic!("{r:?}"),
+            }
+        }
+    }
+    let all = indices.len();
+    indices.sort_unstable();
+    indices.dedup();
+    assert_eq!((all, indices.len()), (60, 60), "an index issued twice");
+    let collisions = a.counters.register_collisions.load(Ordering::Relaxed)
+        + b.counters.register_collisions.load(Ordering::Relaxed);
+    println!("burst registrations: {collisions} collisions decided by etcd");
 }
 
 /// Two gateways' links: registrations are unique and seen by the other; a REBIND committed by

@@ -231,6 +231,41 @@ impl EtcdRegistry {
         Ok(Committed::Conflict { current })
     }
 
+    /// Several [`EtcdRegistry::register`]s in one etcd transaction (a nested create-if-absent
+    /// each; indices distinct, at most [`MAX_COMMITS_PER_TXN`]). Answers in order.
+    pub async fn register_many(
+        &mut self,
+        creates: &[(u32, u32, &ConnRecord)],
+    ) -> Result<Vec<Registered>, ClusterError> {
+        let ops: Vec<TxnOp> = creates
+            .iter()
+            .map(|&(epoch, index, record)| {
+                let key = conn_key(&self.prefix, epoch, index);
+                TxnOp::txn(
+                    Txn::new()
+                        .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+                        .and_then([TxnOp::put(key, record.encode(), None)]),
+                )
+            })
+            .collect();
+        let resp = self
+            .client
+            .txn(Txn::new().and_then(ops))
+            .await
+            .map_err(ctx("registering connections"))?;
+        let revision = resp.header().map_or(0, |h| h.revision());
+        let mut answers: Vec<Registered> = resp
+            .op_responses()
+            .into_iter()
+            .map(|op| match op {
+                TxnOpResponse::Txn(t) if t.succeeded() => Registered::Done { revision },
+                _ => Registered::Taken,
+            })
+            .collect();
+        answers.resize(creates.len(), Registered::Taken);
+        Ok(answers)
+    }
+
     /// Several [`EtcdRegistry::commit`]s in one etcd transaction (one raft entry, one fsync):
     /// each is a nested transaction with its own compare, so one conflict does not fail the
     /// others. Keys must be distinct (etcd refuses a transaction that writes a key twice) and

@@ -213,6 +213,18 @@ struct Shared {
     up: bool,
 }
 
+/// A REGISTER's fields (`Request::Register`).
+struct RegisterRequest {
+    ticket: u64,
+    epoch: u32,
+    capacity: u32,
+    conn_id: u64,
+    secret: RebindSecret,
+    host: HostId,
+    tuple: Option<SocketAddr>,
+    now: Ticks,
+}
+
 /// A REBIND commit ready to go: what it compares against and what it writes.
 struct PreparedRebind {
     ticket: u64,
@@ -442,23 +454,30 @@ async fn run(
                     let Some(req) = req else { break 'outer };
                     // What queued up meanwhile goes with it: REBINDs in one transaction.
                     let mut rebinds = Vec::new();
+                    let mut registers = Vec::new();
                     let mut next = Some(req);
                     while let Some(req) = next.take() {
                         match req {
                             Request::Rebind { ticket, epoch, index, t, tuple } => {
                                 rebinds.push((ticket, epoch, index, t, tuple));
                             }
+                            Request::Register { ticket, epoch, capacity, conn_id, secret, host, tuple, now } => {
+                                registers.push(RegisterRequest { ticket, epoch, capacity, conn_id, secret, host, tuple, now });
+                            }
                             other => {
                                 let link = link.clone();
                                 tokio::spawn(async move { link.handle(other).await });
                             }
                         }
-                        if rebinds.len() < MAX_COMMITS_PER_TXN {
+                        if rebinds.len() < MAX_COMMITS_PER_TXN && registers.len() < MAX_COMMITS_PER_TXN {
                             next = requests.try_recv().ok();
                         }
                     }
                     if !rebinds.is_empty() {
                         tokio::spawn(link.clone().rebind_batch(rebinds));
+                    }
+                    if !registers.is_empty() {
+                        tokio::spawn(link.clone().register_batch(registers));
                     }
                 }
                 msg = stream.message() => {
@@ -576,8 +595,17 @@ impl Link {
                 tuple,
                 now,
             } => {
-                self.register(ticket, epoch, capacity, conn_id, &secret, host, tuple, now)
-                    .await
+                let r = RegisterRequest {
+                    ticket,
+                    epoch,
+                    capacity,
+                    conn_id,
+                    secret,
+                    host,
+                    tuple,
+                    now,
+                };
+                self.register(r, None).await
             }
             Request::Rebind {
                 ticket,
@@ -615,82 +643,169 @@ impl Link {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    async fn register(
+    /// Where this gateway's index search starts in a space of `capacity`: gateway ids spread
+    /// by bit reversal (1 at 1/2, 2 at 1/4, 3 at 3/4, 4 at 1/8, ...), so the gateways of a
+    /// cluster search far apart and rarely race for an index.
+    fn search_start(&self, capacity: u32) -> u32 {
+        ((u64::from(u32::from(self.me).reverse_bits()) * u64::from(capacity.max(1))) >> 32) as u32
+    }
+
+    /// An index of `epoch` free in the mirror and not being allocated here, searched from
+    /// `hint`; marked as being allocated.
+    fn allocate(&self, epoch: u32, capacity: u32, hint: Option<u32>) -> Option<u32> {
+        let mut sh = self.shared.lock().unwrap();
+        let hint = hint
+            .or(sh.cursor)
+            .unwrap_or_else(|| self.search_start(capacity));
+        let found = {
+            let allocating = &sh.allocating;
+            sh.mirror
+                .free_index_except(epoch, capacity, hint, |x| allocating.contains(&(epoch, x)))
+        }?;
+        sh.allocating.insert((epoch, found));
+        sh.cursor = Some(found.wrapping_add(1) % capacity.max(1));
+        Some(found)
+    }
+
+    fn new_record(&self, epoch: u32, index: u32, r: &RegisterRequest) -> ConnRecord {
+        ConnRecord {
+            conn_id: r.conn_id,
+            secret: self.seal.seal(epoch, index, r.conn_id, &r.secret),
+            last_rebind: r.now,
+            host: r.host,
+            owner: self.me,
+            tuple: r.tuple,
+        }
+    }
+
+    /// A created record: into the mirror, and the answer.
+    fn registered(
         &self,
         ticket: u64,
         epoch: u32,
-        capacity: u32,
-        conn_id: u64,
-        secret: &RebindSecret,
-        host: HostId,
-        tuple: Option<SocketAddr>,
-        now: Ticks,
+        index: u32,
+        record: ConnRecord,
+        revision: i64,
     ) -> Response {
-        // Each gateway starts its search in its own part of the index space, then goes on
-        // from where its last search ended.
-        let first = (u32::from(self.me)).wrapping_mul(0x9E37_79B9) % capacity.max(1);
-        let mut hint = self.shared.lock().unwrap().cursor.unwrap_or(first);
+        self.shared.lock().unwrap().mirror.record_own(
+            epoch,
+            index,
+            Entry {
+                record,
+                mod_revision: revision,
+            },
+        );
+        self.counters.registered.fetch_add(1, Ordering::Relaxed);
+        Response::Registered {
+            ticket,
+            index,
+            revision,
+        }
+    }
+
+    async fn register(&self, r: RegisterRequest, mut hint: Option<u32>) -> Response {
+        let ticket = r.ticket;
         for _ in 0..16 {
-            let index = {
-                let mut sh = self.shared.lock().unwrap();
-                let found = {
-                    let allocating = &sh.allocating;
-                    sh.mirror.free_index_except(epoch, capacity, hint, |x| {
-                        allocating.contains(&(epoch, x))
-                    })
+            let Some(index) = self.allocate(r.epoch, r.capacity, hint) else {
+                return Response::Refused {
+                    ticket,
+                    why: Refusal::Full,
                 };
-                let Some(x) = found else {
-                    return Response::Refused {
-                        ticket,
-                        why: Refusal::Full,
-                    };
-                };
-                sh.allocating.insert((epoch, x));
-                sh.cursor = Some(x.wrapping_add(1) % capacity.max(1));
-                x
             };
-            let record = ConnRecord {
-                conn_id,
-                secret: self.seal.seal(epoch, index, conn_id, secret),
-                last_rebind: now,
-                host,
-                owner: self.me,
-                tuple,
-            };
+            let record = self.new_record(r.epoch, index, &r);
             let mut registry = self.registry.clone();
             let result =
-                tokio::time::timeout(self.timeout, registry.register(epoch, index, &record)).await;
-            let mut sh = self.shared.lock().unwrap();
-            sh.allocating.remove(&(epoch, index));
+                tokio::time::timeout(self.timeout, registry.register(r.epoch, index, &record))
+                    .await;
+            self.shared
+                .lock()
+                .unwrap()
+                .allocating
+                .remove(&(r.epoch, index));
             match result {
                 Ok(Ok(Registered::Done { revision })) => {
-                    sh.mirror.record_own(
-                        epoch,
-                        index,
-                        Entry {
-                            record,
-                            mod_revision: revision,
-                        },
-                    );
-                    self.counters.registered.fetch_add(1, Ordering::Relaxed);
-                    return Response::Registered {
-                        ticket,
-                        index,
-                        revision,
-                    };
+                    return self.registered(ticket, r.epoch, index, record, revision);
                 }
                 Ok(Ok(Registered::Taken)) => {
                     self.counters
                         .register_collisions
                         .fetch_add(1, Ordering::Relaxed);
-                    hint = index.wrapping_add(1);
+                    hint = Some(index.wrapping_add(1));
                 }
                 Ok(Err(e)) => return Self::unavailable(ticket, e),
                 Err(_) => return Self::unavailable(ticket, "etcd timed out"),
             }
         }
         Self::unavailable(ticket, "16 index collisions in a row")
+    }
+
+    /// REGISTERs that queued up together: an index each, created in one etcd transaction (a
+    /// create-if-absent compare each, like [`Link::rebind_batch`]). One whose index another
+    /// gateway took first searches again alone.
+    async fn register_batch(self: Arc<Self>, requests: Vec<RegisterRequest>) {
+        let mut prepared = Vec::with_capacity(requests.len());
+        for r in requests {
+            match self.allocate(r.epoch, r.capacity, None) {
+                Some(index) => {
+                    let record = self.new_record(r.epoch, index, &r);
+                    prepared.push((r, index, record));
+                }
+                None => self.answer(Response::Refused {
+                    ticket: r.ticket,
+                    why: Refusal::Full,
+                }),
+            }
+        }
+        if prepared.is_empty() {
+            return;
+        }
+        let creates: Vec<(u32, u32, &ConnRecord)> = prepared
+            .iter()
+            .map(|(r, index, record)| (r.epoch, *index, record))
+            .collect();
+        let mut registry = self.registry.clone();
+        let result = tokio::time::timeout(self.timeout, registry.register_many(&creates)).await;
+        drop(creates);
+        {
+            let mut sh = self.shared.lock().unwrap();
+            for (r, index, _) in &prepared {
+                sh.allocating.remove(&(r.epoch, *index));
+            }
+        }
+        let answers = match result {
+            Ok(Ok(answers)) => answers,
+            Ok(Err(e)) => {
+                let why = e.to_string();
+                for (r, _, _) in prepared {
+                    self.answer(Self::unavailable(r.ticket, &why));
+                }
+                return;
+            }
+            Err(_) => {
+                for (r, _, _) in prepared {
+                    self.answer(Self::unavailable(r.ticket, "etcd timed out"));
+                }
+                return;
+            }
+        };
+        for ((r, index, record), a) in prepared.into_iter().zip(answers) {
+            match a {
+                Registered::Done { revision } => {
+                    let answer = self.registered(r.ticket, r.epoch, index, record, revision);
+                    self.answer(answer);
+                }
+                Registered::Taken => {
+                    self.counters
+                        .register_collisions
+                        .fetch_add(1, Ordering::Relaxed);
+                    let link = self.clone();
+                    tokio::spawn(async move {
+                        let answer = link.register(r, Some(index.wrapping_add(1))).await;
+                        link.answer(answer);
+                    });
+                }
+            }
+        }
     }
 
     /// Reads what a REBIND commit compares against; a duplicate, stale or unknown REBIND is
