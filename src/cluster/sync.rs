@@ -717,23 +717,36 @@ impl Link {
             let result =
                 tokio::time::timeout(self.timeout, registry.register(r.epoch, index, &record))
                     .await;
-            self.shared
-                .lock()
-                .unwrap()
-                .allocating
-                .remove(&(r.epoch, index));
+            // In the mirror before it is no longer being allocated: else another search
+            // could pick it in between (and collide with ourselves).
+            let release = || {
+                self.shared
+                    .lock()
+                    .unwrap()
+                    .allocating
+                    .remove(&(r.epoch, index));
+            };
             match result {
                 Ok(Ok(Registered::Done { revision })) => {
-                    return self.registered(ticket, r.epoch, index, record, revision);
+                    let answer = self.registered(ticket, r.epoch, index, record, revision);
+                    release();
+                    return answer;
                 }
                 Ok(Ok(Registered::Taken)) => {
+                    release();
                     self.counters
                         .register_collisions
                         .fetch_add(1, Ordering::Relaxed);
                     hint = Some(index.wrapping_add(1));
                 }
-                Ok(Err(e)) => return Self::unavailable(ticket, e),
-                Err(_) => return Self::unavailable(ticket, "etcd timed out"),
+                Ok(Err(e)) => {
+                    release();
+                    return Self::unavailable(ticket, e);
+                }
+                Err(_) => {
+                    release();
+                    return Self::unavailable(ticket, "etcd timed out");
+                }
             }
         }
         Self::unavailable(ticket, "16 index collisions in a row")
@@ -766,15 +779,18 @@ impl Link {
         let mut registry = self.registry.clone();
         let result = tokio::time::timeout(self.timeout, registry.register_many(&creates)).await;
         drop(creates);
-        {
+        // Created records go into the mirror before their indices stop being allocated (else
+        // another search could pick one in between).
+        let release = |prepared: &[(RegisterRequest, u32, ConnRecord)]| {
             let mut sh = self.shared.lock().unwrap();
-            for (r, index, _) in &prepared {
+            for (r, index, _) in prepared {
                 sh.allocating.remove(&(r.epoch, *index));
             }
-        }
+        };
         let answers = match result {
             Ok(Ok(answers)) => answers,
             Ok(Err(e)) => {
+                release(&prepared);
                 let why = e.to_string();
                 for (r, _, _) in prepared {
                     self.answer(Self::unavailable(r.ticket, &why));
@@ -782,29 +798,38 @@ impl Link {
                 return;
             }
             Err(_) => {
+                release(&prepared);
                 for (r, _, _) in prepared {
                     self.answer(Self::unavailable(r.ticket, "etcd timed out"));
                 }
                 return;
             }
         };
-        for ((r, index, record), a) in prepared.into_iter().zip(answers) {
-            match a {
-                Registered::Done { revision } => {
-                    let answer = self.registered(r.ticket, r.epoch, index, record, revision);
-                    self.answer(answer);
-                }
-                Registered::Taken => {
-                    self.counters
-                        .register_collisions
-                        .fetch_add(1, Ordering::Relaxed);
-                    let link = self.clone();
-                    tokio::spawn(async move {
-                        let answer = link.register(r, Some(index.wrapping_add(1))).await;
-                        link.answer(answer);
-                    });
-                }
+        let mut retries = Vec::new();
+        let mut created = Vec::new();
+        for ((r, index, record), a) in prepared.iter().zip(&answers) {
+            if let Registered::Done { revision } = a {
+                created.push(self.registered(r.ticket, r.epoch, *index, record.clone(), *revision));
             }
+        }
+        release(&prepared);
+        for answer in created {
+            self.answer(answer);
+        }
+        for ((r, index, _), a) in prepared.into_iter().zip(answers) {
+            if matches!(a, Registered::Taken) {
+                retries.push((r, index));
+            }
+        }
+        for (r, index) in retries {
+            self.counters
+                .register_collisions
+                .fetch_add(1, Ordering::Relaxed);
+            let link = self.clone();
+            tokio::spawn(async move {
+                let answer = link.register(r, Some(index.wrapping_add(1))).await;
+                link.answer(answer);
+            });
         }
     }
 
