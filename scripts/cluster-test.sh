@@ -122,6 +122,10 @@ endpoints=()
 IFS=, read -r -a eps <<<"$(bed_etcd_endpoints)"
 for e in "${eps[@]}"; do endpoints+=(--etcd-endpoint "$e"); done
 GW_PIDS=()
+# 2^S indices per epoch: at least twice the clients (and the loadgen's probes), so an index
+# search never walks a nearly full space.
+SLOTS=16
+while [ $((1 << SLOTS)) -lt $((CLIENTS * 2 + 64)) ]; do SLOTS=$((SLOTS + 1)); done
 for n in 1 2 3; do
   mkdir -m 700 "$WORK/gw$n"
   a=$(bed_gateway_addr "$n")
@@ -129,7 +133,7 @@ for n in 1 2 3; do
   # whole NAT's worth of clients can rebind at once.
   ip netns exec "$P-gw$n" "$BIN" gateway --listen "$BED_SVC:7400" \
     --host "$BED_HOST:7500=$WORK/link.key" --host-link "$a:0" --state-dir "$WORK/gw$n" \
-    --master-key "$WORK/master.key" --admin "$a:7480" --workers 1 \
+    --master-key "$WORK/master.key" --admin "$a:7480" --workers 1 --slots "$SLOTS" \
     --unrecognized-per-prefix 1000000/1000000 --handshake-per-prefix 100000/100000 \
     "${endpoints[@]}" --cluster-name bed --gateway-id "$n" \
     >"$WORK/gw$n.out" 2>"$WORK/gw$n.log" &
