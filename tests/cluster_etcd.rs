@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 mod etcd;
 use etcd::{Etcd, start_etcd};
 
-use rebindgw::cluster::etcd::{Committed, EtcdRegistry, MAX_COMMITS_PER_TXN, Registered};
+use rebindgw::cluster::etcd::{
+    Committed, EtcdRegistry, MAX_COMMITS_PER_TXN, RANGE_PAGE, Registered,
+};
 use rebindgw::cluster::mirror::{Applied, Change, Mirror};
 use rebindgw::cluster::record::{ConnRecord, GatewayId, RecordSeal, conn_key};
 use rebindgw::cluster::sync::{
@@ -295,6 +297,39 @@ fn batched_commits_fail_alone() {
                 (owner, Ticks(l)),
                 "connection {i}"
             );
+        }
+    });
+}
+
+/// A registry larger than one gRPC message (4 MiB: 40,000 records of about 130 bytes) loads
+/// whole, in pages, with no record lost or doubled at a page boundary.
+#[test]
+fn a_registry_larger_than_one_message_loads_in_pages() {
+    let Some(etcd) = start_etcd("pages") else {
+        return;
+    };
+    runtime().block_on(async {
+        let mut r = registry(&etcd, 1).await;
+        let n: u32 = 40_000;
+        let records: Vec<ConnRecord> = (0..n)
+            .map(|i| record(i, 1, 100, "192.0.2.1:1000"))
+            .collect();
+        for chunk in (0..n).collect::<Vec<_>>().chunks(MAX_COMMITS_PER_TXN) {
+            let creates: Vec<(u32, u32, &ConnRecord)> = chunk
+                .iter()
+                .map(|&i| (1, i, &records[i as usize]))
+                .collect();
+            let answers = r.register_many(&creates).await.unwrap();
+            assert!(answers.iter().all(|a| matches!(a, Registered::Done { .. })));
+        }
+        let (changes, revision) = r.read_all().await.unwrap();
+        assert!(revision > 0);
+        assert_eq!(changes.len(), n as usize);
+        let mut m = Mirror::new(PREFIX, 2);
+        r.load(&mut m).await.unwrap();
+        assert_eq!(m.len(), n as usize);
+        for i in [0, RANGE_PAGE as u32 - 1, RANGE_PAGE as u32, n - 1] {
+            assert_eq!(m.get(1, i).unwrap().record.conn_id, 0xC000 + u64::from(i));
         }
     });
 }

@@ -18,6 +18,9 @@ use super::record::{ConnRecord, GatewayId, conn_key, conn_prefix};
 /// HTTP/2 keep-alive pings on the etcd connection: above etcd's default minimum of 5 s.
 const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(10);
 
+/// Records per page of a registry read (about 150 bytes each: far below the 4 MiB limit).
+pub const RANGE_PAGE: i64 = 4096;
+
 /// Most REBIND commits in one etcd transaction (etcd's default `--max-txn-ops` is 128).
 pub const MAX_COMMITS_PER_TXN: usize = 64;
 
@@ -88,21 +91,41 @@ impl EtcdRegistry {
         self.me
     }
 
-    /// Every connection record, as changes, and the revision of the read.
+    /// Every connection record, as changes, and the revision of the read. Read in pages of
+    /// [`RANGE_PAGE`] records at one revision (a consistent snapshot): one response holding a
+    /// 65,536-connection registry is larger than the client's 4 MiB message limit.
     pub async fn read_all(&mut self) -> Result<(Vec<Change>, i64), ClusterError> {
-        let mut resp = self
-            .client
-            .get(
-                conn_prefix(&self.prefix),
-                Some(GetOptions::new().with_prefix()),
-            )
-            .await
-            .map_err(ctx("reading the registry"))?;
-        let revision = resp.header().map_or(0, |h| h.revision());
-        let changes = resp
-            .take_kvs()
-            .into_iter()
-            .map(|kv| {
+        let prefix = conn_prefix(&self.prefix).into_bytes();
+        // The first key after every key that starts with the prefix ('/' is not 0xff).
+        let mut end = prefix.clone();
+        if let Some(last) = end.last_mut() {
+            *last += 1;
+        }
+        let mut from = prefix;
+        let mut revision = 0;
+        let mut changes = Vec::new();
+        loop {
+            let mut options = GetOptions::new()
+                .with_range(end.clone())
+                .with_limit(RANGE_PAGE);
+            if revision != 0 {
+                options = options.with_revision(revision);
+            }
+            let mut resp = self
+                .client
+                .get(from.clone(), Some(options))
+                .await
+                .map_err(ctx("reading the registry"))?;
+            if revision == 0 {
+                revision = resp.header().map_or(0, |h| h.revision());
+            }
+            let more = resp.more();
+            let kvs = resp.take_kvs();
+            let Some(last) = kvs.last() else { break };
+            // The next page starts just after this page's last key.
+            from = last.key().to_vec();
+            from.push(0);
+            changes.extend(kvs.into_iter().map(|kv| {
                 let mod_revision = kv.mod_revision();
                 let (key, value) = kv.into_key_value();
                 Change::Put {
@@ -110,8 +133,11 @@ impl EtcdRegistry {
                     value,
                     mod_revision,
                 }
-            })
-            .collect();
+            }));
+            if !more {
+                break;
+            }
+        }
         Ok((changes, revision))
     }
 

@@ -541,6 +541,7 @@ async fn reconnect(
     backoff: &mut Duration,
     stop: &AtomicBool,
 ) -> bool {
+    let mut warn = crate::logging::LogEvery::new(Duration::from_secs(10));
     loop {
         if stop.load(Ordering::SeqCst) {
             return false;
@@ -564,9 +565,18 @@ async fn reconnect(
         }
         *backoff = (*backoff * 2).min(Duration::from_secs(2));
         link.counters.range_reads.fetch_add(1, Ordering::Relaxed);
-        if let Ok(Ok((changes, revision))) =
-            tokio::time::timeout(link.timeout, registry.read_all()).await
+        let read = tokio::time::timeout(link.timeout, registry.read_all()).await;
+        let failure = match &read {
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(_) => Some(format!("timed out after {} ms", link.timeout.as_millis())),
+            Ok(Ok(_)) => None,
+        };
+        if let Some(error) = failure
+            && let Some(held_back) = warn.check(std::time::Instant::now())
         {
+            tracing::warn!(%error, held_back, "cluster: reloading the registry failed; retrying");
+        }
+        if let Ok(Ok((changes, revision))) = read {
             let mut sh = link.shared.lock().unwrap();
             for a in sh.mirror.reload(changes, revision) {
                 send_change(events, &sh.mirror, a, &link.counters);

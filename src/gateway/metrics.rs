@@ -106,6 +106,7 @@ counters! {
     CommitTimedOut => "rebindgw_commits_total", "result=\"timed_out\"", "";
     CommitLate => "rebindgw_commits_total", "result=\"late\"", "";
     CommitBacklogFull => "rebindgw_commits_total", "result=\"backlog_full\"", "";
+    CommitCoalesced => "rebindgw_commits_coalesced_total", "", "REBINDs not proposed because the same client's earlier REBIND (same connection, same tuple) still waits for the store: its ACK answers them.";
     SendNoSocket => "rebindgw_send_errors_total", "reason=\"no_socket\"", "Queued datagrams not sent, by reason.";
     SendSocketFull => "rebindgw_send_errors_total", "reason=\"socket_full\"", "";
     SendRefused => "rebindgw_send_errors_total", "reason=\"refused\"", "";

@@ -130,6 +130,8 @@ pub(super) struct Commits {
     next_ticket: u64,
     outbox: Vec<CommitRequest>,
     parked: HashMap<u64, Parked>,
+    /// The parked commit of each connection, by `(epoch, index)`: its ticket and tuple.
+    in_flight: HashMap<(u32, u32), (u64, SocketAddr)>,
     registrations_out: Vec<RegisterRequest>,
     registering: HashMap<u64, ParkedRegistration>,
 }
@@ -163,6 +165,16 @@ impl WorkerCore {
         via: Via,
         from: SocketAddr,
     ) {
+        // A client's retry while its first REBIND's commit is still in flight proposes
+        // nothing: the first one's ACK answers it (the client keeps its last tries' keys),
+        // and under a storm every retry would otherwise be one more store write.
+        if let Some(&(ticket, to)) = self.commits.in_flight.get(&(epoch, rebind.index))
+            && to == from
+            && self.commits.parked.contains_key(&ticket)
+        {
+            self.metrics.inc(C::CommitCoalesced);
+            return;
+        }
         if self.commits.parked.len() >= MAX_PENDING_COMMITS {
             self.metrics.inc(C::CommitBacklogFull);
             return;
@@ -178,6 +190,9 @@ impl WorkerCore {
             to: from,
         };
         self.commits.outbox.push(request);
+        self.commits
+            .in_flight
+            .insert((epoch, rebind.index), (ticket, from));
         self.commits.parked.insert(
             ticket,
             Parked {
@@ -208,6 +223,15 @@ impl WorkerCore {
             return;
         };
         let r = p.request;
+        let key = (r.epoch, r.index);
+        if self
+            .commits
+            .in_flight
+            .get(&key)
+            .is_some_and(|(t, _)| *t == ticket)
+        {
+            self.commits.in_flight.remove(&key);
+        }
         match result {
             CommitResult::Committed { old } => {
                 let shared = self.shared.clone();
@@ -348,6 +372,10 @@ impl WorkerCore {
         let expired = before - self.commits.parked.len();
         if expired > 0 {
             self.metrics.add(C::CommitTimedOut, expired as u64);
+            let parked = &self.commits.parked;
+            self.commits
+                .in_flight
+                .retain(|_, (ticket, _)| parked.contains_key(ticket));
         }
     }
 }

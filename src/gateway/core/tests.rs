@@ -940,10 +940,11 @@ fn deferred_commit_answers_only_after_the_store_agrees() {
     assert!(h.shared.tuples.get(&new).is_none());
     assert_eq!(h.worker.pending_commits(), 1);
 
-    // The same REBIND again while the first is undecided: proposed again (the store decides).
+    // The same REBIND again while the first is undecided: not proposed again (the first's
+    // ACK answers it; a storm's retries would each be one more store write).
     assert!(h.client(new, &rebind).is_empty());
-    let again = h.worker.poll_commit().unwrap();
-    assert_ne!(again.ticket, req.ticket);
+    assert!(h.worker.poll_commit().is_none());
+    assert_eq!(h.count(C::CommitCoalesced), 1);
 
     // Committed: REBOUND to the host and the ACK to the client; the tables follow.
     h.worker.handle_commit(
@@ -971,20 +972,14 @@ fn deferred_commit_answers_only_after_the_store_agrees() {
     assert_eq!(h.shared.tuples.get(&new).unwrap().conn_id, 42);
     assert!(h.shared.tuples.get(&old).is_none());
 
-    // The store saw the second proposal as the same commit again: the same ACK, nothing else.
-    h.worker
-        .handle_commit(again.ticket, CommitResult::Duplicate, &mut h.tx);
-    let out: Vec<_> = h.tx.iter().map(|(_, b)| b.to_vec()).collect();
-    h.tx.clear();
-    assert_eq!(out, vec![ack.2.clone()]);
     // Now L = t locally: the REBIND again is a local duplicate, answered at once.
     assert_eq!(h.client(new, &rebind).len(), 1);
     assert!(h.worker.poll_commit().is_none());
-    // The registration and two rebind proposals; the registration and one rebind committed.
-    assert_eq!(h.count(C::CommitProposed), 3);
+    // The registration and one rebind proposed and committed.
+    assert_eq!(h.count(C::CommitProposed), 2);
     assert_eq!(h.count(C::CommitCommitted), 2);
     assert_eq!(h.count(C::RebindAccepted), 1);
-    assert_eq!(h.count(C::RebindDuplicate), 2);
+    assert_eq!(h.count(C::RebindDuplicate), 1);
 }
 
 #[test]
@@ -1029,6 +1024,60 @@ fn deferred_commit_whose_watch_event_came_first_still_binds_the_new_tuple() {
     // DATA from the new tuple takes the fast path.
     let out = h.client(new, &data(50));
     assert!(out.iter().all(|(v, _, _)| *v == Via::Host), "{out:?}");
+}
+
+/// A client's retry while its first REBIND's commit is in flight proposes nothing (no second
+/// store write); the first commit's ACK answers it. From another tuple, or once the first
+/// is answered, a REBIND is proposed again.
+#[test]
+fn deferred_retry_from_the_same_tuple_waits_for_the_commit_in_flight() {
+    let mut cfg = CoreConfig::new(S);
+    cfg.commit = CommitMode::Deferred;
+    let mut h = Harness::new(cfg);
+    let old = addr("10.0.0.1:4000");
+    let new = addr("10.0.0.9:5555");
+    let issued = h.register(42, old);
+    h.now = Ticks(h.now.0 + TICKS_PER_SECOND);
+    let u = h.client(new, &data(49));
+    let (first, session) = rebind_from(&issued, &u[0].2);
+    assert!(h.client(new, &first).is_empty());
+    let req = h.worker.poll_commit().expect("a commit request");
+    // The client's retry (fresh nonces) before the store answers: no second store write.
+    let (retry, _) = rebind_from(&issued, &u[0].2);
+    assert!(h.client(new, &retry).is_empty());
+    assert!(h.worker.poll_commit().is_none(), "no second store write");
+    assert_eq!(h.count(C::CommitCoalesced), 1);
+    // The same connection seen from another tuple meanwhile is a proposal of its own.
+    let other = addr("10.0.0.10:6000");
+    let u2 = h.client(other, &data(51));
+    let (elsewhere, _) = rebind_from(&issued, &u2[0].2);
+    assert!(h.client(other, &elsewhere).is_empty());
+    let second = h
+        .worker
+        .poll_commit()
+        .expect("a proposal from another tuple");
+    assert_eq!(second.to, other);
+    // The first commit's answer: its ACK goes to the client, which opens it.
+    h.worker.handle_commit(
+        req.ticket,
+        CommitResult::Committed { old: Some(old) },
+        &mut h.tx,
+    );
+    let out: Vec<_> =
+        h.tx.iter()
+            .map(|(m, b)| (m.via, m.to, b.to_vec()))
+            .collect();
+    h.tx.clear();
+    let ack = out.iter().find(|(v, _, _)| *v == Via::Client(0)).unwrap();
+    assert_eq!(ack.1, new);
+    assert_eq!(
+        RebindAckView::new_checked(&ack.2).unwrap().open(&session),
+        Ok(42)
+    );
+    // Answered: nothing of it is in flight any more (a resend is a local duplicate).
+    assert_eq!(h.client(new, &first).len(), 1);
+    assert!(h.worker.poll_commit().is_none());
+    assert_eq!(h.count(C::CommitCoalesced), 1);
 }
 
 #[test]
