@@ -57,14 +57,16 @@ HOST_PORT=${RT_HOST_PORT:-17510}
 GW=127.0.0.1:$GW_PORT
 ADMIN=127.0.0.1:$ADMIN_PORT
 HOST=127.0.0.1:$HOST_PORT
+# $RT_GRACE (default 12 s) stretches the timeline: rotate 2 comes 2 s after grace 1 ends,
+# the storm 2 s after grace 2 ends (a larger registry needs longer to deliver every key).
+GRACE=${RT_GRACE:-12}
 ROTATE1_AT=2
 CRASH1_AT=5
-ROTATE2_AT=16
+ROTATE2_AT=$((ROTATE1_AT + GRACE + 2))
 DOWN=1.5
-STORM_AT=30
-DURATION=36
+STORM_AT=$((ROTATE2_AT + GRACE + 2))
+DURATION=$((STORM_AT + 6))
 WINDOW=2
-GRACE=12
 
 command -v python3 >/dev/null || { echo "rotate-test: needs python3" >&2; exit 2; }
 command -v curl >/dev/null || { echo "rotate-test: needs curl" >&2; exit 2; }
@@ -175,7 +177,9 @@ R0=$(now)
 log "loadgen: $ROTATE1_LINE"
 # The loadgen holds one connection per client plus its probe(s); extra registrations of the
 # connect phase are retried handshakes whose connections the host closes.
-PROBES=${RT_PROBES:-1}
+# One probe per loadgen process (a multi-process run prints "[N procs]" in its progress).
+PROCS=$(grep -m1 -o '\[[0-9]* procs' "$T/loadgen.err" | tr -dc 0-9 || true)
+PROBES=${RT_PROBES:-${PROCS:-1}}
 LIVE=$(( CLIENTS + PROBES ))
 # Sampled in the background: the timeline goes on (kill -9 included).
 delivery "$R0" 10 "$CLIENTS" "$PROBES" >"$T/delivery1" &

@@ -16,7 +16,7 @@ use super::{HostCore, Transmit};
 
 /// First KEYS retransmission; doubles up to [`KEYS_RESEND_MAX`] (PROTOCOL-EXT.md "On loss").
 pub const KEYS_RESEND_FIRST: Duration = Duration::from_millis(500);
-pub const KEYS_RESEND_MAX: Duration = Duration::from_secs(8);
+pub const KEYS_RESEND_MAX: Duration = Duration::from_secs(4);
 /// KEYS_DELIVERED datagrams stay below this.
 const MAX_DELIVERED_DATAGRAM: usize = 1400;
 
@@ -146,7 +146,7 @@ impl HostCore {
         self.keys_report.push((out.reporter, epoch, conn_id));
     }
 
-    /// Resends the KEYS that are due (backoff 0.5 s doubling to 8 s).
+    /// Resends the KEYS that are due (backoff 0.5 s doubling to 4 s).
     pub(super) fn resend_keys(&mut self, now: Ticks) {
         while let Some(&Reverse((due, conn_id))) = self.keys_due.peek() {
             if due > now {

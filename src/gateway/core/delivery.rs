@@ -28,7 +28,7 @@ use super::shared::{Control, Shared};
 pub(super) const MAX_EPOCH_KEYS_DATAGRAM: usize = 1400;
 /// First retransmission of an unconfirmed entry; doubles up to [`RESEND_MAX`]. The host
 /// confirms only once its client acknowledged (which takes its own KEYS retransmissions,
-/// 0.5 s doubling to 8 s), so this is slower than those.
+/// 0.5 s doubling to 4 s), so this is slower than those.
 const RESEND_FIRST: Duration = Duration::from_secs(1);
 const RESEND_MAX: Duration = Duration::from_secs(16);
 /// EPOCH_KEYS datagrams one `tick` sends at most (a tick comes every 10 ms): a rotation of
