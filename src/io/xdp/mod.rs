@@ -214,6 +214,16 @@ impl Xdp {
                     .map_err(|e| format!("AF_XDP socket on {ifname} queue {q}: {e}"))?,
             };
             zc += usize::from(xsk.zerocopy);
+            // Every receive frame goes to the fill ring now, before the socket is in the map,
+            // so datagrams arriving before the worker runs wait in the RX ring.
+            let mut xsk = xsk;
+            if xsk.fill.free(RX_FRAMES) < RX_FRAMES {
+                return Err("AF_XDP fill ring smaller than the receive frames".into());
+            }
+            for f in 0..RX_FRAMES {
+                xsk.fill.push(u64::from(f) * sys::FRAME as u64);
+            }
+            xsk.fill.submit();
             sys::map_update(&attach.map, q, xsk.fd.as_raw_fd() as u32)
                 .map_err(|e| format!("XSKMAP update: {e}"))?;
             out.push(Some(XdpWorker {
@@ -326,19 +336,10 @@ pub fn run_loop_xdp(
     let mut ip_id: u16 = 0;
     let max_frame = (w.mtu + frame::ETH_LEN).min(sys::FRAME);
 
-    // Every receive frame starts in the fill ring; the rest are the send pool.
+    // The receive frames went to the fill ring at setup; the rest are the send pool.
     let mut pool: Vec<u64> = (RX_FRAMES..FRAMES)
         .map(|f| u64::from(f) * sys::FRAME as u64)
         .collect();
-    if w.xsk.fill.free(RX_FRAMES) < RX_FRAMES {
-        return Err(io::Error::other(
-            "AF_XDP fill ring smaller than the receive frames",
-        ));
-    }
-    for f in 0..RX_FRAMES {
-        w.xsk.fill.push(u64::from(f) * sys::FRAME as u64);
-    }
-    w.xsk.fill.submit();
 
     while !shutdown.load(Ordering::Relaxed) {
         // 1. Wait for input (kernel sockets and the XSK), at most until the next tick.
