@@ -1,12 +1,14 @@
-//! Per-worker UDP I/O loops. Two backends behind one [`Handler`] interface:
+//! Per-worker UDP I/O loops. Three backends behind one [`Handler`] interface:
 //!
 //! - [`IoBackend::Uring`]: one io_uring per worker, a multishot `RecvMsgMulti` per socket over
 //!   a provided buffer ring, `SendMsg` per outgoing datagram (`uring.rs`).
 //! - [`IoBackend::Mmsg`]: `poll(2)` + `recvmmsg(2)`/`sendmmsg(2)` (`mmsg.rs`).
+//! - [`IoBackend::Xdp`]: an XDP program steers the client ports to one AF_XDP socket per
+//!   worker and queue, beside the worker's kernel sockets (`xdp/`, docs/xdp.md).
 //!
 //! The loop is thin: reap a batch → [`Handler::handle_batch`] → send what it queued in the
 //! [`TxQueue`]. No allocation, logging or locking per packet. Unsafe code lives only in the two
-//! backend files and `ids.rs` (one `geteuid` call), each opting in with
+//! backend files, `xdp/sys.rs` and `ids.rs` (one `geteuid` call), each opting in with
 //! `#![allow(unsafe_code)]`; this file is unsafe-free
 //! (`deny`, not `forbid`: a `forbid` here would make the backends' `allow` an error, E0453).
 #![deny(unsafe_code)]
@@ -437,6 +439,55 @@ pub fn select_backend(requested: IoBackend) -> IoBackend {
             }
             IoBackend::Mmsg
         }
+    }
+}
+
+/// [`select_backend`] with AF_XDP: for `Xdp`, sets it up for the resolved `listen` addresses
+/// and `workers` workers; if that fails, logs why once and falls back to io_uring (then mmsg),
+/// as `select_backend` does. Run each worker with [`run_worker`] and its
+/// [`xdp::Xdp::take_worker`].
+pub fn select_backend_xdp(
+    requested: IoBackend,
+    cfg: &xdp::XdpConfig,
+    listen: &[SocketAddr],
+    workers: usize,
+) -> (IoBackend, Option<xdp::Xdp>) {
+    if requested != IoBackend::Xdp {
+        return (select_backend(requested), None);
+    }
+    match xdp::Xdp::setup(cfg, listen, workers) {
+        Ok(x) => {
+            tracing::info!(setup = x.summary(), "I/O backend: AF_XDP");
+            (IoBackend::Xdp, Some(x))
+        }
+        Err(reason) => {
+            let fallback = select_backend(IoBackend::Uring);
+            tracing::warn!(%reason, %fallback, "AF_XDP unusable, falling back");
+            (fallback, None)
+        }
+    }
+}
+
+/// Runs one worker: on its AF_XDP socket if it has one, else on `backend` (for `Xdp` without
+/// a socket, i.e. more workers than the interface has queues: io_uring, else mmsg).
+pub fn run_worker(
+    backend: IoBackend,
+    xdp: Option<xdp::XdpWorker>,
+    sockets: &WorkerSockets,
+    handler: &mut impl Handler,
+    shutdown: &AtomicBool,
+    opts: &LoopOptions,
+) -> io::Result<IoStats> {
+    match (xdp, backend) {
+        (Some(w), _) => xdp::run_loop_xdp(w, sockets, handler, shutdown, opts),
+        (None, IoBackend::Xdp) => run_loop(
+            select_backend(IoBackend::Uring),
+            sockets,
+            handler,
+            shutdown,
+            opts,
+        ),
+        (None, b) => run_loop(b, sockets, handler, shutdown, opts),
     }
 }
 

@@ -622,7 +622,7 @@ impl Xsk {
     /// TX pool: not in any ring).
     pub fn frame_mut(&mut self, base: u64) -> &mut [u8] {
         let a = base as usize;
-        assert!(a % FRAME == 0 && a + FRAME <= self.umem.len);
+        assert!(a.is_multiple_of(FRAME) && a + FRAME <= self.umem.len);
         // SAFETY: in bounds (asserted); a frame in our TX pool is in no ring, so the kernel
         // neither reads nor writes it; `&mut self` excludes other borrows of the UMEM.
         unsafe { std::slice::from_raw_parts_mut(self.umem.ptr.add(a), FRAME) }
