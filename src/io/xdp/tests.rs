@@ -328,3 +328,167 @@ fn echo_case(a: &'static str, b: &'static str, net: u8, mode: XdpMode) {
     assert!(stats.xdp_sent >= 398, "{stats:?}");
     assert_eq!(stats.send_errors, 0);
 }
+
+/// CPU time (user + system) of the calling thread, at clock-tick (10 ms) resolution.
+fn thread_cpu() -> Duration {
+    let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = fields
+        .get(11..13)
+        .map_or(0, |f| f.iter().map(|x| x.parse::<u64>().unwrap_or(0)).sum());
+    Duration::from_millis(ticks * 10)
+}
+
+/// Echo throughput on veth between two namespaces, xdp (native mode) vs io_uring, alternating
+/// rounds of `XDP_BENCH_SECS` (default 2) seconds, one server worker pinned to core 0 and a
+/// `sendmmsg` client with a 256-datagram window pinned to core 1; prints the medians.
+/// `sudo cargo test --release --lib io::xdp::tests::bench_echo -- --ignored --nocapture`
+#[test]
+#[ignore = "benchmark (root)"]
+fn bench_echo() {
+    use crate::io::{BatchSocket, IoBackend, run_loop};
+    if !is_root() {
+        println!("SKIP bench_echo: not root");
+        return;
+    }
+    let secs: f64 = std::env::var("XDP_BENCH_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2.0);
+    let rounds: usize = std::env::var("XDP_BENCH_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
+    let mode: XdpMode = std::env::var("XDP_BENCH_MODE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(XdpMode::Native);
+    let payload: usize = std::env::var("XDP_BENCH_PAYLOAD")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(64);
+    let veth = Veth::new("rbxe", "rbxf", 9).expect("namespaces");
+    let listen: SocketAddr = "10.99.9.1:7000".parse().unwrap();
+    let cores = core_affinity::get_core_ids().unwrap_or_default();
+    let mut results: Vec<(IoBackend, f64, f64)> = Vec::new();
+    for round in 0..rounds {
+        for backend in [IoBackend::Xdp, IoBackend::Uring] {
+            let stop = Arc::new(AtomicBool::new(false));
+            let (ready_tx, ready_rx) = mpsc::channel::<Result<String, String>>();
+            let stop2 = stop.clone();
+            let server_core = cores.first().copied();
+            let server = thread::spawn(move || {
+                if let Some(c) = server_core {
+                    core_affinity::set_for_current(c);
+                }
+                sys::enter_netns("/var/run/netns/rbxe").unwrap();
+                let clients = vec![bind_udp(listen, true, 4 << 20).unwrap()];
+                let host = bind_udp("127.0.0.1:0".parse().unwrap(), false, 0).unwrap();
+                let socks = WorkerSockets { clients, host };
+                let mut h = Echo::default();
+                let cpu0 = thread_cpu();
+                let r = if backend == IoBackend::Xdp {
+                    let cfg = XdpConfig {
+                        interface: None,
+                        mode,
+                    };
+                    let mut x = match Xdp::setup(&cfg, &[listen], 1) {
+                        Ok(x) => x,
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                            return None;
+                        }
+                    };
+                    let _ = ready_tx.send(Ok(x.summary().to_string()));
+                    let w = x.take_worker(0).unwrap();
+                    run_loop_xdp(w, &socks, &mut h, &stop2, &LoopOptions::default())
+                } else {
+                    let _ = ready_tx.send(Ok("io_uring".into()));
+                    run_loop(backend, &socks, &mut h, &stop2, &LoopOptions::default())
+                };
+                Some((r.unwrap(), thread_cpu() - cpu0))
+            });
+            let what = ready_rx.recv().unwrap().expect("setup");
+            if round == 0 {
+                println!("{backend}: {what}");
+            }
+            let client_core = cores.get(1).copied();
+            let pps = thread::spawn(move || {
+                if let Some(c) = client_core {
+                    core_affinity::set_for_current(c);
+                }
+                sys::enter_netns("/var/run/netns/rbxf").unwrap();
+                let sock = bind_udp("10.99.9.2:0".parse().unwrap(), false, 8 << 20).unwrap();
+                let mut bs = BatchSocket::new(sock).unwrap();
+                let msg = vec![0x5au8; payload];
+                let window = 256u64;
+                let (mut sent, mut got) = (0u64, 0u64);
+                // Warm up (neighbour entries) before timing.
+                bs.send_batch([(listen, &msg[..])]).unwrap();
+                bs.recv_batch(Some(Duration::from_secs(1)), |_, _| ())
+                    .unwrap();
+                let start = Instant::now();
+                while start.elapsed().as_secs_f64() < secs {
+                    let k = (window - sent.saturating_sub(got).min(window)).min(64) as usize;
+                    if k > 0 {
+                        sent += bs
+                            .send_batch(std::iter::repeat_n((listen, &msg[..]), k))
+                            .unwrap() as u64;
+                    }
+                    let n = bs
+                        .recv_batch(Some(Duration::from_millis(5)), |_, _| ())
+                        .unwrap() as u64;
+                    got += n;
+                    if n == 0 && k == 0 {
+                        sent = got; // lost: reopen the window
+                    }
+                }
+                got as f64 / start.elapsed().as_secs_f64()
+            })
+            .join()
+            .unwrap();
+            stop.store(true, Ordering::Relaxed);
+            let (stats, cpu) = server.join().unwrap().unwrap();
+            let per_core = stats.received as f64 / cpu.as_secs_f64().max(0.01);
+            println!(
+                "round {round} {backend:>5}: {:7.1} kpps echoed; server {:.2} CPU-s, {:7.1} kpps per server core (xdp rx {}, xdp tx {}, kernel tx {}, mean batch {:.1})",
+                pps / 1e3,
+                cpu.as_secs_f64(),
+                per_core / 1e3,
+                stats.xdp_received,
+                stats.xdp_sent,
+                stats.xdp_kernel_sent,
+                stats.mean_batch()
+            );
+            results.push((backend, pps, per_core));
+        }
+    }
+    drop(veth);
+    let median = |b: IoBackend, f: fn(&(IoBackend, f64, f64)) -> f64| {
+        let mut v: Vec<f64> = results.iter().filter(|r| r.0 == b).map(f).collect();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (x, u) = (
+        median(IoBackend::Xdp, |r| r.1),
+        median(IoBackend::Uring, |r| r.1),
+    );
+    let (xc, uc) = (
+        median(IoBackend::Xdp, |r| r.2),
+        median(IoBackend::Uring, |r| r.2),
+    );
+    println!(
+        "median echo: xdp {:.1} kpps, uring {:.1} kpps, ratio {:.2}; per server core: xdp {:.1}, uring {:.1}, ratio {:.2}",
+        x / 1e3,
+        u / 1e3,
+        x / u,
+        xc / 1e3,
+        uc / 1e3,
+        xc / uc
+    );
+}
