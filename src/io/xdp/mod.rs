@@ -265,6 +265,13 @@ impl Xdp {
     }
 }
 
+/// Moves the calling thread (only it) into the network namespace at `path` (e.g.
+/// `/var/run/netns/NAME`); sockets it creates afterwards, and threads it spawns, live there.
+/// For tests and benchmarks that run both ends of a veth pair in one process.
+pub fn enter_netns(path: &str) -> io::Result<()> {
+    sys::enter_netns(path)
+}
+
 /// Sender IP → (sender MAC, the local IP it addressed): the layer-2 next hop for replies.
 #[derive(Default)]
 pub struct Neighbours {

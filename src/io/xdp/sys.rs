@@ -679,7 +679,6 @@ impl Xsk {
 }
 
 /// Enters the network namespace at `path` on the calling thread (tests and benchmarks).
-#[cfg(test)]
 pub fn enter_netns(path: &str) -> io::Result<()> {
     let f = std::fs::File::open(path)?;
     // SAFETY: setns on a namespace fd we hold open; affects only this thread.
