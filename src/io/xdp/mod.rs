@@ -132,12 +132,6 @@ impl Xdp {
     /// for each of the first `workers` receive queues. `Err(reason)` if anything is refused;
     /// nothing stays attached then.
     pub fn setup(cfg: &XdpConfig, listen: &[SocketAddr], workers: usize) -> Result<Xdp, String> {
-        if super::ids::effective_uid() != 0 {
-            return Err(
-                "not root (AF_XDP and XDP programs need CAP_NET_ADMIN, CAP_BPF, CAP_NET_RAW)"
-                    .into(),
-            );
-        }
         let mut ports: Vec<u16> = listen.iter().map(|a| a.port()).collect();
         ports.sort_unstable();
         ports.dedup();
@@ -176,7 +170,13 @@ impl Xdp {
         let mtu = sys::mtu(&ifname).map_err(|e| format!("{ifname}: SIOCGIFMTU: {e}"))?;
         let queues = sys::rx_queues(&ifname);
         let nsock = (workers as u32).min(queues).max(1);
-        let map = sys::xskmap_create(queues.max(1)).map_err(|e| format!("XSKMAP: {e}"))?;
+        let map = sys::xskmap_create(queues.max(1)).map_err(|e| {
+            if e.kind() == io::ErrorKind::PermissionDenied {
+                format!("XSKMAP: {e} (needs root, or CAP_BPF + CAP_NET_ADMIN + CAP_NET_RAW)")
+            } else {
+                format!("XSKMAP: {e}")
+            }
+        })?;
         let insns = prog::program(&ports, map.as_raw_fd());
         let prog = sys::prog_load(&insns)?;
         let attempts: &[(u32, &str)] = match cfg.mode {

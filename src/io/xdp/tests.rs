@@ -43,7 +43,32 @@ fn mode_parse() {
 fn setup_refuses_unspecified_listen_without_interface() {
     let r = Xdp::setup(&XdpConfig::default(), &["0.0.0.0:7000".parse().unwrap()], 1);
     let e = r.unwrap_err();
-    assert!(e.contains("not root") || e.contains("xdp_interface"), "{e}");
+    assert!(e.contains("xdp_interface"), "{e}");
+    let r = Xdp::setup(
+        &XdpConfig {
+            interface: Some("rbx-no-such-if".into()),
+            mode: XdpMode::Auto,
+        },
+        &["0.0.0.0:7000".parse().unwrap()],
+        1,
+    );
+    assert!(r.unwrap_err().contains("rbx-no-such-if"));
+}
+
+/// `io = "xdp"` that cannot be set up falls back like io_uring does (to uring, else mmsg).
+#[test]
+fn select_falls_back_with_a_reason() {
+    use crate::io::{IoBackend, select_backend_xdp};
+    let (b, x) = select_backend_xdp(
+        IoBackend::Xdp,
+        &XdpConfig::default(),
+        &["0.0.0.0:7000".parse().unwrap()],
+        2,
+    );
+    assert!(x.is_none());
+    assert!(matches!(b, IoBackend::Uring | IoBackend::Mmsg), "{b}");
+    let (b, x) = select_backend_xdp(IoBackend::Mmsg, &XdpConfig::default(), &[], 2);
+    assert_eq!((b, x.is_none()), (IoBackend::Mmsg, true));
 }
 
 /// Two namespaces joined by a veth pair, deleted on drop. `a` has .1/::1, `b` .2/::2.
@@ -119,13 +144,15 @@ impl Drop for Veth {
 #[derive(Default)]
 pub(crate) struct Echo {
     pub received: u64,
+    /// Answer here instead of to the sender.
+    pub to: Option<SocketAddr>,
 }
 
 impl Handler for Echo {
     fn handle_batch(&mut self, rx: &[Rx<'_>], tx: &mut TxQueue) {
         for r in rx {
             self.received += 1;
-            tx.push_bytes(r.via, r.from, r.data);
+            tx.push_bytes(r.via, self.to.unwrap_or(r.from), r.data);
         }
     }
     fn tick(&mut self, _tx: &mut TxQueue) {}
@@ -142,6 +169,7 @@ pub(crate) fn start_server(
     other: SocketAddr,
     mode: XdpMode,
     stop: Arc<AtomicBool>,
+    reply_to: Option<SocketAddr>,
 ) -> (Ready, thread::JoinHandle<Option<io::Result<IoStats>>>) {
     let (tx, rx) = mpsc::channel::<Ready>();
     let join = thread::spawn(move || {
@@ -175,7 +203,10 @@ pub(crate) fn start_server(
             }
             Ok((w, socks, summary, other)) => {
                 let _ = tx.send(Ok((summary, other)));
-                let mut h = Echo::default();
+                let mut h = Echo {
+                    received: 0,
+                    to: reply_to,
+                };
                 Some(run_loop_xdp(
                     w,
                     &socks,
@@ -258,7 +289,7 @@ fn echo_case(a: &'static str, b: &'static str, net: u8, mode: XdpMode) {
     let v6: SocketAddr = format!("[fd99::{net}:1]:7000").parse().unwrap();
     let other: SocketAddr = format!("10.99.{net}.1:7001").parse().unwrap();
     let stop = Arc::new(AtomicBool::new(false));
-    let (ready, join) = start_server(veth.a, vec![v4, v6], other, mode, stop.clone());
+    let (ready, join) = start_server(veth.a, vec![v4, v6], other, mode, stop.clone(), None);
     let (summary, other_sock) = match ready {
         Ok(r) => r,
         Err(e) => {
@@ -327,6 +358,66 @@ fn echo_case(a: &'static str, b: &'static str, net: u8, mode: XdpMode) {
     // learned from the very datagram, so in practice all go as frames).
     assert!(stats.xdp_sent >= 398, "{stats:?}");
     assert_eq!(stats.send_errors, 0);
+}
+
+/// A reply to an address that never sent us a frame has no neighbour entry: it goes through
+/// the kernel socket (which resolves it with ARP) and is counted, not dropped.
+#[test]
+fn unknown_neighbour_goes_through_the_kernel() {
+    if !is_root() {
+        println!("SKIP unknown_neighbour: not root");
+        return;
+    }
+    let veth = match Veth::new("rbxi", "rbxj", 10) {
+        Ok(v) => v,
+        Err(e) => {
+            println!("SKIP unknown_neighbour: cannot create namespaces: {e}");
+            return;
+        }
+    };
+    ip(&["-n", "rbxj", "addr", "add", "10.99.10.3/24", "dev", "rbxj0"]).unwrap();
+    let listen: SocketAddr = "10.99.10.1:7000".parse().unwrap();
+    let third: SocketAddr = "10.99.10.3:7100".parse().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ready, join) = start_server(
+        veth.a,
+        vec![listen],
+        "10.99.10.1:7001".parse().unwrap(),
+        XdpMode::Auto,
+        stop.clone(),
+        Some(third),
+    );
+    if let Err(e) = ready {
+        println!("SKIP unknown_neighbour: the kernel refused AF_XDP: {e}");
+        return;
+    }
+    let got = thread::spawn(move || -> io::Result<usize> {
+        sys::enter_netns("/var/run/netns/rbxj")?;
+        let from = UdpSocket::bind("10.99.10.2:0")?;
+        let sink = UdpSocket::bind(third)?;
+        sink.set_read_timeout(Some(Duration::from_secs(2)))?;
+        let mut buf = [0u8; 64];
+        let mut n = 0;
+        for i in 0..5u8 {
+            from.send_to(&[i; 10], listen)?;
+            let (len, src) = match sink.recv_from(&mut buf) {
+                Ok(r) => r,
+                Err(e) => return Err(io::Error::other(format!("reply {i}: {e}"))),
+            };
+            assert_eq!((len, src, buf[0]), (10, listen, i));
+            n += 1;
+        }
+        Ok(n)
+    })
+    .join()
+    .unwrap();
+    stop.store(true, Ordering::Relaxed);
+    let stats = join.join().unwrap().unwrap().unwrap();
+    drop(veth);
+    println!("{stats:?}");
+    assert_eq!(got.unwrap(), 5);
+    assert_eq!((stats.xdp_received, stats.xdp_sent), (5, 0), "{stats:?}");
+    assert_eq!(stats.xdp_kernel_sent, 5, "{stats:?}");
 }
 
 /// CPU time (user + system) of the calling thread, at clock-tick (10 ms) resolution.
