@@ -69,6 +69,16 @@ impl Drop for Namespaces {
     }
 }
 
+/// Prints why the test is skipped; with REBINDGW_REQUIRE_TOOLS set (CI, as root) that is a
+/// failure instead.
+fn skip(reason: &str) {
+    assert!(
+        std::env::var_os("REBINDGW_REQUIRE_TOOLS").is_none(),
+        "{reason}, but REBINDGW_REQUIRE_TOOLS is set"
+    );
+    println!("SKIP gateway_on_xdp_over_veth: {reason}");
+}
+
 #[test]
 fn gateway_on_xdp_over_veth() {
     if rebindgw::io::ids::effective_uid() != 0 {
@@ -78,7 +88,7 @@ fn gateway_on_xdp_over_veth() {
     let ns = match Namespaces::new() {
         Ok(n) => n,
         Err(e) => {
-            println!("SKIP gateway_on_xdp_over_veth: {e}");
+            skip(&e);
             return;
         }
     };
@@ -136,9 +146,9 @@ fn gateway_on_xdp_over_veth() {
         server.join().unwrap();
         drop(ns);
         let _ = std::fs::remove_dir_all(&dir);
-        println!(
-            "SKIP gateway_on_xdp_over_veth: AF_XDP refused, the gateway fell back to {backend}"
-        );
+        skip(&format!(
+            "AF_XDP refused, the gateway fell back to {backend}"
+        ));
         return;
     }
     let creds = enroll(&clients_file, "alice").unwrap().creds.clone();

@@ -259,6 +259,16 @@ fn icmp_echo(dst: IpAddr) -> io::Result<bool> {
     Ok(false)
 }
 
+/// Prints why a root test is skipped; with REBINDGW_REQUIRE_TOOLS set (CI, as root) a skip
+/// for any reason but "not root" is a failure.
+fn skip(test: &str, reason: &str) {
+    assert!(
+        std::env::var_os("REBINDGW_REQUIRE_TOOLS").is_none(),
+        "{test}: {reason}, but REBINDGW_REQUIRE_TOOLS is set"
+    );
+    println!("SKIP {test}: {reason}");
+}
+
 fn is_root() -> bool {
     crate::io::ids::effective_uid() == 0
 }
@@ -281,7 +291,7 @@ fn echo_case(a: &'static str, b: &'static str, net: u8, mode: XdpMode) {
     let veth = match Veth::new(a, b, net) {
         Ok(v) => v,
         Err(e) => {
-            println!("SKIP veth_echo: cannot create namespaces: {e}");
+            skip("veth_echo", &format!("cannot create namespaces: {e}"));
             return;
         }
     };
@@ -293,7 +303,7 @@ fn echo_case(a: &'static str, b: &'static str, net: u8, mode: XdpMode) {
     let (summary, other_sock) = match ready {
         Ok(r) => r,
         Err(e) => {
-            println!("SKIP veth_echo: the kernel refused AF_XDP: {e}");
+            skip("veth_echo", &format!("the kernel refused AF_XDP: {e}"));
             return;
         }
     };
@@ -371,7 +381,10 @@ fn unknown_neighbour_goes_through_the_kernel() {
     let veth = match Veth::new("rbxi", "rbxj", 10) {
         Ok(v) => v,
         Err(e) => {
-            println!("SKIP unknown_neighbour: cannot create namespaces: {e}");
+            skip(
+                "unknown_neighbour",
+                &format!("cannot create namespaces: {e}"),
+            );
             return;
         }
     };
@@ -388,7 +401,10 @@ fn unknown_neighbour_goes_through_the_kernel() {
         Some(third),
     );
     if let Err(e) = ready {
-        println!("SKIP unknown_neighbour: the kernel refused AF_XDP: {e}");
+        skip(
+            "unknown_neighbour",
+            &format!("the kernel refused AF_XDP: {e}"),
+        );
         return;
     }
     let got = thread::spawn(move || -> io::Result<usize> {
