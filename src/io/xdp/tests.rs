@@ -97,6 +97,16 @@ impl Veth {
     /// Namespaces `a`, `b` (prefix rbx), veth `{a}0` in `a` and `{b}0` in `b`,
     /// 10.99.`net`.1|2/24 and fd99::`net`:1|2/64.
     pub(crate) fn new(a: &'static str, b: &'static str, net: u8) -> Result<Veth, String> {
+        Self::with_queues(a, b, net, 1)
+    }
+
+    /// The same with `queues` receive and transmit queues on both ends.
+    pub(crate) fn with_queues(
+        a: &'static str,
+        b: &'static str,
+        net: u8,
+        queues: u8,
+    ) -> Result<Veth, String> {
         assert!(a.starts_with("rbx") && b.starts_with("rbx"));
         let _ = ip(&["netns", "del", a]);
         let _ = ip(&["netns", "del", b]);
@@ -104,8 +114,28 @@ impl Veth {
         let v = Veth { a, b };
         ip(&["netns", "add", b])?;
         let (ia, ib) = (format!("{a}0"), format!("{b}0"));
+        let q = queues.to_string();
         ip(&[
-            "-n", a, "link", "add", &ia, "type", "veth", "peer", "name", &ib, "netns", b,
+            "-n",
+            a,
+            "link",
+            "add",
+            &ia,
+            "numtxqueues",
+            &q,
+            "numrxqueues",
+            &q,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &ib,
+            "numtxqueues",
+            &q,
+            "numrxqueues",
+            &q,
+            "netns",
+            b,
         ])?;
         for (ns, dev, h) in [(a, &ia, 1), (b, &ib, 2)] {
             ip(&["-n", ns, "link", "set", "lo", "up"])?;
@@ -434,6 +464,103 @@ fn unknown_neighbour_goes_through_the_kernel() {
     assert_eq!(got.unwrap(), 5);
     assert_eq!((stats.xdp_received, stats.xdp_sent), (5, 0), "{stats:?}");
     assert_eq!(stats.xdp_kernel_sent, 5, "{stats:?}");
+}
+
+/// Two queues, two workers: each worker's socket gets its queue's datagrams, and together
+/// they answer every flow.
+#[test]
+fn two_queues_two_workers() {
+    if !is_root() {
+        println!("SKIP two_queues: not root");
+        return;
+    }
+    let veth = match Veth::with_queues("rbxk", "rbxl", 12, 2) {
+        Ok(v) => v,
+        Err(e) => {
+            skip("two_queues", &format!("cannot create namespaces: {e}"));
+            return;
+        }
+    };
+    let listen: SocketAddr = "10.99.12.1:7000".parse().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ready_tx, ready_rx) = mpsc::channel::<Result<String, String>>();
+    let stop2 = stop.clone();
+    let server = thread::spawn(move || -> Vec<IoStats> {
+        let setup = || -> Result<(Xdp, Vec<WorkerSockets>), String> {
+            sys::enter_netns("/var/run/netns/rbxk").map_err(|e| e.to_string())?;
+            let socks = (0..2)
+                .map(|_| {
+                    Ok(WorkerSockets {
+                        clients: vec![bind_udp(listen, true, 1 << 20)?],
+                        host: bind_udp("127.0.0.1:0".parse().unwrap(), false, 0)?,
+                    })
+                })
+                .collect::<io::Result<Vec<_>>>()
+                .map_err(|e| e.to_string())?;
+            Ok((Xdp::setup(&XdpConfig::default(), &[listen], 2)?, socks))
+        };
+        let (mut x, socks) = match setup() {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = ready_tx.send(Err(e));
+                return Vec::new();
+            }
+        };
+        let _ = ready_tx.send(Ok(x.summary().to_string()));
+        let workers: Vec<_> = socks
+            .into_iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let w = x.take_worker(i).expect("a socket per queue");
+                let stop = stop2.clone();
+                thread::spawn(move || {
+                    let mut h = Echo::default();
+                    run_loop_xdp(w, &s, &mut h, &stop, &LoopOptions::default()).unwrap()
+                })
+            })
+            .collect();
+        workers.into_iter().map(|j| j.join().unwrap()).collect()
+    });
+    match ready_rx.recv().unwrap() {
+        Ok(summary) => {
+            println!("{summary}");
+            assert!(summary.contains("2 of 2 queues"), "{summary}");
+        }
+        Err(e) => {
+            skip("two_queues", &format!("the kernel refused AF_XDP: {e}"));
+            return;
+        }
+    }
+    let echoed = thread::spawn(move || -> io::Result<usize> {
+        sys::enter_netns("/var/run/netns/rbxl")?;
+        let mut n = 0;
+        for flow in 0..64u8 {
+            let s = UdpSocket::bind("10.99.12.2:0")?;
+            s.set_read_timeout(Some(Duration::from_secs(2)))?;
+            let mut buf = [0u8; 64];
+            for i in 0..3u8 {
+                s.send_to(&[flow, i], listen)?;
+                let (len, from) = s.recv_from(&mut buf)?;
+                assert_eq!((&buf[..len], from), (&[flow, i][..], listen));
+                n += 1;
+            }
+        }
+        Ok(n)
+    })
+    .join()
+    .unwrap();
+    stop.store(true, Ordering::Relaxed);
+    let stats = server.join().unwrap();
+    drop(veth);
+    for s in &stats {
+        println!("{s:?}");
+    }
+    assert_eq!(echoed.unwrap(), 192);
+    assert_eq!(stats.iter().map(|s| s.xdp_received).sum::<u64>(), 192);
+    assert!(
+        stats.iter().all(|s| s.xdp_received > 0),
+        "a queue got no flow: {stats:?}"
+    );
 }
 
 /// CPU time (user + system) of the calling thread, at clock-tick (10 ms) resolution.
