@@ -544,8 +544,8 @@ pub fn run_loop_xdp(
                 handler.on_send_errors(errors);
             }
             tx.clear();
-        } else if w.xsk.tx.needs_wakeup() && pool.len() < (FRAMES - RX_FRAMES) as usize {
-            // Frames still in the TX ring: keep the kernel sending them.
+        } else if w.xsk.tx.free(RING) < RING && w.xsk.tx.needs_wakeup() {
+            // The kernel left frames in the TX ring (it was busy): kick it again.
             w.xsk.kick_tx();
         }
         handler.on_io_stats(&stats);

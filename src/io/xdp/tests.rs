@@ -384,10 +384,25 @@ fn echo_case(a: &'static str, b: &'static str, net: u8, mode: XdpMode) {
     })
     .join()
     .unwrap();
+    let show = || {
+        let out = Command::new("ip")
+            .args(["-n", a, "link", "show", "dev", &format!("{a}0")])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let attached = show();
+    assert!(attached.contains("prog/xdp"), "not attached: {attached}");
     stop.store(true, Ordering::Relaxed);
     let stats = join.join().unwrap().unwrap().unwrap();
+    // The worker is gone: the bpf_link, and with it the program, is detached.
+    let link = show();
     drop(veth);
     println!("{stats:?}");
+    assert!(
+        link.contains("mtu") && !link.contains("xdp"),
+        "still attached: {link}"
+    );
     client_result.unwrap();
     assert_eq!(other_got.unwrap(), b"kernel");
     assert!(pings.0.unwrap(), "ICMP echo (IPv4) through the kernel");
