@@ -14,6 +14,7 @@ use rebindgw::client::ClientConfig;
 use rebindgw::client::socket::UdpClient;
 use rebindgw::crypto;
 use rebindgw::gateway::config::{GatewayConfig, HostEntry};
+use rebindgw::gateway::metrics::{C, total};
 use rebindgw::gateway::run::spawn_gateway;
 use rebindgw::host::clients::enroll;
 use rebindgw::host::{HostOptions, spawn_host};
@@ -136,6 +137,11 @@ fn gateway_on_xdp_over_veth() {
         };
         let _ = addr_tx.send(Ok((gw.client_addrs()[0], gw.io_backend())));
         let _ = stop_rx.recv();
+        let (rx, tx) = (
+            total(&gw.shared().metrics, C::XdpRx),
+            total(&gw.shared().metrics, C::XdpTx),
+        );
+        assert!(rx >= 100 && tx >= 100, "xdp metrics: rx {rx}, tx {tx}");
         let stats = gw.stop().unwrap();
         let _ = host.stop();
         Some(stats)

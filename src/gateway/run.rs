@@ -187,6 +187,8 @@ impl Handler for Driver {
             || s.truncated != seen.truncated
             || s.rx_errors != seen.rx_errors
             || s.no_buffers != seen.no_buffers
+            || s.xdp_received != seen.xdp_received
+            || s.xdp_kernel_sent != seen.xdp_kernel_sent
         {
             self.core.metrics().record_io(seen, s);
             self.io_seen = s.clone();
