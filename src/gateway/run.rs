@@ -465,6 +465,7 @@ fn start(
     let xdp_cfg = io::xdp::XdpConfig {
         interface: cfg.xdp_interface.clone(),
         mode: cfg.xdp_mode,
+        ..io::xdp::XdpConfig::default()
     };
     let (io_backend, mut xdp) = io::select_backend_xdp(cfg.io, &xdp_cfg, &client_addrs, workers);
     let shutdown = Arc::new(AtomicBool::new(false));

@@ -30,7 +30,7 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::batch::{TxQueue, Via};
 use super::mmsg::{RecvBufs, SendBufs, poll_fds};
@@ -76,11 +76,27 @@ impl FromStr for XdpMode {
 }
 
 /// What [`Xdp::setup`] needs besides the listen addresses.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct XdpConfig {
     /// The interface; `None`: the one that owns the listen addresses' IP.
     pub interface: Option<String>,
     pub mode: XdpMode,
+    /// Busy polling: after a batch, a worker spins on its RX ring this long for more frames
+    /// before it sleeps in `poll(2)` (an idle worker sleeps at once). Zero: never spin.
+    pub spin: Duration,
+}
+
+/// [`XdpConfig::spin`]'s default.
+pub const DEFAULT_SPIN: Duration = Duration::from_micros(50);
+
+impl Default for XdpConfig {
+    fn default() -> Self {
+        XdpConfig {
+            interface: None,
+            mode: XdpMode::Auto,
+            spin: DEFAULT_SPIN,
+        }
+    }
 }
 
 /// UMEM frames per socket: half for receiving (always in the fill ring or being handled),
@@ -119,6 +135,7 @@ pub struct XdpWorker {
     mtu: usize,
     listen: Vec<SocketAddr>,
     neigh: Neighbours,
+    spin: Duration,
 }
 
 impl Drop for XdpWorker {
@@ -234,6 +251,7 @@ impl Xdp {
                 mtu,
                 listen: listen.to_vec(),
                 neigh: Neighbours::default(),
+                spin: cfg.spin,
             }));
         }
         out.resize_with(workers, || None);
@@ -340,6 +358,7 @@ pub fn run_loop_xdp(
     let mut stats = IoStats::default();
     let mut ticker = Ticker::new(opts.tick);
     let mut assume_ready = false;
+    let (mut busy, mut skipped_polls) = (false, 0u32);
     let mut ip_id: u16 = 0;
     let max_frame = (w.mtu + frame::ETH_LEN).min(sys::FRAME);
 
@@ -349,13 +368,37 @@ pub fn run_loop_xdp(
         .collect();
 
     while !shutdown.load(Ordering::Relaxed) {
-        // 1. Wait for input (kernel sockets and the XSK), at most until the next tick.
+        // 1. Wait for input (kernel sockets and the XSK), at most until the next tick. Frames
+        //    already in the RX ring, or arriving while we spin after a busy batch, skip the
+        //    sleep (and its cross-core wake-up); the kernel sockets are still polled, without
+        //    waiting, at least every 16th round.
         if assume_ready {
             readable.fill(true);
         } else {
-            poll_fds(&mut pfds, Some(ticker.remaining(Instant::now())))?;
-            for (r, p) in readable.iter_mut().zip(&pfds) {
-                *r = p.revents != 0;
+            let mut ready = w.xsk.rx.ready(1) > 0;
+            if !ready && busy && !w.spin.is_zero() {
+                let until = Instant::now() + w.spin;
+                while !ready && Instant::now() < until {
+                    std::hint::spin_loop();
+                    ready = w.xsk.rx.ready(1) > 0;
+                }
+            }
+            if ready && skipped_polls < 16 {
+                skipped_polls += 1;
+                readable.fill(false);
+                readable[nsock] = true;
+            } else {
+                skipped_polls = 0;
+                let wait = if ready {
+                    Duration::ZERO
+                } else {
+                    ticker.remaining(Instant::now())
+                };
+                poll_fds(&mut pfds, Some(wait))?;
+                for (r, p) in readable.iter_mut().zip(&pfds) {
+                    *r = p.revents != 0;
+                }
+                readable[nsock] |= ready;
             }
         }
 
@@ -377,6 +420,7 @@ pub fn run_loop_xdp(
             }
         }
         assume_ready = total == batch;
+        busy = total > 0;
 
         // 3. Hand them to the handler: XSK frames in place, then the kernel sockets' datagrams.
         let mut rx = recycle(mem::take(&mut rx_store));
@@ -510,7 +554,14 @@ pub fn run_loop_xdp(
             }
             if queued > 0 {
                 w.xsk.tx.submit();
-                w.xsk.kick_tx();
+                // In copy mode one kick sends at most 32 frames (the kernel's TX batch): kick
+                // until the ring is drained, so frames do not wait for the next batch.
+                for _ in 0..(queued / 32 + 2) {
+                    w.xsk.kick_tx();
+                    if w.xsk.tx.free(RING) == RING {
+                        break;
+                    }
+                }
                 stats.sent += u64::from(queued);
                 stats.xdp_sent += u64::from(queued);
             }

@@ -47,7 +47,7 @@ fn setup_refuses_unspecified_listen_without_interface() {
     let r = Xdp::setup(
         &XdpConfig {
             interface: Some("rbx-no-such-if".into()),
-            mode: XdpMode::Auto,
+            ..XdpConfig::default()
         },
         &["0.0.0.0:7000".parse().unwrap()],
         1,
@@ -214,8 +214,8 @@ pub(crate) fn start_server(
                 .map_err(|e| format!("bind host: {e}"))?;
             let other = UdpSocket::bind(other).map_err(|e| format!("bind other: {e}"))?;
             let cfg = XdpConfig {
-                interface: None,
                 mode,
+                ..XdpConfig::default()
             };
             let mut x = Xdp::setup(&cfg, &listen, 1)?;
             let w = x.take_worker(0).ok_or("no worker socket")?;
@@ -621,6 +621,10 @@ fn bench_echo() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(64);
+    let spin = std::env::var("XDP_BENCH_SPIN_US")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .map_or(DEFAULT_SPIN, Duration::from_micros);
     let veth = Veth::new("rbxe", "rbxf", 9).expect("namespaces");
     let listen: SocketAddr = "10.99.9.1:7000".parse().unwrap();
     let cores = core_affinity::get_core_ids().unwrap_or_default();
@@ -643,8 +647,9 @@ fn bench_echo() {
                 let cpu0 = thread_cpu();
                 let r = if backend == IoBackend::Xdp {
                     let cfg = XdpConfig {
-                        interface: None,
                         mode,
+                        spin,
+                        ..XdpConfig::default()
                     };
                     let mut x = match Xdp::setup(&cfg, &[listen], 1) {
                         Ok(x) => x,
