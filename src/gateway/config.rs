@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use super::core::CoreConfig;
 use super::ratelimit::Rate;
 use crate::io::IoBackend;
+use crate::io::xdp::XdpMode;
 use crate::logging::LogFormat;
 
 /// The largest `max_connections` accepted: its memory is reserved at start-up.
@@ -193,7 +194,9 @@ macro_rules! show_by_display {
         }
     )*};
 }
-show_by_display!(u16, u64, usize, bool, String, SocketAddr, IoBackend);
+show_by_display!(
+    u16, u64, usize, bool, String, SocketAddr, IoBackend, XdpMode
+);
 
 impl ShowDefault for PathBuf {
     fn show(&self) -> String {
@@ -437,8 +440,14 @@ settings! {
         restart workers: usize = 0, flag Option<usize>;
         /// Connection capacity, reserved at start; 0 is min(2^S, 2^20).
         restart max_connections: usize = 0, flag Option<usize>;
-        /// I/O backend: uring or mmsg (uring falls back to mmsg if unusable).
+        /// I/O backend: uring, mmsg or xdp (AF_XDP, docs/xdp.md; xdp falls back to uring
+        /// and uring to mmsg if unusable).
         restart io: IoBackend = IoBackend::Uring, flag Option<IoBackend>;
+        /// io = xdp: the interface to attach to.
+        restart xdp_interface: Option<String> = None, flag Option<String>,
+            none = "the interface that has the listen addresses";
+        /// io = xdp: auto (native, else skb), native or skb.
+        restart xdp_mode: XdpMode = XdpMode::Auto, flag Option<XdpMode>;
         /// Log filter, e.g. info or warn,rebindgw=debug; SIGHUP applies a changed config
         /// value.
         live log_level: Option<String> = None, flag Option<String>,

@@ -111,6 +111,9 @@ counters! {
     SendSocketFull => "rebindgw_send_errors_total", "reason=\"socket_full\"", "";
     SendRefused => "rebindgw_send_errors_total", "reason=\"refused\"", "";
     RxBuffersExhausted => "rebindgw_rx_buffers_exhausted_total", "", "Times the io_uring receive buffer ring ran dry (the kernel queued or dropped datagrams).";
+    XdpRx => "rebindgw_xdp_datagrams_total", "path=\"rx\"", "io = xdp: frames received on AF_XDP sockets, datagrams sent as AF_XDP frames, and client datagrams sent through the kernel socket instead (no neighbour entry, too long, no free frame).";
+    XdpTx => "rebindgw_xdp_datagrams_total", "path=\"tx\"", "";
+    XdpKernelTx => "rebindgw_xdp_datagrams_total", "path=\"kernel_tx\"", "";
     // The receive batch size histogram (rendered cumulatively, see `render`).
     Batch1 => BATCH_HISTOGRAM, "le=\"1\"", "";
     Batch2 => BATCH_HISTOGRAM, "le=\"3\"", "";
@@ -307,6 +310,9 @@ impl WorkerMetrics {
             (C::DropOversize, d(prev.truncated, now.truncated)),
             (C::DropRxError, d(prev.rx_errors, now.rx_errors)),
             (C::RxBuffersExhausted, d(prev.no_buffers, now.no_buffers)),
+            (C::XdpRx, d(prev.xdp_received, now.xdp_received)),
+            (C::XdpTx, d(prev.xdp_sent, now.xdp_sent)),
+            (C::XdpKernelTx, d(prev.xdp_kernel_sent, now.xdp_kernel_sent)),
             (C::SendNoSocket, d(p.no_socket, n.no_socket)),
             (C::SendSocketFull, d(p.socket_full, n.socket_full)),
             (C::SendRefused, d(p.refused, n.refused)),

@@ -187,6 +187,8 @@ impl Handler for Driver {
             || s.truncated != seen.truncated
             || s.rx_errors != seen.rx_errors
             || s.no_buffers != seen.no_buffers
+            || s.xdp_received != seen.xdp_received
+            || s.xdp_kernel_sent != seen.xdp_kernel_sent
         {
             self.core.metrics().record_io(seen, s);
             self.io_seen = s.clone();
@@ -462,7 +464,12 @@ fn start(
         .iter()
         .map(|s| s.host.local_addr())
         .collect::<Result<Vec<_>, _>>()?;
-    let io_backend = io::select_backend(cfg.io);
+    let xdp_cfg = io::xdp::XdpConfig {
+        interface: cfg.xdp_interface.clone(),
+        mode: cfg.xdp_mode,
+        ..io::xdp::XdpConfig::default()
+    };
+    let (io_backend, mut xdp) = io::select_backend_xdp(cfg.io, &xdp_cfg, &client_addrs, workers);
     let shutdown = Arc::new(AtomicBool::new(false));
 
     #[cfg(feature = "cluster")]
@@ -545,6 +552,7 @@ fn start(
         let shutdown = shutdown.clone();
         let core_id = (!cores.is_empty()).then(|| cores[i % cores.len()]);
         let is_v6: Vec<bool> = cfg.listen.iter().map(|a| a.is_ipv6()).collect();
+        let xdp_worker = xdp.as_mut().and_then(|x| x.take_worker(i));
         worker_threads.push(
             std::thread::Builder::new()
                 .name(format!("worker-{i}"))
@@ -560,7 +568,14 @@ fn start(
                         #[cfg(feature = "cluster")]
                         link,
                     };
-                    io::run_loop(io_backend, &socks, &mut driver, &shutdown, &loop_options)
+                    io::run_worker(
+                        io_backend,
+                        xdp_worker,
+                        &socks,
+                        &mut driver,
+                        &shutdown,
+                        &loop_options,
+                    )
                 })?,
         );
     }

@@ -19,7 +19,7 @@ const SS_LEN: libc::socklen_t = mem::size_of::<libc::sockaddr_storage>() as libc
 /// The kernel's limit on `vlen` for `sendmmsg`/`recvmmsg` (`UIO_MAXIOV`).
 pub(crate) const MAX_VLEN: usize = 1024;
 /// How long the loop waits for `POLLOUT` after `EAGAIN` before dropping the rest of a send batch.
-const LOOP_SEND_WAIT: Duration = Duration::from_millis(1);
+pub(crate) const LOOP_SEND_WAIT: Duration = Duration::from_millis(1);
 /// The same for [`BatchSocket::send_batch`], which prefers waiting over dropping.
 const BATCH_SEND_WAIT: Duration = Duration::from_millis(20);
 

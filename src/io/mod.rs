@@ -1,12 +1,14 @@
-//! Per-worker UDP I/O loops. Two backends behind one [`Handler`] interface:
+//! Per-worker UDP I/O loops. Three backends behind one [`Handler`] interface:
 //!
 //! - [`IoBackend::Uring`]: one io_uring per worker, a multishot `RecvMsgMulti` per socket over
 //!   a provided buffer ring, `SendMsg` per outgoing datagram (`uring.rs`).
 //! - [`IoBackend::Mmsg`]: `poll(2)` + `recvmmsg(2)`/`sendmmsg(2)` (`mmsg.rs`).
+//! - [`IoBackend::Xdp`]: an XDP program steers the client ports to one AF_XDP socket per
+//!   worker and queue, beside the worker's kernel sockets (`xdp/`, docs/xdp.md).
 //!
 //! The loop is thin: reap a batch → [`Handler::handle_batch`] → send what it queued in the
 //! [`TxQueue`]. No allocation, logging or locking per packet. Unsafe code lives only in the two
-//! backend files and `ids.rs` (one `geteuid` call), each opting in with
+//! backend files, `xdp/sys.rs` and `ids.rs` (one `geteuid` call), each opting in with
 //! `#![allow(unsafe_code)]`; this file is unsafe-free
 //! (`deny`, not `forbid`: a `forbid` here would make the backends' `allow` an error, E0453).
 #![deny(unsafe_code)]
@@ -16,6 +18,7 @@ pub mod ids;
 mod mmsg;
 pub mod poll;
 mod uring;
+pub mod xdp;
 
 pub use mmsg::BatchSocket;
 
@@ -38,6 +41,9 @@ use batch::{TxQueue, Via};
 pub enum IoBackend {
     Uring,
     Mmsg,
+    /// AF_XDP (`xdp/`): needs [`xdp::Xdp::setup`] and [`xdp::run_loop_xdp`]; falls back to
+    /// `Uring` (then `Mmsg`) when it cannot be set up.
+    Xdp,
 }
 
 impl IoBackend {
@@ -45,6 +51,7 @@ impl IoBackend {
         match self {
             IoBackend::Uring => "uring",
             IoBackend::Mmsg => "mmsg",
+            IoBackend::Xdp => "xdp",
         }
     }
 }
@@ -62,8 +69,9 @@ impl FromStr for IoBackend {
         match s.trim().to_ascii_lowercase().as_str() {
             "uring" | "io_uring" | "io-uring" => Ok(IoBackend::Uring),
             "mmsg" => Ok(IoBackend::Mmsg),
+            "xdp" | "af_xdp" | "af-xdp" => Ok(IoBackend::Xdp),
             other => Err(format!(
-                "unknown I/O backend {other:?} (expected \"uring\" or \"mmsg\")"
+                "unknown I/O backend {other:?} (expected \"uring\", \"mmsg\" or \"xdp\")"
             )),
         }
     }
@@ -216,6 +224,14 @@ pub struct IoStats {
     pub no_buffers: u64,
     /// `handle_batch` calls.
     pub batches: u64,
+    /// AF_XDP: frames taken from the XSK's RX ring (`received` counts the datagrams of them
+    /// that reached the handler; malformed ones count as `rx_errors`).
+    pub xdp_received: u64,
+    /// AF_XDP: datagrams sent as frames on the XSK (included in `sent`).
+    pub xdp_sent: u64,
+    /// AF_XDP: client datagrams sent through the kernel socket instead (no neighbour entry
+    /// yet, too long for the MTU, or no free frame; included in `sent`).
+    pub xdp_kernel_sent: u64,
     /// Batch sizes: 1, 2–3, 4–7, 8–15, 16–31, 32–63, 64–127, 128+.
     pub batch_sizes: [u64; 8],
 }
@@ -258,6 +274,9 @@ impl IoStats {
         self.rx_errors += o.rx_errors;
         self.no_buffers += o.no_buffers;
         self.batches += o.batches;
+        self.xdp_received += o.xdp_received;
+        self.xdp_sent += o.xdp_sent;
+        self.xdp_kernel_sent += o.xdp_kernel_sent;
         for (a, b) in self.batch_sizes.iter_mut().zip(o.batch_sizes) {
             *a += b;
         }
@@ -326,6 +345,10 @@ pub fn run_loop(
     match backend {
         IoBackend::Uring => uring::run(sockets, handler, shutdown, opts),
         IoBackend::Mmsg => mmsg::run(sockets, handler, shutdown, opts),
+        IoBackend::Xdp => Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "the xdp backend runs through xdp::Xdp::setup and xdp::run_loop_xdp, not run_loop",
+        )),
     }
 }
 
@@ -416,6 +439,55 @@ pub fn select_backend(requested: IoBackend) -> IoBackend {
             }
             IoBackend::Mmsg
         }
+    }
+}
+
+/// [`select_backend`] with AF_XDP: for `Xdp`, sets it up for the resolved `listen` addresses
+/// and `workers` workers; if that fails, logs why once and falls back to io_uring (then mmsg),
+/// as `select_backend` does. Run each worker with [`run_worker`] and its
+/// [`xdp::Xdp::take_worker`].
+pub fn select_backend_xdp(
+    requested: IoBackend,
+    cfg: &xdp::XdpConfig,
+    listen: &[SocketAddr],
+    workers: usize,
+) -> (IoBackend, Option<xdp::Xdp>) {
+    if requested != IoBackend::Xdp {
+        return (select_backend(requested), None);
+    }
+    match xdp::Xdp::setup(cfg, listen, workers) {
+        Ok(x) => {
+            tracing::info!(setup = x.summary(), "I/O backend: AF_XDP");
+            (IoBackend::Xdp, Some(x))
+        }
+        Err(reason) => {
+            let fallback = select_backend(IoBackend::Uring);
+            tracing::warn!(%reason, %fallback, "AF_XDP unusable, falling back");
+            (fallback, None)
+        }
+    }
+}
+
+/// Runs one worker: on its AF_XDP socket if it has one, else on `backend` (for `Xdp` without
+/// a socket, i.e. more workers than the interface has queues: io_uring, else mmsg).
+pub fn run_worker(
+    backend: IoBackend,
+    xdp: Option<xdp::XdpWorker>,
+    sockets: &WorkerSockets,
+    handler: &mut impl Handler,
+    shutdown: &AtomicBool,
+    opts: &LoopOptions,
+) -> io::Result<IoStats> {
+    match (xdp, backend) {
+        (Some(w), _) => xdp::run_loop_xdp(w, sockets, handler, shutdown, opts),
+        (None, IoBackend::Xdp) => run_loop(
+            select_backend(IoBackend::Uring),
+            sockets,
+            handler,
+            shutdown,
+            opts,
+        ),
+        (None, b) => run_loop(b, sockets, handler, shutdown, opts),
     }
 }
 

@@ -583,7 +583,7 @@ mod tests {
         let mut cli = Cli::command();
         let cmd = cli.find_subcommand_mut("gateway").unwrap();
         let shown = GatewayFlags::shown_defaults();
-        assert_eq!(shown.len(), 26, "every key but log_format has a flag");
+        assert_eq!(shown.len(), 28, "every key but log_format has a flag");
         for (id, default) in shown {
             let arg = cmd
                 .get_arguments()
