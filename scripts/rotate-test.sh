@@ -182,7 +182,7 @@ PROCS=$(grep -m1 -o '\[[0-9]* procs' "$T/loadgen.err" | tr -dc 0-9 || true)
 PROBES=${RT_PROBES:-${PROCS:-1}}
 LIVE=$(( CLIENTS + PROBES ))
 # Sampled in the background: the timeline goes on (kill -9 included).
-delivery "$R0" 10 "$CLIENTS" "$PROBES" >"$T/delivery1" &
+delivery "$R0" "$((GRACE - 2))" "$CLIENTS" "$PROBES" >"$T/delivery1" &
 D1_PID=$!
 PIDS+=("$D1_PID")
 E2_REG=$(metric 'rebindgw_epoch_connections{epoch="2"}')
@@ -208,7 +208,7 @@ E1_GONE=$(metric 'rebindgw_epoch_connections{epoch="1"}')
 ROTATE2_LINE=$(wait_rotation 2 30)
 R0=$(now)
 log "loadgen: $ROTATE2_LINE (epoch 2 held $E2_BEFORE2, epoch 1 $E1_GONE)"
-delivery "$R0" 12 "$CLIENTS" "$PROBES" >"$T/delivery2" &
+delivery "$R0" "$GRACE" "$CLIENTS" "$PROBES" >"$T/delivery2" &
 D2_PID=$!
 PIDS+=("$D2_PID")
 sleep 0.3
