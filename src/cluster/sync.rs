@@ -464,9 +464,12 @@ async fn run(
                             Request::Register { ticket, epoch, capacity, conn_id, secret, host, tuple, now } => {
                                 registers.push(RegisterRequest { ticket, epoch, capacity, conn_id, secret, host, tuple, now });
                             }
-                            other => {
+                            Request::Remove { ticket, epoch, index, conn_id } => {
                                 let link = link.clone();
-                                tokio::spawn(async move { link.handle(other).await });
+                                tokio::spawn(async move {
+                                    let answer = link.remove(ticket, epoch, index, conn_id).await;
+                                    link.answer(answer);
+                                });
                             }
                         }
                         if rebinds.len() < MAX_COMMITS_PER_TXN && registers.len() < MAX_COMMITS_PER_TXN {
@@ -593,47 +596,6 @@ async fn reconnect(
 }
 
 impl Link {
-    async fn handle(&self, req: Request) {
-        let response = match req {
-            Request::Register {
-                ticket,
-                epoch,
-                capacity,
-                conn_id,
-                secret,
-                host,
-                tuple,
-                now,
-            } => {
-                let r = RegisterRequest {
-                    ticket,
-                    epoch,
-                    capacity,
-                    conn_id,
-                    secret,
-                    host,
-                    tuple,
-                    now,
-                };
-                self.register(r, None).await
-            }
-            Request::Rebind {
-                ticket,
-                epoch,
-                index,
-                t,
-                tuple,
-            } => self.rebind(ticket, epoch, index, t, tuple).await,
-            Request::Remove {
-                ticket,
-                epoch,
-                index,
-                conn_id,
-            } => self.remove(ticket, epoch, index, conn_id).await,
-        };
-        self.answer(response);
-    }
-
     /// Sends an answer to the gateway's workers (counting refusals for unavailability).
     fn answer(&self, response: Response) {
         if let Response::Refused {
