@@ -12,20 +12,25 @@
 #     (cross): rebindgw_cluster_transactions_total{result="rebound"} and
 #     rebindgw_cluster_rebinds_taken_over_total, summed over the gateways; the k-th commit of
 #     a class is the k-th recovery. Passes when every client rebound (commits >= clients).
-#  2. kill -9 of gateway 3 under load; its ECMP next hop is withdrawn at once (what a health
+#  2. a captured REBIND sent to all three gateways at once: 16 clients are moved by the NAT
+#     onto a public address of their own; an on-path attacker in the router namespace
+#     (scripts/lib/capture-fanout.py) copies each one's first REBIND, byte for byte from its
+#     tuple, onto every ECMP leg. Passes when the phase commits exactly one REBIND per client
+#     and every captured REBIND drew one ACK content (a §6 duplicate is answered again with
+#     the identical ACK); the other copies' outcomes (lost compare-and-swap, duplicate,
+#     coalesced) are reported.
+#  3. kill -9 of gateway 3 under load; its ECMP next hop is withdrawn at once (what a health
 #     check or BGP session loss does); its clients re-hash onto the survivors, get
 #     UNRECOGNIZED and rebind there. Time to the last: until the survivors own (serve the
 #     tuple of) every connection again.
-#  3. etcd member 2 killed: forwarding and a NAT rebind of every client go on unharmed;
+#  4. etcd member 2 killed: forwarding and a NAT rebind of every client go on unharmed;
 #     member 2 returns.
-#  4. all etcd members down for 5 s: forwarding continues (DATA forwarded in those 5 s,
+#  5. all etcd members down for 5 s: forwarding continues (DATA forwarded in those 5 s,
 #     against the 5 s before), a NAT rebind in the outage is refused (no commit, counted as
 #     unavailable), and completes once etcd is back; nothing is accepted twice (every
 #     gateway's accepted REBINDs equal its committed transactions).
 #
-# Figures go to stdout and WORK/figures.json. Not here (covered elsewhere): one REBIND sent
-# to all three gateways at once (tests/cluster_etcd.rs against a real etcd, and
-# tests/sim_cluster.rs with the real gateway cores).
+# Figures go to stdout and WORK/figures.json.
 #
 # Usage: scripts/cluster-test.sh [--short] [--keep] [--no-build] [--clients N] [--rate PPS]
 #   --short     CI size: 300 clients
@@ -192,7 +197,9 @@ def scrape(n):
 
 POOL = ThreadPoolExecutor(3)
 WANTED = ("rebindgw_cluster_", "rebindgw_host_tx_packets_total", "rebindgw_rebinds_accepted",
-          "rebindgw_commits_total")
+          "rebindgw_commits_", "rebindgw_rebind_duplicates_total", "rebindgw_unrecognized_sent",
+          "rebindgw_rebinds_rejected_total",
+          'rebindgw_client_rx_packets_total{type="rebind"}', "rebindgw_unknown_tuple")
 
 
 def snapshot():
@@ -243,10 +250,22 @@ def pct(series, n, q):
     return None
 
 
-def recover(label, t0, base, timeout):
-    """Polls the commit counters until every client rebound; per-class series."""
+# The stages of a rebind, as the gateways count them: the moved client's DATA from its new
+# tuple, the UNRECOGNIZED it draws, the REBIND that answers it, and the etcd transactions that
+# carry the commits (up to 64 REBINDs each).
+STAGES = {"unknown_tuple": "rebindgw_unknown_tuple_total",
+          "unrecognized_sent": "rebindgw_unrecognized_sent_total",
+          "rebinds_received": 'rebindgw_client_rx_packets_total{type="rebind"}',
+          "commit_transactions": "rebindgw_cluster_commit_transactions_total"}
+
+
+def recover(label, t0, base, timeout, stages=None):
+    """Polls the commit counters until every client rebound; per-class series. With stages
+    (their counters' values at t0), also the series of each stage's counter."""
     series = {"all": [], "cross": [], "same": []}
     last = {"all": 0, "cross": 0, "same": 0}
+    for k in stages or {}:
+        series[k], last[k] = [], 0
     polls = 0
     while time.monotonic() - t0 < timeout:
         polls += 1
@@ -255,6 +274,8 @@ def recover(label, t0, base, timeout):
         taken = total(TAKEN, snap) - base[1]
         now = time.monotonic() - t0
         cur = {"all": reb, "cross": taken, "same": reb - taken}
+        for k in stages or {}:
+            cur[k] = total(STAGES[k], snap) - stages[k]
         for k in cur:
             if cur[k] > last[k]:
                 series[k].append((now, cur[k]))
@@ -266,7 +287,11 @@ def recover(label, t0, base, timeout):
         fail("%s: only %d of %d clients rebound within %d s" % (label, last["all"], clients, timeout))
     # The precision of every figure: the mean time between two polls.
     out = {"poll_ms": round((time.monotonic() - t0) * 1000 / max(polls, 1), 1)}
-    for k in series:
+    for k in stages or {}:
+        # When the stage had happened once per client (retries count too), and its total.
+        out[k] = {"total": last[k], "p50_ms": pct(series[k], clients, 0.5),
+                  "p99_ms": pct(series[k], clients, 0.99), "all_ms": pct(series[k], clients, 1.0)}
+    for k in ("all", "cross", "same"):
         n = last[k]
         out[k] = {"n": n, "p50_ms": pct(series[k], n, 0.5), "p99_ms": pct(series[k], n, 0.99),
                   "max_ms": pct(series[k], n, 1.0)}
@@ -291,8 +316,13 @@ time.sleep(2)
 # 1. The storm: every client gets a new public port at once.
 snap = snapshot()
 base = (total(REBOUND, snap), total(TAKEN, snap))
+stage_base = {k: total(c, snap) for k, c in STAGES.items()}
 t0, deleted = nat_rebind(cfg["nat_ports"], cfg["nat_out"][0])
-storm = recover("storm", t0, base, cfg["recover_timeout"])
+storm = recover("storm", t0, base, cfg["recover_timeout"], stage_base)
+storm_s = storm["all"]["max_ms"] / 1000
+txns = storm["commit_transactions"]["total"]
+storm["etcd_commit_transactions_per_s"] = round(txns / storm_s, 1)
+storm["rebinds_per_transaction"] = round(storm["all"]["n"] / max(txns, 1), 1)
 figures["storm"] = storm
 print("1. storm: %d clients moved by the NAT (conntrack entries deleted: %d); recovery from "
       "conntrack -D: cross-gateway n=%d p50 %s p99 %s max %s ms; same-gateway n=%d p50 %s p99 %s "
@@ -300,6 +330,14 @@ print("1. storm: %d clients moved by the NAT (conntrack entries deleted: %d); re
                      storm["cross"]["p99_ms"], storm["cross"]["max_ms"], storm["same"]["n"],
                      storm["same"]["p50_ms"], storm["same"]["p99_ms"], storm["same"]["max_ms"],
                      storm["poll_ms"]),
+      flush=True)
+print("   where the time went (ms from conntrack -D until the stage had happened once per "
+      "client, p50 / p99 / all): DATA from a new tuple %s; UNRECOGNIZED sent %s; REBIND received "
+      "%s; committed %s / %s / %s. %d etcd commit transactions, %.1f/s, %.1f REBINDs each"
+      % tuple(["/".join(str(storm[k][q]) for q in ("p50_ms", "p99_ms", "all_ms"))
+               for k in ("unknown_tuple", "unrecognized_sent", "rebinds_received")]
+              + [storm["all"]["p50_ms"], storm["all"]["p99_ms"], storm["all"]["max_ms"], txns,
+                 storm["etcd_commit_transactions_per_s"], storm["rebinds_per_transaction"]]),
       flush=True)
 fwd0 = total(FORWARDED)
 reads = {n: int(scrape(n).get("rebindgw_cluster_etcd_range_reads_total", 0)) for n in alive_gws}
@@ -310,7 +348,92 @@ print("   store reads on the packet path: 0 range reads during the phase, %d dat
       "forwarded to the host in all" % fwd0, flush=True)
 time.sleep(2)
 
-# 2. kill -9 gateway 3; its next hop is withdrawn at once.
+# 2. A captured REBIND sent to all three gateways at once. A few clients are moved by the
+# NAT (one SNAT rule each, onto a public address of their own); an attacker in the router
+# namespace (scripts/lib/capture-fanout.py) copies each one's first REBIND, byte for byte and
+# from its tuple, onto every ECMP leg. The rest of the load stays put, so every commit in the
+# phase is one of theirs: exactly one per captured REBIND.
+def conntrack_clients(k):
+    out = run("ip", "netns", "exec", P + "-nat", "conntrack", "-L", "-p", "udp").stdout
+    picked = []
+    for line in out.splitlines():
+        m = re.search(r"src=(\S+) dst=%s sport=(\d+) dport=7400" % re.escape(cfg["svc"]), line)
+        if m and m.group(1) in cfg["clis"] and (m.group(1), m.group(2)) not in picked:
+            picked.append((m.group(1), m.group(2)))
+        if len(picked) == k:
+            break
+    return picked
+
+
+ATTACK_ADDR = cfg["attack_addr"]
+run("ip", "-n", P + "-nat", "addr", "add", ATTACK_ADDR + "/24", "dev", "n1")
+victims = conntrack_clients(min(16, clients))
+attacker = subprocess.Popen(["ip", "netns", "exec", P + "-rt", sys.executable, cfg["fanout"],
+                             ATTACK_ADDR, cfg["svc"], "7400", "30"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+if attacker.stderr.readline().strip() != "ready":
+    fail("the capture-fanout attacker did not start: " + attacker.stderr.read())
+OUTCOMES = ('rebindgw_cluster_transactions_total{result="conflict"}',
+            'rebindgw_cluster_transactions_total{result="stale"}',
+            'rebindgw_cluster_transactions_total{result="duplicate"}',
+            "rebindgw_rebind_duplicates_total", "rebindgw_commits_coalesced_total",
+            'rebindgw_client_rx_packets_total{type="rebind"}')
+snap = snapshot()
+base_reb = total(REBOUND, snap)
+base_out = {k: total(k, snap) for k in OUTCOMES}
+rules = "".join('insert rule ip bednat post oifname "n1" ip saddr %s udp sport %s snat to %s\n'
+                % (a, sp, ATTACK_ADDR) for a, sp in victims)
+r = run("ip", "netns", "exec", P + "-nat", "nft", "-f", "-", stdin=rules)
+if r.returncode != 0:
+    fail("nft: " + r.stderr)
+for a, sp in victims:
+    run("ip", "netns", "exec", P + "-nat", "conntrack", "-D", "-p", "udp", "-s", a, "--sport", sp)
+t_att = time.monotonic()
+while total(REBOUND) - base_reb < len(victims) and time.monotonic() - t_att < 15:
+    time.sleep(0.05)
+time.sleep(2)  # late copies and re-ACKs
+attacker.terminate()
+out, err = attacker.communicate(timeout=10)
+try:
+    fan = json.loads(out)
+except ValueError:
+    fail("capture-fanout printed no report: %r %r" % (out, err))
+snap = snapshot()
+commits = total(REBOUND, snap) - base_reb
+outcomes = {k.split("{")[0].replace("rebindgw_", "") + ("/" + k.split('"')[1] if '"' in k else ""):
+            total(k, snap) - base_out[k] for k in OUTCOMES}
+captured = [t["rebinds"][t["captured_t"]] for t in fan["tuples"].values()]
+acked = sum(1 for t in fan["tuples"].values() for r in t["rebinds"].values() if r["acks"])
+later = sum(len(t["rebinds"]) - 1 for t in fan["tuples"].values())
+acks = sum(sum(r["acks"].values()) for r in captured)
+acking_legs = sorted({len(r["acks"]) for r in captured})
+distinct = sorted({r["distinct_acks"] for r in captured})
+figures["captured_rebind_to_all"] = {"moved": len(victims), "captured": fan["captured"],
+                                     "copies_sent": 3 * fan["captured"], "commits": commits,
+                                     "rebinds_acked": acked, "later_rebinds": later,
+                                     "other_outcomes": outcomes, "acks_to_captured": acks,
+                                     "gateways_acking_per_rebind": acking_legs,
+                                     "distinct_acks_per_rebind": distinct}
+print("2. %d captured REBINDs, each sent to all 3 gateways at once besides the original: "
+      "%d commits for %d acknowledged REBINDs (%d of them later REBINDs with a new t: the "
+      "copy had won at a gateway the router does not send that tuple to, whose next datagram "
+      "then drew UNRECOGNIZED); the other copies: %s; %d ACKs to the captured REBINDs, from %s "
+      "gateway(s) each, %s distinct ACK(s) each"
+      % (fan["captured"], commits, acked, later, outcomes, acks, acking_legs, distinct),
+      flush=True)
+if fan["captured"] != len(victims):
+    fail("the attacker captured %d of %d moved clients' REBINDs" % (fan["captured"], len(victims)))
+if any(not r["acks"] for r in captured):
+    fail("a captured REBIND was never acknowledged")
+# Every commit sends an ACK and every ACK follows a commit: one commit per acknowledged
+# REBIND means none was accepted twice.
+if commits != acked:
+    fail("%d commits for %d acknowledged REBINDs (a REBIND committed twice?)" % (commits, acked))
+if distinct != [1]:
+    fail("a captured REBIND drew differing ACKs: %s" % distinct)
+time.sleep(1)
+
+# 3. kill -9 gateway 3; its next hop is withdrawn at once.
 victim = int(scrape(3).get(OWNED, 0))
 os.kill(cfg["gw_pids"][2], 9)
 t_kill = time.monotonic()
@@ -330,7 +453,7 @@ while True:
     time.sleep(POLL)
 t_last = round((time.monotonic() - t_kill) * 1000, 1)
 figures["kill"] = {"victim_owned": victim, "all_owned_by_survivors_ms": t_last}
-print("2. kill -9 of gateway 3 (owned %d): the survivors serve all %d connections %s ms later"
+print("3. kill -9 of gateway 3 (owned %d): the survivors serve all %d connections %s ms later"
       % (victim, clients, t_last), flush=True)
 time.sleep(2)
 
@@ -341,7 +464,7 @@ def forwarded_in(seconds):
     return total(FORWARDED) - a
 
 
-# 3. One etcd member down: forwarding and a rebind of everyone go on.
+# 4. One etcd member down: forwarding and a rebind of everyone go on.
 before = forwarded_in(2)
 for pid in run("ip", "netns", "pids", P + "-etcd2").stdout.split():
     os.kill(int(pid), 9)
@@ -351,13 +474,13 @@ one_down = recover("etcd member down", t0, base, cfg["recover_timeout"])
 during = forwarded_in(2)
 figures["etcd_member_down"] = {"forwarded_2s_before": before, "forwarded_2s_during": during,
                                "rebind": one_down["all"]}
-print("3. etcd member 2 killed: a rebind of all %d clients p50 %s p99 %s ms; forwarded in 2 s: "
+print("4. etcd member 2 killed: a rebind of all %d clients p50 %s p99 %s ms; forwarded in 2 s: "
       "%d before, %d during" % (clients, one_down["all"]["p50_ms"], one_down["all"]["p99_ms"],
                                 before, during), flush=True)
 subprocess.run(["bash", "-c", cfg["etcd_start"] % 2])
 time.sleep(3)
 
-# 4. All etcd members down for 5 s, with a NAT rebind of everyone inside the outage.
+# 5. All etcd members down for 5 s, with a NAT rebind of everyone inside the outage.
 before = forwarded_in(5)
 unavail0 = total('rebindgw_cluster_transactions_total{result="unavailable"}')
 reb0 = total(REBOUND)
@@ -399,7 +522,7 @@ figures["etcd_outage"] = {
     "etcd_restarted_after_nat_move_ms": round((t_up - t0) * 1000, 1),
     "etcd_healthy_after_restart_ms": round((t_healthy - t_up) * 1000, 1),
     "links_up_after_healthy_ms": round((t_links - t_healthy) * 1000, 1)}
-print("4. all etcd down 5 s: forwarded %d in the 5 s before, %d in the first 2.5 s of the outage; "
+print("5. all etcd down 5 s: forwarded %d in the 5 s before, %d in the first 2.5 s of the outage; "
       "a NAT rebind of all clients inside it: %d commits during the outage, %d transactions "
       "refused as unavailable; etcd restarted %.0f ms after the move, healthy %.0f ms later, every "
       "gateway's link up %.0f ms after that; all %d recovered %s ms after the move (p50 %s)"
@@ -427,11 +550,13 @@ PYEOF
 
 cfg=$(
   cat <<EOF
-{"prefix": "$P", "clients": $CLIENTS, "cli": "$BED_CLI", "svc": "$BED_SVC",
+{"prefix": "$P", "clients": $CLIENTS, "cli": "$BED_CLI",
+ "clis": [$(printf '"%s",' "${BED_CLIS[@]}" | sed 's/,$//')], "svc": "$BED_SVC",
  "gateways": {"1": "$(bed_gateway_addr 1)", "2": "$(bed_gateway_addr 2)", "3": "$(bed_gateway_addr 3)"},
  "gw_pids": [${GW_PIDS[0]}, ${GW_PIDS[1]}, ${GW_PIDS[2]}],
  "nat_out": ["${BED_NAT_POOLS[1]}", "${BED_NAT_POOLS[2]}", "${BED_NAT_POOLS[3]}"],
- "nat_ports": "$BED_NAT_PORTS",
+ "nat_ports": "$BED_NAT_PORTS", "attack_addr": "$BED_ATTACK_ADDR",
+ "fanout": "$ROOT/scripts/lib/capture-fanout.py",
  "connect_wait": $((60 + CLIENTS / 200)), "recover_timeout": $((20 + CLIENTS / 1000)),
  "etcd_start": ". $ROOT/scripts/lib/netns.sh; . $ROOT/scripts/lib/cluster-bed.sh; bed_etcd_start $P %d $WORK",
  "etcd_health": ". $ROOT/scripts/lib/netns.sh; . $ROOT/scripts/lib/cluster-bed.sh; bed_etcdctl $P endpoint health >/dev/null 2>&1",

@@ -28,6 +28,8 @@ BED_NAT_OUT=(10.210.2.2 10.210.2.21 10.210.2.22)
 BED_NAT_POOLS=(10.210.2.30-10.210.2.31 10.210.2.32-10.210.2.33 10.210.2.34-10.210.2.35
   10.210.2.36-10.210.2.37)
 BED_NAT_PORTS=1024-65535
+# The public address of the clients the captured-REBIND phase moves (added to the NAT then).
+BED_ATTACK_ADDR=10.210.2.38
 BED_HOST=10.211.0.5
 
 bed_namespaces() {
