@@ -155,7 +155,7 @@ DURATION=$((120 + CLIENTS / 500))
 ip netns exec "$P-cli" "$BIN" loadgen --gateway "$BED_SVC:7400" --clients "$CLIENTS" \
   --source-addrs "$(IFS=,; echo "${BED_CLIS[*]}")" --clients-file "$WORK/clients.toml" --rate "$RATE" \
   --duration "${DURATION}s" --settle 1s --connect-rate "$CONNECT_RATE" --connect-timeout "$((60 + CLIENTS / 200))s" \
-  --processes "$LG_PROCS" --on-move send --behind-nat -q --json \
+  --processes "$LG_PROCS" --on-move send --behind-nat --rebound-log "$WORK/rebound.log" -q --json \
   >"$WORK/loadgen.json" 2>"$WORK/loadgen.log" &
 LG_PID=$!
 PIDS+=("$LG_PID")
@@ -259,39 +259,74 @@ STAGES = {"unknown_tuple": "rebindgw_unknown_tuple_total",
           "commit_transactions": "rebindgw_cluster_commit_transactions_total"}
 
 
+class Rebounds:
+    """The loadgen's --rebound-log (`<client> <CLOCK_MONOTONIC ns>` per rebind
+    acknowledgement, the clock of time.monotonic()), read as it grows: when each client
+    first rebound after a moment."""
+
+    def __init__(self, path):
+        self.path, self.offset, self.partial = path, 0, b""
+
+    def new_lines(self):
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+        except FileNotFoundError:
+            return []
+        self.offset += len(data)
+        data, self.partial = (self.partial + data).rpartition(b"\n")[::2]
+        return [line.split() for line in data.split(b"\n") if line]
+
+
+REBOUNDS = Rebounds(cfg["rebound_log"])
+
+
 def recover(label, t0, base, timeout, stages=None):
-    """Polls the commit counters until every client rebound; per-class series. With stages
-    (their counters' values at t0), also the series of each stage's counter."""
-    series = {"all": [], "cross": [], "same": []}
-    last = {"all": 0, "cross": 0, "same": 0}
+    """Waits until every client rebound after t0 (the loadgen's log: each client's first
+    acknowledgement is its recovery); meanwhile polls the commit counters (per class: a
+    commit by the gateway that owned the connection, or taken over from another) and, with
+    stages (their counters' values at t0), each stage's counter."""
+    t0_ns = int(t0 * 1e9)
+    first = {}
+    REBOUNDS.new_lines()  # acknowledgements before the move
+    series = {"cross": [], "same": []}
+    last = {"cross": 0, "same": 0}
     for k in stages or {}:
         series[k], last[k] = [], 0
     polls = 0
     while time.monotonic() - t0 < timeout:
         polls += 1
+        for client, ns in REBOUNDS.new_lines():
+            if int(ns) >= t0_ns:
+                first.setdefault(client, int(ns) - t0_ns)
         snap = snapshot()
         reb = total(REBOUND, snap) - base[0]
         taken = total(TAKEN, snap) - base[1]
         now = time.monotonic() - t0
-        cur = {"all": reb, "cross": taken, "same": reb - taken}
+        cur = {"cross": taken, "same": reb - taken}
         for k in stages or {}:
             cur[k] = total(STAGES[k], snap) - stages[k]
         for k in cur:
             if cur[k] > last[k]:
                 series[k].append((now, cur[k]))
                 last[k] = cur[k]
-        if reb >= clients:
+        if len(first) >= clients:
             break
         time.sleep(POLL)
-    if last["all"] < clients:
-        fail("%s: only %d of %d clients rebound within %d s" % (label, last["all"], clients, timeout))
-    # The precision of every figure: the mean time between two polls.
-    out = {"poll_ms": round((time.monotonic() - t0) * 1000 / max(polls, 1), 1)}
+    if len(first) < clients:
+        fail("%s: only %d of %d clients rebound within %d s" % (label, len(first), clients, timeout))
+    times = sorted(first.values())
+    at = lambda q: round(times[max(0, math.ceil(q * len(times)) - 1)] / 1e6, 1)
+    out = {"all": {"n": len(times), "p50_ms": at(0.5), "p99_ms": at(0.99), "max_ms": at(1.0)},
+           "commits": last["cross"] + last["same"],
+           # Commit series are polled: their precision is the mean time between two polls.
+           "poll_ms": round((time.monotonic() - t0) * 1000 / max(polls, 1), 1)}
     for k in stages or {}:
         # When the stage had happened once per client (retries count too), and its total.
         out[k] = {"total": last[k], "p50_ms": pct(series[k], clients, 0.5),
                   "p99_ms": pct(series[k], clients, 0.99), "all_ms": pct(series[k], clients, 1.0)}
-    for k in ("all", "cross", "same"):
+    for k in ("cross", "same"):
         n = last[k]
         out[k] = {"n": n, "p50_ms": pct(series[k], n, 0.5), "p99_ms": pct(series[k], n, 0.99),
                   "max_ms": pct(series[k], n, 1.0)}
@@ -322,14 +357,18 @@ storm = recover("storm", t0, base, cfg["recover_timeout"], stage_base)
 storm_s = storm["all"]["max_ms"] / 1000
 txns = storm["commit_transactions"]["total"]
 storm["etcd_commit_transactions_per_s"] = round(txns / storm_s, 1)
-storm["rebinds_per_transaction"] = round(storm["all"]["n"] / max(txns, 1), 1)
+storm["rebinds_per_transaction"] = round(storm["commits"] / max(txns, 1), 1)
 figures["storm"] = storm
-print("1. storm: %d clients moved by the NAT (conntrack entries deleted: %d); recovery from "
-      "conntrack -D: cross-gateway n=%d p50 %s p99 %s max %s ms; same-gateway n=%d p50 %s p99 %s "
-      "max %s ms (polled every %s ms)" % (clients, deleted, storm["cross"]["n"], storm["cross"]["p50_ms"],
-                     storm["cross"]["p99_ms"], storm["cross"]["max_ms"], storm["same"]["n"],
-                     storm["same"]["p50_ms"], storm["same"]["p99_ms"], storm["same"]["max_ms"],
-                     storm["poll_ms"]),
+print("1. storm: %d clients moved by the NAT (conntrack entries deleted: %d); every client "
+      "rebound (its first acknowledgement, from conntrack -D) p50 %s p99 %s max %s ms; %d commits "
+      "(%d more than clients: REBINDs sent again with a new t): taken over from another gateway "
+      "(cross) n=%d p50 %s p99 %s max %s ms, by the owner (same) n=%d p50 %s p99 %s max %s ms "
+      "(polled every %s ms)"
+      % (clients, deleted, storm["all"]["p50_ms"], storm["all"]["p99_ms"], storm["all"]["max_ms"],
+         storm["commits"], storm["commits"] - clients, storm["cross"]["n"],
+         storm["cross"]["p50_ms"], storm["cross"]["p99_ms"], storm["cross"]["max_ms"],
+         storm["same"]["n"], storm["same"]["p50_ms"], storm["same"]["p99_ms"],
+         storm["same"]["max_ms"], storm["poll_ms"]),
       flush=True)
 print("   where the time went (ms from conntrack -D until the stage had happened once per "
       "client, p50 / p99 / all): DATA from a new tuple %s; UNRECOGNIZED sent %s; REBIND received "
@@ -466,17 +505,23 @@ def forwarded_in(seconds):
 
 # 4. One etcd member down: forwarding and a rebind of everyone go on.
 before = forwarded_in(2)
+snap = snapshot()
+links0 = {k: total("rebindgw_cluster_" + k, snap)
+          for k in ("link_downs_total", "watch_resumes_total", "reloads_total")}
 for pid in run("ip", "netns", "pids", P + "-etcd2").stdout.split():
     os.kill(int(pid), 9)
 base = (total(REBOUND), total(TAKEN))
 t0, _ = nat_rebind(cfg["nat_ports"], cfg["nat_out"][1])
 one_down = recover("etcd member down", t0, base, cfg["recover_timeout"])
 during = forwarded_in(2)
+snap = snapshot()
+link_events = {k: total("rebindgw_cluster_" + k, snap) - links0[k] for k in links0}
 figures["etcd_member_down"] = {"forwarded_2s_before": before, "forwarded_2s_during": during,
-                               "rebind": one_down["all"]}
-print("4. etcd member 2 killed: a rebind of all %d clients p50 %s p99 %s ms; forwarded in 2 s: "
-      "%d before, %d during" % (clients, one_down["all"]["p50_ms"], one_down["all"]["p99_ms"],
-                                before, during), flush=True)
+                               "rebind": one_down["all"], "link": link_events}
+print("4. etcd member 2 killed: a rebind of all %d clients p50 %s p99 %s max %s ms; forwarded in "
+      "2 s: %d before, %d during; gateways' etcd links: %s"
+      % (clients, one_down["all"]["p50_ms"], one_down["all"]["p99_ms"], one_down["all"]["max_ms"],
+         before, during, link_events), flush=True)
 subprocess.run(["bash", "-c", cfg["etcd_start"] % 2])
 time.sleep(3)
 
@@ -560,7 +605,7 @@ cfg=$(
  "connect_wait": $((60 + CLIENTS / 200)), "recover_timeout": $((20 + CLIENTS / 1000)),
  "etcd_start": ". $ROOT/scripts/lib/netns.sh; . $ROOT/scripts/lib/cluster-bed.sh; bed_etcd_start $P %d $WORK",
  "etcd_health": ". $ROOT/scripts/lib/netns.sh; . $ROOT/scripts/lib/cluster-bed.sh; bed_etcdctl $P endpoint health >/dev/null 2>&1",
- "figures": "$WORK/figures.json"}
+ "rebound_log": "$WORK/rebound.log", "figures": "$WORK/figures.json"}
 EOF
 )
 echo "== $CLIENTS clients, $RATE datagrams/s; driver in $P-host"

@@ -653,6 +653,71 @@ fn link_refuses_while_etcd_is_down_and_resumes() {
     a.shutdown();
 }
 
+/// A REBIND commit that etcd does not answer in time (frozen for 1.5 s, longer than the
+/// 1 s operation timeout: what a leader election does) is tried again and commits; one that
+/// stays unanswered past its budget (three timeouts) is refused as unavailable.
+#[test]
+fn a_commit_outlasts_a_short_etcd_stall() {
+    let Some(etcd) = start_etcd("stall") else {
+        return;
+    };
+    let a = link(&etcd, 1);
+    events_until(&a, |e| matches!(e, Event::Up { .. }));
+    let x = register(&a, 1, "192.0.2.1:1000");
+    let rebind = |ticket, t| Request::Rebind {
+        ticket,
+        epoch: 1,
+        index: x,
+        t: Ticks(t),
+        tuple: "198.51.100.1:1".parse().unwrap(),
+    };
+    etcd.freeze(true);
+    let started = Instant::now();
+    a.submit(rebind(2, 5_000));
+    std::thread::sleep(Duration::from_millis(1500));
+    etcd.freeze(false);
+    let r = response(&a);
+    assert!(matches!(r, Response::Rebound { ticket: 2, .. }), "{r:?}");
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(1500), "{took:?}");
+    let retries = a
+        .counters
+        .commit_retries
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(retries >= 1, "retried {retries} times");
+    assert_eq!(
+        a.counters
+            .unavailable
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+
+    etcd.freeze(true);
+    let started = Instant::now();
+    a.submit(rebind(3, 6_000));
+    let r = a
+        .responses
+        .recv_timeout(Duration::from_secs(6))
+        .expect("an answer within the budget");
+    etcd.freeze(false);
+    assert!(
+        matches!(
+            r,
+            Response::Refused {
+                ticket: 3,
+                why: Refusal::Unavailable(_)
+            }
+        ),
+        "{r:?}"
+    );
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(2500) && took < Duration::from_millis(4500),
+        "refused after {took:?}"
+    );
+    a.shutdown();
+}
+
 /// A second gateway with a live gateway's id is refused with a clear error; after a clean
 /// shutdown the id is free at once.
 #[test]

@@ -29,6 +29,11 @@ use crate::rebind::RebindSecret;
 use crate::registry::HostId;
 use crate::time::Ticks;
 
+/// How long a REBIND commit may keep trying: three operation timeouts (1 s by default), but
+/// never past [`COMMIT_BUDGET_MAX`], well inside the core's 5 s wait for the answer.
+const COMMIT_BUDGET_TIMEOUTS: u32 = 3;
+const COMMIT_BUDGET_MAX: Duration = Duration::from_secs(4);
+
 /// Where the cluster is and who this gateway is in it.
 #[derive(Clone, Debug)]
 pub struct ClusterSettings {
@@ -164,6 +169,8 @@ pub struct ClusterCounters {
     pub stale: AtomicU64,
     pub unavailable: AtomicU64,
     pub watch_events: AtomicU64,
+    /// Broken watch streams resumed at once on another member (no reload, no pause).
+    pub watch_resumes: AtomicU64,
     pub reloads: AtomicU64,
     pub malformed_records: AtomicU64,
     /// Range reads of the registry (the start's load and each reload after the watch
@@ -174,6 +181,8 @@ pub struct ClusterCounters {
     /// etcd transactions that carried REBIND commits (one carries up to
     /// [`MAX_COMMITS_PER_TXN`]).
     pub commit_batches: AtomicU64,
+    /// REBIND commit transactions tried again after a failure or timeout.
+    pub commit_retries: AtomicU64,
 }
 
 /// A clonable way to queue requests (one per worker); never blocks.
@@ -421,7 +430,7 @@ async fn run(
         // (Re)open the watch from the mirror's revision.
         let after = link.shared.lock().unwrap().mirror.revision();
         let watch = tokio::time::timeout(settings.timeout, registry.watch(after)).await;
-        let (_watcher, mut stream) = match watch {
+        let (mut _watcher, mut stream) = match watch {
             Ok(Ok(w)) => w,
             failed => {
                 let why = match failed {
@@ -500,6 +509,17 @@ async fn run(
                                 Err(e) => e.to_string(),
                                 _ => "watch closed".into(),
                             };
+                            // The stream's member may have died alone: resume on another
+                            // from the copy's revision, with no pause for requests (their
+                            // commits are compare-and-swaps in etcd, not on the copy).
+                            let after = link.shared.lock().unwrap().mirror.revision();
+                            let resumed = tokio::time::timeout(settings.timeout, registry.watch(after)).await;
+                            if let Ok(Ok((w, s))) = resumed {
+                                link.counters.watch_resumes.fetch_add(1, Ordering::Relaxed);
+                                tracing::info!(error = %why, revision = after, "cluster: the etcd watch broke; resumed");
+                                (_watcher, stream) = (w, s);
+                                continue;
+                            }
                             link_down(&link, &events, why);
                             if !reconnect(&link, &mut registry, &mut requests, &events, &mut backoff, &stop).await {
                                 break 'outer;
@@ -918,51 +938,69 @@ impl Link {
     /// [`MAX_COMMITS_PER_TXN`] of them. A second REBIND of a connection already in the batch
     /// goes alone.
     async fn rebind_batch(self: Arc<Self>, requests: Vec<(u64, u32, u32, Ticks, SocketAddr)>) {
-        let mut prepared = Vec::with_capacity(requests.len());
+        // A failed or timed-out transaction is tried again (prepared afresh from the copy)
+        // until the budget is spent: an etcd leader election (a member died) stalls writes
+        // for about a second, and the client is better served by a late ACK than by a
+        // refusal it can only answer with retransmits.
+        let started = tokio::time::Instant::now();
+        let budget = (self.timeout * COMMIT_BUDGET_TIMEOUTS).min(COMMIT_BUDGET_MAX);
+        let mut pause = Duration::from_millis(100);
         let mut keys = HashSet::with_capacity(requests.len());
+        let mut pending = Vec::with_capacity(requests.len());
         for (ticket, epoch, index, t, tuple) in requests {
-            if !keys.insert((epoch, index)) {
+            if keys.insert((epoch, index)) {
+                pending.push((ticket, epoch, index, t, tuple));
+            } else {
                 let link = self.clone();
                 tokio::spawn(async move {
                     let answer = link.rebind(ticket, epoch, index, t, tuple).await;
                     link.answer(answer);
                 });
+            }
+        }
+        loop {
+            let mut prepared = Vec::with_capacity(pending.len());
+            for &(ticket, epoch, index, t, tuple) in &pending {
+                match self.prepare_rebind(ticket, epoch, index, t, tuple) {
+                    Ok(p) => prepared.push(((ticket, epoch, index, t, tuple), p)),
+                    Err(answer) => self.answer(answer),
+                }
+            }
+            if prepared.is_empty() {
+                return;
+            }
+            self.counters.commit_batches.fetch_add(1, Ordering::Relaxed);
+            let commits: Vec<(u32, u32, i64, &ConnRecord)> = prepared
+                .iter()
+                .map(|(_, p)| (p.epoch, p.index, p.expected, &p.record))
+                .collect();
+            let mut registry = self.registry.clone();
+            let left = budget.saturating_sub(started.elapsed());
+            let result =
+                tokio::time::timeout(self.timeout.min(left), registry.commit_many(&commits)).await;
+            drop(commits);
+            let why = match result {
+                Ok(Ok(answers)) => {
+                    for ((_, p), a) in prepared.into_iter().zip(answers) {
+                        let answer = self.finish_rebind(p, Ok(Ok(a)));
+                        self.answer(answer);
+                    }
+                    return;
+                }
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => "etcd timed out".to_owned(),
+            };
+            if started.elapsed() + pause < budget {
+                self.counters.commit_retries.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(400));
+                pending = prepared.into_iter().map(|(req, _)| req).collect();
                 continue;
             }
-            match self.prepare_rebind(ticket, epoch, index, t, tuple) {
-                Ok(p) => prepared.push(p),
-                Err(answer) => self.answer(answer),
+            for (_, p) in prepared {
+                self.answer(Self::unavailable(p.ticket, &why));
             }
-        }
-        if prepared.is_empty() {
             return;
-        }
-        self.counters.commit_batches.fetch_add(1, Ordering::Relaxed);
-        let commits: Vec<(u32, u32, i64, &ConnRecord)> = prepared
-            .iter()
-            .map(|p| (p.epoch, p.index, p.expected, &p.record))
-            .collect();
-        let mut registry = self.registry.clone();
-        let result = tokio::time::timeout(self.timeout, registry.commit_many(&commits)).await;
-        drop(commits);
-        match result {
-            Ok(Ok(answers)) => {
-                for (p, a) in prepared.into_iter().zip(answers) {
-                    let answer = self.finish_rebind(p, Ok(Ok(a)));
-                    self.answer(answer);
-                }
-            }
-            Ok(Err(e)) => {
-                let why = e.to_string();
-                for p in prepared {
-                    self.answer(Self::unavailable(p.ticket, &why));
-                }
-            }
-            Err(_) => {
-                for p in prepared {
-                    self.answer(Self::unavailable(p.ticket, "etcd timed out"));
-                }
-            }
         }
     }
 

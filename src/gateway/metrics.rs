@@ -389,10 +389,12 @@ pub struct ClusterFacts {
     pub rebinds_taken_over: u64,
     /// etcd transactions that carried REBIND commits (several per transaction in a storm).
     pub commit_batches: u64,
+    pub commit_retries: u64,
     pub link_downs: u64,
     /// Range reads of etcd (start and reloads); the packet path makes none.
     pub range_reads: u64,
     pub watch_events: u64,
+    pub watch_resumes: u64,
     pub reloads: u64,
     pub registered: u64,
     pub register_collisions: u64,
@@ -453,6 +455,12 @@ fn render_cluster(out: &mut String, c: &ClusterFacts) {
             c.watch_events,
         ),
         (
+            "rebindgw_cluster_watch_resumes_total",
+            "Broken etcd watch streams resumed on another member from the copy's revision \
+             (no reload; requests go on).",
+            c.watch_resumes,
+        ),
+        (
             "rebindgw_cluster_reloads_total",
             "Whole-registry reloads after the etcd link came back.",
             c.reloads,
@@ -468,6 +476,12 @@ fn render_cluster(out: &mut String, c: &ClusterFacts) {
             "etcd transactions that carried REBIND commits: REBINDs that queue up together \
              share one (each with its own compare), up to 64.",
             c.commit_batches,
+        ),
+        (
+            "rebindgw_cluster_commit_retries_total",
+            "REBIND commit transactions tried again after a failure or timeout (an etcd \
+             leader election), within three operation timeouts of the first.",
+            c.commit_retries,
         ),
         (
             "rebindgw_cluster_register_collisions_total",

@@ -30,6 +30,15 @@ impl Etcd {
         }
     }
 
+    /// Freezes (SIGSTOP) or thaws (SIGCONT) the member: its connections stay open but nothing
+    /// is answered, as in a leader election or a stalled disk.
+    pub fn freeze(&self, frozen: bool) {
+        let pid = self.child.as_ref().expect("etcd running").id().to_string();
+        let signal = if frozen { "-STOP" } else { "-CONT" };
+        let ok = Command::new("kill").args([signal, &pid]).status().unwrap();
+        assert!(ok.success(), "kill {signal} {pid}");
+    }
+
     /// Starts it (again, on its data) and waits until it accepts connections.
     pub fn start(&mut self) {
         let peer_url = format!("http://127.0.0.1:{}", self.peer_port);

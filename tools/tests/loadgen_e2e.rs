@@ -169,13 +169,36 @@ fn two_processes_merge_into_one_report() {
     o.clients_file = Some(rig.clients_file.clone());
     o.settle = Duration::from_secs(5);
     o.max_loss_pct = Some(if cfg!(debug_assertions) { 5.0 } else { 1.0 });
+    let rebound_log = rig.dir.join("rebound.log");
+    o.rebound_log = Some(rebound_log.clone());
 
     let t = Instant::now();
     let report = loadgen::run(o, false).unwrap();
     let took = t.elapsed();
     eprintln!("{}", report.to_human());
     eprintln!("loadgen took {took:?}");
+    let log = std::fs::read_to_string(&rebound_log).unwrap();
     rig.stop();
+
+    // Both processes appended whole lines to one file: every client's storm rebind is there
+    // (a client may rebind more than once), stamped on one clock within the run.
+    let mut first_rebound = std::collections::HashMap::new();
+    let mut stamps = Vec::new();
+    for line in log.lines() {
+        let (client, ns) = line.split_once(' ').expect("`<client> <ns>`");
+        let client: usize = client.parse().unwrap();
+        let ns: u64 = ns.parse().unwrap();
+        assert!(client < 200, "{line}");
+        first_rebound.entry(client).or_insert(ns);
+        stamps.push(ns);
+    }
+    assert_eq!(first_rebound.len(), 200, "every client's rebind logged");
+    assert_eq!(
+        stamps.len() as u64,
+        report.rebinds.succeeded + report.rebinds.extra
+    );
+    let span = stamps.iter().max().unwrap() - stamps.iter().min().unwrap();
+    assert!(span < took.as_nanos() as u64, "stamps span {span} ns");
 
     assert!(report.passed(), "failures: {:?}", report.failures);
     assert_eq!(report.settings.processes, 2);

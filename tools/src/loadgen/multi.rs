@@ -289,6 +289,9 @@ pub fn child_args(
     if o.behind_nat {
         a.push("--behind-nat".into());
     }
+    if let Some(f) = &o.rebound_log {
+        a.push(format!("--rebound-log={}", f.display()));
+    }
     a.push("--json".into());
     a
 }

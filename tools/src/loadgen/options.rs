@@ -287,6 +287,10 @@ pub struct LoadgenOptions {
     pub admin_key: Option<PathBuf>,
     /// Ask for the rotations with `force` (a rotation during the previous grace period).
     pub rotate_force: bool,
+    /// Every client's rebind acknowledgements (`Rebound`), appended to this file as lines
+    /// `<client number> <CLOCK_MONOTONIC ns>`, for a driver that moves the clients itself
+    /// (a NAT) and times each client's recovery on its own clock.
+    pub rebound_log: Option<PathBuf>,
 }
 
 /// Rotations one run may ask for (each client remembers which it installed in a `u64`).
@@ -336,6 +340,7 @@ impl LoadgenOptions {
             admin: None,
             admin_key: None,
             rotate_force: false,
+            rebound_log: None,
         }
     }
 
@@ -635,6 +640,12 @@ pub struct LoadgenArgs {
     /// gateway drops the clients still on the epoch before; they handshake again).
     #[arg(long)]
     pub rotate_force: bool,
+    /// Append a line `<client number> <CLOCK_MONOTONIC ns>` to FILE for every rebind
+    /// acknowledgement a client receives (written once per event-loop turn, one write per
+    /// turn, so the processes of a multi-process run may share the file). For a driver that
+    /// moves the clients itself (a NAT) and times each client's recovery on its own clock.
+    #[arg(long, value_name = "FILE")]
+    pub rebound_log: Option<PathBuf>,
     /// Print the report as JSON on stdout (the human report is not printed).
     #[arg(long)]
     pub json: bool,
@@ -723,6 +734,7 @@ impl LoadgenArgs {
         o.admin = self.admin;
         o.admin_key = self.admin_key;
         o.rotate_force = self.rotate_force;
+        o.rebound_log = self.rebound_log;
         o.validate().map_err(anyhow::Error::msg)?;
         Ok(o)
     }

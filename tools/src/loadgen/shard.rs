@@ -31,7 +31,7 @@ use super::addrs::AddrPool;
 use super::options::{KICK_EVERY, LoadMode, LoadgenOptions, MoveKind, OnMove};
 use super::report::{Counters, LatencyHist, RotationStat, StormStat};
 use super::stamp::{STAMP_LEN, Stamp};
-use super::sys::{Epoll, Events};
+use super::sys::{Epoll, Events, monotonic_ns};
 
 pub const PHASE_CONNECT: u8 = 0;
 pub const PHASE_RUN: u8 = 1;
@@ -294,11 +294,61 @@ pub struct Shard<'a> {
     /// Rotation mode: the `--rotate-at` offsets and what this shard saw of each.
     rotations: Vec<Duration>,
     rotation_stats: Vec<RotationStat>,
+    /// `--rebound-log`: the file, the lines of this loop turn, and an `Instant` with its
+    /// CLOCK_MONOTONIC reading.
+    rebound_log: Option<ReboundLog>,
+}
+
+/// Every `Rebound` as `<client number> <CLOCK_MONOTONIC ns>`, written once per loop turn.
+struct ReboundLog {
+    file: std::fs::File,
+    lines: String,
+    base: Instant,
+    base_ns: u64,
+}
+
+impl ReboundLog {
+    fn open(path: &std::path::Path) -> io::Result<ReboundLog> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?;
+        let base = Instant::now();
+        Ok(ReboundLog {
+            file,
+            lines: String::new(),
+            base,
+            base_ns: monotonic_ns(),
+        })
+    }
+
+    fn record(&mut self, client: usize, at: Instant) {
+        use std::fmt::Write as _;
+        let ns = self.base_ns + at.saturating_duration_since(self.base).as_nanos() as u64;
+        let _ = writeln!(self.lines, "{client} {ns}");
+    }
+
+    /// One `write` per turn: with O_APPEND the processes sharing the file never split a line.
+    fn flush(&mut self) -> io::Result<()> {
+        if self.lines.is_empty() {
+            return Ok(());
+        }
+        use std::io::Write as _;
+        let r = self.file.write_all(self.lines.as_bytes());
+        self.lines.clear();
+        r
+    }
 }
 
 impl<'a> Shard<'a> {
     pub fn new(spec: ShardSpec, opts: &'a LoadgenOptions, shared: &'a Shared) -> io::Result<Self> {
         let share = spec.creds.len() as f64 / spec.total_clients.max(1) as f64;
+        let rebound_log = match &opts.rebound_log {
+            Some(path) => Some(ReboundLog::open(path).map_err(|e| {
+                io::Error::new(e.kind(), format!("--rebound-log {}: {e}", path.display()))
+            })?),
+            None => None,
+        };
         let now = Instant::now();
         let load_rate = match opts.load {
             LoadMode::Open { rate } => rate * share,
@@ -343,6 +393,7 @@ impl<'a> Shard<'a> {
             last_window: now,
             rotations: opts.rotate_at.clone(),
             rotation_stats: vec![RotationStat::default(); opts.rotate_at.len()],
+            rebound_log,
         })
     }
 
@@ -381,6 +432,12 @@ impl<'a> Shard<'a> {
             let now = Instant::now();
             for token in events.tokens() {
                 self.on_readable(token as usize, now);
+            }
+            if let Some(log) = &mut self.rebound_log
+                && let Err(e) = log.flush()
+            {
+                tracing::warn!("--rebound-log: {e}; no more lines are written");
+                self.rebound_log = None;
             }
         }
         Ok(self.finish())
@@ -689,6 +746,9 @@ impl<'a> Shard<'a> {
                 }
                 ClientEvent::Rebinding { .. } => s.kick_at = None,
                 ClientEvent::Rebound { new_tuple, .. } => {
+                    if let Some(log) = &mut self.rebound_log {
+                        log.record(self.spec.first + i, now);
+                    }
                     if (new_tuple == s.local || self.opts.behind_nat)
                         && let Some(t0) = s.outage.take()
                     {

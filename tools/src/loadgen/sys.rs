@@ -1,4 +1,5 @@
-//! The load generator's only unsafe code: `epoll(7)` and `setrlimit(2)` through `libc`.
+//! The load generator's only unsafe code: `epoll(7)`, `setrlimit(2)` and
+//! `clock_gettime(2)` through `libc`.
 //! Everything here is a thin, checked wrapper; no pointer escapes a function.
 #![allow(unsafe_code)]
 
@@ -142,6 +143,18 @@ pub fn raise_nofile_limit(want: u64) -> io::Result<(u64, u64)> {
         cvt(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) })?;
     }
     Ok((lim.rlim_cur, lim.rlim_max))
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock `Instant` reads, shared by every process and
+/// network namespace of the machine, so another program (a test driver) can compare it.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec the kernel writes into; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 #[cfg(test)]
