@@ -7,11 +7,17 @@
 #
 #  1. storm: the NAT gives every client a new public port at once (SNAT range swapped,
 #     conntrack entries deleted); the router re-hashes them, about two thirds onto another
-#     gateway. Recovery per class, from the moment `conntrack -D` returns: a REBIND committed
-#     by a gateway that already owned the connection (same) or taken over from another one
-#     (cross): rebindgw_cluster_transactions_total{result="rebound"} and
-#     rebindgw_cluster_rebinds_taken_over_total, summed over the gateways; the k-th commit of
-#     a class is the k-th recovery. Passes when every client rebound (commits >= clients).
+#     gateway. When the deletion is done every loadgen process gets SIGUSR1 (a network-
+#     change notice) and every client sends a datagram at once: all rebind together.
+#     Every client's recovery is its first rebind acknowledgement after the move
+#     (the loadgen's --rebound-log, on the driver's clock), from the moment `conntrack -D`
+#     starts. Commits are counted by class: by the gateway that already owned the connection
+#     (same) or taken over from another one (cross), from
+#     rebindgw_cluster_transactions_total{result="rebound"} and
+#     rebindgw_cluster_rebinds_taken_over_total summed over the gateways (a client that sent
+#     its REBIND again with a new t commits twice). Also the stages (DATA from a new tuple,
+#     UNRECOGNIZED, REBIND received) and the etcd transactions per second. Passes when every
+#     client rebound.
 #  2. a captured REBIND sent to all three gateways at once: 16 clients are moved by the NAT
 #     onto a public address of their own; an on-path attacker in the router namespace
 #     (scripts/lib/capture-fanout.py) copies each one's first REBIND, byte for byte from its
@@ -235,10 +241,14 @@ def nat_rebind(ports, addr):
     r = run("ip", "netns", "exec", P + "-nat", "nft", "-f", "-", stdin=rule)
     if r.returncode != 0:
         fail("nft: " + r.stderr)
-    # Only client flows cross the NAT namespace.
+    # Only client flows cross the NAT namespace. The move starts with the deletion: a client
+    # whose entry goes first sends from its new tuple before the last entry is gone.
+    t_start = time.monotonic()
     r = run("ip", "netns", "exec", P + "-nat", "conntrack", "-D", "-p", "udp")
     m = re.search(r"(\d+) flow entries have been deleted", r.stderr)
-    return time.monotonic(), int(m.group(1)) if m else 0
+    figures.setdefault("conntrack_delete_ms", []).append(
+        round((time.monotonic() - t_start) * 1000, 1))
+    return t_start, int(m.group(1)) if m else 0
 
 
 def pct(series, n, q):
@@ -289,7 +299,6 @@ def recover(label, t0, base, timeout, stages=None):
     stages (their counters' values at t0), each stage's counter."""
     t0_ns = int(t0 * 1e9)
     first = {}
-    REBOUNDS.new_lines()  # acknowledgements before the move
     series = {"cross": [], "same": []}
     last = {"cross": 0, "same": 0}
     for k in stages or {}:
@@ -353,24 +362,31 @@ snap = snapshot()
 base = (total(REBOUND, snap), total(TAKEN, snap))
 stage_base = {k: total(c, snap) for k, c in STAGES.items()}
 t0, deleted = nat_rebind(cfg["nat_ports"], cfg["nat_out"][0])
+# All at once: the loadgen's processes get a network-change notice (SIGUSR1) as soon as the
+# NAT's entries are gone, and every client sends a datagram from its new tuple at once
+# (otherwise a client finds out at its next datagram of the load, on average half its
+# interval, clients/rate, later).
+run("pkill", "-USR1", "-f", "rebindgw loadgen")
+figures["storm_notice_after_ms"] = round((time.monotonic() - t0) * 1000, 1)
 storm = recover("storm", t0, base, cfg["recover_timeout"], stage_base)
 storm_s = storm["all"]["max_ms"] / 1000
 txns = storm["commit_transactions"]["total"]
 storm["etcd_commit_transactions_per_s"] = round(txns / storm_s, 1)
 storm["rebinds_per_transaction"] = round(storm["commits"] / max(txns, 1), 1)
 figures["storm"] = storm
-print("1. storm: %d clients moved by the NAT (conntrack entries deleted: %d); every client "
-      "rebound (its first acknowledgement, from conntrack -D) p50 %s p99 %s max %s ms; %d commits "
+print("1. storm: %d clients moved by the NAT (%d conntrack entries deleted in %s ms); every "
+      "client rebound (its first acknowledgement, from the start of the deletion) p50 %s p99 %s "
+      "max %s ms; %d commits "
       "(%d more than clients: REBINDs sent again with a new t): taken over from another gateway "
       "(cross) n=%d p50 %s p99 %s max %s ms, by the owner (same) n=%d p50 %s p99 %s max %s ms "
       "(polled every %s ms)"
-      % (clients, deleted, storm["all"]["p50_ms"], storm["all"]["p99_ms"], storm["all"]["max_ms"],
+      % (clients, deleted, figures["conntrack_delete_ms"][-1], storm["all"]["p50_ms"], storm["all"]["p99_ms"], storm["all"]["max_ms"],
          storm["commits"], storm["commits"] - clients, storm["cross"]["n"],
          storm["cross"]["p50_ms"], storm["cross"]["p99_ms"], storm["cross"]["max_ms"],
          storm["same"]["n"], storm["same"]["p50_ms"], storm["same"]["p99_ms"],
          storm["same"]["max_ms"], storm["poll_ms"]),
       flush=True)
-print("   where the time went (ms from conntrack -D until the stage had happened once per "
+print("   where the time went (ms from the move until the stage had happened once per "
       "client, p50 / p99 / all): DATA from a new tuple %s; UNRECOGNIZED sent %s; REBIND received "
       "%s; committed %s / %s / %s. %d etcd commit transactions, %.1f/s, %.1f REBINDs each"
       % tuple(["/".join(str(storm[k][q]) for q in ("p50_ms", "p99_ms", "all_ms"))

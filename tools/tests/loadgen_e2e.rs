@@ -361,3 +361,33 @@ fn measurement_run() {
         assert!(a.sent > 0, "attack {} sent nothing: {a:?}", a.mode);
     }
 }
+
+/// SIGUSR1 is a network-change notice: every connected client of the `rebindgw loadgen`
+/// process acts as `--on-move` says at once (here: sends DATA), counted as `notified`.
+#[test]
+fn sigusr1_tells_every_client_its_network_changed() {
+    let rig = Rig::start("loadgen-sigusr1");
+    let gateway = rig.gateways()[0];
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_rebindgw"))
+        .args(["loadgen", "--gateway", &gateway.to_string(), "--clients", "50"])
+        .arg("--clients-file")
+        .arg(&rig.clients_file)
+        .args(["--rate", "200", "--duration", "3s", "--settle", "1s"])
+        .args(["--on-move", "send", "--processes", "1", "--json", "-q"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Connected and running by then (50 clients connect in well under a second).
+    std::thread::sleep(Duration::from_millis(2000));
+    let ok = std::process::Command::new("kill")
+        .args(["-USR1", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let out = child.wait_with_output().unwrap();
+    rig.stop();
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("a JSON report");
+    assert_eq!(report["clients"]["connected"], 50, "{report}");
+    assert_eq!(report["traffic"]["notified"], 50, "{}", report["traffic"]);
+}

@@ -88,6 +88,7 @@ pub fn run(opts: LoadgenOptions, progress: bool) -> anyhow::Result<LoadReport> {
 /// `rebindgw loadgen` end to end: parse, run, print the report (JSON on stdout with
 /// `--json`, else the human report), and return the verdict.
 pub fn run_cli(args: LoadgenArgs) -> anyhow::Result<bool> {
+    forward_network_notices()?;
     let (json, quiet) = (args.json || args.shard.is_some(), args.quiet);
     let report_json = args.report_json.clone();
     let report = run(args.into_options()?, !quiet)?;
@@ -101,6 +102,22 @@ pub fn run_cli(args: LoadgenArgs) -> anyhow::Result<bool> {
         print!("{}", report.to_human());
     }
     Ok(report.passed())
+}
+
+/// SIGUSR1 is a network-change notice ([`shard::notice_network_change`]) to this process's
+/// clients: in a multi-process run, signal every process (`pkill -USR1 -f 'rebindgw loadgen'`).
+fn forward_network_notices() -> anyhow::Result<()> {
+    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGUSR1])
+        .context("installing the SIGUSR1 handler")?;
+    std::thread::Builder::new()
+        .name("loadgen-sigusr1".into())
+        .spawn(move || {
+            for _ in signals.forever() {
+                shard::notice_network_change();
+            }
+        })
+        .context("spawning the SIGUSR1 thread")?;
+    Ok(())
 }
 
 /// Sets `PHASE_STOP` when dropped, so an early return never leaves threads running.
@@ -776,6 +793,7 @@ pub(crate) fn build_report(
             misdelivered: c.misdelivered,
             foreign_payloads: c.foreign,
             move_errors: c.move_errors,
+            notified: c.notified,
         },
         rebinds: RebindsReport {
             moves: c.moves,

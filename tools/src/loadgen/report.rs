@@ -226,6 +226,9 @@ pub struct TrafficReport {
     pub foreign_payloads: u64,
     /// Moves that failed to bind a new socket.
     pub move_errors: u64,
+    /// Clients told of a network change (SIGUSR1, a move they could not see).
+    #[serde(default)]
+    pub notified: u64,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -285,6 +288,7 @@ pub struct Counters {
     pub moves: u64,
     pub outages: u64,
     pub move_errors: u64,
+    pub notified: u64,
     pub storms: u64,
     pub rebinds_ok: u64,
     pub rebinds_failed: u64,
@@ -317,6 +321,7 @@ impl Counters {
             moves,
             outages,
             move_errors,
+            notified,
             storms,
             rebinds_ok,
             rebinds_failed,

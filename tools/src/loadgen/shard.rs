@@ -33,6 +33,17 @@ use super::report::{Counters, LatencyHist, RotationStat, StormStat};
 use super::stamp::{STAMP_LEN, Stamp};
 use super::sys::{Epoll, Events, monotonic_ns};
 
+/// Network-change notices this process received (SIGUSR1, see [`notice_network_change`]).
+static NETWORK_NOTICES: AtomicU64 = AtomicU64::new(0);
+
+/// Tells every shard of this process that its clients' network changed in a way they cannot
+/// see (a NAT rebind): each connected client then acts as `--on-move` says at once. A test
+/// driver that moves the clients itself sends SIGUSR1, as an OS would send a network-change
+/// notice, so that all clients rebind at once instead of at their next datagram.
+pub fn notice_network_change() {
+    NETWORK_NOTICES.fetch_add(1, Relaxed);
+}
+
 pub const PHASE_CONNECT: u8 = 0;
 pub const PHASE_RUN: u8 = 1;
 pub const PHASE_SETTLE: u8 = 2;
@@ -297,6 +308,8 @@ pub struct Shard<'a> {
     /// `--rebound-log`: the file, the lines of this loop turn, and an `Instant` with its
     /// CLOCK_MONOTONIC reading.
     rebound_log: Option<ReboundLog>,
+    /// [`NETWORK_NOTICES`] as this shard last acted on it.
+    notices_seen: u64,
 }
 
 /// Every `Rebound` as `<client number> <CLOCK_MONOTONIC ns>`, written once per loop turn.
@@ -394,6 +407,7 @@ impl<'a> Shard<'a> {
             rotations: opts.rotate_at.clone(),
             rotation_stats: vec![RotationStat::default(); opts.rotate_at.len()],
             rebound_log,
+            notices_seen: NETWORK_NOTICES.load(Relaxed),
         })
     }
 
@@ -410,6 +424,11 @@ impl<'a> Shard<'a> {
                 break;
             }
             self.create_clients(now)?;
+            let notices = NETWORK_NOTICES.load(Relaxed);
+            if notices != self.notices_seen {
+                self.notices_seen = notices;
+                self.network_changed(now);
+            }
             self.fire_timers(now);
             if matches!(phase, PHASE_RUN | PHASE_SETTLE) {
                 self.pace_load(now);
@@ -1062,6 +1081,27 @@ impl<'a> Shard<'a> {
 
     /// Moves slot `i` to a new source tuple: bind the new socket first (so the port
     /// differs), then close the old one. The client is not told.
+    /// A network-change notice: every connected client does what `--on-move` says, on its
+    /// current socket (the move happened outside, at a NAT).
+    fn network_changed(&mut self, now: Instant) {
+        for i in 0..self.slots.len() {
+            let s = &mut self.slots[i];
+            if !s.up || s.failed {
+                continue;
+            }
+            self.c.notified += 1;
+            match self.opts.on_move {
+                OnMove::None => continue,
+                OnMove::Send => {
+                    self.queue_payload(i, now);
+                }
+                OnMove::Notify => s.client.network_changed(self.clock.ticks(now)),
+            }
+            self.flush(i, now);
+            self.reschedule(i);
+        }
+    }
+
     fn move_slot(&mut self, i: usize, now: Instant, storm: Option<usize>) {
         let old_ip = self.slots[i].local.ip();
         // A prebound spare, unless a churn move since changed the address a port move keeps.
