@@ -420,6 +420,13 @@ def conntrack_clients(k):
     return picked
 
 
+# Quiet first: the storm's last stragglers (REBINDs sent again) must not count here.
+quiet_since, last_reb, t_q = time.monotonic(), total(REBOUND), time.monotonic()
+while time.monotonic() - quiet_since < 2 and time.monotonic() - t_q < 60:
+    time.sleep(0.2)
+    reb = total(REBOUND)
+    if reb != last_reb:
+        quiet_since, last_reb = time.monotonic(), reb
 ATTACK_ADDR = cfg["attack_addr"]
 run("ip", "-n", P + "-nat", "addr", "add", ATTACK_ADDR + "/24", "dev", "n1")
 victims = conntrack_clients(min(16, clients))

@@ -277,8 +277,13 @@ for k, epoch in ((0, 2), (1, 3)):
                     f"live clients installed its keys")
 if c["connected"] != int(clients) or c["failed_after_connect"]:
     fail.append(f"{c['connected']} of {clients} connected, {c['failed_after_connect']} failed later")
-if d1_done == "NA" or d2_done == "NA":
-    fail.append(f"keys not all delivered: rotation 1 {d1_done}, rotation 2 {d2_done}")
+# The verdict on delivery is the clients' own (every live client installed the keys, above).
+# The gateway's gauge must fall to 1% of the clients; it need not reach the probes' count:
+# a connection that never acknowledges (a probe, or a registration a retried handshake left
+# behind until the host drops it) keeps it above that.
+if d1_p99 == "NA" or d2_p99 == "NA":
+    fail.append(f"the gateway's pending-keys gauge never fell to 1% of the clients: rotation 1 "
+                f"{d1_p99}, rotation 2 {d2_p99}")
 # The connect phase may leave a few extra registrations (a retried handshake's connection,
 # closed by the host once the client uses another): every client's connection (and the
 # probe's) must be there, nothing more is required.

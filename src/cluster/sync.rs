@@ -29,6 +29,9 @@ use crate::rebind::RebindSecret;
 use crate::registry::HostId;
 use crate::time::Ticks;
 
+/// REBIND and REGISTER transactions of one gateway in flight at once.
+const WRITE_TXNS_IN_FLIGHT: usize = 4;
+
 /// How long a REBIND commit may keep trying: three operation timeouts (1 s by default), but
 /// never past [`COMMIT_BUDGET_MAX`], well inside the core's 5 s wait for the answer.
 const COMMIT_BUDGET_TIMEOUTS: u32 = 3;
@@ -426,6 +429,8 @@ async fn run(
     let mut registry = link.registry.clone();
     let mut keepalive = tokio::time::interval(settings.lease_ttl / 3);
     let mut backoff = Duration::from_millis(100);
+    let writes = Arc::new(tokio::sync::Semaphore::new(WRITE_TXNS_IN_FLIGHT));
+    let mut held: Option<tokio::sync::OwnedSemaphorePermit> = None;
     'outer: while !stop.load(Ordering::SeqCst) {
         // (Re)open the watch from the mirror's revision.
         let after = link.shared.lock().unwrap().mirror.revision();
@@ -459,7 +464,14 @@ async fn run(
                         break 'outer;
                     }
                 }
-                req = requests.recv() => {
+                // Write transactions in flight are bounded: what queues meanwhile goes out
+                // in fuller batches (group commit) instead of as many small transactions
+                // competing for etcd's raft log.
+                permit = writes.clone().acquire_owned(), if held.is_none() => {
+                    held = permit.ok();
+                }
+                req = requests.recv(), if held.is_some() => {
+                    let permit = held.take();
                     let Some(req) = req else { break 'outer };
                     // What queued up meanwhile goes with it: REBINDs in one transaction.
                     let mut rebinds = Vec::new();
@@ -485,11 +497,23 @@ async fn run(
                             next = requests.try_recv().ok();
                         }
                     }
-                    if !rebinds.is_empty() {
-                        tokio::spawn(link.clone().rebind_batch(rebinds));
-                    }
-                    if !registers.is_empty() {
-                        tokio::spawn(link.clone().register_batch(registers));
+                    if !rebinds.is_empty() || !registers.is_empty() {
+                        let link = link.clone();
+                        tokio::spawn(async move {
+                            let _permit = permit;
+                            tokio::join!(
+                                async {
+                                    if !rebinds.is_empty() {
+                                        link.clone().rebind_batch(rebinds).await;
+                                    }
+                                },
+                                async {
+                                    if !registers.is_empty() {
+                                        link.clone().register_batch(registers).await;
+                                    }
+                                }
+                            );
+                        });
                     }
                 }
                 msg = stream.message() => {
