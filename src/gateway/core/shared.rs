@@ -202,6 +202,16 @@ pub struct Shared {
     /// reported by /readyz and must not stop key delivery for good).
     pub(super) ops_sent: AtomicU64,
     pub(super) ops_durable: Arc<AtomicU64>,
+    pub(super) last_rotation: Mutex<Option<Rotation>>,
+}
+
+/// Cluster mode: a connection this gateway owns, to be registered in the new epoch by the
+/// store (which picks the index). `ticket` names it in [`Shared::rotation_registered`].
+pub struct RotationRegistration {
+    pub ticket: u64,
+    pub conn_id: u64,
+    pub host: HostId,
+    pub secret: RebindSecret,
 }
 
 /// What a rotation did.
@@ -266,6 +276,7 @@ impl Shared {
             keys_pending: AtomicUsize::new(0),
             ops_sent: AtomicU64::new(0),
             ops_durable: Arc::new(AtomicU64::new(0)),
+            last_rotation: Mutex::new(None),
             store,
             last_issued: AtomicU64::new(0),
             issue_cap: AtomicU64::new(u64::MAX),
@@ -366,6 +377,31 @@ impl Shared {
     /// keys go, its connections are released (hosts told EXPIRED) and, in the same store
     /// op as the new epoch, its records are removed.
     pub fn rotate_with_grace(&self, next: EpochCrypto, at: Ticks, grace_until: Ticks) -> Rotation {
+        self.rotate_inner(next, at, grace_until, false).0
+    }
+
+    /// Cluster mode: puts in force a rotation the store decided (every gateway switches when
+    /// its watch reports the epoch record), like [`Shared::rotate_with_grace`], but the
+    /// connections this gateway owns (routed here, with a tuple) are not registered in the
+    /// new epoch here: the returned registrations go to the store, which picks their indices
+    /// (create-if-absent, so two gateways never issue the same one), and their keys go out
+    /// only once [`Shared::rotation_registered`] reports each one committed.
+    pub fn rotate_clustered(
+        &self,
+        next: EpochCrypto,
+        at: Ticks,
+        grace_until: Ticks,
+    ) -> (Rotation, Vec<RotationRegistration>) {
+        self.rotate_inner(next, at, grace_until, true)
+    }
+
+    fn rotate_inner(
+        &self,
+        next: EpochCrypto,
+        at: Ticks,
+        grace_until: Ticks,
+        clustered: bool,
+    ) -> (Rotation, Vec<RotationRegistration>) {
         let epoch = next.keys.epoch();
         let mut ctl = self.control();
         let mut guard = self.epochs.write().unwrap_or_else(|e| e.into_inner());
@@ -397,8 +433,16 @@ impl Shared {
             ctl.registries
                 .insert(0, (epoch, Registry::with_capacity(self.cfg.slots, cap)));
         }
-        let register = self.register_for_delivery(&mut ctl, current, epoch, at);
-        let registered = register.len();
+        let (register, to_store) = if clustered {
+            let owned = self.owned_for_delivery(&mut ctl, current, epoch);
+            (Vec::new(), owned)
+        } else {
+            (
+                self.register_for_delivery(&mut ctl, current, epoch, at),
+                Vec::new(),
+            )
+        };
+        let registered = register.len() + to_store.len();
         let previous = Some(guard.current.clone());
         *guard = Arc::new(Epochs {
             current: Arc::new(next),
@@ -416,15 +460,136 @@ impl Shared {
             register,
         });
         // No key goes out before the registrations it names are on disk: after a kill -9
-        // the gateway must know every key a client may hold.
-        ctl.delivery.durable_at = self.ops_sent.load(Ordering::Acquire);
+        // the gateway must know every key a client may hold. (In cluster mode each entry
+        // gets its index only once etcd committed it.)
+        ctl.delivery.durable_at = if clustered {
+            0
+        } else {
+            self.ops_sent.load(Ordering::Acquire)
+        };
         drop(ctl);
-        Rotation {
+        let rotation = Rotation {
             epoch,
             dropped,
             released,
             registered,
+        };
+        *self.last_rotation.lock().unwrap_or_else(|e| e.into_inner()) = Some(rotation);
+        (rotation, to_store)
+    }
+
+    /// Cluster mode: the connections of `from` this gateway owns (their tuple is bound
+    /// here), each with a fresh `R` for `to`, waiting for the store to place them.
+    fn owned_for_delivery(
+        &self,
+        ctl: &mut Control,
+        from: u32,
+        to: u32,
+    ) -> Vec<RotationRegistration> {
+        ctl.delivery.start(to);
+        let owned: Vec<(u32, u64, HostId)> = ctl
+            .registries
+            .iter()
+            .find(|(e, _)| *e == from)
+            .map(|(_, r)| {
+                r.iter()
+                    .filter(|(_, c)| {
+                        c.tuple().is_some_and(|t| {
+                            ctl.tuples.get(&t).is_some_and(|r| r.conn_id == c.conn_id)
+                        })
+                    })
+                    .map(|(i, c)| (i, c.conn_id, c.host))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut out = Vec::with_capacity(owned.len());
+        for (old, conn_id, host) in owned {
+            let secret = RebindSecret::generate();
+            let ticket = ctl
+                .delivery
+                .await_registration(conn_id, old, secret.clone(), host);
+            out.push(RotationRegistration {
+                ticket,
+                conn_id,
+                host,
+                secret,
+            });
         }
+        self.keys_pending
+            .store(ctl.delivery.pending, Ordering::Release);
+        out
+    }
+
+    /// Cluster mode: the store's answer to a rotation's registration (`ticket`) in `epoch`:
+    /// `Some(index)` once committed (its keys may go out from now on), `None` if it was
+    /// refused (the connection keeps only its old registration and handshakes again after
+    /// grace). Returns a record to remove from the store, if the connection closed
+    /// meanwhile.
+    pub fn rotation_registered(
+        &self,
+        epoch: u32,
+        ticket: u64,
+        index: Option<u32>,
+        now: Ticks,
+    ) -> Option<StoreOp> {
+        let mut ctl = self.control();
+        if ctl.delivery.epoch != epoch {
+            return None;
+        }
+        let conn_id = ctl.delivery.decided(ticket)?;
+        let mut remove = None;
+        match index {
+            None => {
+                ctl.delivery.remove(conn_id);
+            }
+            Some(index) => {
+                let held = ctl
+                    .delivery
+                    .entries
+                    .get(&conn_id)
+                    .and_then(|e| Some((e.secret.clone()?, e.host)));
+                match held {
+                    // Closed meanwhile: its new record goes too.
+                    None => {
+                        remove = Some(StoreOp::Remove {
+                            epoch,
+                            index,
+                            conn_id,
+                        })
+                    }
+                    Some((secret, host)) => {
+                        let placed = match ctl.registry_mut(epoch) {
+                            // The watch may have brought this registration already.
+                            Some(reg) => match reg.get(index) {
+                                Some(c) => c.conn_id == conn_id,
+                                None => reg
+                                    .restore(index, conn_id, &secret, Ticks(0), None, host)
+                                    .is_ok(),
+                            },
+                            None => false,
+                        };
+                        if placed {
+                            ctl.delivery.registered(conn_id, index, now);
+                        } else {
+                            ctl.delivery.remove(conn_id);
+                        }
+                    }
+                }
+            }
+        }
+        self.keys_pending
+            .store(ctl.delivery.pending, Ordering::Release);
+        remove
+    }
+
+    /// Cluster mode: the rotation's registrations the store has not decided yet.
+    pub fn rotation_registrations_pending(&self) -> usize {
+        self.control().delivery.awaiting()
+    }
+
+    /// The last rotation this gateway put in force.
+    pub fn last_rotation(&self) -> Option<Rotation> {
+        *self.last_rotation.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Registers every connection of `from` in `to` (new index and `R`, no tuple yet: the
