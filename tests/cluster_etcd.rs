@@ -723,9 +723,7 @@ fn racing_rotations_of_one_epoch_commit_once() {
         }
     );
     assert!(
-        answers
-            .iter()
-            .any(|x| *x == RotateAnswer::Lost(winner)),
+        answers.iter().any(|x| *x == RotateAnswer::Lost(winner)),
         "the loser reports the winner's record: {answers:?}"
     );
     // Both watches report the new record, once.
@@ -820,9 +818,11 @@ fn racing_rotations_of_one_epoch_commit_once() {
             1,
             "{outcomes:?}"
         );
-        assert!(outcomes.iter().any(
-            |o| matches!(o, EpochRotated::Lost { current, .. } if *current == next)
-        ));
+        assert!(
+            outcomes
+                .iter()
+                .any(|o| matches!(o, EpochRotated::Lost { current, .. } if *current == next))
+        );
         assert_eq!(reg.read_epoch().await.unwrap().0, next);
         // Epoch 2's records: 80, at distinct keys.
         let (changes, _) = reg.read_all().await.unwrap();

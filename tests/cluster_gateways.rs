@@ -512,3 +512,285 @@ fn an_idle_connection_expires_at_its_owner_and_leaves_every_copy() {
         "only the owner expires it"
     );
 }
+
+/// A client written with the wire functions alone: it never takes the keys a rotation
+/// delivers (it drops every KEYS), so it only holds its handshake's epoch.
+struct OldKeysClient {
+    sock: UdpSocket,
+    to: SocketAddr,
+    reply: rebindgw::wire::HandshakeReply,
+    seq: u64,
+}
+
+impl OldKeysClient {
+    fn bind(ip: &str) -> UdpSocket {
+        let s = UdpSocket::bind(format!("{ip}:0")).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        s
+    }
+
+    fn connect(router: &Router, creds: &ClientCredentials, ip: &str) -> OldKeysClient {
+        use rebindgw::time::Ticks;
+        use rebindgw::wire::{build_handshake, open_handshake_reply};
+        let sock = OldKeysClient::bind(ip);
+        let nonce: [u8; 16] = crypto::random_array();
+        let hs = build_handshake(creds, &nonce, Ticks::wall_clock());
+        let mut buf = [0u8; 2048];
+        let deadline = Instant::now() + Duration::from_secs(8);
+        while Instant::now() < deadline {
+            sock.send_to(&hs, router.outside).unwrap();
+            if let Ok((n, _)) = sock.recv_from(&mut buf)
+                && let Ok(reply) = open_handshake_reply(&buf[..n], &creds.psk, &nonce)
+            {
+                return OldKeysClient {
+                    sock,
+                    to: router.outside,
+                    reply,
+                    seq: 0,
+                };
+            }
+        }
+        panic!("raw handshake timed out");
+    }
+
+    /// Sends `datagram`; the first answer that is not a KEYS (those are dropped).
+    fn exchange(&self, datagram: &[u8]) -> Option<Vec<u8>> {
+        self.sock.send_to(datagram, self.to).unwrap();
+        let mut buf = [0u8; 2048];
+        loop {
+            let (n, _) = self.sock.recv_from(&mut buf).ok()?;
+            if buf[0] != rebindgw::wire::KEYS_TYPE {
+                return Some(buf[..n].to_vec());
+            }
+        }
+    }
+
+    fn echo_ok(&mut self, payload: &[u8]) -> bool {
+        use rebindgw::wire::{DataView, seal_data};
+        let mut d = vec![0u8; payload.len() + 25];
+        seal_data(&crypto::gcm(&self.reply.kd_c2s), self.seq, payload, &mut d);
+        self.seq += 1;
+        // A few tries: the host's KEYS retransmissions share the socket.
+        for _ in 0..3 {
+            let Some(back) = self.exchange(&d) else {
+                continue;
+            };
+            let Ok(v) = DataView::new_checked(&back) else {
+                continue;
+            };
+            let mut out = vec![0u8; back.len()];
+            if v.open(&crypto::gcm(&self.reply.kd_s2c), &mut out)
+                .is_ok_and(|n| &out[..n] == payload)
+            {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Moves to source `ip`, asks for an UNRECOGNIZED of its own epoch (a cookie request
+    /// naming it, §6 1.1) and rebinds with its handshake's keys; the answer's type.
+    fn move_and_rebind_in_own_epoch(&mut self, ip: &str) -> Option<u8> {
+        use rebindgw::rebind::{
+            RebindCredentials, RebindSecret, build_rebind, cookie_request_for, fresh_nonces,
+        };
+        use rebindgw::wire::{MsgType, Unrecognized};
+        self.sock = OldKeysClient::bind(ip);
+        let slots = self.reply.slot_keys.len();
+        let req = cookie_request_for(slots, self.reply.epoch_byte);
+        let u = Unrecognized::parse(&self.exchange(&req)?).ok()?;
+        if u.epoch_byte != self.reply.epoch_byte {
+            return Some(MsgType::Unrecognized as u8);
+        }
+        let secret = RebindSecret(self.reply.rebind_secret);
+        let creds = RebindCredentials {
+            conn_id: self.reply.conn_id,
+            secret: &secret,
+            slot_keys: &self.reply.slot_keys,
+        };
+        let (rebind, _) = build_rebind(&creds, u.epoch_byte, u.t, &u.cookie, &fresh_nonces(slots));
+        self.exchange(&rebind).map(|r| r[0])
+    }
+}
+
+/// The records etcd holds per epoch.
+fn records_per_epoch(cluster: &Cluster) -> HashMap<u32, usize> {
+    use rebindgw::cluster::etcd::EtcdRegistry;
+    use rebindgw::cluster::mirror::Mirror;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut reg = EtcdRegistry::connect(
+            std::slice::from_ref(&cluster.etcd.endpoint),
+            "/rebindgw/e2e",
+            900,
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+        let (changes, revision) = reg.read_all().await.unwrap();
+        let mut mirror = Mirror::new("/rebindgw/e2e", 900);
+        mirror.reload(changes, revision);
+        let mut per = HashMap::new();
+        for ((epoch, _), _) in mirror.iter() {
+            *per.entry(epoch).or_insert(0) += 1;
+        }
+        per
+    })
+}
+
+fn with_admin_and_grace(cfg: &mut GatewayConfig) {
+    cfg.admin = Some("127.0.0.1:0".parse().unwrap());
+    cfg.window_secs = 1;
+    cfg.grace_secs = Some(6);
+}
+
+/// Key rotation across the cluster: `POST /rotate` on one gateway; every gateway switches
+/// to the new epoch; every client (on three gateways) installs its new-epoch keys with no
+/// new handshake; one rebinds with them onto another gateway; a client that only holds its
+/// old keys rebinds onto another gateway during grace; after grace etcd holds no record of
+/// the old epoch and every connection still echoes.
+#[test]
+fn a_rotation_on_one_gateway_moves_the_whole_cluster_to_the_new_epoch() {
+    use rebindgw::gateway::rotate::request_rotation;
+    use rebindgw::wire::MsgType;
+    let Some(etcd) = start_etcd("rotation") else {
+        return;
+    };
+    let cluster = Cluster::with(etcd, 3, with_admin_and_grace);
+    let router = Router::start(cluster.addrs.clone());
+    // Source .1 → gateway 1, .2 → gateway 2, .3 → gateway 0 (last octet modulo 3).
+    let mut clients: Vec<UdpClient> = ["127.0.0.1", "127.0.0.2", "127.0.0.3"]
+        .iter()
+        .enumerate()
+        .map(|(i, ip)| connect(&router, cluster.enroll(&format!("rot{i}")), ip))
+        .collect();
+    let mut old = OldKeysClient::connect(&router, &cluster.enroll("old-keys"), "127.0.0.4");
+    for c in clients.iter_mut() {
+        assert_eq!(echo(&cluster, c, b"epoch 1"), b"epoch 1");
+    }
+    assert!(old.echo_ok(b"epoch 1"));
+    let n = cluster.gw(0).shared().connections();
+    assert!(n >= 4, "{n}");
+    wait_until("every gateway to hold every connection", || {
+        (0..3).all(|i| cluster.gw(i).shared().connections() == n)
+    });
+    let handshakes: Vec<u64> = clients
+        .iter()
+        .map(|c| c.client().stats().handshakes_sent)
+        .collect();
+    assert_eq!(records_per_epoch(&cluster).get(&1), Some(&n));
+
+    // Rotate through gateway 0's admin endpoint.
+    let admin = cluster.gw(0).admin_addr().unwrap();
+    let key = cluster.dir.join("gw1/admin.key");
+    let out = request_rotation(admin, &key, false, Duration::from_secs(15)).unwrap();
+    assert!(out.starts_with("rotated: epoch 2"), "{out}");
+    wait_until("every gateway to switch to epoch 2", || {
+        (0..3).all(|i| {
+            let e = cluster.gw(i).shared().epochs();
+            e.current.keys.epoch() == 2 && e.previous.as_ref().map(|p| p.keys.epoch()) == Some(1)
+        })
+    });
+    for i in 0..3 {
+        assert_eq!(cluster.gw(i).shared().rotations(), 1, "gateway {i}");
+    }
+    // A second command during grace is refused, and changes nothing.
+    let e = request_rotation(admin, &key, false, Duration::from_secs(15)).unwrap_err();
+    assert!(e.to_string().contains("409"), "{e}");
+    // Each owner registered its connections in epoch 2 through etcd: one record each.
+    wait_until("the new epoch's registrations", || {
+        records_per_epoch(&cluster).get(&2) == Some(&n)
+    });
+
+    // Every client installs its new keys (through the gateway that owns it), with no new
+    // handshake; the owners see every acknowledgement but the old-keys client's.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while clients
+        .iter()
+        .any(|c| c.client().stats().keys_installed == 0)
+    {
+        assert!(Instant::now() < deadline, "keys not installed");
+        for c in clients.iter_mut() {
+            c.drive(Duration::from_millis(20)).unwrap();
+        }
+    }
+    for (c, before) in clients.iter().zip(&handshakes) {
+        assert_eq!(c.client().stats().keys_installed, 1);
+        assert_eq!(
+            c.client().stats().handshakes_sent,
+            *before,
+            "no new handshake"
+        );
+    }
+    wait_until("the keys' acknowledgements", || {
+        (0..3)
+            .map(|i| total(&cluster.gw(i).shared().metrics, C::KeysAcknowledged))
+            .sum::<u64>()
+            == 3
+    });
+    let pending: usize = (0..3).map(|i| cluster.gw(i).shared().keys_pending()).sum();
+    assert_eq!(
+        pending,
+        n - 3,
+        "only the old-keys client's keys stay pending"
+    );
+
+    // Client 0 (on gateway 1) moves to .5 (gateway 2) and rebinds with its epoch-2 keys.
+    move_and_rebind(&mut clients[0], "127.0.0.5");
+    assert_eq!(clients[0].client().stats().keys_switched, 1);
+    assert_eq!(
+        echo(&cluster, &mut clients[0], b"epoch 2 keys, gateway 2"),
+        b"epoch 2 keys, gateway 2"
+    );
+    assert_eq!(cluster.facts(2).rebinds_committed, 1);
+
+    // During grace the old-keys client (on gateway 1) moves to .6 (gateway 0) and rebinds
+    // with its epoch-1 keys.
+    assert_eq!(
+        old.move_and_rebind_in_own_epoch("127.0.0.6"),
+        Some(MsgType::RebindAck as u8)
+    );
+    assert!(old.echo_ok(b"old keys, gateway 0"));
+    assert_eq!(cluster.facts(0).rebinds_committed, 1);
+
+    // Grace ends on every gateway; the owners delete the old epoch's records.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let per = records_per_epoch(&cluster);
+        let done = (0..3).all(|i| cluster.gw(i).shared().epochs().previous.is_none())
+            && !per.contains_key(&1);
+        if done {
+            assert_eq!(per.get(&2), Some(&n));
+            break;
+        }
+        if Instant::now() > deadline {
+            cluster.dump();
+            panic!("the old epoch's records stay: {per:?}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for i in 0..3 {
+        assert_eq!(
+            cluster.gw(i).shared().connections_per_epoch(),
+            vec![(2, n)],
+            "gateway {i}"
+        );
+    }
+    // Every connection still works, on the registration the rotation gave it.
+    for (i, c) in clients.iter_mut().enumerate() {
+        let p = format!("after grace {i}");
+        assert_eq!(echo(&cluster, c, p.as_bytes()), p.as_bytes());
+    }
+    assert!(old.echo_ok(b"after grace, old client"));
+    for (c, before) in clients.iter().zip(&handshakes) {
+        assert_eq!(
+            c.client().stats().handshakes_sent,
+            *before,
+            "no new handshake"
+        );
+    }
+}
