@@ -794,3 +794,135 @@ fn a_rotation_on_one_gateway_moves_the_whole_cluster_to_the_new_epoch() {
         );
     }
 }
+
+/// A gateway restarted during a rotation's grace period loads the epoch record and both
+/// epochs' records from etcd: it accepts both epochs until the cluster's deadline, keeps
+/// forwarding its client, and at the deadline moves it to its new registration and deletes
+/// its old record.
+#[test]
+fn a_gateway_restarted_during_grace_loads_both_epochs() {
+    use rebindgw::gateway::rotate::request_rotation;
+    let Some(etcd) = start_etcd("rotation_restart") else {
+        return;
+    };
+    let mut cluster = Cluster::with(etcd, 2, |cfg| {
+        cfg.admin = Some("127.0.0.1:0".parse().unwrap());
+        cfg.window_secs = 1;
+        cfg.grace_secs = Some(8);
+    });
+    let router = Router::start(cluster.addrs.clone());
+    // Source .1 → gateway index 1 (id 2).
+    let mut c = connect(&router, cluster.enroll("restart"), "127.0.0.1");
+    assert_eq!(echo(&cluster, &mut c, b"epoch 1"), b"epoch 1");
+    wait_until("gateway 0 to learn the connection", || {
+        cluster.gw(0).shared().connections() >= 1
+    });
+    let n = cluster.gw(1).shared().connections();
+    let out = request_rotation(
+        cluster.gw(0).admin_addr().unwrap(),
+        &cluster.dir.join("gw1/admin.key"),
+        false,
+        Duration::from_secs(15),
+    )
+    .unwrap();
+    assert!(out.starts_with("rotated: epoch 2"), "{out}");
+    wait_until("the owner's registration in epoch 2", || {
+        records_per_epoch(&cluster).get(&2) == Some(&n)
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while c.client().stats().keys_installed == 0 {
+        assert!(Instant::now() < deadline, "keys not installed");
+        c.drive(Duration::from_millis(20)).unwrap();
+    }
+
+    // The owner restarts mid-grace (the router's next hop follows its new port).
+    cluster.gateways[1].take().unwrap().stop().unwrap();
+    let back = cluster.spawn(2);
+    cluster.addrs.lock().unwrap()[1] = back.client_addrs()[0];
+    let e = back.shared().epochs();
+    assert_eq!(e.current.keys.epoch(), 2);
+    assert_eq!(e.previous.as_ref().map(|p| p.keys.epoch()), Some(1));
+    drop(e);
+    assert!(back.shared().grace_until().is_some());
+    assert_eq!(
+        back.shared().connections_per_epoch(),
+        vec![(2, n), (1, n)],
+        "both epochs' records loaded"
+    );
+    assert_eq!(back.shared().rotations(), 0, "no rotation of its own");
+    cluster.gateways[1] = Some(back);
+    assert_eq!(
+        echo(&cluster, &mut c, b"through the restarted owner"),
+        b"through the restarted owner"
+    );
+
+    // At the deadline it moves the connection to its epoch-2 registration and deletes its
+    // epoch-1 record.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while records_per_epoch(&cluster).contains_key(&1)
+        || (0..2).any(|i| cluster.gw(i).shared().epochs().previous.is_some())
+    {
+        if Instant::now() > deadline {
+            cluster.dump();
+            panic!("grace did not end: {:?}", records_per_epoch(&cluster));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(cluster.gw(1).shared().connections_per_epoch(), vec![(2, n)]);
+    assert_eq!(echo(&cluster, &mut c, b"after grace"), b"after grace");
+    // And the client rebinds with its epoch-2 keys (onto gateway 0).
+    move_and_rebind(&mut c, "127.0.0.2");
+    assert_eq!(c.client().stats().keys_switched, 1);
+    assert_eq!(echo(&cluster, &mut c, b"epoch 2 keys"), b"epoch 2 keys");
+}
+
+/// `rotate_every_secs` in a cluster: every gateway's timer fires, but each period sees one
+/// rotation (the transaction on the epoch record's revision), and all follow it.
+#[test]
+fn the_schedule_rotates_once_per_period_across_the_cluster() {
+    let Some(etcd) = start_etcd("rotation_schedule") else {
+        return;
+    };
+    let cluster = Cluster::with(etcd, 3, |cfg| {
+        cfg.window_secs = 1;
+        cfg.grace_secs = Some(2);
+        cfg.rotate_every_secs = 4;
+    });
+    let router = Router::start(cluster.addrs.clone());
+    let mut c = connect(&router, cluster.enroll("sched"), "127.0.0.1");
+    assert_eq!(echo(&cluster, &mut c, b"epoch 1"), b"epoch 1");
+    let epoch = |i: usize| cluster.gw(i).shared().epochs().current.keys.epoch();
+    // Watch gateway 0's epoch: when each rotation came.
+    let started = Instant::now();
+    let mut changes: Vec<(u32, Duration)> = Vec::new();
+    let mut last = epoch(0);
+    while last < 3 {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "epochs seen: {changes:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+        let e = epoch(0);
+        if e != last {
+            changes.push((e, started.elapsed()));
+            last = e;
+        }
+    }
+    assert_eq!(
+        changes.iter().map(|(e, _)| *e).collect::<Vec<_>>(),
+        vec![2, 3],
+        "one epoch at a time: {changes:?}"
+    );
+    let period = changes[1].1 - changes[0].1;
+    assert!(
+        period >= Duration::from_millis(3500),
+        "two rotations within one period: {changes:?}"
+    );
+    wait_until("every gateway at epoch 3", || (0..3).all(|i| epoch(i) == 3));
+    for i in 0..3 {
+        assert_eq!(cluster.gw(i).shared().rotations(), 2, "gateway {i}");
+    }
+    // The client never moved: its connection lives on its new registrations.
+    assert_eq!(echo(&cluster, &mut c, b"epoch 3"), b"epoch 3");
+    println!("rotations at {changes:?}");
+}

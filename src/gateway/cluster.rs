@@ -556,6 +556,13 @@ fn apply_event(
         }
         Event::Changed { .. } => return,
     };
+    // A start during grace: the keys this gateway's registrations in the new epoch carry
+    // are sent again (the restored copy has no record of which clients have them).
+    if rotating.is_none()
+        && let RemoteChange::Stored { conn, ours } = &change
+    {
+        shared.restored_for_delivery(conn, *ours);
+    }
     let c = match shared.apply_remote(change) {
         RemoteApplied::Added => &counters.remote_added,
         RemoteApplied::Updated => &counters.remote_updated,

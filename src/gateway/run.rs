@@ -494,6 +494,9 @@ fn start(
             let counters = Arc::new(super::cluster::BridgeCounters::default());
             let loaded = super::cluster::load_initial(&handle, &shared, me, &counters)?;
             restored += loaded;
+            // A start during grace: the keys of this gateway's registrations in the new
+            // epoch go out again.
+            shared.resume_key_delivery(Ticks::wall_clock());
             rotator.set_cluster(Box::new(super::cluster::LinkEpoch::new(
                 &handle,
                 Duration::from_millis(cfg.cluster.timeout_ms),

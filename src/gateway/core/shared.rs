@@ -899,6 +899,26 @@ impl Shared {
         Ok(())
     }
 
+    /// Cluster mode, a start during grace: a record loaded from the store that takes part in
+    /// key delivery (this gateway's registration in the current epoch, made by the rotation:
+    /// `ours` and not yet rebound; or any registration in the previous epoch).
+    /// [`Shared::resume_key_delivery`] then sends again the keys of the connections with
+    /// both.
+    pub fn restored_for_delivery(&self, c: &StoredConn, ours: bool) {
+        let epochs = self.epochs();
+        let Some(p) = &epochs.previous else {
+            return;
+        };
+        let mut ctl = self.control();
+        if c.epoch == epochs.current.keys.epoch() && ours && c.tuple.is_none() {
+            ctl.delivery
+                .restored(c.conn_id, c.host, None, Some((c.index, c.secret.clone())));
+        } else if c.epoch == p.keys.epoch() {
+            ctl.delivery
+                .restored(c.conn_id, c.host, Some(c.index), None);
+        }
+    }
+
     /// After the restores of a restart during grace: resumes delivering the current epoch's
     /// keys to every connection registered in both epochs (all are sent again at `now`).
     pub fn resume_key_delivery(&self, now: Ticks) {
