@@ -926,3 +926,67 @@ fn the_schedule_rotates_once_per_period_across_the_cluster() {
     assert_eq!(echo(&cluster, &mut c, b"epoch 3"), b"epoch 3");
     println!("rotations at {changes:?}");
 }
+
+/// A connection whose gateway is gone at the rotation gets no registration in the new epoch
+/// (no live gateway owns it); after grace its old record is deleted all the same (its owner
+/// is no live gateway) and the survivors release it: its client handshakes again.
+#[test]
+fn a_connection_no_live_gateway_owns_is_not_carried_into_the_new_epoch() {
+    use rebindgw::gateway::rotate::request_rotation;
+    let Some(etcd) = start_etcd("rotation_orphan") else {
+        return;
+    };
+    let mut cluster = Cluster::with(etcd, 2, |cfg| {
+        cfg.admin = Some("127.0.0.1:0".parse().unwrap());
+        cfg.window_secs = 1;
+        cfg.grace_secs = Some(3);
+    });
+    let router = Router::start(cluster.addrs.clone());
+    // .1 → gateway index 1 (id 2), .2 → gateway index 0 (id 1).
+    let mut orphan = connect(&router, cluster.enroll("orphan"), "127.0.0.1");
+    let mut kept = connect(&router, cluster.enroll("kept"), "127.0.0.2");
+    assert_eq!(echo(&cluster, &mut orphan, b"hi"), b"hi");
+    assert_eq!(echo(&cluster, &mut kept, b"hi"), b"hi");
+    wait_until("gateway 0 to hold both", || {
+        cluster.gw(0).shared().connections() == cluster.gw(1).shared().connections()
+    });
+    let n = cluster.gw(0).shared().connections();
+    let owned_by_0 = cluster.gw(0).shared().tuples.len();
+    assert!(owned_by_0 >= 1 && owned_by_0 < n, "{owned_by_0} of {n}");
+    cluster.gateways[1].take().unwrap().stop().unwrap();
+
+    let out = request_rotation(
+        cluster.gw(0).admin_addr().unwrap(),
+        &cluster.dir.join("gw1/admin.key"),
+        false,
+        Duration::from_secs(15),
+    )
+    .unwrap();
+    assert!(
+        out.starts_with(&format!(
+            "rotated: epoch 2, grace 3 s, {owned_by_0} connections registered"
+        )),
+        "{out}"
+    );
+    wait_until("the survivor's registrations", || {
+        records_per_epoch(&cluster).get(&2) == Some(&owned_by_0)
+    });
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while records_per_epoch(&cluster).contains_key(&1)
+        || cluster.gw(0).shared().epochs().previous.is_some()
+    {
+        if Instant::now() > deadline {
+            cluster.dump();
+            panic!("grace did not end: {:?}", records_per_epoch(&cluster));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(records_per_epoch(&cluster).get(&2), Some(&owned_by_0));
+    assert_eq!(
+        cluster.gw(0).shared().connections_per_epoch(),
+        vec![(2, owned_by_0)],
+        "the orphan was released"
+    );
+    assert_eq!(echo(&cluster, &mut kept, b"still here"), b"still here");
+    drop(orphan);
+}

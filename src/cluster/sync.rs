@@ -657,13 +657,14 @@ async fn reconnect(
         };
         if let (Ok(Ok((changes, revision))), Some((record, mod_revision))) = (read, epoch) {
             let mut sh = link.shared.lock().unwrap();
-            for a in sh.mirror.reload(changes, revision) {
-                send_change(events, &sh.mirror, a, &link.counters);
-            }
-            // A rotation while the link was down.
+            // A rotation while the link was down: told before the records, so that the
+            // gateway holds the new epoch when its records come.
             if mod_revision > sh.epoch.1 {
                 sh.epoch = (record, mod_revision);
                 let _ = events.send(Event::Epoch { record });
+            }
+            for a in sh.mirror.reload(changes, revision) {
+                send_change(events, &sh.mirror, a, &link.counters);
             }
             sh.up = true;
             link.counters.reloads.fetch_add(1, Ordering::Relaxed);
