@@ -723,7 +723,7 @@ fn racing_rotations_of_one_epoch_commit_once() {
         }
     );
     assert!(
-        answers.iter().any(|x| *x == RotateAnswer::Lost(winner)),
+        answers.contains(&RotateAnswer::Lost(winner)),
         "the loser reports the winner's record: {answers:?}"
     );
     // Both watches report the new record, once.
