@@ -616,6 +616,15 @@ impl OldKeysClient {
 
 /// The records etcd holds per epoch.
 fn records_per_epoch(cluster: &Cluster) -> HashMap<u32, usize> {
+    let mut per = HashMap::new();
+    for (epoch, _) in records(cluster) {
+        *per.entry(epoch).or_insert(0) += 1;
+    }
+    per
+}
+
+/// Every record etcd holds, with its epoch.
+fn records(cluster: &Cluster) -> Vec<(u32, rebindgw::cluster::record::ConnRecord)> {
     use rebindgw::cluster::etcd::EtcdRegistry;
     use rebindgw::cluster::mirror::Mirror;
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -634,11 +643,10 @@ fn records_per_epoch(cluster: &Cluster) -> HashMap<u32, usize> {
         let (changes, revision) = reg.read_all().await.unwrap();
         let mut mirror = Mirror::new("/rebindgw/e2e", 900);
         mirror.reload(changes, revision);
-        let mut per = HashMap::new();
-        for ((epoch, _), _) in mirror.iter() {
-            *per.entry(epoch).or_insert(0) += 1;
-        }
-        per
+        mirror
+            .iter()
+            .map(|((epoch, _), e)| (epoch, e.record.clone()))
+            .collect()
     })
 }
 
@@ -780,6 +788,23 @@ fn a_rotation_on_one_gateway_moves_the_whole_cluster_to_the_new_epoch() {
             "gateway {i}"
         );
     }
+    // In etcd too, each connection's new record names the gateway that forwards it, and its
+    // tuple (moved there with the old record's deletion).
+    let owned: HashMap<u16, usize> = records(&cluster)
+        .iter()
+        .filter(|(_, r)| r.tuple.is_some())
+        .fold(HashMap::new(), |mut m, (_, r)| {
+            *m.entry(r.owner).or_insert(0) += 1;
+            m
+        });
+    for i in 0..3 {
+        assert_eq!(
+            owned.get(&(i as u16 + 1)).copied().unwrap_or(0),
+            cluster.gw(i).shared().tuples.len(),
+            "gateway {i}: {owned:?}"
+        );
+    }
+    assert_eq!(owned.values().sum::<usize>(), 4);
     // Every connection still works, on the registration the rotation gave it.
     for (i, c) in clients.iter_mut().enumerate() {
         let p = format!("after grace {i}");
@@ -870,6 +895,29 @@ fn a_gateway_restarted_during_grace_loads_both_epochs() {
     }
     assert_eq!(cluster.gw(1).shared().connections_per_epoch(), vec![(2, n)]);
     assert_eq!(echo(&cluster, &mut c, b"after grace"), b"after grace");
+    // Its epoch-2 record now holds the tuple: a restart after grace forwards at once.
+    assert!(
+        records(&cluster)
+            .iter()
+            .any(|(e, r)| *e == 2 && r.owner == 2 && r.tuple.is_some()),
+        "{:?}",
+        records(&cluster)
+    );
+    cluster.gateways[1].take().unwrap().stop().unwrap();
+    let back = cluster.spawn(2);
+    cluster.addrs.lock().unwrap()[1] = back.client_addrs()[0];
+    assert_eq!(back.shared().tuples.len(), 1, "bound from its record");
+    cluster.gateways[1] = Some(back);
+    let rebinds = c.client().stats().rebinds_started;
+    assert_eq!(
+        echo(&cluster, &mut c, b"restarted after grace"),
+        b"restarted after grace"
+    );
+    assert_eq!(
+        c.client().stats().rebinds_started,
+        rebinds,
+        "no rebind needed"
+    );
     // And the client rebinds with its epoch-2 keys (onto gateway 0).
     move_and_rebind(&mut c, "127.0.0.2");
     assert_eq!(c.client().stats().keys_switched, 1);

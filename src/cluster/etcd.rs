@@ -56,6 +56,26 @@ pub enum Committed {
     Conflict { current: Option<Entry> },
 }
 
+/// A record of an epoch whose grace is over, to delete if unchanged since `expected`.
+#[derive(Clone, Debug)]
+pub struct Retire {
+    pub epoch: u32,
+    pub index: u32,
+    pub expected: i64,
+    /// The connection's record in the next epoch, rewritten in the same transaction.
+    pub adopt: Option<Adopt>,
+}
+
+/// The next epoch's record of a retired connection that this gateway forwards: its tuple
+/// and owner move there (the store's side of the core's migration at the end of grace).
+#[derive(Clone, Debug)]
+pub struct Adopt {
+    pub epoch: u32,
+    pub index: u32,
+    pub expected: i64,
+    pub record: ConnRecord,
+}
+
 /// How a rotation's transaction ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum EpochRotated {
@@ -503,28 +523,34 @@ impl EtcdRegistry {
         })
     }
 
-    /// Deletes the records at `(epoch, index)` whose mod revisions are still `expected`, in
-    /// transactions of up to [`MAX_COMMITS_PER_TXN`] (a nested compare each, so one that
-    /// changed meanwhile stays alone). Returns how many went.
-    pub async fn remove_many(
-        &mut self,
-        removals: &[(u32, u32, i64)],
-    ) -> Result<usize, ClusterError> {
+    /// Deletes the records of an epoch whose grace is over, each only if its mod revision is
+    /// still the one read, in transactions of up to 32 (a nested transaction each, so one
+    /// that changed meanwhile stays alone). One that [`Retire::adopt`]s moves its tuple and
+    /// owner onto the connection's record in the next epoch in the same nested transaction
+    /// (compared on that record's mod revision too). Returns how many went.
+    pub async fn retire_many(&mut self, retire: &[Retire]) -> Result<usize, ClusterError> {
         let mut removed = 0;
-        for chunk in removals.chunks(MAX_COMMITS_PER_TXN) {
+        for chunk in retire.chunks(MAX_COMMITS_PER_TXN / 2) {
             let ops: Vec<TxnOp> = chunk
                 .iter()
-                .map(|&(epoch, index, expected)| {
-                    let key = conn_key(&self.prefix, epoch, index);
-                    TxnOp::txn(
-                        Txn::new()
-                            .when([Compare::mod_revision(
-                                key.clone(),
-                                CompareOp::Equal,
-                                expected,
-                            )])
-                            .and_then([TxnOp::delete(key, None)]),
-                    )
+                .map(|r| {
+                    let key = conn_key(&self.prefix, r.epoch, r.index);
+                    let mut when = vec![Compare::mod_revision(
+                        key.clone(),
+                        CompareOp::Equal,
+                        r.expected,
+                    )];
+                    let mut then = vec![TxnOp::delete(key, None)];
+                    if let Some(a) = &r.adopt {
+                        let next = conn_key(&self.prefix, a.epoch, a.index);
+                        when.push(Compare::mod_revision(
+                            next.clone(),
+                            CompareOp::Equal,
+                            a.expected,
+                        ));
+                        then.push(TxnOp::put(next, a.record.encode(), None));
+                    }
+                    TxnOp::txn(Txn::new().when(when).and_then(then))
                 })
                 .collect();
             let resp = self

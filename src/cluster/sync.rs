@@ -22,7 +22,8 @@ use std::time::Duration;
 use tokio::sync::mpsc as tmpsc;
 
 use super::etcd::{
-    ClusterError, Committed, EpochRotated, EtcdRegistry, MAX_COMMITS_PER_TXN, Registered,
+    Adopt, ClusterError, Committed, EpochRotated, EtcdRegistry, MAX_COMMITS_PER_TXN, Registered,
+    Retire,
 };
 use super::mirror::{Applied, Change, Entry, Mirror};
 use super::record::{ConnRecord, EpochRecord, GatewayId, RecordSeal};
@@ -746,31 +747,63 @@ impl Link {
         }
     }
 
-    /// Deletes the records of `epoch` this gateway owns, and those whose owner is no live
-    /// gateway (each compared on its mod revision: a record changed meanwhile stays).
+    /// Deletes the records of `epoch` (whose grace is over) this gateway owns, and those
+    /// whose owner is no live gateway, each compared on its mod revision (a record changed
+    /// meanwhile stays). A connection this gateway forwards by its old record moves its tuple
+    /// and ownership onto its record in the next epoch in the same transaction, if that one
+    /// was not rebound yet (the core moved it there at the end of grace: a restart then
+    /// finds it bound).
     async fn drop_epoch(self: Arc<Self>, epoch: u32) {
         let mut registry = self.registry.clone();
         let live = match tokio::time::timeout(self.timeout, registry.gateways()).await {
             Ok(Ok(ids)) => ids,
             _ => vec![self.me],
         };
-        let removals: Vec<(u32, u32, i64)> = {
+        let next = epoch.wrapping_add(1);
+        let retire: Vec<Retire> = {
             let sh = self.shared.lock().unwrap();
+            let successors: std::collections::HashMap<u64, (u32, &Entry)> = sh
+                .mirror
+                .iter()
+                .filter(|((e, _), entry)| *e == next && entry.record.tuple.is_none())
+                .map(|((_, i), entry)| (entry.record.conn_id, (i, entry)))
+                .collect();
             sh.mirror
                 .iter()
                 .filter(|((e, _), entry)| {
                     *e == epoch
                         && (entry.record.owner == self.me || !live.contains(&entry.record.owner))
                 })
-                .map(|((e, i), entry)| (e, i, entry.mod_revision))
+                .map(|((e, i), entry)| Retire {
+                    epoch: e,
+                    index: i,
+                    expected: entry.mod_revision,
+                    adopt: entry
+                        .record
+                        .tuple
+                        .filter(|_| entry.record.owner == self.me)
+                        .and_then(|tuple| {
+                            let (index, succ) = successors.get(&entry.record.conn_id)?;
+                            let mut record = succ.record.clone();
+                            record.owner = self.me;
+                            record.tuple = Some(tuple);
+                            Some(Adopt {
+                                epoch: next,
+                                index: *index,
+                                expected: succ.mod_revision,
+                                record,
+                            })
+                        }),
+                })
                 .collect()
         };
-        if removals.is_empty() {
+        if retire.is_empty() {
             return;
         }
+        let adopted = retire.iter().filter(|r| r.adopt.is_some()).count();
         match tokio::time::timeout(
             self.timeout.saturating_mul(4),
-            registry.remove_many(&removals),
+            registry.retire_many(&retire),
         )
         .await
         {
@@ -779,6 +812,7 @@ impl Link {
                 tracing::info!(
                     epoch,
                     removed = n,
+                    adopted,
                     "cluster: the previous epoch's records of this gateway are removed"
                 );
             }
