@@ -713,6 +713,13 @@ fn a_rotation_on_one_gateway_moves_the_whole_cluster_to_the_new_epoch() {
     wait_until("the new epoch's registrations", || {
         records_per_epoch(&cluster).get(&2) == Some(&n)
     });
+    // Every copy holds them in both epochs, and counts each connection once.
+    wait_until("every copy to hold both epochs", || {
+        (0..3).all(|i| cluster.gw(i).shared().connections_per_epoch() == vec![(2, n), (1, n)])
+    });
+    for i in 0..3 {
+        assert_eq!(cluster.gw(i).shared().connections(), n, "gateway {i}");
+    }
 
     // Every client installs its new keys (through the gateway that owns it), with no new
     // handshake; the owners see every acknowledgement but the old-keys client's.

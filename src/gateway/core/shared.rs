@@ -78,6 +78,9 @@ pub struct Control {
     pub(super) expired_pending: Vec<(HostId, u64)>,
     /// The current epoch's keys on their way to the clients registered at its rotation.
     pub(super) delivery: KeyDelivery,
+    /// Cluster mode: this copy also holds the connections other gateways own (and, during
+    /// a grace period, their registrations in both epochs).
+    pub(super) clustered: bool,
 }
 
 /// REGISTERED replies kept for retransmits. A host retries within ~2.5 s, so a bounded FIFO
@@ -112,6 +115,11 @@ impl Control {
     /// Live connections over every epoch; one registered in two epochs (a rotation's key
     /// delivery) counts once.
     pub fn connections(&self) -> usize {
+        // In a cluster during grace, the other gateways registered their connections in
+        // the new epoch too (this gateway's `dual` counts only its own): one route each.
+        if self.clustered && self.registries.len() > 1 {
+            return self.conns.len();
+        }
         let all: usize = self.registries.iter().map(|(_, r)| r.len()).sum();
         all.saturating_sub(self.delivery.dual)
     }
@@ -269,6 +277,7 @@ impl Shared {
                 boots: vec![None; host_count],
                 expired_pending: Vec::new(),
                 delivery: KeyDelivery::default(),
+                clustered: cfg.commit == super::CommitMode::Deferred,
             }),
             grace_until: AtomicU64::new(0),
             rotations: AtomicU64::new(0),
