@@ -1045,3 +1045,47 @@ fn a_connection_no_live_gateway_owns_is_not_carried_into_the_new_epoch() {
     assert_eq!(echo(&cluster, &mut kept, b"still here"), b"still here");
     drop(orphan);
 }
+
+/// With etcd down a rotation is refused (503) and changes nothing; once etcd and the links
+/// are back, the same command rotates the cluster.
+#[test]
+fn a_rotation_while_etcd_is_down_changes_nothing_and_works_once_it_returns() {
+    use rebindgw::gateway::rotate::request_rotation;
+    let Some(etcd) = start_etcd("rotation_etcd_down") else {
+        return;
+    };
+    let mut cluster = Cluster::with(etcd, 2, with_admin_and_grace);
+    let router = Router::start(cluster.addrs.clone());
+    let mut c = connect(&router, cluster.enroll("down"), "127.0.0.1");
+    assert_eq!(echo(&cluster, &mut c, b"hi"), b"hi");
+    let admin = cluster.gw(0).admin_addr().unwrap();
+    let key = cluster.dir.join("gw1/admin.key");
+    cluster.etcd.stop();
+    wait_until("the links to go down", || {
+        (0..2).all(|i| !cluster.facts(i).link_up)
+    });
+    let e = request_rotation(admin, &key, false, Duration::from_secs(15)).unwrap_err();
+    assert!(e.to_string().contains("503"), "{e}");
+    for i in 0..2 {
+        assert_eq!(cluster.gw(i).shared().epochs().current.keys.epoch(), 1);
+        assert_eq!(cluster.gw(i).shared().rotations(), 0);
+    }
+    // Known tuples keep forwarding meanwhile.
+    assert_eq!(echo(&cluster, &mut c, b"etcd down"), b"etcd down");
+    cluster.etcd.start();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !(0..2).all(|i| cluster.facts(i).link_up) {
+        assert!(Instant::now() < deadline, "links did not come back");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = request_rotation(admin, &key, false, Duration::from_secs(15)).unwrap();
+    assert!(out.starts_with("rotated: epoch 2"), "{out}");
+    wait_until("both gateways at epoch 2", || {
+        (0..2).all(|i| cluster.gw(i).shared().epochs().current.keys.epoch() == 2)
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while c.client().stats().keys_installed == 0 {
+        assert!(Instant::now() < deadline, "keys not installed");
+        c.drive(Duration::from_millis(20)).unwrap();
+    }
+}

@@ -393,11 +393,44 @@ struct Rotating {
     submitter: Submitter,
 }
 
+/// Sends a rotation's registrations to the link.
+fn submit_registrations(
+    submitter: &Submitter,
+    shared: &Shared,
+    epoch: u32,
+    registrations: Vec<super::core::RotationRegistration>,
+) {
+    let capacity = u32::try_from(shared.cfg.max_connections).unwrap_or(u32::MAX);
+    for r in registrations {
+        submitter.submit(Request::Register {
+            ticket: link_ticket(ROTATION_WORKER, true, r.ticket),
+            epoch,
+            capacity,
+            conn_id: r.conn_id,
+            secret: r.secret,
+            host: r.host,
+            tuple: None,
+            now: Ticks(0),
+        });
+    }
+}
+
 /// The store's answer to one of a rotation's registrations.
 fn rotation_answer(shared: &Shared, submitter: &Submitter, ticket: u64, r: &Response) {
     let epoch = shared.epochs().current.keys.epoch();
     let index = match r {
         Response::Registered { index, .. } => Some(*index),
+        // etcd unavailable or slow: sent again (a few times at once, then when the link
+        // is back up).
+        Response::Refused {
+            why: Refusal::Unavailable(_),
+            ..
+        } => {
+            if let Some(again) = shared.rotation_refused(epoch, ticket, true) {
+                submit_registrations(submitter, shared, epoch, vec![again]);
+            }
+            return;
+        }
         Response::Refused { why, .. } => {
             tracing::warn!(
                 epoch,
@@ -453,19 +486,7 @@ fn apply_epoch(record: EpochRecord, shared: &Shared, rotating: &Rotating) {
     } else {
         Ticks::from_unix_ms(record.rotated_at_ms)
     });
-    let capacity = u32::try_from(shared.cfg.max_connections).unwrap_or(u32::MAX);
-    for r in registrations {
-        rotating.submitter.submit(Request::Register {
-            ticket: link_ticket(ROTATION_WORKER, true, r.ticket),
-            epoch: record.current,
-            capacity,
-            conn_id: r.conn_id,
-            secret: r.secret,
-            host: r.host,
-            tuple: None,
-            now: Ticks(0),
-        });
-    }
+    submit_registrations(&rotating.submitter, shared, record.current, registrations);
     tracing::info!(
         epoch = record.current,
         previous = ?record.previous,
@@ -497,6 +518,19 @@ fn apply_event(
         }
         Event::Up { records } => {
             counters.link_up.store(true, Ordering::Relaxed);
+            // A rotation's registrations that met the link down go now.
+            if let Some(r) = rotating {
+                let again = shared.rotation_unplaced();
+                if !again.is_empty() {
+                    let epoch = shared.epochs().current.keys.epoch();
+                    tracing::info!(
+                        epoch,
+                        registrations = again.len(),
+                        "cluster: sending the rotation's registrations again"
+                    );
+                    submit_registrations(&r.submitter, shared, epoch, again);
+                }
+            }
             tracing::info!(
                 records,
                 "cluster: etcd link up; REBINDs and REGISTERs resume"

@@ -65,6 +65,9 @@ pub struct KeyDelivery {
     /// Cluster mode: registrations sent to the store and not decided yet, by ticket.
     pub(super) tickets: HashMap<u64, u64>,
     pub(super) next_ticket: u64,
+    /// Cluster mode: registrations sent again at once after the store was unavailable, by
+    /// `conn_id`.
+    pub(super) retries: HashMap<u64, u8>,
 }
 
 impl KeyDelivery {
@@ -131,6 +134,13 @@ impl KeyDelivery {
         self.tickets.insert(ticket, conn_id);
         self.pending += 1;
         ticket
+    }
+
+    /// Cluster mode: a new ticket for `conn_id`'s registration, sent again.
+    pub(super) fn reticket(&mut self, conn_id: u64) -> u64 {
+        self.next_ticket += 1;
+        self.tickets.insert(self.next_ticket, conn_id);
+        self.next_ticket
     }
 
     /// Cluster mode: the connection a decided ticket named.

@@ -213,6 +213,10 @@ pub struct Shared {
     pub(super) last_rotation: Mutex<Option<Rotation>>,
 }
 
+/// Cluster mode: how often a rotation's registration that met an unavailable store is sent
+/// again at once (after that it waits for the link to come back).
+pub const RETRIES_AT_ONCE: u8 = 3;
+
 /// Cluster mode: a connection this gateway owns, to be registered in the new epoch by the
 /// store (which picks the index). `ticket` names it in [`Shared::rotation_registered`].
 pub struct RotationRegistration {
@@ -589,6 +593,63 @@ impl Shared {
         self.keys_pending
             .store(ctl.delivery.pending, Ordering::Release);
         remove
+    }
+
+    /// Cluster mode: the store could not decide a rotation's registration (`ticket`; etcd
+    /// unavailable or slow). Returns it with a new ticket to send again at once while
+    /// `retry` and fewer than [`RETRIES_AT_ONCE`] tries allow; otherwise it waits, pending,
+    /// for [`Shared::rotation_unplaced`] (when the link is up again).
+    pub fn rotation_refused(
+        &self,
+        epoch: u32,
+        ticket: u64,
+        retry: bool,
+    ) -> Option<RotationRegistration> {
+        let mut ctl = self.control();
+        if ctl.delivery.epoch != epoch {
+            return None;
+        }
+        let conn_id = ctl.delivery.decided(ticket)?;
+        let e = ctl.delivery.entries.get(&conn_id)?;
+        if e.index.is_some() {
+            return None;
+        }
+        let (secret, host) = (e.secret.clone()?, e.host);
+        let tries = ctl.delivery.retries.entry(conn_id).or_insert(0);
+        if !retry || *tries >= RETRIES_AT_ONCE {
+            return None;
+        }
+        *tries += 1;
+        let ticket = ctl.delivery.reticket(conn_id);
+        Some(RotationRegistration {
+            ticket,
+            conn_id,
+            host,
+            secret,
+        })
+    }
+
+    /// Cluster mode: the rotation's registrations the store could not take (refused while
+    /// etcd was unavailable), each with a new ticket, to send again now that it is back.
+    pub fn rotation_unplaced(&self) -> Vec<RotationRegistration> {
+        let mut ctl = self.control();
+        let sent: std::collections::HashSet<u64> = ctl.delivery.tickets.values().copied().collect();
+        let unplaced: Vec<(u64, HostId, RebindSecret)> = ctl
+            .delivery
+            .entries
+            .iter()
+            .filter(|(c, e)| e.index.is_none() && e.old_index.is_some() && !sent.contains(c))
+            .filter_map(|(c, e)| Some((*c, e.host, e.secret.clone()?)))
+            .collect();
+        unplaced
+            .into_iter()
+            .map(|(conn_id, host, secret)| RotationRegistration {
+                ticket: ctl.delivery.reticket(conn_id),
+                conn_id,
+                host,
+                secret,
+            })
+            .collect()
     }
 
     /// Cluster mode: the rotation's registrations the store has not decided yet.

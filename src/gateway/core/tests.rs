@@ -1683,6 +1683,46 @@ fn clustered_rotation_sends_keys_only_after_the_store_placed_them() {
     assert_eq!(h.shared.connections_per_epoch(), vec![(4, 1), (3, 3)]);
 }
 
+/// Cluster mode: a rotation's registration that met an unavailable store is sent again with
+/// a new ticket a few times at once, then waits (its keys still pending) until the link is
+/// back, and is placed then.
+#[test]
+fn clustered_rotation_registrations_refused_as_unavailable_are_sent_again() {
+    let mut h = Harness::default();
+    h.register(1, addr("10.0.0.1:4000"));
+    let grace = Ticks(h.now.0 + 600 * TICKS_PER_SECOND);
+    let (_, regs) = h.shared.rotate_clustered(epoch_crypto(4), h.now, grace);
+    assert_eq!(regs.len(), 1);
+    let mut ticket = regs[0].ticket;
+    for _ in 0..RETRIES_AT_ONCE {
+        let again = h
+            .shared
+            .rotation_refused(4, ticket, true)
+            .expect("sent again at once");
+        assert_ne!(again.ticket, ticket);
+        assert_eq!((again.conn_id, again.secret.0), (1, regs[0].secret.0));
+        ticket = again.ticket;
+    }
+    // Enough at once: it waits, still pending, with nothing sent.
+    assert!(h.shared.rotation_refused(4, ticket, true).is_none());
+    assert_eq!(h.shared.rotation_registrations_pending(), 0);
+    assert_eq!(h.shared.keys_pending(), 1);
+    assert!(h.tick().is_empty());
+    // The link is back: sent again, and placed.
+    let back = h.shared.rotation_unplaced();
+    assert_eq!(back.len(), 1);
+    assert!(h.shared.rotation_unplaced().is_empty(), "once");
+    assert!(
+        h.shared
+            .rotation_registered(4, back[0].ticket, Some(3), h.now)
+            .is_none()
+    );
+    assert_eq!(h.tick().len(), 1, "its EPOCH_KEYS");
+    assert!(h.shared.rotation_unplaced().is_empty());
+    // An old ticket's late refusal changes nothing.
+    assert!(h.shared.rotation_refused(4, ticket, true).is_none());
+}
+
 /// KEYS and KEYS_ACK (PROTOCOL-EXT.md "Key delivery") cross the gateway like DATA: a KEYS
 /// from the owning host goes to the client's tuple, a KEYS_ACK from a bound tuple to the
 /// host; a KEYS_ACK from an unknown tuple is dropped, counted, and draws no UNRECOGNIZED.
