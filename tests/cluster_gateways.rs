@@ -1089,3 +1089,94 @@ fn a_rotation_while_etcd_is_down_changes_nothing_and_works_once_it_returns() {
         c.drive(Duration::from_millis(20)).unwrap();
     }
 }
+
+/// A forced rotation during grace: the epoch before the previous one goes at once on every
+/// gateway (its records leave etcd, each connection moving its tuple onto its record of the
+/// previous epoch), and the connections are registered in the newest epoch.
+#[test]
+fn a_forced_rotation_during_grace_drops_the_oldest_epoch_everywhere() {
+    use rebindgw::gateway::rotate::request_rotation;
+    let Some(etcd) = start_etcd("rotation_forced") else {
+        return;
+    };
+    let cluster = Cluster::with(etcd, 2, |cfg| {
+        cfg.admin = Some("127.0.0.1:0".parse().unwrap());
+        cfg.window_secs = 1;
+        cfg.grace_secs = Some(60);
+    });
+    let router = Router::start(cluster.addrs.clone());
+    // .1 → gateway index 1, .2 → gateway index 0.
+    let mut clients: Vec<UdpClient> = ["127.0.0.1", "127.0.0.2"]
+        .iter()
+        .enumerate()
+        .map(|(i, ip)| connect(&router, cluster.enroll(&format!("forced{i}")), ip))
+        .collect();
+    for c in clients.iter_mut() {
+        assert_eq!(echo(&cluster, c, b"epoch 1"), b"epoch 1");
+    }
+    let n = cluster.gw(0).shared().connections();
+    wait_until("both copies", || cluster.gw(1).shared().connections() == n);
+    let key = cluster.dir.join("gw2/admin.key");
+    let admin = cluster.gw(1).admin_addr().unwrap();
+    let t = Duration::from_secs(15);
+    assert!(
+        request_rotation(admin, &key, false, t)
+            .unwrap()
+            .starts_with("rotated: epoch 2")
+    );
+    wait_until("epoch 2's registrations", || {
+        records_per_epoch(&cluster).get(&2) == Some(&n)
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while clients
+        .iter()
+        .any(|c| c.client().stats().keys_installed < 1)
+    {
+        assert!(Instant::now() < deadline, "epoch-2 keys not installed");
+        for c in clients.iter_mut() {
+            c.drive(Duration::from_millis(20)).unwrap();
+        }
+    }
+    let out = request_rotation(admin, &key, true, t).unwrap();
+    assert!(out.starts_with("rotated: epoch 3"), "{out}");
+    assert!(out.contains("epoch 1 dropped early"), "{out}");
+    wait_until("every gateway at epoch 3 with epoch 2 in grace", || {
+        (0..2).all(|i| {
+            let e = cluster.gw(i).shared().epochs();
+            e.current.keys.epoch() == 3 && e.previous.as_ref().map(|p| p.keys.epoch()) == Some(2)
+        })
+    });
+    wait_until("epoch 1's records to go and epoch 3's to come", || {
+        let per = records_per_epoch(&cluster);
+        !per.contains_key(&1) && per.get(&2) == Some(&n) && per.get(&3) == Some(&n)
+    });
+    // The connections moved onto their epoch-2 records, in etcd as in every copy.
+    let bound = records(&cluster)
+        .iter()
+        .filter(|(e, r)| *e == 2 && r.tuple.is_some())
+        .count();
+    assert_eq!(bound, n);
+    for i in 0..2 {
+        assert_eq!(
+            cluster.gw(i).shared().connections_per_epoch(),
+            vec![(3, n), (2, n)],
+            "gateway {i}"
+        );
+        assert_eq!(cluster.gw(i).shared().connections(), n);
+    }
+    for (i, c) in clients.iter_mut().enumerate() {
+        let p = format!("epoch 3, client {i}");
+        assert_eq!(echo(&cluster, c, p.as_bytes()), p.as_bytes());
+    }
+    // Each client got the newest keys (the epoch-3 KEYS replaced the epoch-2 ones).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while clients
+        .iter()
+        .any(|c| c.client().stats().keys_installed < 2)
+    {
+        assert!(Instant::now() < deadline, "epoch-3 keys not installed");
+        for c in clients.iter_mut() {
+            c.drive(Duration::from_millis(20)).unwrap();
+        }
+    }
+}
