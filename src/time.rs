@@ -32,6 +32,16 @@ impl Ticks {
         Ticks(self.0.saturating_sub(duration_ticks(d)))
     }
 
+    /// The time `ms` milliseconds after the Unix epoch (saturating).
+    pub fn from_unix_ms(ms: u64) -> Ticks {
+        Ticks(UNIX_EPOCH_TICKS.saturating_add(ms.saturating_mul(TICKS_PER_SECOND / 1000)))
+    }
+
+    /// Milliseconds since the Unix epoch (zero before it).
+    pub fn unix_ms(self) -> u64 {
+        self.0.saturating_sub(UNIX_EPOCH_TICKS) / (TICKS_PER_SECOND / 1000)
+    }
+
     /// Absolute distance between two times.
     pub fn abs_diff(self, other: Ticks) -> u64 {
         self.0.abs_diff(other.0)

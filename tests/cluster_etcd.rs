@@ -12,12 +12,12 @@ mod etcd;
 use etcd::{Etcd, start_etcd};
 
 use rebindgw::cluster::etcd::{
-    Committed, EtcdRegistry, MAX_COMMITS_PER_TXN, RANGE_PAGE, Registered,
+    Committed, EpochRotated, EtcdRegistry, MAX_COMMITS_PER_TXN, RANGE_PAGE, Registered,
 };
 use rebindgw::cluster::mirror::{Applied, Change, Mirror};
-use rebindgw::cluster::record::{ConnRecord, GatewayId, RecordSeal, conn_key};
+use rebindgw::cluster::record::{ConnRecord, EpochRecord, GatewayId, RecordSeal, conn_key};
 use rebindgw::cluster::sync::{
-    ClusterHandle, ClusterSettings, Event, Refusal, Request, Response, StartError,
+    ClusterHandle, ClusterSettings, Event, Refusal, Request, Response, RotateAnswer, StartError,
 };
 use rebindgw::keys::MasterSecret;
 use rebindgw::rebind::RebindSecret;
@@ -733,4 +733,168 @@ fn a_gateway_id_in_use_is_refused() {
     assert!(err.to_string().contains("gateway id 9"), "{err}");
     a.shutdown();
     ClusterHandle::start(settings(&etcd, 9), &MasterSecret::from_bytes([5; 32])).unwrap();
+}
+
+/// Two gateways rotate the same epoch at the same instant, through their links and then
+/// straight on the registry: each time exactly one transaction wins and the loser gets the
+/// winner's record back; the stored record reads back as written; both links' watches report
+/// it; a rotation during its grace period needs force; and both gateways registering their
+/// connections in the new epoch at once never share an index.
+#[test]
+fn racing_rotations_of_one_epoch_commit_once() {
+    let Some(etcd) = start_etcd("rotate_race") else {
+        return;
+    };
+    let a = link(&etcd, 1);
+    let b = link(&etcd, 2);
+    events_until(&a, |e| matches!(e, Event::Up { .. }));
+    events_until(&b, |e| matches!(e, Event::Up { .. }));
+    assert_eq!(a.epoch_record, EpochRecord::first(1));
+    assert_eq!(b.epoch_record, EpochRecord::first(1));
+
+    // Both links propose rotating epoch 1 at once.
+    let now_ms = Ticks::wall_clock().unix_ms();
+    let (ta, ra) = std::sync::mpsc::channel();
+    let (tb, rb) = std::sync::mpsc::channel();
+    for (h, answer) in [(&a, ta), (&b, tb)] {
+        h.submit(Request::Rotate {
+            from: 1,
+            force: false,
+            now_ms,
+            grace_ms: 60_000,
+            answer,
+        });
+    }
+    let answers = [
+        ra.recv_timeout(Duration::from_secs(10)).unwrap(),
+        rb.recv_timeout(Duration::from_secs(10)).unwrap(),
+    ];
+    let won: Vec<&EpochRecord> = answers
+        .iter()
+        .filter_map(|x| match x {
+            RotateAnswer::Rotated(r) => Some(r),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(won.len(), 1, "exactly one rotation wins: {answers:?}");
+    let winner = *won[0];
+    assert_eq!(
+        winner,
+        EpochRecord {
+            current: 2,
+            previous: Some(1),
+            grace_until_ms: now_ms + 60_000,
+            rotated_at_ms: now_ms,
+        }
+    );
+    assert!(
+        answers.contains(&RotateAnswer::Lost(winner)),
+        "the loser reports the winner's record: {answers:?}"
+    );
+    // Both watches report the new record, once.
+    for h in [&a, &b] {
+        let seen = events_until(h, |e| matches!(e, Event::Epoch { .. }));
+        assert!(matches!(seen.last(), Some(Event::Epoch { record }) if *record == winner));
+    }
+    // A second rotation of epoch 1 (a late timer) is refused: the epoch moved on.
+    let (t, r) = std::sync::mpsc::channel();
+    a.submit(Request::Rotate {
+        from: 1,
+        force: true,
+        now_ms,
+        grace_ms: 60_000,
+        answer: t,
+    });
+    assert_eq!(
+        r.recv_timeout(Duration::from_secs(10)).unwrap(),
+        RotateAnswer::Lost(winner)
+    );
+    // Rotating epoch 2 during epoch 1's grace needs force.
+    let (t, r) = std::sync::mpsc::channel();
+    b.submit(Request::Rotate {
+        from: 2,
+        force: false,
+        now_ms: now_ms + 1_000,
+        grace_ms: 60_000,
+        answer: t,
+    });
+    assert_eq!(
+        r.recv_timeout(Duration::from_secs(10)).unwrap(),
+        RotateAnswer::InGrace {
+            previous: 1,
+            left_ms: 59_000
+        }
+    );
+
+    // The connections each gateway owned, registered in epoch 2 by both at once (batched,
+    // create-if-absent): every index issued once.
+    const EACH: u64 = 40;
+    for (h, base) in [(&a, 0u64), (&b, 1_000)] {
+        for i in 0..EACH {
+            h.submit(Request::Register {
+                ticket: base + i,
+                epoch: 2,
+                capacity: 4096,
+                conn_id: 0xE000 + base + i,
+                secret: RebindSecret([i as u8; 32]),
+                host: 0,
+                tuple: None,
+                now: Ticks(0),
+            });
+        }
+    }
+    let mut indices = Vec::new();
+    for h in [&a, &b] {
+        for _ in 0..EACH {
+            match response(h) {
+                Response::Registered { index, .. } => indices.push(index),
+                r => panic!("{r:?}"),
+            }
+        }
+    }
+    let mut unique = indices.clone();
+    unique.sort_unstable();
+    unique.dedup();
+    assert_eq!(unique.len(), 2 * EACH as usize, "no index issued twice");
+
+    runtime().block_on(async {
+        let links = |me| {
+            EtcdRegistry::connect(
+                std::slice::from_ref(&etcd.endpoint),
+                "/rebindgw/test",
+                me,
+                Duration::from_secs(5),
+            )
+        };
+        let mut reg = links(3).await.unwrap();
+        // The stored record reads back as written.
+        let (stored, rev) = reg.read_epoch().await.unwrap();
+        assert_eq!(stored, winner);
+        // Straight on the registry: two rotations on the same read revision, one wins.
+        let next = stored.next(now_ms + 2_000, 1_000);
+        let mut other = links(4).await.unwrap();
+        let (x, y) = tokio::join!(reg.rotate_epoch(rev, &next), other.rotate_epoch(rev, &next));
+        let outcomes = [x.unwrap(), y.unwrap()];
+        assert_eq!(
+            outcomes
+                .iter()
+                .filter(|o| matches!(o, EpochRotated::Won { .. }))
+                .count(),
+            1,
+            "{outcomes:?}"
+        );
+        assert!(
+            outcomes
+                .iter()
+                .any(|o| matches!(o, EpochRotated::Lost { current, .. } if *current == next))
+        );
+        assert_eq!(reg.read_epoch().await.unwrap().0, next);
+        // Epoch 2's records: 80, at distinct keys.
+        let (changes, _) = reg.read_all().await.unwrap();
+        let mut mirror = Mirror::new("/rebindgw/test", 3);
+        mirror.reload(changes, 0);
+        assert_eq!(mirror.iter().filter(|((e, _), _)| *e == 2).count(), 80);
+    });
+    a.shutdown();
+    b.shutdown();
 }

@@ -13,7 +13,7 @@ use etcd_client::{
 pub use etcd_client::WatchStream;
 
 use super::mirror::{Change, Entry, Mirror};
-use super::record::{ConnRecord, GatewayId, conn_key, conn_prefix};
+use super::record::{ConnRecord, EpochRecord, GatewayId, conn_key, conn_prefix, epoch_key};
 
 /// HTTP/2 keep-alive pings on the etcd connection: above etcd's default minimum of 5 s.
 const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(10);
@@ -54,6 +54,39 @@ pub enum Committed {
     /// The record changed since the mirror read it (another gateway accepted a REBIND of the
     /// connection, or it was removed): `current` is what etcd holds now. Send nothing.
     Conflict { current: Option<Entry> },
+}
+
+/// A record of an epoch whose grace is over, to delete if unchanged since `expected`.
+#[derive(Clone, Debug)]
+pub struct Retire {
+    pub epoch: u32,
+    pub index: u32,
+    pub expected: i64,
+    /// The connection's record in the next epoch, rewritten in the same transaction.
+    pub adopt: Option<Adopt>,
+}
+
+/// The next epoch's record of a retired connection that this gateway forwards: its tuple
+/// and owner move there (the store's side of the core's migration at the end of grace).
+#[derive(Clone, Debug)]
+pub struct Adopt {
+    pub epoch: u32,
+    pub index: u32,
+    pub expected: i64,
+    pub record: ConnRecord,
+}
+
+/// How a rotation's transaction ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EpochRotated {
+    /// The new record is stored at `revision`: every gateway's watch switches to it.
+    Won { revision: i64 },
+    /// The record changed since it was read (another gateway rotated first): `current` is
+    /// what etcd holds now.
+    Lost {
+        current: EpochRecord,
+        mod_revision: i64,
+    },
 }
 
 #[derive(Clone)]
@@ -151,20 +184,28 @@ impl EtcdRegistry {
         Ok(())
     }
 
-    /// Watches every connection record from the revision after `after` (a mirror's
-    /// [`Mirror::revision`]).
+    /// Watches every connection record and the epoch record (one range: `<prefix>/conn/`
+    /// sorts before `<prefix>/epoch`, and nothing else lies between) from the revision after
+    /// `after` (a mirror's [`Mirror::revision`]).
     pub async fn watch(&mut self, after: i64) -> Result<(Watcher, WatchStream), ClusterError> {
+        let mut end = epoch_key(&self.prefix).into_bytes();
+        end.push(0);
         self.client
             .watch(
                 conn_prefix(&self.prefix),
                 Some(
                     WatchOptions::new()
-                        .with_prefix()
+                        .with_range(end)
                         .with_start_revision(after + 1),
                 ),
             )
             .await
             .map_err(ctx("watching the registry"))
+    }
+
+    /// The key of the epoch record.
+    pub fn epoch_key(&self) -> String {
+        epoch_key(&self.prefix)
     }
 
     /// The changes of one watch response, in order, and its header revision.
@@ -370,13 +411,18 @@ impl EtcdRegistry {
         Ok(resp.succeeded())
     }
 
-    /// The cluster's key epoch: `proposed` if none is stored yet (the first gateway's),
-    /// else the stored one. One transaction, so two first gateways agree.
-    pub async fn agree_epoch(&mut self, proposed: u32) -> Result<u32, ClusterError> {
-        let key = format!("{}/epoch", self.prefix);
+    /// The cluster's epoch record and its mod revision: `proposed` (an epoch that never
+    /// rotated) if none is stored yet (the first gateway's), else the stored one. One
+    /// transaction, so two first gateways agree.
+    pub async fn agree_epoch(&mut self, proposed: u32) -> Result<(EpochRecord, i64), ClusterError> {
+        let key = epoch_key(&self.prefix);
         let txn = Txn::new()
             .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(key.clone(), proposed.to_string(), None)])
+            .and_then([TxnOp::put(
+                key.clone(),
+                EpochRecord::first(proposed).encode(),
+                None,
+            )])
             .or_else([TxnOp::get(key, None)]);
         let resp = self
             .client
@@ -384,23 +430,141 @@ impl EtcdRegistry {
             .await
             .map_err(ctx("agreeing on the key epoch"))?;
         if resp.succeeded() {
-            return Ok(proposed);
+            let revision = resp.header().map_or(0, |h| h.revision());
+            return Ok((EpochRecord::first(proposed), revision));
         }
         let stored = resp.op_responses().into_iter().find_map(|op| match op {
             TxnOpResponse::Get(g) => g
                 .kvs()
                 .first()
-                .and_then(|kv| std::str::from_utf8(kv.value()).ok()?.parse().ok()),
+                .map(|kv| EpochRecord::decode(kv.value()).map(|r| (r, kv.mod_revision()))),
             _ => None,
         });
+        self.epoch_or_refuse(stored, "agreeing on the key epoch")
+    }
+
+    fn epoch_or_refuse(
+        &self,
+        stored: Option<Result<(EpochRecord, i64), super::record::EpochRecordError>>,
+        what: &'static str,
+    ) -> Result<(EpochRecord, i64), ClusterError> {
         // A value no gateway wrote: refuse rather than guess.
-        stored.ok_or(ClusterError {
-            what: "agreeing on the key epoch",
-            source: etcd_client::Error::InvalidArgs(format!(
-                "{}/epoch holds no epoch number",
-                self.prefix
-            )),
+        match stored {
+            Some(Ok(r)) => Ok(r),
+            Some(Err(e)) => Err(ClusterError {
+                what,
+                source: etcd_client::Error::InvalidArgs(format!(
+                    "{}/epoch holds no epoch record: {e}",
+                    self.prefix
+                )),
+            }),
+            None => Err(ClusterError {
+                what,
+                source: etcd_client::Error::InvalidArgs(format!(
+                    "{}/epoch is missing",
+                    self.prefix
+                )),
+            }),
+        }
+    }
+
+    /// The stored epoch record and its mod revision.
+    pub async fn read_epoch(&mut self) -> Result<(EpochRecord, i64), ClusterError> {
+        let resp = self
+            .client
+            .get(epoch_key(&self.prefix), None)
+            .await
+            .map_err(ctx("reading the epoch record"))?;
+        let stored = resp
+            .kvs()
+            .first()
+            .map(|kv| EpochRecord::decode(kv.value()).map(|r| (r, kv.mod_revision())));
+        self.epoch_or_refuse(stored, "reading the epoch record")
+    }
+
+    /// A rotation: writes `next` only if the epoch record is still the one read at
+    /// `expected` (its mod revision). Of two rotations of one epoch, exactly one wins; the
+    /// loser gets the winner's record back.
+    pub async fn rotate_epoch(
+        &mut self,
+        expected: i64,
+        next: &EpochRecord,
+    ) -> Result<EpochRotated, ClusterError> {
+        let key = epoch_key(&self.prefix);
+        let txn = Txn::new()
+            .when([Compare::mod_revision(
+                key.clone(),
+                CompareOp::Equal,
+                expected,
+            )])
+            .and_then([TxnOp::put(key.clone(), next.encode(), None)])
+            .or_else([TxnOp::get(key, None)]);
+        let resp = self
+            .client
+            .txn(txn)
+            .await
+            .map_err(ctx("rotating the key epoch"))?;
+        if resp.succeeded() {
+            return Ok(EpochRotated::Won {
+                revision: resp.header().map_or(0, |h| h.revision()),
+            });
+        }
+        let stored = resp.op_responses().into_iter().find_map(|op| match op {
+            TxnOpResponse::Get(g) => g
+                .kvs()
+                .first()
+                .map(|kv| EpochRecord::decode(kv.value()).map(|r| (r, kv.mod_revision()))),
+            _ => None,
+        });
+        let (current, mod_revision) = self.epoch_or_refuse(stored, "rotating the key epoch")?;
+        Ok(EpochRotated::Lost {
+            current,
+            mod_revision,
         })
+    }
+
+    /// Deletes the records of an epoch whose grace is over, each only if its mod revision is
+    /// still the one read, in transactions of up to 32 (a nested transaction each, so one
+    /// that changed meanwhile stays alone). One that [`Retire::adopt`]s moves its tuple and
+    /// owner onto the connection's record in the next epoch in the same nested transaction
+    /// (compared on that record's mod revision too). Returns how many went.
+    pub async fn retire_many(&mut self, retire: &[Retire]) -> Result<usize, ClusterError> {
+        let mut removed = 0;
+        for chunk in retire.chunks(MAX_COMMITS_PER_TXN / 2) {
+            let ops: Vec<TxnOp> = chunk
+                .iter()
+                .map(|r| {
+                    let key = conn_key(&self.prefix, r.epoch, r.index);
+                    let mut when = vec![Compare::mod_revision(
+                        key.clone(),
+                        CompareOp::Equal,
+                        r.expected,
+                    )];
+                    let mut then = vec![TxnOp::delete(key, None)];
+                    if let Some(a) = &r.adopt {
+                        let next = conn_key(&self.prefix, a.epoch, a.index);
+                        when.push(Compare::mod_revision(
+                            next.clone(),
+                            CompareOp::Equal,
+                            a.expected,
+                        ));
+                        then.push(TxnOp::put(next, a.record.encode(), None));
+                    }
+                    TxnOp::txn(Txn::new().when(when).and_then(then))
+                })
+                .collect();
+            let resp = self
+                .client
+                .txn(Txn::new().and_then(ops))
+                .await
+                .map_err(ctx("removing an epoch's records"))?;
+            removed += resp
+                .op_responses()
+                .into_iter()
+                .filter(|op| matches!(op, TxnOpResponse::Txn(t) if t.succeeded()))
+                .count();
+        }
+        Ok(removed)
     }
 
     /// Announces this gateway under `<prefix>/gateways/<id>` with a lease of `ttl`: while the

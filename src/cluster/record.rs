@@ -175,6 +175,132 @@ impl ConnRecord {
     }
 }
 
+/// The key of the cluster's epoch record.
+pub fn epoch_key(prefix: &str) -> String {
+    format!("{}/epoch", prefix.trim_end_matches('/'))
+}
+
+const EPOCH_VERSION: u8 = 1;
+/// version, current, previous flag, previous, grace deadline, rotated at.
+pub const EPOCH_RECORD_LEN: usize = 1 + 4 + 1 + 4 + 8 + 8;
+
+/// The cluster's key epoch as stored under [`epoch_key`]: what every gateway accepts. A
+/// rotation replaces it in one transaction comparing its mod revision.
+///
+/// ```text
+/// u8 version = 1 || u32 current || u8 previous flag (0 none, 1 some) || u32 previous
+///   || u64 grace deadline (Unix ms; 0 none) || u64 rotated at (Unix ms; 0 never)
+/// ```
+///
+/// The first releases stored the epoch as decimal text; [`EpochRecord::decode`] still reads
+/// that (as an epoch without a previous one).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EpochRecord {
+    pub current: u32,
+    /// The epoch still accepted until `grace_until_ms`.
+    pub previous: Option<u32>,
+    /// End of the previous epoch's grace period (Unix ms; 0 when there is no previous).
+    pub grace_until_ms: u64,
+    /// When the current epoch started (Unix ms; 0 if it never rotated): the schedule
+    /// counts from it on every gateway.
+    pub rotated_at_ms: u64,
+}
+
+/// Why a stored value is not an epoch record (names the problem, never the bytes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum EpochRecordError {
+    #[error("epoch record of {0} bytes (a record has {EPOCH_RECORD_LEN})")]
+    Length(usize),
+    #[error("epoch record version {0} (this gateway reads version {EPOCH_VERSION})")]
+    Version(u8),
+    #[error("epoch record previous-epoch flag {0} is neither 0 nor 1")]
+    Flag(u8),
+    #[error("epoch record names its current epoch as the previous one")]
+    SameEpoch,
+}
+
+impl EpochRecord {
+    /// An epoch that never rotated.
+    pub fn first(epoch: u32) -> EpochRecord {
+        EpochRecord {
+            current: epoch,
+            previous: None,
+            grace_until_ms: 0,
+            rotated_at_ms: 0,
+        }
+    }
+
+    /// The record after a rotation at `now_ms` with a grace period of `grace_ms`: the next
+    /// epoch, this one accepted until the deadline.
+    pub fn next(&self, now_ms: u64, grace_ms: u64) -> EpochRecord {
+        EpochRecord {
+            current: self.current.wrapping_add(1),
+            previous: Some(self.current),
+            grace_until_ms: now_ms.saturating_add(grace_ms).max(1),
+            rotated_at_ms: now_ms,
+        }
+    }
+
+    /// The previous epoch while its grace period lasts at `now_ms`.
+    pub fn in_grace(&self, now_ms: u64) -> Option<u32> {
+        self.previous.filter(|_| now_ms < self.grace_until_ms)
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(EPOCH_RECORD_LEN);
+        v.push(EPOCH_VERSION);
+        v.extend_from_slice(&self.current.to_be_bytes());
+        v.push(u8::from(self.previous.is_some()));
+        v.extend_from_slice(&self.previous.unwrap_or(0).to_be_bytes());
+        v.extend_from_slice(&self.grace_until_ms.to_be_bytes());
+        v.extend_from_slice(&self.rotated_at_ms.to_be_bytes());
+        v
+    }
+
+    /// Parses a stored value (untrusted; length-checked, never panics).
+    pub fn decode(b: &[u8]) -> Result<EpochRecord, EpochRecordError> {
+        // The first releases' decimal text.
+        if !b.is_empty()
+            && b.len() <= 10
+            && b.iter().all(u8::is_ascii_digit)
+            && let Some(e) = std::str::from_utf8(b).ok().and_then(|s| s.parse().ok())
+        {
+            return Ok(EpochRecord::first(e));
+        }
+        if b.len() != EPOCH_RECORD_LEN {
+            return Err(EpochRecordError::Length(b.len()));
+        }
+        if b[0] != EPOCH_VERSION {
+            return Err(EpochRecordError::Version(b[0]));
+        }
+        let u32_at = |at: usize| {
+            let mut a = [0u8; 4];
+            a.copy_from_slice(&b[at..at + 4]);
+            u32::from_be_bytes(a)
+        };
+        let u64_at = |at: usize| {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(&b[at..at + 8]);
+            u64::from_be_bytes(a)
+        };
+        let current = u32_at(1);
+        let previous = match b[5] {
+            0 => None,
+            1 => Some(u32_at(6)),
+            f => return Err(EpochRecordError::Flag(f)),
+        };
+        if previous == Some(current) {
+            return Err(EpochRecordError::SameEpoch);
+        }
+        Ok(EpochRecord {
+            current,
+            previous,
+            grace_until_ms: u64_at(10),
+            rotated_at_ms: u64_at(18),
+        })
+    }
+}
+
 /// Seals and opens rebind secrets for one cluster (key derived from the master secret).
 pub struct RecordSeal {
     gcm: Gcm,
@@ -351,11 +477,76 @@ mod tests {
         }
     }
 
+    #[test]
+    fn epoch_records_roundtrip_and_garbage_is_a_named_error() {
+        let first = EpochRecord::first(7);
+        assert_eq!(EpochRecord::decode(&first.encode()), Ok(first));
+        let next = first.next(1_800_000_000_000, 20_000);
+        assert_eq!(
+            next,
+            EpochRecord {
+                current: 8,
+                previous: Some(7),
+                grace_until_ms: 1_800_000_020_000,
+                rotated_at_ms: 1_800_000_000_000,
+            }
+        );
+        let bytes = next.encode();
+        assert_eq!(bytes.len(), EPOCH_RECORD_LEN);
+        assert_eq!(EpochRecord::decode(&bytes), Ok(next));
+        assert_eq!(next.in_grace(1_800_000_019_999), Some(7));
+        assert_eq!(next.in_grace(1_800_000_020_000), None);
+        assert_eq!(first.in_grace(0), None);
+        // The first releases' decimal text.
+        assert_eq!(EpochRecord::decode(b"1"), Ok(EpochRecord::first(1)));
+        assert_eq!(
+            EpochRecord::decode(b"4294967295"),
+            Ok(EpochRecord::first(u32::MAX))
+        );
+        // Garbage: named errors, no panic.
+        assert_eq!(EpochRecord::decode(b""), Err(EpochRecordError::Length(0)));
+        assert_eq!(
+            EpochRecord::decode(b"4294967296"),
+            Err(EpochRecordError::Length(10))
+        );
+        assert_eq!(
+            EpochRecord::decode(&bytes[..EPOCH_RECORD_LEN - 1]),
+            Err(EpochRecordError::Length(EPOCH_RECORD_LEN - 1))
+        );
+        let mut v = bytes.clone();
+        v.push(0);
+        assert_eq!(
+            EpochRecord::decode(&v),
+            Err(EpochRecordError::Length(EPOCH_RECORD_LEN + 1))
+        );
+        let mut v = bytes.clone();
+        v[0] = 2;
+        assert_eq!(EpochRecord::decode(&v), Err(EpochRecordError::Version(2)));
+        let mut v = bytes.clone();
+        v[5] = 3;
+        assert_eq!(EpochRecord::decode(&v), Err(EpochRecordError::Flag(3)));
+        let mut v = bytes.clone();
+        v[6..10].copy_from_slice(&8u32.to_be_bytes());
+        assert_eq!(EpochRecord::decode(&v), Err(EpochRecordError::SameEpoch));
+        // No previous: its field is ignored.
+        let mut v = first.encode();
+        v[6..10].copy_from_slice(&9u32.to_be_bytes());
+        assert_eq!(EpochRecord::decode(&v), Ok(first));
+        assert_eq!(epoch_key("/rebindgw/prod/"), "/rebindgw/prod/epoch");
+    }
+
     proptest! {
         #[test]
         fn arbitrary_bytes_never_panic(b in prop::collection::vec(any::<u8>(), 0..200)) {
             if let Ok(rec) = ConnRecord::decode(&b) {
                 prop_assert_eq!(rec.encode(), b);
+            }
+        }
+
+        #[test]
+        fn arbitrary_epoch_records_never_panic(b in prop::collection::vec(any::<u8>(), 0..64)) {
+            if let Ok(rec) = EpochRecord::decode(&b) {
+                prop_assert_eq!(EpochRecord::decode(&rec.encode()), Ok(rec));
             }
         }
 

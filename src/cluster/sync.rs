@@ -21,9 +21,12 @@ use std::time::Duration;
 
 use tokio::sync::mpsc as tmpsc;
 
-use super::etcd::{ClusterError, Committed, EtcdRegistry, MAX_COMMITS_PER_TXN, Registered};
-use super::mirror::{Applied, Entry, Mirror};
-use super::record::{ConnRecord, GatewayId, RecordSeal};
+use super::etcd::{
+    Adopt, ClusterError, Committed, EpochRotated, EtcdRegistry, MAX_COMMITS_PER_TXN, Registered,
+    Retire,
+};
+use super::mirror::{Applied, Change, Entry, Mirror};
+use super::record::{ConnRecord, EpochRecord, GatewayId, RecordSeal};
 use crate::keys::MasterSecret;
 use crate::rebind::RebindSecret;
 use crate::registry::HostId;
@@ -90,6 +93,33 @@ pub enum Request {
         index: u32,
         conn_id: u64,
     },
+    /// A rotation of epoch `from` at `now_ms` (Unix ms) with a grace period of `grace_ms`:
+    /// one transaction on the epoch record's mod revision. Refused during the previous
+    /// rotation's grace period unless `force`. Answered on `answer`.
+    Rotate {
+        from: u32,
+        force: bool,
+        now_ms: u64,
+        grace_ms: u64,
+        answer: mpsc::Sender<RotateAnswer>,
+    },
+    /// The grace period of `epoch` is over (or a forced rotation dropped it): the records
+    /// of `epoch` this gateway owns (and those of gateways no longer alive) are deleted.
+    DropEpoch { epoch: u32 },
+}
+
+/// How a [`Request::Rotate`] ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RotateAnswer {
+    /// This gateway's transaction stored `record`: every gateway's watch switches to it.
+    Rotated(EpochRecord),
+    /// The epoch had moved on already (another gateway rotated first, or at the same time
+    /// and won the transaction): `current` is the cluster's record.
+    Lost(EpochRecord),
+    /// The previous rotation's grace period still runs (`previous` is still accepted).
+    InGrace { previous: u32, left_ms: u64 },
+    /// etcd did not answer, or has no quorum: nothing changed.
+    Unavailable(String),
 }
 
 impl Request {
@@ -98,6 +128,24 @@ impl Request {
             Request::Register { ticket, .. }
             | Request::Rebind { ticket, .. }
             | Request::Remove { ticket, .. } => *ticket,
+            Request::Rotate { .. } | Request::DropEpoch { .. } => 0,
+        }
+    }
+
+    /// Refuses the request at once (etcd unreachable): a rotation hears it on its own
+    /// channel, the others get a response.
+    fn refuse(self, responses: &mpsc::Sender<Response>, why: &str) {
+        match self {
+            Request::Rotate { answer, .. } => {
+                let _ = answer.send(RotateAnswer::Unavailable(why.into()));
+            }
+            Request::DropEpoch { .. } => {}
+            other => {
+                let _ = responses.send(Response::Refused {
+                    ticket: other.ticket(),
+                    why: Refusal::Unavailable(why.into()),
+                });
+            }
         }
     }
 }
@@ -153,6 +201,8 @@ pub enum Event {
         /// gateway's [`RecordSeal`].
         entry: Option<Entry>,
     },
+    /// The cluster's epoch record changed (a rotation): every gateway switches to it.
+    Epoch { record: EpochRecord },
     /// The link is up again after a reload; what was missed came as `Changed` before it.
     Up { records: usize },
     /// etcd became unreachable; requests are refused until `Up`.
@@ -206,8 +256,11 @@ pub struct ClusterHandle {
     pub events: mpsc::Receiver<Event>,
     pub counters: Arc<ClusterCounters>,
     pub seal: Arc<RecordSeal>,
-    /// The cluster's key epoch, agreed at start.
+    /// The cluster's key epoch, agreed at start (`epoch_record.current`).
     pub epoch: u32,
+    /// The cluster's epoch record at start (a gateway started during a grace period
+    /// accepts the previous epoch too).
+    pub epoch_record: EpochRecord,
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
     wake: Arc<tokio::sync::Notify>,
@@ -223,6 +276,8 @@ struct Shared {
     /// was quadratic).
     cursor: Option<u32>,
     up: bool,
+    /// The epoch record as last read or watched, and its mod revision.
+    epoch: (EpochRecord, i64),
 }
 
 /// A REGISTER's fields (`Request::Register`).
@@ -294,10 +349,9 @@ impl ClusterHandle {
                     .await
                     .map_err(|_| StartError::Timeout("claiming the gateway id"))??
                     .ok_or(StartError::IdInUse(settings.gateway))?;
-            let epoch =
-                tokio::time::timeout(settings.timeout, registry.agree_epoch(settings.epoch))
-                    .await
-                    .map_err(|_| StartError::Timeout("agreeing on the key epoch"))??;
+            tokio::time::timeout(settings.timeout, registry.agree_epoch(settings.epoch))
+                .await
+                .map_err(|_| StartError::Timeout("agreeing on the key epoch"))??;
             let mut mirror = Mirror::new(&prefix, settings.gateway);
             counters.range_reads.fetch_add(1, Ordering::Relaxed);
             let (changes, revision) = tokio::time::timeout(settings.timeout, registry.read_all())
@@ -306,6 +360,11 @@ impl ClusterHandle {
             for a in mirror.reload(changes, revision) {
                 send_change(&ev_tx, &mirror, a, &counters);
             }
+            // Read after the registry: a rotation after the read comes through the watch
+            // too (and is told once: by its mod revision).
+            let epoch = tokio::time::timeout(settings.timeout, registry.read_epoch())
+                .await
+                .map_err(|_| StartError::Timeout("reading the epoch record"))??;
             let _ = ev_tx.send(Event::Up {
                 records: mirror.len(),
             });
@@ -314,6 +373,7 @@ impl ClusterHandle {
                 allocating: HashSet::new(),
                 cursor: None,
                 up: true,
+                epoch,
             }));
             Ok::<_, StartError>((registry, lease, shared, epoch))
         })?;
@@ -349,7 +409,8 @@ impl ClusterHandle {
             events: ev_rx,
             counters,
             seal,
-            epoch,
+            epoch: epoch.0.current,
+            epoch_record: epoch.0,
             stop,
             thread: Some(thread),
             wake,
@@ -492,6 +553,16 @@ async fn run(
                                     link.answer(answer);
                                 });
                             }
+                            Request::Rotate { from, force, now_ms, grace_ms, answer } => {
+                                let link = link.clone();
+                                tokio::spawn(async move {
+                                    let a = link.rotate(from, force, now_ms, grace_ms).await;
+                                    let _ = answer.send(a);
+                                });
+                            }
+                            Request::DropEpoch { epoch } => {
+                                tokio::spawn(link.clone().drop_epoch(epoch));
+                            }
                         }
                         if rebinds.len() < MAX_COMMITS_PER_TXN && registers.len() < MAX_COMMITS_PER_TXN {
                             next = requests.try_recv().ok();
@@ -523,8 +594,10 @@ async fn run(
                             let mut sh = link.shared.lock().unwrap();
                             for c in changes {
                                 link.counters.watch_events.fetch_add(1, Ordering::Relaxed);
-                                let a = sh.mirror.apply(c);
-                                send_change(&events, &sh.mirror, a, &link.counters);
+                                if let Some(c) = link.epoch_change(&mut sh, c, &events) {
+                                    let a = sh.mirror.apply(c);
+                                    send_change(&events, &sh.mirror, a, &link.counters);
+                                }
                             }
                             sh.mirror.advance(rev);
                         }
@@ -601,10 +674,7 @@ async fn reconnect(
                 req = requests.recv() => match req {
                     Some(req) => {
                         link.counters.unavailable.fetch_add(1, Ordering::Relaxed);
-                        let _ = link.responses.send(Response::Refused {
-                            ticket: req.ticket(),
-                            why: Refusal::Unavailable("etcd unreachable".into()),
-                        });
+                        req.refuse(&link.responses, "etcd unreachable");
                     }
                     None => return false,
                 },
@@ -623,8 +693,21 @@ async fn reconnect(
         {
             tracing::warn!(%error, held_back, "cluster: reloading the registry failed; retrying");
         }
-        if let Ok(Ok((changes, revision))) = read {
+        let epoch = match read {
+            Ok(Ok(_)) => tokio::time::timeout(link.timeout, registry.read_epoch())
+                .await
+                .ok()
+                .and_then(Result::ok),
+            _ => None,
+        };
+        if let (Ok(Ok((changes, revision))), Some((record, mod_revision))) = (read, epoch) {
             let mut sh = link.shared.lock().unwrap();
+            // A rotation while the link was down: told before the records, so that the
+            // gateway holds the new epoch when its records come.
+            if mod_revision > sh.epoch.1 {
+                sh.epoch = (record, mod_revision);
+                let _ = events.send(Event::Epoch { record });
+            }
             for a in sh.mirror.reload(changes, revision) {
                 send_change(events, &sh.mirror, a, &link.counters);
             }
@@ -640,6 +723,155 @@ async fn reconnect(
 }
 
 impl Link {
+    /// A change of the epoch record is taken here (and told as [`Event::Epoch`] if it is
+    /// newer than the one known); any other change is handed back.
+    fn epoch_change(
+        &self,
+        sh: &mut Shared,
+        change: Change,
+        events: &mpsc::Sender<Event>,
+    ) -> Option<Change> {
+        let key = self.registry.epoch_key();
+        match change {
+            Change::Put {
+                key: k,
+                value,
+                mod_revision,
+            } if k == key.as_bytes() => {
+                match EpochRecord::decode(&value) {
+                    Ok(record) if mod_revision > sh.epoch.1 => {
+                        sh.epoch = (record, mod_revision);
+                        let _ = events.send(Event::Epoch { record });
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        self.counters
+                            .malformed_records
+                            .fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(error = %e, "cluster: the epoch record is malformed; ignored");
+                    }
+                }
+                None
+            }
+            Change::Delete { key: k, .. } if k == key.as_bytes() => {
+                tracing::warn!("cluster: the epoch record was deleted; the gateways keep theirs");
+                None
+            }
+            other => Some(other),
+        }
+    }
+
+    /// A rotation of `from`: one transaction on the epoch record's mod revision.
+    async fn rotate(&self, from: u32, force: bool, now_ms: u64, grace_ms: u64) -> RotateAnswer {
+        let (record, expected) = {
+            let sh = self.shared.lock().unwrap();
+            if !sh.up {
+                return RotateAnswer::Unavailable("etcd unreachable".into());
+            }
+            sh.epoch
+        };
+        if record.current != from {
+            return RotateAnswer::Lost(record);
+        }
+        if let Some(previous) = record.in_grace(now_ms)
+            && !force
+        {
+            return RotateAnswer::InGrace {
+                previous,
+                left_ms: record.grace_until_ms.saturating_sub(now_ms),
+            };
+        }
+        let next = record.next(now_ms, grace_ms);
+        let mut registry = self.registry.clone();
+        match tokio::time::timeout(self.timeout, registry.rotate_epoch(expected, &next)).await {
+            Ok(Ok(EpochRotated::Won { .. })) => RotateAnswer::Rotated(next),
+            Ok(Ok(EpochRotated::Lost { current, .. })) => RotateAnswer::Lost(current),
+            Ok(Err(e)) => RotateAnswer::Unavailable(e.to_string()),
+            Err(_) => RotateAnswer::Unavailable("etcd timed out".into()),
+        }
+    }
+
+    /// Deletes the records of `epoch` (whose grace is over) this gateway owns, and those
+    /// whose owner is no live gateway, each compared on its mod revision (a record changed
+    /// meanwhile stays). A connection this gateway forwards by its old record moves its tuple
+    /// and ownership onto its record in the next epoch in the same transaction, if that one
+    /// was not rebound yet (the core moved it there at the end of grace: a restart then
+    /// finds it bound).
+    async fn drop_epoch(self: Arc<Self>, epoch: u32) {
+        let mut registry = self.registry.clone();
+        let live = match tokio::time::timeout(self.timeout, registry.gateways()).await {
+            Ok(Ok(ids)) => ids,
+            _ => vec![self.me],
+        };
+        let next = epoch.wrapping_add(1);
+        let retire: Vec<Retire> = {
+            let sh = self.shared.lock().unwrap();
+            let successors: std::collections::HashMap<u64, (u32, &Entry)> = sh
+                .mirror
+                .iter()
+                .filter(|((e, _), entry)| *e == next && entry.record.tuple.is_none())
+                .map(|((_, i), entry)| (entry.record.conn_id, (i, entry)))
+                .collect();
+            sh.mirror
+                .iter()
+                .filter(|((e, _), entry)| {
+                    *e == epoch
+                        && (entry.record.owner == self.me || !live.contains(&entry.record.owner))
+                })
+                .map(|((e, i), entry)| Retire {
+                    epoch: e,
+                    index: i,
+                    expected: entry.mod_revision,
+                    adopt: entry
+                        .record
+                        .tuple
+                        .filter(|_| entry.record.owner == self.me)
+                        .and_then(|tuple| {
+                            let (index, succ) = successors.get(&entry.record.conn_id)?;
+                            let mut record = succ.record.clone();
+                            record.owner = self.me;
+                            record.tuple = Some(tuple);
+                            Some(Adopt {
+                                epoch: next,
+                                index: *index,
+                                expected: succ.mod_revision,
+                                record,
+                            })
+                        }),
+                })
+                .collect()
+        };
+        if retire.is_empty() {
+            return;
+        }
+        let adopted = retire.iter().filter(|r| r.adopt.is_some()).count();
+        match tokio::time::timeout(
+            self.timeout.saturating_mul(4),
+            registry.retire_many(&retire),
+        )
+        .await
+        {
+            Ok(Ok(n)) => {
+                self.counters.removed.fetch_add(n as u64, Ordering::Relaxed);
+                tracing::info!(
+                    epoch,
+                    removed = n,
+                    adopted,
+                    "cluster: the previous epoch's records of this gateway are removed"
+                );
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(epoch, error = %e, "cluster: removing the previous epoch's records failed")
+            }
+            Err(_) => {
+                tracing::warn!(
+                    epoch,
+                    "cluster: removing the previous epoch's records timed out"
+                )
+            }
+        }
+    }
+
     /// Sends an answer to the gateway's workers (counting refusals for unavailability).
     fn answer(&self, response: Response) {
         if let Response::Refused {

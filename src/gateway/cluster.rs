@@ -23,11 +23,12 @@ use crossbeam::channel::{Receiver, RecvTimeoutError, Sender};
 use super::core::{
     CommitRefusal, CommitResult, RegisterResult, RemoteApplied, RemoteChange, Shared, WorkerCore,
 };
+use super::rotate::{ClusterEpoch, Proposed, Rotator};
 use super::store::{StoreOp, StoredConn};
 use crate::cluster::mirror::Applied;
-use crate::cluster::record::{GatewayId, RecordSeal};
+use crate::cluster::record::{EpochRecord, GatewayId, RecordSeal};
 use crate::cluster::sync::{
-    ClusterCounters, ClusterHandle, Event, Refusal, Request, Response, Submitter,
+    ClusterCounters, ClusterHandle, Event, Refusal, Request, Response, RotateAnswer, Submitter,
 };
 use crate::io::batch::TxQueue;
 use crate::logging::LogEvery;
@@ -35,6 +36,8 @@ use crate::time::Ticks;
 
 /// Worker id in the top byte, the request kind below it, the core's ticket in the rest.
 const WORKER_SHIFT: u32 = 56;
+/// The "worker" whose tickets are a rotation's registrations (answered to [`Shared`]).
+const ROTATION_WORKER: u8 = 254;
 const REGISTRATION_BIT: u64 = 1 << 55;
 const CORE_TICKET_MASK: u64 = REGISTRATION_BIT - 1;
 
@@ -70,6 +73,44 @@ pub struct BridgeCounters {
     pub link_up: AtomicBool,
     /// Times the link went down.
     pub link_downs: AtomicU64,
+}
+
+/// Rotations proposed through the link (cluster mode's [`ClusterEpoch`]).
+pub struct LinkEpoch {
+    submitter: Submitter,
+    timeout: Duration,
+}
+
+impl LinkEpoch {
+    pub fn new(handle: &ClusterHandle, timeout: Duration) -> LinkEpoch {
+        LinkEpoch {
+            submitter: handle.submitter(),
+            timeout,
+        }
+    }
+}
+
+impl ClusterEpoch for LinkEpoch {
+    fn propose(&self, from: u32, force: bool, grace: Duration) -> Proposed {
+        let (answer, rx) = std::sync::mpsc::channel();
+        self.submitter.submit(Request::Rotate {
+            from,
+            force,
+            now_ms: Ticks::wall_clock().unix_ms(),
+            grace_ms: u64::try_from(grace.as_millis()).unwrap_or(u64::MAX),
+            answer,
+        });
+        match rx.recv_timeout(self.timeout + Duration::from_secs(1)) {
+            Ok(RotateAnswer::Rotated(r)) => Proposed::Rotated(r.current),
+            Ok(RotateAnswer::Lost(r)) => Proposed::Lost { current: r.current },
+            Ok(RotateAnswer::InGrace { previous, left_ms }) => Proposed::InGrace {
+                previous,
+                left_secs: left_ms.div_ceil(1000),
+            },
+            Ok(RotateAnswer::Unavailable(e)) => Proposed::Unavailable(e),
+            Err(_) => Proposed::Unavailable("the cluster link did not answer".into()),
+        }
+    }
 }
 
 /// One worker's end of the link.
@@ -187,7 +228,7 @@ pub fn load_initial(
                 counters.link_up.store(true, Ordering::Relaxed);
                 return Ok(records);
             }
-            Ok(event) => apply_event(event, shared, &handle.seal, me, counters, &mut None),
+            Ok(event) => apply_event(event, shared, &handle.seal, me, counters, &mut None, None),
             Err(_) => anyhow::bail!("cluster: the registry did not load within 30 s"),
         }
     }
@@ -201,6 +242,7 @@ pub fn start(
     workers: usize,
     removals: Receiver<StoreOp>,
     counters: Arc<BridgeCounters>,
+    rotator: Arc<Rotator>,
 ) -> anyhow::Result<(Bridge, Vec<WorkerLink>)> {
     let stop = Arc::new(AtomicBool::new(false));
     let (to_workers, links): (Vec<Sender<Response>>, Vec<WorkerLink>) = (0..workers)
@@ -225,6 +267,8 @@ pub fn start(
             .name("cluster-route".into())
             .spawn({
                 let stop = stop.clone();
+                let shared = shared.clone();
+                let submitter = handle.submitter();
                 move || {
                     while !stop.load(Ordering::Acquire) {
                         match responses.recv_timeout(Duration::from_millis(100)) {
@@ -236,8 +280,10 @@ pub fn start(
                                     | Response::Removed { ticket }
                                     | Response::Refused { ticket, .. } => *ticket,
                                 };
-                                let (w, _, _) = split_ticket(ticket);
-                                if let Some(tx) = to_workers.get(usize::from(w)) {
+                                let (w, _, t) = split_ticket(ticket);
+                                if w == ROTATION_WORKER {
+                                    rotation_answer(&shared, &submitter, t, &r);
+                                } else if let Some(tx) = to_workers.get(usize::from(w)) {
                                     let _ = tx.send(r);
                                 }
                             }
@@ -256,11 +302,23 @@ pub fn start(
                 let shared = shared.clone();
                 let seal = handle.seal.clone();
                 let counters = counters.clone();
+                let rotation = Rotating {
+                    rotator,
+                    submitter: handle.submitter(),
+                };
                 move || {
                     let mut warn = Some(LogEvery::new(Duration::from_secs(10)));
                     while !stop.load(Ordering::Acquire) {
                         match events.recv_timeout(Duration::from_millis(100)) {
-                            Ok(e) => apply_event(e, &shared, &seal, me, &counters, &mut warn),
+                            Ok(e) => apply_event(
+                                e,
+                                &shared,
+                                &seal,
+                                me,
+                                &counters,
+                                &mut warn,
+                                Some(&rotation),
+                            ),
                             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
                             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
                         }
@@ -294,8 +352,16 @@ pub fn start(
                                 });
                                 counters.removals_sent.fetch_add(1, Ordering::Relaxed);
                             }
+                            // The end of a grace period, or a forced rotation that
+                            // dropped an epoch: this gateway's records of it go.
+                            Ok(
+                                StoreOp::EndGrace { epoch }
+                                | StoreOp::Rotate {
+                                    drop: Some(epoch), ..
+                                },
+                            ) => submitter.submit(Request::DropEpoch { epoch }),
                             // Registrations and rebinds are in etcd already; the rest is
-                            // local (tuple bindings) or refused in cluster mode (rotation).
+                            // local (tuple bindings, the rotation's local record).
                             Ok(_) => {}
                             Err(RecvTimeoutError::Timeout) => {
                                 if stop.load(Ordering::Acquire) {
@@ -321,6 +387,115 @@ pub fn start(
     ))
 }
 
+/// What the event thread needs to put a rotation in force.
+struct Rotating {
+    rotator: Arc<Rotator>,
+    submitter: Submitter,
+}
+
+/// Sends a rotation's registrations to the link.
+fn submit_registrations(
+    submitter: &Submitter,
+    shared: &Shared,
+    epoch: u32,
+    registrations: Vec<super::core::RotationRegistration>,
+) {
+    let capacity = u32::try_from(shared.cfg.max_connections).unwrap_or(u32::MAX);
+    for r in registrations {
+        submitter.submit(Request::Register {
+            ticket: link_ticket(ROTATION_WORKER, true, r.ticket),
+            epoch,
+            capacity,
+            conn_id: r.conn_id,
+            secret: r.secret,
+            host: r.host,
+            tuple: None,
+            now: Ticks(0),
+        });
+    }
+}
+
+/// The store's answer to one of a rotation's registrations.
+fn rotation_answer(shared: &Shared, submitter: &Submitter, ticket: u64, r: &Response) {
+    let epoch = shared.epochs().current.keys.epoch();
+    let index = match r {
+        Response::Registered { index, .. } => Some(*index),
+        // etcd unavailable or slow: sent again (a few times at once, then when the link
+        // is back up).
+        Response::Refused {
+            why: Refusal::Unavailable(_),
+            ..
+        } => {
+            if let Some(again) = shared.rotation_refused(epoch, ticket, true) {
+                submit_registrations(submitter, shared, epoch, vec![again]);
+            }
+            return;
+        }
+        Response::Refused { why, .. } => {
+            tracing::warn!(
+                epoch,
+                why = ?why,
+                "cluster: a connection's registration in the new epoch was refused; it \
+                 handshakes again after grace"
+            );
+            None
+        }
+        _ => return,
+    };
+    if let Some(StoreOp::Remove {
+        epoch,
+        index,
+        conn_id,
+    }) = shared.rotation_registered(epoch, ticket, index, Ticks::wall_clock())
+    {
+        submitter.submit(Request::Remove {
+            ticket: link_ticket(u8::MAX, false, 0),
+            epoch,
+            index,
+            conn_id,
+        });
+    }
+}
+
+/// Puts in force the epoch record the watch reported (a rotation by any gateway): the new
+/// keys, the previous epoch accepted until the record's grace deadline, and the connections
+/// this gateway owns registered in the new epoch through etcd.
+fn apply_epoch(record: EpochRecord, shared: &Shared, rotating: &Rotating) {
+    let current = shared.epochs().current.keys.epoch();
+    if record.current == current {
+        return;
+    }
+    let crypto = match rotating.rotator.crypto(record.current) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(epoch = record.current, error = %e, "cluster: cannot put the cluster's new key epoch in force");
+            return;
+        }
+    };
+    let now = Ticks::wall_clock();
+    // The previous epoch is the one this gateway had (if it missed a rotation, the one it
+    // had is not the record's previous and goes at once).
+    let grace_until = if record.previous == Some(current) {
+        Ticks::from_unix_ms(record.grace_until_ms).max(Ticks(1))
+    } else {
+        now
+    };
+    let (rotation, registrations) = shared.rotate_clustered(crypto, now, grace_until);
+    rotating.rotator.set_started(if record.rotated_at_ms == 0 {
+        now
+    } else {
+        Ticks::from_unix_ms(record.rotated_at_ms)
+    });
+    submit_registrations(&rotating.submitter, shared, record.current, registrations);
+    tracing::info!(
+        epoch = record.current,
+        previous = ?record.previous,
+        dropped = ?rotation.dropped,
+        registering = rotation.registered,
+        "cluster: key epoch switched with the cluster"
+    );
+}
+
 fn apply_event(
     event: Event,
     shared: &Shared,
@@ -328,10 +503,34 @@ fn apply_event(
     me: GatewayId,
     counters: &BridgeCounters,
     warn: &mut Option<LogEvery>,
+    rotating: Option<&Rotating>,
 ) {
     let change = match event {
+        Event::Epoch { record } => {
+            match rotating {
+                Some(r) => apply_epoch(record, shared, r),
+                None => tracing::warn!(
+                    epoch = record.current,
+                    "cluster: a rotation while the registry loaded; taken at the next one"
+                ),
+            }
+            return;
+        }
         Event::Up { records } => {
             counters.link_up.store(true, Ordering::Relaxed);
+            // A rotation's registrations that met the link down go now.
+            if let Some(r) = rotating {
+                let again = shared.rotation_unplaced();
+                if !again.is_empty() {
+                    let epoch = shared.epochs().current.keys.epoch();
+                    tracing::info!(
+                        epoch,
+                        registrations = again.len(),
+                        "cluster: sending the rotation's registrations again"
+                    );
+                    submit_registrations(&r.submitter, shared, epoch, again);
+                }
+            }
             tracing::info!(
                 records,
                 "cluster: etcd link up; REBINDs and REGISTERs resume"
@@ -391,6 +590,13 @@ fn apply_event(
         }
         Event::Changed { .. } => return,
     };
+    // A start during grace: the keys this gateway's registrations in the new epoch carry
+    // are sent again (the restored copy has no record of which clients have them).
+    if rotating.is_none()
+        && let RemoteChange::Stored { conn, ours } = &change
+    {
+        shared.restored_for_delivery(conn, *ours);
+    }
     let c = match shared.apply_remote(change) {
         RemoteApplied::Added => &counters.remote_added,
         RemoteApplied::Updated => &counters.remote_updated,

@@ -340,7 +340,7 @@ impl ClusterConfig {
         !self.endpoints.is_empty()
     }
 
-    fn validate(&self, rotate_every_secs: u64) -> Result<(), ConfigError> {
+    fn validate(&self) -> Result<(), ConfigError> {
         if !self.enabled() {
             return Ok(());
         }
@@ -393,13 +393,6 @@ impl ClusterConfig {
             return Err(invalid(
                 "cluster.timeout_ms",
                 format!("must be in 50..=30000, got {}", self.timeout_ms),
-            ));
-        }
-        if rotate_every_secs != 0 {
-            return Err(invalid(
-                "rotate_every_secs",
-                "key rotation is not available in cluster mode yet (every gateway must switch \
-                 epochs together; docs/cluster.md); set it to 0",
             ));
         }
         Ok(())
@@ -611,7 +604,7 @@ impl GatewayConfig {
                 ),
             ));
         }
-        self.cluster.validate(self.rotate_every_secs)?;
+        self.cluster.validate()?;
         let r = &self.rate_limits;
         for (key, rate) in [
             (

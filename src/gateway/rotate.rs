@@ -251,6 +251,31 @@ impl AdminAuth {
     }
 }
 
+/// Cluster mode: where a rotation is decided (one etcd transaction on the cluster's epoch
+/// record; docs/cluster.md "Key rotation"). Every gateway's watch then puts it in force.
+pub trait ClusterEpoch: Send + Sync {
+    /// Proposes the rotation of epoch `from` with a grace period of `grace`; blocks until
+    /// the store answered (called from the admin and housekeeping threads, never from the
+    /// packet path).
+    fn propose(&self, from: u32, force: bool, grace: Duration) -> Proposed;
+}
+
+/// The store's answer to [`ClusterEpoch::propose`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Proposed {
+    /// This gateway's transaction won: `epoch` is the cluster's current epoch.
+    Rotated(u32),
+    /// Another gateway rotated first: the cluster is at `current` already.
+    Lost {
+        current: u32,
+    },
+    InGrace {
+        previous: u32,
+        left_secs: u64,
+    },
+    Unavailable(String),
+}
+
 /// Derives the next epochs' keys and puts them in force.
 pub struct Rotator {
     master: MasterSecret,
@@ -263,6 +288,8 @@ pub struct Rotator {
     /// When the current epoch started (ticks); zero if unknown (never rotated).
     started: AtomicU64,
     lock: Mutex<()>,
+    /// Cluster mode: rotations are decided there.
+    cluster: std::sync::OnceLock<Box<dyn ClusterEpoch>>,
 }
 
 /// Why a rotation did not happen.
@@ -275,6 +302,13 @@ pub enum RotateError {
     InGrace { previous: u32, left_secs: u64 },
     #[error("cannot derive the next epoch's keys: {0}")]
     Keys(String),
+    #[error(
+        "another gateway of the cluster rotated epoch {from} first: epoch {current} is the \
+         cluster's current epoch (this request changed nothing)"
+    )]
+    Lost { from: u32, current: u32 },
+    #[error("the cluster's store did not decide the rotation (nothing changed): {0}")]
+    Unavailable(String),
 }
 
 impl Rotator {
@@ -294,7 +328,68 @@ impl Rotator {
             every,
             started: AtomicU64::new(started.0),
             lock: Mutex::new(()),
+            cluster: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Cluster mode: rotations are proposed to `cluster` from now on.
+    pub fn set_cluster(&self, cluster: Box<dyn ClusterEpoch>) {
+        let _ = self.cluster.set(cluster);
+    }
+
+    /// Cluster mode: a rotation (by any gateway) started the current epoch at `at`; the
+    /// schedule counts from it.
+    pub fn set_started(&self, at: Ticks) {
+        self.started.store(at.0.max(1), Ordering::Release);
+    }
+
+    /// Cluster mode: proposes the rotation, then waits until this gateway's watch put it in
+    /// force and the store committed the registrations of the connections it owns.
+    fn rotate_clustered(
+        &self,
+        cluster: &dyn ClusterEpoch,
+        shared: &Shared,
+        force: bool,
+    ) -> Result<Rotation, RotateError> {
+        let from = shared.epochs().current.keys.epoch();
+        let epoch = match cluster.propose(from, force, self.grace) {
+            Proposed::Rotated(epoch) => epoch,
+            Proposed::Lost { current } => return Err(RotateError::Lost { from, current }),
+            Proposed::InGrace {
+                previous,
+                left_secs,
+            } => {
+                return Err(RotateError::InGrace {
+                    previous,
+                    left_secs,
+                });
+            }
+            Proposed::Unavailable(e) => return Err(RotateError::Unavailable(e)),
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while (shared.epochs().current.keys.epoch() != epoch
+            || shared.rotation_registrations_pending() > 0)
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let r = shared
+            .last_rotation()
+            .filter(|r| r.epoch == epoch)
+            .unwrap_or(Rotation {
+                epoch,
+                dropped: None,
+                released: 0,
+                registered: 0,
+            });
+        tracing::info!(
+            epoch = r.epoch,
+            dropped = ?r.dropped,
+            registered = r.registered,
+            grace_secs = self.grace.as_secs(),
+            "key epoch rotated across the cluster"
+        );
+        Ok(r)
     }
 
     /// The keys of `epoch`.
@@ -316,6 +411,9 @@ impl Rotator {
     ) -> Result<Rotation, RotateError> {
         let _one = self.lock.lock().unwrap_or_else(|e| e.into_inner());
         shared.end_grace(now);
+        if let Some(c) = self.cluster.get() {
+            return self.rotate_clustered(c.as_ref(), shared, force);
+        }
         if let Some(until) = shared.grace_until()
             && !force
         {
@@ -368,6 +466,12 @@ impl Rotator {
         }
         match self.rotate(shared, now, true) {
             Ok(r) => Some(r),
+            Err(e @ RotateError::Lost { .. }) => {
+                // Another gateway's timer fired first: one rotation per period.
+                tracing::info!(reason = %e, "scheduled key rotation: not needed");
+                self.started.store(now.0, Ordering::Release);
+                None
+            }
             Err(e) => {
                 tracing::error!(error = %e, "scheduled key rotation failed");
                 // Try again one period later rather than at every tick.
@@ -418,7 +522,10 @@ pub fn rotate_route(
                 body.push('\n');
                 (200, body)
             }
-            Err(e @ RotateError::InGrace { .. }) => (409, format!("{e}\n")),
+            Err(e @ (RotateError::InGrace { .. } | RotateError::Lost { .. })) => {
+                (409, format!("{e}\n"))
+            }
+            Err(e @ RotateError::Unavailable(_)) => (503, format!("{e}\n")),
             Err(e) => (500, format!("{e}\n")),
         }
     }

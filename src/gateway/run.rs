@@ -385,15 +385,20 @@ fn start(
     } else {
         None
     };
+    // The cluster's epoch record: its epoch, the previous one while its grace lasts, and
+    // when it rotated (the schedule counts from it on every gateway).
     #[cfg(feature = "cluster")]
-    let epoch = link.as_ref().map_or(loaded.epoch.unwrap_or(1), |l| l.epoch);
+    let record = link.as_ref().map(|l| l.epoch_record);
     #[cfg(not(feature = "cluster"))]
-    let epoch = loaded.epoch.unwrap_or(1);
+    let record: Option<crate::cluster::record::EpochRecord> = None;
+    let epoch = record.map_or(loaded.epoch.unwrap_or(1), |r| r.current);
     let clustered = cfg.cluster.enabled();
     store.apply(&[StoreOp::SetEpoch { epoch }])?;
     // The rotation schedule counts from the last rotation, or from the first start ever, so
     // restarts never postpone it.
-    let rotated_at = if loaded.rotated_at.0 == 0 {
+    let rotated_at = if let Some(r) = record.filter(|r| r.rotated_at_ms != 0) {
+        Ticks::from_unix_ms(r.rotated_at_ms)
+    } else if loaded.rotated_at.0 == 0 {
         let at = Ticks::wall_clock();
         store.apply(&[StoreOp::ScheduleFrom { at }])?;
         at
@@ -431,6 +436,16 @@ fn start(
     if loaded.grace_until.0 != 0 && !clustered {
         let previous = epoch.wrapping_sub(1);
         shared.restore_previous(rotator.crypto(previous)?, loaded.grace_until);
+    }
+    // In a cluster: a start during the grace period of the cluster's last rotation accepts
+    // the previous epoch until the record's deadline (its records load from etcd below).
+    if let Some(r) = record
+        && let Some(previous) = r.in_grace(Ticks::wall_clock().unix_ms())
+    {
+        shared.restore_previous(
+            rotator.crypto(previous)?,
+            Ticks::from_unix_ms(r.grace_until_ms),
+        );
     }
 
     // Restore the registry. Every time issued before the restart is at most `reserved`, so
@@ -479,8 +494,31 @@ fn start(
             let counters = Arc::new(super::cluster::BridgeCounters::default());
             let loaded = super::cluster::load_initial(&handle, &shared, me, &counters)?;
             restored += loaded;
-            let (bridge, links) =
-                super::cluster::start(handle, shared.clone(), me, workers, store_rx, counters)?;
+            // A start during grace: the keys of this gateway's registrations in the new
+            // epoch go out again.
+            shared.resume_key_delivery(Ticks::wall_clock());
+            rotator.set_cluster(Box::new(super::cluster::LinkEpoch::new(
+                &handle,
+                Duration::from_millis(cfg.cluster.timeout_ms),
+            )));
+            // A grace period that ended while no gateway ran: the previous epoch's records
+            // (this gateway's and those of gateways gone) still go.
+            if let Some(previous) = handle
+                .epoch_record
+                .previous
+                .filter(|_| shared.epochs().previous.is_none())
+            {
+                handle.submit(crate::cluster::sync::Request::DropEpoch { epoch: previous });
+            }
+            let (bridge, links) = super::cluster::start(
+                handle,
+                shared.clone(),
+                me,
+                workers,
+                store_rx,
+                counters,
+                rotator.clone(),
+            )?;
             let links: Vec<Option<super::cluster::WorkerLink>> =
                 links.into_iter().map(Some).collect();
             (Some(bridge), links, None)
@@ -622,18 +660,11 @@ fn start(
                     readiness(&s2.metrics, &hosts, store, Ticks::wall_clock())
                 }),
                 about: super::admin::build_info(io_name, engine_name),
-                rotate: Some(if clustered {
-                    Box::new(|_: Option<&str>| {
-                        (
-                            409,
-                            "key rotation is not available in cluster mode yet \
-                             (docs/cluster.md)\n"
-                                .to_string(),
-                        )
-                    })
-                } else {
-                    Box::new(rotate_route(s3, rotator.clone(), admin_auth.clone()))
-                }),
+                rotate: Some(Box::new(rotate_route(
+                    s3,
+                    rotator.clone(),
+                    admin_auth.clone(),
+                ))),
             };
             let (bound, handle) = spawn_admin(addr, routes, shutdown.clone())?;
             helpers.push(handle);

@@ -62,6 +62,12 @@ pub struct KeyDelivery {
     pub(super) dual: usize,
     /// The store op number of the rotation: nothing is sent before it is committed.
     pub(super) durable_at: u64,
+    /// Cluster mode: registrations sent to the store and not decided yet, by ticket.
+    pub(super) tickets: HashMap<u64, u64>,
+    pub(super) next_ticket: u64,
+    /// Cluster mode: registrations sent again at once after the store was unavailable, by
+    /// `conn_id`.
+    pub(super) retries: HashMap<u64, u8>,
 }
 
 impl KeyDelivery {
@@ -70,6 +76,9 @@ impl KeyDelivery {
     pub(super) fn start(&mut self, epoch: u32) {
         *self = KeyDelivery {
             epoch,
+            // Tickets stay unique over rotations: a late answer to an earlier one's
+            // registration names no entry of this one.
+            next_ticket: self.next_ticket,
             ..KeyDelivery::default()
         };
     }
@@ -97,6 +106,65 @@ impl KeyDelivery {
         self.pending += 1;
         self.dual += 1;
         self.due.push(Reverse((now, conn_id)));
+    }
+
+    /// Cluster mode: `conn_id` (at `old_index` in the previous epoch) waits for the store
+    /// to place its registration (`R` = `secret`); nothing is sent for it before. Returns
+    /// the ticket naming it.
+    pub(super) fn await_registration(
+        &mut self,
+        conn_id: u64,
+        old_index: u32,
+        secret: RebindSecret,
+        host: HostId,
+    ) -> u64 {
+        self.next_ticket += 1;
+        let ticket = self.next_ticket;
+        self.entries.insert(
+            conn_id,
+            Entry {
+                old_index: Some(old_index),
+                index: None,
+                secret: Some(secret),
+                host,
+                acked: false,
+                sends: 0,
+            },
+        );
+        self.tickets.insert(ticket, conn_id);
+        self.pending += 1;
+        ticket
+    }
+
+    /// Cluster mode: a new ticket for `conn_id`'s registration, sent again.
+    pub(super) fn reticket(&mut self, conn_id: u64) -> u64 {
+        self.next_ticket += 1;
+        self.tickets.insert(self.next_ticket, conn_id);
+        self.next_ticket
+    }
+
+    /// Cluster mode: the connection a decided ticket named.
+    pub(super) fn decided(&mut self, ticket: u64) -> Option<u64> {
+        self.tickets.remove(&ticket)
+    }
+
+    /// Cluster mode: the store committed `conn_id`'s registration at `index`: its keys are
+    /// sent from `now` on.
+    pub(super) fn registered(&mut self, conn_id: u64, index: u32, now: Ticks) {
+        if let Some(e) = self.entries.get_mut(&conn_id)
+            && e.index.is_none()
+        {
+            e.index = Some(index);
+            if e.old_index.is_some() {
+                self.dual += 1;
+            }
+            self.due.push(Reverse((now, conn_id)));
+        }
+    }
+
+    /// Cluster mode: registrations the store has not decided yet.
+    pub(super) fn awaiting(&self) -> usize {
+        self.tickets.len()
     }
 
     /// Forgets `conn_id` (closed or released); returns its entry.
@@ -168,12 +236,31 @@ impl Shared {
     pub(super) fn migrate(&self, ctl: &mut Control, previous: u32) -> Vec<StoreOp> {
         let epoch = ctl.delivery.epoch;
         let mut ops = Vec::new();
-        let moves: Vec<(u64, u32, u32)> = ctl
+        let mut moves: Vec<(u64, u32, u32)> = ctl
             .delivery
             .entries
             .iter()
             .filter_map(|(c, e)| Some((*c, e.old_index?, e.index?)))
             .collect();
+        // In a cluster, another gateway may have registered a connection in the new epoch
+        // (it owned it at the rotation) while this one routes it now (its client rebound
+        // here with its old keys during grace): it moves to that registration too.
+        if self.cfg.commit == super::CommitMode::Deferred {
+            let delivered: std::collections::HashSet<u64> =
+                moves.iter().map(|(c, _, _)| *c).collect();
+            let new: HashMap<u64, u32> = ctl
+                .registries
+                .iter()
+                .find(|(e, _)| *e == epoch)
+                .map(|(_, r)| r.iter().map(|(i, c)| (c.conn_id, i)).collect())
+                .unwrap_or_default();
+            if let Some((_, old)) = ctl.registries.iter().find(|(e, _)| *e == previous) {
+                moves.extend(old.iter().filter_map(|(i, c)| {
+                    let to = *new.get(&c.conn_id)?;
+                    (!delivered.contains(&c.conn_id)).then_some((c.conn_id, i, to))
+                }));
+            }
+        }
         for (conn_id, old, new) in moves {
             let Some(route) = ctl.conns.get(conn_id) else {
                 continue;

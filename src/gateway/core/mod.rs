@@ -46,7 +46,7 @@ pub use commit::{
 pub use delivery::KeyDelivery;
 use hostlink::RecentHandshakes;
 pub use remote::{RemoteApplied, RemoteChange};
-pub use shared::{Control, Epochs, Live, Rotation, Shared};
+pub use shared::{Control, Epochs, Live, RETRIES_AT_ONCE, Rotation, RotationRegistration, Shared};
 
 /// Settings the core needs.
 #[derive(Clone, Debug)]

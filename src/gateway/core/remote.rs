@@ -58,7 +58,15 @@ impl Shared {
                     return RemoteApplied::Unchanged;
                 }
                 reg.remove(index);
-                let_go(&mut ctl, conn_id, true);
+                // A connection registered in two epochs (a rotation) and routed by its
+                // other registration lives on there.
+                let elsewhere = ctl
+                    .conns
+                    .get(conn_id)
+                    .is_some_and(|r| r.epoch_byte != epoch as u8 || r.index != index);
+                if !elsewhere {
+                    let_go(&mut ctl, conn_id, true);
+                }
                 RemoteApplied::Removed
             }
             RemoteChange::Stored { conn, ours } => {
@@ -119,6 +127,15 @@ impl Shared {
                                 epoch_byte,
                             };
                             bound = ctl.tuples.insert(t, cref).is_ok().then_some(t);
+                        }
+                        // A connection registered in two epochs (a rotation's key
+                        // delivery) stays routed by the registration that holds its tuple.
+                        let routed = ctl
+                            .conns
+                            .get(conn.conn_id)
+                            .is_some_and(|r| r.tuple.is_some());
+                        if bound.is_none() && routed {
+                            return RemoteApplied::Added;
                         }
                         let _ = ctl.conns.insert(
                             conn.conn_id,

@@ -78,6 +78,9 @@ pub struct Control {
     pub(super) expired_pending: Vec<(HostId, u64)>,
     /// The current epoch's keys on their way to the clients registered at its rotation.
     pub(super) delivery: KeyDelivery,
+    /// Cluster mode: this copy also holds the connections other gateways own (and, during
+    /// a grace period, their registrations in both epochs).
+    pub(super) clustered: bool,
 }
 
 /// REGISTERED replies kept for retransmits. A host retries within ~2.5 s, so a bounded FIFO
@@ -112,6 +115,11 @@ impl Control {
     /// Live connections over every epoch; one registered in two epochs (a rotation's key
     /// delivery) counts once.
     pub fn connections(&self) -> usize {
+        // In a cluster during grace, the other gateways registered their connections in
+        // the new epoch too (this gateway's `dual` counts only its own): one route each.
+        if self.clustered && self.registries.len() > 1 {
+            return self.conns.len();
+        }
         let all: usize = self.registries.iter().map(|(_, r)| r.len()).sum();
         all.saturating_sub(self.delivery.dual)
     }
@@ -202,6 +210,20 @@ pub struct Shared {
     /// reported by /readyz and must not stop key delivery for good).
     pub(super) ops_sent: AtomicU64,
     pub(super) ops_durable: Arc<AtomicU64>,
+    pub(super) last_rotation: Mutex<Option<Rotation>>,
+}
+
+/// Cluster mode: how often a rotation's registration that met an unavailable store is sent
+/// again at once (after that it waits for the link to come back).
+pub const RETRIES_AT_ONCE: u8 = 3;
+
+/// Cluster mode: a connection this gateway owns, to be registered in the new epoch by the
+/// store (which picks the index). `ticket` names it in [`Shared::rotation_registered`].
+pub struct RotationRegistration {
+    pub ticket: u64,
+    pub conn_id: u64,
+    pub host: HostId,
+    pub secret: RebindSecret,
 }
 
 /// What a rotation did.
@@ -259,6 +281,7 @@ impl Shared {
                 boots: vec![None; host_count],
                 expired_pending: Vec::new(),
                 delivery: KeyDelivery::default(),
+                clustered: cfg.commit == super::CommitMode::Deferred,
             }),
             grace_until: AtomicU64::new(0),
             rotations: AtomicU64::new(0),
@@ -266,6 +289,7 @@ impl Shared {
             keys_pending: AtomicUsize::new(0),
             ops_sent: AtomicU64::new(0),
             ops_durable: Arc::new(AtomicU64::new(0)),
+            last_rotation: Mutex::new(None),
             store,
             last_issued: AtomicU64::new(0),
             issue_cap: AtomicU64::new(u64::MAX),
@@ -366,6 +390,31 @@ impl Shared {
     /// keys go, its connections are released (hosts told EXPIRED) and, in the same store
     /// op as the new epoch, its records are removed.
     pub fn rotate_with_grace(&self, next: EpochCrypto, at: Ticks, grace_until: Ticks) -> Rotation {
+        self.rotate_inner(next, at, grace_until, false).0
+    }
+
+    /// Cluster mode: puts in force a rotation the store decided (every gateway switches when
+    /// its watch reports the epoch record), like [`Shared::rotate_with_grace`], but the
+    /// connections this gateway owns (routed here, with a tuple) are not registered in the
+    /// new epoch here: the returned registrations go to the store, which picks their indices
+    /// (create-if-absent, so two gateways never issue the same one), and their keys go out
+    /// only once [`Shared::rotation_registered`] reports each one committed.
+    pub fn rotate_clustered(
+        &self,
+        next: EpochCrypto,
+        at: Ticks,
+        grace_until: Ticks,
+    ) -> (Rotation, Vec<RotationRegistration>) {
+        self.rotate_inner(next, at, grace_until, true)
+    }
+
+    fn rotate_inner(
+        &self,
+        next: EpochCrypto,
+        at: Ticks,
+        grace_until: Ticks,
+        clustered: bool,
+    ) -> (Rotation, Vec<RotationRegistration>) {
         let epoch = next.keys.epoch();
         let mut ctl = self.control();
         let mut guard = self.epochs.write().unwrap_or_else(|e| e.into_inner());
@@ -397,8 +446,16 @@ impl Shared {
             ctl.registries
                 .insert(0, (epoch, Registry::with_capacity(self.cfg.slots, cap)));
         }
-        let register = self.register_for_delivery(&mut ctl, current, epoch, at);
-        let registered = register.len();
+        let (register, to_store) = if clustered {
+            let owned = self.owned_for_delivery(&mut ctl, current, epoch);
+            (Vec::new(), owned)
+        } else {
+            (
+                self.register_for_delivery(&mut ctl, current, epoch, at),
+                Vec::new(),
+            )
+        };
+        let registered = register.len() + to_store.len();
         let previous = Some(guard.current.clone());
         *guard = Arc::new(Epochs {
             current: Arc::new(next),
@@ -416,15 +473,193 @@ impl Shared {
             register,
         });
         // No key goes out before the registrations it names are on disk: after a kill -9
-        // the gateway must know every key a client may hold.
-        ctl.delivery.durable_at = self.ops_sent.load(Ordering::Acquire);
+        // the gateway must know every key a client may hold. (In cluster mode each entry
+        // gets its index only once etcd committed it.)
+        ctl.delivery.durable_at = if clustered {
+            0
+        } else {
+            self.ops_sent.load(Ordering::Acquire)
+        };
         drop(ctl);
-        Rotation {
+        let rotation = Rotation {
             epoch,
             dropped,
             released,
             registered,
+        };
+        *self.last_rotation.lock().unwrap_or_else(|e| e.into_inner()) = Some(rotation);
+        (rotation, to_store)
+    }
+
+    /// Cluster mode: the connections of `from` this gateway owns (their tuple is bound
+    /// here), each with a fresh `R` for `to`, waiting for the store to place them.
+    fn owned_for_delivery(
+        &self,
+        ctl: &mut Control,
+        from: u32,
+        to: u32,
+    ) -> Vec<RotationRegistration> {
+        ctl.delivery.start(to);
+        let owned: Vec<(u32, u64, HostId)> = ctl
+            .registries
+            .iter()
+            .find(|(e, _)| *e == from)
+            .map(|(_, r)| {
+                r.iter()
+                    .filter(|(_, c)| {
+                        c.tuple().is_some_and(|t| {
+                            ctl.tuples.get(&t).is_some_and(|r| r.conn_id == c.conn_id)
+                        })
+                    })
+                    .map(|(i, c)| (i, c.conn_id, c.host))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut out = Vec::with_capacity(owned.len());
+        for (old, conn_id, host) in owned {
+            let secret = RebindSecret::generate();
+            let ticket = ctl
+                .delivery
+                .await_registration(conn_id, old, secret.clone(), host);
+            out.push(RotationRegistration {
+                ticket,
+                conn_id,
+                host,
+                secret,
+            });
         }
+        self.keys_pending
+            .store(ctl.delivery.pending, Ordering::Release);
+        out
+    }
+
+    /// Cluster mode: the store's answer to a rotation's registration (`ticket`) in `epoch`:
+    /// `Some(index)` once committed (its keys may go out from now on), `None` if it was
+    /// refused (the connection keeps only its old registration and handshakes again after
+    /// grace). Returns a record to remove from the store, if the connection closed
+    /// meanwhile.
+    pub fn rotation_registered(
+        &self,
+        epoch: u32,
+        ticket: u64,
+        index: Option<u32>,
+        now: Ticks,
+    ) -> Option<StoreOp> {
+        let mut ctl = self.control();
+        if ctl.delivery.epoch != epoch {
+            return None;
+        }
+        let conn_id = ctl.delivery.decided(ticket)?;
+        let mut remove = None;
+        match index {
+            None => {
+                ctl.delivery.remove(conn_id);
+            }
+            Some(index) => {
+                let held = ctl
+                    .delivery
+                    .entries
+                    .get(&conn_id)
+                    .and_then(|e| Some((e.secret.clone()?, e.host)));
+                match held {
+                    // Closed meanwhile: its new record goes too.
+                    None => {
+                        remove = Some(StoreOp::Remove {
+                            epoch,
+                            index,
+                            conn_id,
+                        })
+                    }
+                    Some((secret, host)) => {
+                        let placed = match ctl.registry_mut(epoch) {
+                            // The watch may have brought this registration already.
+                            Some(reg) => match reg.get(index) {
+                                Some(c) => c.conn_id == conn_id,
+                                None => reg
+                                    .restore(index, conn_id, &secret, Ticks(0), None, host)
+                                    .is_ok(),
+                            },
+                            None => false,
+                        };
+                        if placed {
+                            ctl.delivery.registered(conn_id, index, now);
+                        } else {
+                            ctl.delivery.remove(conn_id);
+                        }
+                    }
+                }
+            }
+        }
+        self.keys_pending
+            .store(ctl.delivery.pending, Ordering::Release);
+        remove
+    }
+
+    /// Cluster mode: the store could not decide a rotation's registration (`ticket`; etcd
+    /// unavailable or slow). Returns it with a new ticket to send again at once while
+    /// `retry` and fewer than [`RETRIES_AT_ONCE`] tries allow; otherwise it waits, pending,
+    /// for [`Shared::rotation_unplaced`] (when the link is up again).
+    pub fn rotation_refused(
+        &self,
+        epoch: u32,
+        ticket: u64,
+        retry: bool,
+    ) -> Option<RotationRegistration> {
+        let mut ctl = self.control();
+        if ctl.delivery.epoch != epoch {
+            return None;
+        }
+        let conn_id = ctl.delivery.decided(ticket)?;
+        let e = ctl.delivery.entries.get(&conn_id)?;
+        if e.index.is_some() {
+            return None;
+        }
+        let (secret, host) = (e.secret.clone()?, e.host);
+        let tries = ctl.delivery.retries.entry(conn_id).or_insert(0);
+        if !retry || *tries >= RETRIES_AT_ONCE {
+            return None;
+        }
+        *tries += 1;
+        let ticket = ctl.delivery.reticket(conn_id);
+        Some(RotationRegistration {
+            ticket,
+            conn_id,
+            host,
+            secret,
+        })
+    }
+
+    /// Cluster mode: the rotation's registrations the store could not take (refused while
+    /// etcd was unavailable), each with a new ticket, to send again now that it is back.
+    pub fn rotation_unplaced(&self) -> Vec<RotationRegistration> {
+        let mut ctl = self.control();
+        let sent: std::collections::HashSet<u64> = ctl.delivery.tickets.values().copied().collect();
+        let unplaced: Vec<(u64, HostId, RebindSecret)> = ctl
+            .delivery
+            .entries
+            .iter()
+            .filter(|(c, e)| e.index.is_none() && e.old_index.is_some() && !sent.contains(c))
+            .filter_map(|(c, e)| Some((*c, e.host, e.secret.clone()?)))
+            .collect();
+        unplaced
+            .into_iter()
+            .map(|(conn_id, host, secret)| RotationRegistration {
+                ticket: ctl.delivery.reticket(conn_id),
+                conn_id,
+                host,
+                secret,
+            })
+            .collect()
+    }
+
+    /// Cluster mode: the rotation's registrations the store has not decided yet.
+    pub fn rotation_registrations_pending(&self) -> usize {
+        self.control().delivery.awaiting()
+    }
+
+    /// The last rotation this gateway put in force.
+    pub fn last_rotation(&self) -> Option<Rotation> {
+        *self.last_rotation.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Registers every connection of `from` in `to` (new index and `R`, no tuple yet: the
@@ -732,6 +967,26 @@ impl Shared {
         self.activity(epoch_byte, c.index)
             .store(secs(floor), Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Cluster mode, a start during grace: a record loaded from the store that takes part in
+    /// key delivery (this gateway's registration in the current epoch, made by the rotation:
+    /// `ours` and not yet rebound; or any registration in the previous epoch).
+    /// [`Shared::resume_key_delivery`] then sends again the keys of the connections with
+    /// both.
+    pub fn restored_for_delivery(&self, c: &StoredConn, ours: bool) {
+        let epochs = self.epochs();
+        let Some(p) = &epochs.previous else {
+            return;
+        };
+        let mut ctl = self.control();
+        if c.epoch == epochs.current.keys.epoch() && ours && c.tuple.is_none() {
+            ctl.delivery
+                .restored(c.conn_id, c.host, None, Some((c.index, c.secret.clone())));
+        } else if c.epoch == p.keys.epoch() {
+            ctl.delivery
+                .restored(c.conn_id, c.host, Some(c.index), None);
+        }
     }
 
     /// After the restores of a restart during grace: resumes delivering the current epoch's

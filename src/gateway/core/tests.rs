@@ -1578,6 +1578,151 @@ fn rotation_registers_live_connections_and_sends_their_keys_until_delivered() {
     assert_eq!(h.shared.connections(), 2);
 }
 
+/// Cluster mode: a rotation the store decided registers only the connections this gateway
+/// owns, and through the store (which picks the indices); a connection's keys go out only
+/// once its registration is committed, a refused one is dropped from delivery, and late or
+/// unknown answers change nothing.
+#[test]
+fn clustered_rotation_sends_keys_only_after_the_store_placed_them() {
+    let mut h = Harness::default();
+    for c in 1..=3 {
+        h.register(c, addr(&format!("10.0.0.{c}:4000")));
+    }
+    // A connection another gateway owns: held here, not registered anew by this gateway.
+    h.shared.apply_remote(RemoteChange::Stored {
+        conn: StoredConn {
+            epoch: 3,
+            index: 100,
+            conn_id: 50,
+            secret: RebindSecret([5; 32]),
+            last_rebind: Ticks(0),
+            tuple: Some(addr("10.0.0.50:5000")),
+            host: 0,
+        },
+        ours: false,
+    });
+    let grace = Ticks(h.now.0 + 600 * TICKS_PER_SECOND);
+    let (r, regs) = h.shared.rotate_clustered(epoch_crypto(4), h.now, grace);
+    assert_eq!((r.epoch, r.registered, r.dropped), (4, 3, None));
+    let mut owned: Vec<u64> = regs.iter().map(|g| g.conn_id).collect();
+    owned.sort_unstable();
+    assert_eq!(owned, vec![1, 2, 3]);
+    let mut tickets: Vec<u64> = regs.iter().map(|g| g.ticket).collect();
+    tickets.dedup();
+    assert_eq!(tickets.len(), 3);
+    assert_eq!(h.shared.rotation_registrations_pending(), 3);
+    assert_eq!(h.shared.keys_pending(), 3);
+    // Nothing is registered in epoch 4 here, and nothing goes out, before the store placed it.
+    assert_eq!(h.shared.connections_per_epoch(), vec![(4, 0), (3, 4)]);
+    assert!(h.tick().is_empty());
+
+    // The store placed connection regs[0] at index 7: its keys go out, with its `R`.
+    let first = &regs[0];
+    assert!(
+        h.shared
+            .rotation_registered(4, first.ticket, Some(7), h.now)
+            .is_none()
+    );
+    let out = h.tick();
+    assert_eq!(out.len(), 1);
+    let (_, to, m) = &out[0];
+    assert_eq!(*to, h.host_addr);
+    match LinkMsg::open(m, &h.link, h.now).unwrap() {
+        LinkMsg::EpochKeys {
+            epoch, ref entries, ..
+        } => {
+            assert_eq!(epoch, 4);
+            assert_eq!(entries.len(), 1);
+            assert_eq!(entries[0].conn_id, first.conn_id);
+            assert_eq!((entries[0].keys.epoch, entries[0].keys.index), (4, 7));
+            assert_eq!(entries[0].keys.rebind_secret, first.secret.0);
+        }
+        other => panic!("expected EPOCH_KEYS, got {other:?}"),
+    }
+    assert_eq!(h.shared.connections_per_epoch(), vec![(4, 1), (3, 4)]);
+    // The second was refused (etcd unavailable): no new registration, no keys.
+    assert!(
+        h.shared
+            .rotation_registered(4, regs[1].ticket, None, h.now)
+            .is_none()
+    );
+    assert_eq!(h.shared.keys_pending(), 2);
+    // A repeated answer, an unknown ticket, another epoch's: nothing.
+    assert!(
+        h.shared
+            .rotation_registered(4, first.ticket, Some(8), h.now)
+            .is_none()
+    );
+    assert!(
+        h.shared
+            .rotation_registered(4, 9_999, Some(9), h.now)
+            .is_none()
+    );
+    assert!(
+        h.shared
+            .rotation_registered(5, regs[2].ticket, Some(9), h.now)
+            .is_none()
+    );
+    assert_eq!(h.shared.rotation_registrations_pending(), 1);
+    // The third connection closes before its answer: its new record is to be removed.
+    let close = LinkMsg::Close {
+        boot: 1,
+        request: 99,
+        conn_id: regs[2].conn_id,
+    }
+    .seal(&h.link, h.now);
+    let host = h.host_addr;
+    h.feed(&[(Via::Host, host, &close)]);
+    let closed = regs[2].conn_id;
+    assert!(matches!(
+        h.shared.rotation_registered(4, regs[2].ticket, Some(9), h.now),
+        Some(StoreOp::Remove { epoch: 4, index: 9, conn_id }) if conn_id == closed
+    ));
+    assert_eq!(h.shared.rotation_registrations_pending(), 0);
+    assert_eq!(h.shared.keys_pending(), 1);
+    assert_eq!(h.shared.connections_per_epoch(), vec![(4, 1), (3, 3)]);
+}
+
+/// Cluster mode: a rotation's registration that met an unavailable store is sent again with
+/// a new ticket a few times at once, then waits (its keys still pending) until the link is
+/// back, and is placed then.
+#[test]
+fn clustered_rotation_registrations_refused_as_unavailable_are_sent_again() {
+    let mut h = Harness::default();
+    h.register(1, addr("10.0.0.1:4000"));
+    let grace = Ticks(h.now.0 + 600 * TICKS_PER_SECOND);
+    let (_, regs) = h.shared.rotate_clustered(epoch_crypto(4), h.now, grace);
+    assert_eq!(regs.len(), 1);
+    let mut ticket = regs[0].ticket;
+    for _ in 0..RETRIES_AT_ONCE {
+        let again = h
+            .shared
+            .rotation_refused(4, ticket, true)
+            .expect("sent again at once");
+        assert_ne!(again.ticket, ticket);
+        assert_eq!((again.conn_id, again.secret.0), (1, regs[0].secret.0));
+        ticket = again.ticket;
+    }
+    // Enough at once: it waits, still pending, with nothing sent.
+    assert!(h.shared.rotation_refused(4, ticket, true).is_none());
+    assert_eq!(h.shared.rotation_registrations_pending(), 0);
+    assert_eq!(h.shared.keys_pending(), 1);
+    assert!(h.tick().is_empty());
+    // The link is back: sent again, and placed.
+    let back = h.shared.rotation_unplaced();
+    assert_eq!(back.len(), 1);
+    assert!(h.shared.rotation_unplaced().is_empty(), "once");
+    assert!(
+        h.shared
+            .rotation_registered(4, back[0].ticket, Some(3), h.now)
+            .is_none()
+    );
+    assert_eq!(h.tick().len(), 1, "its EPOCH_KEYS");
+    assert!(h.shared.rotation_unplaced().is_empty());
+    // An old ticket's late refusal changes nothing.
+    assert!(h.shared.rotation_refused(4, ticket, true).is_none());
+}
+
 /// KEYS and KEYS_ACK (PROTOCOL-EXT.md "Key delivery") cross the gateway like DATA: a KEYS
 /// from the owning host goes to the client's tuple, a KEYS_ACK from a bound tuple to the
 /// host; a KEYS_ACK from an unknown tuple is dropped, counted, and draws no UNRECOGNIZED.
