@@ -25,13 +25,16 @@
 #     and every captured REBIND drew one ACK content (a §6 duplicate is answered again with
 #     the identical ACK); the other copies' outcomes (lost compare-and-swap, duplicate,
 #     coalesced) are reported.
-#  3. kill -9 of gateway 3 under load; its ECMP next hop is withdrawn at once (what a health
+#  3. key rotation under load: `rebindgw rotate` on gateway 1 starts epoch 2 for the whole
+#     cluster; passes when every gateway switched, every client acknowledged its new keys
+#     (delivered in-band) and no client handshook.
+#  4. kill -9 of gateway 3 under load; its ECMP next hop is withdrawn at once (what a health
 #     check or BGP session loss does); its clients re-hash onto the survivors, get
 #     UNRECOGNIZED and rebind there. Time to the last: until the survivors own (serve the
 #     tuple of) every connection again.
-#  4. etcd member 2 killed: forwarding and a NAT rebind of every client go on unharmed;
+#  5. etcd member 2 killed: forwarding and a NAT rebind of every client go on unharmed;
 #     member 2 returns.
-#  5. all etcd members down for 5 s: forwarding continues (DATA forwarded in those 5 s,
+#  6. all etcd members down for 5 s: forwarding continues (DATA forwarded in those 5 s,
 #     against the 5 s before), a NAT rebind in the outage is refused (no commit, counted as
 #     unavailable), and completes once etcd is back; nothing is accepted twice (every
 #     gateway's accepted REBINDs equal its committed transactions).
@@ -204,7 +207,7 @@ def scrape(n):
 POOL = ThreadPoolExecutor(3)
 WANTED = ("rebindgw_cluster_", "rebindgw_host_tx_packets_total", "rebindgw_rebinds_accepted",
           "rebindgw_commits_", "rebindgw_rebind_duplicates_total", "rebindgw_unrecognized_sent",
-          "rebindgw_rebinds_rejected_total",
+          "rebindgw_rebinds_rejected_total", "rebindgw_epoch", "rebindgw_handshakes_forwarded",
           'rebindgw_client_rx_packets_total{type="rebind"}', "rebindgw_unknown_tuple")
 
 
@@ -495,7 +498,55 @@ if distinct != [1]:
     fail("a captured REBIND drew differing ACKs: %s" % distinct)
 time.sleep(1)
 
-# 3. kill -9 gateway 3; its next hop is withdrawn at once.
+# 3. Key rotation under load: one gateway's `rebindgw rotate` starts epoch 2 for the whole
+# cluster (one etcd transaction on the epoch record); every gateway's watch switches; each
+# registers the connections it carries in epoch 2 and hands their keys to the host, which
+# delivers them in-band. Every client acknowledges its keys with no new handshake.
+acked0 = total("rebindgw_epoch_keys_acknowledged_total")
+hs0 = total("rebindgw_handshakes_forwarded_total")
+t_rot = time.monotonic()
+r = run(cfg["bin"], "rotate", "--admin", gws[1] + ":7480", "--admin-key", cfg["admin_key"])
+rot_ms = round((time.monotonic() - t_rot) * 1000, 1)
+if r.returncode != 0 or "epoch 2" not in r.stdout + r.stderr:
+    fail("rebindgw rotate: %s %s" % (r.stdout, r.stderr))
+switched = None
+acked_series = []
+while time.monotonic() - t_rot < cfg["recover_timeout"] + 30:
+    snap = snapshot()
+    now = time.monotonic() - t_rot
+    if switched is None and all(m.get("rebindgw_epoch", 0) == 2 for m in snap):
+        switched = round(now * 1000, 1)
+    acked = total("rebindgw_epoch_keys_acknowledged_total", snap) - acked0
+    if not acked_series or acked > acked_series[-1][1]:
+        acked_series.append((now, acked))
+    if switched is not None and acked >= clients:
+        break
+    time.sleep(0.05)
+acked = acked_series[-1][1] if acked_series else 0
+handshakes = total("rebindgw_handshakes_forwarded_total") - hs0
+pending = total("rebindgw_epoch_keys_pending")
+figures["rotation"] = {"command_ms": rot_ms, "all_gateways_at_epoch_2_ms": switched,
+                       "keys_acknowledged": acked, "keys_pending_after": pending,
+                       "acknowledged_p50_ms": pct(acked_series, clients, 0.5),
+                       "acknowledged_p99_ms": pct(acked_series, clients, 0.99),
+                       "acknowledged_all_ms": pct(acked_series, clients, 1.0),
+                       "handshakes": handshakes}
+print("3. rotation under load (rebindgw rotate on gateway 1): answered in %s ms (%s); every "
+      "gateway at epoch 2 %s ms after the command; keys acknowledged by %d of %d clients: p50 "
+      "%s p99 %s all %s ms; %d keys still pending (connections that never acknowledge: the "
+      "loadgen's probes); %d handshakes"
+      % (rot_ms, (r.stdout + r.stderr).strip().splitlines()[-1], switched, acked, clients,
+         figures["rotation"]["acknowledged_p50_ms"], figures["rotation"]["acknowledged_p99_ms"],
+         figures["rotation"]["acknowledged_all_ms"], pending, handshakes), flush=True)
+if switched is None:
+    fail("not every gateway switched to epoch 2")
+if acked < clients:
+    fail("only %d of %d clients acknowledged their epoch-2 keys" % (acked, clients))
+if handshakes:
+    fail("%d handshakes during the rotation" % handshakes)
+time.sleep(1)
+
+# 4. kill -9 gateway 3; its next hop is withdrawn at once.
 victim = int(scrape(3).get(OWNED, 0))
 os.kill(cfg["gw_pids"][2], 9)
 t_kill = time.monotonic()
@@ -515,7 +566,7 @@ while True:
     time.sleep(POLL)
 t_last = round((time.monotonic() - t_kill) * 1000, 1)
 figures["kill"] = {"victim_owned": victim, "all_owned_by_survivors_ms": t_last}
-print("3. kill -9 of gateway 3 (owned %d): the survivors serve all %d connections %s ms later"
+print("4. kill -9 of gateway 3 (owned %d): the survivors serve all %d connections %s ms later"
       % (victim, clients, t_last), flush=True)
 time.sleep(2)
 
@@ -526,7 +577,7 @@ def forwarded_in(seconds):
     return total(FORWARDED) - a
 
 
-# 4. One etcd member down: forwarding and a rebind of everyone go on.
+# 5. One etcd member down: forwarding and a rebind of everyone go on.
 before = forwarded_in(2)
 snap = snapshot()
 links0 = {k: total("rebindgw_cluster_" + k, snap)
@@ -541,14 +592,14 @@ snap = snapshot()
 link_events = {k: total("rebindgw_cluster_" + k, snap) - links0[k] for k in links0}
 figures["etcd_member_down"] = {"forwarded_2s_before": before, "forwarded_2s_during": during,
                                "rebind": one_down["all"], "link": link_events}
-print("4. etcd member 2 killed: a rebind of all %d clients p50 %s p99 %s max %s ms; forwarded in "
+print("5. etcd member 2 killed: a rebind of all %d clients p50 %s p99 %s max %s ms; forwarded in "
       "2 s: %d before, %d during; gateways' etcd links: %s"
       % (clients, one_down["all"]["p50_ms"], one_down["all"]["p99_ms"], one_down["all"]["max_ms"],
          before, during, link_events), flush=True)
 subprocess.run(["bash", "-c", cfg["etcd_start"] % 2])
 time.sleep(3)
 
-# 5. All etcd members down for 5 s, with a NAT rebind of everyone inside the outage.
+# 6. All etcd members down for 5 s, with a NAT rebind of everyone inside the outage.
 before = forwarded_in(5)
 unavail0 = total('rebindgw_cluster_transactions_total{result="unavailable"}')
 reb0 = total(REBOUND)
@@ -590,7 +641,7 @@ figures["etcd_outage"] = {
     "etcd_restarted_after_nat_move_ms": round((t_up - t0) * 1000, 1),
     "etcd_healthy_after_restart_ms": round((t_healthy - t_up) * 1000, 1),
     "links_up_after_healthy_ms": round((t_links - t_healthy) * 1000, 1)}
-print("5. all etcd down 5 s: forwarded %d in the 5 s before, %d in the first 2.5 s of the outage; "
+print("6. all etcd down 5 s: forwarded %d in the 5 s before, %d in the first 2.5 s of the outage; "
       "a NAT rebind of all clients inside it: %d commits during the outage, %d transactions "
       "refused as unavailable; etcd restarted %.0f ms after the move, healthy %.0f ms later, every "
       "gateway's link up %.0f ms after that; all %d recovered %s ms after the move (p50 %s)"
@@ -628,7 +679,8 @@ cfg=$(
  "connect_wait": $((60 + CLIENTS / 200)), "recover_timeout": $((20 + CLIENTS / 1000)),
  "etcd_start": ". $ROOT/scripts/lib/netns.sh; . $ROOT/scripts/lib/cluster-bed.sh; bed_etcd_start $P %d $WORK",
  "etcd_health": ". $ROOT/scripts/lib/netns.sh; . $ROOT/scripts/lib/cluster-bed.sh; bed_etcdctl $P endpoint health >/dev/null 2>&1",
- "rebound_log": "$WORK/rebound.log", "figures": "$WORK/figures.json"}
+ "rebound_log": "$WORK/rebound.log", "figures": "$WORK/figures.json",
+ "bin": "$BIN", "admin_key": "$WORK/gw1/admin.key"}
 EOF
 )
 echo "== $CLIENTS clients, $RATE datagrams/s; driver in $P-host"
