@@ -75,7 +75,7 @@ fn concurrent_registrations_never_share_an_index() {
             async move {
                 let mut reg = registry(etcd, me).await;
                 let mut mirror = Mirror::new(PREFIX, me);
-                reg.load(&mut mirror).await.unwrap();
+                reg.load(&mut mirror, Duration::from_secs(5)).await.unwrap();
                 let (_w, mut stream) = reg.watch(mirror.revision()).await.unwrap();
                 let mut mine = Vec::new();
                 let mut taken = 0;
@@ -164,7 +164,7 @@ fn one_rebind_sent_to_three_gateways_commits_once() {
         ));
         let mut mirrors: Vec<Mirror> = (1..=3).map(|me| Mirror::new(PREFIX, me)).collect();
         for (reg, m) in regs.iter_mut().zip(mirrors.iter_mut()) {
-            reg.load(m).await.unwrap();
+            reg.load(m, Duration::from_secs(5)).await.unwrap();
         }
         let (_w, mut stream) = regs[0].watch(mirrors[0].revision()).await.unwrap();
         let expected = mirrors[1].get(1, 7).unwrap().mod_revision;
@@ -248,7 +248,7 @@ fn batched_commits_fail_alone() {
             ));
         }
         let mut m = Mirror::new(PREFIX, 2);
-        r2.load(&mut m).await.unwrap();
+        r2.load(&mut m, Duration::from_secs(5)).await.unwrap();
         // Gateway 1 moves connection 5 first: gateway 2's compare for it is now stale.
         let mut won = m.get(1, 5).unwrap().record.clone();
         won.last_rebind = Ticks(150);
@@ -288,7 +288,7 @@ fn batched_commits_fail_alone() {
         assert_eq!(revisions.len(), 1, "one transaction, one revision");
         // What etcd holds: gateway 2's records, and gateway 1's for connection 5.
         let mut after = Mirror::new(PREFIX, 1);
-        r1.load(&mut after).await.unwrap();
+        r1.load(&mut after, Duration::from_secs(5)).await.unwrap();
         for i in 0..n {
             let rec = &after.get(1, i).unwrap().record;
             let (owner, l) = if i == 5 { (1, 150) } else { (2, 200) };
@@ -322,11 +322,11 @@ fn a_registry_larger_than_one_message_loads_in_pages() {
             let answers = r.register_many(&creates).await.unwrap();
             assert!(answers.iter().all(|a| matches!(a, Registered::Done { .. })));
         }
-        let (changes, revision) = r.read_all().await.unwrap();
+        let (changes, revision) = r.read_all(Duration::from_secs(5)).await.unwrap();
         assert!(revision > 0);
         assert_eq!(changes.len(), n as usize);
         let mut m = Mirror::new(PREFIX, 2);
-        r.load(&mut m).await.unwrap();
+        r.load(&mut m, Duration::from_secs(5)).await.unwrap();
         assert_eq!(m.len(), n as usize);
         for i in [0, RANGE_PAGE as u32 - 1, RANGE_PAGE as u32, n - 1] {
             assert_eq!(m.get(1, i).unwrap().record.conn_id, 0xC000 + u64::from(i));
@@ -367,7 +367,7 @@ fn batched_registrations_fail_alone() {
         }
         assert_eq!(revisions.len(), 1);
         let mut m = Mirror::new(PREFIX, 1);
-        r1.load(&mut m).await.unwrap();
+        r1.load(&mut m, Duration::from_secs(5)).await.unwrap();
         for i in 0..8 {
             let owner = if i == 3 { 1 } else { 2 };
             assert_eq!(m.get(1, i).unwrap().record.owner, owner, "index {i}");
@@ -890,7 +890,7 @@ fn racing_rotations_of_one_epoch_commit_once() {
         );
         assert_eq!(reg.read_epoch().await.unwrap().0, next);
         // Epoch 2's records: 80, at distinct keys.
-        let (changes, _) = reg.read_all().await.unwrap();
+        let (changes, _) = reg.read_all(Duration::from_secs(5)).await.unwrap();
         let mut mirror = Mirror::new("/rebindgw/test", 3);
         mirror.reload(changes, 0);
         assert_eq!(mirror.iter().filter(|((e, _), _)| *e == 2).count(), 80);

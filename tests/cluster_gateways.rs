@@ -640,7 +640,7 @@ fn records(cluster: &Cluster) -> Vec<(u32, rebindgw::cluster::record::ConnRecord
         )
         .await
         .unwrap();
-        let (changes, revision) = reg.read_all().await.unwrap();
+        let (changes, revision) = reg.read_all(Duration::from_secs(5)).await.unwrap();
         let mut mirror = Mirror::new("/rebindgw/e2e", 900);
         mirror.reload(changes, revision);
         mirror

@@ -127,7 +127,14 @@ impl EtcdRegistry {
     /// Every connection record, as changes, and the revision of the read. Read in pages of
     /// [`RANGE_PAGE`] records at one revision (a consistent snapshot): one response holding a
     /// 65,536-connection registry is larger than the client's 4 MiB message limit.
-    pub async fn read_all(&mut self) -> Result<(Vec<Change>, i64), ClusterError> {
+    ///
+    /// Each page's request has `page_timeout` of its own: a whole registry (two epochs of
+    /// 65,536 records during a rotation's grace is 32 pages) takes longer than one request
+    /// may, and a bound on the whole read would keep a large registry from ever loading.
+    pub async fn read_all(
+        &mut self,
+        page_timeout: Duration,
+    ) -> Result<(Vec<Change>, i64), ClusterError> {
         let prefix = conn_prefix(&self.prefix).into_bytes();
         // The first key after every key that starts with the prefix ('/' is not 0xff).
         let mut end = prefix.clone();
@@ -144,11 +151,17 @@ impl EtcdRegistry {
             if revision != 0 {
                 options = options.with_revision(revision);
             }
-            let mut resp = self
-                .client
-                .get(from.clone(), Some(options))
-                .await
-                .map_err(ctx("reading the registry"))?;
+            let mut resp =
+                tokio::time::timeout(page_timeout, self.client.get(from.clone(), Some(options)))
+                    .await
+                    .map_err(|_| ClusterError {
+                        what: "reading the registry",
+                        source: etcd_client::Error::IoError(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            format!("a page took over {} ms", page_timeout.as_millis()),
+                        )),
+                    })?
+                    .map_err(ctx("reading the registry"))?;
             if revision == 0 {
                 revision = resp.header().map_or(0, |h| h.revision());
             }
@@ -175,8 +188,12 @@ impl EtcdRegistry {
     }
 
     /// Reads every connection record into `mirror` (at start).
-    pub async fn load(&mut self, mirror: &mut Mirror) -> Result<(), ClusterError> {
-        let (changes, revision) = self.read_all().await?;
+    pub async fn load(
+        &mut self,
+        mirror: &mut Mirror,
+        page_timeout: Duration,
+    ) -> Result<(), ClusterError> {
+        let (changes, revision) = self.read_all(page_timeout).await?;
         for c in changes {
             mirror.apply(c);
         }

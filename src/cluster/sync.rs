@@ -354,9 +354,7 @@ impl ClusterHandle {
                 .map_err(|_| StartError::Timeout("agreeing on the key epoch"))??;
             let mut mirror = Mirror::new(&prefix, settings.gateway);
             counters.range_reads.fetch_add(1, Ordering::Relaxed);
-            let (changes, revision) = tokio::time::timeout(settings.timeout, registry.read_all())
-                .await
-                .map_err(|_| StartError::Timeout("loading the registry"))??;
+            let (changes, revision) = registry.read_all(settings.timeout).await?;
             for a in mirror.reload(changes, revision) {
                 send_change(&ev_tx, &mirror, a, &counters);
             }
@@ -682,25 +680,21 @@ async fn reconnect(
         }
         *backoff = (*backoff * 2).min(Duration::from_secs(2));
         link.counters.range_reads.fetch_add(1, Ordering::Relaxed);
-        let read = tokio::time::timeout(link.timeout, registry.read_all()).await;
-        let failure = match &read {
-            Ok(Err(e)) => Some(e.to_string()),
-            Err(_) => Some(format!("timed out after {} ms", link.timeout.as_millis())),
-            Ok(Ok(_)) => None,
-        };
+        let read = registry.read_all(link.timeout).await;
+        let failure = read.as_ref().err().map(ToString::to_string);
         if let Some(error) = failure
             && let Some(held_back) = warn.check(std::time::Instant::now())
         {
             tracing::warn!(%error, held_back, "cluster: reloading the registry failed; retrying");
         }
         let epoch = match read {
-            Ok(Ok(_)) => tokio::time::timeout(link.timeout, registry.read_epoch())
+            Ok(_) => tokio::time::timeout(link.timeout, registry.read_epoch())
                 .await
                 .ok()
                 .and_then(Result::ok),
             _ => None,
         };
-        if let (Ok(Ok((changes, revision))), Some((record, mod_revision))) = (read, epoch) {
+        if let (Ok((changes, revision)), Some((record, mod_revision))) = (read, epoch) {
             let mut sh = link.shared.lock().unwrap();
             // A rotation while the link was down: told before the records, so that the
             // gateway holds the new epoch when its records come.
