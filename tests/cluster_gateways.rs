@@ -1019,7 +1019,7 @@ fn a_connection_no_live_gateway_owns_is_not_carried_into_the_new_epoch() {
     .unwrap();
     assert!(
         out.starts_with(&format!(
-            "rotated: epoch 2, grace 3 s, {owned_by_0} connections registered"
+            "rotated: epoch 2, grace 3 s, {owned_by_0} connections of this gateway being registered"
         )),
         "{out}"
     );
