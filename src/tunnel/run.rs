@@ -487,6 +487,17 @@ impl Connector {
                     self.stats.rebinds_abandoned += 1;
                     on_event(&TunnelEvent::RebindAbandoned { ms: ms(took) });
                 }
+                ClientEvent::Reconnecting { reason } => {
+                    // The core handshakes again by itself (a rebind ran out): same client,
+                    // same counting as a new one.
+                    on_event(&TunnelEvent::HandshakeAgain {
+                        reason: reason.to_string(),
+                    });
+                    self.handshake_started = now;
+                    self.rebind_tries_at_start = None;
+                    self.rebind_started = None;
+                    self.stats.handshakes += 1;
+                }
                 ClientEvent::Failed(err) => {
                     self.handshake_again(now, err.to_string(), on_event);
                     return;
