@@ -369,7 +369,13 @@ fn sigusr1_tells_every_client_its_network_changed() {
     let rig = Rig::start("loadgen-sigusr1");
     let gateway = rig.gateways()[0];
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_rebindgw"))
-        .args(["loadgen", "--gateway", &gateway.to_string(), "--clients", "50"])
+        .args([
+            "loadgen",
+            "--gateway",
+            &gateway.to_string(),
+            "--clients",
+            "50",
+        ])
         .arg("--clients-file")
         .arg(&rig.clients_file)
         .args(["--rate", "200", "--duration", "3s", "--settle", "1s"])
