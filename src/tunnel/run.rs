@@ -4,7 +4,8 @@
 //!   changes by itself: a socket error or a changed local address toward the gateway makes a
 //!   new socket and starts a rebind (`Client::network_changed`); UNRECOGNIZED starts one in
 //!   the core; after `rebind_tries` REBINDs (or cookie requests) without an ACK, or a failed
-//!   connection, it handshakes again. When a rebind completes, the frames it lost are sent
+//!   connection, it handshakes again (a rebind that runs out with the path silent makes the
+//!   core itself handshake again: `ClientEvent::Reconnecting`, reported the same way). When a rebind completes, the frames it lost are sent
 //!   again ([`TunnelClient::lost_in_rebind`]).
 //! - [`ForwardHost`] (`rebindgw host --forward`): the host core in application mode on the
 //!   host-link socket, the [`TunnelHost`] on top, and one connected UDP socket per flow
