@@ -802,7 +802,8 @@ impl<'a> Shard<'a> {
                 // A rebind ran out: a failed rebind and a lost connection as with
                 // `Failed(RebindTimeout)`, but the core handshakes again by itself; the client
                 // sends again once `Connected`. What was outstanding went with the old
-                // connection (the core drops its queued DATA).
+                // connection (the core drops its queued DATA): written off now, counted as
+                // echo timeouts.
                 ClientEvent::Reconnecting { .. } => {
                     self.c.failed_later += 1;
                     s.kick_at = None;
