@@ -492,7 +492,7 @@ impl Connector {
                     // The core handshakes again by itself (a rebind ran out): same client,
                     // same counting as a new one.
                     on_event(&TunnelEvent::HandshakeAgain {
-                        reason: reason.to_string(),
+                        reason: format!("{reason} (by the client core)"),
                     });
                     self.handshake_started = now;
                     self.rebind_tries_at_start = None;
