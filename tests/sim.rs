@@ -5,7 +5,7 @@ use std::cell::RefCell;
 use std::rc::Rc;
 use std::time::Duration;
 
-use rebindgw::client::{ClientEvent, ClientState};
+use rebindgw::client::{ClientConfig, ClientError, ClientEvent, ClientState};
 use rebindgw::gateway::metrics::C;
 use rebindgw::hostlink::LinkType;
 use rebindgw::sim::{GATEWAY, SimConfig, World};
@@ -633,16 +633,135 @@ fn gateway_restart_during_key_delivery_loses_nobody() {
     assert_eq!(w.host.counters().handshakes_ok, handshakes);
 }
 
-/// A client offline across two rotations misses both deliveries: its connection outlives
-/// the rotations (its registrations move on), but when it comes back from a new tuple it
-/// holds no key the gateway still accepts, so its rebind fails and it connects again with
-/// a handshake (what an application, e.g. `rebindgw connect`, does on `Failed`). The
-/// others, which got their keys, rebind with none.
+/// A client offline (asleep: it sends nothing) across two rotations misses both
+/// deliveries: its connection outlives the rotations (its registrations move on), but when
+/// it comes back from a new tuple it holds no key the gateway still accepts, so its rebind
+/// runs out and its core handshakes again by itself (`rehandshake_after_failed_rebind`, on
+/// by default): no application reconnects it. The others, which got their keys, rebind
+/// with none.
 #[test]
 fn a_client_offline_across_two_rotations_handshakes_again() {
     const N: usize = 3;
-    let mut w = connected(SimConfig::default(), N);
+    let mut w = connected(asleep(ClientConfig::default()), N);
+    let newest = w.cfg.epoch + 2;
+    let (old_conn, events_before, handshakes) = offline_across_two_rotations_then_move(&mut w, N);
+    assert!(
+        w.drive_until(Duration::from_secs(60), |w| w.client(0).core.state()
+            == ClientState::Connected
+            && w.client(0).core.conn_id() != Some(old_conn)),
+        "handshakes again by itself: {:?} {:?} {:?}",
+        &w.client(0).events[events_before..],
+        w.client(0).core.state(),
+        w.client(0).core.stats()
+    );
+    // The rebind ran out, then the new handshake: Reconnecting, then Connected with a new
+    // connection, and nothing in between but the rebind's own events.
+    let events = &w.client(0).events[events_before..];
+    let at = events
+        .iter()
+        .position(|e| {
+            *e == ClientEvent::Reconnecting {
+                reason: ClientError::RebindTimeout,
+            }
+        })
+        .expect("Reconnecting");
+    let new_conn = w.client(0).core.conn_id().unwrap();
+    assert_eq!(
+        &events[at..],
+        &[
+            ClientEvent::Reconnecting {
+                reason: ClientError::RebindTimeout
+            },
+            ClientEvent::Connected { conn_id: new_conn }
+        ]
+    );
+    assert!(
+        events[..at]
+            .iter()
+            .all(|e| matches!(e, ClientEvent::Rebinding { .. })),
+        "{events:?}"
+    );
+    assert_eq!(w.client(0).core.stats().rehandshakes, 1);
+    echo(&mut w, 0, b"newest epoch");
+    // The new connection is registered under the newest epoch, like everyone else's.
+    assert!(
+        w.gateway
+            .shared
+            .connections_per_epoch()
+            .iter()
+            .all(|(e, _)| *e == newest),
+        "{:?}",
+        w.gateway.shared.connections_per_epoch()
+    );
+    assert_eq!(w.host.counters().handshakes_ok, handshakes + 1);
+}
+
+/// The same with the client's re-handshake turned off: the rebind runs out and the client
+/// fails (`Failed(RebindTimeout)`, as before the setting existed); the application
+/// reconnects it.
+#[test]
+fn a_client_offline_across_two_rotations_fails_without_rehandshake() {
+    const N: usize = 3;
+    let mut w = connected(
+        asleep(ClientConfig {
+            rehandshake_after_failed_rebind: false,
+            ..ClientConfig::default()
+        }),
+        N,
+    );
+    let (_, events_before, handshakes) = offline_across_two_rotations_then_move(&mut w, N);
+    assert!(w.drive_until(Duration::from_secs(60), |w| matches!(
+        w.client(0).core.state(),
+        ClientState::Failed(_)
+    )));
+    assert_eq!(
+        w.client(0).core.state(),
+        ClientState::Failed(ClientError::RebindTimeout)
+    );
+    assert_eq!(
+        w.client(0).events.last(),
+        Some(&ClientEvent::Failed(ClientError::RebindTimeout))
+    );
+    assert!(
+        !w.client(0).events[events_before..].iter().any(|e| matches!(
+            e,
+            ClientEvent::Reconnecting { .. } | ClientEvent::Connected { .. }
+        ))
+    );
+    assert_eq!(w.client(0).core.stats().rehandshakes, 0);
+    // Nothing more happens by itself.
+    w.run_for(Duration::from_secs(30));
+    assert_eq!(w.host.counters().handshakes_ok, handshakes);
+    w.reconnect_client(0);
+    assert!(
+        w.drive_until(Duration::from_secs(5), |w| w.client(0).core.state()
+            == ClientState::Connected)
+    );
+    echo(&mut w, 0, b"newest epoch");
+    assert_eq!(w.host.counters().handshakes_ok, handshakes + 1);
+}
+
+/// Clients whose keepalive (200 s) outlasts the two rotations below: one offline sends
+/// nothing, so it notices nothing until it comes back. (With the default 10 s keepalive
+/// an offline client probes, its rebind runs out while it is still offline, and the
+/// handshake that follows runs out too: `Failed(HandshakeTimeout)`.)
+fn asleep(client: ClientConfig) -> SimConfig {
+    SimConfig {
+        client: ClientConfig {
+            keepalive: Duration::from_secs(200),
+            ..client
+        },
+        ..SimConfig::default()
+    }
+}
+
+/// Client 0 of `n` goes offline across two rotations (60 s grace each), the others rebind
+/// with their delivered keys, then client 0 comes back from a new tuple. Returns its
+/// conn_id, how many events it had before coming back, and the host's handshake count
+/// before.
+fn offline_across_two_rotations_then_move(w: &mut World, n: usize) -> (u64, usize, u64) {
     let handshakes = w.host.counters().handshakes_ok;
+    let old_conn = w.client(0).core.conn_id().unwrap();
     let away = w.client(0).tuple;
     w.drop_if(move |d| d.to == away || d.from == away);
     for k in 1..=2 {
@@ -651,24 +770,15 @@ fn a_client_offline_across_two_rotations_handshakes_again() {
         assert!(w.gateway.shared.epochs().previous.is_none());
     }
     w.clear_drop();
-    assert_eq!(w.host.counters().keys_acked, 2 * (N as u64 - 1));
-    move_and_rebind(&mut w, 1, N, 1, "clients that got their keys");
-    // Its unanswered keepalives may have sent it probing already; it comes back anyway.
+    assert_eq!(w.host.counters().keys_acked, 2 * (n as u64 - 1));
+    move_and_rebind(w, 1, n, 1, "clients that got their keys");
+    let events_before = w.client(0).events.len();
+    // Asleep, it never probed: it comes back with DATA (long enough to be answered with
+    // an UNRECOGNIZED: the gateway never amplifies).
+    assert_eq!(w.client(0).core.state(), ClientState::Connected);
     w.move_client(0);
-    if w.client(0).core.state() == ClientState::Connected {
-        w.send(0, b"back");
-    }
-    assert!(w.drive_until(Duration::from_secs(60), |w| matches!(
-        w.client(0).core.state(),
-        ClientState::Failed(_)
-    )));
-    w.reconnect_client(0);
-    assert!(
-        w.drive_until(Duration::from_secs(5), |w| w.client(0).core.state()
-            == ClientState::Connected)
-    );
-    echo(&mut w, 0, b"newest epoch");
-    assert_eq!(w.host.counters().handshakes_ok, handshakes + 1);
+    w.send(0, b"back from a long sleep");
+    (old_conn, events_before, handshakes)
 }
 
 #[test]

@@ -26,10 +26,15 @@ use rebindgw::wire::{self, MsgType, Unrecognized};
 use std::time::Duration;
 
 fn world() -> World {
+    world_with(ClientConfig::default())
+}
+
+fn world_with(client: ClientConfig) -> World {
     let mut w = World::new(SimConfig {
         latency: LATENCY,
         slots: SLOTS,
         core: rebindgw::gateway::core::CoreConfig::new(SLOTS),
+        client,
         ..SimConfig::default()
     });
     w.add_client();
@@ -37,7 +42,11 @@ fn world() -> World {
 }
 
 fn connected() -> World {
-    let mut w = world();
+    connected_with(ClientConfig::default())
+}
+
+fn connected_with(client: ClientConfig) -> World {
+    let mut w = world_with(client);
     w.run_for(ms(100));
     assert_eq!(w.client(0).core.state(), ClientState::Connected);
     w.clients[0].events.clear();
@@ -250,24 +259,132 @@ fn lost_rebind_is_retried_with_fresh_nonces() {
     echo_roundtrip(&mut w, b"recovered");
 }
 
-#[test]
-fn rebind_fails_when_path_stays_silent() {
-    let mut w = connected();
+/// Sends into a path that drops everything toward the gateway until a rebind starts.
+fn go_silent(w: &mut World) {
     w.drop_if(|d| d.to == GATEWAY);
     for _ in 0..3 {
         w.send(0, b"into the void");
         w.run_for(ms(500));
     }
     assert_eq!(w.client(0).core.state(), ClientState::Rebinding);
+}
+
+/// With `rehandshake_after_failed_rebind: false`: a rebind that runs out with the path
+/// silent fails the client, as before the setting existed.
+#[test]
+fn rebind_fails_when_path_stays_silent() {
+    let mut w = connected_with(ClientConfig {
+        rehandshake_after_failed_rebind: false,
+        ..ClientConfig::default()
+    });
+    go_silent(&mut w);
     w.run_for(Duration::from_secs(31));
     let e = ClientError::RebindTimeout;
     let c = w.client(0);
     assert_eq!(c.core.state(), ClientState::Failed(e));
     assert_eq!(c.events.last(), Some(&ClientEvent::Failed(e)));
     assert_eq!(c.core.poll_timeout(), None);
+    assert_eq!(c.core.stats().rehandshakes, 0);
+    assert_eq!(sent_of(&w, MsgType::Handshake).len(), 1);
     // Cookie requests at 200 ms doubling to 2 s over 30 s: about 17.
     let n = c.core.stats().cookie_requests_sent;
     assert!((14..=20).contains(&n), "{n} cookie requests");
+}
+
+/// By default a rebind that runs out with the path silent makes the client handshake again
+/// by itself: `Reconnecting`, then (once the path works) `Connected` with a new connection.
+#[test]
+fn rebind_that_runs_out_handshakes_again() {
+    let mut w = connected();
+    let old_conn = w.client(0).core.conn_id().unwrap();
+    go_silent(&mut w);
+    // Queued for the dead connection: dropped when it is given up.
+    w.send(0, b"queued for the dead connection");
+    w.run_for(Duration::from_secs(31));
+    let c = w.client(0);
+    assert_eq!(c.core.state(), ClientState::Handshaking);
+    assert_eq!(c.core.conn_id(), None);
+    assert_eq!(c.core.public_tuple(), None);
+    assert_eq!(
+        c.events,
+        vec![
+            ClientEvent::Rebinding {
+                reason: RebindReason::Unanswered
+            },
+            ClientEvent::Reconnecting {
+                reason: ClientError::RebindTimeout
+            },
+        ]
+    );
+    assert_eq!(c.core.stats().rehandshakes, 1);
+    // The initial HANDSHAKE, and at least the re-handshake's first (it keeps retrying).
+    let hs = c.core.stats().handshakes_sent;
+    assert!(hs >= 2, "{hs} handshakes");
+    assert!(c.core.poll_timeout().is_some());
+    assert_eq!(
+        w.clients[0].core.send(b"too early"),
+        Err(SendError::NotConnected)
+    );
+    let data_before = w.client(0).core.stats().data_sent;
+
+    // The path works again: the retry completes the handshake.
+    w.clear_drop();
+    assert!(
+        w.drive_until(Duration::from_secs(5), |w| w.client(0).core.state()
+            == ClientState::Connected)
+    );
+    let c = w.client(0);
+    let conn_id = c.core.conn_id().unwrap();
+    assert_ne!(conn_id, old_conn, "a new connection");
+    assert_eq!(
+        c.events[1..],
+        [
+            ClientEvent::Reconnecting {
+                reason: ClientError::RebindTimeout
+            },
+            ClientEvent::Connected { conn_id },
+        ]
+    );
+    assert_eq!(c.core.stats().rehandshakes, 1);
+    assert_eq!(c.core.stats().data_sent, data_before, "dead queue dropped");
+    assert_eq!(routed(&w, conn_id), Some(w.client(0).tuple));
+    echo_roundtrip(&mut w, b"on the new connection");
+    assert_eq!(
+        w.client(0).received,
+        vec![b"on the new connection".to_vec()]
+    );
+}
+
+/// A re-handshake that itself gets no reply fails the client as a first handshake does.
+#[test]
+fn rehandshake_that_times_out_fails() {
+    let mut w = connected();
+    go_silent(&mut w);
+    w.run_for(Duration::from_secs(31));
+    assert_eq!(w.client(0).core.state(), ClientState::Handshaking);
+    let hs_before = sent_of(&w, MsgType::Handshake).len();
+    w.run_for(Duration::from_secs(21));
+    let e = ClientError::HandshakeTimeout;
+    let c = w.client(0);
+    assert_eq!(c.core.state(), ClientState::Failed(e));
+    assert_eq!(
+        c.events[1..],
+        [
+            ClientEvent::Reconnecting {
+                reason: ClientError::RebindTimeout
+            },
+            ClientEvent::Failed(e),
+        ]
+    );
+    assert_eq!(c.core.stats().rehandshakes, 1);
+    assert_eq!(c.core.poll_timeout(), None);
+    // Retried with the configured backoff (0, .25, .75, 1.75, 3.75, then every 4 s) until
+    // the 20 s deadline: 9 in all, as for a first handshake.
+    assert_eq!(sent_of(&w, MsgType::Handshake).len() - 1, 9, "{hs_before}");
+    // Failed is final: nothing more goes out.
+    w.run_for(Duration::from_secs(60));
+    assert_eq!(w.client(0).core.stats().rehandshakes, 1);
+    assert_eq!(sent_of(&w, MsgType::Handshake).len(), 10);
 }
 
 // ---- 6. silent path: the NAT handed our new tuple down from another connection ----
@@ -571,11 +688,13 @@ fn unanswerable_rebind_is_abandoned_while_data_flows() {
     for _ in 0..31 {
         w.send(0, b"periodic traffic");
         w.run_for(Duration::from_secs(1));
-        assert_ne!(
+        // The path works: never given up, so no re-handshake (nor failure).
+        assert!(matches!(
             w.client(0).core.state(),
-            ClientState::Failed(ClientError::RebindTimeout)
-        );
+            ClientState::Connected | ClientState::Rebinding
+        ));
     }
+    assert_eq!(w.client(0).core.stats().rehandshakes, 0);
     assert_eq!(w.client(0).core.state(), ClientState::Connected);
     assert!(matches!(
         w.client(0).events.last(),

@@ -206,6 +206,26 @@ fn applications_reach_an_unmodified_udp_service() {
 /// `rebind_tries` of them it handshakes again (and keeps trying), printing why.
 #[test]
 fn unanswered_rebinds_lead_to_a_new_handshake() {
+    handshake_again_when_the_gateway_stops(3, None, "3 rebind tries");
+}
+
+/// With more rebind tries allowed than the rebind deadline leaves room for, the client
+/// core's own re-handshake comes first (`ClientEvent::Reconnecting`): `connect` reports it
+/// and counts it as a handshake the same way.
+#[test]
+fn a_rebind_that_runs_out_makes_the_core_handshake_again() {
+    handshake_again_when_the_gateway_stops(
+        u64::MAX,
+        Some(Duration::from_millis(300)),
+        "no REBIND_ACK within the rebind deadline, and the path stayed silent (by the client core)",
+    );
+}
+
+fn handshake_again_when_the_gateway_stops(
+    rebind_tries: u64,
+    rebind_deadline: Option<Duration>,
+    expect: &str,
+) {
     let dir = tempdir();
     let stop = Arc::new(AtomicBool::new(false));
     let (backend, service) = echo_service(stop.clone());
@@ -253,7 +273,10 @@ fn unanswered_rebinds_lead_to_a_new_handshake() {
     opts.client.rebind_backoff = Duration::from_millis(20);
     opts.client.rebind_backoff_max = Duration::from_millis(40);
     opts.client.rebind_pace = Duration::from_millis(10);
-    opts.rebind_tries = 3;
+    opts.rebind_tries = rebind_tries;
+    if let Some(d) = rebind_deadline {
+        opts.client.rebind_deadline = d;
+    }
     let connector = Connector::bind(opts).unwrap();
     let local = connector.local_addr().unwrap();
     let events = Arc::new(Mutex::new(Vec::<TunnelEvent>::new()));
@@ -306,7 +329,7 @@ fn unanswered_rebinds_lead_to_a_new_handshake() {
             _ => None,
         })
         .unwrap();
-    assert!(again.contains("3 rebind tries"), "{again}");
+    assert!(again.contains(expect), "{again}");
     assert!(
         ev.iter()
             .any(|e| matches!(e, TunnelEvent::Rebinding { .. })),

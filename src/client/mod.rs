@@ -14,7 +14,13 @@
 //!   feeds) a rebind, DATA keeps flowing in both directions meanwhile, and a rebind that
 //!   times out while authenticated packets were still arriving is abandoned (back to
 //!   `Connected`, [`ClientEvent::RebindAbandoned`]) instead of failing the connection. Only a
-//!   rebind that times out with the path silent fails it.
+//!   rebind that times out with the path silent ends it: the gateway no longer knows us (a
+//!   NAT move it never saw acknowledged, or a key rotation whose whole grace period we
+//!   missed), so the client handshakes again by itself with its credentials
+//!   ([`ClientEvent::Reconnecting`], `Handshaking`, then `Connected` with a new conn_id,
+//!   keys and epoch; DATA queued for the dead connection is dropped). Only that handshake
+//!   timing out fails the client. With `rehandshake_after_failed_rebind: false` the rebind
+//!   timeout fails it instead ([`ClientError::RebindTimeout`]) and the application decides.
 //! - **REBIND** (§6) uses the newest UNRECOGNIZED received, with fresh nonces on every try. The
 //!   session keys of the last [`MAX_REBIND_ATTEMPTS`] tries are kept; a REBIND_ACK must open
 //!   under one of them, carry that try's `t` and name our conn_id.
@@ -97,6 +103,13 @@ pub struct ClientConfig {
     pub probe_after_unanswered: u32,
     /// ... and at least this long since the last authenticated packet.
     pub probe_quiet: Duration,
+    /// When a rebind runs out with the path silent (the gateway no longer knows us, e.g.
+    /// the client missed a key rotation's whole grace period), start a fresh handshake with
+    /// our credentials ([`ClientEvent::Reconnecting`], then `Connected` with a new
+    /// connection) instead of failing with [`ClientError::RebindTimeout`]. Only a
+    /// handshake that itself times out then fails the client. `false`: the client fails,
+    /// and the application decides.
+    pub rehandshake_after_failed_rebind: bool,
 }
 
 impl Default for ClientConfig {
@@ -114,6 +127,7 @@ impl Default for ClientConfig {
             rebind_burst: 3,
             probe_after_unanswered: 3,
             probe_quiet: Duration::from_secs(1),
+            rehandshake_after_failed_rebind: true,
         }
     }
 }
@@ -181,6 +195,14 @@ pub enum ClientEvent {
     RebindAbandoned {
         took: Duration,
     },
+    /// The connection is dead (`reason`, so far only [`ClientError::RebindTimeout`]) and the
+    /// client handshakes again by itself (`rehandshake_after_failed_rebind`): the state is
+    /// `Handshaking` until `Connected` names the new connection, or `Failed` if the
+    /// handshake times out. Payloads queued for the dead connection are dropped; payloads
+    /// already received stay readable.
+    Reconnecting {
+        reason: ClientError,
+    },
     Failed(ClientError),
 }
 
@@ -200,6 +222,9 @@ pub struct ClientStats {
     pub rebinds_started: u64,
     pub rebinds_completed: u64,
     pub rebinds_abandoned: u64,
+    /// Fresh handshakes started by the client itself after a rebind ran out
+    /// ([`ClientEvent::Reconnecting`]); `handshakes_sent` counts their HANDSHAKEs too.
+    pub rehandshakes: u64,
     /// REBINDs (or cookie requests) postponed by the pacing budget (`rebind_pace`); the
     /// UNRECOGNIZED that asked for one is kept as the newest and used when the budget allows.
     pub rebinds_paced: u64,
@@ -520,6 +545,9 @@ impl Client {
                             *rebind = None;
                             self.stats.rebinds_abandoned += 1;
                             self.events.push_back(ClientEvent::RebindAbandoned { took });
+                        } else if self.config.rehandshake_after_failed_rebind {
+                            self.rehandshake(now, ClientError::RebindTimeout);
+                            return;
                         } else {
                             self.fail(ClientError::RebindTimeout);
                             return;
@@ -577,6 +605,30 @@ impl Client {
         self.send_queue.clear();
         self.keepalive_due = false;
         self.events.push_back(ClientEvent::Failed(e));
+    }
+
+    /// The connection is dead: forget its session (keys, delivered next-epoch keys, rebind
+    /// state, queued DATA) and handshake again with our credentials, as [`Client::new`] does.
+    fn rehandshake(&mut self, now: Ticks, reason: ClientError) {
+        self.phase = Phase::Handshaking(Handshake {
+            nonces: VecDeque::with_capacity(MAX_HANDSHAKE_ATTEMPTS),
+            deadline: now + self.config.handshake_deadline,
+            next_retry: now,
+            backoff: self.config.handshake_backoff,
+        });
+        // Rebind tries and KEYS_ACKs of the old session, and DATA queued for it (sealed
+        // under its keys once sent, so the host could not even read it): dropped.
+        self.control.clear();
+        self.send_queue.clear();
+        self.keepalive_due = false;
+        self.unanswered = 0;
+        self.last_recv = now;
+        // A new connection: no rebind of it has completed yet.
+        self.public_tuple = None;
+        self.last_acked_t = None;
+        self.stats.rehandshakes += 1;
+        self.events.push_back(ClientEvent::Reconnecting { reason });
+        self.queue_handshake(now);
     }
 
     fn queue_handshake(&mut self, now: Ticks) {

@@ -31,6 +31,14 @@ impl From<io::Error> for ConnectError {
 }
 
 /// A client connection over a real UDP socket.
+///
+/// It keeps itself connected as the core does: when a rebind runs out with the path silent
+/// the core handshakes again by itself ([`ClientEvent::Reconnecting`], state `Handshaking`,
+/// then [`ClientEvent::Connected`] with a new conn_id), and every call that runs I/O
+/// (`recv`, `drive`, `wait_event`) keeps that handshake going. Meanwhile
+/// [`UdpClient::send`] returns [`SendError::NotConnected`]; payloads queued for the dead
+/// connection are dropped. Only `Failed` (e.g. that handshake timing out) means the
+/// application must connect again.
 pub struct UdpClient {
     client: Client,
     /// The edge where `Instant`s become the core's ticks.

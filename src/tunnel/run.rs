@@ -4,7 +4,8 @@
 //!   changes by itself: a socket error or a changed local address toward the gateway makes a
 //!   new socket and starts a rebind (`Client::network_changed`); UNRECOGNIZED starts one in
 //!   the core; after `rebind_tries` REBINDs (or cookie requests) without an ACK, or a failed
-//!   connection, it handshakes again. When a rebind completes, the frames it lost are sent
+//!   connection, it handshakes again (a rebind that runs out with the path silent makes the
+//!   core itself handshake again: `ClientEvent::Reconnecting`, reported the same way). When a rebind completes, the frames it lost are sent
 //!   again ([`TunnelClient::lost_in_rebind`]).
 //! - [`ForwardHost`] (`rebindgw host --forward`): the host core in application mode on the
 //!   host-link socket, the [`TunnelHost`] on top, and one connected UDP socket per flow
@@ -486,6 +487,17 @@ impl Connector {
                     self.rebind_tries_at_start = None;
                     self.stats.rebinds_abandoned += 1;
                     on_event(&TunnelEvent::RebindAbandoned { ms: ms(took) });
+                }
+                ClientEvent::Reconnecting { reason } => {
+                    // The core handshakes again by itself (a rebind ran out): same client,
+                    // same counting as a new one.
+                    on_event(&TunnelEvent::HandshakeAgain {
+                        reason: format!("{reason} (by the client core)"),
+                    });
+                    self.handshake_started = now;
+                    self.rebind_tries_at_start = None;
+                    self.rebind_started = None;
+                    self.stats.handshakes += 1;
                 }
                 ClientEvent::Failed(err) => {
                     self.handshake_again(now, err.to_string(), on_event);

@@ -397,3 +397,82 @@ fn sigusr1_tells_every_client_its_network_changed() {
     assert_eq!(report["clients"]["connected"], 50, "{report}");
     assert_eq!(report["traffic"]["notified"], 50, "{}", report["traffic"]);
 }
+
+/// The gateway goes away for longer than the clients' rebind deadline (1 s here): every
+/// client's rebind runs out, its core handshakes again by itself (`Reconnecting`) while the
+/// gateway is still down, and connects again once a new gateway (restored from the state
+/// directory) listens on the same address. The loadgen counts each as a failed connection
+/// and a reconnection, and the clients carry load again afterwards.
+#[test]
+fn clients_whose_rebind_runs_out_handshake_again_and_send_again() {
+    let Rig {
+        dir,
+        clients_file,
+        host,
+        gw,
+    } = Rig::start("loadgen-reconnect");
+    let gateways = gw.client_addrs().to_vec();
+    let admin = gw.admin_addr();
+    const CLIENTS: usize = 20;
+    const RATE: f64 = 400.0;
+    let mut o = LoadgenOptions::new(gateways.clone());
+    o.clients = CLIENTS;
+    o.duration = Duration::from_secs(10);
+    o.load = LoadMode::Open { rate: RATE };
+    o.clients_file = Some(clients_file.clone());
+    o.settle = Duration::from_secs(1);
+    o.client_config.rebind_deadline = Duration::from_secs(1);
+    o.client_config.probe_quiet = Duration::from_millis(200);
+    let run = std::thread::spawn(move || loadgen::run_with(o, &gateways, false).unwrap());
+
+    // Connected within a second on loopback; then the gateway is gone for 3 s.
+    let down_after = Duration::from_millis(2500);
+    std::thread::sleep(down_after);
+    let state_dir = dir.join("state");
+    let listen = gw.client_addrs().to_vec();
+    gw.stop().unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    let gw = spawn_gateway(GatewayConfig {
+        listen,
+        admin,
+        state_dir,
+        workers: 2,
+        hosts: vec![HostEntry {
+            addr: host.local_addr(),
+            link_key_file: dir.join("link.key"),
+        }],
+        ..GatewayConfig::default()
+    })
+    .unwrap();
+    let report = run.join().unwrap();
+    eprintln!("{}", report.to_human());
+    gw.stop().unwrap();
+    host.stop().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+
+    let c = &report.clients;
+    assert_eq!(c.connected, CLIENTS as u64, "{c:?}");
+    assert_eq!(c.failed_to_connect, 0, "{c:?}");
+    // Every client lost its connection and every one got a new one by itself.
+    assert_eq!(c.failed_after_connect, CLIENTS as u64, "{c:?}");
+    assert_eq!(c.reconnected, CLIENTS as u64, "{c:?}");
+    // Both handshakes of every client are in the histogram.
+    assert_eq!(c.handshake.count, 2 * CLIENTS as u64, "{c:?}");
+    assert!(
+        report
+            .failures
+            .iter()
+            .any(|f| f.contains("handshook again")),
+        "{:?}",
+        report.failures
+    );
+    // The reconnected clients carry load again: more echoes than the load sent before the
+    // gateway went away could have drawn (they reconnect about 3 s after it is back, with
+    // 4 s of the run left).
+    let before = (RATE * down_after.as_secs_f64()) as u64;
+    assert!(
+        report.traffic.received > before + 400,
+        "{before} {:?}",
+        report.traffic
+    );
+}

@@ -21,8 +21,10 @@
 //!   keeps the first instant). Recovery ends at the client's next `ClientEvent::Rebound`
 //!   whose new tuple is the moved-to socket; "traffic recovery" ends at the first echo of a
 //!   packet sent after the move (the payload stamp carries the move generation). A
-//!   `Failed(RebindTimeout)` is a failed rebind; a move with neither by the end is
-//!   unrecovered.
+//!   rebind that runs out (`Reconnecting`, or `Failed(RebindTimeout)` with the core's
+//!   re-handshake turned off) is a failed rebind and a lost connection (`failed_later`); a
+//!   move with neither by the end is unrecovered. A client whose core handshakes again
+//!   (`Reconnecting`) sends load again once `Connected` (`clients.reconnected`).
 //! - **Loss.** DATA payloads sent vs echoes received over the whole run, drain included.
 //!   Payloads sent while the client's tuple had moved and it was not yet rebound cannot be
 //!   forwarded by design, nor can echoes due to a socket that a move closed;
@@ -769,6 +771,7 @@ pub(crate) fn build_report(
             connected: c.connected,
             failed_to_connect: (opts.clients as u64).saturating_sub(c.connected),
             failed_after_connect: c.failed_later,
+            reconnected: c.reconnected,
             handshake: handshake.summary(),
             connect_phase_s: tl.connect.as_secs_f64(),
         },
@@ -840,7 +843,7 @@ fn rotation_reports(
     commands: Option<&[RotationCommand]>,
 ) -> Vec<RotationReport> {
     let c = &merged.counters;
-    let live = c.connected.saturating_sub(c.failed_later);
+    let live = (c.connected + c.reconnected).saturating_sub(c.failed_later);
     opts.rotate_at
         .iter()
         .enumerate()

@@ -640,10 +640,11 @@ pub struct LoadgenArgs {
     /// gateway drops the clients still on the epoch before; they handshake again).
     #[arg(long)]
     pub rotate_force: bool,
-    /// Append a line `<client number> <CLOCK_MONOTONIC ns>` to FILE for every rebind
+    /// Append a line "CLIENT_NUMBER CLOCK_MONOTONIC_NS" to FILE for every rebind
     /// acknowledgement a client receives (written once per event-loop turn, one write per
     /// turn, so the processes of a multi-process run may share the file). For a driver that
-    /// moves the clients itself (a NAT) and times each client's recovery on its own clock.
+    /// moves the clients itself (a NAT) and times each client's recovery on its own clock
+    /// [default: none].
     #[arg(long, value_name = "FILE")]
     pub rebound_log: Option<PathBuf>,
     /// Print the report as JSON on stdout (the human report is not printed).

@@ -179,9 +179,12 @@ pub struct ClientsReport {
     /// Clients that completed a handshake.
     pub connected: u64,
     pub failed_to_connect: u64,
-    /// Clients whose connection failed later (rebind timeout).
+    /// Connections lost later (a rebind ran out).
     pub failed_after_connect: u64,
-    /// From `Client::new` to `ClientEvent::Connected`.
+    /// ... of which the client's core handshook again by itself and connected.
+    #[serde(default)]
+    pub reconnected: u64,
+    /// From `Client::new` (or the core's `Reconnecting`) to `ClientEvent::Connected`.
     pub handshake: Percentiles,
     /// Time from the first handshake until every client was up (or the connect timeout).
     pub connect_phase_s: f64,
@@ -241,7 +244,7 @@ pub struct RebindsReport {
     pub storms: u64,
     /// Outages ended by a `Rebound` event to the moved-to tuple.
     pub succeeded: u64,
-    /// Outages ended by `Failed(RebindTimeout)`.
+    /// Outages ended by a rebind that ran out (`Reconnecting` or `Failed(RebindTimeout)`).
     pub failed: u64,
     /// Outages with neither by the end of the run.
     pub unrecovered: u64,
@@ -301,6 +304,10 @@ pub struct Counters {
     pub stray: u64,
     pub misdelivered: u64,
     pub foreign: u64,
+    /// Clients connected again by their core's own handshake after a rebind ran out (each
+    /// also counted in `failed_later`).
+    #[serde(default)]
+    pub reconnected: u64,
 }
 
 impl Counters {
@@ -333,7 +340,8 @@ impl Counters {
             send_errors,
             stray,
             misdelivered,
-            foreign
+            foreign,
+            reconnected
         );
     }
 }
@@ -462,8 +470,8 @@ pub struct RotationReport {
     /// previous epoch's grace, or at a rebind that the gateway sent to the new epoch).
     pub switched: u64,
     /// Handshakes completed (new connections) after this rotation and before the next one
-    /// (or the end of the run). The generator never reconnects a failed client, so a lost
-    /// connection shows in `clients.failed_after_connect` instead.
+    /// (or the end of the run), a client core's own re-handshake after a rebind ran out
+    /// (`clients.reconnected`) included. The generator never reconnects a failed client.
     pub handshakes: u64,
 }
 
@@ -563,8 +571,8 @@ impl LoadReport {
         }
         if c.failed_after_connect > 0 {
             f.push(format!(
-                "{} clients failed after connecting",
-                c.failed_after_connect
+                "{} clients failed after connecting ({} of them handshook again)",
+                c.failed_after_connect, c.reconnected
             ));
         }
         let r = &self.rebinds;
@@ -580,7 +588,7 @@ impl LoadReport {
                 r.unrecovered, r.outages
             ));
         }
-        let live = c.connected.saturating_sub(c.failed_after_connect);
+        let live = (c.connected + c.reconnected).saturating_sub(c.failed_after_connect);
         for (k, st) in r.storm_detail.iter().enumerate() {
             if st.moved < live {
                 f.push(format!(
@@ -699,12 +707,14 @@ impl LoadReport {
         let c = &self.clients;
         let _ = writeln!(
             s,
-            "clients    {}/{} connected in {:.2} s, {} failed to connect, {} failed later",
+            "clients    {}/{} connected in {:.2} s, {} failed to connect, {} failed later \
+             ({} handshook again)",
             c.connected,
             c.requested,
             c.connect_phase_s,
             c.failed_to_connect,
-            c.failed_after_connect
+            c.failed_after_connect,
+            c.reconnected
         );
         let _ = writeln!(s, "handshake  {}", c.handshake.line());
         let t = &self.traffic;

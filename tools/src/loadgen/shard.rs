@@ -169,9 +169,14 @@ struct Slot {
     sock: UdpSocket,
     local: SocketAddr,
     gw: SocketAddr,
+    /// When the current handshake started (`Client::new`, or the core's own re-handshake
+    /// after a rebind ran out).
     created: Instant,
     up: bool,
     failed: bool,
+    /// The core is handshaking again by itself (`ClientEvent::Reconnecting`): already
+    /// counted in `failed_later`; its `Connected` counts in `reconnected`, not `connected`.
+    reconnecting: bool,
     /// Moves so far (wrapping); stamped into payloads.
     gen_: u16,
     seq: u32,
@@ -590,6 +595,7 @@ impl<'a> Shard<'a> {
                 created: now,
                 up: false,
                 failed: false,
+                reconnecting: false,
                 gen_: 0,
                 seq: 0,
                 gen_sent: 0,
@@ -754,7 +760,11 @@ impl<'a> Shard<'a> {
             match ev {
                 ClientEvent::Connected { .. } => {
                     s.up = true;
-                    self.c.connected += 1;
+                    if std::mem::take(&mut s.reconnecting) {
+                        self.c.reconnected += 1;
+                    } else {
+                        self.c.connected += 1;
+                    }
                     self.handshake.record(now - s.created);
                     if let Some(k) = self.rotation_at(now) {
                         self.rotation_stats[k].handshakes += 1;
@@ -789,9 +799,31 @@ impl<'a> Shard<'a> {
                     }
                 }
                 ClientEvent::RebindAbandoned { .. } => self.c.abandoned += 1,
+                // A rebind ran out: a failed rebind and a lost connection as with
+                // `Failed(RebindTimeout)`, but the core handshakes again by itself; the client
+                // sends again once `Connected`. What was outstanding went with the old
+                // connection (the core drops its queued DATA): written off now, counted as
+                // echo timeouts.
+                ClientEvent::Reconnecting { .. } => {
+                    self.c.failed_later += 1;
+                    s.kick_at = None;
+                    s.storm_no = None;
+                    if s.outage.take().is_some() {
+                        self.outages -= 1;
+                        self.c.rebinds_failed += 1;
+                    }
+                    s.up = false;
+                    s.reconnecting = true;
+                    s.created = now;
+                    self.c.echo_timeouts += s.outstanding.len() as u64;
+                    s.outstanding.clear();
+                    s.app_deadline = None;
+                }
                 ClientEvent::Failed(e) => {
                     s.failed = true;
                     match e {
+                        // A re-handshake that timed out: its connection loss is counted.
+                        ClientError::HandshakeTimeout if s.reconnecting => {}
                         ClientError::HandshakeTimeout => self.c.conn_failed += 1,
                         ClientError::RebindTimeout => {
                             self.c.failed_later += 1;
