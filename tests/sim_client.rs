@@ -358,7 +358,11 @@ fn rebind_that_runs_out_handshakes_again() {
 /// A re-handshake that itself gets no reply fails the client as a first handshake does.
 #[test]
 fn rehandshake_that_times_out_fails() {
-    let mut w = connected();
+    let mut w = connected_with(ClientConfig {
+        rehandshake_deadline: Some(Duration::from_secs(20)),
+        rehandshake_backoff_max: Duration::from_secs(4),
+        ..ClientConfig::default()
+    });
     go_silent(&mut w);
     w.run_for(Duration::from_secs(31));
     assert_eq!(w.client(0).core.state(), ClientState::Handshaking);
@@ -385,6 +389,32 @@ fn rehandshake_that_times_out_fails() {
     w.run_for(Duration::from_secs(60));
     assert_eq!(w.client(0).core.stats().rehandshakes, 1);
     assert_eq!(sent_of(&w, MsgType::Handshake).len(), 10);
+}
+
+/// By default the fresh handshake has no deadline: a client offline for minutes keeps
+/// trying, its HANDSHAKEs backing off to one per 30 s, and connects once the path returns.
+#[test]
+fn rehandshake_keeps_trying_until_the_path_returns() {
+    let mut w = connected();
+    go_silent(&mut w);
+    w.run_for(Duration::from_secs(31));
+    assert_eq!(w.client(0).core.state(), ClientState::Handshaking);
+    let at_reconnect = sent_of(&w, MsgType::Handshake).len();
+    w.run_for(Duration::from_secs(300));
+    assert_eq!(w.client(0).core.state(), ClientState::Handshaking);
+    let sent = sent_of(&w, MsgType::Handshake).len() - at_reconnect;
+    // 0, .25, .75, 1.75, 3.75, 7.75, 15.75, 31.75, then every 30 s up to 300 s: about 16.
+    assert!((12..=20).contains(&sent), "{sent} HANDSHAKEs in 300 s");
+    w.clear_drop();
+    assert!(
+        w.drive_until(Duration::from_secs(35), |w| w.client(0).core.state()
+            == ClientState::Connected)
+    );
+    assert_eq!(w.client(0).core.stats().rehandshakes, 1);
+    assert!(matches!(
+        w.client(0).events.last(),
+        Some(ClientEvent::Connected { .. })
+    ));
 }
 
 // ---- 6. silent path: the NAT handed our new tuple down from another connection ----

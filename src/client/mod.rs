@@ -18,8 +18,9 @@
 //!   NAT move it never saw acknowledged, or a key rotation whose whole grace period we
 //!   missed), so the client handshakes again by itself with its credentials
 //!   ([`ClientEvent::Reconnecting`], `Handshaking`, then `Connected` with a new conn_id,
-//!   keys and epoch; DATA queued for the dead connection is dropped). Only that handshake
-//!   timing out fails the client. With `rehandshake_after_failed_rebind: false` the rebind
+//!   keys and epoch; DATA queued for the dead connection is dropped). That handshake retries
+//!   until the path returns (backing off to `rehandshake_backoff_max`), unless
+//!   `rehandshake_deadline` bounds it: then its timing out fails the client. With `rehandshake_after_failed_rebind: false` the rebind
 //!   timeout fails it instead ([`ClientError::RebindTimeout`]) and the application decides.
 //! - **REBIND** (§6) uses the newest UNRECOGNIZED received, with fresh nonces on every try. The
 //!   session keys of the last [`MAX_REBIND_ATTEMPTS`] tries are kept; a REBIND_ACK must open
@@ -110,6 +111,11 @@ pub struct ClientConfig {
     /// handshake that itself times out then fails the client. `false`: the client fails,
     /// and the application decides.
     pub rehandshake_after_failed_rebind: bool,
+    /// How long that fresh handshake may try. `None` (the default): until it connects, its
+    /// retries backing off to `rehandshake_backoff_max`: a client that is offline for a long
+    /// time comes back by itself once its network does (a HANDSHAKE is 640 bytes).
+    pub rehandshake_deadline: Option<Duration>,
+    pub rehandshake_backoff_max: Duration,
 }
 
 impl Default for ClientConfig {
@@ -128,6 +134,8 @@ impl Default for ClientConfig {
             probe_after_unanswered: 3,
             probe_quiet: Duration::from_secs(1),
             rehandshake_after_failed_rebind: true,
+            rehandshake_deadline: None,
+            rehandshake_backoff_max: Duration::from_secs(30),
         }
     }
 }
@@ -257,6 +265,7 @@ struct Handshake {
     deadline: Ticks,
     next_retry: Ticks,
     backoff: Duration,
+    backoff_max: Duration,
 }
 
 struct Session {
@@ -346,6 +355,7 @@ impl Client {
             deadline: now + config.handshake_deadline,
             next_retry: now,
             backoff: config.handshake_backoff,
+            backoff_max: config.handshake_backoff_max,
         };
         let rebind_pacer = Pacer::new(now, config.rebind_burst);
         let mut c = Client {
@@ -612,9 +622,13 @@ impl Client {
     fn rehandshake(&mut self, now: Ticks, reason: ClientError) {
         self.phase = Phase::Handshaking(Handshake {
             nonces: VecDeque::with_capacity(MAX_HANDSHAKE_ATTEMPTS),
-            deadline: now + self.config.handshake_deadline,
+            deadline: self
+                .config
+                .rehandshake_deadline
+                .map_or(Ticks(u64::MAX), |d| now + d),
             next_retry: now,
             backoff: self.config.handshake_backoff,
+            backoff_max: self.config.rehandshake_backoff_max,
         });
         // Rebind tries and KEYS_ACKs of the old session, and DATA queued for it (sealed
         // under its keys once sent, so the host could not even read it): dropped.
@@ -642,7 +656,7 @@ impl Client {
         }
         hs.nonces.push_back(nonce);
         hs.next_retry = now + hs.backoff;
-        hs.backoff = (hs.backoff * 2).min(self.config.handshake_backoff_max);
+        hs.backoff = (hs.backoff * 2).min(hs.backoff_max);
         let d = wire::build_handshake(&self.creds, &nonce, ticks);
         self.control.push_back(d.to_vec());
         self.stats.handshakes_sent += 1;
