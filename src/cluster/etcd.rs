@@ -274,6 +274,39 @@ impl EtcdRegistry {
         })
     }
 
+    /// Puts `value` at `key` if the key's mod revision is still `expected` (0: absent), in one
+    /// transaction: `Ok(revision)` of the write, or `Err` with what the key holds now (its
+    /// value and mod revision; `None` if absent).
+    async fn put_if_unchanged(
+        &mut self,
+        key: String,
+        expected: i64,
+        value: Vec<u8>,
+        what: &'static str,
+    ) -> Result<Result<i64, Option<(Vec<u8>, i64)>>, ClusterError> {
+        let txn = Txn::new()
+            .when([Compare::mod_revision(
+                key.clone(),
+                CompareOp::Equal,
+                expected,
+            )])
+            .and_then([TxnOp::put(key.clone(), value, None)])
+            .or_else([TxnOp::get(key, None)]);
+        let resp = self.client.txn(txn).await.map_err(ctx(what))?;
+        if resp.succeeded() {
+            return Ok(Ok(resp.header().map_or(0, |h| h.revision())));
+        }
+        Ok(Err(resp.op_responses().into_iter().find_map(
+            |op| match op {
+                TxnOpResponse::Get(g) => g
+                    .kvs()
+                    .first()
+                    .map(|kv| (kv.value().to_vec(), kv.mod_revision())),
+                _ => None,
+            },
+        )))
+    }
+
     /// Writes `record` (new `L`, tuple, owner) at `(epoch, index)` only if the stored record
     /// is still the one read at `expected` (its mod revision): the REBIND's one
     /// compare-and-swap. On conflict, returns what etcd holds now.
@@ -285,33 +318,18 @@ impl EtcdRegistry {
         record: &ConnRecord,
     ) -> Result<Committed, ClusterError> {
         let key = conn_key(&self.prefix, epoch, index);
-        let txn = Txn::new()
-            .when([Compare::mod_revision(
-                key.clone(),
-                CompareOp::Equal,
-                expected,
-            )])
-            .and_then([TxnOp::put(key.clone(), record.encode(), None)])
-            .or_else([TxnOp::get(key, None)]);
-        let resp = self
-            .client
-            .txn(txn)
-            .await
-            .map_err(ctx("committing a rebind"))?;
-        if resp.succeeded() {
-            return Ok(Committed::Done {
-                revision: resp.header().map_or(0, |h| h.revision()),
-            });
-        }
-        let current = resp.op_responses().into_iter().find_map(|op| match op {
-            TxnOpResponse::Get(g) => g.kvs().first().and_then(|kv| {
+        let current = match self
+            .put_if_unchanged(key, expected, record.encode(), "committing a rebind")
+            .await?
+        {
+            Ok(revision) => return Ok(Committed::Done { revision }),
+            Err(now) => now.and_then(|(value, mod_revision)| {
                 Some(Entry {
-                    record: ConnRecord::decode(kv.value()).ok()?,
-                    mod_revision: kv.mod_revision(),
+                    record: ConnRecord::decode(&value).ok()?,
+                    mod_revision,
                 })
             }),
-            _ => None,
-        });
+        };
         Ok(Committed::Conflict { current })
     }
 
@@ -508,31 +526,15 @@ impl EtcdRegistry {
         next: &EpochRecord,
     ) -> Result<EpochRotated, ClusterError> {
         let key = epoch_key(&self.prefix);
-        let txn = Txn::new()
-            .when([Compare::mod_revision(
-                key.clone(),
-                CompareOp::Equal,
-                expected,
-            )])
-            .and_then([TxnOp::put(key.clone(), next.encode(), None)])
-            .or_else([TxnOp::get(key, None)]);
-        let resp = self
-            .client
-            .txn(txn)
-            .await
-            .map_err(ctx("rotating the key epoch"))?;
-        if resp.succeeded() {
-            return Ok(EpochRotated::Won {
-                revision: resp.header().map_or(0, |h| h.revision()),
-            });
-        }
-        let stored = resp.op_responses().into_iter().find_map(|op| match op {
-            TxnOpResponse::Get(g) => g
-                .kvs()
-                .first()
-                .map(|kv| EpochRecord::decode(kv.value()).map(|r| (r, kv.mod_revision()))),
-            _ => None,
-        });
+        let stored = match self
+            .put_if_unchanged(key, expected, next.encode(), "rotating the key epoch")
+            .await?
+        {
+            Ok(revision) => return Ok(EpochRotated::Won { revision }),
+            Err(now) => now.map(|(value, mod_revision)| {
+                EpochRecord::decode(&value).map(|r| (r, mod_revision))
+            }),
+        };
         let (current, mod_revision) = self.epoch_or_refuse(stored, "rotating the key epoch")?;
         Ok(EpochRotated::Lost {
             current,
