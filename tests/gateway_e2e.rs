@@ -712,3 +712,80 @@ fn scheduled_rotation_and_grace_end() {
     assert!(c2.echo_ok(b"epoch 2"));
     assert_eq!(scraped(&w, "rebindgw_epoch_rotations_total"), 1.0);
 }
+
+/// A client offline (asleep, sending nothing, its old tuple gone) across two rotations on
+/// real sockets: it missed both key deliveries and both grace periods, so when it comes back
+/// from a new tuple no key it holds is accepted; its rebind runs out and the client core
+/// handshakes again by itself (no application reconnect), into the newest epoch.
+#[test]
+fn a_client_offline_across_two_rotations_comes_back_through_a_handshake() {
+    use rebindgw::gateway::rotate::request_rotation;
+    let tweak = |c: &mut GatewayConfig| {
+        c.admin = Some("127.0.0.1:0".parse().unwrap());
+        c.window_secs = 1;
+        c.grace_secs = Some(2);
+    };
+    let w = World::new("127.0.0.1:0", tweak);
+    let admin = w.gw().admin_addr().unwrap();
+    let key = w.dir.join("state/admin.key");
+    let cfg = ClientConfig {
+        // Asleep: no keepalive while away; a short rebind deadline keeps the test short.
+        keepalive: Duration::from_secs(300),
+        rebind_deadline: Duration::from_secs(2),
+        ..ClientConfig::default()
+    };
+    let creds = w.enroll("sleeper");
+    let mut c = UdpClient::connect(
+        w.addr(),
+        local("127.0.0.1"),
+        creds,
+        cfg,
+        Duration::from_secs(8),
+    )
+    .expect("connects");
+    assert_eq!(echo(&mut c, b"epoch 1"), b"epoch 1");
+    let first_conn = c.client().conn_id().unwrap();
+    while c.poll_event().is_some() {}
+    let handshakes = w.host.as_ref().unwrap().stats().counters.handshakes_ok;
+    // Offline: its tuple is gone (what the host sends it is lost) and it sends nothing.
+    c.move_socket(local("127.0.0.2")).unwrap();
+    for epoch in [2.0, 3.0] {
+        let out = request_rotation(admin, &key, false, Duration::from_secs(5)).unwrap();
+        assert!(out.starts_with("rotated: epoch"), "{out}");
+        assert_eq!(scraped(&w, "rebindgw_epoch"), epoch);
+        let deadline = Instant::now() + Duration::from_secs(8);
+        while w.gw().shared().epochs().previous.is_some() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(
+            w.gw().shared().epochs().previous.is_none(),
+            "grace {epoch} ended"
+        );
+    }
+    // Back, from a new tuple: the application just sends (a datagram at least as long as
+    // an UNRECOGNIZED, which the gateway answers with one of epoch 3).
+    c.send(b"back from sleep").unwrap();
+    let ev = c
+        .wait_event(Duration::from_secs(10), |e| {
+            matches!(e, ClientEvent::Reconnecting { .. })
+        })
+        .unwrap();
+    assert!(
+        matches!(ev, Some(ClientEvent::Reconnecting { .. })),
+        "{ev:?}"
+    );
+    let ev = c
+        .wait_event(Duration::from_secs(10), |e| {
+            matches!(e, ClientEvent::Connected { .. })
+        })
+        .unwrap();
+    assert!(matches!(ev, Some(ClientEvent::Connected { .. })), "{ev:?}");
+    assert_ne!(c.client().conn_id(), Some(first_conn));
+    assert_eq!(echo(&mut c, b"epoch 3"), b"epoch 3");
+    assert_eq!(
+        w.host.as_ref().unwrap().stats().counters.handshakes_ok,
+        handshakes + 1,
+        "exactly one new handshake"
+    );
+    assert_eq!(scraped(&w, "rebindgw_epoch"), 3.0);
+}
