@@ -81,6 +81,8 @@ pub struct Track {
     pub extra: Vec<HashSet<Vec<u8>>>,
     pub was_connected: Vec<bool>,
     pub failed: Vec<bool>,
+    /// The client core's own re-handshakes (a rebind that ran out) seen so far.
+    pub rehandshakes: Vec<u64>,
 }
 
 impl Track {
@@ -89,10 +91,11 @@ impl Track {
         self.extra.push(HashSet::new());
         self.was_connected.push(false);
         self.failed.push(false);
+        self.rehandshakes.push(0);
     }
 
     /// The clients' invariants: what they receive is what was sent to them, `Failed` is
-    /// final, a connected client never goes back to `Handshaking`, what they send is of a
+    /// final, a connected client goes back to `Handshaking` only by its own re-handshake, what they send is of a
     /// known type and fits, and every datagram delivered was counted.
     pub fn check(&mut self, w: &World) {
         for (i, c) in w.clients.iter().enumerate() {
@@ -108,6 +111,12 @@ impl Track {
                 "Failed is final"
             );
             self.failed[i] |= matches!(state, ClientState::Failed(_));
+            // Only through the core's own re-handshake (ClientEvent::Reconnecting).
+            let rehandshakes = c.core.stats().rehandshakes;
+            if rehandshakes > self.rehandshakes[i] {
+                self.rehandshakes[i] = rehandshakes;
+                self.was_connected[i] = false;
+            }
             assert!(
                 !self.was_connected[i] || state != ClientState::Handshaking,
                 "client {i} went back to Handshaking"
