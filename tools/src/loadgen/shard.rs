@@ -805,13 +805,7 @@ impl<'a> Shard<'a> {
                 // connection (the core drops its queued DATA): written off now, counted as
                 // echo timeouts.
                 ClientEvent::Reconnecting { .. } => {
-                    self.c.failed_later += 1;
-                    s.kick_at = None;
-                    s.storm_no = None;
-                    if s.outage.take().is_some() {
-                        self.outages -= 1;
-                        self.c.rebinds_failed += 1;
-                    }
+                    rebind_ran_out(&mut self.c, &mut self.outages, s);
                     s.up = false;
                     s.reconnecting = true;
                     s.created = now;
@@ -826,13 +820,7 @@ impl<'a> Shard<'a> {
                         ClientError::HandshakeTimeout if s.reconnecting => {}
                         ClientError::HandshakeTimeout => self.c.conn_failed += 1,
                         ClientError::RebindTimeout => {
-                            self.c.failed_later += 1;
-                            s.kick_at = None;
-                            s.storm_no = None;
-                            if s.outage.take().is_some() {
-                                self.outages -= 1;
-                                self.c.rebinds_failed += 1;
-                            }
+                            rebind_ran_out(&mut self.c, &mut self.outages, s);
                         }
                     }
                 }
@@ -1202,6 +1190,18 @@ impl<'a> Shard<'a> {
             self.flush(i, now);
             self.reschedule(i);
         }
+    }
+}
+
+/// A rebind that ran out (the client failed, or its core handshakes again): a connection
+/// lost after connecting, and a failed rebind if a move's outage was running.
+fn rebind_ran_out(c: &mut Counters, outages: &mut u64, s: &mut Slot) {
+    c.failed_later += 1;
+    s.kick_at = None;
+    s.storm_no = None;
+    if s.outage.take().is_some() {
+        *outages -= 1;
+        c.rebinds_failed += 1;
     }
 }
 
