@@ -107,13 +107,24 @@ enum BenchCommand {
         /// Rounds of relay, gateway and nginx runs in rotating order (the report takes medians).
         #[arg(long, default_value_t = 5)]
         rounds: usize,
-        /// I/O backends to run the gateway and the relay on, comma-separated (uring, mmsg);
-        /// the first is the headline and the half-load runs'.
+        /// I/O backends to run the gateway and the relay on, comma-separated (uring, mmsg,
+        /// xdp); the first is the headline and the half-load runs'. xdp implies --netns.
         #[arg(long, default_value = "uring", value_delimiter = ',')]
         io: Vec<rebindgw::io::IoBackend>,
         /// Leave out nginx (measured by default when installed; REBINDGW_NGINX names the binary).
         #[arg(long)]
         no_nginx: bool,
+        /// Run every path over a veth pair between two network namespaces (rbfp-f: forwarder
+        /// and reflector; rbfp-c: the generator) instead of loopback. Needs root.
+        #[arg(long)]
+        netns: bool,
+        /// How the xdp backend attaches: auto (native, else skb), native or skb.
+        #[arg(long, default_value = "auto")]
+        xdp_mode: rebindgw::io::xdp::XdpMode,
+        /// The load generator and the reflector on AF_XDP (generic mode) instead of kernel
+        /// sockets, so their core is not the bottleneck; implies --netns; at most 64 clients.
+        #[arg(long)]
+        xdp_generator: bool,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -355,6 +366,9 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             rounds,
             io,
             no_nginx,
+            netns,
+            xdp_mode,
+            xdp_generator,
             json,
         }) => {
             let opts = rebindgw_tools::bench::fastpath::FastpathOptions {
@@ -365,6 +379,9 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 rounds,
                 io,
                 nginx: !no_nginx,
+                netns,
+                xdp_mode,
+                xdp_generator,
             };
             let r = rebindgw_tools::bench::fastpath::run_fastpath(&opts)?;
             if json {

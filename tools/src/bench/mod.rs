@@ -8,8 +8,10 @@
 
 pub mod fastpath;
 pub mod memory;
+pub mod netns;
 pub mod nginx;
 pub mod relay;
+pub mod xdpgen;
 
 /// Pins the calling thread to `core` (modulo the cores present).
 pub fn pin(core: usize) {

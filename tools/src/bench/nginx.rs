@@ -4,7 +4,7 @@
 //! receive buffer, `multi_accept on`, no `proxy_responses` limit.
 #![forbid(unsafe_code)]
 
-use std::net::{SocketAddr, UdpSocket};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -34,8 +34,10 @@ pub fn find_nginx() -> Result<PathBuf, String> {
         .ok_or_else(|| "no nginx binary (apt install nginx, or set REBINDGW_NGINX)".into())
 }
 
-fn free_udp_port() -> std::io::Result<u16> {
-    Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
+fn free_udp_port(ip: IpAddr) -> std::io::Result<u16> {
+    Ok(UdpSocket::bind(SocketAddr::new(ip, 0))?
+        .local_addr()?
+        .port())
 }
 
 /// Debian builds the stream module as a dynamic module (package libnginx-mod-stream).
@@ -74,11 +76,17 @@ stream {{
 }
 
 impl Nginx {
-    /// Starts nginx in `dir` as a UDP proxy to `upstream` (which must echo what it gets),
-    /// and waits until a probe comes back through it.
-    pub fn start(binary: &Path, dir: &Path, upstream: SocketAddr) -> anyhow::Result<Nginx> {
+    /// Starts nginx in `dir` as a UDP proxy on `ip` to `upstream` (which must echo what it
+    /// gets), and waits until a probe comes back through it. nginx runs in the caller's
+    /// network namespace.
+    pub fn start(
+        binary: &Path,
+        dir: &Path,
+        ip: IpAddr,
+        upstream: SocketAddr,
+    ) -> anyhow::Result<Nginx> {
         std::fs::create_dir_all(dir)?;
-        let listen = SocketAddr::from(([127, 0, 0, 1], free_udp_port()?));
+        let listen = SocketAddr::new(ip, free_udp_port(ip)?);
         let conf = dir.join("nginx.conf");
         let module = Path::new(STREAM_MODULE);
         let module = module.is_file().then_some(module);
@@ -107,7 +115,7 @@ impl Nginx {
     }
 
     fn wait_ready(&mut self) -> anyhow::Result<()> {
-        let probe = UdpSocket::bind("127.0.0.1:0")?;
+        let probe = UdpSocket::bind(SocketAddr::new(self.addr.ip(), 0))?;
         probe.set_read_timeout(Some(Duration::from_millis(100)))?;
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut buf = [0u8; 64];
@@ -213,7 +221,7 @@ mod live {
             }
         });
         let dir = std::env::temp_dir().join(format!("rebindgw-nginx-test-{}", std::process::id()));
-        let nginx = Nginx::start(&binary, &dir, upstream).unwrap();
+        let nginx = Nginx::start(&binary, &dir, "127.0.0.1".parse().unwrap(), upstream).unwrap();
         let client = UdpSocket::bind("127.0.0.1:0").unwrap();
         client
             .set_read_timeout(Some(Duration::from_secs(2)))

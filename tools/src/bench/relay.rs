@@ -36,7 +36,7 @@ impl Drop for Running {
     }
 }
 
-fn spawn(
+pub(super) fn spawn(
     name: &str,
     addr: SocketAddr,
     body: impl FnOnce(&AtomicBool) + Send + 'static,
@@ -114,17 +114,38 @@ impl Handler for BareRelay {
     fn tick(&mut self, _tx: &mut TxQueue) {}
 }
 
-/// Runs the bare relay on `backend`'s loop: one client socket, one host socket, one thread.
+/// Runs the bare relay on `backend`'s loop: one client socket on `listen`, one host socket on
+/// `host_link`'s address, one thread.
+/// On xdp the relay attaches the gateway's AF_XDP program and socket to the interface of
+/// `listen` (in the caller's network namespace), and fails with the reason if it can't,
+/// rather than measure another backend under xdp's name.
 pub fn spawn_bare_relay(
     listen: SocketAddr,
+    host_link: SocketAddr,
     host: SocketAddr,
     backend: IoBackend,
+    xdp_mode: io::xdp::XdpMode,
 ) -> std::io::Result<Running> {
     let sockets = WorkerSockets {
         clients: vec![io::bind_udp(listen, false, 4 << 20)?],
-        host: io::bind_udp(SocketAddr::from(([127, 0, 0, 1], 0)), false, 4 << 20)?,
+        host: io::bind_udp(host_link, false, 4 << 20)?,
     };
     let addr = sockets.clients[0].local_addr()?;
+    let (xdp, xdp_worker) = if backend == IoBackend::Xdp {
+        let cfg = io::xdp::XdpConfig {
+            mode: xdp_mode,
+            ..io::xdp::XdpConfig::default()
+        };
+        let mut x = io::xdp::Xdp::setup(&cfg, &[addr], 1).map_err(|why| {
+            std::io::Error::other(format!("AF_XDP unusable for the bare relay: {why}"))
+        })?;
+        let w = x.take_worker(0).ok_or_else(|| {
+            std::io::Error::other("AF_XDP gave the bare relay no socket for queue 0")
+        })?;
+        (Some(x), Some(w))
+    } else {
+        (None, None)
+    };
     spawn("bare-relay", addr, move |stop| {
         // Core 0, where the gateway pins its first worker.
         super::pin(0);
@@ -133,6 +154,15 @@ pub fn spawn_bare_relay(
             ids: HashMap::new(),
             tuples: Vec::new(),
         };
-        let _ = io::run_loop(backend, &sockets, &mut relay, stop, &LoopOptions::default());
+        let _ = io::run_worker(
+            backend,
+            xdp_worker,
+            &sockets,
+            &mut relay,
+            stop,
+            &LoopOptions::default(),
+        );
+        // The program stays attached until the loop is done.
+        drop(xdp);
     })
 }
