@@ -127,6 +127,9 @@ def linear_ticks(lo, hi, n=6):
         if t >= lo - step * 1e-6:
             ticks.append(round(t, 12))
         t += step
+    if ticks and ticks[-1] < hi - step * 1e-6:
+        # The last tick covers hi, so the data fits under the axis.
+        ticks.append(round(ticks[-1] + step, 12))
     return ticks
 
 
@@ -286,7 +289,7 @@ def bar_panel(svg, x0, y0, w, h, groups, metric, ylabel, title):
     med, notes = ratio_notes(groups, metric)
     shown = [g for g in groups if g["path"] in med]
     vals = [v for g in shown for v in (metric(r) for r in g["runs"]) if v is not None]
-    top = max(vals) if vals else 1.0
+    top = max(vals) if vals and max(vals) > 0 else 1.0
     n_note_lines = max([len(v) for v in notes.values()] + [0])
     # Headroom for the ratio notes above the highest dot.
     ticks = linear_ticks(0, top * (1.06 + 0.075 * n_note_lines), 6)
@@ -352,8 +355,8 @@ def plot_fastpath(path, out):
     svg.text(width / 2, 26, "rebindgw bench fastpath: " + os.path.basename(path), size=17,
              anchor="middle", weight="bold")
     rounds = max(len(g["runs"]) for g in groups)
-    svg.text(width / 2, 47, "saturating runs: bar = median, dot = one round (%d rounds)"
-             % rounds, size=12.5, anchor="middle", fill="#444")
+    svg.text(width / 2, 47, "saturating runs: bar = median, dot = one round (%d rounds, "
+             "left to right in run order)" % rounds, size=12.5, anchor="middle", fill="#444")
     added = [(name, report.get(key)) for name, key in (
         ("gateway", "gateway_added_p99_us"), ("bare relay", "relay_added_p99_us"),
         ("nginx", "nginx_added_p99_us"))]
@@ -569,8 +572,11 @@ def cdf_points(s):
 def plot_storm(series, out, xscale="log", xmax=None, title=None):
     if not series:
         raise UserError("storm: no inputs")
-    width, height = 900, 560
-    left, right, top, bottom = 84, 880, 74, 440
+    # Wide enough for the longest legend line.
+    width = int(max([900] + [124 + max(text_width(s["label"], 12.5, bold=True),
+                                       text_width(s["note"], 11.5)) + 20 for s in series]))
+    height = 560
+    left, right, top, bottom = 84, width - 20, 74, 440
     pw, ph = right - left, bottom - top
     allx = [x for s in series for x, _ in cdf_points(s)]
     hi = xmax if xmax else max(allx)
@@ -642,19 +648,18 @@ def plot_storm(series, out, xscale="log", xmax=None, title=None):
         svg.add("</g>")
 
     # Legend below the plot.
-    ly = bottom + 62
+    ly, step = bottom + 64, 36
     for i, s in enumerate(series):
         color = COLORS[i % len(COLORS)]
-        y = ly + 22 * i
+        y = ly + step * i
         if s["kind"] == "percentiles":
             svg.line(left, y - 4, left + 30, y - 4, stroke=color, width=2.2, dash="7,4")
             svg.circle(left + 15, y - 4, 3.8, fill="#fff", stroke=color, width=1.8)
         else:
             svg.line(left, y - 4, left + 30, y - 4, stroke=color, width=2.2)
         svg.text(left + 40, y, s["label"], size=12.5, weight="bold", cls="legend")
-        svg.text(left + 40 + text_width(s["label"], 12.5, bold=True) + 12, y, s["note"],
-                 size=11.5, fill="#555")
-    svg.h = max(height, ly + 22 * len(series) + 8)
+        svg.text(left + 40, y + 15, s["note"], size=11.5, fill="#555")
+    svg.h = max(height, ly + step * len(series) + 4)
     write_svg(svg, out)
 
 
