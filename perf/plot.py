@@ -407,9 +407,9 @@ def series_from_report(path, metric, label):
         raise UserError("%s: rebinds.%s missing" % (path, key))
     count = p.get("count", 0)
     if not count:
-        raise UserError("%s: no %s samples (rebinds.%s.count is 0, %s moves): a cluster-test "
-                        "run times recovery in its rebound.log instead"
-                        % (path, key, key, d["rebinds"].get("moves", "?")))
+        raise UserError("%s: no %s samples (rebinds.%s.count is 0, %s moves; a run whose "
+                        "clients a NAT moves, as cluster-test.sh's, has them in its "
+                        "--rebound-log)" % (path, key, key, d["rebinds"].get("moves", "?")))
     outages = d["rebinds"].get("outages") or count
     scale = min(1.0, float(count) / outages)
     pts = []
@@ -676,7 +676,7 @@ USAGE = """usage:
                      [--label L] [--metric recovery|traffic] [--move-ns NS] [--clients N]
                      INPUT [...]
   perf/plot.py selftest
-(see the top of perf/plot.py)"""
+(perf/plot.py --help for the inputs)"""
 
 
 def take(args, i, opt):
@@ -768,9 +768,12 @@ def cmd_storm(args):
 
 
 def main(argv):
-    if not argv or argv[0] in ("-h", "--help", "help"):
-        print(__doc__ if argv else USAGE)
-        return 0 if argv else 2
+    if not argv:
+        print(USAGE, file=sys.stderr)
+        return 2
+    if argv[0] in ("-h", "--help", "help"):
+        print(__doc__)
+        return 0
     cmd, rest = argv[0], argv[1:]
     try:
         if cmd == "fastpath":
