@@ -590,7 +590,8 @@ def plot_storm(series, out, xscale="log", xmax=None, title=None):
         xlo, xhi = 10.0 ** d0, 10.0 ** d1
 
         def X(x):
-            x = min(max(x, xlo), xhi)
+            # Below the axis: at its left edge; beyond --xmax: clipped off.
+            x = min(max(x, xlo), xhi * 10)
             return left + pw * (math.log10(x) - d0) / (d1 - d0)
         major = [10.0 ** k for k in range(d0, d1 + 1)]
         minor = [m * 10.0 ** k for k in range(d0, d1) for m in (2, 5)]
@@ -599,7 +600,7 @@ def plot_storm(series, out, xscale="log", xmax=None, title=None):
         xlo, xhi = 0.0, ticks[-1]
 
         def X(x):
-            return left + pw * (min(max(x, xlo), xhi) - xlo) / (xhi - xlo)
+            return left + pw * (min(max(x, xlo), xhi * 2) - xlo) / (xhi - xlo)
         major, minor = ticks, []
 
     def Y(f):
@@ -628,6 +629,9 @@ def plot_storm(series, out, xscale="log", xmax=None, title=None):
     svg.text(24, (top + bottom) / 2, "moved clients recovered", size=13, anchor="middle",
              rotate=-90)
 
+    svg.add('<clipPath id="plot-area"><rect x="%d" y="%d" width="%d" height="%d"/></clipPath>'
+            % (left, top - 4, pw, ph + 8))
+    svg.add('<g clip-path="url(#plot-area)">')
     for i, s in enumerate(series):
         color = COLORS[i % len(COLORS)]
         pts = cdf_points(s)
@@ -638,7 +642,7 @@ def plot_storm(series, out, xscale="log", xmax=None, title=None):
             poly.append((X(x), Y(prev_f)))
             poly.append((X(x), Y(f)))
             prev_f = f
-        poly.append((right, Y(prev_f)))
+        poly.append((max(right, X(pts[-1][0])), Y(prev_f)))
         svg.add('<g class="series" data-label=%s data-kind="%s" data-n="%d">'
                 % (quoteattr(s["label"]), s["kind"], s["n"]))
         svg.polyline(poly, color, width=2.2, dash=dash)
@@ -646,6 +650,7 @@ def plot_storm(series, out, xscale="log", xmax=None, title=None):
             for x, f in pts:
                 svg.circle(X(x), Y(f), 3.8, fill="#fff", stroke=color, width=1.8)
         svg.add("</g>")
+    svg.add("</g>")
 
     # Legend below the plot.
     ly, step = bottom + 64, 36
