@@ -524,6 +524,9 @@ def series_from_log(path, label, move_ns=None, clients=None, sibling_dir=None):
                     break
     if total is None:
         total = len(xs)
+    elif total < len(xs):
+        raise UserError("%s: --clients %d is fewer than the %d clients that rebound"
+                        % (path, total, len(xs)))
     return {"label": label or default_label(path, total), "kind": "samples",
             "xs": xs, "n": len(xs), "total": total, "source": path,
             "note": "%d of %d clients, %s" % (len(xs), total, origin)}
@@ -966,6 +969,9 @@ class PlotTest(__import__("unittest").TestCase):
             (("storm", "--xscale", "cubic", nomoves), "log or linear"),
             (("storm", "-o", out, "--label", "x"), "after the last input"),
             (("bogus",), "unknown command"),
+            (("storm", "--clients", "1", garbage, "-o", out), "garbage.log:2"),
+            (("storm", "--clients", "0", self.put("two.log", "1 5\n2 6\n"), "-o", out),
+             "fewer than the 2 clients"),
         ]
         for argv, msg in cases:
             rc, err = self.run_main(*argv)
