@@ -5,8 +5,8 @@
       `rebindgw bench fastpath --json` output: echoes/s per path (gateway, bare relay and
       nginx, per I/O backend), one dot per round and the median as a bar, with the ratios of
       the gateway to the bare relay on the same backend and to nginx. A second panel,
-      echoes per forwarder CPU-second, appears when the runs carry CPU figures
-      (`echoes_per_forwarder_cpu_s`, or `forwarder_cpu_s`).
+      echoes per busy second of the forwarder's core, appears when the runs carry it
+      (`echoes_per_forwarder_core_s`).
 
   perf/plot.py storm [--xscale log|linear] [--xmax S] [--title T] [-o OUT.svg]
                      [--label L] [--metric recovery|traffic] [--move-ns NS] [--clients N]
@@ -251,13 +251,11 @@ def fastpath_groups(report, path, runs_key="saturating"):
 
 
 def cpu_metric(run):
-    """Echoes per forwarder CPU-second, if the run carries CPU figures (else None)."""
-    v = run.get("echoes_per_forwarder_cpu_s")
-    if isinstance(v, (int, float)) and not isinstance(v, bool):
+    """Echoes per busy second of the forwarder's core (`echoes_per_forwarder_core_s`, written
+    by `rebindgw bench fastpath` since it samples /proc/stat), if the run carries it."""
+    v = run.get("echoes_per_forwarder_core_s")
+    if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0:
         return float(v)
-    cpu = run.get("forwarder_cpu_s")
-    if isinstance(cpu, (int, float)) and cpu > 0 and isinstance(run.get("received"), (int, float)):
-        return run["received"] / cpu
     return None
 
 
@@ -854,14 +852,13 @@ class PlotTest(__import__("unittest").TestCase):
     def test_fastpath_backends_nginx_cpu(self):
         runs = []
         for k in range(3):
-            runs += [_run(50000 + k, "bare-relay", forwarder_cpu_s=2.0, generator_cpu_s=3.0,
-                          echoes_per_forwarder_cpu_s=75000.0),
-                     _run(48000 + k, "gateway", forwarder_cpu_s=2.5,
-                          echoes_per_forwarder_cpu_s=57600.0),
-                     _run(40000 + k, "gateway/mmsg", forwarder_cpu_s=2.8),
-                     _run(41000 + k, "bare-relay/mmsg", forwarder_cpu_s=2.8),
-                     _run(90000 + k, "gateway/xdp", forwarder_cpu_s=1.0),
-                     _run(30000 + k, "nginx", forwarder_cpu_s=3.0)]
+            runs += [_run(50000 + k, "bare-relay", core_busy=[0.9, 0.5],
+                          echoes_per_forwarder_core_s=75000.0),
+                     _run(48000 + k, "gateway", echoes_per_forwarder_core_s=57600.0),
+                     _run(40000 + k, "gateway/mmsg", echoes_per_forwarder_core_s=44000.0),
+                     _run(41000 + k, "bare-relay/mmsg", echoes_per_forwarder_core_s=45000.0),
+                     _run(90000 + k, "gateway/xdp", echoes_per_forwarder_core_s=95000.0),
+                     _run(30000 + k, "nginx", echoes_per_forwarder_core_s=31000.0)]
         rep = {"saturating": runs, "backends": [{"io": "uring"}, {"io": "mmsg"}],
                "half_load_rate": 25000, "half_load": [], "gateway_added_p99_us": 12}
         src = self.put("fp.json", rep)
